@@ -1,0 +1,51 @@
+//! Connection tracking for translated flows (IPv4).
+//!
+//! `weir_ct4_v1` is an LRU hash of [`CtKey4`] -> [`CtValue4`]. A translated flow has two entries:
+//! - forward (`CT_FORWARD`): the tuple as the client sent it (client -> VIP); it pins the chosen
+//!   backend, so later packets of the flow go to the same backend even when slots change;
+//! - reply (`CT_REPLY`): the tuple as the backend answers (backend -> client); it names the
+//!   reverse-NAT entry that turns the reply's source back into the VIP.
+//!
+//! The LRU evicts the oldest flows when full, so a full table never blocks new flows.
+
+use crate::impl_pod;
+
+pub const CT4_MAP: &str = "weir_ct4_v1";
+
+/// Default capacity (Cilium's default for its TCP table).
+pub const DEFAULT_CT4_ENTRIES: u32 = 524_288;
+
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey4 {
+    /// Source address as seen in the packet, network byte order.
+    pub saddr: u32,
+    /// Destination address as seen in the packet, network byte order.
+    pub daddr: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    /// `CT_FORWARD` or `CT_REPLY`.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue4 {
+    /// Backend chosen for the flow.
+    pub backend_id: u32,
+    /// Reverse-NAT entry for replies.
+    pub rev_nat_index: u16,
+    pub flags: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 8);
+
+impl_pod!(CtKey4, CtValue4);

@@ -1,0 +1,52 @@
+//! Per-CPU datapath counters, indexed by [`Counter`].
+//!
+//! `weir_metrics_v1` is a per-CPU array of `u64`; index `n` counts events of `Counter` `n`.
+//! Every drop has its own reason here (Cilium's habit): a packet the datapath drops is always
+//! counted under exactly one reason. Userspace sums the per-CPU values.
+
+pub const METRICS_MAP: &str = "weir_metrics_v1";
+
+/// What the datapath counts. The discriminant is the index in `weir_metrics_v1`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A packet to a service frontend was translated to a backend.
+    Translated = 0,
+    /// A reply from a backend was translated back to the service frontend.
+    ReverseTranslated = 1,
+    /// A packet was not parsed far enough to be matched (truncated, fragment, unsupported
+    /// header); it passed untouched.
+    PassedUnparsed = 2,
+    /// Drop: the service exists but has no backend (or its slot points at a missing backend).
+    DropNoBackend = 3,
+    /// Drop: a rewrite of packet bytes or checksums failed in the kernel helper.
+    DropRewriteFailed = 4,
+}
+
+/// Number of counters: the size of `weir_metrics_v1`.
+pub const COUNTER_COUNT: u32 = 5;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::Translated,
+        Counter::ReverseTranslated,
+        Counter::PassedUnparsed,
+        Counter::DropNoBackend,
+        Counter::DropRewriteFailed,
+    ];
+
+    /// Stable name used in metrics output (`weir_datapath_events_total{reason="..."}`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Translated => "translated",
+            Counter::ReverseTranslated => "reverse_translated",
+            Counter::PassedUnparsed => "passed_unparsed",
+            Counter::DropNoBackend => "drop_no_backend",
+            Counter::DropRewriteFailed => "drop_rewrite_failed",
+        }
+    }
+
+    pub const fn is_drop(self) -> bool {
+        matches!(self, Counter::DropNoBackend | Counter::DropRewriteFailed)
+    }
+}

@@ -1,0 +1,119 @@
+//! Service translation (DNAT to a backend) and reverse translation of replies.
+//!
+//! Forward: a packet whose (daddr, dport, proto) is a service frontend goes to a backend. A
+//! tracked flow keeps its backend while that backend exists; a new flow picks a slot at random
+//! in `1..=count`. Both directions of the flow are recorded in `weir_ct4_v1`.
+//! Reverse: a packet matching a reply entry gets the frontend address and port as its source.
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32, programs::TcContext};
+use aya_log_ebpf::debug;
+use weir_common::{
+    conntrack::{CT_FORWARD, CT_REPLY, CtKey4, CtValue4},
+    lb::{Backend, ServiceKey},
+    metrics::Counter,
+};
+
+use crate::{
+    maps::{BACKENDS, CT4, REV_NAT, SERVICES},
+    metrics::count,
+    nat::{End, rewrite4},
+    packet::{Flow4, parse_flow4},
+};
+
+pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
+    let Some(flow) = parse_flow4(ctx) else {
+        count(Counter::PassedUnparsed);
+        return Ok(TC_ACT_OK);
+    };
+    let frontend = ServiceKey {
+        address: flow.daddr,
+        port: flow.dport,
+        backend_slot: 0,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: the map value is only read, and copied out before any other map call.
+    let Some(service) = (unsafe { SERVICES.get(&frontend) }).copied() else {
+        return Ok(TC_ACT_OK);
+    };
+
+    let forward_key = ct_key(&flow, CT_FORWARD);
+    let (backend_id, backend) = match tracked_backend(&forward_key) {
+        Some(found) => found,
+        None => {
+            if service.count == 0 {
+                return Err(Counter::DropNoBackend);
+            }
+            // SAFETY: bpf_get_prandom_u32 has no preconditions.
+            let random = unsafe { bpf_get_prandom_u32() };
+            let slot = (random % service.count as u32) as u16 + 1;
+            // SAFETY: read-only lookups, values copied out.
+            let backend_id = unsafe { SERVICES.get(&frontend.with_slot(slot)) }
+                .map(|slot| slot.backend_id)
+                .ok_or(Counter::DropNoBackend)?;
+            let backend =
+                unsafe { BACKENDS.get(&backend_id) }.copied().ok_or(Counter::DropNoBackend)?;
+            (backend_id, backend)
+        }
+    };
+
+    let entry = CtValue4 { backend_id, rev_nat_index: service.rev_nat_index, flags: 0, _pad: 0 };
+    let reply_key = CtKey4 {
+        saddr: backend.address,
+        daddr: flow.saddr,
+        sport: backend.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        direction: CT_REPLY,
+        _pad: [0; 2],
+    };
+    // An insert can only fail under memory pressure; the packet is still translated, and the
+    // next packet of the flow retries the insert.
+    let _ = CT4.insert(&forward_key, &entry, 0);
+    let _ = CT4.insert(&reply_key, &entry, 0);
+
+    rewrite4(ctx, &flow, End::Destination, backend.address, backend.port)?;
+    debug!(ctx, "lb4: translated to backend {}", backend_id);
+    count(Counter::Translated);
+    Ok(TC_ACT_OK)
+}
+
+pub fn try_reverse(ctx: &TcContext) -> Result<i32, Counter> {
+    let Some(flow) = parse_flow4(ctx) else {
+        count(Counter::PassedUnparsed);
+        return Ok(TC_ACT_OK);
+    };
+    let key = ct_key(&flow, CT_REPLY);
+    // SAFETY: read-only lookups, values copied out.
+    let Some(entry) = (unsafe { CT4.get(&key) }).copied() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(frontend) = (unsafe { REV_NAT.get(&entry.rev_nat_index) }).copied() else {
+        // The service is gone; the reply passes as it is and the client resets the flow.
+        return Ok(TC_ACT_OK);
+    };
+    rewrite4(ctx, &flow, End::Source, frontend.address, frontend.port)?;
+    count(Counter::ReverseTranslated);
+    Ok(TC_ACT_OK)
+}
+
+#[inline(always)]
+fn ct_key(flow: &Flow4, direction: u8) -> CtKey4 {
+    CtKey4 {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+/// The backend a tracked flow uses, if the flow is tracked and its backend still exists.
+#[inline(always)]
+fn tracked_backend(key: &CtKey4) -> Option<(u32, Backend)> {
+    // SAFETY: read-only lookups, values copied out.
+    let entry = unsafe { CT4.get(key) }.copied()?;
+    let backend = unsafe { BACKENDS.get(&entry.backend_id) }.copied()?;
+    Some((entry.backend_id, backend))
+}

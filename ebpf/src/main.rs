@@ -1,0 +1,65 @@
+//! weir's eBPF programs. One object (`weir`), embedded into userspace by `proxy/build.rs`.
+//!
+//! Entry points are thin: each calls a `try_*` function that returns either the action to take
+//! or a [`Counter`] naming why the packet is dropped; every drop is counted (`metrics.rs`).
+//! One concern per file: `packet.rs` parses, `nat.rs` rewrites headers and checksums, `lb.rs`
+//! chooses backends and tracks flows, `maps.rs` declares the maps whose layouts live in
+//! `weir-common`.
+#![no_std]
+#![no_main]
+
+mod lb;
+mod maps;
+mod metrics;
+mod nat;
+mod packet;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use weir_common::metrics::Counter;
+
+/// tc program for the direction towards services (a pod veth's ingress from the pod, a node
+/// uplink's ingress, or an egress in tests): a packet to a service frontend is translated to a
+/// backend, and the flow is recorded for replies.
+#[classifier]
+pub fn tc_lb4_fwd(ctx: TcContext) -> i32 {
+    verdict(lb::try_forward(&ctx))
+}
+
+/// tc program for the direction back to clients: a reply from a backend of a tracked flow gets
+/// the service frontend as its source again.
+#[classifier]
+pub fn tc_lb4_rev(ctx: TcContext) -> i32 {
+    verdict(lb::try_reverse(&ctx))
+}
+
+/// Does nothing and passes the packet: the baseline that `cargo xtask bench tc-rewrite` measures
+/// the load balancer against.
+#[classifier]
+pub fn tc_noop(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+#[inline(always)]
+fn verdict(result: Result<i32, Counter>) -> i32 {
+    match result {
+        Ok(action) => action,
+        Err(reason) => {
+            metrics::count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

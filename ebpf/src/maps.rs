@@ -1,0 +1,30 @@
+//! Map declarations. Layouts, names and default sizes come from `weir-common`; the agent can
+//! resize maps at load time.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use weir_common::{
+    conntrack::{CtKey4, CtValue4, DEFAULT_CT4_ENTRIES},
+    lb::{
+        Backend, DEFAULT_BACKEND_ENTRIES, DEFAULT_REV_NAT_ENTRIES, DEFAULT_SERVICE_ENTRIES, RevNat,
+        ServiceKey, ServiceValue,
+    },
+    metrics::COUNTER_COUNT,
+};
+
+#[map(name = "weir_svc_v1")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_SERVICE_ENTRIES, 0);
+
+#[map(name = "weir_backend_v1")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_BACKEND_ENTRIES, 0);
+
+#[map(name = "weir_rev_nat_v1")]
+pub static REV_NAT: HashMap<u16, RevNat> = HashMap::with_max_entries(DEFAULT_REV_NAT_ENTRIES, 0);
+
+#[map(name = "weir_ct4_v1")]
+pub static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::with_max_entries(DEFAULT_CT4_ENTRIES, 0);
+
+#[map(name = "weir_metrics_v1")]
+pub static METRICS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);

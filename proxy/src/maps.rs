@@ -1,0 +1,117 @@
+//! Typed access to the service load-balancing maps (`weir-common::lb`), for the agent's applier,
+//! `weir inspect`, and tests.
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, MapError, PerCpuArray},
+};
+use thiserror::Error;
+use weir_common::{
+    lb::{BACKEND_MAP, Backend, REV_NAT_MAP, RevNat, SERVICE_MAP, ServiceKey, ServiceValue},
+    metrics::{Counter, METRICS_MAP},
+};
+
+#[derive(Debug, Error)]
+pub enum MapsError {
+    #[error("map `{name}` is missing from the loaded object")]
+    Missing { name: &'static str },
+    #[error("map `{name}` has an unexpected type or layout")]
+    Layout {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("writing map `{name}` failed (full? the map holds at most its max_entries)")]
+    Write {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("service {address}:{port} has {count} backends; a service holds at most {max}")]
+    TooManyBackends { address: Ipv4Addr, port: u16, count: usize, max: usize },
+}
+
+/// A service frontend with its backends, in host terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    /// Reverse-NAT index; must be unique per frontend and non-zero.
+    pub rev_nat_index: u16,
+    /// Backend IDs and their backends; IDs must be unique across services sharing a backend.
+    pub backends: Vec<(u32, Backend)>,
+}
+
+/// The service maps of a loaded object, opened for writing.
+pub struct ServiceMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u16, RevNat>,
+}
+
+impl ServiceMaps {
+    /// Takes the service maps out of `ebpf` (the programs keep using them).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Ok(Self {
+            services: take_hash(ebpf, SERVICE_MAP)?,
+            backends: take_hash(ebpf, BACKEND_MAP)?,
+            rev_nat: take_hash(ebpf, REV_NAT_MAP)?,
+        })
+    }
+
+    /// Writes one service: backends first, then slots, then the master entry, so a program
+    /// never follows a slot to a backend that is not there yet.
+    pub fn upsert(&mut self, service: &ServiceEntry) -> Result<(), MapsError> {
+        let count =
+            u16::try_from(service.backends.len()).map_err(|_| MapsError::TooManyBackends {
+                address: service.address,
+                port: service.port,
+                count: service.backends.len(),
+                max: usize::from(u16::MAX),
+            })?;
+        let key = ServiceKey::new(service.address.octets(), service.port, service.proto, 0);
+        for (id, backend) in &service.backends {
+            self.backends
+                .insert(id, backend, 0)
+                .map_err(|source| MapsError::Write { name: BACKEND_MAP, source })?;
+        }
+        for (slot, (id, _)) in (1..=count).zip(&service.backends) {
+            self.services
+                .insert(key.with_slot(slot), ServiceValue::slot(*id), 0)
+                .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })?;
+        }
+        self.rev_nat
+            .insert(service.rev_nat_index, RevNat::new(service.address.octets(), service.port), 0)
+            .map_err(|source| MapsError::Write { name: REV_NAT_MAP, source })?;
+        self.services
+            .insert(key, ServiceValue::master(count, service.rev_nat_index, 0), 0)
+            .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })?;
+        Ok(())
+    }
+}
+
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, MapsError> {
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing { name })?;
+    HashMap::try_from(map).map_err(|source| MapsError::Layout { name, source })
+}
+
+/// Sums the per-CPU datapath counters of a loaded object.
+pub fn read_counters(ebpf: &Ebpf) -> Result<Vec<(Counter, u64)>, MapsError> {
+    let map = ebpf.map(METRICS_MAP).ok_or(MapsError::Missing { name: METRICS_MAP })?;
+    let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
+        .map_err(|source| MapsError::Layout { name: METRICS_MAP, source })?;
+    Counter::ALL
+        .iter()
+        .map(|&counter| {
+            let per_cpu = counters
+                .get(&(counter as u32), 0)
+                .map_err(|source| MapsError::Layout { name: METRICS_MAP, source })?;
+            Ok((counter, per_cpu.iter().sum()))
+        })
+        .collect()
+}

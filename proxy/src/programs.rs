@@ -1,0 +1,96 @@
+//! The compiled eBPF object and its loader.
+//!
+//! The object is built by `build.rs` from `ebpf/` and embedded here, so every binary that uses
+//! this crate carries the exact programs it was tested with.
+//!
+//! aya-log is wired in: programs emit debug records through aya-log-ebpf, and
+//! [`LoadOptions::forward_logs`] makes them reach the `log` crate. It is off by default: the
+//! loader sets the programs' `AYA_LOG_LEVEL` global to 0, so each log site costs one global
+//! read and a compare instead of formatting a record into the ring buffer.
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use thiserror::Error;
+
+/// weir's eBPF object, as built by `build.rs`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
+
+/// tc program: translates packets to service frontends into packets to backends.
+pub const TC_LB4_FORWARD: &str = "tc_lb4_fwd";
+/// tc program: translates replies from backends back to the service frontend.
+pub const TC_LB4_REVERSE: &str = "tc_lb4_rev";
+/// tc program that passes every packet untouched: the benchmark baseline.
+pub const TC_NOOP: &str = "tc_noop";
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error(
+        "this binary was built with AYA_BUILD_SKIP=1 and carries no eBPF programs; rebuild \
+         without it (after `cargo xtask setup`)"
+    )]
+    NoObject,
+    #[error("loading weir's eBPF object failed (is this root, with bpffs and BTF available?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program `{name}` is missing from the object or is not a tc classifier")]
+    NoSuchProgram { name: &'static str },
+    #[error("the kernel refused to load eBPF program `{name}`")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("starting the eBPF log forwarder failed")]
+    Logger(#[source] aya_log::Error),
+}
+
+/// How to load the object.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Forward the programs' aya-log records to the `log` crate (costs cycles per packet).
+    pub forward_logs: bool,
+}
+
+/// A loaded eBPF object and, when asked for, its log forwarder.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    /// Present when [`LoadOptions::forward_logs`] was set. The caller drives it: call
+    /// `flush()` when its file descriptor is readable (e.g. with tokio's `AsyncFd`).
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Loads weir's object into the kernel (maps created, programs not yet loaded or attached).
+pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
+    if OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    let level: u8 = if options.forward_logs { u8::MAX } else { 0 };
+    let mut ebpf = EbpfLoader::new()
+        .override_global(aya_log::LEVEL, &level, true)
+        .load(OBJECT)
+        .map_err(LoadError::Load)?;
+    let logger = if options.forward_logs {
+        Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?)
+    } else {
+        None
+    };
+    Ok(Loaded { ebpf, logger })
+}
+
+/// Loads the tc classifier `name` into the kernel and returns it, ready to attach or test-run.
+pub fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoadError::NoSuchProgram { name })?;
+    program.load().map_err(|source| LoadError::Program { name, source })?;
+    Ok(program)
+}
+
+/// A tc classifier that [`classifier`] already loaded, borrowed shared (for test runs).
+pub fn loaded_classifier<'a>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<&'a SchedClassifier, LoadError> {
+    ebpf.program(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::NoSuchProgram { name })
+}

@@ -1,0 +1,31 @@
+//! The benchmark binary `cargo xtask bench NAME` runs (release build, as root).
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use weir_tests::bench::tc_rewrite;
+
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite)";
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let name = args.next().context(USAGE)?;
+    let mut rounds = 7u32;
+    let mut out = PathBuf::from("target/bench");
+    while let Some(flag) = args.next() {
+        match flag.as_str() {
+            "--rounds" => {
+                rounds = args.next().context(USAGE)?.parse().context("--rounds takes a number")?
+            }
+            "--out" => out = PathBuf::from(args.next().context(USAGE)?),
+            other => bail!("unknown argument {other:?}; {USAGE}"),
+        }
+    }
+    let report = match name.as_str() {
+        "tc-rewrite" => tc_rewrite::run(rounds)?,
+        other => bail!("unknown benchmark {other:?}; {USAGE}"),
+    };
+    report.print();
+    let path = report.write_json(&out)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}

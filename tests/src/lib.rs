@@ -1,0 +1,14 @@
+//! weir's privileged test harness, shared by the end-to-end tests in `tests/tests/`, the
+//! benchmarks (`cargo xtask bench`) and the smoke demo.
+//!
+//! Safety contract (../shared/DESIGN.md): everything a test creates lives in network namespaces
+//! it created, has a unique name starting with [`names::PREFIX`], and is removed on drop, also
+//! when the test panics. Leftovers of a test process that was killed are swept by the next
+//! process that creates a namespace. Traffic goes only to addresses inside those namespaces.
+//! A test that needs privileges and does not have them fails ([`privileged::require_root`]).
+pub mod bench;
+pub mod names;
+pub mod netns;
+pub mod packet;
+pub mod privileged;
+pub mod scenarios;

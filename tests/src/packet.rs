@@ -1,0 +1,174 @@
+//! Building and checking Ethernet + IPv4 + TCP/UDP packets for BPF_PROG_TEST_RUN tests.
+//!
+//! The builder writes correct IPv4 and L4 checksums; the checkers recompute them from scratch,
+//! so a test can prove that a program's incremental checksum updates are right.
+use std::net::Ipv4Addr;
+
+use weir_common::proto;
+
+pub const ETH_HLEN: usize = 14;
+const IPV4_HLEN: usize = 20;
+
+/// One IPv4 TCP or UDP packet, in host terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ipv4Packet {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    pub payload: Vec<u8>,
+}
+
+impl Ipv4Packet {
+    pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Self { src, dst, sport, dport, proto: proto::TCP, payload: b"hello".to_vec() }
+    }
+
+    pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Self { src, dst, sport, dport, proto: proto::UDP, payload: b"hello".to_vec() }
+    }
+
+    fn l4_header_len(&self) -> usize {
+        if self.proto == proto::TCP { 20 } else { 8 }
+    }
+
+    /// The packet on the wire, with valid checksums.
+    pub fn build(&self) -> Vec<u8> {
+        let l4_len = self.l4_header_len() + self.payload.len();
+        let total = IPV4_HLEN + l4_len;
+        let mut p = Vec::with_capacity(ETH_HLEN + total);
+        p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // destination MAC
+        p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // source MAC
+        p.extend_from_slice(&0x0800u16.to_be_bytes());
+        p.push(0x45);
+        p.push(0);
+        p.extend_from_slice(&(total as u16).to_be_bytes());
+        p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00]); // id, DF
+        p.push(64);
+        p.push(self.proto);
+        p.extend_from_slice(&[0, 0]);
+        p.extend_from_slice(&self.src.octets());
+        p.extend_from_slice(&self.dst.octets());
+        p.extend_from_slice(&self.sport.to_be_bytes());
+        p.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == proto::TCP {
+            p.extend_from_slice(&1u32.to_be_bytes()); // seq
+            p.extend_from_slice(&0u32.to_be_bytes()); // ack
+            p.extend_from_slice(&[0x50, 0x02]); // data offset 5, SYN
+            p.extend_from_slice(&64240u16.to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        } else {
+            p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            p.extend_from_slice(&[0, 0]);
+        }
+        p.extend_from_slice(&self.payload);
+        let ip_csum = checksum(&p[ETH_HLEN..ETH_HLEN + IPV4_HLEN], 0);
+        p[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&ip_csum.to_be_bytes());
+        let off = l4_csum_offset(self.proto);
+        let l4_csum = l4_checksum(&p);
+        p[off..off + 2].copy_from_slice(&l4_csum.to_be_bytes());
+        p
+    }
+
+    /// Parses a packet made by [`Self::build`] (or rewritten from one).
+    pub fn parse(p: &[u8]) -> Option<Self> {
+        let ip = p.get(ETH_HLEN..ETH_HLEN + IPV4_HLEN)?;
+        let proto = ip[9];
+        let l4 = p.get(ETH_HLEN + IPV4_HLEN..)?;
+        let header = if proto == proto::TCP { 20 } else { 8 };
+        Some(Self {
+            src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+            dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+            sport: u16::from_be_bytes([*l4.first()?, *l4.get(1)?]),
+            dport: u16::from_be_bytes([*l4.get(2)?, *l4.get(3)?]),
+            proto,
+            payload: l4.get(header..)?.to_vec(),
+        })
+    }
+}
+
+fn l4_csum_offset(proto: u8) -> usize {
+    ETH_HLEN + IPV4_HLEN + if proto == proto::TCP { 16 } else { 6 }
+}
+
+/// The Internet checksum (RFC 1071) of `data`, starting from the partial sum `initial`.
+pub fn checksum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The L4 checksum of the packet computed over pseudo-header and segment with the checksum
+/// field zeroed (what a correct sender writes).
+fn l4_checksum(p: &[u8]) -> u16 {
+    let ip = &p[ETH_HLEN..ETH_HLEN + IPV4_HLEN];
+    let proto = ip[9];
+    let mut segment = p[ETH_HLEN + IPV4_HLEN..].to_vec();
+    let off = l4_csum_offset(proto) - ETH_HLEN - IPV4_HLEN;
+    segment[off] = 0;
+    segment[off + 1] = 0;
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    let partial = u32::from(!checksum(&pseudo, 0));
+    let csum = checksum(&segment, partial);
+    if proto == proto::UDP && csum == 0 { 0xffff } else { csum }
+}
+
+/// True when the IPv4 header checksum is valid.
+pub fn ipv4_checksum_ok(p: &[u8]) -> bool {
+    checksum(&p[ETH_HLEN..ETH_HLEN + IPV4_HLEN], 0) == 0
+}
+
+/// True when the TCP/UDP checksum is valid (a UDP checksum of 0 means "none" and is valid).
+pub fn l4_checksum_ok(p: &[u8]) -> bool {
+    let proto = p[ETH_HLEN + 9];
+    let off = l4_csum_offset(proto);
+    let stored = u16::from_be_bytes([p[off], p[off + 1]]);
+    if proto == proto::UDP && stored == 0 {
+        return true;
+    }
+    stored == l4_checksum(p)
+}
+
+/// Sets the UDP checksum to 0 ("no checksum").
+pub fn clear_udp_checksum(p: &mut [u8]) {
+    let off = l4_csum_offset(proto::UDP);
+    p[off] = 0;
+    p[off + 1] = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_packets_have_valid_checksums_and_round_trip() {
+        let a = Ipv4Addr::new(10, 0, 0, 1);
+        let b = Ipv4Addr::new(10, 96, 0, 10);
+        for pkt in [Ipv4Packet::tcp(a, 40000, b, 80), Ipv4Packet::udp(a, 40000, b, 53)] {
+            let wire = pkt.build();
+            assert!(ipv4_checksum_ok(&wire));
+            assert!(l4_checksum_ok(&wire));
+            assert_eq!(Ipv4Packet::parse(&wire), Some(pkt));
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_breaks_the_checksums() {
+        let pkt = Ipv4Packet::tcp(Ipv4Addr::new(10, 0, 0, 1), 1, Ipv4Addr::new(10, 0, 0, 2), 2);
+        let mut wire = pkt.build();
+        wire[ETH_HLEN + 19] ^= 1; // last octet of the destination address
+        assert!(!ipv4_checksum_ok(&wire));
+        assert!(!l4_checksum_ok(&wire));
+    }
+}

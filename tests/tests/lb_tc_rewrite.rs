@@ -1,0 +1,223 @@
+//! BPF unit tests of the tc load balancer (ebpf/src/lb.rs, nat.rs, packet.rs): packets built in
+//! Rust, run through the loaded programs with BPF_PROG_TEST_RUN, and the verdict, rewritten
+//! headers, checksums and map side effects checked. Privileged: they load eBPF.
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{TestRun, TestRunOptions},
+};
+use weir_common::{
+    conntrack::{CT_FORWARD, CT_REPLY, CT4_MAP, CtKey4, CtValue4},
+    lb::Backend,
+    metrics::Counter,
+    proto,
+};
+use weir_proxy::{
+    maps::{ServiceEntry, ServiceMaps, read_counters},
+    programs::{self, LoadOptions, TC_LB4_FORWARD, TC_LB4_REVERSE},
+};
+use weir_tests::{
+    packet::{Ipv4Packet, clear_udp_checksum, ipv4_checksum_ok, l4_checksum_ok},
+    privileged::require_root,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 0, 1, 1), Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 1, 3)];
+
+/// Loads the object with both LB programs and one service VIP:80 (`proto`) whose backends are
+/// the first `backends` of [`BACKENDS`] on port 8080.
+fn setup(proto: u8, backends: usize) -> Ebpf {
+    require_root();
+    let mut loaded = programs::load(&LoadOptions::default()).expect("load weir's eBPF object");
+    let mut maps = ServiceMaps::take(&mut loaded.ebpf).expect("service maps");
+    maps.upsert(&ServiceEntry {
+        address: VIP,
+        port: 80,
+        proto,
+        rev_nat_index: 7,
+        backends: BACKENDS[..backends]
+            .iter()
+            .zip(1u32..)
+            .map(|(addr, id)| (id, Backend::new(addr.octets(), 8080, proto)))
+            .collect(),
+    })
+    .expect("write service");
+    programs::classifier(&mut loaded.ebpf, TC_LB4_FORWARD).expect("load tc_lb4_fwd");
+    programs::classifier(&mut loaded.ebpf, TC_LB4_REVERSE).expect("load tc_lb4_rev");
+    loaded.ebpf
+}
+
+/// Runs `program` once on `packet`; returns the verdict and the packet as the program left it.
+fn run(ebpf: &Ebpf, program: &'static str, packet: &[u8]) -> (u32, Vec<u8>) {
+    let program = programs::loaded_classifier(ebpf, program).expect("program loaded");
+    let mut out = vec![0u8; packet.len() + 64];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+fn counter(ebpf: &Ebpf, which: Counter) -> u64 {
+    read_counters(ebpf)
+        .expect("read counters")
+        .into_iter()
+        .find(|(c, _)| *c == which)
+        .map(|(_, v)| v)
+        .unwrap()
+}
+
+fn ct_entry(ebpf: &Ebpf, key: CtKey4) -> Option<CtValue4> {
+    let ct: HashMap<&MapData, CtKey4, CtValue4> =
+        HashMap::try_from(ebpf.map(CT4_MAP).expect("ct map")).expect("ct map layout");
+    ct.get(&key, 0).ok()
+}
+
+fn ct_key(p: &Ipv4Packet, direction: u8) -> CtKey4 {
+    CtKey4 {
+        saddr: u32::from_ne_bytes(p.src.octets()),
+        daddr: u32::from_ne_bytes(p.dst.octets()),
+        sport: p.sport.to_be(),
+        dport: p.dport.to_be(),
+        proto: p.proto,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn lb_tc_hit_is_rewritten_to_the_backend_with_valid_checksums() {
+    let ebpf = setup(proto::TCP, 1);
+    let request = Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80);
+    let (verdict, out) = run(&ebpf, TC_LB4_FORWARD, &request.build());
+
+    assert_eq!(verdict, TC_ACT_OK);
+    let rewritten = Ipv4Packet::parse(&out).expect("parse output");
+    assert_eq!(rewritten.dst, BACKENDS[0]);
+    assert_eq!(rewritten.dport, 8080);
+    assert_eq!((rewritten.src, rewritten.sport), (CLIENT, 40_000), "source untouched");
+    assert_eq!(rewritten.payload, request.payload);
+    assert!(ipv4_checksum_ok(&out), "IPv4 header checksum");
+    assert!(l4_checksum_ok(&out), "TCP checksum");
+    assert_eq!(counter(&ebpf, Counter::Translated), 1);
+
+    // Both directions of the flow are tracked and name the service's reverse-NAT entry.
+    let forward = ct_entry(&ebpf, ct_key(&request, CT_FORWARD)).expect("forward entry");
+    assert_eq!((forward.backend_id, forward.rev_nat_index), (1, 7));
+    let reply = Ipv4Packet::tcp(BACKENDS[0], 8080, CLIENT, 40_000);
+    assert!(ct_entry(&ebpf, ct_key(&reply, CT_REPLY)).is_some(), "reply entry");
+}
+
+#[test]
+fn lb_tc_udp_hit_updates_the_checksum_and_keeps_a_zero_checksum_zero() {
+    let ebpf = setup(proto::UDP, 1);
+    let request = Ipv4Packet::udp(CLIENT, 40_001, VIP, 80);
+    let (verdict, out) = run(&ebpf, TC_LB4_FORWARD, &request.build());
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(Ipv4Packet::parse(&out).unwrap().dst, BACKENDS[0]);
+    assert!(ipv4_checksum_ok(&out) && l4_checksum_ok(&out));
+
+    let mut no_checksum = Ipv4Packet::udp(CLIENT, 40_002, VIP, 80).build();
+    clear_udp_checksum(&mut no_checksum);
+    let (verdict, out) = run(&ebpf, TC_LB4_FORWARD, &no_checksum);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(Ipv4Packet::parse(&out).unwrap().dport, 8080);
+    assert_eq!(&out[40..42], &[0, 0], "a UDP packet without checksum keeps none");
+    assert!(ipv4_checksum_ok(&out));
+}
+
+#[test]
+fn lb_tc_miss_passes_untouched() {
+    let ebpf = setup(proto::TCP, 1);
+    for packet in [
+        Ipv4Packet::tcp(CLIENT, 40_000, Ipv4Addr::new(10, 96, 0, 11), 80), // other address
+        Ipv4Packet::tcp(CLIENT, 40_000, VIP, 81),                          // other port
+        Ipv4Packet::udp(CLIENT, 40_000, VIP, 80),                          // other protocol
+    ] {
+        let wire = packet.build();
+        let (verdict, out) = run(&ebpf, TC_LB4_FORWARD, &wire);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, wire, "{packet:?} must pass byte for byte");
+    }
+    assert_eq!(counter(&ebpf, Counter::Translated), 0);
+}
+
+#[test]
+fn lb_tc_truncated_packets_are_not_rewritten() {
+    let ebpf = setup(proto::TCP, 1);
+    let wire = Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80).build();
+    // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than an IPv4 header, so the cuts
+    // start there: no L4 header, inside the ports, just before the TCP checksum.
+    let mut cases: Vec<Vec<u8>> =
+        [14 + 20, 14 + 20 + 3, 14 + 20 + 16].iter().map(|&len| wire[..len].to_vec()).collect();
+    // A header length (IHL = 15, 60 bytes) that points past the end of the packet.
+    let mut long_ihl = wire.clone();
+    long_ihl[14] = 0x4f;
+    cases.push(long_ihl);
+    for truncated in &cases {
+        let (verdict, out) = run(&ebpf, TC_LB4_FORWARD, truncated);
+        assert_eq!(verdict, TC_ACT_OK, "length {}", truncated.len());
+        assert_eq!(&out, truncated, "length {}: untouched", truncated.len());
+    }
+    assert_eq!(counter(&ebpf, Counter::Translated), 0);
+    assert_eq!(counter(&ebpf, Counter::PassedUnparsed), cases.len() as u64);
+}
+
+#[test]
+fn lb_tc_reply_is_reverse_translated_to_the_vip() {
+    let ebpf = setup(proto::TCP, 1);
+    let (verdict, _) =
+        run(&ebpf, TC_LB4_FORWARD, &Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80).build());
+    assert_eq!(verdict, TC_ACT_OK);
+
+    let reply = Ipv4Packet::tcp(BACKENDS[0], 8080, CLIENT, 40_000);
+    let (verdict, out) = run(&ebpf, TC_LB4_REVERSE, &reply.build());
+    assert_eq!(verdict, TC_ACT_OK);
+    let rewritten = Ipv4Packet::parse(&out).unwrap();
+    assert_eq!((rewritten.src, rewritten.sport), (VIP, 80));
+    assert_eq!((rewritten.dst, rewritten.dport), (CLIENT, 40_000));
+    assert!(ipv4_checksum_ok(&out) && l4_checksum_ok(&out));
+    assert_eq!(counter(&ebpf, Counter::ReverseTranslated), 1);
+
+    // A packet from the backend that belongs to no tracked flow is left alone.
+    let untracked = Ipv4Packet::tcp(BACKENDS[0], 8080, CLIENT, 40_999).build();
+    let (_, out) = run(&ebpf, TC_LB4_REVERSE, &untracked);
+    assert_eq!(out, untracked);
+}
+
+#[test]
+fn lb_tc_flow_keeps_its_backend_and_new_flows_spread() {
+    let ebpf = setup(proto::TCP, 3);
+    let first = |sport: u16| {
+        let (_, out) = run(&ebpf, TC_LB4_FORWARD, &Ipv4Packet::tcp(CLIENT, sport, VIP, 80).build());
+        Ipv4Packet::parse(&out).unwrap().dst
+    };
+    let chosen = first(50_000);
+    for _ in 0..20 {
+        assert_eq!(first(50_000), chosen, "a tracked flow keeps its backend");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 50_001..50_201 {
+        seen.insert(first(sport));
+    }
+    assert_eq!(seen.len(), 3, "200 new flows over 3 backends reach all of them: {seen:?}");
+}
+
+#[test]
+fn lb_tc_service_without_backends_drops_and_counts() {
+    let ebpf = setup(proto::TCP, 0);
+    let (verdict, _) =
+        run(&ebpf, TC_LB4_FORWARD, &Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80).build());
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&ebpf, Counter::DropNoBackend), 1);
+}
