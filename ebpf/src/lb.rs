@@ -37,42 +37,37 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
     };
 
     let forward_key = ct_key(&flow, CT_FORWARD);
-    let (backend_id, backend) = match tracked_backend(&forward_key) {
-        Some(found) => found,
+    let backend = match tracked_backend(&forward_key) {
+        Some(backend) => backend,
         None => {
-            if service.count == 0 {
-                return Err(Counter::DropNoBackend);
-            }
-            // SAFETY: bpf_get_prandom_u32 has no preconditions.
-            let random = unsafe { bpf_get_prandom_u32() };
-            let slot = (random % service.count as u32) as u16 + 1;
-            // SAFETY: read-only lookups, values copied out.
-            let backend_id = unsafe { SERVICES.get(&frontend.with_slot(slot)) }
-                .map(|slot| slot.backend_id)
-                .ok_or(Counter::DropNoBackend)?;
-            let backend =
-                unsafe { BACKENDS.get(&backend_id) }.copied().ok_or(Counter::DropNoBackend)?;
-            (backend_id, backend)
+            let (backend_id, backend) = select_backend(&frontend, service.count)?;
+            let entry =
+                CtValue4 { backend_id, rev_nat_index: service.rev_nat_index, flags: 0, _pad: 0 };
+            let reply_key = CtKey4 {
+                saddr: backend.address,
+                daddr: flow.saddr,
+                sport: backend.port,
+                dport: flow.sport,
+                proto: flow.proto,
+                direction: CT_REPLY,
+                _pad: [0; 2],
+            };
+            // The reply entry goes in first, so a tracked flow always has one. An insert can
+            // only fail under memory pressure; the packet is still translated, and the next
+            // packet of the flow, untracked, retries.
+            let _ = CT4.insert(&reply_key, &entry, 0);
+            let _ = CT4.insert(&forward_key, &entry, 0);
+            backend
         }
     };
 
-    let entry = CtValue4 { backend_id, rev_nat_index: service.rev_nat_index, flags: 0, _pad: 0 };
-    let reply_key = CtKey4 {
-        saddr: backend.address,
-        daddr: flow.saddr,
-        sport: backend.port,
-        dport: flow.sport,
-        proto: flow.proto,
-        direction: CT_REPLY,
-        _pad: [0; 2],
-    };
-    // An insert can only fail under memory pressure; the packet is still translated, and the
-    // next packet of the flow retries the insert.
-    let _ = CT4.insert(&forward_key, &entry, 0);
-    let _ = CT4.insert(&reply_key, &entry, 0);
-
     rewrite4(ctx, &flow, End::Destination, backend.address, backend.port)?;
-    debug!(ctx, "lb4: translated to backend {}", backend_id);
+    debug!(
+        ctx,
+        "lb4: translated to {:i}:{}",
+        u32::from_be(backend.address),
+        u16::from_be(backend.port)
+    );
     count(Counter::Translated);
     Ok(TC_ACT_OK)
 }
@@ -111,9 +106,25 @@ fn ct_key(flow: &Flow4, direction: u8) -> CtKey4 {
 
 /// The backend a tracked flow uses, if the flow is tracked and its backend still exists.
 #[inline(always)]
-fn tracked_backend(key: &CtKey4) -> Option<(u32, Backend)> {
+fn tracked_backend(key: &CtKey4) -> Option<Backend> {
     // SAFETY: read-only lookups, values copied out.
     let entry = unsafe { CT4.get(key) }.copied()?;
-    let backend = unsafe { BACKENDS.get(&entry.backend_id) }.copied()?;
-    Some((entry.backend_id, backend))
+    unsafe { BACKENDS.get(&entry.backend_id) }.copied()
+}
+
+/// Picks a backend for a new flow: a random slot in `1..=count`.
+#[inline(always)]
+fn select_backend(frontend: &ServiceKey, count: u16) -> Result<(u32, Backend), Counter> {
+    if count == 0 {
+        return Err(Counter::DropNoBackend);
+    }
+    // SAFETY: bpf_get_prandom_u32 has no preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let slot = (random % count as u32) as u16 + 1;
+    // SAFETY: read-only lookups, values copied out.
+    let backend_id = unsafe { SERVICES.get(&frontend.with_slot(slot)) }
+        .map(|slot| slot.backend_id)
+        .ok_or(Counter::DropNoBackend)?;
+    let backend = unsafe { BACKENDS.get(&backend_id) }.copied().ok_or(Counter::DropNoBackend)?;
+    Ok((backend_id, backend))
 }

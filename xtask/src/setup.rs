@@ -102,7 +102,7 @@ fn apt_packages() -> Result<()> {
     cmd::run(Command::new("apt-get").arg("update").arg("-q"))?;
     cmd::run(
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["install", "-y", "-q"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
@@ -126,7 +126,7 @@ fn bpf_linker() -> Result<()> {
     println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
     cmd::run(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+            .args(["install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
