@@ -20,6 +20,9 @@ pub const TC_LB4_REVERSE: &str = "tc_lb4_rev";
 /// tc program that passes every packet untouched: the benchmark baseline.
 pub const TC_NOOP: &str = "tc_noop";
 
+/// Every tc classifier in the object; [`load`] loads them all.
+pub const CLASSIFIERS: [&str; 3] = [TC_LB4_FORWARD, TC_LB4_REVERSE, TC_NOOP];
+
 #[derive(Debug, Error)]
 pub enum LoadError {
     #[error(
@@ -56,7 +59,10 @@ pub struct Loaded {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-/// Loads weir's object into the kernel (maps created, programs not yet loaded or attached).
+/// Loads weir's object into the kernel: maps created and every program loaded (verified), not
+/// yet attached. Programs are loaded here, before any caller takes maps out of the object, so
+/// the kernel holds a reference to every map a program uses: dropping a map handle taken with
+/// `Ebpf::take_map` can never leave a program pointing at a closed map.
 pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
@@ -66,6 +72,13 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
         .override_global(aya_log::LEVEL, &level, true)
         .load(OBJECT)
         .map_err(LoadError::Load)?;
+    for name in CLASSIFIERS {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoadError::NoSuchProgram { name })?;
+        program.load().map_err(|source| LoadError::Program { name, source })?;
+    }
     let logger = if options.forward_logs {
         Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?)
     } else {
@@ -74,21 +87,16 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
     Ok(Loaded { ebpf, logger })
 }
 
-/// Loads the tc classifier `name` into the kernel and returns it, ready to attach or test-run.
+/// The loaded tc classifier `name`, for attaching.
 pub fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, LoadError> {
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(LoadError::NoSuchProgram { name })?;
-    program.load().map_err(|source| LoadError::Program { name, source })?;
-    Ok(program)
+    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::NoSuchProgram { name })
 }
 
-/// A tc classifier that [`classifier`] already loaded, borrowed shared (for test runs).
-pub fn loaded_classifier<'a>(
+/// The loaded tc classifier `name`, borrowed shared (for test runs).
+pub fn classifier_ref<'a>(
     ebpf: &'a Ebpf,
     name: &'static str,
 ) -> Result<&'a SchedClassifier, LoadError> {

@@ -48,14 +48,12 @@ fn setup(proto: u8, backends: usize) -> Ebpf {
             .collect(),
     })
     .expect("write service");
-    programs::classifier(&mut loaded.ebpf, TC_LB4_FORWARD).expect("load tc_lb4_fwd");
-    programs::classifier(&mut loaded.ebpf, TC_LB4_REVERSE).expect("load tc_lb4_rev");
     loaded.ebpf
 }
 
 /// Runs `program` once on `packet`; returns the verdict and the packet as the program left it.
 fn run(ebpf: &Ebpf, program: &'static str, packet: &[u8]) -> (u32, Vec<u8>) {
-    let program = programs::loaded_classifier(ebpf, program).expect("program loaded");
+    let program = programs::classifier_ref(ebpf, program).expect("program loaded");
     let mut out = vec![0u8; packet.len() + 64];
     let result = program
         .test_run(TestRunOptions {

@@ -45,10 +45,8 @@ pub fn run(rounds: u32) -> Result<Report> {
             )],
         })?;
     }
-    programs::classifier(&mut loaded.ebpf, TC_LB4_FORWARD)?;
-    programs::classifier(&mut loaded.ebpf, TC_NOOP)?;
-    let lb = programs::loaded_classifier(&loaded.ebpf, TC_LB4_FORWARD)?;
-    let noop = programs::loaded_classifier(&loaded.ebpf, TC_NOOP)?;
+    let lb = programs::classifier_ref(&loaded.ebpf, TC_LB4_FORWARD)?;
+    let noop = programs::classifier_ref(&loaded.ebpf, TC_NOOP)?;
 
     let hit = Ipv4Packet::tcp(CLIENT, 40_000, VIP1, 80).build();
     let miss = Ipv4Packet::tcp(CLIENT, 40_000, NOT_A_SERVICE, 80).build();
