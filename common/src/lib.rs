@@ -14,8 +14,10 @@
 #![no_std]
 
 pub mod conntrack;
+pub mod endpoint;
 pub mod lb;
 pub mod metrics;
+pub mod sock;
 
 /// IP protocol numbers as they appear in the IPv4 `protocol` field.
 pub mod proto {

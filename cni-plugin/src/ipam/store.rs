@@ -1,0 +1,192 @@
+//! The built-in IPAM's persistent store: one JSON file per network, replaced atomically
+//! (write to a temporary file, fsync, rename) while an exclusive `flock` on a lock file is held.
+//!
+//! Contract:
+//! - Every read-modify-write happens under [`Store::lock`], so parallel plugin invocations (on
+//!   one node, any number of processes) never hand out the same address.
+//! - A reservation is keyed by container ID + interface name and written (fsynced) *before*
+//!   anything is wired; ADD marks it committed after wiring. A crash at any point therefore
+//!   leaves either nothing or a reservation that DEL (same key) or GC (key not valid) releases.
+//! - A missing state file is an empty store; a corrupt one is an I/O error (code 5) naming the
+//!   file, never silently reset (that could hand out addresses in use).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, File, OpenOptions},
+    io::Write,
+    net::IpAddr,
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CniError;
+
+const STATE_FILE: &str = "state.json";
+const LOCK_FILE: &str = "lock";
+/// How long an invocation waits for the lock before answering "try again later" (code 11).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Who holds an address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+    /// False between reservation and the end of wiring (or forever after a crash in between).
+    pub committed: bool,
+}
+
+impl Owner {
+    pub fn is(&self, container_id: &str, ifname: &str) -> bool {
+        self.container_id == container_id && self.ifname == ifname
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct State {
+    pub version: u32,
+    pub allocations: BTreeMap<IpAddr, Owner>,
+    /// The last address handed out per range set (by index), for round robin.
+    #[serde(default)]
+    pub last: BTreeMap<usize, IpAddr>,
+}
+
+impl State {
+    pub fn taken(&self) -> BTreeSet<IpAddr> {
+        self.allocations.keys().copied().collect()
+    }
+
+    /// The addresses held by one attachment.
+    pub fn held_by(&self, container_id: &str, ifname: &str) -> Vec<IpAddr> {
+        self.allocations
+            .iter()
+            .filter(|(_, o)| o.is(container_id, ifname))
+            .map(|(ip, _)| *ip)
+            .collect()
+    }
+
+    /// Releases what one attachment holds; returns the addresses released.
+    pub fn release(&mut self, container_id: &str, ifname: &str) -> Vec<IpAddr> {
+        let held = self.held_by(container_id, ifname);
+        for ip in &held {
+            self.allocations.remove(ip);
+        }
+        held
+    }
+}
+
+/// The store of one network, locked for as long as this value lives.
+pub struct Store {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    /// Creates `dir` if needed and takes its lock (waiting up to 30 s; then code 11).
+    pub fn lock(dir: &Path) -> Result<Self, CniError> {
+        fs::create_dir_all(dir).map_err(|e| {
+            CniError::io(format!("creating the IPAM directory {}", dir.display()), e)
+        })?;
+        let path = dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| CniError::io(format!("opening the IPAM lock {}", path.display()), e))?;
+        let deadline = Instant::now() + LOCK_TIMEOUT;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            // SAFETY: flock on an open descriptor we own.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK)
+                && err.kind() != std::io::ErrorKind::Interrupted
+            {
+                return Err(CniError::io(format!("locking {}", path.display()), err));
+            }
+            if Instant::now() >= deadline {
+                return Err(CniError::TryAgain {
+                    msg: format!(
+                        "the IPAM store {} stayed locked for {} s; try again later",
+                        dir.display(),
+                        LOCK_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        Ok(Self { dir: dir.to_path_buf(), _lock: file })
+    }
+
+    pub fn load(&self) -> Result<State, CniError> {
+        let path = self.dir.join(STATE_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                CniError::io(
+                    format!("the IPAM store {} is corrupt; repair or remove it", path.display()),
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(State { version: 1, ..State::default() })
+            }
+            Err(e) => Err(CniError::io(format!("reading the IPAM store {}", path.display()), e)),
+        }
+    }
+
+    /// Replaces the state file atomically; with `durable`, fsyncs before the rename.
+    pub fn save(&self, state: &State, durable: bool) -> Result<(), CniError> {
+        let path = self.dir.join(STATE_FILE);
+        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&serde_json::to_vec(state).map_err(std::io::Error::other)?)?;
+            if durable {
+                file.sync_data()?;
+            }
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| CniError::io(format!("writing the IPAM store {}", path.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_releases_by_attachment() {
+        let dir = std::env::temp_dir().join(format!("weirt-store-unit-{}", std::process::id()));
+        let store = Store::lock(&dir).unwrap();
+        let mut state = store.load().unwrap();
+        assert!(state.allocations.is_empty());
+        let owner =
+            |id: &str| Owner { container_id: id.into(), ifname: "eth0".into(), committed: true };
+        state.allocations.insert("10.0.0.1".parse().unwrap(), owner("a"));
+        state.allocations.insert("fd00::1".parse().unwrap(), owner("a"));
+        state.allocations.insert("10.0.0.2".parse().unwrap(), owner("b"));
+        store.save(&state, true).unwrap();
+        let mut loaded = store.load().unwrap();
+        assert_eq!(loaded, state);
+        assert_eq!(loaded.release("a", "eth0").len(), 2);
+        assert_eq!(loaded.release("a", "eth0").len(), 0);
+        assert_eq!(loaded.taken().len(), 1);
+        fs::write(dir.join(STATE_FILE), b"{not json").unwrap();
+        assert_eq!(store.load().unwrap_err().code(), 5);
+        drop(store);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
