@@ -21,10 +21,17 @@ pub enum Counter {
     DropNoBackend = 3,
     /// Drop: a rewrite of packet bytes or checksums failed in the kernel helper.
     DropRewriteFailed = 4,
+    /// A socket's connect()/sendmsg() to a service frontend was given a backend.
+    SockTranslated = 5,
+    /// A socket's getpeername()/recvmsg() had a backend address turned back into the frontend.
+    SockReverseTranslated = 6,
+    /// Reject: connect()/sendmsg() to a service frontend that has no backend (the application
+    /// gets an immediate error instead of a timeout).
+    SockRejectNoBackend = 7,
 }
 
 /// Number of counters: the size of `weir_metrics_v1`.
-pub const COUNTER_COUNT: u32 = 5;
+pub const COUNTER_COUNT: u32 = 8;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -33,6 +40,9 @@ impl Counter {
         Counter::PassedUnparsed,
         Counter::DropNoBackend,
         Counter::DropRewriteFailed,
+        Counter::SockTranslated,
+        Counter::SockReverseTranslated,
+        Counter::SockRejectNoBackend,
     ];
 
     /// Stable name used in metrics output (`weir_datapath_events_total{reason="..."}`).
@@ -43,10 +53,16 @@ impl Counter {
             Counter::PassedUnparsed => "passed_unparsed",
             Counter::DropNoBackend => "drop_no_backend",
             Counter::DropRewriteFailed => "drop_rewrite_failed",
+            Counter::SockTranslated => "sock_translated",
+            Counter::SockReverseTranslated => "sock_reverse_translated",
+            Counter::SockRejectNoBackend => "sock_reject_no_backend",
         }
     }
 
     pub const fn is_drop(self) -> bool {
-        matches!(self, Counter::DropNoBackend | Counter::DropRewriteFailed)
+        matches!(
+            self,
+            Counter::DropNoBackend | Counter::DropRewriteFailed | Counter::SockRejectNoBackend
+        )
     }
 }

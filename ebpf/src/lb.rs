@@ -114,7 +114,7 @@ fn tracked_backend(key: &CtKey4) -> Option<Backend> {
 
 /// Picks a backend for a new flow: a random slot in `1..=count`.
 #[inline(always)]
-fn select_backend(frontend: &ServiceKey, count: u16) -> Result<(u32, Backend), Counter> {
+pub fn select_backend(frontend: &ServiceKey, count: u16) -> Result<(u32, Backend), Counter> {
     if count == 0 {
         return Err(Counter::DropNoBackend);
     }

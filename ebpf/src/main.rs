@@ -13,11 +13,12 @@ mod maps;
 mod metrics;
 mod nat;
 mod packet;
+mod sock_lb;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
 };
 use weir_common::metrics::Counter;
 
@@ -41,6 +42,41 @@ pub fn tc_lb4_rev(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_noop(_ctx: TcContext) -> i32 {
     TC_ACT_OK
+}
+
+/// cgroup connect4: TCP and connected-UDP sockets to a service frontend get a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock_lb::translate(&ctx))
+}
+
+/// cgroup sendmsg4: datagrams of unconnected UDP sockets to a service frontend go to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock_lb::translate(&ctx))
+}
+
+/// cgroup recvmsg4: datagrams from a backend appear to come from the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock_lb::reverse(&ctx)
+}
+
+/// cgroup getpeername4: a connected socket's peer is the frontend it connected to.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock_lb::reverse(&ctx)
+}
+
+#[inline(always)]
+fn sock_verdict(result: Result<i32, Counter>) -> i32 {
+    match result {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            metrics::count(reason);
+            sock_lb::REJECT
+        }
+    }
 }
 
 #[inline(always)]

@@ -11,6 +11,7 @@ use weir_common::{
         ServiceKey, ServiceValue,
     },
     metrics::COUNTER_COUNT,
+    sock::{DEFAULT_SOCK_REV4_ENTRIES, SockRevKey4},
 };
 
 #[map(name = "weir_svc_v1")]
@@ -28,3 +29,7 @@ pub static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::with_max_entries(DEFA
 
 #[map(name = "weir_metrics_v1")]
 pub static METRICS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+#[map(name = "weir_sock_rev4_v1")]
+pub static SOCK_REV4: LruHashMap<SockRevKey4, RevNat> =
+    LruHashMap::with_max_entries(DEFAULT_SOCK_REV4_ENTRIES, 0);

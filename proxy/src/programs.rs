@@ -7,7 +7,12 @@
 //! [`LoadOptions::forward_logs`] makes them reach the `log` crate. It is off by default: the
 //! loader sets the programs' `AYA_LOG_LEVEL` global to 0, so each log site costs one global
 //! read and a compare instead of formatting a record into the ring buffer.
-use aya::{Ebpf, EbpfLoader, programs::SchedClassifier};
+use std::os::fd::AsFd;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier},
+};
 use thiserror::Error;
 
 /// weir's eBPF object, as built by `build.rs`.
@@ -23,6 +28,14 @@ pub const TC_NOOP: &str = "tc_noop";
 /// Every tc classifier in the object; [`load`] loads them all.
 pub const CLASSIFIERS: [&str; 3] = [TC_LB4_FORWARD, TC_LB4_REVERSE, TC_NOOP];
 
+/// cgroup programs of the socket-level load balancer (IPv4), attached together to a cgroup by
+/// [`attach_socket_lb`].
+pub const SOCK_CONNECT4: &str = "sock_connect4";
+pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+pub const SOCKET_LB: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
+
 #[derive(Debug, Error)]
 pub enum LoadError {
     #[error(
@@ -32,10 +45,19 @@ pub enum LoadError {
     NoObject,
     #[error("loading weir's eBPF object failed (is this root, with bpffs and BTF available?)")]
     Load(#[source] aya::EbpfError),
-    #[error("eBPF program `{name}` is missing from the object or is not a tc classifier")]
+    #[error("eBPF program `{name}` is missing from the object or has another type")]
     NoSuchProgram { name: &'static str },
     #[error("the kernel refused to load eBPF program `{name}`")]
     Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "attaching `{name}` to the cgroup failed (is the file a cgroup v2 directory? another \
+         program attached exclusively?)"
+    )]
+    Attach {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
@@ -79,6 +101,13 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
             .ok_or(LoadError::NoSuchProgram { name })?;
         program.load().map_err(|source| LoadError::Program { name, source })?;
     }
+    for name in SOCKET_LB {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoadError::NoSuchProgram { name })?;
+        program.load().map_err(|source| LoadError::Program { name, source })?;
+    }
     let logger = if options.forward_logs {
         Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?)
     } else {
@@ -101,4 +130,22 @@ pub fn classifier_ref<'a>(
     name: &'static str,
 ) -> Result<&'a SchedClassifier, LoadError> {
     ebpf.program(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::NoSuchProgram { name })
+}
+
+/// Attaches the socket-level load balancer to a cgroup v2 directory (opened as a file): every
+/// socket of every process in it, and in its descendants, is load-balanced at the system call.
+/// The attachments live as long as `ebpf` (or until detached).
+pub fn attach_socket_lb(ebpf: &mut Ebpf, cgroup: impl AsFd + Copy) -> Result<(), LoadError> {
+    for name in SOCKET_LB {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoadError::NoSuchProgram { name })?;
+        // With bpf links (kernel >= 5.7, what aya uses) cgroup attachments always coexist with
+        // others; the kernel refuses any attach flag on link_create, so the mode is `Single`.
+        program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(|source| LoadError::Attach { name, source })?;
+    }
+    Ok(())
 }

@@ -7,8 +7,11 @@
 //! process that creates a namespace. Traffic goes only to addresses inside those namespaces.
 //! A test that needs privileges and does not have them fails ([`privileged::require_root`]).
 pub mod bench;
+pub mod cgroup;
+pub mod echo;
 pub mod names;
 pub mod netns;
 pub mod packet;
 pub mod privileged;
+pub mod process;
 pub mod scenarios;

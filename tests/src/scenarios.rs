@@ -2,11 +2,11 @@
 //! prints them).
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use aya::programs::TcAttachType;
 use weir_common::{lb::Backend, metrics::Counter, proto};
 use weir_proxy::{
@@ -15,6 +15,7 @@ use weir_proxy::{
 };
 
 use crate::{
+    echo::{EchoServer, parse_reply},
     netns::{Netns, Veth},
     privileged::require_root,
 };
@@ -25,13 +26,11 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const VIP_PORT: u16 = 80;
 pub const BACKEND_PORT: u16 = 8080;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
-const ACCEPT_POLLS: u32 = 50;
-const ACCEPT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What the VIP round trip observed.
 #[derive(Debug)]
 pub struct VipRoundTrip {
-    /// What the client read back from the connection.
+    /// What the client read back from the connection (`pong from <backend> to <client>`).
     pub reply: String,
     /// The peer the client's socket reports: the VIP when reverse NAT works.
     pub client_saw_peer: SocketAddr,
@@ -75,49 +74,18 @@ pub fn tc_vip_roundtrip() -> Result<VipRoundTrip> {
             .with_context(|| format!("attaching {name} to {interface} ({direction:?})"))?;
     }
 
-    let listener = server.run(|| TcpListener::bind((SERVER, BACKEND_PORT)))??;
-    let (reply, client_saw_peer, server_side) = std::thread::scope(|scope| {
-        let backend = scope.spawn(|| serve_one(&listener));
-        let client_side = client.run(|| -> Result<(String, SocketAddr)> {
-            let mut stream =
-                TcpStream::connect_timeout(&SocketAddr::from((VIP, VIP_PORT)), IO_TIMEOUT)
-                    .context("connecting to the VIP")?;
-            stream.set_read_timeout(Some(IO_TIMEOUT))?;
-            stream.write_all(b"ping\n")?;
-            let mut reply = String::new();
-            stream.read_to_string(&mut reply)?;
-            Ok((reply, stream.peer_addr()?))
-        });
-        let server_side = match backend.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
-        let (reply, peer) = client_side??;
-        anyhow::Ok((reply, peer, server_side))
-    })?;
-    let (server_saw_peer, server_local) = server_side?;
+    let _backend = EchoServer::tcp(&server, (SERVER, BACKEND_PORT).into())?;
+    let (reply, client_saw_peer) = client.run(|| -> Result<(String, SocketAddr)> {
+        let mut stream = TcpStream::connect_timeout(&SocketAddr::from((VIP, VIP_PORT)), IO_TIMEOUT)
+            .context("connecting to the VIP")?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.write_all(b"ping\n")?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok((reply, stream.peer_addr()?))
+    })??;
+    let (server_local, server_saw_peer) =
+        parse_reply(&reply).with_context(|| format!("unexpected reply {reply:?}"))?;
     let counters = read_counters(&loaded.ebpf)?;
     Ok(VipRoundTrip { reply, client_saw_peer, server_saw_peer, server_local, counters })
-}
-
-/// Accepts one connection (bounded wait), answers `pong` and reports the peer and local address.
-fn serve_one(listener: &TcpListener) -> Result<(SocketAddr, SocketAddr)> {
-    listener.set_nonblocking(true)?;
-    for _ in 0..ACCEPT_POLLS {
-        match listener.accept() {
-            Ok((mut stream, peer)) => {
-                stream.set_nonblocking(false)?;
-                stream.set_read_timeout(Some(IO_TIMEOUT))?;
-                let mut request = [0u8; 5];
-                stream.read_exact(&mut request).context("reading the request")?;
-                stream.write_all(b"pong\n")?;
-                return Ok((peer, stream.local_addr()?));
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(ACCEPT_POLL_INTERVAL);
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
-    bail!("no connection reached the backend within {:?}", ACCEPT_POLL_INTERVAL * ACCEPT_POLLS)
 }

@@ -19,7 +19,7 @@ pub fn run(root: &Path, filter: &[String]) -> Result<()> {
     leftovers()
 }
 
-/// Fails when the tests left namespaces, pins or nft tables behind.
+/// Fails when the tests left namespaces, cgroups, pins or nft tables behind.
 fn leftovers() -> Result<()> {
     let mut left = Vec::new();
     if let Ok(entries) = fs::read_dir("/run/netns") {
@@ -38,6 +38,16 @@ fn leftovers() -> Result<()> {
             }
         }
     }
+    if let Some(mount) = cgroup2_mount()
+        && let Ok(entries) = fs::read_dir(&mount)
+    {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TEST_PREFIX) {
+                left.push(format!("cgroup {}/{name}", mount.display()));
+            }
+        }
+    }
     if let Some(tables) = cmd::output(Command::new("nft").args(["list", "tables"])) {
         for line in tables.lines().filter(|l| l.contains(TEST_PREFIX)) {
             left.push(format!("nft {line}"));
@@ -46,6 +56,16 @@ fn leftovers() -> Result<()> {
     if !left.is_empty() {
         bail!("the tests left resources behind:\n  {}", left.join("\n  "));
     }
-    println!("xtask test: nothing left behind (netns, bpffs pins, nft tables)");
+    println!("xtask test: nothing left behind (netns, cgroups, bpffs pins, nft tables)");
     Ok(())
+}
+
+/// The cgroup2 mount point (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid machines).
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        (right.split_whitespace().next() == Some("cgroup2"))
+            .then(|| left.split_whitespace().nth(4).map(Into::into))?
+    })
 }

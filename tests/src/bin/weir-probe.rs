@@ -1,0 +1,88 @@
+//! `weir-probe`: one network probe, run by tests inside a pod-like namespace (and cgroup).
+//!
+//! `weir-probe tcp|udp|udp-connected HOST:PORT [--timeout-ms N]` sends `ping`, waits for one
+//! reply and prints one JSON line: `{"ok":true,"reply":"...","peer":"...","local":"..."}` or
+//! `{"ok":false,"error":"...","kind":"..."}`. Exit code 0 when a reply came, 1 otherwise, 2 on
+//! bad usage. `peer` is what the socket reports (getpeername, or recvfrom's source for UDP).
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::Duration,
+};
+
+use serde_json::json;
+
+const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected HOST:PORT [--timeout-ms N]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(mode), Some(target)) = (args.first(), args.get(1)) else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let Ok(target) = target.parse::<SocketAddr>() else {
+        eprintln!("not an address:port: {target}; {USAGE}");
+        return ExitCode::from(2);
+    };
+    let timeout_ms = match args.get(2).map(String::as_str) {
+        Some("--timeout-ms") => args.get(3).and_then(|v| v.parse().ok()).unwrap_or(0),
+        None => 2000,
+        Some(_) => 0,
+    };
+    if timeout_ms == 0 {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    let timeout = Duration::from_millis(timeout_ms);
+    let result = match mode.as_str() {
+        "tcp" => tcp(target, timeout),
+        "udp" => udp(target, timeout, false),
+        "udp-connected" => udp(target, timeout, true),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok((reply, peer, local)) => {
+            println!("{}", json!({"ok": true, "reply": reply, "peer": peer, "local": local}));
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            println!(
+                "{}",
+                json!({"ok": false, "error": err.to_string(), "kind": format!("{:?}", err.kind())})
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+type Probe = std::io::Result<(String, String, String)>;
+
+fn tcp(target: SocketAddr, timeout: Duration) -> Probe {
+    let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"ping\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok((reply, stream.peer_addr()?.to_string(), stream.local_addr()?.to_string()))
+}
+
+fn udp(target: SocketAddr, timeout: Duration, connected: bool) -> Probe {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    let mut buf = [0u8; 512];
+    let (n, from) = if connected {
+        socket.connect(target)?;
+        socket.send(b"ping\n")?;
+        let n = socket.recv(&mut buf)?;
+        (n, socket.peer_addr()?)
+    } else {
+        socket.send_to(b"ping\n", target)?;
+        socket.recv_from(&mut buf)?
+    };
+    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+    Ok((reply, from.to_string(), socket.local_addr()?.to_string()))
+}

@@ -1,0 +1,105 @@
+//! Echo servers for end-to-end tests: bound inside a test namespace, answering every TCP
+//! connection or UDP datagram with `pong from <local> to <peer>` (so a test sees which backend
+//! answered and which client address it saw). Stopped on drop; their loops are bounded.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+
+use crate::netns::Netns;
+
+const POLL: Duration = Duration::from_millis(10);
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// A server stops by itself after this long, even if its test forgot it.
+const MAX_LIFETIME: Duration = Duration::from_secs(300);
+
+/// A running echo server; stops on drop.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// A TCP echo server listening on `addr` inside `netns`.
+    pub fn tcp(netns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let listener = netns.run(|| TcpListener::bind(addr))?.context("binding TCP")?;
+        listener.set_nonblocking(true)?;
+        Ok(Self::spawn(move |stop| {
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
+                match listener.accept() {
+                    Ok((mut stream, peer)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+                        let mut request = [0u8; 64];
+                        let _ = stream.read(&mut request);
+                        let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        let _ =
+                            stream.write_all(format!("pong from {local} to {peer}\n").as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(POLL),
+                }
+            }
+        }))
+    }
+
+    /// A UDP echo server bound to `addr` inside `netns`.
+    pub fn udp(netns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let socket = netns.run(|| UdpSocket::bind(addr))?.context("binding UDP")?;
+        socket.set_read_timeout(Some(POLL * 10))?;
+        Ok(Self::spawn(move |stop| {
+            let started = Instant::now();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
+                if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                    let local = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let _ =
+                        socket.send_to(format!("pong from {local} to {peer}\n").as_bytes(), peer);
+                }
+            }
+        }))
+    }
+
+    fn spawn(serve: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        Self { stop, thread: Some(std::thread::spawn(move || serve(flag))) }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The `(local, peer)` addresses an echo reply names.
+pub fn parse_reply(reply: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let rest = reply.trim().strip_prefix("pong from ")?;
+    let (local, peer) = rest.split_once(" to ")?;
+    Some((local.parse().ok()?, peer.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_name_both_ends() {
+        let (local, peer) = parse_reply("pong from 10.0.0.2:80 to 10.0.0.1:4000\n").unwrap();
+        assert_eq!(local.to_string(), "10.0.0.2:80");
+        assert_eq!(peer.to_string(), "10.0.0.1:4000");
+        assert_eq!(parse_reply("nonsense"), None);
+    }
+}

@@ -1,0 +1,46 @@
+//! Starting processes inside a test namespace (and optionally a test cgroup).
+//!
+//! The child enters the namespace and the cgroup between fork and exec, with file descriptors
+//! opened beforehand: the hook only makes system calls (no allocation after fork, which could
+//! deadlock in a multi-threaded test process).
+use std::{
+    fs::{File, OpenOptions},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    process::Command,
+};
+
+use anyhow::{Context, Result};
+
+use crate::{cgroup::TestCgroup, netns::Netns};
+
+/// A `Command` for `program` that runs inside `netns` and, when given, inside `cgroup`.
+pub fn command_in(netns: &Netns, cgroup: Option<&TestCgroup>, program: &str) -> Result<Command> {
+    let ns = File::open(netns.path()).context("opening the namespace")?;
+    let procs = match cgroup {
+        Some(cgroup) => Some(
+            OpenOptions::new()
+                .write(true)
+                .open(cgroup.procs_file())
+                .context("opening cgroup.procs")?,
+        ),
+        None => None,
+    };
+    let mut cmd = Command::new(program);
+    // SAFETY: the hook runs in the child between fork and exec and only calls setns(2) and
+    // write(2) on descriptors opened above (kept alive by the closure), no allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(procs) = &procs {
+                // "0" moves the writing process (this child) into the cgroup.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}

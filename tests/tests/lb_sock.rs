@@ -1,0 +1,121 @@
+//! Socket-level load balancing end to end: processes in a cgroup with weir's connect4,
+//! sendmsg4, recvmsg4 and getpeername4 programs reach service VIPs that no route knows, over
+//! real TCP and UDP sockets, and see the VIP as their peer. Processes outside the cgroup are
+//! not affected (the negative control that proves the programs do the work).
+use std::net::{Ipv4Addr, SocketAddr};
+
+use serde_json::Value;
+use weir_common::{lb::Backend, metrics::Counter, proto};
+use weir_proxy::{
+    maps::{ServiceEntry, ServiceMaps, read_counters},
+    programs::{self, LoadOptions},
+};
+use weir_tests::{
+    cgroup::TestCgroup,
+    echo::{EchoServer, parse_reply},
+    netns::{Netns, Veth},
+    privileged::require_root,
+    process::command_in,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const VIP_NO_BACKENDS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
+
+struct Setup {
+    client: Netns,
+    cgroup: TestCgroup,
+    ebpf: aya::Ebpf,
+    _servers: Vec<EchoServer>,
+    _server: Netns,
+}
+
+fn setup() -> Setup {
+    require_root();
+    let client = Netns::new("sockc").unwrap();
+    let server = Netns::new("socks").unwrap();
+    let veth = Veth::between(&client, &server).unwrap();
+    client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", &veth.a]).unwrap();
+    server.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", &veth.b]).unwrap();
+    let servers = vec![
+        EchoServer::tcp(&server, (SERVER, 8080).into()).unwrap(),
+        EchoServer::udp(&server, (SERVER, 5353).into()).unwrap(),
+    ];
+    let cgroup = TestCgroup::new("socklb").unwrap();
+    let mut loaded = programs::load(&LoadOptions::default()).unwrap();
+    let mut maps = ServiceMaps::take(&mut loaded.ebpf).unwrap();
+    for (rev_nat_index, address, port, proto, backends) in [
+        (1, VIP, 80, proto::TCP, vec![(1, Backend::new(SERVER.octets(), 8080, proto::TCP))]),
+        (2, VIP, 53, proto::UDP, vec![(2, Backend::new(SERVER.octets(), 5353, proto::UDP))]),
+        (3, VIP_NO_BACKENDS, 80, proto::TCP, vec![]),
+    ] {
+        maps.upsert(&ServiceEntry { address, port, proto, rev_nat_index, backends }).unwrap();
+    }
+    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir()).unwrap();
+    Setup { client, cgroup, ebpf: loaded.ebpf, _servers: servers, _server: server }
+}
+
+/// Runs weir-probe in the client namespace, inside the LB cgroup or not.
+fn probe(setup: &Setup, in_cgroup: bool, mode: &str, target: SocketAddr) -> Value {
+    let cgroup = in_cgroup.then_some(&setup.cgroup);
+    let output = command_in(&setup.client, cgroup, env!("CARGO_BIN_EXE_weir-probe"))
+        .unwrap()
+        .args([mode, &target.to_string(), "--timeout-ms", "2000"])
+        .output()
+        .expect("run weir-probe");
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("probe printed no JSON ({e}): {output:?}"))
+}
+
+fn counter(setup: &Setup, which: Counter) -> u64 {
+    read_counters(&setup.ebpf).unwrap().into_iter().find(|(c, _)| *c == which).unwrap().1
+}
+
+#[test]
+fn lb_sock_tcp_to_the_vip_reaches_the_backend_and_reports_the_vip_as_peer() {
+    let setup = setup();
+    let result = probe(&setup, true, "tcp", (VIP, 80).into());
+    assert_eq!(result["ok"], true, "{result}");
+    let (backend, client_seen) = parse_reply(result["reply"].as_str().unwrap()).unwrap();
+    assert_eq!(backend, (SERVER, 8080).into(), "the backend answered");
+    assert_eq!(client_seen.ip(), CLIENT, "the client address is preserved");
+    assert_eq!(result["peer"], "10.96.0.20:80", "getpeername() reports the VIP");
+    assert!(counter(&setup, Counter::SockTranslated) >= 1);
+    assert!(counter(&setup, Counter::SockReverseTranslated) >= 1);
+}
+
+#[test]
+fn lb_sock_udp_unconnected_and_connected_see_replies_from_the_vip() {
+    let setup = setup();
+    for mode in ["udp", "udp-connected"] {
+        let result = probe(&setup, true, mode, (VIP, 53).into());
+        assert_eq!(result["ok"], true, "{mode}: {result}");
+        let (backend, client_seen) = parse_reply(result["reply"].as_str().unwrap()).unwrap();
+        assert_eq!(backend, (SERVER, 5353).into(), "{mode}");
+        assert_eq!(client_seen.ip(), CLIENT, "{mode}");
+        assert_eq!(result["peer"], "10.96.0.20:53", "{mode}: the reply comes from the VIP");
+    }
+}
+
+#[test]
+fn lb_sock_service_without_backends_is_refused_at_connect() {
+    let setup = setup();
+    let result = probe(&setup, true, "tcp", (VIP_NO_BACKENDS, 80).into());
+    assert_eq!(result["ok"], false, "{result}");
+    assert_eq!(result["kind"], "PermissionDenied", "an immediate error, not a timeout: {result}");
+    assert_eq!(counter(&setup, Counter::SockRejectNoBackend), 1);
+}
+
+#[test]
+fn lb_sock_leaves_other_destinations_and_other_cgroups_alone() {
+    let setup = setup();
+    // A direct connection to the backend's own address is not translated.
+    let direct = probe(&setup, true, "tcp", (SERVER, 8080).into());
+    assert_eq!(direct["ok"], true, "{direct}");
+    assert_eq!(direct["peer"], "10.202.0.2:8080");
+    assert_eq!(counter(&setup, Counter::SockTranslated), 0);
+    // Outside the cgroup nothing translates the VIP, and no route leads to it.
+    let outside = probe(&setup, false, "tcp", (VIP, 80).into());
+    assert_eq!(outside["ok"], false, "the VIP only works through the programs: {outside}");
+}
