@@ -4,8 +4,11 @@
 //! the desired dataplane state in a pure model; apply the difference to a backend (eBPF maps
 //! pinned in bpffs, or the nftables table `inet weir`).
 //!
-//! What exists today: [`programs`], which embeds weir's compiled eBPF object and loads it, and
-//! [`maps`], typed access to the service load-balancing maps whose layouts live in
-//! `weir-common`. The watchers, the model and the appliers come with the load-balancing issue.
+//! What exists today: [`programs`], which embeds weir's compiled eBPF object and loads and
+//! attaches it; [`maps`], typed access to the service load-balancing maps whose layouts live in
+//! `weir-common`; and [`model`], the pure Services + EndpointSlices -> frontends/backends
+//! computation with kube-proxy's semantics. The watchers and the incremental appliers come with
+//! the load-balancing issue.
 pub mod maps;
+pub mod model;
 pub mod programs;

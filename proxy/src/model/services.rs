@@ -1,0 +1,360 @@
+//! Services + EndpointSlices -> [`ServiceState`].
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{
+    Frontend, FrontendKind, FrontendState, HealthCheck, NodeContext, Protocol, ServiceState,
+    WhenEmpty,
+    endpoints::{self, SERVICE_NAME_LABEL},
+};
+
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// Computes the desired state. Services are visited in `namespace/name` order, so when two
+/// services claim the same frontend the first one keeps it, deterministically.
+pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> ServiceState {
+    let mut state = ServiceState::default();
+    let mut ordered: Vec<&Service> = services.iter().collect();
+    ordered.sort_by_key(|s| key(s));
+    for service in ordered {
+        add_service(&mut state, service, slices, node);
+    }
+    state
+}
+
+fn key(service: &Service) -> String {
+    format!(
+        "{}/{}",
+        service.metadata.namespace.as_deref().unwrap_or("default"),
+        service.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+fn add_service(
+    state: &mut ServiceState,
+    service: &Service,
+    slices: &[EndpointSlice],
+    node: &NodeContext,
+) {
+    let Some(spec) = &service.spec else { return };
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if service_type == "ExternalName" {
+        return;
+    }
+    let name = key(service);
+    let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+    let service_name = service.metadata.name.as_deref().unwrap_or("");
+    let own_slices: Vec<&EndpointSlice> = slices
+        .iter()
+        .filter(|slice| {
+            slice.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                && slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+                    .is_some_and(|owner| owner == service_name)
+        })
+        .collect();
+
+    let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+        _ => spec.cluster_ip.iter().filter_map(|ip| ip.parse().ok()).collect(),
+    };
+    let ingress_ips: Vec<IpAddr> = if service_type == "LoadBalancer" {
+        service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ingress| ingress.ip.as_deref()?.parse().ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let external_ips: Vec<IpAddr> =
+        spec.external_ips.iter().flatten().filter_map(|ip| ip.parse().ok()).collect();
+    let node_ports_served = service_type == "NodePort" || service_type == "LoadBalancer";
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    });
+
+    let mut local_endpoint_ips = BTreeSet::new();
+    for port in spec.ports.iter().flatten() {
+        let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else { continue };
+        let Ok(port_number) = u16::try_from(port.port) else { continue };
+        let port_name = port.name.clone().unwrap_or_default();
+        let endpoints = endpoints::collect(&own_slices, &port_name, protocol, &node.name);
+        let cluster = endpoints::usable(&endpoints, false);
+        let local = endpoints::usable(&endpoints, true);
+        local_endpoint_ips.extend(local.iter().map(SocketAddr::ip));
+        let when_empty = if cluster.is_empty() { WhenEmpty::Reject } else { WhenEmpty::Drop };
+
+        let mut add = |address: IpAddr, port: u16, kind: FrontendKind| {
+            let local_only = if kind.is_external() { external_local } else { internal_local };
+            let backends = if local_only { local.clone() } else { cluster.clone() };
+            state.frontends.entry(Frontend { address, port, protocol }).or_insert_with(|| {
+                FrontendState {
+                    service: name.clone(),
+                    port_name: port_name.clone(),
+                    kind,
+                    backends,
+                    when_empty,
+                    affinity_timeout,
+                }
+            });
+        };
+        for &ip in &cluster_ips {
+            add(ip, port_number, FrontendKind::ClusterIp);
+        }
+        if node_ports_served
+            && let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok())
+        {
+            for &ip in &node.addresses {
+                add(ip, node_port, FrontendKind::NodePort);
+            }
+        }
+        for &ip in &ingress_ips {
+            add(ip, port_number, FrontendKind::LoadBalancer);
+        }
+        for &ip in &external_ips {
+            add(ip, port_number, FrontendKind::ExternalIp);
+        }
+    }
+    if external_local
+        && let Some(hc_port) = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok())
+    {
+        state.health_check_node_ports.insert(
+            hc_port,
+            HealthCheck { service: name, local_endpoints: local_endpoint_ips.len() },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const NODE: &str = "node-a";
+
+    fn node() -> NodeContext {
+        NodeContext { name: NODE.into(), addresses: vec!["192.168.0.10".parse().unwrap()] }
+    }
+
+    fn service(spec: Value) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    /// A slice for service `web` with port `http`/8080 and the given endpoints
+    /// `(ip, node, ready, serving, terminating)`.
+    fn slice(name: &str, endpoints: &[(&str, &str, bool, bool, bool)]) -> EndpointSlice {
+        let endpoints: Vec<Value> = endpoints
+            .iter()
+            .map(|(ip, node, ready, serving, terminating)| {
+                json!({
+                    "addresses": [ip],
+                    "nodeName": node,
+                    "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                })
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {
+                "name": name, "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "web"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+        .unwrap()
+    }
+
+    fn cluster_ip_spec() -> Value {
+        json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+               "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]})
+    }
+
+    fn frontend(ip: &str, port: u16) -> Frontend {
+        Frontend { address: ip.parse().unwrap(), port, protocol: Protocol::Tcp }
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn cluster_ip_balances_to_ready_endpoints_across_slices_without_duplicates() {
+        let slices = [
+            slice(
+                "a",
+                &[("10.0.1.1", NODE, true, true, false), ("10.0.2.1", "b", true, true, false)],
+            ),
+            slice(
+                "b",
+                &[("10.0.2.1", "b", true, true, false), ("10.0.3.1", "c", false, false, false)],
+            ),
+        ];
+        let state = build(&[service(cluster_ip_spec())], &slices, &node());
+        let f = &state.frontends[&frontend("10.96.0.10", 80)];
+        assert_eq!(f.kind, FrontendKind::ClusterIp);
+        assert_eq!(f.backends, addrs(&["10.0.1.1:8080", "10.0.2.1:8080"]));
+        assert_eq!(f.service, "default/web");
+        assert_eq!(f.affinity_timeout, None);
+        assert_eq!(state.frontends.len(), 1);
+    }
+
+    #[test]
+    fn terminating_endpoints_are_used_only_when_no_endpoint_is_ready() {
+        let serving_terminating = ("10.0.1.1", NODE, false, true, true);
+        let ready = ("10.0.2.1", "b", true, true, false);
+        let not_serving = ("10.0.3.1", "b", false, false, true);
+        let state = build(
+            &[service(cluster_ip_spec())],
+            &[slice("a", &[serving_terminating, ready, not_serving])],
+            &node(),
+        );
+        assert_eq!(
+            state.frontends[&frontend("10.96.0.10", 80)].backends,
+            addrs(&["10.0.2.1:8080"])
+        );
+
+        let state = build(
+            &[service(cluster_ip_spec())],
+            &[slice("a", &[serving_terminating, not_serving])],
+            &node(),
+        );
+        assert_eq!(
+            state.frontends[&frontend("10.96.0.10", 80)].backends,
+            addrs(&["10.0.1.1:8080"])
+        );
+    }
+
+    #[test]
+    fn a_service_without_endpoints_rejects() {
+        let state = build(&[service(cluster_ip_spec())], &[], &node());
+        let f = &state.frontends[&frontend("10.96.0.10", 80)];
+        assert!(f.backends.is_empty());
+        assert_eq!(f.when_empty, WhenEmpty::Reject);
+    }
+
+    #[test]
+    fn headless_and_external_name_services_have_no_frontends() {
+        let headless = service(json!({"clusterIP": "None", "clusterIPs": ["None"],
+                                      "ports": [{"name": "http", "port": 80}]}));
+        let external_name = service(json!({"type": "ExternalName", "externalName": "example.org"}));
+        let state = build(
+            &[headless, external_name],
+            &[slice("a", &[("10.0.1.1", NODE, true, true, false)])],
+            &node(),
+        );
+        assert!(state.frontends.is_empty());
+    }
+
+    #[test]
+    fn node_port_load_balancer_and_external_ips_follow_external_traffic_policy_local() {
+        let mut svc = service(json!({
+            "type": "LoadBalancer", "clusterIP": "10.96.0.10",
+            "externalIPs": ["203.0.113.7"],
+            "externalTrafficPolicy": "Local", "healthCheckNodePort": 32000,
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080, "protocol": "TCP"}],
+        }));
+        svc.status =
+            serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}))
+                .unwrap();
+        let slices = [slice(
+            "a",
+            &[("10.0.1.1", NODE, true, true, false), ("10.0.2.1", "b", true, true, false)],
+        )];
+        let state = build(&[svc], &slices, &node());
+
+        let cluster = &state.frontends[&frontend("10.96.0.10", 80)];
+        assert_eq!(cluster.backends.len(), 2, "cluster IP ignores externalTrafficPolicy");
+        for (ip, port, kind) in [
+            ("192.168.0.10", 30080, FrontendKind::NodePort),
+            ("198.51.100.1", 80, FrontendKind::LoadBalancer),
+            ("203.0.113.7", 80, FrontendKind::ExternalIp),
+        ] {
+            let f = &state.frontends[&frontend(ip, port)];
+            assert_eq!(f.kind, kind);
+            assert_eq!(f.backends, addrs(&["10.0.1.1:8080"]), "{kind:?}: local endpoints only");
+        }
+        assert_eq!(state.health_check_node_ports[&32000].local_endpoints, 1);
+    }
+
+    #[test]
+    fn local_policy_without_local_endpoints_drops_instead_of_rejecting() {
+        let svc = service(json!({"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local",
+                                 "ports": [{"name": "http", "port": 80}]}));
+        let state = build(&[svc], &[slice("a", &[("10.0.2.1", "b", true, true, false)])], &node());
+        let f = &state.frontends[&frontend("10.96.0.10", 80)];
+        assert!(f.backends.is_empty());
+        assert_eq!(f.when_empty, WhenEmpty::Drop);
+    }
+
+    #[test]
+    fn session_affinity_defaults_to_three_hours() {
+        let mut spec = cluster_ip_spec();
+        spec["sessionAffinity"] = json!("ClientIP");
+        let state = build(&[service(spec.clone())], &[], &node());
+        assert_eq!(state.frontends[&frontend("10.96.0.10", 80)].affinity_timeout, Some(10_800));
+        spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 60}});
+        let state = build(&[service(spec)], &[], &node());
+        assert_eq!(state.frontends[&frontend("10.96.0.10", 80)].affinity_timeout, Some(60));
+    }
+
+    #[test]
+    fn ports_match_slices_by_name_and_protocol() {
+        let svc = service(json!({"clusterIP": "10.96.0.10", "ports": [
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+        ]}));
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "s", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"},
+                      {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.0.1.1"]}],
+        }))
+        .unwrap();
+        let state = build(&[svc], &[slice], &node());
+        let udp =
+            Frontend { address: "10.96.0.10".parse().unwrap(), port: 53, protocol: Protocol::Udp };
+        assert_eq!(state.frontends[&udp].backends, addrs(&["10.0.1.1:5353"]));
+        assert_eq!(
+            state.frontends[&frontend("10.96.0.10", 53)].backends,
+            addrs(&["10.0.1.1:5354"])
+        );
+    }
+
+    #[test]
+    fn slices_of_other_services_or_namespaces_are_ignored() {
+        let mut other_ns = slice("x", &[("10.0.9.9", NODE, true, true, false)]);
+        other_ns.metadata.namespace = Some("other".into());
+        let mut other_svc = slice("y", &[("10.0.8.8", NODE, true, true, false)]);
+        other_svc.metadata.labels.as_mut().unwrap().insert(SERVICE_NAME_LABEL.into(), "api".into());
+        let state = build(&[service(cluster_ip_spec())], &[other_ns, other_svc], &node());
+        assert!(state.frontends[&frontend("10.96.0.10", 80)].backends.is_empty());
+    }
+}
