@@ -1,0 +1,150 @@
+//! weir-cni in chains and with delegated IPAM, using Debian's containernetworking-plugins:
+//! - weir-cni + portmap: a hostPort mapping on the node reaches the pod;
+//! - `ipam.type: host-local`: ADD/CHECK/DEL go through the delegate and nothing is left.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use weir_tests::{
+    cni::{Attachment, DEBIAN_PLUGINS, Node, ping, result_ip},
+    names,
+    netns::Netns,
+    privileged::require_root,
+};
+
+const HOST_PORT: u16 = 18080;
+
+fn portmap_config(prev: &Value) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "chain",
+        "type": "portmap",
+        "capabilities": { "portMappings": true },
+        "runtimeConfig": { "portMappings": [
+            { "hostPort": HOST_PORT, "containerPort": 80, "protocol": "tcp" }
+        ] },
+        "prevResult": prev,
+    })
+}
+
+/// Accepts one connection (bounded wait) and echoes what it reads.
+fn echo_once(listener: TcpListener) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match listener.accept() {
+            Ok((mut conn, _)) => {
+                conn.set_nonblocking(false)?;
+                conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut buf = [0u8; 5];
+                conn.read_exact(&mut buf)?;
+                return conn.write_all(&buf);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[test]
+fn cni_chain_with_portmap_maps_a_host_port_to_the_pod() {
+    require_root();
+    let portmap = Path::new(DEBIAN_PLUGINS).join("portmap");
+    assert!(portmap.is_file(), "{} missing: run `cargo xtask setup`", portmap.display());
+    let node = Node::new().unwrap();
+    let config = node.config("1.0.0", "chain", &["10.133.0.0/24"]);
+    let (server_pod, client_pod) = (Netns::new("server").unwrap(), Netns::new("client").unwrap());
+    let server = Attachment::new(names::unique("server"), &server_pod);
+    let client = Attachment::new(names::unique("client"), &client_pod);
+
+    let result = node.weir("ADD", Some(&server), &config).unwrap().result().unwrap();
+    let chained = node
+        .exec(&portmap, "ADD", Some(&server), portmap_config(&result).to_string().as_bytes(), &[])
+        .unwrap()
+        .result()
+        .unwrap();
+    assert_eq!(chained["ips"], result["ips"], "portmap passes weir-cni's result on");
+    node.weir("ADD", Some(&client), &config).unwrap().result().unwrap();
+
+    let listener = server_pod.run(|| TcpListener::bind("0.0.0.0:80")).unwrap().unwrap();
+    std::thread::scope(|scope| {
+        let echo = scope.spawn(|| echo_once(listener));
+        // The client pod reaches its node at the gateway address; the node DNATs the host port.
+        let node_addr: SocketAddr = format!("169.254.1.1:{HOST_PORT}").parse().unwrap();
+        let answer = client_pod
+            .run(|| -> std::io::Result<Vec<u8>> {
+                let mut conn = TcpStream::connect_timeout(&node_addr, Duration::from_secs(5))?;
+                conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+                conn.write_all(b"hello")?;
+                let mut buf = vec![0u8; 5];
+                conn.read_exact(&mut buf)?;
+                Ok(buf)
+            })
+            .unwrap()
+            .expect("connecting to the host port");
+        assert_eq!(answer, b"hello");
+        echo.join().unwrap().expect("the pod's server got the mapped connection");
+    });
+
+    // The runtime deletes in reverse order.
+    node.exec(&portmap, "DEL", Some(&server), portmap_config(&result).to_string().as_bytes(), &[])
+        .unwrap()
+        .expect_ok()
+        .unwrap();
+    node.weir("DEL", Some(&server), &config).unwrap().expect_ok().unwrap();
+    node.weir("DEL", Some(&client), &config).unwrap().expect_ok().unwrap();
+    node.assert_clean("chain").unwrap();
+}
+
+#[test]
+fn cni_delegated_ipam_host_local_add_check_del() {
+    require_root();
+    let node = Node::new().unwrap();
+    let host_local_dir = node.data_dir.path().join("host-local");
+    let config = json!({
+        "cniVersion": "1.0.0",
+        "name": "delegated",
+        "type": "weir-cni",
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{ "subnet": "10.134.0.0/24" }]],
+            "dataDir": host_local_dir,
+        },
+    });
+    let (pod_a, pod_b) = (Netns::new("pod-a").unwrap(), Netns::new("pod-b").unwrap());
+    let a = Attachment::new(names::unique("ctr-a"), &pod_a);
+    let b = Attachment::new(names::unique("ctr-b"), &pod_b);
+    let result_a = node.weir("ADD", Some(&a), &config).unwrap().result().unwrap();
+    let result_b = node.weir("ADD", Some(&b), &config).unwrap().result().unwrap();
+    let ip_b = result_ip(&result_b, false).unwrap();
+    assert!(ip_b.starts_with("10.134.0."), "host-local picked the address: {result_b}");
+    assert!(result_b["ips"][0]["address"].as_str().unwrap().ends_with("/32"));
+    ping(&pod_a, "169.254.1.1").unwrap();
+    ping(&pod_a, &ip_b).unwrap();
+    let mut check = config.clone();
+    check["prevResult"] = result_a.clone();
+    node.weir("CHECK", Some(&a), &check).unwrap().expect_ok().unwrap();
+    // An unknown delegate is reported with the environment's code.
+    let mut missing = config.clone();
+    missing["ipam"]["type"] = json!("weirt-no-such-ipam");
+    let c = Attachment::new(names::unique("ctr-c"), &pod_b);
+    assert_eq!(node.weir("ADD", Some(&c), &missing).unwrap().error_code().unwrap(), 4);
+
+    node.weir("DEL", Some(&a), &config).unwrap().expect_ok().unwrap();
+    node.weir("DEL", Some(&b), &config).unwrap().expect_ok().unwrap();
+    node.weir("DEL", Some(&b), &config).unwrap().expect_ok().unwrap();
+    node.assert_clean("delegated").unwrap();
+    let leftovers: Vec<String> = std::fs::read_dir(host_local_dir.join("delegated"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("10."))
+        .collect();
+    assert!(leftovers.is_empty(), "host-local still holds {leftovers:?}");
+}
