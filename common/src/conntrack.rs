@@ -42,10 +42,11 @@ pub struct CtValue4 {
     /// Backend chosen for the flow.
     pub backend_id: u32,
     /// Reverse-NAT entry for replies.
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
+    /// Reserved for flow state (TCP closing, reply seen); 0 today.
     pub flags: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<CtValue4>() == 8);
+const _: () = assert!(core::mem::size_of::<CtValue4>() == 16);
 
 impl_pod!(CtKey4, CtValue4);

@@ -5,7 +5,7 @@
 //!   service's master entry and carries the backend count; entries with slots `1..=count` map a
 //!   slot to a backend ID. A program picks a slot in `1..=count` and follows it.
 //! - `weir_backend_v1`: backend ID (`u32`) -> [`Backend`].
-//! - `weir_rev_nat_v1`: reverse-NAT index (`u16`, from the master entry) -> [`RevNat`]: the
+//! - `weir_rev_nat_v1`: reverse-NAT index (`u32`, from the master entry) -> [`RevNat`]: the
 //!   address and port that replies must appear to come from (the service's VIP and port).
 
 use crate::impl_pod;
@@ -64,23 +64,24 @@ impl ServiceKey {
 pub struct ServiceValue {
     /// Backend ID for slot entries; 0 in the master entry.
     pub backend_id: u32,
+    /// Index into `weir_rev_nat_v1` (master entry only); never 0 for a live service. 32 bits:
+    /// a node may serve more than 65,535 frontends.
+    pub rev_nat_index: u32,
     /// Number of backend slots (master entry only).
     pub count: u16,
-    /// Index into `weir_rev_nat_v1` (master entry only); never 0 for a live service.
-    pub rev_nat_index: u16,
     /// [`service_flags`] bits (master entry only).
     pub flags: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
 
 impl ServiceValue {
-    pub const fn master(count: u16, rev_nat_index: u16, flags: u8) -> Self {
-        Self { backend_id: 0, count, rev_nat_index, flags, _pad: [0; 3] }
+    pub const fn master(count: u16, rev_nat_index: u32, flags: u8) -> Self {
+        Self { backend_id: 0, rev_nat_index, count, flags, _pad: 0 }
     }
 
     pub const fn slot(backend_id: u32) -> Self {
-        Self { backend_id, count: 0, rev_nat_index: 0, flags: 0, _pad: [0; 3] }
+        Self { backend_id, rev_nat_index: 0, count: 0, flags: 0, _pad: 0 }
     }
 }
 

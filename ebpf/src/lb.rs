@@ -41,8 +41,12 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
         Some(backend) => backend,
         None => {
             let (backend_id, backend) = select_backend(&frontend, service.count)?;
-            let entry =
-                CtValue4 { backend_id, rev_nat_index: service.rev_nat_index, flags: 0, _pad: 0 };
+            let entry = CtValue4 {
+                backend_id,
+                rev_nat_index: service.rev_nat_index,
+                flags: 0,
+                _pad: [0; 7],
+            };
             let reply_key = CtKey4 {
                 saddr: backend.address,
                 daddr: flow.saddr,

@@ -22,7 +22,7 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_BACKEND_ENTRIES, 0);
 
 #[map(name = "weir_rev_nat_v1")]
-pub static REV_NAT: HashMap<u16, RevNat> = HashMap::with_max_entries(DEFAULT_REV_NAT_ENTRIES, 0);
+pub static REV_NAT: HashMap<u32, RevNat> = HashMap::with_max_entries(DEFAULT_REV_NAT_ENTRIES, 0);
 
 #[map(name = "weir_ct4_v1")]
 pub static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::with_max_entries(DEFAULT_CT4_ENTRIES, 0);

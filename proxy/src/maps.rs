@@ -39,7 +39,7 @@ pub struct ServiceEntry {
     pub port: u16,
     pub proto: u8,
     /// Reverse-NAT index; must be unique per frontend and non-zero.
-    pub rev_nat_index: u16,
+    pub rev_nat_index: u32,
     /// Backend IDs and their backends; IDs must be unique across services sharing a backend.
     pub backends: Vec<(u32, Backend)>,
 }
@@ -48,7 +48,7 @@ pub struct ServiceEntry {
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
-    rev_nat: HashMap<MapData, u16, RevNat>,
+    rev_nat: HashMap<MapData, u32, RevNat>,
 }
 
 impl ServiceMaps {
