@@ -87,8 +87,11 @@ impl ServiceValue {
 
 /// Bits of [`ServiceValue::flags`].
 pub mod service_flags {
-    /// Reserved for the full load balancer (session affinity, traffic policies).
     pub const NONE: u8 = 0;
+    /// The frontend has no backend because its traffic policy allows none on this node,
+    /// although the service has endpoints elsewhere: kube-proxy drops such traffic instead of
+    /// rejecting it.
+    pub const EMPTY_BY_POLICY: u8 = 1 << 0;
 }
 
 /// Value of `weir_backend_v1`.

@@ -7,8 +7,9 @@
 //! What exists today: [`programs`], which embeds weir's compiled eBPF object and loads and
 //! attaches it; [`maps`], typed access to the service load-balancing maps whose layouts live in
 //! `weir-common`; and [`model`], the pure Services + EndpointSlices -> frontends/backends
-//! computation with kube-proxy's semantics. The watchers and the incremental appliers come with
-//! the load-balancing issue.
+//! computation with kube-proxy's semantics; and [`apply`], the incremental applier of that state
+//! to the eBPF maps. The watchers and the nftables backend come with the load-balancing issue.
+pub mod apply;
 pub mod maps;
 pub mod model;
 pub mod programs;

@@ -28,6 +28,12 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
+    #[error("deleting from map `{name}` failed")]
+    Delete {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
     #[error("service {address}:{port} has {count} backends; a service holds at most {max}")]
     TooManyBackends { address: Ipv4Addr, port: u16, count: usize, max: usize },
 }
@@ -89,6 +95,68 @@ impl ServiceMaps {
             .insert(key, ServiceValue::master(count, service.rev_nat_index, 0), 0)
             .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })?;
         Ok(())
+    }
+}
+
+/// Single-entry operations, used by the incremental applier (`crate::apply`).
+impl ServiceMaps {
+    pub fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapsError> {
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(|source| MapsError::Write { name: BACKEND_MAP, source })
+    }
+
+    pub fn put_slot(&mut self, key: ServiceKey, backend_id: u32) -> Result<(), MapsError> {
+        self.services
+            .insert(key, ServiceValue::slot(backend_id), 0)
+            .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })
+    }
+
+    pub fn put_master(
+        &mut self,
+        key: ServiceKey,
+        count: u16,
+        rev_nat_index: u32,
+        flags: u8,
+    ) -> Result<(), MapsError> {
+        self.services
+            .insert(key.master(), ServiceValue::master(count, rev_nat_index, flags), 0)
+            .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })
+    }
+
+    pub fn put_rev_nat(&mut self, index: u32, frontend: RevNat) -> Result<(), MapsError> {
+        self.rev_nat
+            .insert(index, frontend, 0)
+            .map_err(|source| MapsError::Write { name: REV_NAT_MAP, source })
+    }
+
+    pub fn delete_service_entry(&mut self, key: ServiceKey) -> Result<(), MapsError> {
+        self.services.remove(&key).map_err(|source| MapsError::Delete { name: SERVICE_MAP, source })
+    }
+
+    pub fn delete_rev_nat(&mut self, index: u32) -> Result<(), MapsError> {
+        self.rev_nat
+            .remove(&index)
+            .map_err(|source| MapsError::Delete { name: REV_NAT_MAP, source })
+    }
+
+    pub fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.backends.remove(&id).map_err(|source| MapsError::Delete { name: BACKEND_MAP, source })
+    }
+
+    /// Every entry of `weir_svc_v1` (for inspection and tests).
+    pub fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)> {
+        self.services.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every entry of `weir_backend_v1`.
+    pub fn backend_entries(&self) -> Vec<(u32, Backend)> {
+        self.backends.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every entry of `weir_rev_nat_v1`.
+    pub fn rev_nat_entries(&self) -> Vec<(u32, RevNat)> {
+        self.rev_nat.iter().filter_map(Result::ok).collect()
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 
 use crate::netns::Netns;
 
-const POLL: Duration = Duration::from_millis(10);
+const POLL: Duration = Duration::from_millis(50);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// A server stops by itself after this long, even if its test forgot it.
 const MAX_LIFETIME: Duration = Duration::from_secs(300);
@@ -45,7 +45,7 @@ impl EchoServer {
                         let _ =
                             stream.write_all(format!("pong from {local} to {peer}\n").as_bytes());
                     }
-                    Err(_) => std::thread::sleep(POLL),
+                    Err(_) => wait_readable(&listener, POLL),
                 }
             }
         }))
@@ -54,7 +54,7 @@ impl EchoServer {
     /// A UDP echo server bound to `addr` inside `netns`.
     pub fn udp(netns: &Netns, addr: SocketAddr) -> Result<Self> {
         let socket = netns.run(|| UdpSocket::bind(addr))?.context("binding UDP")?;
-        socket.set_read_timeout(Some(POLL * 10))?;
+        socket.set_read_timeout(Some(POLL))?;
         Ok(Self::spawn(move |stop| {
             let started = Instant::now();
             let mut buf = [0u8; 512];
@@ -82,6 +82,14 @@ impl Drop for EchoServer {
             let _ = thread.join();
         }
     }
+}
+
+/// Waits until `listener` has a pending connection, at most `timeout`.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
 }
 
 /// The `(local, peer)` addresses an echo reply names.

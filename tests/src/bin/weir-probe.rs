@@ -4,6 +4,10 @@
 //! reply and prints one JSON line: `{"ok":true,"reply":"...","peer":"...","local":"..."}` or
 //! `{"ok":false,"error":"...","kind":"..."}`. Exit code 0 when a reply came, 1 otherwise, 2 on
 //! bad usage. `peer` is what the socket reports (getpeername, or recvfrom's source for UDP).
+//!
+//! `weir-probe tcp-spread HOST:PORT COUNT` makes COUNT sequential TCP connections to echo
+//! servers (tests/src/echo.rs) and prints how many each backend answered:
+//! `{"ok":true,"backends":{"10.0.0.2:8080":n,...},"failures":k}`.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
@@ -13,7 +17,7 @@ use std::{
 
 use serde_json::json;
 
-const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected HOST:PORT [--timeout-ms N]";
+const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected HOST:PORT [--timeout-ms N] | tcp-spread HOST:PORT COUNT";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,6 +29,13 @@ fn main() -> ExitCode {
         eprintln!("not an address:port: {target}; {USAGE}");
         return ExitCode::from(2);
     };
+    if mode == "tcp-spread" {
+        let Some(count) = args.get(2).and_then(|c| c.parse::<u32>().ok()).filter(|c| *c > 0) else {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        };
+        return spread(target, count.min(100_000));
+    }
     let timeout_ms = match args.get(2).map(String::as_str) {
         Some("--timeout-ms") => args.get(3).and_then(|v| v.parse().ok()).unwrap_or(0),
         None => 2000,
@@ -85,4 +96,21 @@ fn udp(target: SocketAddr, timeout: Duration, connected: bool) -> Probe {
     };
     let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
     Ok((reply, from.to_string(), socket.local_addr()?.to_string()))
+}
+
+fn spread(target: SocketAddr, count: u32) -> ExitCode {
+    let mut backends = std::collections::BTreeMap::<String, u32>::new();
+    let mut failures = 0u32;
+    for _ in 0..count {
+        match tcp(target, Duration::from_secs(2)) {
+            Ok((reply, _, _)) => {
+                // "pong from <backend> to <client>"
+                let backend = reply.split_whitespace().nth(2).unwrap_or("?").to_string();
+                *backends.entry(backend).or_default() += 1;
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    println!("{}", json!({"ok": failures == 0, "backends": backends, "failures": failures}));
+    if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }

@@ -1,0 +1,48 @@
+//! Executes planned [`MapOp`]s on the service maps of a loaded object.
+use aya::maps::MapError;
+
+use super::plan::MapOp;
+use crate::maps::{MapsError, ServiceMaps};
+
+/// Writes plans into the maps.
+pub struct MapWriter {
+    maps: ServiceMaps,
+}
+
+impl MapWriter {
+    pub fn new(maps: ServiceMaps) -> Self {
+        Self { maps }
+    }
+
+    /// Executes `ops` in order. A delete of an entry that is already gone is not an error (the
+    /// goal is reached); a failed write stops and returns the error (the caller resyncs).
+    pub fn execute(&mut self, ops: &[MapOp]) -> Result<(), MapsError> {
+        for op in ops {
+            match *op {
+                MapOp::PutBackend { id, backend } => self.maps.put_backend(id, backend)?,
+                MapOp::PutSlot { key, backend_id } => self.maps.put_slot(key, backend_id)?,
+                MapOp::PutRevNat { index, frontend } => self.maps.put_rev_nat(index, frontend)?,
+                MapOp::PutMaster { key, count, rev_nat_index, flags } => {
+                    self.maps.put_master(key, count, rev_nat_index, flags)?
+                }
+                MapOp::DeleteMaster { key } | MapOp::DeleteSlot { key } => {
+                    ignore_missing(self.maps.delete_service_entry(key))?
+                }
+                MapOp::DeleteRevNat { index } => ignore_missing(self.maps.delete_rev_nat(index))?,
+                MapOp::DeleteBackend { id } => ignore_missing(self.maps.delete_backend(id))?,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn maps(&self) -> &ServiceMaps {
+        &self.maps
+    }
+}
+
+fn ignore_missing(result: Result<(), MapsError>) -> Result<(), MapsError> {
+    match result {
+        Err(MapsError::Delete { source: MapError::KeyNotFound, .. }) => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,381 @@
+//! The pure diff from desired service state to map operations.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
+
+use weir_common::lb::{Backend, RevNat, ServiceKey, service_flags};
+
+use crate::model::{Frontend, FrontendState, Protocol, ServiceState, WhenEmpty};
+
+/// One write or delete on the service maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    PutBackend { id: u32, backend: Backend },
+    PutSlot { key: ServiceKey, backend_id: u32 },
+    PutRevNat { index: u32, frontend: RevNat },
+    PutMaster { key: ServiceKey, count: u16, rev_nat_index: u32, flags: u8 },
+    DeleteMaster { key: ServiceKey },
+    DeleteSlot { key: ServiceKey },
+    DeleteRevNat { index: u32 },
+    DeleteBackend { id: u32 },
+}
+
+/// The operations for one step, and what the step left out.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<MapOp>,
+    /// Frontends the eBPF datapath cannot serve yet (IPv6, or IPv4 with IPv6 backends only).
+    pub skipped: usize,
+    /// Frontends with more backends than a service can hold; only the first 65,535 are used.
+    pub truncated: usize,
+}
+
+/// What was applied for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Applied {
+    rev_nat_index: u32,
+    backends: Vec<BackendKey>,
+    flags: u8,
+}
+
+type BackendKey = (SocketAddrV4Key, Protocol);
+type SocketAddrV4Key = (Ipv4Addr, u16);
+
+/// Remembers what has been applied and plans the next step.
+#[derive(Debug, Default)]
+pub struct Planner {
+    applied: BTreeMap<Frontend, Applied>,
+    backend_ids: HashMap<BackendKey, (u32, usize)>,
+    free_backend_ids: Vec<u32>,
+    next_backend_id: u32,
+    free_rev_nat: Vec<u32>,
+    next_rev_nat: u32,
+}
+
+impl Planner {
+    pub fn new() -> Self {
+        Self { next_backend_id: 1, next_rev_nat: 1, ..Self::default() }
+    }
+
+    /// Number of frontends currently applied.
+    pub fn frontends(&self) -> usize {
+        self.applied.len()
+    }
+
+    /// Number of distinct backends currently applied.
+    pub fn backends(&self) -> usize {
+        self.backend_ids.len()
+    }
+
+    /// Diffs `desired` against what was applied and returns the operations. The planner
+    /// assumes they are all executed; after a failed execution, start over with a new planner
+    /// on emptied maps (the agent's full resync).
+    pub fn plan(&mut self, desired: &ServiceState) -> Plan {
+        let mut plan = Plan::default();
+        let mut wanted: BTreeMap<Frontend, (Vec<BackendKey>, u8)> = BTreeMap::new();
+        for (frontend, state) in &desired.frontends {
+            match ipv4_frontend(frontend, state) {
+                Some((backends, truncated)) => {
+                    plan.truncated += usize::from(truncated);
+                    wanted.insert(*frontend, (backends, flags(state)));
+                }
+                None => plan.skipped += 1,
+            }
+        }
+
+        // IDs freed by this plan become reusable only after it: a backend ID reused within the
+        // plan would be deleted by its own late DeleteBackend, and a reverse-NAT index reused
+        // at once would let the removed service's conntrack entries answer with the new VIP.
+        let mut late_deletes = Vec::new();
+        let mut freed_rev_nat = Vec::new();
+        // Removed frontends: master first, so programs stop finding the service at once.
+        let removed: Vec<Frontend> =
+            self.applied.keys().filter(|f| !wanted.contains_key(f)).copied().collect();
+        for frontend in removed {
+            let applied = self.applied.remove(&frontend).expect("listed above");
+            let key = service_key(&frontend);
+            plan.ops.push(MapOp::DeleteMaster { key });
+            for slot in 1..=applied.backends.len() as u16 {
+                plan.ops.push(MapOp::DeleteSlot { key: key.with_slot(slot) });
+            }
+            plan.ops.push(MapOp::DeleteRevNat { index: applied.rev_nat_index });
+            freed_rev_nat.push(applied.rev_nat_index);
+            for backend in &applied.backends {
+                self.release_backend(backend, &mut late_deletes);
+            }
+        }
+
+        for (frontend, (backends, flags)) in wanted {
+            let previous = self.applied.get(&frontend);
+            if let Some(previous) = previous
+                && previous.backends == backends
+                && previous.flags == flags
+            {
+                continue;
+            }
+            let key = service_key(&frontend);
+            let (rev_nat_index, old_backends) = match previous {
+                Some(previous) => (previous.rev_nat_index, previous.backends.clone()),
+                None => {
+                    let index = self.allocate_rev_nat();
+                    let Frontend { address, port, .. } = frontend;
+                    let IpAddr::V4(address) = address else { unreachable!("IPv4 only") };
+                    plan.ops.push(MapOp::PutRevNat {
+                        index,
+                        frontend: RevNat::new(address.octets(), port),
+                    });
+                    (index, Vec::new())
+                }
+            };
+            let mut ids = Vec::with_capacity(backends.len());
+            for backend in &backends {
+                let (id, created) = self.acquire_backend(backend);
+                if created {
+                    let ((address, port), protocol) = *backend;
+                    plan.ops.push(MapOp::PutBackend {
+                        id,
+                        backend: Backend::new(address.octets(), port, protocol.number()),
+                    });
+                }
+                ids.push(id);
+            }
+            for (slot, id) in (1u16..).zip(&ids) {
+                plan.ops.push(MapOp::PutSlot { key: key.with_slot(slot), backend_id: *id });
+            }
+            plan.ops.push(MapOp::PutMaster { key, count: ids.len() as u16, rev_nat_index, flags });
+            for slot in (ids.len() + 1)..=old_backends.len() {
+                plan.ops.push(MapOp::DeleteSlot { key: key.with_slot(slot as u16) });
+            }
+            for backend in &old_backends {
+                self.release_backend(backend, &mut late_deletes);
+            }
+            self.applied.insert(frontend, Applied { rev_nat_index, backends, flags });
+        }
+        // Backends go last: no slot points at them any more.
+        plan.ops.extend(late_deletes.iter().map(|&id| MapOp::DeleteBackend { id }));
+        self.free_backend_ids.extend(late_deletes);
+        self.free_rev_nat.extend(freed_rev_nat);
+        plan
+    }
+
+    fn acquire_backend(&mut self, backend: &BackendKey) -> (u32, bool) {
+        if let Some((id, refs)) = self.backend_ids.get_mut(backend) {
+            *refs += 1;
+            return (*id, false);
+        }
+        let id = self.free_backend_ids.pop().unwrap_or_else(|| {
+            let id = self.next_backend_id;
+            self.next_backend_id += 1;
+            id
+        });
+        self.backend_ids.insert(*backend, (id, 1));
+        (id, true)
+    }
+
+    fn release_backend(&mut self, backend: &BackendKey, deletes: &mut Vec<u32>) {
+        if let Some((id, refs)) = self.backend_ids.get_mut(backend) {
+            *refs -= 1;
+            if *refs == 0 {
+                deletes.push(*id);
+                self.backend_ids.remove(backend);
+            }
+        }
+    }
+
+    fn allocate_rev_nat(&mut self) -> u32 {
+        self.free_rev_nat.pop().unwrap_or_else(|| {
+            let index = self.next_rev_nat;
+            self.next_rev_nat += 1;
+            index
+        })
+    }
+}
+
+/// The IPv4 backends of an IPv4 frontend (capped at the slot limit), or `None` when the
+/// frontend is not IPv4.
+fn ipv4_frontend(frontend: &Frontend, state: &FrontendState) -> Option<(Vec<BackendKey>, bool)> {
+    if !frontend.address.is_ipv4() {
+        return None;
+    }
+    let mut backends: Vec<BackendKey> = state
+        .backends
+        .iter()
+        .filter_map(|backend| match backend {
+            SocketAddr::V4(v4) => Some(((*v4.ip(), v4.port()), frontend.protocol)),
+            SocketAddr::V6(_) => None,
+        })
+        .collect();
+    let truncated = backends.len() > usize::from(u16::MAX);
+    backends.truncate(usize::from(u16::MAX));
+    Some((backends, truncated))
+}
+
+fn flags(state: &FrontendState) -> u8 {
+    if state.backends.is_empty() && state.when_empty == WhenEmpty::Drop {
+        service_flags::EMPTY_BY_POLICY
+    } else {
+        service_flags::NONE
+    }
+}
+
+fn service_key(frontend: &Frontend) -> ServiceKey {
+    let IpAddr::V4(address) = frontend.address else { unreachable!("IPv4 only") };
+    ServiceKey::new(address.octets(), frontend.port, frontend.protocol.number(), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FrontendKind;
+
+    fn frontend(ip: &str, port: u16) -> Frontend {
+        Frontend { address: ip.parse().unwrap(), port, protocol: Protocol::Tcp }
+    }
+
+    fn state(entries: &[(&str, u16, &[&str])]) -> ServiceState {
+        let mut state = ServiceState::default();
+        for (ip, port, backends) in entries {
+            state.frontends.insert(
+                frontend(ip, *port),
+                FrontendState {
+                    service: "default/web".into(),
+                    port_name: "http".into(),
+                    kind: FrontendKind::ClusterIp,
+                    backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+                    when_empty: WhenEmpty::Reject,
+                    affinity_timeout: None,
+                },
+            );
+        }
+        state
+    }
+
+    fn count(plan: &Plan, pred: impl Fn(&MapOp) -> bool) -> usize {
+        plan.ops.iter().filter(|op| pred(op)).count()
+    }
+
+    #[test]
+    fn a_new_frontend_writes_backends_slots_rev_nat_then_master() {
+        let mut planner = Planner::new();
+        let plan = planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]));
+        let kinds: Vec<&str> = plan
+            .ops
+            .iter()
+            .map(|op| match op {
+                MapOp::PutRevNat { .. } => "revnat",
+                MapOp::PutBackend { .. } => "backend",
+                MapOp::PutSlot { .. } => "slot",
+                MapOp::PutMaster { .. } => "master",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["revnat", "backend", "backend", "slot", "slot", "master"]);
+        assert!(matches!(plan.ops[5], MapOp::PutMaster { count: 2, rev_nat_index: 1, .. }));
+    }
+
+    #[test]
+    fn an_unchanged_state_plans_nothing() {
+        let mut planner = Planner::new();
+        let desired = state(&[("10.96.0.1", 80, &["10.0.0.1:8080"])]);
+        planner.plan(&desired);
+        assert_eq!(planner.plan(&desired), Plan::default());
+    }
+
+    #[test]
+    fn one_changed_service_among_many_touches_only_that_service() {
+        let mut planner = Planner::new();
+        let ips: Vec<String> =
+            (0..1000).map(|i| format!("10.96.{}.{}", i / 250, i % 250 + 1)).collect();
+        let entries: Vec<(&str, u16, &[&str])> =
+            ips.iter().map(|ip| (ip.as_str(), 80, &["10.0.0.1:8080"][..])).collect();
+        planner.plan(&state(&entries));
+        let mut changed = entries.clone();
+        changed[500].2 = &["10.0.0.1:8080", "10.0.0.2:8080"];
+        let plan = planner.plan(&state(&changed));
+        // One new backend, two slots, one master: nothing for the 999 others.
+        assert_eq!(plan.ops.len(), 4, "{:?}", plan.ops);
+    }
+
+    #[test]
+    fn shrinking_rewrites_the_master_before_deleting_slots_and_unused_backends() {
+        let mut planner = Planner::new();
+        planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]));
+        let plan = planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080"])]));
+        let master = plan.ops.iter().position(|op| matches!(op, MapOp::PutMaster { count: 1, .. }));
+        let slot = plan.ops.iter().position(|op| matches!(op, MapOp::DeleteSlot { .. }));
+        let backend = plan.ops.iter().position(|op| matches!(op, MapOp::DeleteBackend { id: 2 }));
+        assert!(master < slot && slot < backend, "{:?}", plan.ops);
+    }
+
+    #[test]
+    fn removing_everything_deletes_every_entry_it_wrote() {
+        let mut planner = Planner::new();
+        let first = planner.plan(&state(&[
+            ("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"]),
+            ("10.96.0.2", 80, &["10.0.0.2:8080"]),
+        ]));
+        let puts = count(&first, |op| {
+            matches!(
+                op,
+                MapOp::PutBackend { .. }
+                    | MapOp::PutSlot { .. }
+                    | MapOp::PutRevNat { .. }
+                    | MapOp::PutMaster { .. }
+            )
+        });
+        let plan = planner.plan(&ServiceState::default());
+        assert_eq!(plan.ops.len(), puts, "one delete per entry written: {:?}", plan.ops);
+        assert_eq!(count(&plan, |op| matches!(op, MapOp::DeleteBackend { .. })), 2);
+        assert_eq!((planner.frontends(), planner.backends()), (0, 0));
+    }
+
+    #[test]
+    fn a_backend_shared_by_two_services_lives_until_both_let_go() {
+        let mut planner = Planner::new();
+        planner.plan(&state(&[
+            ("10.96.0.1", 80, &["10.0.0.1:8080"]),
+            ("10.96.0.2", 80, &["10.0.0.1:8080"]),
+        ]));
+        assert_eq!(planner.backends(), 1);
+        let plan = planner.plan(&state(&[("10.96.0.2", 80, &["10.0.0.1:8080"])]));
+        assert_eq!(count(&plan, |op| matches!(op, MapOp::DeleteBackend { .. })), 0);
+        let plan = planner.plan(&ServiceState::default());
+        assert_eq!(count(&plan, |op| matches!(op, MapOp::DeleteBackend { .. })), 1);
+    }
+
+    #[test]
+    fn ids_freed_by_a_plan_are_not_reused_within_it() {
+        let mut planner = Planner::new();
+        planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080"])]));
+        let plan = planner.plan(&state(&[("10.96.0.2", 80, &["10.0.0.9:8080"])]));
+        assert!(plan.ops.contains(&MapOp::DeleteBackend { id: 1 }));
+        assert!(plan.ops.iter().any(|op| matches!(op, MapOp::PutBackend { id: 2, .. })));
+        assert!(plan.ops.contains(&MapOp::DeleteRevNat { index: 1 }));
+        assert!(plan.ops.iter().any(|op| matches!(op, MapOp::PutRevNat { index: 2, .. })));
+        // The next plan may reuse them.
+        let plan = planner.plan(&state(&[
+            ("10.96.0.2", 80, &["10.0.0.9:8080"]),
+            ("10.96.0.3", 80, &["10.0.0.3:8080"]),
+        ]));
+        assert!(plan.ops.iter().any(|op| matches!(op, MapOp::PutBackend { id: 1, .. })));
+    }
+
+    #[test]
+    fn ipv6_frontends_are_skipped_and_counted() {
+        let mut planner = Planner::new();
+        let plan = planner.plan(&state(&[("fd00::1", 80, &["[fd00::2]:8080"])]));
+        assert_eq!((plan.ops.len(), plan.skipped), (0, 1));
+    }
+
+    #[test]
+    fn empty_by_policy_is_flagged() {
+        let mut desired = state(&[("10.96.0.1", 80, &[])]);
+        desired.frontends.values_mut().next().unwrap().when_empty = WhenEmpty::Drop;
+        let plan = Planner::new().plan(&desired);
+        assert!(plan.ops.iter().any(|op| matches!(
+            op,
+            MapOp::PutMaster { count: 0, flags: service_flags::EMPTY_BY_POLICY, .. }
+        )));
+    }
+}

@@ -1,0 +1,112 @@
+//! The service pipeline end to end, without an API server: Kubernetes Service and
+//! EndpointSlice objects -> the pure model -> the incremental planner -> the eBPF maps -> real
+//! TCP connections through the socket-level load balancer.
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde_json::{Value, json};
+use weir_proxy::{
+    apply::{ebpf::MapWriter, plan::Planner},
+    maps::ServiceMaps,
+    model::{self, NodeContext},
+    programs::{self, LoadOptions},
+};
+use weir_tests::{
+    cgroup::TestCgroup,
+    echo::EchoServer,
+    netns::{Netns, Veth},
+    privileged::require_root,
+    process::command_in,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 203, 0, 1);
+const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 203, 0, 2), Ipv4Addr::new(10, 203, 0, 3), Ipv4Addr::new(10, 203, 0, 4)];
+const VIP: &str = "10.96.1.1";
+const CONNECTIONS: u32 = 3000;
+
+fn service() -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"clusterIP": VIP, "clusterIPs": [VIP],
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+    }))
+    .unwrap()
+}
+
+fn slice(backends: &[Ipv4Addr]) -> EndpointSlice {
+    let endpoints: Vec<Value> = backends
+        .iter()
+        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": "web-abc", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+/// Runs `weir-probe tcp-spread` in the client namespace and cgroup.
+fn spread(client: &Netns, cgroup: &TestCgroup, count: u32) -> Value {
+    let output = command_in(client, Some(cgroup), env!("CARGO_BIN_EXE_weir-probe"))
+        .unwrap()
+        .args(["tcp-spread", &format!("{VIP}:80"), &count.to_string()])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {output:?}"))
+}
+
+#[test]
+fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
+    require_root();
+    let client = Netns::new("applyc").unwrap();
+    let server = Netns::new("applys").unwrap();
+    let veth = Veth::between(&client, &server).unwrap();
+    client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", &veth.a]).unwrap();
+    let _servers: Vec<EchoServer> = BACKENDS
+        .iter()
+        .map(|ip| {
+            server.ip(&["addr", "add", &format!("{ip}/24"), "dev", &veth.b]).unwrap();
+            EchoServer::tcp(&server, (*ip, 8080).into()).unwrap()
+        })
+        .collect();
+    let cgroup = TestCgroup::new("apply").unwrap();
+    let mut loaded = programs::load(&LoadOptions::default()).unwrap();
+    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir()).unwrap();
+    let node = NodeContext { name: "node-a".into(), addresses: vec![] };
+    let mut planner = Planner::new();
+
+    // Three backends: 3,000 connections spread evenly (each within 5 points of a third).
+    let plan = planner.plan(&model::build(&[service()], &[slice(&BACKENDS)], &node));
+    writer.execute(&plan.ops).unwrap();
+    let result = spread(&client, &cgroup, CONNECTIONS);
+    assert_eq!(result["ok"], true, "{result}");
+    for ip in BACKENDS {
+        let n = result["backends"][format!("{ip}:8080")].as_u64().unwrap_or(0);
+        let share = n as f64 / f64::from(CONNECTIONS);
+        assert!((share - 1.0 / 3.0).abs() <= 0.05, "{ip}: {n} of {CONNECTIONS}: {result}");
+    }
+
+    // One endpoint goes away: a small plan, and no connection reaches it afterwards.
+    let plan = planner.plan(&model::build(&[service()], &[slice(&BACKENDS[..2])], &node));
+    assert!(plan.ops.len() <= 5, "an endpoint removal is a few writes: {:?}", plan.ops);
+    writer.execute(&plan.ops).unwrap();
+    let result = spread(&client, &cgroup, 300);
+    assert_eq!(result["ok"], true, "{result}");
+    assert!(result["backends"].get(format!("{}:8080", BACKENDS[2])).is_none(), "{result}");
+    assert_eq!(result["backends"].as_object().unwrap().len(), 2, "{result}");
+
+    // The service goes away: every entry the applier wrote is gone.
+    let plan = planner.plan(&model::build(&[], &[], &node));
+    writer.execute(&plan.ops).unwrap();
+    let maps = writer.maps();
+    assert!(maps.service_entries().is_empty(), "{:?}", maps.service_entries());
+    assert!(maps.backend_entries().is_empty());
+    assert!(maps.rev_nat_entries().is_empty());
+    let result = spread(&client, &cgroup, 1);
+    assert_eq!(result["ok"], false, "no service, no route to the VIP: {result}");
+}
