@@ -1,5 +1,7 @@
 //! `weir`: the single binary users run. Subcommands arrive with their issues (agent, apiserver,
 //! lab, inspect); each is a thin adapter over a library crate.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -13,9 +15,37 @@ struct Cli {
 enum Command {
     /// Print the version and the size of the embedded eBPF object.
     Version,
+    /// Run the embedded Kubernetes-compatible API server (HTTPS, bearer tokens).
+    Apiserver(ApiserverArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(clap::Args)]
+struct ApiserverArgs {
+    /// Where the store, the generated CA and certificates and the tokens live.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Where to write an admin kubeconfig (rewritten on every start).
+    #[arg(long)]
+    kubeconfig_out: Option<PathBuf>,
+    /// HTTPS address; port 0 picks a free port (the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Plain HTTP for debugging; loopback addresses only. Still needs a bearer token.
+    #[arg(long)]
+    insecure_listen: Option<SocketAddr>,
+    /// IPv4 CIDR that Service ClusterIPs are allocated from.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cidr: String,
+    /// Changes kept for watches to resume from; a watch from an older resourceVersion gets
+    /// 410 Gone and must list again.
+    #[arg(long, default_value_t = 10_000)]
+    watch_history: usize,
+}
+
+/// Exit code for configuration errors (EX_USAGE), before anything was started.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+fn main() -> anyhow::Result<ExitCode> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
         Command::Version => {
@@ -25,6 +55,42 @@ fn main() -> anyhow::Result<()> {
                 weir_proxy::programs::OBJECT.len()
             );
         }
+        Command::Apiserver(args) => return apiserver(args),
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
+    use weir_controlplane::api::{self, ServerError};
+    let mut config = api::Config::new(args.data_dir);
+    config.listen = args.listen;
+    config.insecure_listen = args.insecure_listen;
+    config.kubeconfig_out = args.kubeconfig_out;
+    config.service_cidr = args.service_cidr;
+    config.watch_history = args.watch_history;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let server = match api::start(config).await {
+            Ok(server) => server,
+            Err(err @ (ServerError::InsecureNotLoopback(_) | ServerError::BadServiceCidr(_))) => {
+                eprintln!("weir apiserver: {err}");
+                return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+            }
+            Err(err) => return Err(anyhow::Error::new(err).context("starting the API server")),
+        };
+        // Tests and scripts read these lines to find the chosen ports.
+        println!("weir apiserver: serving https://{}", server.addr);
+        if let Some(addr) = server.insecure_addr {
+            println!("weir apiserver: serving insecure http://{addr}");
+        }
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        log::info!("weir apiserver: shutting down");
+        server.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -7,5 +7,13 @@
 //! the network needs (EndpointSlices, node pod CIDRs, scheduling, ReplicaSets/Deployments,
 //! namespace lifecycle).
 //!
+//! Modules: `store` (the key-value interface, the embedded store, the conformance suite),
+//! `resources` (kinds, validation, selectors, patches: pure), `auth` (TLS material, tokens,
+//! kubeconfig), `api` (the HTTP server and verbs).
+//!
 //! Boundaries: it knows nothing of the dataplane; the agent talks to it exactly as it talks to
-//! a real kube-apiserver. Built by the control-plane issue; until then this crate is empty.
+//! a real kube-apiserver. What is supported and what is not: docs/controlplane.md.
+pub mod api;
+pub mod auth;
+pub mod resources;
+pub mod store;

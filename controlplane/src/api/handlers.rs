@@ -1,0 +1,979 @@
+//! The resource verbs: get, list, watch (see `watch.rs`), create, update, patch, delete,
+//! deletecollection, the status and binding subresources, and server-side dry run.
+//!
+//! Objects are stored as JSON without `metadata.resourceVersion`; on the way out the store's
+//! mod revision becomes the resourceVersion. Writes check the resourceVersion a client sends
+//! against the stored one (409 Conflict when stale) and use the store's compare-and-swap, so
+//! concurrent writers cannot lose updates.
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::{Method, Request, Response, body::Incoming, header};
+use serde_json::{Value, json};
+
+use super::{
+    ApiState, MAX_BODY,
+    http::{Body, Query, json_response},
+    services::{self, InUse},
+    status::{ApiError, success},
+    table,
+};
+use crate::{
+    resources::{
+        self, RESOURCES, Resource, SYSTEM_NAMESPACES, meta,
+        patch::{self, PatchError},
+        selector::{FieldSelector, LabelSelector, supported_fields},
+        validate,
+    },
+    store::{KeyValue, Store, StoreError},
+};
+
+/// Which part of an object a write addresses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Main,
+    Status,
+}
+
+pub(crate) async fn resource_request<S: Store>(
+    state: Arc<ApiState<S>>,
+    req: Request<Incoming>,
+    group: &str,
+    version: &str,
+    mut rest: Vec<String>,
+) -> Result<Response<Body>, ApiError> {
+    let mut query = Query::parse(req.uri().query());
+    if rest.first().map(String::as_str) == Some("watch") {
+        rest.remove(0);
+        query = Query::parse(Some(&format!("{}&watch=true", req.uri().query().unwrap_or(""))));
+    }
+    let namespaced_path = rest.len() >= 3
+        && rest[0] == "namespaces"
+        && resources::find(group, version, &rest[2]).is_some_and(|r| r.namespaced);
+    let (namespace, tail): (Option<String>, &[String]) =
+        if namespaced_path { (Some(rest[1].clone()), &rest[2..]) } else { (None, &rest[..]) };
+    let Some((plural, tail)) = tail.split_first() else { return Err(ApiError::no_route()) };
+    let resource = resources::find(group, version, plural).ok_or_else(ApiError::no_route)?;
+    let namespace = if resource.namespaced { namespace } else { None };
+    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).map(String::from);
+    let wants_table = table::wants_table(accept.as_deref());
+    let method = req.method().clone();
+    let content_type = header_value(&req, header::CONTENT_TYPE);
+    let ns = namespace.as_deref();
+    match (tail, &method) {
+        ([], &Method::GET) if query.flag("watch") => {
+            super::watch::watch(state, resource, ns, &query, wants_table).await
+        }
+        ([], &Method::GET) => list(&state, resource, ns, &query, wants_table).await,
+        ([], &Method::POST) => {
+            require_namespace(resource, ns)?;
+            let body = read_json(req).await?;
+            let (code, obj) = create(&state, resource, ns, body, query.dry_run()).await?;
+            Ok(json_response(code, &obj))
+        }
+        ([], &Method::DELETE) => {
+            require_namespace(resource, ns)?;
+            delete_collection(&state, resource, ns, &query).await
+        }
+        ([name], &Method::GET) => {
+            let obj = get(&state, resource, ns, name).await?;
+            if wants_table {
+                let rv = meta::meta_str(&obj, "resourceVersion").unwrap_or("").to_string();
+                Ok(json_response(200, &table::table(resource, &[obj], &rv, None)))
+            } else {
+                Ok(json_response(200, &obj))
+            }
+        }
+        ([name, sub], &Method::GET) if sub == "status" && resource.has_status => {
+            Ok(json_response(200, &get(&state, resource, ns, name).await?))
+        }
+        ([name, sub], &Method::PUT | &Method::PATCH) if sub == "status" && resource.has_status => {
+            write_request(&state, req, resource, ns, name, Part::Status, &query, &content_type)
+                .await
+        }
+        ([name], &Method::PUT | &Method::PATCH) => {
+            write_request(&state, req, resource, ns, name, Part::Main, &query, &content_type).await
+        }
+        ([name], &Method::DELETE) => {
+            let body = read_body(req).await?;
+            let options: Value = if body.is_empty() { json!({}) } else { parse_json(&body)? };
+            let (code, obj) = delete(&state, resource, ns, name, &options, query.dry_run()).await?;
+            Ok(json_response(code, &obj))
+        }
+        ([name, sub], &Method::POST) if sub == "binding" && resource.kind == "Pod" => {
+            let body = read_json(req).await?;
+            bind(&state, resource, ns, name, body, query.dry_run()).await
+        }
+        ([_, _], _) => Err(ApiError::no_route()),
+        _ => Err(ApiError::method_not_allowed(method.as_str())),
+    }
+}
+
+fn require_namespace(resource: &Resource, ns: Option<&str>) -> Result<(), ApiError> {
+    if resource.namespaced && ns.is_none() {
+        return Err(ApiError::method_not_allowed("POST/DELETE without a namespace"));
+    }
+    Ok(())
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY) {
+        return Err(ApiError::too_large());
+    }
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ApiError::too_large())
+        }
+        Err(err) => Err(ApiError::bad_request(format!("reading the request body failed: {err}"))),
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|err| {
+        ApiError::bad_request(format!(
+            "the request body is not valid JSON: {err} (weir accepts application/json bodies)"
+        ))
+    })
+}
+
+/// Only JSON bodies are understood: protobuf and CBOR get 415, on which client-go retries
+/// with JSON.
+fn require_json(content_type: &str) -> Result<(), ApiError> {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    match media {
+        "" | "application/json" | "*/*" => Ok(()),
+        other => Err(ApiError::unsupported_media_type(other)),
+    }
+}
+
+/// A header's value ("" when missing or not text).
+fn header_value(req: &Request<Incoming>, name: header::HeaderName) -> String {
+    req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+}
+
+async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+    require_json(&header_value(&req, header::CONTENT_TYPE))?;
+    parse_json(&read_body(req).await?)
+}
+
+/// The stored object as clients see it.
+pub(crate) fn decode(kv: &KeyValue) -> Result<Value, ApiError> {
+    let mut obj: Value = serde_json::from_slice(&kv.value).map_err(|err| {
+        ApiError::internal(format!("stored object {} is not JSON: {err}", kv.key))
+    })?;
+    if obj.is_object() {
+        meta::metadata_mut(&mut obj)
+            .insert("resourceVersion".into(), json!(kv.mod_revision.to_string()));
+    }
+    Ok(obj)
+}
+
+fn encode(obj: &Value) -> Bytes {
+    let mut obj = obj.clone();
+    if obj.is_object() {
+        meta::metadata_mut(&mut obj).remove("resourceVersion");
+    }
+    Bytes::from(serde_json::to_vec(&obj).expect("JSON values serialize"))
+}
+
+async fn get<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    name: &str,
+) -> Result<Value, ApiError> {
+    let kv = state
+        .store
+        .get(&resource.key(ns, name))
+        .await?
+        .ok_or_else(|| ApiError::not_found(resource, name))?;
+    decode(&kv)
+}
+
+/// Parsed `labelSelector` and `fieldSelector`.
+pub(crate) struct Selectors {
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Selectors {
+    pub(crate) fn from_query(resource: &Resource, query: &Query) -> Result<Selectors, ApiError> {
+        let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let fields = FieldSelector::parse(
+            query.get("fieldSelector").unwrap_or(""),
+            supported_fields(resource.kind),
+        )
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(Selectors { labels, fields })
+    }
+
+    pub(crate) fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches(obj) && self.fields.matches(obj)
+    }
+}
+
+fn encode_continue(key: &str, revision: i64) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"v": 1, "start": key, "rv": revision}).to_string())
+}
+
+fn decode_continue(token: &str, prefix: &str) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!("continue key {token:?} is not valid; list again without it"))
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let value: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    let start = value.get("start").and_then(Value::as_str).ok_or_else(bad)?;
+    if !start.starts_with(prefix) {
+        return Err(bad());
+    }
+    Ok(start.to_string())
+}
+
+/// Lists matching objects: (items, revision, continue token).
+pub(crate) async fn list_objects<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    selectors: &Selectors,
+    limit: usize,
+    continue_token: Option<&str>,
+) -> Result<(Vec<Value>, i64, Option<String>), ApiError> {
+    let prefix = resource.scope_prefix(ns);
+    let mut after = continue_token.map(|t| decode_continue(t, &prefix)).transpose()?;
+    let mut items = Vec::new();
+    let mut revision = 0;
+    let mut next = None;
+    // Each round reads at least one key, so this ends; the bound guards against surprises.
+    for _ in 0..1_000_000 {
+        let want = if limit == 0 { 0 } else { (limit - items.len()).max(1) };
+        let page = state.store.range(&prefix, after.as_deref(), want).await?;
+        if revision == 0 {
+            revision = page.revision;
+        }
+        for kv in &page.kvs {
+            after = Some(kv.key.clone());
+            let obj = decode(kv)?;
+            if selectors.matches(&obj) {
+                items.push(obj);
+            }
+        }
+        if limit == 0 || !page.more {
+            break;
+        }
+        if items.len() >= limit {
+            next = after.as_deref().map(|k| encode_continue(k, revision));
+            break;
+        }
+    }
+    Ok((items, revision, next))
+}
+
+async fn list<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    query: &Query,
+    wants_table: bool,
+) -> Result<Response<Body>, ApiError> {
+    let selectors = Selectors::from_query(resource, query)?;
+    let limit = match query.get("limit") {
+        None | Some("") => 0,
+        Some(l) => l
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_request(format!("limit {l:?} is not a number")))?
+            .max(0) as usize,
+    };
+    let (items, revision, next) = list_objects(
+        state,
+        resource,
+        ns,
+        &selectors,
+        limit,
+        query.get("continue").filter(|c| !c.is_empty()),
+    )
+    .await?;
+    let rv = revision.to_string();
+    if wants_table {
+        return Ok(json_response(200, &table::table(resource, &items, &rv, next.as_deref())));
+    }
+    let mut metadata = json!({"resourceVersion": rv});
+    if let Some(token) = next {
+        metadata["continue"] = json!(token);
+    }
+    Ok(json_response(
+        200,
+        &json!({"kind": resource.list_kind(), "apiVersion": resource.api_version(), "metadata": metadata, "items": items}),
+    ))
+}
+
+/// Checks apiVersion and kind of a body against the resource.
+fn check_type(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
+    if !obj.is_object() {
+        return Err(ApiError::bad_request("the request body must be a JSON object"));
+    }
+    let kind = obj.get("kind").and_then(Value::as_str);
+    let api_version = obj.get("apiVersion").and_then(Value::as_str);
+    match kind {
+        None | Some("") => {
+            return Err(ApiError::bad_request("Object 'Kind' is missing in the request body"));
+        }
+        Some(k) if k != resource.kind => {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the body ({k}) does not match the resource ({}, kind {})",
+                resource.qualified(),
+                resource.kind
+            )));
+        }
+        _ => {}
+    }
+    match api_version {
+        Some(v) if v == resource.api_version() => Ok(()),
+        other => Err(ApiError::bad_request(format!(
+            "the API version in the data ({}) does not match the expected API version ({})",
+            other.unwrap_or(""),
+            resource.api_version()
+        ))),
+    }
+}
+
+fn check_metadata_types(obj: &Value) -> Result<(), ApiError> {
+    match obj.get("metadata") {
+        None | Some(Value::Object(_)) => Ok(()),
+        Some(_) => Err(ApiError::bad_request("metadata must be an object")),
+    }
+}
+
+/// Defaults, validates and (for Services) allocates; `old` is the stored object on updates.
+async fn admit<'a, S: Store>(
+    state: &'a ApiState<S>,
+    resource: &Resource,
+    name: &str,
+    obj: &mut Value,
+    old: Option<&Value>,
+) -> Result<Option<tokio::sync::MutexGuard<'a, ()>>, ApiError> {
+    validate::default(resource.kind, obj);
+    let errors = validate::validate(resource.kind, obj);
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(resource, name, &errors));
+    }
+    if resource.kind != "Service" {
+        return Ok(None);
+    }
+    // Held until the caller stored the object, so two creates cannot pick one address.
+    let guard = state.alloc_lock.lock().await;
+    let mut in_use = InUse::default();
+    let self_key = meta::meta_str(obj, "uid").map(String::from);
+    let all = state.store.range(&resource.prefix(), None, 0).await?;
+    for kv in &all.kvs {
+        let other = decode(kv)?;
+        if self_key.is_some() && meta::meta_str(&other, "uid") == self_key.as_deref() {
+            continue;
+        }
+        in_use.add(&other);
+    }
+    services::allocate(obj, old, &state.service_cidr, &in_use)
+        .map_err(|errs| ApiError::invalid(resource, name, &errs))?;
+    Ok(Some(guard))
+}
+
+pub(crate) async fn create<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    mut obj: Value,
+    dry_run: bool,
+) -> Result<(u16, Value), ApiError> {
+    check_type(resource, &obj)?;
+    check_metadata_types(&obj)?;
+    if let (Some(url_ns), Some(body_ns)) = (ns, meta::meta_str(&obj, "namespace"))
+        && url_ns != body_ns
+        && !body_ns.is_empty()
+    {
+        return Err(ApiError::bad_request(format!(
+            "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({url_ns})"
+        )));
+    }
+    let name = match (
+        meta::meta_str(&obj, "name").filter(|n| !n.is_empty()),
+        meta::meta_str(&obj, "generateName"),
+    ) {
+        (Some(name), _) => name.to_string(),
+        (None, Some(prefix)) if !prefix.is_empty() => format!("{prefix}{}", meta::name_suffix()),
+        _ => {
+            return Err(ApiError::invalid(
+                resource,
+                "",
+                &[validate::FieldError {
+                    reason: "FieldValueRequired",
+                    field: "metadata.name".into(),
+                    message: "Required value: name or generateName is required".into(),
+                }],
+            ));
+        }
+    };
+    if let Err(why) = validate::name(resource.kind, &name) {
+        return Err(ApiError::invalid(
+            resource,
+            &name,
+            &[validate::FieldError {
+                reason: "FieldValueInvalid",
+                field: "metadata.name".into(),
+                message: format!("Invalid value: {name:?}: {why}"),
+            }],
+        ));
+    }
+    if let Some(ns) = ns {
+        let namespaces = resources::find("", "v1", "namespaces").expect("served");
+        let Some(kv) = state.store.get(&namespaces.key(None, ns)).await? else {
+            return Err(ApiError::not_found(namespaces, ns));
+        };
+        if meta::meta_str(&decode(&kv)?, "deletionTimestamp").is_some() {
+            return Err(ApiError::forbidden(
+                resource,
+                &name,
+                &format!(
+                    "unable to create new content in namespace {ns} because it is being terminated"
+                ),
+            ));
+        }
+    }
+    let m = meta::metadata_mut(&mut obj);
+    m.insert("name".into(), json!(name));
+    if let Some(ns) = ns {
+        m.insert("namespace".into(), json!(ns));
+    } else {
+        m.remove("namespace");
+    }
+    m.insert("uid".into(), json!(meta::new_uid()));
+    m.insert("creationTimestamp".into(), json!(meta::now_rfc3339()));
+    if resources::has_generation(resource.kind) {
+        m.insert("generation".into(), json!(1));
+    } else {
+        m.remove("generation");
+    }
+    for field in [
+        "resourceVersion",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+        "managedFields",
+    ] {
+        m.remove(field);
+    }
+    let map = obj.as_object_mut().expect("checked");
+    if resource.has_status {
+        match resource.kind {
+            "Pod" => {
+                map.insert("status".into(), json!({"phase": "Pending", "qosClass": "BestEffort"}));
+            }
+            "Namespace" => {
+                map.insert("status".into(), json!({"phase": "Active"}));
+            }
+            "Node" => {}
+            _ => {
+                map.remove("status");
+            }
+        }
+    }
+    if resource.kind == "Namespace" {
+        map.entry("spec").or_insert(json!({"finalizers": ["kubernetes"]}));
+        let labels = meta::metadata_mut(&mut obj).entry("labels").or_insert(json!({}));
+        if let Some(labels) = labels.as_object_mut() {
+            labels.insert("kubernetes.io/metadata.name".into(), json!(name));
+        }
+    }
+    let _guard = admit(state, resource, &name, &mut obj, None).await?;
+    if dry_run {
+        if state.store.get(&resource.key(ns, &name)).await?.is_some() {
+            return Err(ApiError::already_exists(resource, &name));
+        }
+        return Ok((201, obj));
+    }
+    match state.store.create(&resource.key(ns, &name), encode(&obj)).await {
+        Ok(kv) => Ok((201, decode(&kv)?)),
+        Err(StoreError::AlreadyExists { .. }) => Err(ApiError::already_exists(resource, &name)),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Creates an object unless it exists (bootstrap).
+pub(crate) async fn create_if_missing<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    obj: Value,
+) -> Result<(), ApiError> {
+    let name = meta::meta_str(&obj, "name").unwrap_or("").to_string();
+    if state.store.get(&resource.key(ns, &name)).await?.is_some() {
+        return Ok(());
+    }
+    match create(state, resource, ns, obj, false).await {
+        Ok(_) => Ok(()),
+        Err(err) if err.code == 409 => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+fn spec_like(obj: &Value) -> Value {
+    let mut copy = obj.clone();
+    if let Some(map) = copy.as_object_mut() {
+        map.remove("metadata");
+        map.remove("status");
+    }
+    copy
+}
+
+/// Builds the object to store from what the client sent and what is stored.
+fn merge_for_update(resource: &Resource, part: Part, old: &Value, mut new: Value) -> Value {
+    if part == Part::Status {
+        let mut merged = old.clone();
+        if let Some(map) = merged.as_object_mut() {
+            match new.get("status") {
+                Some(status) => map.insert("status".into(), status.clone()),
+                None => map.remove("status"),
+            };
+        }
+        return merged;
+    }
+    let old_meta = old.get("metadata").cloned().unwrap_or(json!({}));
+    let m = meta::metadata_mut(&mut new);
+    for field in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "name",
+        "namespace",
+    ] {
+        match old_meta.get(field) {
+            Some(v) => m.insert(field.into(), v.clone()),
+            None => m.remove(field),
+        };
+    }
+    m.remove("resourceVersion");
+    m.remove("managedFields");
+    if resources::has_generation(resource.kind) {
+        let generation = old_meta.get("generation").and_then(Value::as_i64).unwrap_or(1);
+        let changed = spec_like(old) != spec_like(&new);
+        meta::metadata_mut(&mut new)
+            .insert("generation".into(), json!(if changed { generation + 1 } else { generation }));
+    } else {
+        meta::metadata_mut(&mut new).remove("generation");
+    }
+    if resource.has_status
+        && let Some(map) = new.as_object_mut()
+    {
+        match old.get("status") {
+            Some(status) => map.insert("status".into(), status.clone()),
+            None => map.remove("status"),
+        };
+    }
+    new
+}
+
+fn strip_rv(obj: &Value) -> Value {
+    let mut copy = obj.clone();
+    if copy.is_object() {
+        meta::metadata_mut(&mut copy).remove("resourceVersion");
+    }
+    copy
+}
+
+/// Stores `new` over `current` (compare-and-swap on its revision). Returns 200 and the result.
+#[allow(clippy::too_many_arguments)]
+async fn store_update<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    current: &KeyValue,
+    new: Value,
+    part: Part,
+    dry_run: bool,
+) -> Result<Value, ApiError> {
+    let old = decode(current)?;
+    check_type(resource, &new)?;
+    check_metadata_types(&new)?;
+    if let Some(body_name) = meta::meta_str(&new, "name")
+        && body_name != name
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({body_name}) does not match the name on the URL ({name})"
+        )));
+    }
+    let mut merged = merge_for_update(resource, part, &old, new);
+    let _guard = admit(state, resource, name, &mut merged, Some(&old)).await?;
+    if strip_rv(&merged) == strip_rv(&old) {
+        return Ok(old);
+    }
+    if dry_run {
+        return Ok(merged);
+    }
+    let finalized = meta::meta_str(&merged, "deletionTimestamp").is_some()
+        && merged
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_none_or(|f| f.is_empty());
+    let key = resource.key(ns, name);
+    if finalized {
+        return match state.store.delete(&key, Some(current.mod_revision)).await {
+            Ok(kv) => {
+                cascade(state, resource, ns, &old, 0).await;
+                decode(&kv)
+            }
+            Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(resource, name)),
+            Err(StoreError::NotFound { .. }) => Err(ApiError::not_found(resource, name)),
+            Err(err) => Err(err.into()),
+        };
+    }
+    match state.store.update(&key, encode(&merged), Some(current.mod_revision)).await {
+        Ok(kv) => decode(&kv),
+        Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(resource, name)),
+        Err(StoreError::NotFound { .. }) => Err(ApiError::not_found(resource, name)),
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn body_resource_version(obj: &Value) -> Option<i64> {
+    meta::meta_str(obj, "resourceVersion")
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap_or(-1))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write_request<S: Store>(
+    state: &ApiState<S>,
+    req: Request<Incoming>,
+    resource: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    part: Part,
+    query: &Query,
+    content_type: &str,
+) -> Result<Response<Body>, ApiError> {
+    let is_patch = req.method() == Method::PATCH;
+    let body = read_body(req).await?;
+    let dry_run = query.dry_run();
+    let key = resource.key(ns, name);
+    if !is_patch {
+        require_json(content_type)?;
+        let new = parse_json(&body)?;
+        let current =
+            state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
+        if let Some(rv) = body_resource_version(&new)
+            && rv != current.mod_revision
+        {
+            return Err(ApiError::conflict(resource, name));
+        }
+        let obj = store_update(state, resource, ns, name, &current, new, part, dry_run).await?;
+        return Ok(json_response(200, &obj));
+    }
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    let patch_doc = parse_json(&body)?;
+    // Concurrent writers may move the object between our read and our swap: retry a few times.
+    for _ in 0..5 {
+        let current =
+            state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
+        let mut obj = decode(&current)?;
+        let result = match media {
+            "application/merge-patch+json" => {
+                patch::merge_patch(&mut obj, &patch_doc);
+                Ok(())
+            }
+            "application/json-patch+json" => patch::json_patch(&mut obj, &patch_doc),
+            "application/strategic-merge-patch+json" => {
+                patch::strategic_merge_patch(&mut obj, &patch_doc)
+            }
+            other => return Err(ApiError::unsupported_media_type(other)),
+        };
+        match result {
+            Ok(()) => {}
+            Err(err @ PatchError::Invalid(_)) => {
+                return Err(ApiError::bad_request(err.to_string()));
+            }
+            Err(err) => return Err(ApiError::new(422, "Invalid", err.to_string())),
+        }
+        if let Some(rv) = body_resource_version(&obj)
+            && rv != current.mod_revision
+        {
+            return Err(ApiError::conflict(resource, name));
+        }
+        match store_update(state, resource, ns, name, &current, obj, part, dry_run).await {
+            Err(err) if err.reason == "Conflict" && body_resource_version(&patch_doc).is_none() => {
+                continue;
+            }
+            other => return other.map(|obj| json_response(200, &obj)),
+        }
+    }
+    Err(ApiError::conflict(resource, name))
+}
+
+/// Deletes one object: immediately, or by marking it when finalizers remain.
+pub(crate) async fn delete<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    options: &Value,
+    dry_run: bool,
+) -> Result<(u16, Value), ApiError> {
+    if resource.kind == "Namespace" && SYSTEM_NAMESPACES.contains(&name) {
+        return Err(ApiError::forbidden(resource, name, "this namespace may not be deleted"));
+    }
+    let key = resource.key(ns, name);
+    let current =
+        state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
+    let obj = decode(&current)?;
+    if let Some(pre) = options.get("preconditions") {
+        let uid_ok = pre
+            .get("uid")
+            .and_then(Value::as_str)
+            .is_none_or(|u| Some(u) == meta::meta_str(&obj, "uid"));
+        let rv_ok = pre
+            .get("resourceVersion")
+            .and_then(Value::as_str)
+            .is_none_or(|rv| rv == current.mod_revision.to_string());
+        if !uid_ok || !rv_ok {
+            return Err(ApiError::conflict(resource, name));
+        }
+    }
+    if dry_run {
+        return Ok((200, obj));
+    }
+    let finalizers = obj
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty());
+    if finalizers {
+        if meta::meta_str(&obj, "deletionTimestamp").is_some() {
+            return Ok((202, obj));
+        }
+        let mut marked = strip_rv(&obj);
+        let m = meta::metadata_mut(&mut marked);
+        m.insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
+        m.insert("deletionGracePeriodSeconds".into(), json!(0));
+        return match state.store.update(&key, encode(&marked), Some(current.mod_revision)).await {
+            Ok(kv) => Ok((202, decode(&kv)?)),
+            Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(resource, name)),
+            Err(err) => Err(err.into()),
+        };
+    }
+    if resource.kind == "Namespace" {
+        // Like kube-apiserver: the namespace turns Terminating now; the namespace finalizer
+        // (finalize_namespaces) deletes its contents and then the namespace.
+        if meta::meta_str(&obj, "deletionTimestamp").is_some() {
+            return Ok((200, obj));
+        }
+        let mut marked = strip_rv(&obj);
+        meta::metadata_mut(&mut marked)
+            .insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
+        marked["status"] = json!({"phase": "Terminating"});
+        return match state.store.update(&key, encode(&marked), Some(current.mod_revision)).await {
+            Ok(kv) => Ok((200, decode(&kv)?)),
+            Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(resource, name)),
+            Err(err) => Err(err.into()),
+        };
+    }
+    let deleted = match state.store.delete(&key, Some(current.mod_revision)).await {
+        Ok(kv) => decode(&kv)?,
+        Err(StoreError::Conflict { .. }) => return Err(ApiError::conflict(resource, name)),
+        Err(StoreError::NotFound { .. }) => return Err(ApiError::not_found(resource, name)),
+        Err(err) => return Err(err.into()),
+    };
+    let orphan = options.get("propagationPolicy").and_then(Value::as_str) == Some("Orphan")
+        || options.get("orphanDependents").and_then(Value::as_bool) == Some(true);
+    if !orphan {
+        cascade(state, resource, ns, &deleted, 0).await;
+    }
+    Ok((200, deleted))
+}
+
+/// Finishes the deletion of Terminating namespaces: deletes their contents, then them. Run
+/// periodically by the server (so it also resumes after a restart).
+pub(crate) async fn finalize_namespaces<S: Store>(state: &ApiState<S>) -> Result<(), ApiError> {
+    let namespaces = resources::find("", "v1", "namespaces").expect("served");
+    let page = state.store.range(&namespaces.prefix(), None, 0).await?;
+    for kv in page.kvs {
+        let obj = decode(&kv)?;
+        if meta::meta_str(&obj, "deletionTimestamp").is_none() {
+            continue;
+        }
+        let name = meta::meta_str(&obj, "name").unwrap_or("").to_string();
+        delete_namespace_contents(state, &name).await?;
+        match state.store.delete(&kv.key, Some(kv.mod_revision)).await {
+            Ok(_) | Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+async fn delete_namespace_contents<S: Store>(
+    state: &ApiState<S>,
+    ns: &str,
+) -> Result<(), ApiError> {
+    for resource in RESOURCES.iter().filter(|r| r.namespaced) {
+        let page = state.store.range(&resource.scope_prefix(Some(ns)), None, 0).await?;
+        for kv in page.kvs {
+            match state.store.delete(&kv.key, None).await {
+                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the objects `owner` owns (ownerReferences by uid), in its namespace, recursively.
+/// Best-effort: what cannot be deleted now stays (there is no garbage collector to retry).
+async fn cascade<S: Store>(
+    state: &ApiState<S>,
+    _resource: &Resource,
+    ns: Option<&str>,
+    owner: &Value,
+    depth: u32,
+) {
+    let (Some(ns), Some(uid)) = (ns, meta::meta_str(owner, "uid")) else { return };
+    if depth > 8 {
+        return;
+    }
+    for resource in RESOURCES.iter().filter(|r| r.namespaced) {
+        let Ok(page) = state.store.range(&resource.scope_prefix(Some(ns)), None, 0).await else {
+            continue;
+        };
+        for kv in page.kvs {
+            let Ok(obj) = decode(&kv) else { continue };
+            let owned =
+                obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(
+                    |refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid)),
+                );
+            if owned
+                && let Ok(deleted) = state.store.delete(&kv.key, Some(kv.mod_revision)).await
+                && let Ok(deleted) = decode(&deleted)
+            {
+                Box::pin(cascade(state, resource, Some(ns), &deleted, depth + 1)).await;
+            }
+        }
+    }
+}
+
+async fn delete_collection<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    query: &Query,
+) -> Result<Response<Body>, ApiError> {
+    let selectors = Selectors::from_query(resource, query)?;
+    let (items, revision, _) = list_objects(state, resource, ns, &selectors, 0, None).await?;
+    let mut deleted = Vec::new();
+    for obj in items {
+        let name = meta::meta_str(&obj, "name").unwrap_or("").to_string();
+        let item_ns = meta::meta_str(&obj, "namespace").map(String::from);
+        match delete(state, resource, item_ns.as_deref(), &name, &json!({}), query.dry_run()).await
+        {
+            Ok((_, obj)) => deleted.push(obj),
+            Err(err) if err.code == 404 || err.code == 403 => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(json_response(
+        200,
+        &json!({"kind": resource.list_kind(), "apiVersion": resource.api_version(), "metadata": {"resourceVersion": revision.to_string()}, "items": deleted}),
+    ))
+}
+
+/// POST pods/NAME/binding: sets spec.nodeName once (409 when already bound).
+async fn bind<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    binding: Value,
+    dry_run: bool,
+) -> Result<Response<Body>, ApiError> {
+    let node = binding
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::bad_request("a Binding needs target.name (the node)"))?
+        .to_string();
+    let key = resource.key(ns, name);
+    let current =
+        state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
+    let mut obj = decode(&current)?;
+    if obj.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!("pod {name} is already assigned to a node"),
+        ));
+    }
+    if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.insert("nodeName".into(), json!(node));
+    }
+    store_update(state, resource, ns, name, &current, obj, Part::Main, dry_run).await?;
+    Ok(json_response(201, &success()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_keep_identity_and_status_and_bump_generation_on_spec_changes() {
+        let deploy = resources::find("apps", "v1", "deployments").unwrap();
+        let old = json!({"metadata": {"name": "d", "uid": "u1", "creationTimestamp": "t", "generation": 2, "resourceVersion": "5"}, "spec": {"replicas": 1}, "status": {"replicas": 1}});
+        let new = json!({"metadata": {"name": "d", "uid": "forged", "labels": {"a": "b"}}, "spec": {"replicas": 3}, "status": {"replicas": 99}});
+        let merged = merge_for_update(deploy, Part::Main, &old, new);
+        assert_eq!(merged.pointer("/metadata/uid"), Some(&json!("u1")));
+        assert_eq!(merged.pointer("/metadata/generation"), Some(&json!(3)));
+        assert_eq!(merged.pointer("/status/replicas"), Some(&json!(1)));
+        assert_eq!(merged.pointer("/metadata/labels/a"), Some(&json!("b")));
+        let status = merge_for_update(
+            deploy,
+            Part::Status,
+            &old,
+            json!({"spec": {"replicas": 7}, "status": {"replicas": 2}}),
+        );
+        assert_eq!(status.pointer("/spec/replicas"), Some(&json!(1)));
+        assert_eq!(status.pointer("/status/replicas"), Some(&json!(2)));
+    }
+
+    #[test]
+    fn continue_tokens_round_trip_and_stay_in_their_prefix() {
+        let token = encode_continue("/registry/core/pods/default/b", 7);
+        assert_eq!(
+            decode_continue(&token, "/registry/core/pods/").unwrap(),
+            "/registry/core/pods/default/b"
+        );
+        assert!(decode_continue(&token, "/registry/core/services/").is_err());
+        assert!(decode_continue("garbage!", "/").is_err());
+    }
+
+    #[test]
+    fn bodies_must_name_the_right_kind_and_version() {
+        let pods = resources::find("", "v1", "pods").unwrap();
+        assert!(check_type(pods, &json!({"apiVersion": "v1", "kind": "Pod"})).is_ok());
+        assert_eq!(
+            check_type(pods, &json!({"apiVersion": "v1", "kind": "Service"})).unwrap_err().code,
+            400
+        );
+        assert_eq!(
+            check_type(pods, &json!({"apiVersion": "apps/v1", "kind": "Pod"})).unwrap_err().code,
+            400
+        );
+        assert_eq!(check_type(pods, &json!({"apiVersion": "v1"})).unwrap_err().code, 400);
+        assert_eq!(check_type(pods, &json!([1])).unwrap_err().code, 400);
+    }
+}

@@ -1,0 +1,329 @@
+//! The HTTP(S) API server: listeners, authentication, routing to discovery and resource
+//! handlers.
+//!
+//! Contract: HTTPS with the generated serving certificate on `listen` (HTTP/1.1); optionally
+//! plain HTTP on a loopback `insecure_listen` for debugging (refused on other addresses). Every
+//! request except /healthz, /readyz, /livez and /version needs a bearer token (401 otherwise);
+//! reader tokens may only read (403 otherwise). Bodies over [`MAX_BODY`] get 413; more than
+//! `max_in_flight` concurrent non-watch requests get 429. The default, kube-system and
+//! kube-public namespaces and the `kubernetes` Service exist from the first start.
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use hyper::{Request, Response, body::Incoming, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+
+use crate::{
+    auth::{self, Role, Tokens},
+    resources::{self, SYSTEM_NAMESPACES},
+    store::{EmbeddedStore, Store, embedded},
+};
+
+mod discovery;
+mod handlers;
+pub mod http;
+mod services;
+pub mod status;
+mod table;
+mod watch;
+
+use http::{Body, Query, error_response, json_response, text_response};
+pub use services::ServiceCidr;
+use status::ApiError;
+
+/// Request bodies larger than this are refused with 413 (kube-apiserver's limit).
+pub const MAX_BODY: usize = 3 * 1024 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub insecure_listen: Option<SocketAddr>,
+    pub kubeconfig_out: Option<PathBuf>,
+    pub service_cidr: String,
+    pub bookmark_interval: Duration,
+    pub max_in_flight: usize,
+    /// Store events kept for watches to resume from; older versions get 410 Gone.
+    pub watch_history: usize,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Config {
+        Config {
+            data_dir,
+            listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
+            insecure_listen: None,
+            kubeconfig_out: None,
+            service_cidr: "10.96.0.0/12".into(),
+            bookmark_interval: Duration::from_secs(60),
+            max_in_flight: 400,
+            watch_history: embedded::Options::default().history_limit,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(
+        "--insecure-listen {0} is not a loopback address; plain HTTP is only for local \
+         debugging, use 127.0.0.1:PORT"
+    )]
+    InsecureNotLoopback(SocketAddr),
+    #[error("--service-cidr {0:?} is not an IPv4 CIDR with a prefix between /8 and /30")]
+    BadServiceCidr(String),
+    #[error("binding {addr} failed: {source}; is another server using it?")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("creating the initial objects failed: {0}")]
+    Bootstrap(String),
+}
+
+pub(crate) struct ApiState<S> {
+    pub(crate) store: S,
+    pub(crate) tokens: Tokens,
+    pub(crate) config: Config,
+    pub(crate) service_cidr: ServiceCidr,
+    pub(crate) in_flight: Semaphore,
+    /// Serializes Service creates and updates while they pick addresses.
+    pub(crate) alloc_lock: tokio::sync::Mutex<()>,
+    pub(crate) server_address: String,
+}
+
+/// A started server; dropping it (or [`RunningServer::shutdown`]) stops it.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub insecure_addr: Option<SocketAddr>,
+    pub admin_token: String,
+    tasks: JoinSet<()>,
+}
+
+impl RunningServer {
+    /// Stops accepting, closes every connection (watches included).
+    pub async fn shutdown(mut self) {
+        self.tasks.shutdown().await;
+    }
+
+    /// Runs until a listener fails (it does not on its own).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Starts the server with the embedded store in `<data-dir>/store`.
+pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
+    let options =
+        embedded::Options { history_limit: config.watch_history.max(1), ..Default::default() };
+    let store = EmbeddedStore::open(&config.data_dir.join("store"), options)?;
+    start_with_store(config, store).await
+}
+
+/// Starts the server on any store.
+pub async fn start_with_store<S: Store>(
+    config: Config,
+    store: S,
+) -> Result<RunningServer, ServerError> {
+    if let Some(addr) = config.insecure_listen
+        && !addr.ip().is_loopback()
+    {
+        return Err(ServerError::InsecureNotLoopback(addr));
+    }
+    let service_cidr = ServiceCidr::parse(&config.service_cidr)
+        .ok_or_else(|| ServerError::BadServiceCidr(config.service_cidr.clone()))?;
+    let pki = auth::ensure_pki(&config.data_dir.join("pki"))?;
+    let tls = auth::tls_config(&pki)?;
+    let tokens = Tokens::ensure(&config.data_dir)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let insecure = match config.insecure_listen {
+        Some(want) => {
+            let l = TcpListener::bind(want)
+                .await
+                .map_err(|source| ServerError::Bind { addr: want, source })?;
+            let a = l.local_addr().map_err(|source| ServerError::Bind { addr: want, source })?;
+            Some((l, a))
+        }
+        None => None,
+    };
+    let admin = tokens.for_user("admin").map(|e| e.token.clone()).unwrap_or_default();
+    let state = Arc::new(ApiState {
+        store,
+        tokens,
+        service_cidr,
+        in_flight: Semaphore::new(config.max_in_flight),
+        alloc_lock: tokio::sync::Mutex::new(()),
+        server_address: addr.to_string(),
+        config: config.clone(),
+    });
+    bootstrap(&state).await?;
+    if let Some(path) = &config.kubeconfig_out {
+        let text = auth::kubeconfig(&format!("https://{addr}"), Some(&pki.ca_pem), &admin, "admin");
+        auth::write_kubeconfig(path, &text)?;
+    }
+    let mut tasks = JoinSet::new();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tasks.spawn(accept_loop(listener, Some(acceptor), state.clone()));
+    tasks.spawn(namespace_finalizer(state.clone()));
+    let insecure_addr = insecure.as_ref().map(|(_, a)| *a);
+    if let Some((l, _)) = insecure {
+        tasks.spawn(accept_loop(l, None, state.clone()));
+    }
+    log::info!("weir apiserver: serving https://{addr}");
+    Ok(RunningServer { addr, insecure_addr, admin_token: admin, tasks })
+}
+
+async fn bootstrap<S: Store>(state: &Arc<ApiState<S>>) -> Result<(), ServerError> {
+    let ns = resources::find("", "v1", "namespaces").expect("namespaces are served");
+    for name in SYSTEM_NAMESPACES {
+        let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        handlers::create_if_missing(state, ns, None, obj)
+            .await
+            .map_err(|e| ServerError::Bootstrap(e.message))?;
+    }
+    let svc = resources::find("", "v1", "services").expect("services are served");
+    let kubernetes = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+        "spec": {"clusterIP": state.service_cidr.first().to_string(), "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}
+    });
+    handlers::create_if_missing(state, svc, Some("default"), kubernetes)
+        .await
+        .map_err(|e| ServerError::Bootstrap(e.message))?;
+    Ok(())
+}
+
+async fn namespace_finalizer<S: Store>(state: Arc<ApiState<S>>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        ticker.tick().await;
+        if let Err(err) = handlers::finalize_namespaces(&state).await {
+            log::warn!("namespace finalizer: {}", err.message);
+        }
+    }
+}
+
+async fn accept_loop<S: Store>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    state: Arc<ApiState<S>>,
+) {
+    // Connections live in this set: when the loop is aborted they are all closed with it.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(err) => {
+                        log::warn!("accept failed: {err}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let tls = tls.clone();
+                connections.spawn(async move {
+                    let service = service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(handle(state, req).await) }
+                    });
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    let result = match tls {
+                        Some(acceptor) => match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                            Ok(Ok(tls_stream)) => builder.serve_connection(TokioIo::new(tls_stream), service).await,
+                            Ok(Err(err)) => {
+                                log::debug!("TLS handshake failed: {err}");
+                                return;
+                            }
+                            Err(_) => return,
+                        },
+                        None => builder.serve_connection(TokioIo::new(stream), service).await,
+                    };
+                    if let Err(err) = result {
+                        log::debug!("connection ended: {err}");
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn handle<S: Store>(state: Arc<ApiState<S>>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let response = route(state, req).await.unwrap_or_else(|err| error_response(&err));
+    log::debug!("{method} {path} -> {}", response.status());
+    response
+}
+
+async fn route<S: Store>(
+    state: Arc<ApiState<S>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segments.as_slice() {
+        ["healthz" | "readyz" | "livez", ..] => return Ok(text_response(200, "ok")),
+        ["version"] => return Ok(json_response(200, &discovery::version())),
+        _ => {}
+    }
+    let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let role = state
+        .tokens
+        .authenticate(authorization)
+        .map(|e| e.role)
+        .ok_or_else(ApiError::unauthorized)?;
+    let read_only = req.method() == hyper::Method::GET || req.method() == hyper::Method::HEAD;
+    if role == Role::Reader && !read_only {
+        return Err(ApiError::new(
+            403,
+            "Forbidden",
+            format!("this token may only read; {} {path} is forbidden", req.method()),
+        ));
+    }
+    let get = |value: Option<serde_json::Value>| match (read_only, value) {
+        (false, _) => Err(ApiError::method_not_allowed(req.method().as_str())),
+        (true, Some(v)) => Ok(json_response(200, &v)),
+        (true, None) => Err(ApiError::no_route()),
+    };
+    match segments.as_slice() {
+        ["api"] => return get(Some(discovery::api_versions(&state.server_address))),
+        ["api", version] => return get(discovery::api_resource_list("", version)),
+        ["apis"] => return get(Some(discovery::api_group_list())),
+        ["apis", group] => return get(discovery::api_group(group)),
+        ["apis", group, version] => return get(discovery::api_resource_list(group, version)),
+        ["openapi", "v3"] => return get(Some(discovery::openapi_v3_index())),
+        ["openapi", "v3", rest @ ..] => {
+            return get(discovery::openapi_v3_document(&rest.join("/")));
+        }
+        _ => {}
+    }
+    let (group, version, rest): (&str, &str, &[&str]) = match segments.as_slice() {
+        ["api", version, rest @ ..] => ("", version, rest),
+        ["apis", group, version, rest @ ..] => (group, version, rest),
+        _ => return Err(ApiError::no_route()),
+    };
+    let (group, version) = (group.to_string(), version.to_string());
+    let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+    let _permit = if Query::parse(req.uri().query()).flag("watch")
+        || rest.first().map(String::as_str) == Some("watch")
+    {
+        None
+    } else {
+        Some(state.in_flight.try_acquire().map_err(|_| ApiError::too_many_requests())?)
+    };
+    handlers::resource_request(state.clone(), req, &group, &version, rest).await
+}

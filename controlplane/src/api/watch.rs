@@ -1,0 +1,209 @@
+//! Watches: a streamed HTTP response of newline-delimited `{"type", "object"}` events.
+//!
+//! resourceVersion semantics, as kube-apiserver: unset or "0" (or `sendInitialEvents=true`)
+//! starts with a synthetic ADDED for every matching object, then follows changes; "N" delivers
+//! every change after revision N. A version older than the compaction point gets an ERROR event
+//! carrying a 410 Expired Status, after which the client must list again. With
+//! `allowWatchBookmarks=true` a BOOKMARK with the current resourceVersion is sent every
+//! bookmark interval (and after the initial events when `sendInitialEvents=true`, annotated
+//! `k8s.io/initial-events-end`). Label and field selectors apply to both the old and the new
+//! state: an object that stops matching is reported DELETED, one that starts matching ADDED.
+//! The watch ends after `timeoutSeconds` (default 30 to 60 minutes), when the client goes away,
+//! or when it falls too far behind (the client resumes from the last version it saw).
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use hyper::{Response, header};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::{
+    ApiState,
+    handlers::{Selectors, decode, list_objects},
+    http::{Body, Query},
+    status::ApiError,
+    table,
+};
+use crate::{
+    resources::Resource,
+    store::{Event, EventKind, Store, StoreError},
+};
+
+fn line(kind: &str, object: Value) -> Bytes {
+    let mut out =
+        serde_json::to_vec(&json!({"type": kind, "object": object})).expect("JSON serializes");
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
+struct Encoder {
+    resource: &'static Resource,
+    table: bool,
+}
+
+impl Encoder {
+    fn event(&self, kind: &str, obj: Value) -> Bytes {
+        if self.table {
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            line(kind, table::table(self.resource, &[obj], &rv, None))
+        } else {
+            line(kind, obj)
+        }
+    }
+
+    fn bookmark(&self, revision: i64, initial_end: bool) -> Bytes {
+        let mut metadata = json!({"resourceVersion": revision.to_string()});
+        if initial_end {
+            metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        line(
+            "BOOKMARK",
+            json!({"kind": self.resource.kind, "apiVersion": self.resource.api_version(), "metadata": metadata}),
+        )
+    }
+}
+
+fn error_line(err: &ApiError) -> Bytes {
+    line("ERROR", err.to_status())
+}
+
+/// Translates a store event into the watch event this watcher sees, if any.
+fn translate(
+    event: &Event,
+    selectors: &Selectors,
+) -> Result<Option<(&'static str, Value)>, ApiError> {
+    let prev = event.prev.as_ref().map(decode).transpose()?;
+    let prev_matched = prev.as_ref().is_some_and(|p| selectors.matches(p));
+    match event.kind {
+        EventKind::Delete => {
+            let obj = decode(&event.kv)?;
+            Ok(prev_matched.then_some(("DELETED", obj)))
+        }
+        EventKind::Put => {
+            let obj = decode(&event.kv)?;
+            let matches = selectors.matches(&obj);
+            Ok(match (prev_matched, matches) {
+                (false, true) => Some(("ADDED", obj)),
+                (true, true) => Some(("MODIFIED", obj)),
+                (true, false) => Some(("DELETED", obj)),
+                (false, false) => None,
+            })
+        }
+    }
+}
+
+pub(crate) async fn watch<S: Store>(
+    state: Arc<ApiState<S>>,
+    resource: &'static Resource,
+    ns: Option<&str>,
+    query: &Query,
+    wants_table: bool,
+) -> Result<Response<Body>, ApiError> {
+    let selectors = Selectors::from_query(resource, query)?;
+    let rv = query.get("resourceVersion").filter(|v| !v.is_empty());
+    let send_initial = query.flag("sendInitialEvents") || matches!(rv, None | Some("0"));
+    let bookmarks = query.flag("allowWatchBookmarks");
+    let timeout = match query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()) {
+        Some(t) if t > 0 => Duration::from_secs(t),
+        // kube-apiserver picks between 30 and 60 minutes; a fixed value is as good.
+        _ => Duration::from_secs(45 * 60),
+    };
+    let encoder = Encoder { resource, table: wants_table };
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let prefix = resource.scope_prefix(ns);
+    let mut initial = Vec::new();
+    let start: Result<i64, ApiError> = if send_initial && rv.is_none_or(|v| v == "0") {
+        let (items, revision, _) = list_objects(&state, resource, ns, &selectors, 0, None).await?;
+        initial = items;
+        Ok(revision)
+    } else {
+        let requested = rv.unwrap_or("0");
+        requested.parse::<i64>().map_err(|_| {
+            ApiError::bad_request(format!("resourceVersion {requested:?} is not a valid version"))
+        })
+    };
+    let start = start?;
+    let events = match state.store.watch(&prefix, start).await {
+        Ok(events) => Ok(events),
+        Err(StoreError::Compacted { compacted, .. }) => {
+            Err(ApiError::gone(format!("too old resource version: {start} ({compacted})")))
+        }
+        Err(StoreError::FutureRevision { current, .. }) => Err(ApiError::new(
+            504,
+            "Timeout",
+            format!("Too large resource version: {start}, current: {current}"),
+        )),
+        Err(err) => Err(err.into()),
+    };
+    let bookmark_interval = state.config.bookmark_interval;
+    let store_state = state.clone();
+    tokio::spawn(async move {
+        let mut events = match events {
+            Ok(events) => events,
+            Err(err) => {
+                let _ = tx.send(error_line(&err)).await;
+                return;
+            }
+        };
+        let mut last = start;
+        for obj in initial {
+            if tx.send(encoder.event("ADDED", obj)).await.is_err() {
+                return;
+            }
+        }
+        if send_initial && bookmarks && tx.send(encoder.bookmark(start, true)).await.is_err() {
+            return;
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut ticker = tokio::time::interval(bookmark_interval);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else { return };
+                    last = event.revision();
+                    match translate(&event, &selectors) {
+                        Ok(Some((kind, obj))) => {
+                            if tx.send(encoder.event(kind, obj)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(err) => {
+                            let _ = tx.send(error_line(&err)).await;
+                            return;
+                        }
+                    }
+                }
+                _ = ticker.tick(), if bookmarks => {
+                    // Every event up to the current revision is already in our queue (the store
+                    // publishes before it advances), so after draining it the bookmark is exact.
+                    let current = store_state.store.revisions().await.map(|r| r.0).unwrap_or(last);
+                    while let Ok(event) = events.try_recv() {
+                        last = event.revision();
+                        if let Ok(Some((kind, obj))) = translate(&event, &selectors) && tx.send(encoder.event(kind, obj)).await.is_err() {
+                            return;
+                        }
+                    }
+                    last = last.max(current);
+                    if tx.send(encoder.bookmark(last, false)).await.is_err() {
+                        return;
+                    }
+                }
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(200)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(Body::Stream(rx))
+        .expect("static headers are valid"))
+}

