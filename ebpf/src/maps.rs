@@ -1,5 +1,6 @@
-//! Map declarations. Layouts, names and default sizes come from `weir-common`; the agent can
-//! resize maps at load time.
+//! Map declarations. Layouts, names and default sizes come from `weir-common`. Every map is
+//! pinned by name in the loader's pin directory, so a restarted agent (and the programs still
+//! attached through pinned links) keep using the same maps.
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray},
@@ -16,20 +17,20 @@ use weir_common::{
 
 #[map(name = "weir_svc_v1")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(DEFAULT_SERVICE_ENTRIES, 0);
+    HashMap::pinned(DEFAULT_SERVICE_ENTRIES, 0);
 
 #[map(name = "weir_backend_v1")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::with_max_entries(DEFAULT_BACKEND_ENTRIES, 0);
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_BACKEND_ENTRIES, 0);
 
 #[map(name = "weir_rev_nat_v1")]
-pub static REV_NAT: HashMap<u32, RevNat> = HashMap::with_max_entries(DEFAULT_REV_NAT_ENTRIES, 0);
+pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(DEFAULT_REV_NAT_ENTRIES, 0);
 
 #[map(name = "weir_ct4_v1")]
-pub static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::with_max_entries(DEFAULT_CT4_ENTRIES, 0);
+pub static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::pinned(DEFAULT_CT4_ENTRIES, 0);
 
 #[map(name = "weir_metrics_v1")]
-pub static METRICS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+pub static METRICS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 
 #[map(name = "weir_sock_rev4_v1")]
 pub static SOCK_REV4: LruHashMap<SockRevKey4, RevNat> =
-    LruHashMap::with_max_entries(DEFAULT_SOCK_REV4_ENTRIES, 0);
+    LruHashMap::pinned(DEFAULT_SOCK_REV4_ENTRIES, 0);

@@ -7,11 +7,14 @@
 //! [`LoadOptions::forward_logs`] makes them reach the `log` crate. It is off by default: the
 //! loader sets the programs' `AYA_LOG_LEVEL` global to 0, so each log site costs one global
 //! read and a compare instead of formatting a record into the ring buffer.
-use std::os::fd::AsFd;
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, links::FdLink},
 };
 use thiserror::Error;
 
@@ -62,15 +65,45 @@ pub enum LoadError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("cannot use {path} as the pin directory (is bpffs mounted at /sys/fs/bpf?)")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the attachment of `{name}` is not a bpf link and cannot be pinned")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning the link of `{name}` at {path} failed")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
     #[error("starting the eBPF log forwarder failed")]
     Logger(#[source] aya_log::Error),
 }
 
 /// How to load the object.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
+    /// bpffs directory where the maps are pinned by name (the agent uses /sys/fs/bpf/weir).
+    /// Maps already pinned there are reused, with their contents: that is how a restarted agent
+    /// adopts the datapath. There is deliberately no default, so that no caller (a test, a
+    /// benchmark) can share a node agent's maps by accident.
+    pub pin_dir: PathBuf,
     /// Forward the programs' aya-log records to the `log` crate (costs cycles per packet).
     pub forward_logs: bool,
+}
+
+impl LoadOptions {
+    pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
+        Self { pin_dir: pin_dir.into(), forward_logs: false }
+    }
 }
 
 /// A loaded eBPF object and, when asked for, its log forwarder.
@@ -89,8 +122,11 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
+    std::fs::create_dir_all(&options.pin_dir)
+        .map_err(|source| LoadError::PinDir { path: options.pin_dir.clone(), source })?;
     let level: u8 = if options.forward_logs { u8::MAX } else { 0 };
     let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&options.pin_dir)
         .override_global(aya_log::LEVEL, &level, true)
         .load(OBJECT)
         .map_err(LoadError::Load)?;
@@ -132,20 +168,50 @@ pub fn classifier_ref<'a>(
     ebpf.program(name).and_then(|p| p.try_into().ok()).ok_or(LoadError::NoSuchProgram { name })
 }
 
+/// What [`attach_socket_lb`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attached {
+    /// Programs attached now.
+    pub attached: usize,
+    /// Programs found already attached through a pinned link, and left as they are.
+    pub adopted: usize,
+}
+
 /// Attaches the socket-level load balancer to a cgroup v2 directory (opened as a file): every
 /// socket of every process in it, and in its descendants, is load-balanced at the system call.
-/// The attachments live as long as `ebpf` (or until detached).
-pub fn attach_socket_lb(ebpf: &mut Ebpf, cgroup: impl AsFd + Copy) -> Result<(), LoadError> {
+///
+/// With `links_dir`, each attachment is pinned there as a bpf link (`<links_dir>/<program>`),
+/// so it outlives this process: sockets keep being balanced while the agent restarts. A link
+/// already pinned there is adopted instead of attaching a second copy. Without `links_dir` the
+/// attachments live as long as `ebpf`. Either way they coexist with other programs on the
+/// cgroup (bpf links are always multi-attach).
+pub fn attach_socket_lb(
+    ebpf: &mut Ebpf,
+    cgroup: impl AsFd + Copy,
+    links_dir: Option<&Path>,
+) -> Result<Attached, LoadError> {
+    let mut done = Attached::default();
     for name in SOCKET_LB {
+        let pin = links_dir.map(|dir| dir.join(name));
+        if pin.as_ref().is_some_and(|pin| pin.exists()) {
+            done.adopted += 1;
+            continue;
+        }
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .and_then(|p| p.try_into().ok())
             .ok_or(LoadError::NoSuchProgram { name })?;
-        // With bpf links (kernel >= 5.7, what aya uses) cgroup attachments always coexist with
-        // others; the kernel refuses any attach flag on link_create, so the mode is `Single`.
-        program
+        // The kernel refuses attach flags on cgroup bpf links, so the mode is `Single`.
+        let link_id = program
             .attach(cgroup, CgroupAttachMode::Single)
             .map_err(|source| LoadError::Attach { name, source })?;
+        if let Some(path) = pin {
+            let link =
+                program.take_link(link_id).map_err(|source| LoadError::Attach { name, source })?;
+            let link = FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })?;
+            link.pin(&path).map_err(|source| LoadError::PinLink { name, path, source })?;
+        }
+        done.attached += 1;
     }
-    Ok(())
+    Ok(done)
 }

@@ -1,9 +1,10 @@
-//! Echo servers for end-to-end tests: bound inside a test namespace, answering every TCP
-//! connection or UDP datagram with `pong from <local> to <peer>` (so a test sees which backend
-//! answered and which client address it saw). Stopped on drop; their loops are bounded.
+//! Echo servers for end-to-end tests: bound inside a test namespace, answering every line on a
+//! TCP connection (connections stay open until the client closes them) and every UDP datagram
+//! with `pong from <local> to <peer>`, so a test sees which backend answered and which client
+//! address it saw. Stopped on drop; their loops are bounded in time.
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, UdpSocket},
+    io::{BufRead, BufReader, ErrorKind, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,7 +18,6 @@ use anyhow::{Context, Result};
 use crate::netns::Netns;
 
 const POLL: Duration = Duration::from_millis(50);
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// A server stops by itself after this long, even if its test forgot it.
 const MAX_LIFETIME: Duration = Duration::from_secs(300);
 
@@ -36,14 +36,9 @@ impl EchoServer {
             let started = Instant::now();
             while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
                 match listener.accept() {
-                    Ok((mut stream, peer)) => {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-                        let mut request = [0u8; 64];
-                        let _ = stream.read(&mut request);
-                        let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                        let _ =
-                            stream.write_all(format!("pong from {local} to {peer}\n").as_bytes());
+                    Ok((stream, peer)) => {
+                        let stop = stop.clone();
+                        std::thread::spawn(move || serve_connection(stream, peer, &stop, started));
                     }
                     Err(_) => wait_readable(&listener, POLL),
                 }
@@ -80,6 +75,30 @@ impl Drop for EchoServer {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Answers every line received on a connection until the client closes it, the server stops,
+/// or the server's lifetime ends.
+fn serve_connection(stream: TcpStream, peer: SocketAddr, stop: &AtomicBool, started: Instant) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(POLL));
+    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writer.write_all(format!("pong from {local} to {peer}\n").as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! A test that needs privileges and does not have them fails ([`privileged::require_root`]).
 pub mod apiserver;
 pub mod bench;
+pub mod bpffs;
 pub mod cgroup;
 pub mod cni;
 pub mod echo;

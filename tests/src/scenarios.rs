@@ -1,7 +1,7 @@
 //! End-to-end scenarios shared by the tests (which assert on them) and the smoke demo (which
 //! prints them).
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     time::Duration,
 };
@@ -15,6 +15,7 @@ use weir_proxy::{
 };
 
 use crate::{
+    bpffs::TestPinDir,
     echo::{EchoServer, parse_reply},
     netns::{Netns, Veth},
     privileged::require_root,
@@ -55,7 +56,8 @@ pub fn tc_vip_roundtrip() -> Result<VipRoundTrip> {
     client.ip(&["route", "add", &format!("{VIP}/32"), "via", &SERVER.to_string()])?;
 
     // Declared after the namespaces so that it is dropped (programs detached) before them.
-    let mut loaded = programs::load(&LoadOptions::default())?;
+    let pins = TestPinDir::new("vip")?;
+    let mut loaded = programs::load(&LoadOptions::new(pins.path()))?;
     let mut maps = ServiceMaps::take(&mut loaded.ebpf)?;
     maps.upsert(&ServiceEntry {
         address: VIP,
@@ -81,7 +83,7 @@ pub fn tc_vip_roundtrip() -> Result<VipRoundTrip> {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         stream.write_all(b"ping\n")?;
         let mut reply = String::new();
-        stream.read_to_string(&mut reply)?;
+        BufReader::new(&stream).read_line(&mut reply)?;
         Ok((reply, stream.peer_addr()?))
     })??;
     let (server_local, server_saw_peer) =

@@ -12,6 +12,7 @@ use weir_proxy::{
     programs::{self, LoadOptions},
 };
 use weir_tests::{
+    bpffs::TestPinDir,
     cgroup::TestCgroup,
     echo::EchoServer,
     netns::{Netns, Veth},
@@ -74,9 +75,10 @@ fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
         })
         .collect();
     let cgroup = TestCgroup::new("apply").unwrap();
-    let mut loaded = programs::load(&LoadOptions::default()).unwrap();
+    let pins = TestPinDir::new("apply").unwrap();
+    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
     let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
-    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir()).unwrap();
+    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), None).unwrap();
     let node = NodeContext { name: "node-a".into(), addresses: vec![] };
     let mut planner = Planner::new();
 

@@ -11,6 +11,7 @@ use weir_proxy::{
     programs::{self, LoadOptions},
 };
 use weir_tests::{
+    bpffs::TestPinDir,
     cgroup::TestCgroup,
     echo::{EchoServer, parse_reply},
     netns::{Netns, Veth},
@@ -27,6 +28,7 @@ struct Setup {
     client: Netns,
     cgroup: TestCgroup,
     ebpf: aya::Ebpf,
+    _pins: TestPinDir,
     _servers: Vec<EchoServer>,
     _server: Netns,
 }
@@ -43,7 +45,8 @@ fn setup() -> Setup {
         EchoServer::udp(&server, (SERVER, 5353).into()).unwrap(),
     ];
     let cgroup = TestCgroup::new("socklb").unwrap();
-    let mut loaded = programs::load(&LoadOptions::default()).unwrap();
+    let pins = TestPinDir::new("sock").unwrap();
+    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
     let mut maps = ServiceMaps::take(&mut loaded.ebpf).unwrap();
     for (rev_nat_index, address, port, proto, backends) in [
         (1, VIP, 80, proto::TCP, vec![(1, Backend::new(SERVER.octets(), 8080, proto::TCP))]),
@@ -52,8 +55,8 @@ fn setup() -> Setup {
     ] {
         maps.upsert(&ServiceEntry { address, port, proto, rev_nat_index, backends }).unwrap();
     }
-    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir()).unwrap();
-    Setup { client, cgroup, ebpf: loaded.ebpf, _servers: servers, _server: server }
+    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), None).unwrap();
+    Setup { client, cgroup, ebpf: loaded.ebpf, _pins: pins, _servers: servers, _server: server }
 }
 
 /// Runs weir-probe in the client namespace, inside the LB cgroup or not.

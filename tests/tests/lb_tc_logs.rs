@@ -12,7 +12,7 @@ use weir_proxy::{
     maps::{ServiceEntry, ServiceMaps},
     programs::{self, LoadOptions, TC_LB4_FORWARD},
 };
-use weir_tests::{packet::Ipv4Packet, privileged::require_root};
+use weir_tests::{bpffs::TestPinDir, packet::Ipv4Packet, privileged::require_root};
 
 /// A `log` backend that keeps the messages, so the test can read them.
 struct Capture(Mutex<Vec<String>>);
@@ -38,10 +38,12 @@ fn capture() -> &'static Capture {
 }
 
 /// Loads the object, translates one packet to 10.0.1.1:8080 and returns the forwarded logs.
-fn translate_once(options: &LoadOptions) -> Vec<String> {
+fn translate_once(forward_logs: bool) -> Vec<String> {
     require_root();
     let capture = capture();
-    let mut loaded = programs::load(options).expect("load");
+    let pins = TestPinDir::new("logs").unwrap();
+    let options = LoadOptions { forward_logs, ..LoadOptions::new(pins.path()) };
+    let mut loaded = programs::load(&options).expect("load");
     ServiceMaps::take(&mut loaded.ebpf)
         .unwrap()
         .upsert(&ServiceEntry {
@@ -71,10 +73,10 @@ fn translate_once(options: &LoadOptions) -> Vec<String> {
 
 #[test]
 fn lb_tc_logs_are_forwarded_only_when_asked() {
-    let quiet = translate_once(&LoadOptions::default());
+    let quiet = translate_once(false);
     assert!(quiet.is_empty(), "logging is off by default: {quiet:?}");
 
-    let logs = translate_once(&LoadOptions { forward_logs: true });
+    let logs = translate_once(true);
     assert!(
         logs.iter().any(|line| line.contains("translated to 10.0.1.1:8080")),
         "the program's debug record reaches the logger: {logs:?}"

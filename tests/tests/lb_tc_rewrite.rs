@@ -19,6 +19,7 @@ use weir_proxy::{
     programs::{self, LoadOptions, TC_LB4_FORWARD, TC_LB4_REVERSE},
 };
 use weir_tests::{
+    bpffs::TestPinDir,
     packet::{Ipv4Packet, clear_udp_checksum, ipv4_checksum_ok, l4_checksum_ok},
     privileged::require_root,
 };
@@ -32,9 +33,11 @@ const BACKENDS: [Ipv4Addr; 3] =
 
 /// Loads the object with both LB programs and one service VIP:80 (`proto`) whose backends are
 /// the first `backends` of [`BACKENDS`] on port 8080.
-fn setup(proto: u8, backends: usize) -> Ebpf {
+fn setup(proto: u8, backends: usize) -> (Ebpf, TestPinDir) {
     require_root();
-    let mut loaded = programs::load(&LoadOptions::default()).expect("load weir's eBPF object");
+    let pins = TestPinDir::new("rewrite").unwrap();
+    let mut loaded =
+        programs::load(&LoadOptions::new(pins.path())).expect("load weir's eBPF object");
     let mut maps = ServiceMaps::take(&mut loaded.ebpf).expect("service maps");
     maps.upsert(&ServiceEntry {
         address: VIP,
@@ -48,7 +51,7 @@ fn setup(proto: u8, backends: usize) -> Ebpf {
             .collect(),
     })
     .expect("write service");
-    loaded.ebpf
+    (loaded.ebpf, pins)
 }
 
 /// Runs `program` once on `packet`; returns the verdict and the packet as the program left it.
@@ -95,7 +98,7 @@ fn ct_key(p: &Ipv4Packet, direction: u8) -> CtKey4 {
 
 #[test]
 fn lb_tc_hit_is_rewritten_to_the_backend_with_valid_checksums() {
-    let ebpf = setup(proto::TCP, 1);
+    let (ebpf, _pins) = setup(proto::TCP, 1);
     let request = Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80);
     let (verdict, out) = run(&ebpf, TC_LB4_FORWARD, &request.build());
 
@@ -118,7 +121,7 @@ fn lb_tc_hit_is_rewritten_to_the_backend_with_valid_checksums() {
 
 #[test]
 fn lb_tc_udp_hit_updates_the_checksum_and_keeps_a_zero_checksum_zero() {
-    let ebpf = setup(proto::UDP, 1);
+    let (ebpf, _pins) = setup(proto::UDP, 1);
     let request = Ipv4Packet::udp(CLIENT, 40_001, VIP, 80);
     let (verdict, out) = run(&ebpf, TC_LB4_FORWARD, &request.build());
     assert_eq!(verdict, TC_ACT_OK);
@@ -136,7 +139,7 @@ fn lb_tc_udp_hit_updates_the_checksum_and_keeps_a_zero_checksum_zero() {
 
 #[test]
 fn lb_tc_miss_passes_untouched() {
-    let ebpf = setup(proto::TCP, 1);
+    let (ebpf, _pins) = setup(proto::TCP, 1);
     for packet in [
         Ipv4Packet::tcp(CLIENT, 40_000, Ipv4Addr::new(10, 96, 0, 11), 80), // other address
         Ipv4Packet::tcp(CLIENT, 40_000, VIP, 81),                          // other port
@@ -152,7 +155,7 @@ fn lb_tc_miss_passes_untouched() {
 
 #[test]
 fn lb_tc_truncated_packets_are_not_rewritten() {
-    let ebpf = setup(proto::TCP, 1);
+    let (ebpf, _pins) = setup(proto::TCP, 1);
     let wire = Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80).build();
     // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than an IPv4 header, so the cuts
     // start there: no L4 header, inside the ports, just before the TCP checksum.
@@ -173,7 +176,7 @@ fn lb_tc_truncated_packets_are_not_rewritten() {
 
 #[test]
 fn lb_tc_reply_is_reverse_translated_to_the_vip() {
-    let ebpf = setup(proto::TCP, 1);
+    let (ebpf, _pins) = setup(proto::TCP, 1);
     let (verdict, _) =
         run(&ebpf, TC_LB4_FORWARD, &Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80).build());
     assert_eq!(verdict, TC_ACT_OK);
@@ -195,7 +198,7 @@ fn lb_tc_reply_is_reverse_translated_to_the_vip() {
 
 #[test]
 fn lb_tc_flow_keeps_its_backend_and_new_flows_spread() {
-    let ebpf = setup(proto::TCP, 3);
+    let (ebpf, _pins) = setup(proto::TCP, 3);
     let first = |sport: u16| {
         let (_, out) = run(&ebpf, TC_LB4_FORWARD, &Ipv4Packet::tcp(CLIENT, sport, VIP, 80).build());
         Ipv4Packet::parse(&out).unwrap().dst
@@ -213,7 +216,7 @@ fn lb_tc_flow_keeps_its_backend_and_new_flows_spread() {
 
 #[test]
 fn lb_tc_service_without_backends_drops_and_counts() {
-    let ebpf = setup(proto::TCP, 0);
+    let (ebpf, _pins) = setup(proto::TCP, 0);
     let (verdict, _) =
         run(&ebpf, TC_LB4_FORWARD, &Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80).build());
     assert_eq!(verdict, TC_ACT_SHOT);

@@ -1,7 +1,7 @@
 //! Executes planned [`MapOp`]s on the service maps of a loaded object.
 use aya::maps::MapError;
 
-use super::plan::MapOp;
+use super::plan::{MapOp, Planner};
 use crate::maps::{MapsError, ServiceMaps};
 
 /// Writes plans into the maps.
@@ -37,6 +37,15 @@ impl MapWriter {
 
     pub fn maps(&self) -> &ServiceMaps {
         &self.maps
+    }
+
+    /// A planner that adopts what the maps hold (pinned maps reused after a restart).
+    pub fn adopting_planner(&self) -> Planner {
+        Planner::adopt(
+            &self.maps.service_entries(),
+            &self.maps.backend_entries(),
+            &self.maps.rev_nat_entries(),
+        )
     }
 }
 

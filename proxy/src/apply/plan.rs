@@ -4,7 +4,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
-use weir_common::lb::{Backend, RevNat, ServiceKey, service_flags};
+use std::collections::HashSet;
+
+use weir_common::lb::{Backend, RevNat, ServiceKey, ServiceValue, service_flags};
 
 use crate::model::{Frontend, FrontendState, Protocol, ServiceState, WhenEmpty};
 
@@ -37,6 +39,8 @@ struct Applied {
     rev_nat_index: u32,
     backends: Vec<BackendKey>,
     flags: u8,
+    /// Adopted from maps whose entries for this frontend were incomplete: rewrite it.
+    dirty: bool,
 }
 
 type BackendKey = (SocketAddrV4Key, Protocol);
@@ -51,11 +55,89 @@ pub struct Planner {
     next_backend_id: u32,
     free_rev_nat: Vec<u32>,
     next_rev_nat: u32,
+    /// Deletes of orphaned entries found at adoption, emitted by the next plan.
+    cleanup: Vec<MapOp>,
 }
 
 impl Planner {
     pub fn new() -> Self {
         Self { next_backend_id: 1, next_rev_nat: 1, ..Self::default() }
+    }
+
+    /// A planner for maps that already hold entries (a restarted agent adopting pinned maps):
+    /// what they describe becomes what was applied, so the next plan touches only what differs
+    /// from the desired state. Entries a crash mid-plan can leave behind (slots beyond their
+    /// master's count, slots without a master, backends and reverse-NAT entries nothing refers
+    /// to) are deleted by the next plan; a frontend whose slots are incomplete is rewritten.
+    pub fn adopt(
+        services: &[(ServiceKey, ServiceValue)],
+        backends: &[(u32, Backend)],
+        rev_nat: &[(u32, RevNat)],
+    ) -> Self {
+        let mut planner = Self::new();
+        let backend_by_id: HashMap<u32, Backend> = backends.iter().copied().collect();
+        let masters: HashMap<ServiceKey, ServiceValue> =
+            services.iter().filter(|(k, _)| k.backend_slot == 0).copied().collect();
+        let slots: HashMap<ServiceKey, u32> = services
+            .iter()
+            .filter(|(k, _)| k.backend_slot != 0)
+            .map(|(k, v)| (*k, v.backend_id))
+            .collect();
+        let mut used_rev_nat = HashSet::new();
+        for (key, master) in &masters {
+            let Some(frontend) = frontend_of(key) else {
+                planner.cleanup.push(MapOp::DeleteMaster { key: *key });
+                continue;
+            };
+            let mut applied = Applied {
+                rev_nat_index: master.rev_nat_index,
+                backends: Vec::new(),
+                flags: master.flags,
+                dirty: false,
+            };
+            for slot in 1..=master.count {
+                let backend = slots.get(&key.with_slot(slot)).and_then(|id| {
+                    let backend = backend_by_id.get(id)?;
+                    Some((
+                        *id,
+                        (
+                            (Ipv4Addr::from(backend.address_octets()), backend.port_host()),
+                            frontend.protocol,
+                        ),
+                    ))
+                });
+                match backend {
+                    Some((id, backend_key)) => {
+                        planner.backend_ids.entry(backend_key).or_insert((id, 0)).1 += 1;
+                        applied.backends.push(backend_key);
+                    }
+                    None => applied.dirty = true,
+                }
+            }
+            used_rev_nat.insert(master.rev_nat_index);
+            planner.next_rev_nat = planner.next_rev_nat.max(master.rev_nat_index + 1);
+            planner.applied.insert(frontend, applied);
+        }
+        for key in slots.keys() {
+            let live = masters.get(&key.master()).is_some_and(|m| key.backend_slot <= m.count);
+            if !live {
+                planner.cleanup.push(MapOp::DeleteSlot { key: *key });
+            }
+        }
+        let used_backends: HashSet<u32> = planner.backend_ids.values().map(|(id, _)| *id).collect();
+        for (id, _) in backends {
+            planner.next_backend_id = planner.next_backend_id.max(id + 1);
+            if !used_backends.contains(id) {
+                planner.cleanup.push(MapOp::DeleteBackend { id: *id });
+            }
+        }
+        for (index, _) in rev_nat {
+            planner.next_rev_nat = planner.next_rev_nat.max(index + 1);
+            if !used_rev_nat.contains(index) {
+                planner.cleanup.push(MapOp::DeleteRevNat { index: *index });
+            }
+        }
+        planner
     }
 
     /// Number of frontends currently applied.
@@ -72,7 +154,7 @@ impl Planner {
     /// assumes they are all executed; after a failed execution, start over with a new planner
     /// on emptied maps (the agent's full resync).
     pub fn plan(&mut self, desired: &ServiceState) -> Plan {
-        let mut plan = Plan::default();
+        let mut plan = Plan { ops: std::mem::take(&mut self.cleanup), ..Plan::default() };
         let mut wanted: BTreeMap<Frontend, (Vec<BackendKey>, u8)> = BTreeMap::new();
         for (frontend, state) in &desired.frontends {
             match ipv4_frontend(frontend, state) {
@@ -109,6 +191,7 @@ impl Planner {
         for (frontend, (backends, flags)) in wanted {
             let previous = self.applied.get(&frontend);
             if let Some(previous) = previous
+                && !previous.dirty
                 && previous.backends == backends
                 && previous.flags == flags
             {
@@ -150,7 +233,7 @@ impl Planner {
             for backend in &old_backends {
                 self.release_backend(backend, &mut late_deletes);
             }
-            self.applied.insert(frontend, Applied { rev_nat_index, backends, flags });
+            self.applied.insert(frontend, Applied { rev_nat_index, backends, flags, dirty: false });
         }
         // Backends go last: no slot points at them any more.
         plan.ops.extend(late_deletes.iter().map(|&id| MapOp::DeleteBackend { id }));
@@ -217,6 +300,21 @@ fn flags(state: &FrontendState) -> u8 {
     } else {
         service_flags::NONE
     }
+}
+
+/// The frontend a service key names, if its protocol is one the model knows.
+fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+    let protocol = match key.proto {
+        weir_common::proto::TCP => Protocol::Tcp,
+        weir_common::proto::UDP => Protocol::Udp,
+        weir_common::proto::SCTP => Protocol::Sctp,
+        _ => return None,
+    };
+    Some(Frontend {
+        address: IpAddr::V4(Ipv4Addr::from(key.address.to_ne_bytes())),
+        port: u16::from_be(key.port),
+        protocol,
+    })
 }
 
 fn service_key(frontend: &Frontend) -> ServiceKey {
@@ -359,6 +457,122 @@ mod tests {
             ("10.96.0.3", 80, &["10.0.0.3:8080"]),
         ]));
         assert!(plan.ops.iter().any(|op| matches!(op, MapOp::PutBackend { id: 1, .. })));
+    }
+
+    /// Executes ops on an in-memory copy of the three maps.
+    #[derive(Default)]
+    struct FakeMaps {
+        services: BTreeMap<(u32, u16, u8, u16), (ServiceKey, ServiceValue)>,
+        backends: BTreeMap<u32, Backend>,
+        rev_nat: BTreeMap<u32, RevNat>,
+    }
+
+    impl FakeMaps {
+        fn id(k: &ServiceKey) -> (u32, u16, u8, u16) {
+            (k.address, k.port, k.proto, k.backend_slot)
+        }
+
+        fn execute(&mut self, ops: &[MapOp]) {
+            for op in ops {
+                match *op {
+                    MapOp::PutBackend { id, backend } => {
+                        self.backends.insert(id, backend);
+                    }
+                    MapOp::PutSlot { key, backend_id } => {
+                        self.services.insert(Self::id(&key), (key, ServiceValue::slot(backend_id)));
+                    }
+                    MapOp::PutRevNat { index, frontend } => {
+                        self.rev_nat.insert(index, frontend);
+                    }
+                    MapOp::PutMaster { key, count, rev_nat_index, flags } => {
+                        self.services.insert(
+                            Self::id(&key),
+                            (key, ServiceValue::master(count, rev_nat_index, flags)),
+                        );
+                    }
+                    MapOp::DeleteMaster { key } | MapOp::DeleteSlot { key } => {
+                        self.services.remove(&Self::id(&key));
+                    }
+                    MapOp::DeleteRevNat { index } => {
+                        self.rev_nat.remove(&index);
+                    }
+                    MapOp::DeleteBackend { id } => {
+                        self.backends.remove(&id);
+                    }
+                }
+            }
+        }
+
+        fn adopt(&self) -> Planner {
+            let services: Vec<_> = self.services.values().copied().collect();
+            let backends: Vec<_> = self.backends.iter().map(|(k, v)| (*k, *v)).collect();
+            let rev_nat: Vec<_> = self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect();
+            Planner::adopt(&services, &backends, &rev_nat)
+        }
+    }
+
+    #[test]
+    fn an_adopting_planner_leaves_unchanged_entries_alone() {
+        let desired = state(&[
+            ("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"]),
+            ("10.96.0.2", 53, &["10.0.0.2:8080"]),
+        ]);
+        let mut maps = FakeMaps::default();
+        maps.execute(&Planner::new().plan(&desired).ops);
+
+        let mut restarted = maps.adopt();
+        assert_eq!((restarted.frontends(), restarted.backends()), (2, 2));
+        assert_eq!(restarted.plan(&desired), Plan::default(), "a restart writes nothing");
+
+        // Changes after adoption reuse the adopted IDs and allocate past them.
+        let plan =
+            restarted.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.3:8080"])]));
+        maps.execute(&plan.ops);
+        assert!(
+            plan.ops.iter().any(|op| matches!(op, MapOp::PutBackend { id: 3, .. })),
+            "{:?}",
+            plan.ops
+        );
+        assert_eq!(maps.backends.len(), 2);
+        assert_eq!(maps.rev_nat.len(), 1);
+    }
+
+    #[test]
+    fn adoption_cleans_up_what_a_crash_mid_plan_left() {
+        let desired = state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]);
+        let mut maps = FakeMaps::default();
+        maps.execute(&Planner::new().plan(&desired).ops);
+        // A crashed agent left: a slot beyond the count, a backend and a rev-NAT entry that
+        // nothing refers to, and a slot of a service whose master it had already deleted.
+        let key = ServiceKey::new([10, 96, 0, 1], 80, 6, 0);
+        maps.execute(&[
+            MapOp::PutSlot { key: key.with_slot(3), backend_id: 9 },
+            MapOp::PutBackend { id: 9, backend: Backend::new([10, 0, 0, 9], 80, 6) },
+            MapOp::PutRevNat { index: 9, frontend: RevNat::new([10, 96, 0, 9], 80) },
+            MapOp::PutSlot { key: ServiceKey::new([10, 96, 0, 7], 80, 6, 1), backend_id: 1 },
+        ]);
+        let mut restarted = maps.adopt();
+        maps.execute(&restarted.plan(&desired).ops);
+        assert_eq!(maps.services.len(), 3, "master and two slots: {:?}", maps.services.keys());
+        assert_eq!(maps.backends.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(maps.rev_nat.keys().copied().collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn an_adopted_frontend_with_a_missing_slot_is_rewritten() {
+        let desired = state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]);
+        let mut maps = FakeMaps::default();
+        maps.execute(&Planner::new().plan(&desired).ops);
+        maps.execute(&[MapOp::DeleteSlot { key: ServiceKey::new([10, 96, 0, 1], 80, 6, 2) }]);
+        let mut restarted = maps.adopt();
+        let plan = restarted.plan(&desired);
+        assert!(
+            plan.ops
+                .iter()
+                .any(|op| matches!(op, MapOp::PutSlot { key, .. } if key.backend_slot == 2))
+        );
+        maps.execute(&plan.ops);
+        assert_eq!(maps.services.len(), 3);
     }
 
     #[test]

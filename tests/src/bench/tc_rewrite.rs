@@ -21,7 +21,7 @@ use weir_proxy::{
 };
 
 use super::{Figures, Report, Sides, interleave};
-use crate::{packet::Ipv4Packet, privileged::require_root};
+use crate::{bpffs::TestPinDir, packet::Ipv4Packet, privileged::require_root};
 
 const REPEAT: u32 = 1_000_000;
 const VIP1: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
@@ -31,7 +31,8 @@ const NOT_A_SERVICE: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
 
 pub fn run(rounds: u32) -> Result<Report> {
     require_root();
-    let mut loaded = programs::load(&LoadOptions::default())?;
+    let pins = TestPinDir::new("bench")?;
+    let mut loaded = programs::load(&LoadOptions::new(pins.path()))?;
     let mut maps = ServiceMaps::take(&mut loaded.ebpf)?;
     for (rev_nat_index, (vip, target)) in [(1, (VIP1, VIP2)), (2, (VIP2, VIP1))] {
         maps.upsert(&ServiceEntry {
@@ -39,10 +40,7 @@ pub fn run(rounds: u32) -> Result<Report> {
             port: 80,
             proto: proto::TCP,
             rev_nat_index,
-            backends: vec![(
-                u32::from(rev_nat_index),
-                Backend::new(target.octets(), 80, proto::TCP),
-            )],
+            backends: vec![(rev_nat_index, Backend::new(target.octets(), 80, proto::TCP))],
         })?;
     }
     let lb = programs::classifier_ref(&loaded.ebpf, TC_LB4_FORWARD)?;

@@ -5,11 +5,14 @@
 //! `{"ok":false,"error":"...","kind":"..."}`. Exit code 0 when a reply came, 1 otherwise, 2 on
 //! bad usage. `peer` is what the socket reports (getpeername, or recvfrom's source for UDP).
 //!
+//! `weir-probe tcp-session HOST:PORT` keeps one TCP connection open: every line on stdin
+//! sends a `ping` and prints the reply as JSON; EOF closes it.
+//!
 //! `weir-probe tcp-spread HOST:PORT COUNT` makes COUNT sequential TCP connections to echo
 //! servers (tests/src/echo.rs) and prints how many each backend answered:
 //! `{"ok":true,"backends":{"10.0.0.2:8080":n,...},"failures":k}`.
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
     process::ExitCode,
     time::Duration,
@@ -17,7 +20,7 @@ use std::{
 
 use serde_json::json;
 
-const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected HOST:PORT [--timeout-ms N] | tcp-spread HOST:PORT COUNT";
+const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected HOST:PORT [--timeout-ms N] | tcp-spread HOST:PORT COUNT | tcp-session HOST:PORT";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +32,9 @@ fn main() -> ExitCode {
         eprintln!("not an address:port: {target}; {USAGE}");
         return ExitCode::from(2);
     };
+    if mode == "tcp-session" {
+        return session(target);
+    }
     if mode == "tcp-spread" {
         let Some(count) = args.get(2).and_then(|c| c.parse::<u32>().ok()).filter(|c| *c > 0) else {
             eprintln!("{USAGE}");
@@ -73,12 +79,49 @@ fn main() -> ExitCode {
 type Probe = std::io::Result<(String, String, String)>;
 
 fn tcp(target: SocketAddr, timeout: Duration) -> Probe {
-    let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+    let stream = TcpStream::connect_timeout(&target, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(b"ping\n")?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
+    let reply = exchange(&stream)?;
     Ok((reply, stream.peer_addr()?.to_string(), stream.local_addr()?.to_string()))
+}
+
+/// Sends one `ping` line and reads one reply line.
+fn exchange(stream: &TcpStream) -> std::io::Result<String> {
+    (&*stream).write_all(b"ping\n")?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    if reply.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+    }
+    Ok(reply)
+}
+
+/// One connection kept open: every line on stdin sends a `ping` and prints the reply (or the
+/// error) as JSON; EOF on stdin closes the connection.
+fn session(target: SocketAddr) -> ExitCode {
+    let stream = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+        Ok(stream) => stream,
+        Err(err) => {
+            println!("{}", json!({"ok": false, "error": err.to_string()}));
+            return ExitCode::from(1);
+        }
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    println!("{}", json!({"ok": true, "connected": true}));
+    let mut ok = true;
+    for _ in std::io::stdin().lines().map_while(Result::ok) {
+        match exchange(&stream) {
+            Ok(reply) => println!("{}", json!({"ok": true, "reply": reply})),
+            Err(err) => {
+                ok = false;
+                println!(
+                    "{}",
+                    json!({"ok": false, "error": err.to_string(), "kind": format!("{:?}", err.kind())})
+                );
+            }
+        }
+    }
+    if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
 fn udp(target: SocketAddr, timeout: Duration, connected: bool) -> Probe {

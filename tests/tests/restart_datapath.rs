@@ -1,0 +1,157 @@
+//! The datapath outlives the agent: maps are pinned, socket-LB attachments are pinned bpf
+//! links. While no agent runs, new and established connections through a service keep working;
+//! a restarted agent adopts the pins (no second attachment, no rewrite of unchanged entries),
+//! and its changes reach the programs that stayed attached.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+};
+
+use serde_json::Value;
+use weir_proxy::{
+    apply::{ebpf::MapWriter, plan::Planner},
+    maps::ServiceMaps,
+    model::{Frontend, FrontendKind, FrontendState, Protocol, ServiceState, WhenEmpty},
+    programs::{self, Attached, LoadOptions},
+};
+use weir_tests::{
+    bpffs::TestPinDir,
+    cgroup::TestCgroup,
+    echo::EchoServer,
+    netns::{Netns, Veth},
+    privileged::require_root,
+    process::command_in,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 1);
+const BACKEND_A: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 2);
+const BACKEND_B: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 3);
+const VIP: &str = "10.96.2.1:80";
+const SESSIONS: usize = 5;
+
+fn desired(backends: &[Ipv4Addr]) -> ServiceState {
+    let mut state = ServiceState::default();
+    state.frontends.insert(
+        Frontend { address: "10.96.2.1".parse().unwrap(), port: 80, protocol: Protocol::Tcp },
+        FrontendState {
+            service: "default/web".into(),
+            port_name: "http".into(),
+            kind: FrontendKind::ClusterIp,
+            backends: backends.iter().map(|ip| (*ip, 8080).into()).collect(),
+            when_empty: WhenEmpty::Reject,
+            affinity_timeout: None,
+        },
+    );
+    state
+}
+
+/// A long-lived connection held by a weir-probe process in the client namespace and cgroup.
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Session {
+    fn open(client: &Netns, cgroup: &TestCgroup) -> Self {
+        let mut child = command_in(client, Some(cgroup), env!("CARGO_BIN_EXE_weir-probe"))
+            .unwrap()
+            .args(["tcp-session", VIP])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut session = Self { child, stdin, stdout };
+        assert_eq!(session.read()["connected"], true);
+        session
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    /// One request/response on the held connection.
+    fn ping(&mut self) -> Value {
+        writeln!(self.stdin, "ping").unwrap();
+        self.read()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spread(client: &Netns, cgroup: &TestCgroup, count: u32) -> Value {
+    let output = command_in(client, Some(cgroup), env!("CARGO_BIN_EXE_weir-probe"))
+        .unwrap()
+        .args(["tcp-spread", VIP, &count.to_string()])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {output:?}"))
+}
+
+#[test]
+fn restart_connections_survive_and_the_new_agent_adopts_the_pins() {
+    require_root();
+    let client = Netns::new("rstc").unwrap();
+    let server = Netns::new("rsts").unwrap();
+    let veth = Veth::between(&client, &server).unwrap();
+    client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", &veth.a]).unwrap();
+    let _servers: Vec<EchoServer> = [BACKEND_A, BACKEND_B]
+        .iter()
+        .map(|ip| {
+            server.ip(&["addr", "add", &format!("{ip}/24"), "dev", &veth.b]).unwrap();
+            EchoServer::tcp(&server, (*ip, 8080).into()).unwrap()
+        })
+        .collect();
+    let cgroup = TestCgroup::new("restart").unwrap();
+    let pins = TestPinDir::new("restart").unwrap();
+    let links = pins.path().join("links");
+    std::fs::create_dir(&links).unwrap();
+
+    // First agent: loads, programs the service, attaches with pinned links, then exits.
+    {
+        let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+        let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+        writer.execute(&Planner::new().plan(&desired(&[BACKEND_A, BACKEND_B])).ops).unwrap();
+        let attached = programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), Some(&links));
+        assert_eq!(attached.unwrap(), Attached { attached: 4, adopted: 0 });
+    }
+    let mut sessions: Vec<Session> =
+        (0..SESSIONS).map(|_| Session::open(&client, &cgroup)).collect();
+
+    // No agent runs: established connections keep working, new ones still reach backends.
+    for session in &mut sessions {
+        assert_eq!(session.ping()["ok"], true);
+    }
+    let while_down = spread(&client, &cgroup, 50);
+    assert_eq!(while_down["ok"], true, "{while_down}");
+
+    // Second agent: adopts maps and links; the unchanged state costs no write.
+    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+    let mut planner = writer.adopting_planner();
+    assert!(planner.plan(&desired(&[BACKEND_A, BACKEND_B])).ops.is_empty());
+    let attached = programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), Some(&links));
+    assert_eq!(attached.unwrap(), Attached { attached: 0, adopted: 4 });
+
+    // Its change reaches the programs the first agent attached: only A is used now.
+    writer.execute(&planner.plan(&desired(&[BACKEND_A])).ops).unwrap();
+    let after = spread(&client, &cgroup, 50);
+    assert_eq!(after["ok"], true, "{after}");
+    assert_eq!(after["backends"].as_object().unwrap().len(), 1, "{after}");
+    assert_eq!(after["backends"][format!("{BACKEND_A}:8080")], 50, "{after}");
+
+    // And the connections opened before the restart were never interrupted.
+    for session in &mut sessions {
+        assert_eq!(session.ping()["ok"], true);
+    }
+}
