@@ -4,6 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
+mod agent;
+
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Kubernetes networking data plane in Rust and eBPF")]
 struct Cli {
@@ -17,6 +19,8 @@ enum Command {
     Version,
     /// Run the embedded Kubernetes-compatible API server (HTTPS, bearer tokens).
     Apiserver(ApiserverArgs),
+    /// Run the node agent: kube-proxy replacement (eBPF service load balancing).
+    Agent(agent::AgentArgs),
 }
 
 #[derive(clap::Args)]
@@ -40,6 +44,10 @@ struct ApiserverArgs {
     /// 410 Gone and must list again.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
+    /// Keep objects in this etcd (http://IP:PORT) instead of the embedded store in the data
+    /// dir.
+    #[arg(long)]
+    etcd_endpoints: Option<String>,
 }
 
 /// Exit code for configuration errors (EX_USAGE), before anything was started.
@@ -56,6 +64,7 @@ fn main() -> anyhow::Result<ExitCode> {
             );
         }
         Command::Apiserver(args) => return apiserver(args),
+        Command::Agent(args) => return agent::run(args),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -68,9 +77,14 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     config.kubeconfig_out = args.kubeconfig_out;
     config.service_cidr = args.service_cidr;
     config.watch_history = args.watch_history;
+    let etcd = args.etcd_endpoints;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let server = match api::start(config).await {
+        let started = match &etcd {
+            Some(endpoint) => api::start_with_etcd(config, endpoint).await,
+            None => api::start(config).await,
+        };
+        let server = match started {
             Ok(server) => server,
             Err(err @ (ServerError::InsecureNotLoopback(_) | ServerError::BadServiceCidr(_))) => {
                 eprintln!("weir apiserver: {err}");

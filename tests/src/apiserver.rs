@@ -403,3 +403,66 @@ impl Kubectl {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 }
+
+/// A real etcd server (Debian's etcd-server, installed by `cargo xtask setup`) on loopback
+/// ports picked for it, with its own data dir; killed and removed on drop.
+pub struct EtcdServer {
+    child: Child,
+    pub endpoint: String,
+    _dir: TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("binding port 0")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+impl EtcdServer {
+    pub fn start() -> EtcdServer {
+        let dir = TempDir::new("etcd");
+        let (client, peer) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "weirt"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("weirt={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is missing: run `cargo xtask setup` (it installs Debian's etcd-server)");
+        let server = EtcdServer { child, endpoint: client_url, _dir: dir };
+        let addr: SocketAddr = format!("127.0.0.1:{client}").parse().expect("address");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                let resp = http_request(
+                    addr,
+                    "POST",
+                    "/v3/kv/range",
+                    None,
+                    "application/json",
+                    b"{\"key\":\"AA==\"}",
+                );
+                if resp.status == 200 {
+                    return server;
+                }
+            }
+            assert!(Instant::now() < deadline, "etcd did not answer on {addr} within 20 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

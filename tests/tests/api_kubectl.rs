@@ -361,3 +361,57 @@ fn kubectl_shows_the_servers_validation_errors() {
     assert!(err.contains("is invalid") && err.contains("spec.ports[0].port"), "{err}");
     assert!(kubectl.fails(&["get", "svc", "web"]).contains("NotFound"));
 }
+
+#[test]
+fn kubectl_works_the_same_against_the_etcd_backend() {
+    let etcd = weir_tests::apiserver::EtcdServer::start();
+    let dir = TempDir::new("api-etcd");
+    let server = ApiServer::start_with(dir.path(), &["--etcd-endpoints", &etcd.endpoint]);
+    let kubectl = Kubectl::new(&server.kubeconfig);
+    let names = kubectl.ok(&["get", "ns", "-o", "name"]);
+    for ns in ["default", "kube-system", "kube-public"] {
+        assert!(names.contains(&format!("namespace/{ns}")), "{names}");
+    }
+    let manifest = dir.path().join("manifest.yaml");
+    std::fs::write(&manifest, MANIFEST).unwrap();
+    let applied = kubectl.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert_eq!(applied.matches(" created").count(), 8, "{applied}");
+    kubectl.ok(&[
+        "patch",
+        "configmap",
+        "settings",
+        "-n",
+        "demo",
+        "-p",
+        r#"{"data":{"color":"green"}}"#,
+    ]);
+    let rv = kubectl.ok(&[
+        "get",
+        "cm",
+        "settings",
+        "-n",
+        "demo",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    // Nothing lives in the data dir's store: a new server on another data dir sees it all.
+    drop(server);
+    let other = TempDir::new("api-etcd-other");
+    let server = ApiServer::start_with(other.path(), &["--etcd-endpoints", &etcd.endpoint]);
+    assert!(!other.path().join("store").exists());
+    let kubectl = Kubectl::new(&server.kubeconfig);
+    assert_eq!(
+        kubectl.ok(&[
+            "get",
+            "cm",
+            "settings",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.data.color} {.metadata.resourceVersion}"
+        ]),
+        format!("green {rv}")
+    );
+    kubectl.ok(&["delete", "pod", "web-0", "-n", "demo"]);
+    assert!(kubectl.fails(&["get", "pod", "web-0", "-n", "demo"]).contains("NotFound"));
+}

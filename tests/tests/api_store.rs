@@ -51,3 +51,14 @@ async fn embedded_store_survives_reopen_with_every_key_revision_and_event() {
         assert_eq!(event.revision(), expected);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_passes_the_conformance_suite_against_a_real_etcd() {
+    let etcd = tokio::task::spawn_blocking(weir_tests::apiserver::EtcdServer::start).await.unwrap();
+    let store = weir_controlplane::store::EtcdStore::new(&etcd.endpoint).unwrap();
+    match conformance::run_all(&store, "/conformance").await {
+        Ok(ran) => assert_eq!(ran.len(), 8, "checks ran: {ran:?}"),
+        Err(failures) => panic!("etcd store failed:\n{}", failures.join("\n")),
+    }
+    tokio::task::spawn_blocking(move || drop(etcd)).await.unwrap();
+}

@@ -117,6 +117,13 @@ impl RunningServer {
     }
 }
 
+/// Starts the server with the etcd store at `endpoint` (the data dir still holds the
+/// certificates and tokens).
+pub async fn start_with_etcd(config: Config, endpoint: &str) -> Result<RunningServer, ServerError> {
+    let store = crate::store::EtcdStore::new(endpoint)?;
+    start_with_store(config, store).await
+}
+
 /// Starts the server with the embedded store in `<data-dir>/store`.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let options =

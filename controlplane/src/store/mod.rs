@@ -25,9 +25,11 @@ use tokio::sync::mpsc;
 
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
 mod log;
 
 pub use embedded::EmbeddedStore;
+pub use etcd::EtcdStore;
 
 /// A live key, its value and its revisions.
 #[derive(Clone, Debug, PartialEq, Eq)]
