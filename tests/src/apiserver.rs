@@ -102,7 +102,12 @@ impl ApiServer {
             .arg(data_dir)
             .arg("--kubeconfig-out")
             .arg(&kubeconfig)
-            .args(["--listen", "127.0.0.1:0", "--insecure-listen", "127.0.0.1:0"])
+            .args(if extra.contains(&"--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
+            .args(["--insecure-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
