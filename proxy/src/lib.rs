@@ -9,7 +9,9 @@
 //! `weir-common`; and [`model`], the pure Services + EndpointSlices -> frontends/backends
 //! computation with kube-proxy's semantics; and [`apply`], the incremental applier of that state
 //! to the eBPF maps. The watchers and the nftables backend come with the load-balancing issue.
+pub mod agent;
 pub mod apply;
 pub mod maps;
 pub mod model;
 pub mod programs;
+pub mod system;

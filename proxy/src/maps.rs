@@ -168,11 +168,28 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(map).map_err(|source| MapsError::Layout { name, source })
 }
 
+/// Sums the per-CPU datapath counters from the map pinned in `pin_dir` (what `weir agent`'s
+/// /metrics and `weir inspect` read, without loading anything).
+pub fn read_counters_pinned(pin_dir: &std::path::Path) -> Result<Vec<(Counter, u64)>, MapsError> {
+    let data = MapData::from_pin(pin_dir.join(METRICS_MAP))
+        .map_err(|source| MapsError::Layout { name: METRICS_MAP, source })?;
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(|source| MapsError::Layout { name: METRICS_MAP, source })?;
+    sum_counters(&counters)
+}
+
 /// Sums the per-CPU datapath counters of a loaded object.
 pub fn read_counters(ebpf: &Ebpf) -> Result<Vec<(Counter, u64)>, MapsError> {
     let map = ebpf.map(METRICS_MAP).ok_or(MapsError::Missing { name: METRICS_MAP })?;
     let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
         .map_err(|source| MapsError::Layout { name: METRICS_MAP, source })?;
+    sum_counters(&counters)
+}
+
+fn sum_counters<T: std::borrow::Borrow<MapData>>(
+    counters: &PerCpuArray<T, u64>,
+) -> Result<Vec<(Counter, u64)>, MapsError> {
     Counter::ALL
         .iter()
         .map(|&counter| {

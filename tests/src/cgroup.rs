@@ -10,26 +10,18 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::names;
 
 const KILL_WAIT_POLLS: u32 = 100;
 const KILL_WAIT_INTERVAL: Duration = Duration::from_millis(20);
 
-/// The cgroup2 mount point, from /proc/self/mountinfo.
+/// The cgroup2 mount point (the agent's own lookup, from /proc/self/mountinfo).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    for line in mountinfo.lines() {
-        // "<id> <parent> <dev> <root> <mount point> <options> ... - <fstype> <source> <super>"
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        if right.split_whitespace().next() == Some("cgroup2")
-            && let Some(mount_point) = left.split_whitespace().nth(4)
-        {
-            return Ok(PathBuf::from(mount_point));
-        }
-    }
-    bail!("no cgroup2 file system is mounted (needed for socket-level load balancing)")
+    weir_proxy::system::cgroup2_mount()
+        .context("reading mountinfo")?
+        .context("no cgroup2 file system is mounted (needed for socket-level load balancing)")
 }
 
 /// A cgroup v2 directory owned by the test.

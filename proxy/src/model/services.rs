@@ -1,6 +1,6 @@
 //! Services + EndpointSlices -> [`ServiceState`].
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
 };
 
@@ -17,12 +17,30 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
 /// Computes the desired state. Services are visited in `namespace/name` order, so when two
 /// services claim the same frontend the first one keeps it, deterministically.
-pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> ServiceState {
+pub fn build<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeContext,
+) -> ServiceState {
     let mut state = ServiceState::default();
-    let mut ordered: Vec<&Service> = services.iter().collect();
+    let mut ordered: Vec<&Service> = services.into_iter().collect();
     ordered.sort_by_key(|s| key(s));
+    // Slices grouped by (namespace, service name), so each service reads only its own.
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let Some(owner) =
+            slice.metadata.labels.as_ref().and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+        by_service.entry((namespace, owner.as_str())).or_default().push(slice);
+    }
     for service in ordered {
-        add_service(&mut state, service, slices, node);
+        let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+        let name = service.metadata.name.as_deref().unwrap_or("");
+        let own = by_service.get(&(namespace, name)).map(Vec::as_slice).unwrap_or_default();
+        add_service(&mut state, service, own, node);
     }
     state
 }
@@ -38,7 +56,7 @@ fn key(service: &Service) -> String {
 fn add_service(
     state: &mut ServiceState,
     service: &Service,
-    slices: &[EndpointSlice],
+    own_slices: &[&EndpointSlice],
     node: &NodeContext,
 ) {
     let Some(spec) = &service.spec else { return };
@@ -47,20 +65,6 @@ fn add_service(
         return;
     }
     let name = key(service);
-    let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
-    let service_name = service.metadata.name.as_deref().unwrap_or("");
-    let own_slices: Vec<&EndpointSlice> = slices
-        .iter()
-        .filter(|slice| {
-            slice.metadata.namespace.as_deref().unwrap_or("default") == namespace
-                && slice
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-                    .is_some_and(|owner| owner == service_name)
-        })
-        .collect();
 
     let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
@@ -98,7 +102,7 @@ fn add_service(
         let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else { continue };
         let Ok(port_number) = u16::try_from(port.port) else { continue };
         let port_name = port.name.clone().unwrap_or_default();
-        let endpoints = endpoints::collect(&own_slices, &port_name, protocol, &node.name);
+        let endpoints = endpoints::collect(own_slices, &port_name, protocol, &node.name);
         let cluster = endpoints::usable(&endpoints, false);
         let local = endpoints::usable(&endpoints, true);
         local_endpoint_ips.extend(local.iter().map(SocketAddr::ip));

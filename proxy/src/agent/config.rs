@@ -1,0 +1,125 @@
+//! The agent's configuration, validated before anything is bound or loaded.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use thiserror::Error;
+
+/// kube-proxy's default healthz port.
+pub const DEFAULT_HEALTH_LISTEN: &str = "0.0.0.0:10256";
+/// kube-proxy's default metrics port.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10249";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/weir";
+/// A change still unapplied after this long makes /healthz answer 503 (kube-proxy uses twice
+/// its sync period).
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// kubeconfig file; `None` means in-cluster configuration (service account).
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (the Node object; endpoints with this nodeName are local).
+    pub node_name: String,
+    /// Addresses node ports are served on, in addition to the Node object's addresses.
+    pub node_addresses: Vec<IpAddr>,
+    /// bpffs directory for the pinned maps; links are pinned in `<pin_dir>/links`.
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory the socket-level load balancer is attached to; `None` means the
+    /// root of the cgroup2 mount (every process of the node).
+    pub cgroup: Option<PathBuf>,
+    pub health_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub health_timeout: Duration,
+    /// Forward eBPF debug logs to the agent's log (costs cycles per packet).
+    pub forward_ebpf_logs: bool,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--node-name is empty; pass the name of this node's Node object (e.g. $(hostname))")]
+    NoNodeName,
+    #[error(
+        "--node-name {0:?} is not a valid Kubernetes object name (lowercase RFC 1123 subdomain)"
+    )]
+    BadNodeName(String),
+    #[error("--pin-dir {0} must be below /sys/fs/bpf (bpffs)")]
+    PinDirNotOnBpffs(PathBuf),
+    #[error("--health-listen and --metrics-listen are both {0}; give them different ports")]
+    SameListenAddress(SocketAddr),
+}
+
+impl AgentConfig {
+    /// Checks what can be checked without touching the system.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.is_empty() {
+            return Err(ConfigError::NoNodeName);
+        }
+        if !is_dns_subdomain(&self.node_name) {
+            return Err(ConfigError::BadNodeName(self.node_name.clone()));
+        }
+        if !self.pin_dir.starts_with("/sys/fs/bpf") {
+            return Err(ConfigError::PinDirNotOnBpffs(self.pin_dir.clone()));
+        }
+        if self.health_listen == self.metrics_listen && self.health_listen.port() != 0 {
+            return Err(ConfigError::SameListenAddress(self.health_listen));
+        }
+        Ok(())
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.pin_dir.join("links")
+    }
+}
+
+/// RFC 1123 subdomain, as Kubernetes requires for Node names.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> AgentConfig {
+        AgentConfig {
+            kubeconfig: None,
+            node_name: "node-a".into(),
+            node_addresses: vec![],
+            pin_dir: DEFAULT_PIN_DIR.into(),
+            cgroup: None,
+            health_listen: DEFAULT_HEALTH_LISTEN.parse().unwrap(),
+            metrics_listen: DEFAULT_METRICS_LISTEN.parse().unwrap(),
+            health_timeout: DEFAULT_HEALTH_TIMEOUT,
+            forward_ebpf_logs: false,
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(config().validate(), Ok(()));
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let mut c = config();
+        c.node_name = String::new();
+        assert_eq!(c.validate(), Err(ConfigError::NoNodeName));
+        c.node_name = "Node_A".into();
+        assert_eq!(c.validate(), Err(ConfigError::BadNodeName("Node_A".into())));
+        let mut c = config();
+        c.pin_dir = "/tmp/weir".into();
+        assert!(matches!(c.validate(), Err(ConfigError::PinDirNotOnBpffs(_))));
+        let mut c = config();
+        c.metrics_listen = c.health_listen;
+        assert!(matches!(c.validate(), Err(ConfigError::SameListenAddress(_))));
+    }
+}

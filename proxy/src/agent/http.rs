@@ -1,0 +1,71 @@
+//! The agent's HTTP endpoints: `/healthz` (200 or 503, as kube-proxy) and `/metrics`
+//! (Prometheus text). Both listeners serve both paths.
+use std::{convert::Infallible, path::PathBuf, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::status::Status;
+use crate::maps::read_counters_pinned;
+
+/// Serves until the task is dropped. Connection errors are logged and do not stop the server.
+pub async fn serve(listener: TcpListener, status: Arc<Status>, pin_dir: PathBuf) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                log::warn!("http: accept failed: {err}");
+                continue;
+            }
+        };
+        let status = status.clone();
+        let pin_dir = pin_dir.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = respond(&request, &status, &pin_dir);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                log::debug!("http: connection: {err}");
+            }
+        });
+    }
+}
+
+fn respond(
+    request: &Request<Incoming>,
+    status: &Status,
+    pin_dir: &std::path::Path,
+) -> Response<Full<Bytes>> {
+    match request.uri().path() {
+        "/healthz" | "/livez" | "/readyz" => match status.health() {
+            Ok(message) => text(StatusCode::OK, message),
+            Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, reason),
+        },
+        "/metrics" => {
+            // Read at scrape time from the pinned map, so the counters are the datapath's own.
+            let counters = read_counters_pinned(pin_dir).unwrap_or_else(|err| {
+                log::warn!("metrics: reading datapath counters: {err}");
+                Vec::new()
+            });
+            text(StatusCode::OK, status.metrics(&counters))
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz or /metrics".into()),
+    }
+}
+
+fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body + "\n")));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}

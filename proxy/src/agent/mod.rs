@@ -1,0 +1,275 @@
+//! `weir agent`: the node daemon that replaces kube-proxy.
+//!
+//! Start-up order matters for restarts: the eBPF object is loaded with its maps pinned (a
+//! restarted agent reuses them with their contents), the planner adopts what the maps hold,
+//! the socket load balancer's pinned links are adopted or created, and only once every
+//! watched kind has been listed does the first sync run. Syncing earlier would apply an empty
+//! desired state and wipe the services a previous agent programmed.
+//!
+//! Then the loop: every change wakes it; it rebuilds the desired state from the stores
+//! (level-triggered), plans the difference and writes it. A failed write is retried after a
+//! resync: a new planner adopts what the maps really hold. On SIGTERM or SIGINT the agent
+//! exits and leaves the datapath in place (pinned maps and links), so established and new
+//! connections keep working until the next agent adopts it.
+pub mod config;
+mod http;
+pub mod status;
+mod watch;
+
+use std::{
+    fs::File,
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Client,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use thiserror::Error;
+use tokio::{net::TcpListener, sync::Notify};
+
+use self::{
+    config::AgentConfig,
+    status::{Status, SyncReport},
+};
+use crate::{
+    apply::{ebpf::MapWriter, plan::Planner},
+    maps::{MapsError, ServiceMaps},
+    model::{self, NodeContext},
+    programs::{self, LoadOptions},
+    system,
+};
+
+/// Pause before retrying after a failed sync.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Load(#[from] programs::LoadError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("cannot open the cgroup {path} to attach the socket load balancer")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no cgroup2 file system is mounted; the socket load balancer needs cgroup v2")]
+    NoCgroup2,
+    #[error("cannot read kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no --kubeconfig given and no in-cluster configuration (service account token and \
+         KUBERNETES_SERVICE_HOST) found"
+    )]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("cannot build a Kubernetes client")]
+    Client(#[source] kube::Error),
+    #[error("cannot listen on {addr} for {what}")]
+    Listen {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the watchers stopped before their initial lists completed")]
+    WatchersStopped,
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    config.validate()?;
+
+    let options =
+        LoadOptions { forward_logs: config.forward_ebpf_logs, ..LoadOptions::new(&config.pin_dir) };
+    let mut loaded = programs::load(&options)?;
+    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf)?);
+    let mut planner = writer.adopting_planner();
+    log::info!(
+        "datapath: maps pinned in {}; adopted {} frontends and {} backends",
+        config.pin_dir.display(),
+        planner.frontends(),
+        planner.backends()
+    );
+    let cgroup_path = match &config.cgroup {
+        Some(path) => path.clone(),
+        None => system::cgroup2_mount()
+            .map_err(|source| AgentError::Cgroup { path: "/proc/self/mountinfo".into(), source })?
+            .ok_or(AgentError::NoCgroup2)?,
+    };
+    let cgroup = File::open(&cgroup_path)
+        .map_err(|source| AgentError::Cgroup { path: cgroup_path.clone(), source })?;
+    let links = config.links_dir();
+    std::fs::create_dir_all(&links)
+        .map_err(|source| programs::LoadError::PinDir { path: links.clone(), source })?;
+    let attached = programs::attach_socket_lb(&mut loaded.ebpf, &cgroup, Some(&links))?;
+    log::info!(
+        "socket load balancer on cgroup {}: {} attached, {} adopted",
+        cgroup_path.display(),
+        attached.attached,
+        attached.adopted
+    );
+    if let Some(logger) = loaded.logger.take() {
+        tokio::spawn(forward_ebpf_logs(logger));
+    }
+
+    let client = client(&config).await?;
+    let status = Arc::new(Status::new(config.health_timeout));
+    for (what, addr) in [("health", config.health_listen), ("metrics", config.metrics_listen)] {
+        let listener = TcpListener::bind(addr).await.map_err(|source| AgentError::Listen {
+            what,
+            addr,
+            source,
+        })?;
+        let bound =
+            listener.local_addr().map_err(|source| AgentError::Listen { what, addr, source })?;
+        // Tests and operators read this line to find ports picked by the kernel (port 0).
+        println!("weir agent: serving {what} on http://{bound}");
+        tokio::spawn(http::serve(listener, status.clone(), config.pin_dir.clone()));
+    }
+
+    let changed = Arc::new(Notify::new());
+    let (stores, _watchers) = watch::start(&client, &config.node_name, changed.clone());
+    log::info!(
+        "waiting for the initial lists of Services, EndpointSlices and Node {}",
+        config.node_name
+    );
+    tokio::select! {
+        ready = stores.ready() => ready.map_err(|_| AgentError::WatchersStopped)?,
+        _ = shutdown() => return Ok(()),
+    }
+    println!("weir agent: watching; first sync");
+
+    loop {
+        let started = Instant::now();
+        let node = node_context(
+            &config,
+            stores
+                .nodes
+                .get(&kube::runtime::reflector::ObjectRef::new(&config.node_name))
+                .as_deref(),
+        );
+        let services = stores.services.state();
+        let slices = stores.slices.state();
+        let desired = model::build(
+            services.iter().map(AsRef::as_ref),
+            slices.iter().map(AsRef::as_ref),
+            &node,
+        );
+        let plan = planner.plan(&desired);
+        match writer.execute(&plan.ops) {
+            Ok(()) => {
+                let report = SyncReport {
+                    duration: started.elapsed(),
+                    ops: plan.ops.len(),
+                    frontends: planner.frontends(),
+                    backends: planner.backends(),
+                    skipped_frontends: plan.skipped,
+                };
+                if !plan.ops.is_empty() {
+                    log::info!(
+                        "sync: {} map operations in {:?} ({} frontends, {} backends)",
+                        report.ops,
+                        report.duration,
+                        report.frontends,
+                        report.backends
+                    );
+                }
+                status.applied(started, report);
+            }
+            Err(err) => {
+                log::error!("sync failed: {err}; resyncing from the maps in {RETRY_AFTER:?}");
+                status.failed();
+                planner = Planner::adopt(
+                    &writer.maps().service_entries(),
+                    &writer.maps().backend_entries(),
+                    &writer.maps().rev_nat_entries(),
+                );
+                tokio::time::sleep(RETRY_AFTER).await;
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = changed.notified() => status.queued(),
+            _ = shutdown() => {
+                log::info!("shutting down; the datapath stays in place (pinned maps and links)");
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn client(config: &AgentConfig) -> Result<Client, AgentError> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .map_err(|source| AgentError::Kubeconfig { path: path.clone(), source })?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| AgentError::Kubeconfig { path: path.clone(), source })?
+        }
+        None => kube::Config::incluster().map_err(AgentError::InCluster)?,
+    };
+    Client::try_from(kube_config).map_err(AgentError::Client)
+}
+
+/// This node's name and the addresses node ports are served on (its Node object's internal and
+/// external IPs, plus any given on the command line).
+fn node_context(config: &AgentConfig, node: Option<&Node>) -> NodeContext {
+    let mut addresses: Vec<IpAddr> = config.node_addresses.clone();
+    for address in node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if (address.type_ == "InternalIP" || address.type_ == "ExternalIP")
+            && let Ok(ip) = address.address.parse()
+            && !addresses.contains(&ip)
+        {
+            addresses.push(ip);
+        }
+    }
+    NodeContext { name: config.node_name.clone(), addresses }
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's file descriptor and keeps it open for as long
+    // as the AsyncFd (which owns the logger) lives.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        log::warn!("eBPF log forwarding unavailable");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

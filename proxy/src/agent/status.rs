@@ -1,0 +1,215 @@
+//! The agent's health and metrics state, shared between the sync loop and the HTTP servers.
+//!
+//! Health follows kube-proxy: the agent is unhealthy before its first sync and whenever a
+//! change it was told about has not been applied within the health timeout.
+use std::{
+    fmt::Write as _,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use weir_common::metrics::Counter;
+
+/// Upper bounds (seconds) of the sync latency histogram.
+const BUCKETS: [f64; 12] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Debug)]
+pub struct Status {
+    started: Instant,
+    timeout: Duration,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// When the oldest change not yet applied was seen.
+    pending_since: Option<Instant>,
+    last_applied: Option<Instant>,
+    syncs: u64,
+    sync_errors: u64,
+    map_ops: u64,
+    frontends: usize,
+    backends: usize,
+    skipped_frontends: usize,
+    bucket_counts: [u64; BUCKETS.len()],
+    sync_seconds_sum: f64,
+}
+
+/// The outcome of one sync.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncReport {
+    pub duration: Duration,
+    pub ops: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    pub skipped_frontends: usize,
+}
+
+impl Status {
+    pub fn new(timeout: Duration) -> Self {
+        Self { started: Instant::now(), timeout, inner: Mutex::default() }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave these counters inconsistent.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A change arrived from the API server.
+    pub fn queued(&self) {
+        self.inner().pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// A sync applied every change queued before `started`.
+    pub fn applied(&self, started: Instant, report: SyncReport) {
+        let mut inner = self.inner();
+        if inner.pending_since.is_some_and(|since| since <= started) {
+            inner.pending_since = None;
+        }
+        inner.last_applied = Some(Instant::now());
+        inner.syncs += 1;
+        inner.map_ops += report.ops as u64;
+        inner.frontends = report.frontends;
+        inner.backends = report.backends;
+        inner.skipped_frontends = report.skipped_frontends;
+        let seconds = report.duration.as_secs_f64();
+        inner.sync_seconds_sum += seconds;
+        for (count, bound) in inner.bucket_counts.iter_mut().zip(BUCKETS) {
+            if seconds <= bound {
+                *count += 1;
+            }
+        }
+    }
+
+    pub fn failed(&self) {
+        self.inner().sync_errors += 1;
+    }
+
+    /// `Ok` with a message when healthy, `Err` with the reason otherwise.
+    pub fn health(&self) -> Result<String, String> {
+        let inner = self.inner();
+        let Some(last_applied) = inner.last_applied else {
+            return Err(format!(
+                "no sync yet ({:.1} s since start): waiting for the API server's initial lists",
+                self.started.elapsed().as_secs_f64()
+            ));
+        };
+        if let Some(since) = inner.pending_since
+            && since.elapsed() > self.timeout
+        {
+            return Err(format!(
+                "a change has waited {:.1} s to be applied (timeout {:?})",
+                since.elapsed().as_secs_f64(),
+                self.timeout
+            ));
+        }
+        Ok(format!("ok: last sync {:.3} s ago", last_applied.elapsed().as_secs_f64()))
+    }
+
+    /// Prometheus text exposition of the agent's metrics and the datapath's counters.
+    pub fn metrics(&self, counters: &[(Counter, u64)]) -> String {
+        let inner = self.inner();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP weir_sync_duration_seconds Time to apply one change set to the dataplane."
+        );
+        let _ = writeln!(out, "# TYPE weir_sync_duration_seconds histogram");
+        for (count, bound) in inner.bucket_counts.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "weir_sync_duration_seconds_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "weir_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", inner.syncs);
+        let _ = writeln!(out, "weir_sync_duration_seconds_sum {}", inner.sync_seconds_sum);
+        let _ = writeln!(out, "weir_sync_duration_seconds_count {}", inner.syncs);
+        for (name, kind, help, value) in [
+            ("weir_syncs_total", "counter", "Syncs applied.", inner.syncs as f64),
+            (
+                "weir_sync_errors_total",
+                "counter",
+                "Syncs that failed and were retried.",
+                inner.sync_errors as f64,
+            ),
+            (
+                "weir_map_operations_total",
+                "counter",
+                "Map writes and deletes applied.",
+                inner.map_ops as f64,
+            ),
+            (
+                "weir_service_frontends",
+                "gauge",
+                "Service frontends programmed.",
+                inner.frontends as f64,
+            ),
+            (
+                "weir_service_backends",
+                "gauge",
+                "Distinct backends programmed.",
+                inner.backends as f64,
+            ),
+            (
+                "weir_service_frontends_skipped",
+                "gauge",
+                "Frontends the eBPF datapath cannot serve yet (IPv6).",
+                inner.skipped_frontends as f64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP weir_datapath_events_total Datapath events by reason (drops included)."
+        );
+        let _ = writeln!(out, "# TYPE weir_datapath_events_total counter");
+        for (counter, value) in counters {
+            let _ = writeln!(
+                out,
+                "weir_datapath_events_total{{reason=\"{}\"}} {value}",
+                counter.name()
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> SyncReport {
+        SyncReport {
+            duration: Duration::from_millis(2),
+            ops: 4,
+            frontends: 1,
+            backends: 2,
+            skipped_frontends: 0,
+        }
+    }
+
+    #[test]
+    fn unhealthy_before_the_first_sync_and_when_a_change_waits_too_long() {
+        let status = Status::new(Duration::from_millis(20));
+        assert!(status.health().is_err());
+        let started = Instant::now();
+        status.queued();
+        status.applied(started, report());
+        assert!(status.health().is_ok());
+        status.queued();
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(status.health().unwrap_err().contains("waited"));
+        status.applied(Instant::now(), report());
+        assert!(status.health().is_ok());
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        let status = Status::new(Duration::from_secs(1));
+        status.applied(Instant::now(), report());
+        let text = status.metrics(&[(Counter::Translated, 7)]);
+        assert!(text.contains("weir_sync_duration_seconds_bucket{le=\"0.0025\"} 1"));
+        assert!(text.contains("weir_sync_duration_seconds_bucket{le=\"0.001\"} 0"));
+        assert!(text.contains("weir_map_operations_total 4"));
+        assert!(text.contains("weir_datapath_events_total{reason=\"translated\"} 7"));
+    }
+}
