@@ -12,7 +12,7 @@
 //! the spec's error object and returns 1. It never panics on bad input. The process's own
 //! network namespace is the node's; the pod's is entered only on a dedicated thread.
 //!
-//! ADD order (crash-safe): reserve addresses (durable) -> wire the veth and routes -> register
+//! ADD order (crash-safe): reserve addresses (on disk) -> wire the veth and routes -> register
 //! the endpoint -> commit. A failure rolls back what this invocation made; a crash leaves a
 //! reservation (and maybe a veth) that DEL or GC removes, since the veth name is derived from
 //! the attachment.

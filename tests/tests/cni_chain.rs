@@ -148,3 +148,60 @@ fn cni_delegated_ipam_host_local_add_check_del() {
         .collect();
     assert!(leftovers.is_empty(), "host-local still holds {leftovers:?}");
 }
+
+/// deploy/cni/10-weir.conflist works as written (only the IPAM store is moved to a temporary
+/// directory): ADD through the chain as a runtime does it, ping, DEL in reverse order.
+#[test]
+fn cni_example_conflist_works_as_a_chain() {
+    require_root();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cni/10-weir.conflist");
+    let conflist: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let node = Node::new().unwrap();
+    let pod = Netns::new("pod").unwrap();
+    let a = Attachment::new(names::unique("ctr"), &pod);
+    // The runtime builds each plugin's config: the plugin's own fields plus name, cniVersion,
+    // runtimeConfig for declared capabilities and prevResult.
+    let plugin_config = |plugin: &Value, prev: Option<&Value>| -> Value {
+        let mut config = plugin.clone();
+        config["name"] = conflist["name"].clone();
+        config["cniVersion"] = conflist["cniVersion"].clone();
+        if config["type"] == "weir-cni" {
+            config["ipam"]["dataDir"] = json!(node.data_dir.path());
+        }
+        if config["capabilities"]["portMappings"] == true {
+            config["runtimeConfig"] = json!({ "portMappings": [
+                { "hostPort": HOST_PORT, "containerPort": 80, "protocol": "tcp" }
+            ] });
+        }
+        if let Some(prev) = prev {
+            config["prevResult"] = prev.clone();
+        }
+        config
+    };
+    let binary = |plugin: &Value| -> std::path::PathBuf {
+        match plugin["type"].as_str().unwrap() {
+            "weir-cni" => weir_tests::cni::weir_cni().to_path_buf(),
+            other => Path::new(DEBIAN_PLUGINS).join(other),
+        }
+    };
+    let plugins = conflist["plugins"].as_array().unwrap();
+    let mut prev: Option<Value> = None;
+    for plugin in plugins {
+        let config = plugin_config(plugin, prev.as_ref());
+        let run = node
+            .exec(&binary(plugin), "ADD", Some(&a), config.to_string().as_bytes(), &[])
+            .unwrap();
+        prev = Some(run.result().unwrap());
+    }
+    let result = prev.unwrap();
+    assert!(result_ip(&result, false).unwrap().starts_with("10.244.0."));
+    ping(&pod, "169.254.1.1").unwrap();
+    for plugin in plugins.iter().rev() {
+        let config = plugin_config(plugin, Some(&result));
+        node.exec(&binary(plugin), "DEL", Some(&a), config.to_string().as_bytes(), &[])
+            .unwrap()
+            .expect_ok()
+            .unwrap();
+    }
+    node.assert_clean(conflist["name"].as_str().unwrap()).unwrap();
+}

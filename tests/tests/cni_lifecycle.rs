@@ -146,3 +146,35 @@ fn cni_mtu_from_config_and_dns_passed_through() {
     node.weir("DEL", Some(&a), &config).unwrap().expect_ok().unwrap();
     node.assert_clean("mtu").unwrap();
 }
+
+/// Without `ipam.ranges` the pod CIDRs come from the agent's node state file: missing file or
+/// `ready: false` is 50 for STATUS and ADD; a written file makes both work.
+#[test]
+fn cni_node_state_file_drives_ranges_and_status() {
+    require_root();
+    let node = Node::new().unwrap();
+    let state_file = node.data_dir.path().join("node-state.json");
+    let config = json!({
+        "cniVersion": "1.1.0",
+        "name": "nodestate",
+        "type": "weir-cni",
+        "ipam": { "dataDir": node.data_dir.path(), "nodeStateFile": state_file },
+    });
+    let pod = Netns::new("pod").unwrap();
+    let a = Attachment::new(names::unique("ctr"), &pod);
+    assert_eq!(node.weir("STATUS", None, &config).unwrap().error_code().unwrap(), 50);
+    assert_eq!(node.weir("ADD", Some(&a), &config).unwrap().error_code().unwrap(), 50);
+    std::fs::write(&state_file, br#"{"version":1,"podCIDRs":["10.136.0.0/24"],"ready":false}"#)
+        .unwrap();
+    assert_eq!(node.weir("STATUS", None, &config).unwrap().error_code().unwrap(), 50);
+    std::fs::write(&state_file, br#"{"version":1,"podCIDRs":["10.136.0.0/24"],"mtu":1450}"#)
+        .unwrap();
+    node.weir("STATUS", None, &config).unwrap().expect_ok().unwrap();
+    let result = node.weir("ADD", Some(&a), &config).unwrap().result().unwrap();
+    assert!(result_ip(&result, false).unwrap().starts_with("10.136.0."));
+    assert_eq!(result["interfaces"][1]["mtu"], 1450, "the node state's MTU applies");
+    // DEL works even when the node state has gone away meanwhile.
+    std::fs::remove_file(&state_file).unwrap();
+    node.weir("DEL", Some(&a), &config).unwrap().expect_ok().unwrap();
+    node.assert_clean("nodestate").unwrap();
+}

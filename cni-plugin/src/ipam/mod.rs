@@ -4,7 +4,7 @@
 //! Contract of the built-in IPAM (one store per network, under `<dataDir>/<network name>/`):
 //! - [`reserve`] refuses an attachment (container ID + ifname) that already holds addresses
 //!   (code 101), answers 51 when a range set has no free address, and otherwise records the new
-//!   addresses as uncommitted, durably, before returning.
+//!   addresses as uncommitted, on disk, before returning.
 //! - [`commit`] marks them committed once the pod is wired; [`release`] (DEL) and [`gc`] free
 //!   them whatever their state, so a crash between the steps never leaks an address.
 pub mod allocator;
@@ -59,19 +59,19 @@ pub fn reserve(
         state.allocations.insert(*ip, owner);
         state.last.insert(index, *ip);
     }
-    store.save(&state, true)?;
+    store.save(&state)?;
     Ok(picked)
 }
 
-/// Marks an attachment's addresses as committed. Losing this write in a crash is harmless (an
-/// uncommitted reservation is still in use and still released by DEL/GC), so it is not fsynced.
+/// Marks an attachment's addresses as committed. Losing this write in a crash is harmless: an
+/// uncommitted reservation is still in use and still released by DEL/GC.
 pub fn commit(dir: &Path, container_id: &str, ifname: &str) -> Result<(), CniError> {
     let store = Store::lock(dir)?;
     let mut state = store.load()?;
     for owner in state.allocations.values_mut().filter(|o| o.is(container_id, ifname)) {
         owner.committed = true;
     }
-    store.save(&state, false)
+    store.save(&state)
 }
 
 /// The addresses an attachment holds (empty when the store does not exist).
@@ -92,7 +92,7 @@ pub fn release(dir: &Path, container_id: &str, ifname: &str) -> Result<Vec<IpAdd
     let mut state = store.load()?;
     let released = state.release(container_id, ifname);
     if !released.is_empty() {
-        store.save(&state, true)?;
+        store.save(&state)?;
     }
     Ok(released)
 }
@@ -122,7 +122,7 @@ pub fn gc(
         cleanup(container_id, ifname, &ips);
     }
     if !stale.is_empty() {
-        store.save(&state, true)?;
+        store.save(&state)?;
     }
     Ok(stale)
 }

@@ -2,9 +2,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use weir_tests::bench::tc_rewrite;
+use weir_tests::bench::{cni, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -22,6 +22,7 @@ fn main() -> Result<()> {
     }
     let report = match name.as_str() {
         "tc-rewrite" => tc_rewrite::run(rounds)?,
+        "cni" => cni::run(rounds)?,
         other => bail!("unknown benchmark {other:?}; {USAGE}"),
     };
     report.print();
