@@ -205,3 +205,43 @@ fn cni_example_conflist_works_as_a_chain() {
     }
     node.assert_clean(conflist["name"].as_str().unwrap()).unwrap();
 }
+
+/// weir-cni in front of Debian's bandwidth plugin: the ingress limit lands on weir-cni's host
+/// veth (found through the result), the pod still works, DEL in reverse order leaves nothing.
+/// Ingress only: egress shaping would need the ifb kernel module loaded for the whole machine.
+#[test]
+fn cni_chain_with_bandwidth_shapes_the_host_veth() {
+    require_root();
+    let bandwidth = Path::new(DEBIAN_PLUGINS).join("bandwidth");
+    let node = Node::new().unwrap();
+    let config = node.config("1.0.0", "shaped", &["10.137.0.0/24"]);
+    let pod = Netns::new("pod").unwrap();
+    let a = Attachment::new(names::unique("ctr"), &pod);
+    let result = node.weir("ADD", Some(&a), &config).unwrap().result().unwrap();
+    let shaping = json!({
+        "cniVersion": "1.0.0",
+        "name": "shaped",
+        "type": "bandwidth",
+        "capabilities": { "bandwidth": true },
+        "runtimeConfig": { "bandwidth": { "ingressRate": 1_000_000, "ingressBurst": 100_000 } },
+        "prevResult": result,
+    });
+    node.exec(&bandwidth, "ADD", Some(&a), shaping.to_string().as_bytes(), &[])
+        .unwrap()
+        .result()
+        .unwrap();
+    let host = result["interfaces"][0]["name"].as_str().unwrap();
+    let out = std::process::Command::new("tc")
+        .args(["-n", node.ns.name(), "qdisc", "show", "dev", host])
+        .output()
+        .unwrap();
+    let qdiscs = String::from_utf8_lossy(&out.stdout);
+    assert!(qdiscs.contains("tbf"), "no tbf on {host}: {qdiscs}");
+    ping(&pod, "169.254.1.1").unwrap();
+    node.exec(&bandwidth, "DEL", Some(&a), shaping.to_string().as_bytes(), &[])
+        .unwrap()
+        .expect_ok()
+        .unwrap();
+    node.weir("DEL", Some(&a), &config).unwrap().expect_ok().unwrap();
+    node.assert_clean("shaped").unwrap();
+}
