@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod inspect;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Kubernetes networking data plane in Rust and eBPF")]
@@ -21,6 +22,8 @@ enum Command {
     Apiserver(ApiserverArgs),
     /// Run the node agent: kube-proxy replacement (eBPF service load balancing).
     Agent(agent::AgentArgs),
+    /// Show what the live datapath holds (read from the agent's pinned maps).
+    Inspect(inspect::InspectArgs),
 }
 
 #[derive(clap::Args)]
@@ -44,6 +47,12 @@ struct ApiserverArgs {
     /// 410 Gone and must list again.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
+    /// IPv4 CIDR that Node pod CIDRs (/24 each) are allocated from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: String,
+    /// Do not run the in-process controllers (pod CIDRs, scheduler, EndpointSlices).
+    #[arg(long)]
+    disable_controllers: bool,
     /// Keep objects in this etcd (http://IP:PORT) instead of the embedded store in the data
     /// dir.
     #[arg(long)]
@@ -53,9 +62,20 @@ struct ApiserverArgs {
 /// Exit code for configuration errors (EX_USAGE), before anything was started.
 const EXIT_BAD_CONFIG: u8 = 64;
 
-fn main() -> anyhow::Result<ExitCode> {
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().command {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(err) => {
+            // What went wrong and its causes, never a backtrace.
+            eprintln!("weir: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
         Command::Version => {
             println!(
                 "weir {} (eBPF object: {} bytes)",
@@ -65,6 +85,7 @@ fn main() -> anyhow::Result<ExitCode> {
         }
         Command::Apiserver(args) => return apiserver(args),
         Command::Agent(args) => return agent::run(args),
+        Command::Inspect(args) => inspect::run(args)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -77,6 +98,8 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     config.kubeconfig_out = args.kubeconfig_out;
     config.service_cidr = args.service_cidr;
     config.watch_history = args.watch_history;
+    config.cluster_cidr = Some(args.cluster_cidr);
+    config.controllers = !args.disable_controllers;
     let etcd = args.etcd_endpoints;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -86,7 +109,11 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
         };
         let server = match started {
             Ok(server) => server,
-            Err(err @ (ServerError::InsecureNotLoopback(_) | ServerError::BadServiceCidr(_))) => {
+            Err(
+                err @ (ServerError::InsecureNotLoopback(_)
+                | ServerError::BadServiceCidr(_)
+                | ServerError::BadClusterCidr(_)),
+            ) => {
                 eprintln!("weir apiserver: {err}");
                 return Ok(ExitCode::from(EXIT_BAD_CONFIG));
             }

@@ -15,5 +15,6 @@
 //! a real kube-apiserver. What is supported and what is not: docs/controlplane.md.
 pub mod api;
 pub mod auth;
+pub mod controllers;
 pub mod resources;
 pub mod store;

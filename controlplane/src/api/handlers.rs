@@ -177,7 +177,7 @@ pub(crate) fn decode(kv: &KeyValue) -> Result<Value, ApiError> {
     Ok(obj)
 }
 
-fn encode(obj: &Value) -> Bytes {
+pub(crate) fn encode(obj: &Value) -> Bytes {
     let mut obj = obj.clone();
     if obj.is_object() {
         meta::metadata_mut(&mut obj).remove("resourceVersion");

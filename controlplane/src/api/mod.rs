@@ -21,7 +21,7 @@ use crate::{
 };
 
 mod discovery;
-mod handlers;
+pub(crate) mod handlers;
 pub mod http;
 mod services;
 pub mod status;
@@ -44,6 +44,10 @@ pub struct Config {
     pub service_cidr: String,
     pub bookmark_interval: Duration,
     pub max_in_flight: usize,
+    /// IPv4 CIDR that Node pod CIDRs are allocated from (one /24 per node); None disables it.
+    pub cluster_cidr: Option<String>,
+    /// Run the in-process controllers (pod CIDRs, scheduler, EndpointSlices/Endpoints).
+    pub controllers: bool,
     /// Store events kept for watches to resume from; older versions get 410 Gone.
     pub watch_history: usize,
 }
@@ -59,6 +63,8 @@ impl Config {
             bookmark_interval: Duration::from_secs(60),
             max_in_flight: 400,
             watch_history: embedded::Options::default().history_limit,
+            cluster_cidr: Some("10.244.0.0/16".into()),
+            controllers: true,
         }
     }
 }
@@ -70,6 +76,8 @@ pub enum ServerError {
          debugging, use 127.0.0.1:PORT"
     )]
     InsecureNotLoopback(SocketAddr),
+    #[error("--cluster-cidr {0:?} is not an IPv4 CIDR with a prefix of /24 or shorter")]
+    BadClusterCidr(String),
     #[error("--service-cidr {0:?} is not an IPv4 CIDR with a prefix between /8 and /30")]
     BadServiceCidr(String),
     #[error("binding {addr} failed: {source}; is another server using it?")]
@@ -144,6 +152,13 @@ pub async fn start_with_store<S: Store>(
     }
     let service_cidr = ServiceCidr::parse(&config.service_cidr)
         .ok_or_else(|| ServerError::BadServiceCidr(config.service_cidr.clone()))?;
+    let cluster_cidr = match &config.cluster_cidr {
+        Some(cidr) => Some(
+            crate::controllers::nodeipam::ClusterCidr::parse(cidr, 24)
+                .ok_or_else(|| ServerError::BadClusterCidr(cidr.clone()))?,
+        ),
+        None => None,
+    };
     let pki = auth::ensure_pki(&config.data_dir.join("pki"))?;
     let tls = auth::tls_config(&pki)?;
     let tokens = Tokens::ensure(&config.data_dir)?;
@@ -182,6 +197,9 @@ pub async fn start_with_store<S: Store>(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tasks.spawn(accept_loop(listener, Some(acceptor), state.clone()));
     tasks.spawn(namespace_finalizer(state.clone()));
+    if config.controllers {
+        tasks.spawn(crate::controllers::run(state.clone(), cluster_cidr));
+    }
     let insecure_addr = insecure.as_ref().map(|(_, a)| *a);
     if let Some((l, _)) = insecure {
         tasks.spawn(accept_loop(l, None, state.clone()));
