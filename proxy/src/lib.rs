@@ -11,6 +11,7 @@
 //! to the eBPF maps. The watchers and the nftables backend come with the load-balancing issue.
 pub mod agent;
 pub mod apply;
+pub mod inspect;
 pub mod maps;
 pub mod model;
 pub mod programs;

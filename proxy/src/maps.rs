@@ -16,6 +16,12 @@ use weir_common::{
 pub enum MapsError {
     #[error("map `{name}` is missing from the loaded object")]
     Missing { name: &'static str },
+    #[error("cannot open the pinned map {path}")]
+    OpenPinned {
+        path: std::path::PathBuf,
+        #[source]
+        source: MapError,
+    },
     #[error("map `{name}` has an unexpected type or layout")]
     Layout {
         name: &'static str,
@@ -58,6 +64,25 @@ pub struct ServiceMaps {
 }
 
 impl ServiceMaps {
+    /// Opens the service maps pinned in `pin_dir` (for inspection; nothing is loaded).
+    pub fn open_pinned(pin_dir: &std::path::Path) -> Result<Self, MapsError> {
+        fn open<K: aya::Pod, V: aya::Pod>(
+            pin_dir: &std::path::Path,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, V>, MapsError> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .map_err(|source| MapsError::OpenPinned { path, source })?;
+            HashMap::try_from(aya::maps::Map::HashMap(data))
+                .map_err(|source| MapsError::Layout { name, source })
+        }
+        Ok(Self {
+            services: open(pin_dir, SERVICE_MAP)?,
+            backends: open(pin_dir, BACKEND_MAP)?,
+            rev_nat: open(pin_dir, REV_NAT_MAP)?,
+        })
+    }
+
     /// Takes the service maps out of `ebpf` (the programs keep using them).
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         Ok(Self {
@@ -171,8 +196,8 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
 /// Sums the per-CPU datapath counters from the map pinned in `pin_dir` (what `weir agent`'s
 /// /metrics and `weir inspect` read, without loading anything).
 pub fn read_counters_pinned(pin_dir: &std::path::Path) -> Result<Vec<(Counter, u64)>, MapsError> {
-    let data = MapData::from_pin(pin_dir.join(METRICS_MAP))
-        .map_err(|source| MapsError::Layout { name: METRICS_MAP, source })?;
+    let path = pin_dir.join(METRICS_MAP);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::OpenPinned { path, source })?;
     let counters: PerCpuArray<MapData, u64> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
             .map_err(|source| MapsError::Layout { name: METRICS_MAP, source })?;

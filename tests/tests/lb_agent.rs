@@ -70,7 +70,7 @@ impl Agent {
                 health = addr.parse().ok();
             } else if let Some(addr) = line.strip_prefix("weir agent: serving metrics on http://") {
                 metrics = addr.parse().ok();
-            } else if line.starts_with("weir agent: watching; first sync") {
+            } else if line.starts_with("weir agent: first sync done") {
                 break;
             }
         }
@@ -202,6 +202,23 @@ fn lb_agent_programs_services_from_the_api_server_and_survives_its_own_restart()
         metrics.contains("weir_datapath_events_total{reason=\"sock_translated\"}"),
         "{metrics}"
     );
+
+    // `weir inspect services` shows the live maps.
+    let inspect = Command::new(weir_binary())
+        .args(["inspect", "services", "--output", "json", "--pin-dir"])
+        .arg(pins.path())
+        .output()
+        .unwrap();
+    assert!(inspect.status.success(), "{inspect:?}");
+    let rows: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let web = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["frontend"] == format!("{vip}:80"))
+        .unwrap_or_else(|| panic!("{vip}:80 in {rows}"));
+    assert_eq!(web["backends"], json!([format!("{BACKEND_A}:8080")]), "{web}");
+    assert_eq!(web["protocol"], "TCP");
 
     // SIGKILL: the datapath keeps working without an agent; the next one adopts it as it is.
     agent.kill();

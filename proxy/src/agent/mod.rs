@@ -149,8 +149,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         ready = stores.ready() => ready.map_err(|_| AgentError::WatchersStopped)?,
         _ = shutdown() => return Ok(()),
     }
-    println!("weir agent: watching; first sync");
-
+    let mut first_sync = true;
     loop {
         let started = Instant::now();
         let node = node_context(
@@ -187,6 +186,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     );
                 }
                 status.applied(started, report);
+                if first_sync {
+                    first_sync = false;
+                    // Tests and operators wait for this line: the datapath now matches the API.
+                    println!("weir agent: first sync done ({} frontends)", report.frontends);
+                }
             }
             Err(err) => {
                 log::error!("sync failed: {err}; resyncing from the maps in {RETRY_AFTER:?}");

@@ -1,0 +1,152 @@
+//! `weir inspect`: what the live datapath holds, read from the pinned maps (no agent needed).
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use serde::Serialize;
+use weir_common::{
+    lb::{Backend, RevNat, ServiceKey, ServiceValue, service_flags},
+    proto,
+};
+
+/// One service frontend as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceRow {
+    pub frontend: String,
+    pub protocol: String,
+    /// `ip:port` per slot, in slot order; `<missing id>` where a slot names no backend.
+    pub backends: Vec<String>,
+    /// `reject` (no endpoints), `drop` (no endpoint allowed here by a Local traffic policy)
+    /// or `balance`.
+    pub when_empty: String,
+    pub rev_nat_index: u32,
+    pub reverse_nat: Option<String>,
+}
+
+/// Rows, sorted by frontend, from the three service maps' entries.
+pub fn service_rows(
+    services: &[(ServiceKey, ServiceValue)],
+    backends: &[(u32, Backend)],
+    rev_nat: &[(u32, RevNat)],
+) -> Vec<ServiceRow> {
+    let backends: HashMap<u32, Backend> = backends.iter().copied().collect();
+    let rev_nat: HashMap<u32, RevNat> = rev_nat.iter().copied().collect();
+    let slots: HashMap<ServiceKey, u32> = services
+        .iter()
+        .filter(|(k, _)| k.backend_slot != 0)
+        .map(|(k, v)| (*k, v.backend_id))
+        .collect();
+    let mut rows: Vec<(ServiceKey, ServiceRow)> = services
+        .iter()
+        .filter(|(key, _)| key.backend_slot == 0)
+        .map(|(key, master)| {
+            let backends = (1..=master.count)
+                .map(|slot| {
+                    match slots
+                        .get(&key.with_slot(slot))
+                        .and_then(|id| backends.get(id).map(|b| (id, b)))
+                    {
+                        Some((_, b)) => {
+                            format!("{}:{}", Ipv4Addr::from(b.address_octets()), b.port_host())
+                        }
+                        None => format!("<missing slot {slot}>"),
+                    }
+                })
+                .collect::<Vec<_>>();
+            let when_empty = if master.count > 0 {
+                "balance"
+            } else if master.flags & service_flags::EMPTY_BY_POLICY != 0 {
+                "drop"
+            } else {
+                "reject"
+            };
+            let row = ServiceRow {
+                frontend: format!(
+                    "{}:{}",
+                    Ipv4Addr::from(key.address.to_ne_bytes()),
+                    u16::from_be(key.port)
+                ),
+                protocol: protocol_name(key.proto).to_string(),
+                backends,
+                when_empty: when_empty.to_string(),
+                rev_nat_index: master.rev_nat_index,
+                reverse_nat: rev_nat.get(&master.rev_nat_index).map(|r| {
+                    format!("{}:{}", Ipv4Addr::from(r.address.to_ne_bytes()), u16::from_be(r.port))
+                }),
+            };
+            (*key, row)
+        })
+        .collect();
+    rows.sort_by_key(|(key, _)| (u32::from_be(key.address), u16::from_be(key.port), key.proto));
+    rows.into_iter().map(|(_, row)| row).collect()
+}
+
+/// The rows as an aligned text table.
+pub fn service_table(rows: &[ServiceRow]) -> String {
+    let mut lines = vec![["FRONTEND".into(), "PROTO".into(), "BACKENDS".into(), "EMPTY".into()]];
+    for row in rows {
+        let backends = if row.backends.is_empty() { "-".into() } else { row.backends.join(",") };
+        lines.push([row.frontend.clone(), row.protocol.clone(), backends, row.when_empty.clone()]);
+    }
+    let widths: Vec<usize> =
+        (0..4).map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0)).collect();
+    lines
+        .iter()
+        .map(|l| {
+            format!(
+                "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+                l[0],
+                l[1],
+                l[2],
+                l[3],
+                w0 = widths[0],
+                w1 = widths[1],
+                w2 = widths[2]
+            )
+            .trim_end()
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn protocol_name(number: u8) -> &'static str {
+    match number {
+        proto::TCP => "TCP",
+        proto::UDP => "UDP",
+        proto::SCTP => "SCTP",
+        _ => "?",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_follow_slots_and_name_empty_behaviour() {
+        let web = ServiceKey::new([10, 96, 0, 10], 80, proto::TCP, 0);
+        let dns = ServiceKey::new([10, 96, 0, 2], 53, proto::UDP, 0);
+        let services = [
+            (web, ServiceValue::master(2, 1, 0)),
+            (web.with_slot(1), ServiceValue::slot(7)),
+            (web.with_slot(2), ServiceValue::slot(8)),
+            (dns, ServiceValue::master(0, 2, service_flags::EMPTY_BY_POLICY)),
+        ];
+        let backends = [
+            (7, Backend::new([10, 0, 0, 1], 8080, proto::TCP)),
+            (8, Backend::new([10, 0, 0, 2], 8080, proto::TCP)),
+        ];
+        let rev_nat = [(1, RevNat::new([10, 96, 0, 10], 80))];
+        let rows = service_rows(&services, &backends, &rev_nat);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].frontend, "10.96.0.2:53", "sorted by address");
+        assert_eq!(rows[0].when_empty, "drop");
+        assert_eq!(rows[1].backends, ["10.0.0.1:8080", "10.0.0.2:8080"]);
+        assert_eq!(rows[1].reverse_nat.as_deref(), Some("10.96.0.10:80"));
+        let table = service_table(&rows);
+        assert!(table.starts_with("FRONTEND"), "{table}");
+        assert!(
+            table.contains("10.96.0.10:80  TCP    10.0.0.1:8080,10.0.0.2:8080  balance"),
+            "{table}"
+        );
+    }
+}
