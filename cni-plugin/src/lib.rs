@@ -340,7 +340,10 @@ fn status(env: &Env, conf: &NetConf) -> Result<(), CniError> {
 
 fn gc(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     require_status_and_gc(conf, "GC")?;
-    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    // Without the list every reservation would look stale: refuse instead of releasing all.
+    let valid = conf.valid_attachments.clone().ok_or_else(|| CniError::InvalidConfig {
+        msg: "GC needs cni.dev/valid-attachments (an empty list releases everything)".into(),
+    })?;
     match &conf.ipam {
         Ipam::Builtin { data_dir, .. } => {
             let mut node = node_socket()?;

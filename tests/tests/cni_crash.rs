@@ -68,6 +68,9 @@ fn cni_crash_inside_add_then_gc_leaks_nothing_and_keeps_valid_attachments() {
         assert_eq!(run.exit_code, None, "{point}: not killed: {}", run.stdout);
     }
     assert_eq!(node.reservations("crash-gc").unwrap().len(), 4);
+    // GC without the list of valid attachments is refused and releases nothing.
+    assert_eq!(node.weir("GC", None, &config).unwrap().error_code().unwrap(), 7);
+    assert_eq!(node.reservations("crash-gc").unwrap().len(), 4);
     config["cni.dev/valid-attachments"] =
         json!([{ "containerID": keeper.container_id, "ifname": keeper.ifname }]);
     node.weir("GC", None, &config).unwrap().expect_ok().unwrap();
