@@ -217,7 +217,18 @@ impl Node {
             });
         }
         let started = Instant::now();
-        let mut child = cmd.spawn().with_context(|| format!("starting {}", plugin.display()))?;
+        // A script a test has just written can be briefly "busy" (ETXTBSY) while another thread
+        // forks with the write descriptor still open; retry that, bounded.
+        let mut attempts = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 50 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => break other.with_context(|| format!("starting {}", plugin.display()))?,
+            }
+        };
         let mut input = child.stdin.take().context("child stdin")?;
         let stdin = stdin.to_vec();
         // A plugin may stop reading early (oversized input); a writer thread avoids a deadlock.

@@ -245,3 +245,46 @@ fn cni_chain_with_bandwidth_shapes_the_host_veth() {
     node.weir("DEL", Some(&a), &config).unwrap().expect_ok().unwrap();
     node.assert_clean("shaped").unwrap();
 }
+
+/// STATUS and GC go to the delegated IPAM plugin too, and its error codes pass through. Debian
+/// 12's host-local predates STATUS/GC (spec 1.1.0), so a scripted IPAM plugin stands in.
+#[test]
+fn cni_delegated_ipam_gets_status_and_gc() {
+    require_root();
+    let node = Node::new().unwrap();
+    let dir = weir_tests::cni::TempDir::new("fake-ipam").unwrap();
+    let plugin = dir.path().join("weirt-fake-ipam");
+    std::fs::write(
+        &plugin,
+        "#!/bin/sh\ncat > /dev/null\nd=$(dirname \"$0\")\necho \"$CNI_COMMAND\" >> \"$d/calls\"\n\
+         if [ -f \"$d/fail\" ]; then\n  echo '{\"cniVersion\":\"1.1.0\",\"code\":50,\"msg\":\"fake ipam not ready\"}'\n  exit 1\nfi\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = json!({
+        "cniVersion": "1.1.0",
+        "name": "fake",
+        "type": "weir-cni",
+        "ipam": { "type": "weirt-fake-ipam" },
+        "cni.dev/valid-attachments": [],
+    });
+    let cni_path = format!("{}:{DEBIAN_PLUGINS}", dir.path().display());
+    let run = |command: &str| {
+        node.exec(
+            weir_tests::cni::weir_cni(),
+            command,
+            None,
+            config.to_string().as_bytes(),
+            &[("CNI_PATH", &cni_path)],
+        )
+        .unwrap()
+    };
+    run("STATUS").expect_ok().unwrap();
+    run("GC").expect_ok().unwrap();
+    std::fs::write(dir.path().join("fail"), b"").unwrap();
+    let failed = run("STATUS");
+    assert_eq!(failed.error_code().unwrap(), 50);
+    assert!(failed.stdout.contains("fake ipam not ready"), "{}", failed.stdout);
+    let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+    assert_eq!(calls.lines().collect::<Vec<_>>(), ["STATUS", "GC", "STATUS"]);
+}
