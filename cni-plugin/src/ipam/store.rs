@@ -21,7 +21,8 @@ use std::{
     net::IpAddr,
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    sync::mpsc,
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -102,21 +103,22 @@ impl Store {
             .mode(0o600)
             .open(&path)
             .map_err(|e| CniError::io(format!("opening the IPAM lock {}", path.display()), e))?;
-        let deadline = Instant::now() + LOCK_TIMEOUT;
-        let mut pause = Duration::from_micros(200);
-        loop {
-            // SAFETY: flock on an open descriptor we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                break;
-            }
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK)
-                && err.kind() != std::io::ErrorKind::Interrupted
-            {
-                return Err(CniError::io(format!("locking {}", path.display()), err));
-            }
-            if Instant::now() >= deadline {
+        let lock_err = |e| CniError::io(format!("locking {}", path.display()), e);
+        if try_flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(lock_err)? {
+            return Ok(Self { dir: dir.to_path_buf(), _lock: file });
+        }
+        // Contended: wait in a blocking flock (woken in order, no polling delay) on a helper
+        // thread, so that the wait can time out. The lock belongs to the open file description,
+        // which `file` keeps; the helper's duplicate descriptor may close at any time.
+        let waiter = file.try_clone().map_err(lock_err)?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(try_flock(&waiter, libc::LOCK_EX));
+        });
+        match rx.recv_timeout(LOCK_TIMEOUT) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(lock_err(e)),
+            Err(_) => {
                 return Err(CniError::TryAgain {
                     msg: format!(
                         "the IPAM store {} stayed locked for {} s; try again later",
@@ -125,8 +127,6 @@ impl Store {
                     ),
                 });
             }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(5));
         }
         Ok(Self { dir: dir.to_path_buf(), _lock: file })
     }
@@ -165,6 +165,22 @@ impl Store {
     }
 }
 
+/// flock(2), retried on EINTR. `Ok(false)`: LOCK_NB and someone else holds the lock.
+fn try_flock(file: &File, operation: libc::c_int) -> std::io::Result<bool> {
+    loop {
+        // SAFETY: flock on an open descriptor owned by `file`.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(err),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +205,26 @@ mod tests {
         fs::write(dir.join(STATE_FILE), b"{not json").unwrap();
         assert_eq!(store.load().unwrap_err().code(), 5);
         drop(store);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_locker_waits_until_the_first_is_done() {
+        let dir = std::env::temp_dir().join(format!("weirt-store-lock-{}", std::process::id()));
+        let first = Store::lock(&dir).unwrap();
+        let started = std::time::Instant::now();
+        let second = std::thread::spawn({
+            let dir = dir.clone();
+            move || {
+                let store = Store::lock(&dir).unwrap();
+                drop(store);
+                started.elapsed()
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        drop(first);
+        let waited = second.join().unwrap();
+        assert!(waited >= Duration::from_millis(100), "got the lock while it was held");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
