@@ -82,6 +82,12 @@ fn resource_entries(r: &Resource) -> Vec<Value> {
     if r.kind == "Pod" {
         out.push(json!({"name": "pods/binding", "singularName": "", "namespaced": true, "kind": "Binding", "verbs": ["create"]}));
     }
+    if matches!(r.kind, "Deployment" | "ReplicaSet") {
+        out.push(json!({
+            "name": format!("{}/scale", r.plural), "singularName": "", "namespaced": true,
+            "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"],
+        }));
+    }
     out
 }
 

@@ -96,6 +96,11 @@ pub(crate) async fn resource_request<S: Store>(
         ([name], &Method::PUT | &Method::PATCH) => {
             write_request(&state, req, resource, ns, name, Part::Main, &query, &content_type).await
         }
+        ([name, sub], &Method::GET | &Method::PUT | &Method::PATCH)
+            if sub == "scale" && matches!(resource.kind, "Deployment" | "ReplicaSet") =>
+        {
+            scale_request(&state, req, resource, ns, name, &query, &content_type).await
+        }
         ([name], &Method::DELETE) => {
             let body = read_body(req).await?;
             let options: Value = if body.is_empty() { json!({}) } else { parse_json(&body)? };
@@ -891,6 +896,94 @@ async fn delete_collection<S: Store>(
         200,
         &json!({"kind": resource.list_kind(), "apiVersion": resource.api_version(), "metadata": {"resourceVersion": revision.to_string()}, "items": deleted}),
     ))
+}
+
+/// The autoscaling/v1 Scale view of a Deployment or ReplicaSet.
+fn to_scale(obj: &Value) -> Value {
+    let selector: Vec<String> = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect())
+        .unwrap_or_default();
+    let m = obj.get("metadata").cloned().unwrap_or(json!({}));
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": m.get("name"), "namespace": m.get("namespace"), "uid": m.get("uid"),
+            "resourceVersion": m.get("resourceVersion"), "creationTimestamp": m.get("creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+            "selector": selector.join(","),
+        },
+    })
+}
+
+/// GET, PUT and PATCH of the `scale` subresource: reads and sets `spec.replicas`.
+#[allow(clippy::too_many_arguments)]
+async fn scale_request<S: Store>(
+    state: &ApiState<S>,
+    req: Request<Incoming>,
+    resource: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    query: &Query,
+    content_type: &str,
+) -> Result<Response<Body>, ApiError> {
+    let method = req.method().clone();
+    let key = resource.key(ns, name);
+    let current =
+        state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
+    let obj = decode(&current)?;
+    if method == Method::GET {
+        return Ok(json_response(200, &to_scale(&obj)));
+    }
+    let body = parse_json(&read_body(req).await?)?;
+    let mut scale = to_scale(&obj);
+    if method == Method::PUT {
+        if let Some(rv) = body_resource_version(&body)
+            && rv != current.mod_revision
+        {
+            return Err(ApiError::conflict(resource, name));
+        }
+        scale = body;
+    } else {
+        let media = content_type.split(';').next().unwrap_or("").trim();
+        let result = match media {
+            "application/merge-patch+json" => {
+                patch::merge_patch(&mut scale, &body);
+                Ok(())
+            }
+            "application/json-patch+json" => patch::json_patch(&mut scale, &body),
+            "application/strategic-merge-patch+json" => {
+                patch::strategic_merge_patch(&mut scale, &body)
+            }
+            other => return Err(ApiError::unsupported_media_type(other)),
+        };
+        result.map_err(|err| ApiError::new(422, "Invalid", err.to_string()))?;
+    }
+    let replicas =
+        scale.pointer("/spec/replicas").and_then(Value::as_i64).filter(|r| *r >= 0).ok_or_else(
+            || {
+                ApiError::invalid(
+                    resource,
+                    name,
+                    &[validate::FieldError {
+                        reason: "FieldValueInvalid",
+                        field: "spec.replicas".into(),
+                        message: "Invalid value: must be greater than or equal to 0".into(),
+                    }],
+                )
+            },
+        )?;
+    let mut updated = obj.clone();
+    updated["spec"]["replicas"] = json!(replicas);
+    let stored =
+        store_update(state, resource, ns, name, &current, updated, Part::Main, query.dry_run())
+            .await?;
+    Ok(json_response(200, &to_scale(&stored)))
 }
 
 /// POST pods/NAME/binding: sets spec.nodeName once (409 when already bound).

@@ -16,6 +16,7 @@ use crate::{
 pub mod endpoints;
 pub mod nodeipam;
 pub mod scheduler;
+pub mod workloads;
 
 const RESYNC: Duration = Duration::from_secs(5);
 
@@ -153,6 +154,7 @@ async fn reconcile<S: Store>(
             write(state, kv, pod, new).await?;
         }
     }
+    workloads_pass(state).await?;
     // EndpointSlices and Endpoints.
     let pods: Vec<Value> =
         list(state, resource("", "pods")).await?.into_iter().map(|(_, p)| p).collect();
@@ -222,4 +224,73 @@ async fn upsert<S: Store>(
             write(state, kv, current, new).await
         }
     }
+}
+
+fn apps(plural: &str) -> &'static Resource {
+    resources::find("apps", "v1", plural).expect("served resource")
+}
+
+/// Deployments (ReplicaSets and their sizes), then ReplicaSets (Pods), then statuses.
+async fn workloads_pass<S: Store>(state: &ApiState<S>) -> Result<(), String> {
+    let pods_resource = resource("", "pods");
+    let deployments = list(state, apps("deployments")).await?;
+    let replicasets = list(state, apps("replicasets")).await?;
+    let rs_objects: Vec<Value> = replicasets.iter().map(|(_, r)| r.clone()).collect();
+    for (kv, deploy) in &deployments {
+        if meta::meta_str(deploy, "deletionTimestamp").is_some() {
+            continue;
+        }
+        let plan = workloads::plan_deployment(deploy, &rs_objects);
+        let ns = meta::meta_str(deploy, "namespace").unwrap_or("").to_string();
+        if let Some(rs) = plan.create {
+            match handlers::create(state, apps("replicasets"), Some(&ns), rs, false).await {
+                Ok(_) => {}
+                Err(err) if err.code == 409 || err.code == 403 => {}
+                Err(err) => return Err(err.message),
+            }
+        }
+        for (name, replicas) in plan.scale {
+            let key = apps("replicasets").key(Some(&ns), &name);
+            if let Some((rs_kv, rs)) = replicasets.iter().find(|(k, _)| k.key == key) {
+                let mut new = rs.clone();
+                new["spec"]["replicas"] = json!(replicas);
+                write(state, rs_kv, rs, new).await?;
+            }
+        }
+        let mut new = deploy.clone();
+        new["status"] = plan.status;
+        let annotations = meta::metadata_mut(&mut new).entry("annotations").or_insert(json!({}));
+        if let Some(map) = annotations.as_object_mut() {
+            map.insert(workloads::REVISION_ANNOTATION.into(), json!(plan.revision));
+        }
+        write(state, kv, deploy, new).await?;
+    }
+    let replicasets = list(state, apps("replicasets")).await?;
+    let pods: Vec<Value> = list(state, pods_resource).await?.into_iter().map(|(_, p)| p).collect();
+    for (kv, rs) in &replicasets {
+        if meta::meta_str(rs, "deletionTimestamp").is_some() {
+            continue;
+        }
+        let plan = workloads::plan_replicaset(rs, &pods);
+        let ns = meta::meta_str(rs, "namespace").unwrap_or("").to_string();
+        for pod in plan.create {
+            match handlers::create(state, pods_resource, Some(&ns), pod, false).await {
+                Ok(_) => {}
+                Err(err) if err.code == 403 || err.code == 404 => {}
+                Err(err) => return Err(err.message),
+            }
+        }
+        for name in plan.delete {
+            match handlers::delete(state, pods_resource, Some(&ns), &name, &json!({}), false).await
+            {
+                Ok(_) => {}
+                Err(err) if err.code == 404 || err.code == 409 => {}
+                Err(err) => return Err(err.message),
+            }
+        }
+        let mut new = rs.clone();
+        new["status"] = plan.status;
+        write(state, kv, rs, new).await?;
+    }
+    Ok(())
 }

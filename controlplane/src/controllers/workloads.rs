@@ -1,0 +1,350 @@
+//! ReplicaSets and Deployments (pure): what their controllers decide from the current state.
+//!
+//! A ReplicaSet owns the Pods whose controller ownerReference names its uid; it creates Pods
+//! from its template until it has `spec.replicas` live ones (not terminating, not
+//! Succeeded/Failed) and deletes the surplus (unscheduled first, then not ready, then by name).
+//! A Deployment owns ReplicaSets the same way; the one whose `pod-template-hash` label matches
+//! the hash of the current template is the new one (created when missing, with the next
+//! `deployment.kubernetes.io/revision`) and gets all `spec.replicas`; older ones are scaled to
+//! zero at once. This is a rollout without surge pacing: correct end state, no
+//! maxSurge/maxUnavailable steps.
+use serde_json::{Value, json};
+
+use crate::resources::meta;
+
+pub const TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+
+/// A short stable hash of a Pod template (Kubernetes' pod-template-hash role).
+pub fn template_hash(template: &Value) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut n = crc32fast::hash(template.to_string().as_bytes()) as u64;
+    let mut out = String::new();
+    for _ in 0..10 {
+        out.push(ALPHABET[(n % ALPHABET.len() as u64) as usize] as char);
+        n /= ALPHABET.len() as u64;
+        if n == 0 {
+            break;
+        }
+    }
+    out
+}
+
+pub fn owned_by(obj: &Value, uid: &str) -> bool {
+    obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|refs| {
+        refs.iter().any(|r| {
+            r.get("uid").and_then(Value::as_str) == Some(uid)
+                && r.get("controller").and_then(Value::as_bool) == Some(true)
+        })
+    })
+}
+
+fn owner_ref(kind: &str, obj: &Value) -> Value {
+    json!([{
+        "apiVersion": "apps/v1", "kind": kind,
+        "name": meta::meta_str(obj, "name"), "uid": meta::meta_str(obj, "uid"),
+        "controller": true, "blockOwnerDeletion": true,
+    }])
+}
+
+fn pod_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| {
+        cs.iter().any(|c| {
+            c.get("type") == Some(&json!("Ready")) && c.get("status") == Some(&json!("True"))
+        })
+    })
+}
+
+fn live(pod: &Value) -> bool {
+    meta::meta_str(pod, "deletionTimestamp").is_none()
+        && !matches!(
+            pod.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        )
+}
+
+fn replicas(obj: &Value) -> i64 {
+    obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1).max(0)
+}
+
+/// What a ReplicaSet's controller does now.
+#[derive(Debug, Default)]
+pub struct ReplicaSetPlan {
+    /// Pods to create (complete objects, `generateName` set).
+    pub create: Vec<Value>,
+    /// Names of Pods to delete.
+    pub delete: Vec<String>,
+    /// The status to write.
+    pub status: Value,
+}
+
+pub fn plan_replicaset(rs: &Value, pods: &[Value]) -> ReplicaSetPlan {
+    let uid = meta::meta_str(rs, "uid").unwrap_or("");
+    let ns = meta::meta_str(rs, "namespace");
+    let mut owned: Vec<&Value> = pods
+        .iter()
+        .filter(|p| meta::meta_str(p, "namespace") == ns && owned_by(p, uid) && live(p))
+        .collect();
+    let want = replicas(rs) as usize;
+    let mut plan = ReplicaSetPlan::default();
+    if owned.len() < want {
+        let name = meta::meta_str(rs, "name").unwrap_or("rs");
+        let template = rs.pointer("/spec/template").cloned().unwrap_or(json!({}));
+        for _ in owned.len()..want {
+            let mut pod = json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": template.get("metadata").cloned().unwrap_or(json!({})),
+                "spec": template.get("spec").cloned().unwrap_or(json!({})),
+            });
+            let m = meta::metadata_mut(&mut pod);
+            m.remove("name");
+            m.insert("generateName".into(), json!(format!("{name}-")));
+            m.insert("ownerReferences".into(), owner_ref("ReplicaSet", rs));
+            plan.create.push(pod);
+        }
+    } else if owned.len() > want {
+        // Unscheduled first, then not ready, then by name (deterministic).
+        owned.sort_by_key(|p| {
+            (
+                p.pointer("/spec/nodeName").and_then(Value::as_str).is_some(),
+                pod_ready(p),
+                meta::meta_str(p, "name").unwrap_or("").to_string(),
+            )
+        });
+        plan.delete = owned[..owned.len() - want]
+            .iter()
+            .filter_map(|p| meta::meta_str(p, "name").map(String::from))
+            .collect();
+        owned.drain(..owned.len() - want);
+    }
+    let count = owned.len() + plan.create.len();
+    let ready = owned.iter().filter(|p| pod_ready(p)).count();
+    plan.status = json!({
+        "replicas": count,
+        "fullyLabeledReplicas": count,
+        "readyReplicas": ready,
+        "availableReplicas": ready,
+        "observedGeneration": rs.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
+    });
+    plan
+}
+
+/// What a Deployment's controller does now.
+#[derive(Debug, Default)]
+pub struct DeploymentPlan {
+    /// A new ReplicaSet to create.
+    pub create: Option<Value>,
+    /// (ReplicaSet name, replicas) for existing owned ReplicaSets whose size must change.
+    pub scale: Vec<(String, i64)>,
+    /// The revision annotation the Deployment should carry.
+    pub revision: String,
+    pub status: Value,
+}
+
+fn revision_of(rs: &Value) -> i64 {
+    rs.pointer("/metadata/annotations")
+        .and_then(|a| a.get(REVISION_ANNOTATION))
+        .and_then(Value::as_str)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn plan_deployment(deploy: &Value, replicasets: &[Value]) -> DeploymentPlan {
+    let uid = meta::meta_str(deploy, "uid").unwrap_or("");
+    let ns = meta::meta_str(deploy, "namespace");
+    let name = meta::meta_str(deploy, "name").unwrap_or("deploy");
+    let owned: Vec<&Value> = replicasets
+        .iter()
+        .filter(|r| {
+            meta::meta_str(r, "namespace") == ns
+                && owned_by(r, uid)
+                && meta::meta_str(r, "deletionTimestamp").is_none()
+        })
+        .collect();
+    let template = deploy.pointer("/spec/template").cloned().unwrap_or(json!({}));
+    let hash = template_hash(&template);
+    let want = replicas(deploy);
+    let mut plan = DeploymentPlan::default();
+    let current = owned.iter().find(|r| {
+        r.pointer(&format!("/metadata/labels/{TEMPLATE_HASH_LABEL}")).and_then(Value::as_str)
+            == Some(hash.as_str())
+    });
+    let max_revision = owned.iter().map(|r| revision_of(r)).max().unwrap_or(0);
+    match current {
+        None => {
+            let mut template = template.clone();
+            let labels = meta::metadata_mut(&mut template).entry("labels").or_insert(json!({}));
+            labels[TEMPLATE_HASH_LABEL] = json!(hash);
+            let mut selector = deploy.pointer("/spec/selector").cloned().unwrap_or(json!({}));
+            if !selector.get("matchLabels").is_some_and(Value::is_object) {
+                selector["matchLabels"] = json!({});
+            }
+            selector["matchLabels"][TEMPLATE_HASH_LABEL] = json!(hash);
+            plan.revision = (max_revision + 1).to_string();
+            plan.create = Some(json!({
+                "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "metadata": {
+                    "name": format!("{name}-{hash}"),
+                    "labels": template.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
+                    "annotations": {REVISION_ANNOTATION: plan.revision.clone()},
+                    "ownerReferences": owner_ref("Deployment", deploy),
+                },
+                "spec": {"replicas": want, "selector": selector, "template": template},
+            }));
+        }
+        Some(rs) => {
+            plan.revision = revision_of(rs).to_string();
+            if replicas(rs) != want {
+                plan.scale.push((meta::meta_str(rs, "name").unwrap_or("").to_string(), want));
+            }
+        }
+    }
+    for rs in &owned {
+        let is_current = current.is_some_and(|c| std::ptr::eq(*c, *rs));
+        if !is_current && replicas(rs) != 0 {
+            plan.scale.push((meta::meta_str(rs, "name").unwrap_or("").to_string(), 0));
+        }
+    }
+    let sum = |field: &str, only_current: bool| -> i64 {
+        owned
+            .iter()
+            .filter(|r| !only_current || current.is_some_and(|c| std::ptr::eq(*c, **r)))
+            .map(|r| r.pointer(&format!("/status/{field}")).and_then(Value::as_i64).unwrap_or(0))
+            .sum()
+    };
+    let (total, updated, ready, available) = (
+        sum("replicas", false),
+        sum("replicas", true),
+        sum("readyReplicas", false),
+        sum("availableReplicas", false),
+    );
+    let complete = updated == want && total == updated && available >= updated;
+    let now = meta::now_rfc3339();
+    // Timestamps change only when a condition does, so an unchanged state writes nothing.
+    let stamp = |kind: &str, status: &str, reason: &str| -> (Value, Value) {
+        let old = deploy
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c.get("type").and_then(Value::as_str) == Some(kind)));
+        match old {
+            Some(c)
+                if c.get("status") == Some(&json!(status))
+                    && c.get("reason") == Some(&json!(reason)) =>
+            {
+                (
+                    c.get("lastUpdateTime").cloned().unwrap_or(json!(now)),
+                    c.get("lastTransitionTime").cloned().unwrap_or(json!(now)),
+                )
+            }
+            _ => (json!(now), json!(now)),
+        }
+    };
+    let available_status = if available >= want { "True" } else { "False" };
+    let available_reason =
+        if available >= want { "MinimumReplicasAvailable" } else { "MinimumReplicasUnavailable" };
+    let progressing_reason = if complete { "NewReplicaSetAvailable" } else { "ReplicaSetUpdated" };
+    let (a_update, a_transition) = stamp("Available", available_status, available_reason);
+    let (p_update, p_transition) = stamp("Progressing", "True", progressing_reason);
+    plan.status = json!({
+        "observedGeneration": deploy.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
+        "replicas": total,
+        "updatedReplicas": updated,
+        "readyReplicas": ready,
+        "availableReplicas": available,
+        "unavailableReplicas": (total - available).max(0),
+        "conditions": [
+            {"type": "Available", "status": available_status, "reason": available_reason,
+             "lastUpdateTime": a_update, "lastTransitionTime": a_transition},
+            {"type": "Progressing", "status": "True", "reason": progressing_reason,
+             "lastUpdateTime": p_update, "lastTransitionTime": p_transition},
+        ],
+    });
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rs(replicas: i64) -> Value {
+        json!({"metadata": {"name": "web-abc", "namespace": "ns", "uid": "rs-uid", "generation": 2},
+               "spec": {"replicas": replicas, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+    }
+
+    fn pod(name: &str, owner: &str, node: Option<&str>, ready: bool) -> Value {
+        json!({"metadata": {"name": name, "namespace": "ns", "ownerReferences": [{"uid": owner, "controller": true}]},
+               "spec": {"nodeName": node},
+               "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})
+    }
+
+    #[test]
+    fn replicasets_create_missing_pods_from_the_template() {
+        let plan = plan_replicaset(
+            &rs(3),
+            &[pod("a", "rs-uid", Some("n"), true), pod("x", "other", None, true)],
+        );
+        assert_eq!(plan.create.len(), 2);
+        assert_eq!(plan.create[0]["metadata"]["generateName"], "web-abc-");
+        assert_eq!(plan.create[0]["metadata"]["labels"]["app"], "web");
+        assert_eq!(plan.create[0]["metadata"]["ownerReferences"][0]["uid"], "rs-uid");
+        assert_eq!(plan.status["replicas"], 3);
+        assert_eq!(plan.status["readyReplicas"], 1);
+        assert_eq!(plan.status["observedGeneration"], 2);
+    }
+
+    #[test]
+    fn replicasets_delete_unscheduled_and_unready_pods_first() {
+        let pods = [
+            pod("a", "rs-uid", Some("n"), true),
+            pod("b", "rs-uid", Some("n"), false),
+            pod("c", "rs-uid", None, true),
+        ];
+        let plan = plan_replicaset(&rs(1), &pods);
+        assert_eq!(plan.delete, ["c", "b"]);
+        assert_eq!(plan.status["replicas"], 1);
+        assert_eq!(plan.status["readyReplicas"], 1);
+    }
+
+    fn deploy(image: &str, replicas: i64) -> Value {
+        json!({"metadata": {"name": "web", "namespace": "ns", "uid": "d-uid", "generation": 1},
+               "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
+                        "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": image}]}}}})
+    }
+
+    #[test]
+    fn deployments_create_a_replicaset_per_template_and_retire_old_ones() {
+        let d = deploy("nginx:1", 2);
+        let plan = plan_deployment(&d, &[]);
+        let new = plan.create.unwrap();
+        let hash = template_hash(&d["spec"]["template"]);
+        assert_eq!(new["metadata"]["name"], format!("web-{hash}"));
+        assert_eq!(new["spec"]["selector"]["matchLabels"][TEMPLATE_HASH_LABEL], hash.as_str());
+        assert_eq!(
+            new["spec"]["template"]["metadata"]["labels"][TEMPLATE_HASH_LABEL],
+            hash.as_str()
+        );
+        assert_eq!(plan.revision, "1");
+        // The template changes: a second ReplicaSet, the first goes to zero.
+        let mut old = new.clone();
+        old["metadata"]["uid"] = json!("rs1");
+        old["metadata"]["namespace"] = json!("ns");
+        old["status"] = json!({"replicas": 2, "readyReplicas": 2, "availableReplicas": 2});
+        let d2 = deploy("nginx:2", 2);
+        let plan = plan_deployment(&d2, &[old.clone()]);
+        assert!(plan.create.is_some());
+        assert_eq!(plan.revision, "2");
+        assert_eq!(plan.scale, vec![(format!("web-{hash}"), 0)]);
+        assert_eq!(plan.status["updatedReplicas"], 0);
+        // Back to the old template with the new one done: complete.
+        let plan = plan_deployment(&d, &[old.clone()]);
+        assert!(plan.create.is_none() && plan.scale.is_empty());
+        assert_eq!(plan.status["conditions"][1]["reason"], "NewReplicaSetAvailable");
+        assert_eq!(plan.status["availableReplicas"], 2);
+        // Unchanged conditions keep their timestamps, so a settled state writes nothing.
+        let mut settled = d.clone();
+        settled["status"] = plan.status.clone();
+        settled["status"]["conditions"][0]["lastUpdateTime"] = json!("2000-01-01T00:00:00Z");
+        let again = plan_deployment(&settled, &[old]);
+        assert_eq!(again.status["conditions"][0]["lastUpdateTime"], "2000-01-01T00:00:00Z");
+    }
+}
