@@ -21,6 +21,10 @@ pub struct AgentArgs {
     /// cgroup v2 directory for the socket load balancer (default: the cgroup2 root).
     #[arg(long)]
     cgroup: Option<PathBuf>,
+    /// An interface traffic from outside the node arrives on (repeatable): node ports,
+    /// load-balancer IPs and external IPs are balanced there, per packet.
+    #[arg(long = "uplink")]
+    uplinks: Vec<String>,
     /// /healthz listener (kube-proxy's port by default; port 0 picks one and prints it).
     #[arg(long, default_value = defaults::DEFAULT_HEALTH_LISTEN)]
     health_listen: std::net::SocketAddr,
@@ -45,6 +49,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         node_addresses: args.node_addresses,
         pin_dir: args.pin_dir,
         cgroup: args.cgroup,
+        uplinks: args.uplinks,
         health_listen: args.health_listen,
         metrics_listen: args.metrics_listen,
         health_timeout: Duration::from_secs(args.health_timeout_seconds),

@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
 };
 use thiserror::Error;
 
@@ -57,8 +57,8 @@ pub enum LoadError {
         source: aya::programs::ProgramError,
     },
     #[error(
-        "attaching `{name}` to the cgroup failed (is the file a cgroup v2 directory? another \
-         program attached exclusively?)"
+        "attaching `{name}` failed (no such interface in this network namespace, or not a \
+         cgroup v2 directory?)"
     )]
     Attach {
         name: &'static str,
@@ -204,6 +204,42 @@ pub fn attach_socket_lb(
         // The kernel refuses attach flags on cgroup bpf links, so the mode is `Single`.
         let link_id = program
             .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(|source| LoadError::Attach { name, source })?;
+        if let Some(path) = pin {
+            let link =
+                program.take_link(link_id).map_err(|source| LoadError::Attach { name, source })?;
+            let link = FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })?;
+            link.pin(&path).map_err(|source| LoadError::PinLink { name, path, source })?;
+        }
+        done.attached += 1;
+    }
+    Ok(done)
+}
+
+/// Attaches the per-packet load balancer to a node uplink: `tc_lb4_fwd` on ingress (traffic
+/// from outside the node to node ports, load-balancer IPs and external IPs is translated to a
+/// backend) and `tc_lb4_rev` on egress (replies get the frontend back as their source). The
+/// interface is looked up in the calling thread's network namespace.
+///
+/// With `links_dir`, the tcx links are pinned as `<links_dir>/<program>@<interface>` and
+/// adopted when present, as in [`attach_socket_lb`].
+pub fn attach_tc_lb(
+    ebpf: &mut Ebpf,
+    interface: &str,
+    links_dir: Option<&Path>,
+) -> Result<Attached, LoadError> {
+    let mut done = Attached::default();
+    for (name, direction) in
+        [(TC_LB4_FORWARD, TcAttachType::Ingress), (TC_LB4_REVERSE, TcAttachType::Egress)]
+    {
+        let pin = links_dir.map(|dir| dir.join(format!("{name}@{interface}")));
+        if pin.as_ref().is_some_and(|pin| pin.exists()) {
+            done.adopted += 1;
+            continue;
+        }
+        let program = classifier(ebpf, name)?;
+        let link_id = program
+            .attach(interface, direction)
             .map_err(|source| LoadError::Attach { name, source })?;
         if let Some(path) = pin {
             let link =

@@ -29,6 +29,9 @@ pub struct AgentConfig {
     /// cgroup v2 directory the socket-level load balancer is attached to; `None` means the
     /// root of the cgroup2 mount (every process of the node).
     pub cgroup: Option<PathBuf>,
+    /// Interfaces traffic from outside the node arrives on (node ports, load-balancer IPs,
+    /// external IPs); the per-packet load balancer is attached to each.
+    pub uplinks: Vec<String>,
     pub health_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub health_timeout: Duration,
@@ -46,6 +49,8 @@ pub enum ConfigError {
     BadNodeName(String),
     #[error("--pin-dir {0} must be below /sys/fs/bpf (bpffs)")]
     PinDirNotOnBpffs(PathBuf),
+    #[error("--uplink {0:?} is not a valid interface name (1 to 15 bytes, no '/', no spaces)")]
+    BadUplink(String),
     #[error("--health-listen and --metrics-listen are both {0}; give them different ports")]
     SameListenAddress(SocketAddr),
 }
@@ -61,6 +66,15 @@ impl AgentConfig {
         }
         if !self.pin_dir.starts_with("/sys/fs/bpf") {
             return Err(ConfigError::PinDirNotOnBpffs(self.pin_dir.clone()));
+        }
+        if let Some(bad) = self.uplinks.iter().find(|name| {
+            name.is_empty()
+                || name.len() > 15
+                || name.contains(['/', ' ', '@'])
+                || *name == "."
+                || *name == ".."
+        }) {
+            return Err(ConfigError::BadUplink(bad.clone()));
         }
         if self.health_listen == self.metrics_listen && self.health_listen.port() != 0 {
             return Err(ConfigError::SameListenAddress(self.health_listen));
@@ -96,6 +110,7 @@ mod tests {
             node_addresses: vec![],
             pin_dir: DEFAULT_PIN_DIR.into(),
             cgroup: None,
+            uplinks: vec!["eth0".into()],
             health_listen: DEFAULT_HEALTH_LISTEN.parse().unwrap(),
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().unwrap(),
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
@@ -118,6 +133,9 @@ mod tests {
         let mut c = config();
         c.pin_dir = "/tmp/weir".into();
         assert!(matches!(c.validate(), Err(ConfigError::PinDirNotOnBpffs(_))));
+        let mut c = config();
+        c.uplinks = vec!["a-name-longer-than-15".into()];
+        assert!(matches!(c.validate(), Err(ConfigError::BadUplink(_))));
         let mut c = config();
         c.metrics_listen = c.health_listen;
         assert!(matches!(c.validate(), Err(ConfigError::SameListenAddress(_))));

@@ -120,6 +120,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         attached.attached,
         attached.adopted
     );
+    for uplink in &config.uplinks {
+        let attached = programs::attach_tc_lb(&mut loaded.ebpf, uplink, Some(&links))?;
+        log::info!(
+            "per-packet load balancer on {uplink}: {} attached, {} adopted",
+            attached.attached,
+            attached.adopted
+        );
+    }
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_ebpf_logs(logger));
     }

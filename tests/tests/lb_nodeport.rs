@@ -1,0 +1,97 @@
+//! NodePort traffic from outside the node, per packet: an external client reaches
+//! NODE_IP:nodePort; the tc load balancer on the node's uplink translates it to a pod behind
+//! the node, and the reply leaves the uplink with the node port as its source again. Three
+//! namespaces: external client, node (forwarding), pod.
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde_json::{Value, json};
+use weir_common::metrics::Counter;
+use weir_proxy::{
+    apply::{ebpf::MapWriter, plan::Planner},
+    maps::{ServiceMaps, read_counters},
+    model::{self, NodeContext},
+    programs::{self, Attached, LoadOptions},
+};
+use weir_tests::{
+    bpffs::TestPinDir,
+    echo::EchoServer,
+    netns::{Netns, Veth},
+    privileged::require_root,
+    process::command_in,
+};
+
+const EXTERNAL: Ipv4Addr = Ipv4Addr::new(10, 206, 0, 1);
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 206, 0, 2);
+const NODE_POD_SIDE: Ipv4Addr = Ipv4Addr::new(10, 206, 1, 1);
+const POD: Ipv4Addr = Ipv4Addr::new(10, 206, 1, 2);
+const NODE_PORT: u16 = 30080;
+
+fn objects() -> (Service, EndpointSlice) {
+    let service = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.3.1",
+                 "ports": [{"name": "http", "port": 80, "nodePort": NODE_PORT, "protocol": "TCP"}]},
+    }))
+    .unwrap();
+    let slice = serde_json::from_value(json!({
+        "metadata": {"name": "web-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [POD.to_string()], "conditions": {"ready": true}}],
+    }))
+    .unwrap();
+    (service, slice)
+}
+
+#[test]
+fn lb_nodeport_from_outside_the_node_reaches_the_pod_and_replies_from_the_node_port() {
+    require_root();
+    let external = Netns::new("npext").unwrap();
+    let node = Netns::new("npnode").unwrap();
+    let pod = Netns::new("nppod").unwrap();
+    let uplink = Veth::between(&external, &node).unwrap();
+    let pod_link = Veth::between(&node, &pod).unwrap();
+    external.ip(&["addr", "add", &format!("{EXTERNAL}/24"), "dev", &uplink.a]).unwrap();
+    node.ip(&["addr", "add", &format!("{NODE}/24"), "dev", &uplink.b]).unwrap();
+    node.ip(&["addr", "add", &format!("{NODE_POD_SIDE}/24"), "dev", &pod_link.a]).unwrap();
+    pod.ip(&["addr", "add", &format!("{POD}/24"), "dev", &pod_link.b]).unwrap();
+    pod.ip(&["route", "add", "default", "via", &NODE_POD_SIDE.to_string()]).unwrap();
+    node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")).unwrap().unwrap();
+    let _backend = EchoServer::tcp(&pod, (POD, 8080).into()).unwrap();
+
+    let pins = TestPinDir::new("nodeport").unwrap();
+    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+    let (service, slice) = objects();
+    let context = NodeContext { name: "node-a".into(), addresses: vec![NODE.into()] };
+    let plan = Planner::new().plan(&model::build([&service], [&slice], &context));
+    writer.execute(&plan.ops).unwrap();
+    let interface = uplink.b.clone();
+    let attached = node.run(|| programs::attach_tc_lb(&mut loaded.ebpf, &interface, None)).unwrap();
+    assert_eq!(attached.unwrap(), Attached { attached: 2, adopted: 0 });
+
+    let output = command_in(&external, None, env!("CARGO_BIN_EXE_weir-probe"))
+        .unwrap()
+        .args(["tcp", &format!("{NODE}:{NODE_PORT}"), "--timeout-ms", "3000"])
+        .output()
+        .unwrap();
+    let result: Value =
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {output:?}"));
+    assert_eq!(result["ok"], true, "{result}");
+    assert!(
+        result["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("pong from {POD}:8080 to {EXTERNAL}:")),
+        "the pod answered and saw the external client's address: {result}"
+    );
+    assert_eq!(result["peer"], format!("{NODE}:{NODE_PORT}"), "{result}");
+    let counters = read_counters(&loaded.ebpf).unwrap();
+    let count = |which| counters.iter().find(|(c, _)| *c == which).unwrap().1;
+    assert!(
+        count(Counter::Translated) >= 3 && count(Counter::ReverseTranslated) >= 2,
+        "{counters:?}"
+    );
+}
