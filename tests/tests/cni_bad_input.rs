@@ -121,5 +121,14 @@ fn cni_bad_input_gets_its_error_code_and_leaves_nothing() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     node.assert_clean(network).unwrap();
+
+    // A corrupt IPAM store is an I/O error (5), reported instead of being reset.
+    let store = node.data_dir.path().join(network);
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(store.join("state.json"), b"{\"version\":1,\"alloc").unwrap();
+    let run = node.exec(bin, "ADD", Some(&good), config.as_bytes(), &[]).unwrap();
+    assert_eq!(run.error_code().unwrap(), 5, "{}", run.stdout);
+    assert!(run.stdout.contains("corrupt"), "{}", run.stdout);
+    std::fs::remove_file(store.join("state.json")).unwrap();
     assert!(pod.ip(&["link", "show", "eth0"]).is_err(), "nothing was wired in the pod");
 }
