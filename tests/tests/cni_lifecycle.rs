@@ -80,6 +80,7 @@ fn lifecycle(version: &str, subnets: &[&str]) -> Result<()> {
     ping(&pod_a, &result_ip(&result_b, false).context("pod b has an IPv4 address")?)?;
     ping(&pod_b, &result_ip(&result_a, false).context("pod a has an IPv4 address")?)?;
     if v6 {
+        ping(&pod_a, "fe80::1%eth0")?;
         ping(&pod_a, &result_ip(&result_b, true).context("pod b has an IPv6 address")?)?;
     }
 
