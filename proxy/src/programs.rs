@@ -208,8 +208,7 @@ pub fn attach_socket_lb(
         if let Some(path) = pin {
             let link =
                 program.take_link(link_id).map_err(|source| LoadError::Attach { name, source })?;
-            let link = FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })?;
-            link.pin(&path).map_err(|source| LoadError::PinLink { name, path, source })?;
+            pin_link(name, link, path)?;
         }
         done.attached += 1;
     }
@@ -244,10 +243,19 @@ pub fn attach_tc_lb(
         if let Some(path) = pin {
             let link =
                 program.take_link(link_id).map_err(|source| LoadError::Attach { name, source })?;
-            let link = FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })?;
-            link.pin(&path).map_err(|source| LoadError::PinLink { name, path, source })?;
+            pin_link(name, link, path)?;
         }
         done.attached += 1;
     }
     Ok(done)
+}
+
+/// Pins an attachment as a bpf link at `path`, so it outlives this process.
+fn pin_link<L>(name: &'static str, link: L, path: PathBuf) -> Result<(), LoadError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let link = FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })?;
+    link.pin(&path).map_err(|source| LoadError::PinLink { name, path, source })?;
+    Ok(())
 }

@@ -16,5 +16,7 @@ pub mod names;
 pub mod netns;
 pub mod packet;
 pub mod privileged;
+pub mod probe;
 pub mod process;
 pub mod scenarios;
+pub mod topology;

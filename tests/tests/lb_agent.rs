@@ -16,13 +16,11 @@ use weir_tests::{
     apiserver::{ApiServer, TempDir, http_request, weir_binary},
     bpffs::TestPinDir,
     cgroup::TestCgroup,
-    echo::EchoServer,
-    netns::{Netns, Veth},
     privileged::require_root,
-    process::command_in,
+    probe::spread,
+    topology::ServiceNet,
 };
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 205, 0, 1);
 const BACKEND_A: Ipv4Addr = Ipv4Addr::new(10, 205, 0, 2);
 const BACKEND_B: Ipv4Addr = Ipv4Addr::new(10, 205, 0, 3);
 const WAIT: Duration = Duration::from_secs(15);
@@ -94,15 +92,6 @@ impl Drop for Agent {
     }
 }
 
-fn spread(client: &Netns, cgroup: &TestCgroup, vip: &str, count: u32) -> Value {
-    let output = command_in(client, Some(cgroup), env!("CARGO_BIN_EXE_weir-probe"))
-        .unwrap()
-        .args(["tcp-spread", &format!("{vip}:80"), &count.to_string()])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {output:?}"))
-}
-
 /// Polls `check` every 100 ms until it holds or [`WAIT`] passes.
 fn eventually(what: &str, mut check: impl FnMut() -> Option<String>) {
     let deadline = Instant::now() + WAIT;
@@ -146,17 +135,9 @@ fn slice(backends: &[Ipv4Addr]) -> Value {
 #[test]
 fn lb_agent_programs_services_from_the_api_server_and_survives_its_own_restart() {
     require_root();
-    let client = Netns::new("agentc").unwrap();
-    let server_ns = Netns::new("agents").unwrap();
-    let veth = Veth::between(&client, &server_ns).unwrap();
-    client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", &veth.a]).unwrap();
-    let _servers: Vec<EchoServer> = [BACKEND_A, BACKEND_B]
-        .iter()
-        .map(|ip| {
-            server_ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", &veth.b]).unwrap();
-            EchoServer::tcp(&server_ns, (*ip, 8080).into()).unwrap()
-        })
-        .collect();
+    let net = ServiceNet::new("agent", 205, 2).unwrap();
+    assert_eq!(net.backends, [BACKEND_A, BACKEND_B]);
+    let client = &net.client;
     let cgroup = TestCgroup::new("agent").unwrap();
     let pins = TestPinDir::new("agent").unwrap();
     let data = TempDir::new("agent-api");
@@ -177,7 +158,7 @@ fn lb_agent_programs_services_from_the_api_server_and_survives_its_own_restart()
 
     let mut agent = Agent::start(&api, &pins, &cgroup);
     eventually("traffic to the service reaching both backends", || {
-        let result = spread(&client, &cgroup, &vip, 100);
+        let result = spread(client, Some(&cgroup), &format!("{vip}:80"), 100);
         (result["backends"].as_object().map(|b| b.len()) != Some(2)).then(|| result.to_string())
     });
     assert_eq!(agent.get(agent.health, "/healthz").0, 200);
@@ -191,7 +172,7 @@ fn lb_agent_programs_services_from_the_api_server_and_survives_its_own_restart()
     );
     assert_eq!(code, 200, "{body}");
     eventually("the removed endpoint leaving the rotation", || {
-        let result = spread(&client, &cgroup, &vip, 50);
+        let result = spread(client, Some(&cgroup), &format!("{vip}:80"), 50);
         (result["backends"].as_object().map(|b| b.len()) != Some(1)).then(|| result.to_string())
     });
     let (code, metrics) = agent.get(agent.metrics, "/metrics");
@@ -222,7 +203,7 @@ fn lb_agent_programs_services_from_the_api_server_and_survives_its_own_restart()
 
     // SIGKILL: the datapath keeps working without an agent; the next one adopts it as it is.
     agent.kill();
-    assert_eq!(spread(&client, &cgroup, &vip, 20)["ok"], true);
+    assert_eq!(spread(client, Some(&cgroup), &format!("{vip}:80"), 20)["ok"], true);
     let agent = Agent::start(&api, &pins, &cgroup);
     let (_, metrics) = agent.get(agent.metrics, "/metrics");
     assert!(
@@ -235,7 +216,7 @@ fn lb_agent_programs_services_from_the_api_server_and_survives_its_own_restart()
     let (code, body) = api.json("DELETE", "/api/v1/namespaces/default/services/web", None);
     assert_eq!(code, 200, "{body}");
     eventually("the deleted service disappearing", || {
-        let result = spread(&client, &cgroup, &vip, 1);
+        let result = spread(client, Some(&cgroup), &format!("{vip}:80"), 1);
         (result["ok"] != false).then(|| result.to_string())
     });
 }

@@ -12,15 +12,10 @@ use weir_proxy::{
     programs::{self, LoadOptions},
 };
 use weir_tests::{
-    bpffs::TestPinDir,
-    cgroup::TestCgroup,
-    echo::EchoServer,
-    netns::{Netns, Veth},
-    privileged::require_root,
-    process::command_in,
+    bpffs::TestPinDir, cgroup::TestCgroup, privileged::require_root, probe::spread,
+    topology::ServiceNet,
 };
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 203, 0, 1);
 const BACKENDS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 203, 0, 2), Ipv4Addr::new(10, 203, 0, 3), Ipv4Addr::new(10, 203, 0, 4)];
 const VIP: &str = "10.96.1.1";
@@ -50,30 +45,12 @@ fn slice(backends: &[Ipv4Addr]) -> EndpointSlice {
     .unwrap()
 }
 
-/// Runs `weir-probe tcp-spread` in the client namespace and cgroup.
-fn spread(client: &Netns, cgroup: &TestCgroup, count: u32) -> Value {
-    let output = command_in(client, Some(cgroup), env!("CARGO_BIN_EXE_weir-probe"))
-        .unwrap()
-        .args(["tcp-spread", &format!("{VIP}:80"), &count.to_string()])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {output:?}"))
-}
-
 #[test]
 fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
     require_root();
-    let client = Netns::new("applyc").unwrap();
-    let server = Netns::new("applys").unwrap();
-    let veth = Veth::between(&client, &server).unwrap();
-    client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", &veth.a]).unwrap();
-    let _servers: Vec<EchoServer> = BACKENDS
-        .iter()
-        .map(|ip| {
-            server.ip(&["addr", "add", &format!("{ip}/24"), "dev", &veth.b]).unwrap();
-            EchoServer::tcp(&server, (*ip, 8080).into()).unwrap()
-        })
-        .collect();
+    let net = ServiceNet::new("apply", 203, 3).unwrap();
+    assert_eq!(net.backends, BACKENDS);
+    let client = &net.client;
     let cgroup = TestCgroup::new("apply").unwrap();
     let pins = TestPinDir::new("apply").unwrap();
     let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
@@ -85,7 +62,7 @@ fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
     // Three backends: 3,000 connections spread evenly (each within 5 points of a third).
     let plan = planner.plan(&model::build(&[service()], &[slice(&BACKENDS)], &node));
     writer.execute(&plan.ops).unwrap();
-    let result = spread(&client, &cgroup, CONNECTIONS);
+    let result = spread(client, Some(&cgroup), &format!("{VIP}:80"), CONNECTIONS);
     assert_eq!(result["ok"], true, "{result}");
     for ip in BACKENDS {
         let n = result["backends"][format!("{ip}:8080")].as_u64().unwrap_or(0);
@@ -97,7 +74,7 @@ fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
     let plan = planner.plan(&model::build(&[service()], &[slice(&BACKENDS[..2])], &node));
     assert!(plan.ops.len() <= 5, "an endpoint removal is a few writes: {:?}", plan.ops);
     writer.execute(&plan.ops).unwrap();
-    let result = spread(&client, &cgroup, 300);
+    let result = spread(client, Some(&cgroup), &format!("{VIP}:80"), 300);
     assert_eq!(result["ok"], true, "{result}");
     assert!(result["backends"].get(format!("{}:8080", BACKENDS[2])).is_none(), "{result}");
     assert_eq!(result["backends"].as_object().unwrap().len(), 2, "{result}");
@@ -109,6 +86,6 @@ fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
     assert!(maps.service_entries().is_empty(), "{:?}", maps.service_entries());
     assert!(maps.backend_entries().is_empty());
     assert!(maps.rev_nat_entries().is_empty());
-    let result = spread(&client, &cgroup, 1);
+    let result = spread(client, Some(&cgroup), &format!("{VIP}:80"), 1);
     assert_eq!(result["ok"], false, "no service, no route to the VIP: {result}");
 }

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use serde_json::{Value, json};
+use serde_json::json;
 use weir_common::metrics::Counter;
 use weir_proxy::{
     apply::{ebpf::MapWriter, plan::Planner},
@@ -18,7 +18,7 @@ use weir_tests::{
     echo::EchoServer,
     netns::{Netns, Veth},
     privileged::require_root,
-    process::command_in,
+    probe,
 };
 
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(10, 206, 0, 1);
@@ -72,13 +72,8 @@ fn lb_nodeport_from_outside_the_node_reaches_the_pod_and_replies_from_the_node_p
     let attached = node.run(|| programs::attach_tc_lb(&mut loaded.ebpf, &interface, None)).unwrap();
     assert_eq!(attached.unwrap(), Attached { attached: 2, adopted: 0 });
 
-    let output = command_in(&external, None, env!("CARGO_BIN_EXE_weir-probe"))
-        .unwrap()
-        .args(["tcp", &format!("{NODE}:{NODE_PORT}"), "--timeout-ms", "3000"])
-        .output()
-        .unwrap();
-    let result: Value =
-        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {output:?}"));
+    let target = format!("{NODE}:{NODE_PORT}");
+    let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
     assert_eq!(result["ok"], true, "{result}");
     assert!(
         result["reply"]

@@ -16,7 +16,7 @@ use weir_tests::{
     echo::{EchoServer, parse_reply},
     netns::{Netns, Veth},
     privileged::require_root,
-    process::command_in,
+    probe,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 202, 0, 1);
@@ -62,13 +62,7 @@ fn setup() -> Setup {
 /// Runs weir-probe in the client namespace, inside the LB cgroup or not.
 fn probe(setup: &Setup, in_cgroup: bool, mode: &str, target: SocketAddr) -> Value {
     let cgroup = in_cgroup.then_some(&setup.cgroup);
-    let output = command_in(&setup.client, cgroup, env!("CARGO_BIN_EXE_weir-probe"))
-        .unwrap()
-        .args([mode, &target.to_string(), "--timeout-ms", "2000"])
-        .output()
-        .expect("run weir-probe");
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("probe printed no JSON ({e}): {output:?}"))
+    probe::run(&setup.client, cgroup, &[mode, &target.to_string(), "--timeout-ms", "2000"])
 }
 
 fn counter(setup: &Setup, which: Counter) -> u64 {

@@ -18,13 +18,13 @@ use weir_proxy::{
 use weir_tests::{
     bpffs::TestPinDir,
     cgroup::TestCgroup,
-    echo::EchoServer,
-    netns::{Netns, Veth},
+    netns::Netns,
     privileged::require_root,
+    probe::{self, spread},
     process::command_in,
+    topology::ServiceNet,
 };
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 1);
 const BACKEND_A: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 2);
 const BACKEND_B: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 3);
 const VIP: &str = "10.96.2.1:80";
@@ -55,7 +55,7 @@ struct Session {
 
 impl Session {
     fn open(client: &Netns, cgroup: &TestCgroup) -> Self {
-        let mut child = command_in(client, Some(cgroup), env!("CARGO_BIN_EXE_weir-probe"))
+        let mut child = command_in(client, Some(cgroup), &probe::binary().to_string_lossy())
             .unwrap()
             .args(["tcp-session", VIP])
             .stdin(Stdio::piped())
@@ -89,29 +89,12 @@ impl Drop for Session {
     }
 }
 
-fn spread(client: &Netns, cgroup: &TestCgroup, count: u32) -> Value {
-    let output = command_in(client, Some(cgroup), env!("CARGO_BIN_EXE_weir-probe"))
-        .unwrap()
-        .args(["tcp-spread", VIP, &count.to_string()])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{e}: {output:?}"))
-}
-
 #[test]
 fn restart_connections_survive_and_the_new_agent_adopts_the_pins() {
     require_root();
-    let client = Netns::new("rstc").unwrap();
-    let server = Netns::new("rsts").unwrap();
-    let veth = Veth::between(&client, &server).unwrap();
-    client.ip(&["addr", "add", &format!("{CLIENT}/24"), "dev", &veth.a]).unwrap();
-    let _servers: Vec<EchoServer> = [BACKEND_A, BACKEND_B]
-        .iter()
-        .map(|ip| {
-            server.ip(&["addr", "add", &format!("{ip}/24"), "dev", &veth.b]).unwrap();
-            EchoServer::tcp(&server, (*ip, 8080).into()).unwrap()
-        })
-        .collect();
+    let net = ServiceNet::new("rst", 204, 2).unwrap();
+    assert_eq!(net.backends, [BACKEND_A, BACKEND_B]);
+    let client = &net.client;
     let cgroup = TestCgroup::new("restart").unwrap();
     let pins = TestPinDir::new("restart").unwrap();
     let links = pins.path().join("links");
@@ -126,13 +109,13 @@ fn restart_connections_survive_and_the_new_agent_adopts_the_pins() {
         assert_eq!(attached.unwrap(), Attached { attached: 4, adopted: 0 });
     }
     let mut sessions: Vec<Session> =
-        (0..SESSIONS).map(|_| Session::open(&client, &cgroup)).collect();
+        (0..SESSIONS).map(|_| Session::open(client, &cgroup)).collect();
 
     // No agent runs: established connections keep working, new ones still reach backends.
     for session in &mut sessions {
         assert_eq!(session.ping()["ok"], true);
     }
-    let while_down = spread(&client, &cgroup, 50);
+    let while_down = spread(client, Some(&cgroup), VIP, 50);
     assert_eq!(while_down["ok"], true, "{while_down}");
 
     // Second agent: adopts maps and links; the unchanged state costs no write.
@@ -145,7 +128,7 @@ fn restart_connections_survive_and_the_new_agent_adopts_the_pins() {
 
     // Its change reaches the programs the first agent attached: only A is used now.
     writer.execute(&planner.plan(&desired(&[BACKEND_A])).ops).unwrap();
-    let after = spread(&client, &cgroup, 50);
+    let after = spread(client, Some(&cgroup), VIP, 50);
     assert_eq!(after["ok"], true, "{after}");
     assert_eq!(after["backends"].as_object().unwrap().len(), 1, "{after}");
     assert_eq!(after["backends"][format!("{BACKEND_A}:8080")], 50, "{after}");
