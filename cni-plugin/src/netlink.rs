@@ -235,6 +235,7 @@ impl Socket {
     fn send(&mut self, msg: Msg) -> io::Result<u32> {
         self.seq = self.seq.wrapping_add(1);
         let bytes = msg.finish(self.seq);
+        // SAFETY: sockaddr_nl is plain integers; all-zero is a valid value (kernel, no groups).
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
         // SAFETY: the buffer and address are valid for the given lengths.
