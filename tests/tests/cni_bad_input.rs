@@ -132,3 +132,37 @@ fn cni_bad_input_gets_its_error_code_and_leaves_nothing() {
     std::fs::remove_file(store.join("state.json")).unwrap();
     assert!(pod.ip(&["link", "show", "eth0"]).is_err(), "nothing was wired in the pod");
 }
+
+/// An ADD that fails half-way (the pod already has the interface name, or already has a default
+/// route) rolls back what it made: no link, route or reservation is left, and the pod's own
+/// configuration is untouched.
+#[test]
+fn cni_failed_add_rolls_back_everything() {
+    require_root();
+    let node = Node::new().unwrap();
+    let config = node.config("1.0.0", "rollback", &["10.138.0.0/24"]);
+
+    let taken = Netns::new("taken").unwrap();
+    // (No dummy driver on every kernel: a veth pair inside the pod stands in.)
+    taken.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]).unwrap();
+    let a = Attachment::new(names::unique("ctr"), &taken);
+    let run = node.weir("ADD", Some(&a), &config).unwrap();
+    assert_eq!(run.error_code().unwrap(), 101, "{}", run.stdout);
+    node.assert_clean("rollback").unwrap();
+    assert!(
+        taken.ip(&["-o", "link", "show", "eth0"]).unwrap().contains("eth0p"),
+        "pod's eth0 kept"
+    );
+
+    let routed = Netns::new("routed").unwrap();
+    routed.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up0p"]).unwrap();
+    routed.ip(&["link", "set", "up0", "up"]).unwrap();
+    routed.ip(&["route", "add", "default", "dev", "up0"]).unwrap();
+    let b = Attachment::new(names::unique("ctr"), &routed);
+    let run = node.weir("ADD", Some(&b), &config).unwrap();
+    assert_eq!(run.error_code().unwrap(), 5, "{}", run.stdout);
+    assert!(run.stdout.contains("default route"), "{}", run.stdout);
+    node.assert_clean("rollback").unwrap();
+    assert!(routed.ip(&["link", "show", "eth0"]).is_err(), "eth0 removed again");
+    assert!(routed.ip(&["route", "show", "default"]).unwrap().contains("up0"));
+}
