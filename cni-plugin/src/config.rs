@@ -9,7 +9,7 @@
 //!   invalid where the command needs them: 4.
 //! - `ipam` absent or with `"type": "weir"` selects the built-in IPAM; any other `type` names a
 //!   plugin to delegate to (found in `CNI_PATH`).
-use std::{net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -177,13 +177,20 @@ struct RawBuiltinIpam {
     ranges: Vec<Vec<RawRange>>,
     node_state_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
+    lock_timeout_seconds: Option<f64>,
 }
 
 /// Where addresses come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ipam {
     /// weir's allocator. `ranges` empty means "read the pod CIDRs from `node_state_file`".
-    Builtin { ranges: Vec<RangeSet>, node_state_file: PathBuf, data_dir: PathBuf },
+    Builtin {
+        ranges: Vec<RangeSet>,
+        node_state_file: PathBuf,
+        data_dir: PathBuf,
+        /// How long to wait for the store's lock before answering 11.
+        lock_timeout: Duration,
+    },
     /// Another IPAM plugin, exec'd from `CNI_PATH`.
     Delegate { plugin: String },
 }
@@ -320,7 +327,15 @@ fn parse_ipam(ipam: Option<&Map<String, Value>>) -> Result<Ipam, CniError> {
     {
         return Err(invalid("ipam.ranges: give at most one range set per address family".into()));
     }
+    let lock_timeout = match raw.lock_timeout_seconds {
+        None => crate::ipam::store::DEFAULT_LOCK_TIMEOUT,
+        Some(s) if s > 0.0 && s <= 3600.0 => Duration::from_secs_f64(s),
+        Some(s) => {
+            return Err(invalid(format!("ipam.lockTimeoutSeconds {s} is out of range (0, 3600]")));
+        }
+    };
     Ok(Ipam::Builtin {
+        lock_timeout,
         ranges: sets,
         node_state_file: raw
             .node_state_file
@@ -417,6 +432,7 @@ mod tests {
             2
         );
         assert_eq!(code(&" ".repeat(MAX_CONFIG_BYTES + 1)), 6);
+        assert_eq!(code(r#"{"cniVersion":"1.0.0","name":"n","ipam":{"lockTimeoutSeconds":0}}"#), 7);
         let delegated =
             parse_conf(br#"{"cniVersion":"0.4.0","name":"n","ipam":{"type":"host-local"}}"#)
                 .unwrap();

@@ -128,9 +128,9 @@ fn add(env: &Env, conf: &NetConf) -> Result<serde_json::Value, CniError> {
 
     // 1. Reserve (or delegate).
     let allocation = match &conf.ipam {
-        Ipam::Builtin { ranges, node_state_file, data_dir } => {
+        Ipam::Builtin { ranges, node_state_file, data_dir, lock_timeout } => {
             let (sets, node_mtu) = builtin_sets(ranges, node_state_file)?;
-            let dir = ipam::store_dir(data_dir, &conf.name);
+            let dir = ipam::StoreDir::new(data_dir, &conf.name, *lock_timeout);
             let picked = ipam::reserve(&dir, &sets, &env.container_id, &env.ifname)?;
             wiring::test_kill_point("after-reservation");
             Allocation { ips: picked.into_iter().map(|(ip, _)| ip).collect(), node_mtu }
@@ -150,9 +150,9 @@ fn add(env: &Env, conf: &NetConf) -> Result<serde_json::Value, CniError> {
         }
     };
     let undo_ipam = || match &conf.ipam {
-        Ipam::Builtin { data_dir, .. } => {
+        Ipam::Builtin { data_dir, lock_timeout, .. } => {
             let _ = ipam::release(
-                &ipam::store_dir(data_dir, &conf.name),
+                &ipam::StoreDir::new(data_dir, &conf.name, *lock_timeout),
                 &env.container_id,
                 &env.ifname,
             );
@@ -199,8 +199,12 @@ fn add(env: &Env, conf: &NetConf) -> Result<serde_json::Value, CniError> {
     };
 
     // 4. Commit.
-    if let Ipam::Builtin { data_dir, .. } = &conf.ipam {
-        ipam::commit(&ipam::store_dir(data_dir, &conf.name), &env.container_id, &env.ifname)?;
+    if let Ipam::Builtin { data_dir, lock_timeout, .. } = &conf.ipam {
+        ipam::commit(
+            &ipam::StoreDir::new(data_dir, &conf.name, *lock_timeout),
+            &env.container_id,
+            &env.ifname,
+        )?;
     }
 
     let mut result = prev.unwrap_or_default();
@@ -243,8 +247,8 @@ fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     // the pair is gone already.
     wiring::del(&mut node, &host_name)?;
     match &conf.ipam {
-        Ipam::Builtin { data_dir, .. } => {
-            let dir = ipam::store_dir(data_dir, &conf.name);
+        Ipam::Builtin { data_dir, lock_timeout, .. } => {
+            let dir = ipam::StoreDir::new(data_dir, &conf.name, *lock_timeout);
             let released = ipam::release(&dir, &env.container_id, &env.ifname)?;
             endpoint::unregister(&conf.bpffs_dir, &released);
         }
@@ -288,9 +292,12 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         });
     }
     match &conf.ipam {
-        Ipam::Builtin { data_dir, .. } => {
-            let mut held =
-                ipam::held(&ipam::store_dir(data_dir, &conf.name), &env.container_id, &env.ifname)?;
+        Ipam::Builtin { data_dir, lock_timeout, .. } => {
+            let mut held = ipam::held(
+                &ipam::StoreDir::new(data_dir, &conf.name, *lock_timeout),
+                &env.container_id,
+                &env.ifname,
+            )?;
             let mut want = ips.clone();
             held.sort();
             want.sort();
@@ -327,9 +334,9 @@ fn require_status_and_gc(conf: &NetConf, what: &str) -> Result<(), CniError> {
 fn status(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     require_status_and_gc(conf, "STATUS")?;
     match &conf.ipam {
-        Ipam::Builtin { ranges, node_state_file, data_dir } => {
+        Ipam::Builtin { ranges, node_state_file, data_dir, lock_timeout } => {
             let (sets, _) = builtin_sets(ranges, node_state_file)?;
-            ipam::status(&ipam::store_dir(data_dir, &conf.name), &sets)
+            ipam::status(&ipam::StoreDir::new(data_dir, &conf.name, *lock_timeout), &sets)
         }
         Ipam::Delegate { plugin } => {
             let binary = ipam::delegate::find(plugin, &env.cni_path)?;
@@ -345,9 +352,9 @@ fn gc(env: &Env, conf: &NetConf) -> Result<(), CniError> {
         msg: "GC needs cni.dev/valid-attachments (an empty list releases everything)".into(),
     })?;
     match &conf.ipam {
-        Ipam::Builtin { data_dir, .. } => {
+        Ipam::Builtin { data_dir, lock_timeout, .. } => {
             let mut node = node_socket()?;
-            let dir = ipam::store_dir(data_dir, &conf.name);
+            let dir = ipam::StoreDir::new(data_dir, &conf.name, *lock_timeout);
             ipam::gc(&dir, &valid, |container_id, ifname, ips| {
                 let _ = wiring::del(&mut node, &wiring::host_ifname(container_id, ifname));
                 endpoint::unregister(&conf.bpffs_dir, ips);

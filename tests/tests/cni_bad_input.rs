@@ -166,3 +166,27 @@ fn cni_failed_add_rolls_back_everything() {
     assert!(routed.ip(&["link", "show", "eth0"]).is_err(), "eth0 removed again");
     assert!(routed.ip(&["route", "show", "default"]).unwrap().contains("up0"));
 }
+
+/// While another process holds the IPAM store's lock past `ipam.lockTimeoutSeconds`, ADD
+/// answers 11 (try again later) and leaves nothing; once it is free, ADD works.
+#[test]
+fn cni_locked_store_answers_try_again_later() {
+    require_root();
+    let node = Node::new().unwrap();
+    let mut config = node.config("1.0.0", "locked", &["10.139.0.0/24"]);
+    config["ipam"]["lockTimeoutSeconds"] = serde_json::json!(0.3);
+    let store = node.data_dir.path().join("locked");
+    std::fs::create_dir_all(&store).unwrap();
+    let lock = std::fs::File::create(store.join("lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) }, 0);
+    let pod = Netns::new("pod").unwrap();
+    let a = Attachment::new(names::unique("ctr"), &pod);
+    let run = node.weir("ADD", Some(&a), &config).unwrap();
+    assert_eq!(run.error_code().unwrap(), 11, "{}", run.stdout);
+    node.assert_clean("locked").unwrap();
+    drop(lock);
+    node.weir("ADD", Some(&a), &config).unwrap().result().unwrap();
+    node.weir("DEL", Some(&a), &config).unwrap().expect_ok().unwrap();
+    node.assert_clean("locked").unwrap();
+}

@@ -15,6 +15,7 @@ pub mod store;
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use allocator::RangeSet;
@@ -23,18 +24,30 @@ use store::{Owner, Store};
 
 use crate::{config::Attachment, error::CniError};
 
-/// The store directory of one network.
-pub fn store_dir(data_dir: &Path, network: &str) -> PathBuf {
-    data_dir.join(network)
+/// The store of one network: `<dataDir>/<network>`, and how long to wait for its lock.
+#[derive(Debug, Clone)]
+pub struct StoreDir {
+    pub path: PathBuf,
+    pub lock_timeout: Duration,
+}
+
+impl StoreDir {
+    pub fn new(data_dir: &Path, network: &str, lock_timeout: Duration) -> Self {
+        Self { path: data_dir.join(network), lock_timeout }
+    }
+
+    fn lock(&self) -> Result<Store, CniError> {
+        Store::lock(&self.path, self.lock_timeout)
+    }
 }
 
 pub fn reserve(
-    dir: &Path,
+    dir: &StoreDir,
     sets: &[RangeSet],
     container_id: &str,
     ifname: &str,
 ) -> Result<Vec<(IpAddr, IpNet)>, CniError> {
-    let store = Store::lock(dir)?;
+    let store = dir.lock()?;
     let mut state = store.load()?;
     let held = state.held_by(container_id, ifname);
     if !held.is_empty() {
@@ -65,8 +78,8 @@ pub fn reserve(
 
 /// Marks an attachment's addresses as committed. Losing this write in a crash is harmless: an
 /// uncommitted reservation is still in use and still released by DEL/GC.
-pub fn commit(dir: &Path, container_id: &str, ifname: &str) -> Result<(), CniError> {
-    let store = Store::lock(dir)?;
+pub fn commit(dir: &StoreDir, container_id: &str, ifname: &str) -> Result<(), CniError> {
+    let store = dir.lock()?;
     let mut state = store.load()?;
     for owner in state.allocations.values_mut().filter(|o| o.is(container_id, ifname)) {
         owner.committed = true;
@@ -75,20 +88,20 @@ pub fn commit(dir: &Path, container_id: &str, ifname: &str) -> Result<(), CniErr
 }
 
 /// The addresses an attachment holds (empty when the store does not exist).
-pub fn held(dir: &Path, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
-    if !dir.exists() {
+pub fn held(dir: &StoreDir, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
+    if !dir.path.exists() {
         return Ok(Vec::new());
     }
-    let store = Store::lock(dir)?;
+    let store = dir.lock()?;
     Ok(store.load()?.held_by(container_id, ifname))
 }
 
 /// Releases an attachment's addresses; returns them. Succeeds when there is nothing to release.
-pub fn release(dir: &Path, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
-    if !dir.exists() {
+pub fn release(dir: &StoreDir, container_id: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
+    if !dir.path.exists() {
         return Ok(Vec::new());
     }
-    let store = Store::lock(dir)?;
+    let store = dir.lock()?;
     let mut state = store.load()?;
     let released = state.release(container_id, ifname);
     if !released.is_empty() {
@@ -100,14 +113,14 @@ pub fn release(dir: &Path, container_id: &str, ifname: &str) -> Result<Vec<IpAdd
 /// Releases every reservation whose attachment is not in `valid`, calling `cleanup` for each
 /// released attachment (to remove its links) while the store is locked. Returns what was freed.
 pub fn gc(
-    dir: &Path,
+    dir: &StoreDir,
     valid: &[Attachment],
     mut cleanup: impl FnMut(&str, &str, &[IpAddr]),
 ) -> Result<Vec<(String, String)>, CniError> {
-    if !dir.exists() {
+    if !dir.path.exists() {
         return Ok(Vec::new());
     }
-    let store = Store::lock(dir)?;
+    let store = dir.lock()?;
     let mut state = store.load()?;
     let mut stale: Vec<(String, String)> = state
         .allocations
@@ -128,8 +141,8 @@ pub fn gc(
 }
 
 /// STATUS of the built-in IPAM: 51 when some range set has no free address.
-pub fn status(dir: &Path, sets: &[RangeSet]) -> Result<(), CniError> {
-    let state = if dir.exists() { Store::lock(dir)?.load()? } else { store::State::default() };
+pub fn status(dir: &StoreDir, sets: &[RangeSet]) -> Result<(), CniError> {
+    let state = if dir.path.exists() { dir.lock()?.load()? } else { store::State::default() };
     allocator::allocate(sets, &state.taken(), &state.last).map(|_| ()).map_err(|e| {
         CniError::Exhausted {
             msg: format!("{e}: new pods cannot get an address until some are deleted"),

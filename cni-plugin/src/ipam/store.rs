@@ -31,8 +31,9 @@ use crate::error::CniError;
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "lock";
-/// How long an invocation waits for the lock before answering "try again later" (code 11).
-const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an invocation waits for the lock by default before answering "try again later"
+/// (code 11); `ipam.lockTimeoutSeconds` changes it.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Who holds an address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,8 +91,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Creates `dir` if needed and takes its lock (waiting up to 30 s; then code 11).
-    pub fn lock(dir: &Path) -> Result<Self, CniError> {
+    /// Creates `dir` if needed and takes its lock (waiting up to `timeout`; then code 11).
+    pub fn lock(dir: &Path, timeout: Duration) -> Result<Self, CniError> {
         fs::create_dir_all(dir).map_err(|e| {
             CniError::io(format!("creating the IPAM directory {}", dir.display()), e)
         })?;
@@ -115,15 +116,15 @@ impl Store {
         std::thread::spawn(move || {
             let _ = tx.send(try_flock(&waiter, libc::LOCK_EX));
         });
-        match rx.recv_timeout(LOCK_TIMEOUT) {
+        match rx.recv_timeout(timeout) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(lock_err(e)),
             Err(_) => {
                 return Err(CniError::TryAgain {
                     msg: format!(
-                        "the IPAM store {} stayed locked for {} s; try again later",
+                        "the IPAM store {} stayed locked for {:.1} s; try again later",
                         dir.display(),
-                        LOCK_TIMEOUT.as_secs()
+                        timeout.as_secs_f64()
                     ),
                 });
             }
@@ -188,7 +189,7 @@ mod tests {
     #[test]
     fn state_round_trips_and_releases_by_attachment() {
         let dir = std::env::temp_dir().join(format!("weirt-store-unit-{}", std::process::id()));
-        let store = Store::lock(&dir).unwrap();
+        let store = Store::lock(&dir, DEFAULT_LOCK_TIMEOUT).unwrap();
         let mut state = store.load().unwrap();
         assert!(state.allocations.is_empty());
         let owner =
@@ -211,12 +212,12 @@ mod tests {
     #[test]
     fn a_second_locker_waits_until_the_first_is_done() {
         let dir = std::env::temp_dir().join(format!("weirt-store-lock-{}", std::process::id()));
-        let first = Store::lock(&dir).unwrap();
+        let first = Store::lock(&dir, DEFAULT_LOCK_TIMEOUT).unwrap();
         let started = std::time::Instant::now();
         let second = std::thread::spawn({
             let dir = dir.clone();
             move || {
-                let store = Store::lock(&dir).unwrap();
+                let store = Store::lock(&dir, DEFAULT_LOCK_TIMEOUT).unwrap();
                 drop(store);
                 started.elapsed()
             }
