@@ -53,6 +53,10 @@ struct ApiserverArgs {
     /// Do not run the in-process controllers (pod CIDRs, scheduler, EndpointSlices).
     #[arg(long)]
     disable_controllers: bool,
+    /// Node names (comma-separated) that get an agent token and a kubeconfig in
+    /// <data-dir>/nodes/NAME.kubeconfig.
+    #[arg(long, value_delimiter = ',')]
+    node_tokens: Vec<String>,
     /// Keep objects in this etcd (http://IP:PORT) instead of the embedded store in the data
     /// dir.
     #[arg(long)]
@@ -100,6 +104,7 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     config.watch_history = args.watch_history;
     config.cluster_cidr = Some(args.cluster_cidr);
     config.controllers = !args.disable_controllers;
+    config.node_tokens = args.node_tokens;
     let etcd = args.etcd_endpoints;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -153,7 +153,9 @@ fn wait_for_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) ->
 #[test]
 fn kubectl_applies_gets_watches_patches_and_deletes() {
     let dir = TempDir::new("api-kubectl");
-    let server = ApiServer::start(dir.path());
+    // The verbs alone: without controllers the Deployment creates no Pods that would join the
+    // label selections below (api_deployments covers the controllers).
+    let server = ApiServer::start_with(dir.path(), &["--disable-controllers"]);
     let kubectl = Kubectl::new(&server.kubeconfig);
     let manifest = dir.path().join("manifest.yaml");
     std::fs::write(&manifest, MANIFEST).unwrap();
@@ -414,4 +416,38 @@ fn kubectl_works_the_same_against_the_etcd_backend() {
     );
     kubectl.ok(&["delete", "pod", "web-0", "-n", "demo"]);
     assert!(kubectl.fails(&["get", "pod", "web-0", "-n", "demo"]).contains("NotFound"));
+}
+
+#[test]
+fn node_tokens_read_everything_but_write_only_their_own_node() {
+    let dir = TempDir::new("api-node-tokens");
+    let server = ApiServer::start_with(
+        dir.path(),
+        &["--node-tokens", "node-a,node-b", "--disable-controllers"],
+    );
+    let admin = Kubectl::new(&server.kubeconfig);
+    let nodes = dir.path().join("nodes.yaml");
+    std::fs::write(&nodes, "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\n").unwrap();
+    admin.ok(&["apply", "-f", nodes.to_str().unwrap()]);
+    let agent = Kubectl::new(&dir.path().join("nodes/node-a.kubeconfig"));
+    assert!(agent.ok(&["get", "nodes", "-o", "name"]).contains("node/node-b"));
+    let ready = r#"{"status":{"conditions":[{"type":"Ready","status":"True"}]}}"#;
+    agent.ok(&["patch", "node", "node-a", "--subresource=status", "--type=merge", "-p", ready]);
+    let err = agent.fails(&[
+        "patch",
+        "node",
+        "node-b",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        ready,
+    ]);
+    assert!(err.contains("Forbidden") || err.contains("forbidden"), "{err}");
+    let err = agent.fails(&["delete", "node", "node-b"]);
+    assert!(err.contains("Forbidden") || err.contains("forbidden"), "{err}");
+    assert_eq!(
+        admin.ok(&["get", "node", "node-a", "-o", "jsonpath={.status.conditions[0].status}"]),
+        "True"
+    );
+    assert_eq!(admin.ok(&["get", "node", "node-b", "-o", "jsonpath={.status.conditions}"]), "");
 }

@@ -48,6 +48,8 @@ pub struct Config {
     pub cluster_cidr: Option<String>,
     /// Run the in-process controllers (pod CIDRs, scheduler, EndpointSlices/Endpoints).
     pub controllers: bool,
+    /// Nodes that get an agent token (and `<data-dir>/nodes/NAME.kubeconfig`).
+    pub node_tokens: Vec<String>,
     /// Store events kept for watches to resume from; older versions get 410 Gone.
     pub watch_history: usize,
 }
@@ -64,6 +66,7 @@ impl Config {
             max_in_flight: 400,
             watch_history: embedded::Options::default().history_limit,
             cluster_cidr: Some("10.244.0.0/16".into()),
+            node_tokens: Vec::new(),
             controllers: true,
         }
     }
@@ -161,7 +164,8 @@ pub async fn start_with_store<S: Store>(
     };
     let pki = auth::ensure_pki(&config.data_dir.join("pki"))?;
     let tls = auth::tls_config(&pki)?;
-    let tokens = Tokens::ensure(&config.data_dir)?;
+    let mut tokens = Tokens::ensure(&config.data_dir)?;
+    tokens.ensure_nodes(&config.data_dir, &config.node_tokens)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
@@ -193,6 +197,15 @@ pub async fn start_with_store<S: Store>(
         let text = auth::kubeconfig(&format!("https://{addr}"), Some(&pki.ca_pem), &admin, "admin");
         auth::write_kubeconfig(path, &text)?;
     }
+    for node in &config.node_tokens {
+        let user = format!("system:node:{node}");
+        let token = tokens_for_kubeconfig(&state.tokens, &user);
+        let text = auth::kubeconfig(&format!("https://{addr}"), Some(&pki.ca_pem), &token, &user);
+        auth::write_kubeconfig(
+            &config.data_dir.join("nodes").join(format!("{node}.kubeconfig")),
+            &text,
+        )?;
+    }
     let mut tasks = JoinSet::new();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tasks.spawn(accept_loop(listener, Some(acceptor), state.clone()));
@@ -206,6 +219,10 @@ pub async fn start_with_store<S: Store>(
     }
     log::info!("weir apiserver: serving https://{addr}");
     Ok(RunningServer { addr, insecure_addr, admin_token: admin, tasks })
+}
+
+fn tokens_for_kubeconfig(tokens: &Tokens, user: &str) -> String {
+    tokens.for_user(user).map(|e| e.token.clone()).unwrap_or_default()
 }
 
 async fn bootstrap<S: Store>(state: &Arc<ApiState<S>>) -> Result<(), ServerError> {
@@ -306,12 +323,23 @@ async fn route<S: Store>(
         _ => {}
     }
     let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let role = state
-        .tokens
-        .authenticate(authorization)
-        .map(|e| e.role)
-        .ok_or_else(ApiError::unauthorized)?;
+    let entry = state.tokens.authenticate(authorization).ok_or_else(ApiError::unauthorized)?;
+    let role = entry.role;
     let read_only = req.method() == hyper::Method::GET || req.method() == hyper::Method::HEAD;
+    if role == Role::Node && !read_only {
+        let node = entry.user.strip_prefix("system:node:").unwrap_or("");
+        if !auth::node_may_write(node, req.method().as_str(), &segments) {
+            return Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "{} may not {} {path}: node tokens write only their own Node, Pod status and Events",
+                    entry.user,
+                    req.method()
+                ),
+            ));
+        }
+    }
     if role == Role::Reader && !read_only {
         return Err(ApiError::new(
             403,

@@ -131,6 +131,24 @@ pub fn tls_config(pki: &Pki) -> Result<Arc<ServerConfig>, AuthError> {
 pub enum Role {
     Admin,
     Reader,
+    /// A node agent (`system:node:NAME`): reads everything, writes only its own Node (and its
+    /// status), Pod status, Events, and may register Nodes.
+    Node,
+}
+
+/// Whether a `Node`-role token of node `node` may make a write (non-GET) request on `path`
+/// segments. Pure, so the rule is tested without a server.
+pub fn node_may_write(node: &str, method: &str, segments: &[&str]) -> bool {
+    match (method, segments) {
+        ("POST", ["api", "v1", "nodes"]) => true,
+        (
+            "PUT" | "PATCH",
+            ["api", "v1", "nodes", name] | ["api", "v1", "nodes", name, "status"],
+        ) => *name == node,
+        ("PUT" | "PATCH", ["api", "v1", "namespaces", _, "pods", _, "status"]) => true,
+        ("POST" | "PATCH", ["api", "v1", "namespaces", _, "events", ..]) => true,
+        _ => false,
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -169,6 +187,24 @@ impl Tokens {
         let file: TokenFile = serde_json::from_str(&text)
             .map_err(|err| AuthError::Invalid { path: path.clone(), detail: err.to_string() })?;
         Ok(Tokens { entries: file.tokens })
+    }
+
+    /// Adds a node token for each name in `nodes` that has none, saving the file.
+    pub fn ensure_nodes(&mut self, data_dir: &Path, nodes: &[String]) -> Result<(), AuthError> {
+        let mut added = false;
+        for node in nodes {
+            let user = format!("system:node:{node}");
+            if self.for_user(&user).is_none() {
+                self.entries.push(TokenEntry { user, token: new_token(), role: Role::Node });
+                added = true;
+            }
+        }
+        if added {
+            let file = TokenFile { tokens: self.entries.clone() };
+            let text = serde_json::to_string_pretty(&file).expect("serializable");
+            write_private(&data_dir.join("tokens.json"), text.as_bytes())?;
+        }
+        Ok(())
     }
 
     /// The entry of the bearer token in an Authorization header value.
@@ -223,6 +259,23 @@ pub fn write_kubeconfig(path: &Path, contents: &str) -> Result<(), AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_tokens_write_only_their_own_node_and_pod_status() {
+        let may = |method: &str, path: &str| {
+            let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+            node_may_write("a", method, &segments)
+        };
+        assert!(may("PATCH", "/api/v1/nodes/a/status"));
+        assert!(may("PUT", "/api/v1/nodes/a"));
+        assert!(!may("PATCH", "/api/v1/nodes/b/status"));
+        assert!(may("PATCH", "/api/v1/namespaces/x/pods/p/status"));
+        assert!(!may("PATCH", "/api/v1/namespaces/x/pods/p"));
+        assert!(!may("DELETE", "/api/v1/namespaces/x/pods/p"));
+        assert!(may("POST", "/api/v1/namespaces/x/events"));
+        assert!(!may("POST", "/api/v1/namespaces/x/configmaps"));
+        assert!(may("POST", "/api/v1/nodes"));
+    }
 
     #[test]
     fn tokens_authenticate_only_exact_bearer_values() {
