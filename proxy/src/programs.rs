@@ -98,11 +98,38 @@ pub struct LoadOptions {
     pub pin_dir: PathBuf,
     /// Forward the programs' aya-log records to the `log` crate (costs cycles per packet).
     pub forward_logs: bool,
+    /// Capacities of the maps created by this load (maps already pinned keep theirs).
+    pub sizes: MapSizes,
 }
 
 impl LoadOptions {
     pub fn new(pin_dir: impl Into<PathBuf>) -> Self {
-        Self { pin_dir: pin_dir.into(), forward_logs: false }
+        Self { pin_dir: pin_dir.into(), forward_logs: false, sizes: MapSizes::default() }
+    }
+}
+
+/// Map capacities. The defaults are at least Cilium's (64k service entries and backends,
+/// 512k conntrack entries). `services` counts entries, and a frontend takes one entry plus one
+/// per backend slot: 100k services with 4 backends each need 500k.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub rev_nat: u32,
+    pub conntrack: u32,
+    pub socket_rev_nat: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        use weir_common::{conntrack, lb, sock};
+        Self {
+            services: lb::DEFAULT_SERVICE_ENTRIES,
+            backends: lb::DEFAULT_BACKEND_ENTRIES,
+            rev_nat: lb::DEFAULT_REV_NAT_ENTRIES,
+            conntrack: conntrack::DEFAULT_CT4_ENTRIES,
+            socket_rev_nat: sock::DEFAULT_SOCK_REV4_ENTRIES,
+        }
     }
 }
 
@@ -125,8 +152,14 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
     std::fs::create_dir_all(&options.pin_dir)
         .map_err(|source| LoadError::PinDir { path: options.pin_dir.clone(), source })?;
     let level: u8 = if options.forward_logs { u8::MAX } else { 0 };
+    let sizes = options.sizes;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&options.pin_dir)
+        .map_max_entries(weir_common::lb::SERVICE_MAP, sizes.services)
+        .map_max_entries(weir_common::lb::BACKEND_MAP, sizes.backends)
+        .map_max_entries(weir_common::lb::REV_NAT_MAP, sizes.rev_nat)
+        .map_max_entries(weir_common::conntrack::CT4_MAP, sizes.conntrack)
+        .map_max_entries(weir_common::sock::SOCK_REV4_MAP, sizes.socket_rev_nat)
         .override_global(aya_log::LEVEL, &level, true)
         .load(OBJECT)
         .map_err(LoadError::Load)?;

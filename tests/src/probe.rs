@@ -6,17 +6,16 @@ use serde_json::Value;
 
 use crate::{cgroup::TestCgroup, netns::Netns, process::command_in};
 
-/// The `weir-probe` binary. Cargo builds a package's binaries before its integration tests and
-/// puts them next to the `deps/` directory the test executable runs from.
+/// The `weir-probe` binary: next to the running executable (the benchmark binary), or one level
+/// up from it (integration tests run from `<target>/<profile>/deps`, and cargo builds the
+/// package's binaries into `<target>/<profile>` before them).
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executables run from <target>/<profile>/deps");
-    let probe = profile_dir.join("weir-probe");
-    assert!(probe.exists(), "{} is missing: run the tests through cargo", probe.display());
-    probe
+    let dir = exe.parent().expect("an executable has a directory");
+    let candidates = [dir.join("weir-probe"), dir.parent().unwrap_or(dir).join("weir-probe")];
+    candidates.iter().find(|p| p.exists()).cloned().unwrap_or_else(|| {
+        panic!("weir-probe not found next to {}: build the weir-tests binaries", exe.display())
+    })
 }
 
 /// Runs `weir-probe ARGS...` in `netns` (and `cgroup`) and returns its JSON line.

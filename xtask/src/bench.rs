@@ -13,9 +13,11 @@ pub fn run(root: &Path, name: &str, rounds: u32) -> Result<()> {
     }
     setup::run()?;
     let out = root.join("target").join("bench");
+    // All binaries of the test crate: the benchmarks run weir-probe as their client.
+    cmd::run(cmd::cargo(root).args(["build", "--release", "--package", "weir-tests", "--bins"]))?;
     cmd::run(
-        cmd::cargo(root)
-            .args(["run", "--release", "--package", "weir-tests", "--bin", "weir-bench", "--"])
+        std::process::Command::new(root.join("target/release/weir-bench"))
+            .current_dir(root)
             .arg(name)
             .arg("--rounds")
             .arg(rounds.to_string())

@@ -6,6 +6,7 @@
 //! candidate, the median of the baseline, and the median of the per-round ratios
 //! candidate/baseline. It is printed and written as JSON to `<out>/<name>.json`.
 pub mod cni;
+pub mod lb;
 pub mod tc_rewrite;
 
 use std::{collections::BTreeMap, fs, path::Path};

@@ -2,9 +2,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use weir_tests::bench::{cni, tc_rewrite};
+use weir_tests::bench::{cni, lb, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni, lb)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -23,6 +23,7 @@ fn main() -> Result<()> {
     let report = match name.as_str() {
         "tc-rewrite" => tc_rewrite::run(rounds)?,
         "cni" => cni::run(rounds)?,
+        "lb" => lb::run(rounds)?,
         other => bail!("unknown benchmark {other:?}; {USAGE}"),
     };
     report.print();

@@ -144,6 +144,7 @@ fn udp(target: SocketAddr, timeout: Duration, connected: bool) -> Probe {
 fn spread(target: SocketAddr, count: u32) -> ExitCode {
     let mut backends = std::collections::BTreeMap::<String, u32>::new();
     let mut failures = 0u32;
+    let mut first_error = None;
     for _ in 0..count {
         match tcp(target, Duration::from_secs(2)) {
             Ok((reply, _, _)) => {
@@ -151,9 +152,15 @@ fn spread(target: SocketAddr, count: u32) -> ExitCode {
                 let backend = reply.split_whitespace().nth(2).unwrap_or("?").to_string();
                 *backends.entry(backend).or_default() += 1;
             }
-            Err(_) => failures += 1,
+            Err(err) => {
+                failures += 1;
+                first_error.get_or_insert_with(|| format!("{err} ({:?})", err.kind()));
+            }
         }
     }
-    println!("{}", json!({"ok": failures == 0, "backends": backends, "failures": failures}));
+    println!(
+        "{}",
+        json!({"ok": failures == 0, "backends": backends, "failures": failures, "first_error": first_error})
+    );
     if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
