@@ -451,3 +451,28 @@ fn node_tokens_read_everything_but_write_only_their_own_node() {
     );
     assert_eq!(admin.ok(&["get", "node", "node-b", "-o", "jsonpath={.status.conditions}"]), "");
 }
+
+#[test]
+fn kubectl_create_generators_that_send_protobuf_work_for_namespaces_and_configmaps() {
+    let dir = TempDir::new("api-kubectl-protobuf");
+    let server = ApiServer::start(dir.path());
+    let kubectl = Kubectl::new(&server.kubeconfig);
+    assert!(kubectl.ok(&["create", "namespace", "lab"]).contains("namespace/lab created"));
+    kubectl.ok(&[
+        "create",
+        "configmap",
+        "cfg",
+        "-n",
+        "lab",
+        "--from-literal=a=1",
+        "--from-literal=b=2",
+    ]);
+    assert_eq!(
+        kubectl.ok(&["get", "cm", "cfg", "-n", "lab", "-o", "jsonpath={.data.a},{.data.b}"]),
+        "1,2"
+    );
+    // Other typed creates are refused with a message, and nothing is stored.
+    let err = kubectl.fails(&["create", "deployment", "web", "-n", "lab", "--image=nginx"]);
+    assert!(err.contains("send JSON"), "{err}");
+    assert!(kubectl.fails(&["get", "deployment", "web", "-n", "lab"]).contains("NotFound"));
+}

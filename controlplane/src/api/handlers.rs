@@ -166,7 +166,19 @@ fn header_value(req: &Request<Incoming>, name: header::HeaderName) -> String {
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
-    require_json(&header_value(&req, header::CONTENT_TYPE))?;
+    let content_type = header_value(&req, header::CONTENT_TYPE);
+    if content_type.split(';').next().unwrap_or("").trim() == "application/vnd.kubernetes.protobuf"
+    {
+        // kubectl's typed commands (create namespace/configmap) send protobuf.
+        let body = read_body(req).await?;
+        return resources::protobuf::to_json(&body).map_err(|err| match err {
+            resources::protobuf::ProtobufError::Unsupported(_) => {
+                ApiError::new(415, "UnsupportedMediaType", err.to_string())
+            }
+            other => ApiError::bad_request(other.to_string()),
+        });
+    }
+    require_json(&content_type)?;
     parse_json(&read_body(req).await?)
 }
 

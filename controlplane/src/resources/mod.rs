@@ -3,6 +3,7 @@
 //! selectors, patches and per-kind validation and defaulting. Nothing here does I/O.
 pub mod meta;
 pub mod patch;
+pub mod protobuf;
 pub mod selector;
 pub mod validate;
 
