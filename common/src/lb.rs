@@ -62,7 +62,8 @@ impl ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Backend ID for slot entries; 0 in the master entry.
+    /// Slot entries: the backend ID. Master entry: the ClientIP session affinity timeout in
+    /// seconds when `flags` has [`service_flags::AFFINITY`], else 0 (Cilium's layout).
     pub backend_id: u32,
     /// Index into `weir_rev_nat_v1` (master entry only); never 0 for a live service. 32 bits:
     /// a node may serve more than 65,535 frontends.
@@ -92,7 +93,40 @@ pub mod service_flags {
     /// although the service has endpoints elsewhere: kube-proxy drops such traffic instead of
     /// rejecting it.
     pub const EMPTY_BY_POLICY: u8 = 1 << 0;
+    /// ClientIP session affinity: a client keeps its backend while it keeps using it within the
+    /// timeout held in the master entry's `backend_id`.
+    pub const AFFINITY: u8 = 1 << 1;
 }
+
+pub const AFFINITY4_MAP: &str = "weir_affinity4_v1";
+pub const DEFAULT_AFFINITY4_ENTRIES: u32 = 65_536;
+
+/// Key of `weir_affinity4_v1` (LRU): a client and a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey4 {
+    /// The client: its network namespace cookie at the socket layer (the source address is
+    /// not known at connect()), its IPv4 address (network byte order) on the tc path.
+    pub client: u64,
+    pub rev_nat_index: u32,
+    /// 0 for socket-layer keys, 1 for tc-path keys, so the two never collide.
+    pub scope: u32,
+}
+const _: () = assert!(core::mem::size_of::<AffinityKey4>() == 16);
+
+/// Value of `weir_affinity4_v1`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue4 {
+    /// When the client last used the backend (bpf_ktime_get_ns).
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    /// The slot the backend held when chosen: re-checked on use, so a backend that left the
+    /// service is never used again through affinity.
+    pub slot: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<AffinityValue4>() == 16);
 
 /// Value of `weir_backend_v1`.
 #[repr(C)]
@@ -139,4 +173,4 @@ impl RevNat {
     }
 }
 
-impl_pod!(ServiceKey, ServiceValue, Backend, RevNat);
+impl_pod!(ServiceKey, ServiceValue, Backend, RevNat, AffinityKey4, AffinityValue4);

@@ -4,20 +4,28 @@
 //! tracked flow keeps its backend while that backend exists; a new flow picks a slot at random
 //! in `1..=count`. Both directions of the flow are recorded in `weir_ct4_v1`.
 //! Reverse: a packet matching a reply entry gets the frontend address and port as its source.
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    programs::TcContext,
+};
 use aya_log_ebpf::debug;
 use weir_common::{
     conntrack::{CT_FORWARD, CT_REPLY, CtKey4, CtValue4},
-    lb::{Backend, ServiceKey},
+    lb::{AffinityKey4, AffinityValue4, Backend, ServiceKey, ServiceValue, service_flags},
     metrics::Counter,
 };
 
 use crate::{
-    maps::{BACKENDS, CT4, REV_NAT, SERVICES},
+    maps::{AFFINITY4, BACKENDS, CT4, REV_NAT, SERVICES},
     metrics::count,
     nat::{End, rewrite4},
     packet::{Flow4, parse_flow4},
 };
+
+/// Affinity key scopes: the socket layer keys clients by netns cookie, the tc path by address.
+pub const AFFINITY_SCOPE_SOCKET: u32 = 0;
+pub const AFFINITY_SCOPE_TC: u32 = 1;
 
 pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(flow) = parse_flow4(ctx) else {
@@ -40,7 +48,12 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
     let backend = match tracked_backend(&forward_key) {
         Some(backend) => backend,
         None => {
-            let (backend_id, backend) = select_backend(&frontend, service.count)?;
+            let (backend_id, backend) = select_with_affinity(
+                &frontend,
+                &service,
+                u64::from(flow.saddr),
+                AFFINITY_SCOPE_TC,
+            )?;
             let entry = CtValue4 {
                 backend_id,
                 rev_nat_index: service.rev_nat_index,
@@ -116,9 +129,10 @@ fn tracked_backend(key: &CtKey4) -> Option<Backend> {
     unsafe { BACKENDS.get(&entry.backend_id) }.copied()
 }
 
-/// Picks a backend for a new flow: a random slot in `1..=count`.
+/// Picks a backend for a new flow: a random slot in `1..=count`; returns the backend ID, the
+/// backend and its slot.
 #[inline(always)]
-pub fn select_backend(frontend: &ServiceKey, count: u16) -> Result<(u32, Backend), Counter> {
+pub fn select_backend(frontend: &ServiceKey, count: u16) -> Result<(u32, Backend, u16), Counter> {
     if count == 0 {
         return Err(Counter::DropNoBackend);
     }
@@ -130,5 +144,41 @@ pub fn select_backend(frontend: &ServiceKey, count: u16) -> Result<(u32, Backend
         .map(|slot| slot.backend_id)
         .ok_or(Counter::DropNoBackend)?;
     let backend = unsafe { BACKENDS.get(&backend_id) }.copied().ok_or(Counter::DropNoBackend)?;
-    Ok((backend_id, backend))
+    Ok((backend_id, backend, slot))
+}
+
+/// Backend choice with ClientIP session affinity when the service asks for it: the client's
+/// remembered backend while it is fresh and still in its slot, else a new random choice that
+/// is remembered.
+#[inline(always)]
+pub fn select_with_affinity(
+    frontend: &ServiceKey,
+    service: &ServiceValue,
+    client: u64,
+    scope: u32,
+) -> Result<(u32, Backend), Counter> {
+    if service.flags & service_flags::AFFINITY == 0 {
+        let (id, backend, _) = select_backend(frontend, service.count)?;
+        return Ok((id, backend));
+    }
+    let key = AffinityKey4 { client, rev_nat_index: service.rev_nat_index, scope };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(service.backend_id) * 1_000_000_000;
+    // SAFETY: read-only lookups, values copied out.
+    if let Some(remembered) = unsafe { AFFINITY4.get(&key) }.copied()
+        && now.saturating_sub(remembered.last_used_ns) <= timeout_ns
+        && unsafe { SERVICES.get(&frontend.with_slot(remembered.slot)) }
+            .is_some_and(|slot| slot.backend_id == remembered.backend_id)
+        && remembered.slot <= service.count
+        && let Some(backend) = unsafe { BACKENDS.get(&remembered.backend_id) }.copied()
+    {
+        let refreshed = AffinityValue4 { last_used_ns: now, ..remembered };
+        let _ = AFFINITY4.insert(&key, &refreshed, 0);
+        return Ok((remembered.backend_id, backend));
+    }
+    let (id, backend, slot) = select_backend(frontend, service.count)?;
+    let chosen = AffinityValue4 { last_used_ns: now, backend_id: id, slot, _pad: 0 };
+    let _ = AFFINITY4.insert(&key, &chosen, 0);
+    Ok((id, backend))
 }

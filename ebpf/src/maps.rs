@@ -8,8 +8,8 @@ use aya_ebpf::{
 use weir_common::{
     conntrack::{CtKey4, CtValue4, DEFAULT_CT4_ENTRIES},
     lb::{
-        Backend, DEFAULT_BACKEND_ENTRIES, DEFAULT_REV_NAT_ENTRIES, DEFAULT_SERVICE_ENTRIES, RevNat,
-        ServiceKey, ServiceValue,
+        AffinityKey4, AffinityValue4, Backend, DEFAULT_AFFINITY4_ENTRIES, DEFAULT_BACKEND_ENTRIES,
+        DEFAULT_REV_NAT_ENTRIES, DEFAULT_SERVICE_ENTRIES, RevNat, ServiceKey, ServiceValue,
     },
     metrics::COUNTER_COUNT,
     sock::{DEFAULT_SOCK_REV4_ENTRIES, SockRevKey4},
@@ -34,3 +34,7 @@ pub static METRICS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 #[map(name = "weir_sock_rev4_v1")]
 pub static SOCK_REV4: LruHashMap<SockRevKey4, RevNat> =
     LruHashMap::pinned(DEFAULT_SOCK_REV4_ENTRIES, 0);
+
+#[map(name = "weir_affinity4_v1")]
+pub static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue4> =
+    LruHashMap::pinned(DEFAULT_AFFINITY4_ENTRIES, 0);

@@ -1,8 +1,12 @@
 //! Socket-level load balancing: service translation at connect()/sendmsg() and its reverse at
 //! getpeername()/recvmsg(), for sockets of processes in the cgroup the programs are attached
-//! to. The backend choice is the same as the tc path's (`lb::select_backend`); the mapping
+//! to. The backend choice is the same as the tc path's (`lb::select_with_affinity`); the mapping
 //! from (socket, backend) back to the frontend lives in `weir_sock_rev4_v1`.
-use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
 use weir_common::{
     lb::{RevNat, ServiceKey},
     metrics::Counter,
@@ -11,7 +15,7 @@ use weir_common::{
 };
 
 use crate::{
-    lb::select_backend,
+    lb::{AFFINITY_SCOPE_SOCKET, select_with_affinity},
     maps::{SERVICES, SOCK_REV4},
     metrics::count,
 };
@@ -42,8 +46,10 @@ pub fn translate(ctx: &SockAddrContext) -> Result<i32, Counter> {
     let Some(service) = (unsafe { SERVICES.get(&frontend) }).copied() else {
         return Ok(ALLOW);
     };
-    let (_, backend) =
-        select_backend(&frontend, service.count).map_err(|_| Counter::SockRejectNoBackend)?;
+    // SAFETY: sock_addr programs may call bpf_get_netns_cookie on their context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let (_, backend) = select_with_affinity(&frontend, &service, netns, AFFINITY_SCOPE_SOCKET)
+        .map_err(|_| Counter::SockRejectNoBackend)?;
     // SAFETY: sock_addr programs may call bpf_get_socket_cookie on their context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevKey4 { cookie, address: backend.address, port: backend.port, _pad: 0 };

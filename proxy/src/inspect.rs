@@ -19,6 +19,8 @@ pub struct ServiceRow {
     pub when_empty: String,
     pub rev_nat_index: u32,
     pub reverse_nat: Option<String>,
+    /// ClientIP session affinity timeout in seconds, when the service has affinity.
+    pub affinity_timeout: Option<u32>,
 }
 
 /// Rows, sorted by frontend, from the three service maps' entries.
@@ -68,6 +70,8 @@ pub fn service_rows(
                 backends,
                 when_empty: when_empty.to_string(),
                 rev_nat_index: master.rev_nat_index,
+                affinity_timeout: (master.flags & service_flags::AFFINITY != 0)
+                    .then_some(master.backend_id),
                 reverse_nat: rev_nat.get(&master.rev_nat_index).map(|r| {
                     format!("{}:{}", Ipv4Addr::from(r.address.to_ne_bytes()), u16::from_be(r.port))
                 }),

@@ -143,9 +143,14 @@ impl ServiceMaps {
         count: u16,
         rev_nat_index: u32,
         flags: u8,
+        affinity_timeout: u32,
     ) -> Result<(), MapsError> {
+        let value = ServiceValue {
+            backend_id: affinity_timeout,
+            ..ServiceValue::master(count, rev_nat_index, flags)
+        };
         self.services
-            .insert(key.master(), ServiceValue::master(count, rev_nat_index, flags), 0)
+            .insert(key.master(), value, 0)
             .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })
     }
 

@@ -22,8 +22,8 @@ impl MapWriter {
                 MapOp::PutBackend { id, backend } => self.maps.put_backend(id, backend)?,
                 MapOp::PutSlot { key, backend_id } => self.maps.put_slot(key, backend_id)?,
                 MapOp::PutRevNat { index, frontend } => self.maps.put_rev_nat(index, frontend)?,
-                MapOp::PutMaster { key, count, rev_nat_index, flags } => {
-                    self.maps.put_master(key, count, rev_nat_index, flags)?
+                MapOp::PutMaster { key, count, rev_nat_index, flags, affinity_timeout } => {
+                    self.maps.put_master(key, count, rev_nat_index, flags, affinity_timeout)?
                 }
                 MapOp::DeleteMaster { key } | MapOp::DeleteSlot { key } => {
                     ignore_missing(self.maps.delete_service_entry(key))?

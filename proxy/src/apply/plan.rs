@@ -13,14 +13,38 @@ use crate::model::{Frontend, FrontendState, Protocol, ServiceState, WhenEmpty};
 /// One write or delete on the service maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    PutBackend { id: u32, backend: Backend },
-    PutSlot { key: ServiceKey, backend_id: u32 },
-    PutRevNat { index: u32, frontend: RevNat },
-    PutMaster { key: ServiceKey, count: u16, rev_nat_index: u32, flags: u8 },
-    DeleteMaster { key: ServiceKey },
-    DeleteSlot { key: ServiceKey },
-    DeleteRevNat { index: u32 },
-    DeleteBackend { id: u32 },
+    PutBackend {
+        id: u32,
+        backend: Backend,
+    },
+    PutSlot {
+        key: ServiceKey,
+        backend_id: u32,
+    },
+    PutRevNat {
+        index: u32,
+        frontend: RevNat,
+    },
+    /// `affinity_timeout` (seconds) is stored in the master's `backend_id` with flag AFFINITY.
+    PutMaster {
+        key: ServiceKey,
+        count: u16,
+        rev_nat_index: u32,
+        flags: u8,
+        affinity_timeout: u32,
+    },
+    DeleteMaster {
+        key: ServiceKey,
+    },
+    DeleteSlot {
+        key: ServiceKey,
+    },
+    DeleteRevNat {
+        index: u32,
+    },
+    DeleteBackend {
+        id: u32,
+    },
 }
 
 /// The operations for one step, and what the step left out.
@@ -39,6 +63,7 @@ struct Applied {
     rev_nat_index: u32,
     backends: Vec<BackendKey>,
     flags: u8,
+    affinity_timeout: u32,
     /// Adopted from maps whose entries for this frontend were incomplete: rewrite it.
     dirty: bool,
 }
@@ -93,6 +118,11 @@ impl Planner {
                 rev_nat_index: master.rev_nat_index,
                 backends: Vec::new(),
                 flags: master.flags,
+                affinity_timeout: if master.flags & service_flags::AFFINITY != 0 {
+                    master.backend_id
+                } else {
+                    0
+                },
                 dirty: false,
             };
             for slot in 1..=master.count {
@@ -155,12 +185,15 @@ impl Planner {
     /// on emptied maps (the agent's full resync).
     pub fn plan(&mut self, desired: &ServiceState) -> Plan {
         let mut plan = Plan { ops: std::mem::take(&mut self.cleanup), ..Plan::default() };
-        let mut wanted: BTreeMap<Frontend, (Vec<BackendKey>, u8)> = BTreeMap::new();
+        let mut wanted: BTreeMap<Frontend, (Vec<BackendKey>, u8, u32)> = BTreeMap::new();
         for (frontend, state) in &desired.frontends {
             match ipv4_frontend(frontend, state) {
                 Some((backends, truncated)) => {
                     plan.truncated += usize::from(truncated);
-                    wanted.insert(*frontend, (backends, flags(state)));
+                    wanted.insert(
+                        *frontend,
+                        (backends, flags(state), state.affinity_timeout.unwrap_or(0)),
+                    );
                 }
                 None => plan.skipped += 1,
             }
@@ -188,12 +221,13 @@ impl Planner {
             }
         }
 
-        for (frontend, (backends, flags)) in wanted {
+        for (frontend, (backends, flags, affinity_timeout)) in wanted {
             let previous = self.applied.get(&frontend);
             if let Some(previous) = previous
                 && !previous.dirty
                 && previous.backends == backends
                 && previous.flags == flags
+                && previous.affinity_timeout == affinity_timeout
             {
                 continue;
             }
@@ -226,14 +260,23 @@ impl Planner {
             for (slot, id) in (1u16..).zip(&ids) {
                 plan.ops.push(MapOp::PutSlot { key: key.with_slot(slot), backend_id: *id });
             }
-            plan.ops.push(MapOp::PutMaster { key, count: ids.len() as u16, rev_nat_index, flags });
+            plan.ops.push(MapOp::PutMaster {
+                key,
+                count: ids.len() as u16,
+                rev_nat_index,
+                flags,
+                affinity_timeout,
+            });
             for slot in (ids.len() + 1)..=old_backends.len() {
                 plan.ops.push(MapOp::DeleteSlot { key: key.with_slot(slot as u16) });
             }
             for backend in &old_backends {
                 self.release_backend(backend, &mut late_deletes);
             }
-            self.applied.insert(frontend, Applied { rev_nat_index, backends, flags, dirty: false });
+            self.applied.insert(
+                frontend,
+                Applied { rev_nat_index, backends, flags, affinity_timeout, dirty: false },
+            );
         }
         // Backends go last: no slot points at them any more.
         plan.ops.extend(late_deletes.iter().map(|&id| MapOp::DeleteBackend { id }));
@@ -295,11 +338,14 @@ fn ipv4_frontend(frontend: &Frontend, state: &FrontendState) -> Option<(Vec<Back
 }
 
 fn flags(state: &FrontendState) -> u8 {
+    let mut flags = service_flags::NONE;
     if state.backends.is_empty() && state.when_empty == WhenEmpty::Drop {
-        service_flags::EMPTY_BY_POLICY
-    } else {
-        service_flags::NONE
+        flags |= service_flags::EMPTY_BY_POLICY;
     }
+    if state.affinity_timeout.is_some() {
+        flags |= service_flags::AFFINITY;
+    }
+    flags
 }
 
 /// The frontend a service key names, if its protocol is one the model knows.
@@ -484,10 +530,16 @@ mod tests {
                     MapOp::PutRevNat { index, frontend } => {
                         self.rev_nat.insert(index, frontend);
                     }
-                    MapOp::PutMaster { key, count, rev_nat_index, flags } => {
+                    MapOp::PutMaster { key, count, rev_nat_index, flags, affinity_timeout } => {
                         self.services.insert(
                             Self::id(&key),
-                            (key, ServiceValue::master(count, rev_nat_index, flags)),
+                            (
+                                key,
+                                ServiceValue {
+                                    backend_id: affinity_timeout,
+                                    ..ServiceValue::master(count, rev_nat_index, flags)
+                                },
+                            ),
                         );
                     }
                     MapOp::DeleteMaster { key } | MapOp::DeleteSlot { key } => {
@@ -573,6 +625,24 @@ mod tests {
         );
         maps.execute(&plan.ops);
         assert_eq!(maps.services.len(), 3);
+    }
+
+    #[test]
+    fn session_affinity_is_written_adopted_and_changed() {
+        let mut desired = state(&[("10.96.0.1", 80, &["10.0.0.1:8080"])]);
+        desired.frontends.values_mut().next().unwrap().affinity_timeout = Some(60);
+        let mut maps = FakeMaps::default();
+        let plan = Planner::new().plan(&desired);
+        assert!(plan.ops.iter().any(|op| matches!(
+            op,
+            MapOp::PutMaster { flags: service_flags::AFFINITY, affinity_timeout: 60, .. }
+        )));
+        maps.execute(&plan.ops);
+        let mut restarted = maps.adopt();
+        assert!(restarted.plan(&desired).ops.is_empty(), "the timeout is adopted");
+        desired.frontends.values_mut().next().unwrap().affinity_timeout = Some(30);
+        let plan = restarted.plan(&desired);
+        assert_eq!(plan.ops.len(), 2, "slot and master rewritten: {:?}", plan.ops);
     }
 
     #[test]
