@@ -53,6 +53,10 @@ struct ApiserverArgs {
     /// Do not run the in-process controllers (pod CIDRs, scheduler, EndpointSlices).
     #[arg(long)]
     disable_controllers: bool,
+    /// Concurrent non-watch requests served; more get 429 (kube-apiserver's
+    /// --max-requests-inflight).
+    #[arg(long, default_value_t = 400)]
+    max_requests_inflight: usize,
     /// Node names (comma-separated) that get an agent token and a kubeconfig in
     /// <data-dir>/nodes/NAME.kubeconfig.
     #[arg(long, value_delimiter = ',')]
@@ -105,6 +109,7 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     config.cluster_cidr = Some(args.cluster_cidr);
     config.controllers = !args.disable_controllers;
     config.node_tokens = args.node_tokens;
+    config.max_in_flight = args.max_requests_inflight.max(1);
     let etcd = args.etcd_endpoints;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -149,3 +149,45 @@ fn insecure_listen_is_refused_off_loopback() {
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
 }
+
+#[test]
+fn requests_beyond_the_in_flight_limit_get_429() {
+    use std::io::Write;
+    let dir = TempDir::new("api-inflight");
+    let server = ApiServer::start_with(dir.path(), &["--max-requests-inflight", "2"]);
+    let addr = server.insecure_addr.unwrap();
+    let token = server.token("admin");
+    // Two requests that hold their slot: the body they announce never fully arrives.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "POST {CMS} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        held.push(stream);
+    }
+    // The server accepts them asynchronously: poll (bounded) until the third is refused.
+    let mut status = 0;
+    for _ in 0..200 {
+        status = server.request("GET", CMS, "", b"").status;
+        if status == 429 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(status, 429);
+    let resp = server.request("GET", CMS, "", b"");
+    check_status(&resp.body, 429, "TooManyRequests");
+    // Once the slots are free, requests pass again.
+    drop(held);
+    let mut ok = false;
+    for _ in 0..50 {
+        if server.request("GET", CMS, "", b"").status == 200 {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(ok, "requests still refused after the held ones went away");
+}
