@@ -6,6 +6,7 @@
 //! when the test panics. Leftovers of a test process that was killed are swept by the next
 //! process that creates a namespace. Traffic goes only to addresses inside those namespaces.
 //! A test that needs privileges and does not have them fails ([`privileged::require_root`]).
+pub mod agent;
 pub mod apiserver;
 pub mod bench;
 pub mod bpffs;
@@ -20,3 +21,4 @@ pub mod probe;
 pub mod process;
 pub mod scenarios;
 pub mod topology;
+pub mod wait;

@@ -1,6 +1,10 @@
 //! Running `weir-probe` (tests/src/bin/weir-probe.rs) from tests: inside a namespace, and
 //! optionally a cgroup, parsing the one JSON line it prints.
-use std::path::PathBuf;
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+};
 
 use serde_json::Value;
 
@@ -32,4 +36,49 @@ pub fn run(netns: &Netns, cgroup: Option<&TestCgroup>, args: &[&str]) -> Value {
 /// `COUNT` sequential TCP connections to `target`; `{"ok", "backends": {addr: n}, "failures"}`.
 pub fn spread(netns: &Netns, cgroup: Option<&TestCgroup>, target: &str, count: u32) -> Value {
     run(netns, cgroup, &["tcp-spread", target, &count.to_string()])
+}
+
+/// A long-lived TCP connection held by a `weir-probe tcp-session` process; killed on drop.
+pub struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Session {
+    /// Connects to `target` from `netns` (and `cgroup`); panics if the connection fails.
+    pub fn open(netns: &Netns, cgroup: Option<&TestCgroup>, target: &str) -> Session {
+        let mut child = command_in(netns, cgroup, &binary().to_string_lossy())
+            .expect("preparing weir-probe")
+            .args(["tcp-session", target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning weir-probe");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut session = Session { child, stdin, stdout };
+        let hello = session.read();
+        assert_eq!(hello["connected"], true, "{hello}");
+        session
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reading weir-probe");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    /// One request/response on the held connection: `{"ok": true, "reply": ...}` or the error.
+    pub fn ping(&mut self) -> Value {
+        writeln!(self.stdin, "ping").expect("writing to weir-probe");
+        self.read()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -2,13 +2,8 @@
 //! links. While no agent runs, new and established connections through a service keep working;
 //! a restarted agent adopts the pins (no second attachment, no rewrite of unchanged entries),
 //! and its changes reach the programs that stayed attached.
-use std::{
-    io::{BufRead, BufReader, Write},
-    net::Ipv4Addr,
-    process::{Child, ChildStdin, ChildStdout, Stdio},
-};
+use std::net::Ipv4Addr;
 
-use serde_json::Value;
 use weir_proxy::{
     apply::{ebpf::MapWriter, plan::Planner},
     maps::ServiceMaps,
@@ -18,10 +13,8 @@ use weir_proxy::{
 use weir_tests::{
     bpffs::TestPinDir,
     cgroup::TestCgroup,
-    netns::Netns,
     privileged::require_root,
-    probe::{self, spread},
-    process::command_in,
+    probe::{Session, spread},
     topology::ServiceNet,
 };
 
@@ -46,49 +39,6 @@ fn desired(backends: &[Ipv4Addr]) -> ServiceState {
     state
 }
 
-/// A long-lived connection held by a weir-probe process in the client namespace and cgroup.
-struct Session {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Session {
-    fn open(client: &Netns, cgroup: &TestCgroup) -> Self {
-        let mut child = command_in(client, Some(cgroup), &probe::binary().to_string_lossy())
-            .unwrap()
-            .args(["tcp-session", VIP])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut session = Self { child, stdin, stdout };
-        assert_eq!(session.read()["connected"], true);
-        session
-    }
-
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    }
-
-    /// One request/response on the held connection.
-    fn ping(&mut self) -> Value {
-        writeln!(self.stdin, "ping").unwrap();
-        self.read()
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn restart_connections_survive_and_the_new_agent_adopts_the_pins() {
     require_root();
@@ -109,7 +59,7 @@ fn restart_connections_survive_and_the_new_agent_adopts_the_pins() {
         assert_eq!(attached.unwrap(), Attached { attached: 4, adopted: 0 });
     }
     let mut sessions: Vec<Session> =
-        (0..SESSIONS).map(|_| Session::open(client, &cgroup)).collect();
+        (0..SESSIONS).map(|_| Session::open(client, Some(&cgroup), VIP)).collect();
 
     // No agent runs: established connections keep working, new ones still reach backends.
     for session in &mut sessions {

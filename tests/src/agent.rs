@@ -1,0 +1,156 @@
+//! Running the real `weir agent` process in tests, against a test API server, with a test pin
+//! directory and cgroup. Killed on drop.
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use std::net::Ipv4Addr;
+
+use serde_json::{Value, json};
+
+use crate::{
+    apiserver::{ApiServer, http_request, weir_binary},
+    bpffs::TestPinDir,
+    cgroup::TestCgroup,
+};
+
+/// How long an agent may take to report its first sync.
+const START_WAIT: Duration = Duration::from_secs(30);
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+pub struct AgentProcess {
+    child: Option<Child>,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl AgentProcess {
+    /// Starts `weir agent` (node `node-a`) and waits for its first sync.
+    pub fn start(server: &ApiServer, pins: &TestPinDir, cgroup: &TestCgroup) -> AgentProcess {
+        let mut child = Command::new(weir_binary())
+            .arg("agent")
+            .arg("--kubeconfig")
+            .arg(&server.kubeconfig)
+            .args(["--node-name", "node-a"])
+            .arg("--pin-dir")
+            .arg(pins.path())
+            .arg("--cgroup")
+            .arg(cgroup.path())
+            .args(["--health-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn weir agent");
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut health, mut metrics) = (None, None);
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("weir agent did not report its first sync in time");
+            if let Some(addr) = line.strip_prefix("weir agent: serving health on http://") {
+                health = addr.parse().ok();
+            } else if let Some(addr) = line.strip_prefix("weir agent: serving metrics on http://") {
+                metrics = addr.parse().ok();
+            } else if line.starts_with("weir agent: first sync done") {
+                break;
+            }
+        }
+        AgentProcess {
+            child: Some(child),
+            health: health.expect("health address"),
+            metrics: metrics.expect("metrics address"),
+        }
+    }
+
+    /// `GET path` on one of the agent's listeners: (status, body).
+    pub fn get(&self, addr: SocketAddr, path: &str) -> (u16, String) {
+        let response = http_request(addr, "GET", path, None, "", b"");
+        (response.status, String::from_utf8_lossy(&response.body).into_owned())
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and waits (bounded) for a clean exit; panics if it does not exit cleanly.
+    pub fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        // SAFETY: kill(2) on the PID of a child we own and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(status.success(), "weir agent exited with {status} on SIGTERM");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("weir agent did not exit within {STOP_WAIT:?} of SIGTERM");
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Path of the default namespace's EndpointSlices.
+pub const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices";
+
+/// Creates Service `default/<name>` without a selector (its endpoints come from
+/// [`endpoint_slice`], as for any selector-less service) with port `http` 80 -> 8080, and
+/// returns the cluster IP the API server allocated.
+pub fn create_service(api: &ApiServer, name: &str) -> String {
+    let (code, service) = api.json(
+        "POST",
+        "/api/v1/namespaces/default/services",
+        Some(&json!({"apiVersion": "v1", "kind": "Service",
+                     "metadata": {"name": name, "namespace": "default"},
+                     "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})),
+    );
+    assert_eq!(code, 201, "creating service {name}: {service}");
+    service["spec"]["clusterIP"].as_str().expect("an allocated clusterIP").to_string()
+}
+
+/// EndpointSlice `<service>-1` for service `service` with ready endpoints on port 8080.
+pub fn endpoint_slice(service: &str, backends: &[Ipv4Addr]) -> Value {
+    let endpoints: Vec<Value> = backends
+        .iter()
+        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-1"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+/// Creates the [`endpoint_slice`] of `service`.
+pub fn create_endpoint_slice(api: &ApiServer, service: &str, backends: &[Ipv4Addr]) {
+    let (code, body) = api.json("POST", SLICES, Some(&endpoint_slice(service, backends)));
+    assert_eq!(code, 201, "creating the endpoint slice of {service}: {body}");
+}
