@@ -116,3 +116,35 @@ fn lb_sock_leaves_other_destinations_and_other_cgroups_alone() {
     let outside = probe(&setup, false, "tcp", (VIP, 80).into());
     assert_eq!(outside["ok"], false, "the VIP only works through the programs: {outside}");
 }
+
+#[test]
+fn lb_sock_hairpin_a_pod_reaches_itself_through_its_service() {
+    require_root();
+    let pod = Netns::new("hairpin").unwrap();
+    let peer = Netns::new("hairpinp").unwrap();
+    let veth = Veth::between(&pod, &peer).unwrap();
+    let pod_ip = Ipv4Addr::new(10, 210, 0, 1);
+    pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", &veth.a]).unwrap();
+    let _server = EchoServer::tcp(&pod, (pod_ip, 8080).into()).unwrap();
+    let cgroup = TestCgroup::new("hairpin").unwrap();
+    let pins = TestPinDir::new("hairpin").unwrap();
+    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+    let vip = Ipv4Addr::new(10, 96, 0, 30);
+    ServiceMaps::take(&mut loaded.ebpf)
+        .unwrap()
+        .upsert(&ServiceEntry {
+            address: vip,
+            port: 80,
+            proto: proto::TCP,
+            rev_nat_index: 1,
+            backends: vec![(1, Backend::new(pod_ip.octets(), 8080, proto::TCP))],
+        })
+        .unwrap();
+    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), None).unwrap();
+
+    let result = probe::run(&pod, Some(&cgroup), &["tcp", &format!("{vip}:80")]);
+    assert_eq!(result["ok"], true, "{result}");
+    let (backend, client) = parse_reply(result["reply"].as_str().unwrap()).unwrap();
+    assert_eq!((backend.ip(), client.ip()), (pod_ip.into(), pod_ip.into()), "{result}");
+    assert_eq!(result["peer"], format!("{vip}:80"), "the pod still sees its service's VIP");
+}
