@@ -8,6 +8,7 @@ use aya::{
 };
 use thiserror::Error;
 use weir_common::{
+    conntrack::{CT4_MAP, CtKey4, CtValue4},
     lb::{BACKEND_MAP, Backend, REV_NAT_MAP, RevNat, SERVICE_MAP, ServiceKey, ServiceValue},
     metrics::{Counter, METRICS_MAP},
 };
@@ -61,6 +62,7 @@ pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
     rev_nat: HashMap<MapData, u32, RevNat>,
+    conntrack: HashMap<MapData, CtKey4, CtValue4>,
 }
 
 impl ServiceMaps {
@@ -80,6 +82,7 @@ impl ServiceMaps {
             services: open(pin_dir, SERVICE_MAP)?,
             backends: open(pin_dir, BACKEND_MAP)?,
             rev_nat: open(pin_dir, REV_NAT_MAP)?,
+            conntrack: open(pin_dir, CT4_MAP)?,
         })
     }
 
@@ -89,6 +92,7 @@ impl ServiceMaps {
             services: take_hash(ebpf, SERVICE_MAP)?,
             backends: take_hash(ebpf, BACKEND_MAP)?,
             rev_nat: take_hash(ebpf, REV_NAT_MAP)?,
+            conntrack: take_hash(ebpf, CT4_MAP)?,
         })
     }
 
@@ -172,6 +176,37 @@ impl ServiceMaps {
 
     pub fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
         self.backends.remove(&id).map_err(|source| MapsError::Delete { name: BACKEND_MAP, source })
+    }
+
+    /// Deletes the conntrack entries (both directions) of UDP flows that a service
+    /// (`rev_nat_index`) sent to a backend it no longer has, so those flows pick a live backend
+    /// with their next datagram, as kube-proxy's conntrack flush does. Other flows are left
+    /// alone. Returns how many entries were deleted.
+    pub fn flush_udp_flows(&mut self, flows: &[(u32, u32)]) -> Result<usize, MapsError> {
+        if flows.is_empty() {
+            return Ok(0);
+        }
+        let stale: std::collections::HashSet<(u32, u32)> = flows.iter().copied().collect();
+        let doomed: Vec<CtKey4> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| {
+                key.proto == weir_common::proto::UDP
+                    && stale.contains(&(value.rev_nat_index, value.backend_id))
+            })
+            .map(|(key, _)| key)
+            .collect();
+        let mut deleted = 0;
+        for key in &doomed {
+            match self.conntrack.remove(key) {
+                Ok(()) => deleted += 1,
+                // Evicted by the LRU meanwhile: already gone.
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(MapsError::Delete { name: CT4_MAP, source }),
+            }
+        }
+        Ok(deleted)
     }
 
     /// Every entry of `weir_svc_v1` (for inspection and tests).

@@ -36,6 +36,18 @@ impl TestPinDir {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Opens the hash (or LRU hash) map pinned here as `name`, e.g. to check a program's side
+    /// effects on a map that userspace code took out of the `Ebpf` object.
+    pub fn open_hash<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &str,
+    ) -> Result<aya::maps::HashMap<aya::maps::MapData, K, V>> {
+        let data = aya::maps::MapData::from_pin(self.path.join(name))
+            .with_context(|| format!("opening pinned map {name}"))?;
+        let map = aya::maps::Map::from_map_data(data)?;
+        Ok(aya::maps::HashMap::try_from(map)?)
+    }
 }
 
 impl Drop for TestPinDir {

@@ -5,7 +5,6 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
     programs::{TestRun, TestRunOptions},
 };
 use weir_common::{
@@ -78,10 +77,10 @@ fn counter(ebpf: &Ebpf, which: Counter) -> u64 {
         .unwrap()
 }
 
-fn ct_entry(ebpf: &Ebpf, key: CtKey4) -> Option<CtValue4> {
-    let ct: HashMap<&MapData, CtKey4, CtValue4> =
-        HashMap::try_from(ebpf.map(CT4_MAP).expect("ct map")).expect("ct map layout");
-    ct.get(&key, 0).ok()
+/// The conntrack entry for `key`, read from the pinned map (the service maps' owner took the
+/// map out of the `Ebpf` object).
+fn ct_entry(pins: &TestPinDir, key: CtKey4) -> Option<CtValue4> {
+    pins.open_hash::<CtKey4, CtValue4>(CT4_MAP).expect("ct map").get(&key, 0).ok()
 }
 
 fn ct_key(p: &Ipv4Packet, direction: u8) -> CtKey4 {
@@ -98,7 +97,7 @@ fn ct_key(p: &Ipv4Packet, direction: u8) -> CtKey4 {
 
 #[test]
 fn lb_tc_hit_is_rewritten_to_the_backend_with_valid_checksums() {
-    let (ebpf, _pins) = setup(proto::TCP, 1);
+    let (ebpf, pins) = setup(proto::TCP, 1);
     let request = Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80);
     let (verdict, out) = run(&ebpf, TC_LB4_FORWARD, &request.build());
 
@@ -113,10 +112,10 @@ fn lb_tc_hit_is_rewritten_to_the_backend_with_valid_checksums() {
     assert_eq!(counter(&ebpf, Counter::Translated), 1);
 
     // Both directions of the flow are tracked and name the service's reverse-NAT entry.
-    let forward = ct_entry(&ebpf, ct_key(&request, CT_FORWARD)).expect("forward entry");
+    let forward = ct_entry(&pins, ct_key(&request, CT_FORWARD)).expect("forward entry");
     assert_eq!((forward.backend_id, forward.rev_nat_index), (1, 7));
     let reply = Ipv4Packet::tcp(BACKENDS[0], 8080, CLIENT, 40_000);
-    assert!(ct_entry(&ebpf, ct_key(&reply, CT_REPLY)).is_some(), "reply entry");
+    assert!(ct_entry(&pins, ct_key(&reply, CT_REPLY)).is_some(), "reply entry");
 }
 
 #[test]

@@ -175,8 +175,13 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             &node,
         );
         let plan = planner.plan(&desired);
-        match writer.execute(&plan.ops) {
-            Ok(()) => {
+        match writer.apply(&plan) {
+            Ok(flushed) => {
+                if flushed > 0 {
+                    log::info!(
+                        "sync: flushed {flushed} conntrack entries of UDP flows to removed backends"
+                    );
+                }
                 let report = SyncReport {
                     duration: started.elapsed(),
                     ops: plan.ops.len(),

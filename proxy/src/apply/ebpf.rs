@@ -1,7 +1,7 @@
 //! Executes planned [`MapOp`]s on the service maps of a loaded object.
 use aya::maps::MapError;
 
-use super::plan::{MapOp, Planner};
+use super::plan::{MapOp, Plan, Planner};
 use crate::maps::{MapsError, ServiceMaps};
 
 /// Writes plans into the maps.
@@ -33,6 +33,13 @@ impl MapWriter {
             }
         }
         Ok(())
+    }
+
+    /// Executes a whole plan: its ops, then the flush of conntrack entries of UDP flows whose
+    /// backend went away. Returns the number of conntrack entries flushed.
+    pub fn apply(&mut self, plan: &Plan) -> Result<usize, MapsError> {
+        self.execute(&plan.ops)?;
+        self.maps.flush_udp_flows(&plan.stale_udp_flows)
     }
 
     pub fn maps(&self) -> &ServiceMaps {

@@ -55,6 +55,9 @@ pub struct Plan {
     pub skipped: usize,
     /// Frontends with more backends than a service can hold; only the first 65,535 are used.
     pub truncated: usize,
+    /// (rev-NAT index, backend ID) of UDP frontends whose backend went away: their conntrack
+    /// entries must be flushed after the ops ([`crate::maps::ServiceMaps::flush_udp_flows`]).
+    pub stale_udp_flows: Vec<(u32, u32)>,
 }
 
 /// What was applied for one frontend.
@@ -216,6 +219,13 @@ impl Planner {
             }
             plan.ops.push(MapOp::DeleteRevNat { index: applied.rev_nat_index });
             freed_rev_nat.push(applied.rev_nat_index);
+            if frontend.protocol == Protocol::Udp {
+                for backend in &applied.backends {
+                    if let Some((id, _)) = self.backend_ids.get(backend) {
+                        plan.stale_udp_flows.push((applied.rev_nat_index, *id));
+                    }
+                }
+            }
             for backend in &applied.backends {
                 self.release_backend(backend, &mut late_deletes);
             }
@@ -269,6 +279,13 @@ impl Planner {
             });
             for slot in (ids.len() + 1)..=old_backends.len() {
                 plan.ops.push(MapOp::DeleteSlot { key: key.with_slot(slot as u16) });
+            }
+            if frontend.protocol == Protocol::Udp {
+                for gone in old_backends.iter().filter(|b| !backends.contains(b)) {
+                    if let Some((id, _)) = self.backend_ids.get(gone) {
+                        plan.stale_udp_flows.push((rev_nat_index, *id));
+                    }
+                }
             }
             for backend in &old_backends {
                 self.release_backend(backend, &mut late_deletes);
@@ -643,6 +660,26 @@ mod tests {
         desired.frontends.values_mut().next().unwrap().affinity_timeout = Some(30);
         let plan = restarted.plan(&desired);
         assert_eq!(plan.ops.len(), 2, "slot and master rewritten: {:?}", plan.ops);
+    }
+
+    #[test]
+    fn removed_udp_backends_are_listed_for_a_conntrack_flush() {
+        let udp = |backends: &[&str]| {
+            let mut s = state(&[("10.96.0.53", 53, backends)]);
+            let (frontend, value) = s.frontends.pop_first().unwrap();
+            s.frontends.insert(Frontend { protocol: Protocol::Udp, ..frontend }, value);
+            s
+        };
+        let mut planner = Planner::new();
+        planner.plan(&udp(&["10.0.0.1:53", "10.0.0.2:53"]));
+        let plan = planner.plan(&udp(&["10.0.0.2:53"]));
+        assert_eq!(plan.stale_udp_flows, [(1, 1)], "backend 1 of service 1");
+        let plan = planner.plan(&ServiceState::default());
+        assert_eq!(plan.stale_udp_flows, [(1, 2)], "a removed service flushes its flows too");
+        // TCP flows are not flushed (kube-proxy clears UDP only).
+        let mut tcp = Planner::new();
+        tcp.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:80"])]));
+        assert!(tcp.plan(&ServiceState::default()).stale_udp_flows.is_empty());
     }
 
     #[test]
