@@ -7,7 +7,7 @@ use serde_json::Value;
 use weir_proxy::{
     apply::{ebpf::MapWriter, plan::Planner},
     maps::ServiceMaps,
-    model::{Frontend, FrontendKind, FrontendState, Protocol, ServiceState, WhenEmpty},
+    model::{Frontend, FrontendState, Protocol, ServiceState},
     programs::{self, LoadOptions},
 };
 use weir_tests::{
@@ -27,12 +27,11 @@ fn desired(sticky: &[Ipv4Addr], spread: &[Ipv4Addr]) -> ServiceState {
         state.frontends.insert(
             Frontend { address: IpAddr::V4(vip), port: 80, protocol: Protocol::Tcp },
             FrontendState {
-                service: format!("default/{vip}"),
-                port_name: "http".into(),
-                kind: FrontendKind::ClusterIp,
-                backends: backends.iter().map(|ip| SocketAddr::from((*ip, BACKEND_PORT))).collect(),
-                when_empty: WhenEmpty::Reject,
                 affinity_timeout: affinity,
+                ..FrontendState::cluster_ip(
+                    format!("default/{vip}"),
+                    backends.iter().map(|ip| SocketAddr::from((*ip, BACKEND_PORT))).collect(),
+                )
             },
         );
     }

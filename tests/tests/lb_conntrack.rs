@@ -12,7 +12,7 @@ use weir_common::conntrack::{CT4_MAP, CtKey4, CtValue4};
 use weir_proxy::{
     apply::{ebpf::MapWriter, plan::Planner},
     maps::ServiceMaps,
-    model::{Frontend, FrontendKind, FrontendState, Protocol, ServiceState, WhenEmpty},
+    model::{Frontend, FrontendState, Protocol, ServiceState},
     programs::{self, LoadOptions, TC_LB4_FORWARD},
 };
 use weir_tests::{bpffs::TestPinDir, packet::Ipv4Packet, privileged::require_root};
@@ -30,14 +30,10 @@ fn desired(dns_backends: &[Ipv4Addr]) -> ServiceState {
     {
         state.frontends.insert(
             Frontend { address: IpAddr::V4(vip), port, protocol },
-            FrontendState {
-                service: format!("default/{vip}"),
-                port_name: String::new(),
-                kind: FrontendKind::ClusterIp,
-                backends: backends.iter().map(|ip| SocketAddr::from((*ip, port))).collect(),
-                when_empty: WhenEmpty::Reject,
-                affinity_timeout: None,
-            },
+            FrontendState::cluster_ip(
+                format!("default/{vip}"),
+                backends.iter().map(|ip| SocketAddr::from((*ip, port))).collect(),
+            ),
         );
     }
     state

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use weir_proxy::{
     apply::{ebpf::MapWriter, plan::Planner},
     maps::ServiceMaps,
-    model::{Frontend, FrontendKind, FrontendState, Protocol, ServiceState, WhenEmpty},
+    model::{Frontend, FrontendState, Protocol, ServiceState},
     programs::{self, Attached, LoadOptions},
 };
 use weir_tests::{
@@ -27,14 +27,10 @@ fn desired(backends: &[Ipv4Addr]) -> ServiceState {
     let mut state = ServiceState::default();
     state.frontends.insert(
         Frontend { address: "10.96.2.1".parse().unwrap(), port: 80, protocol: Protocol::Tcp },
-        FrontendState {
-            service: "default/web".into(),
-            port_name: "http".into(),
-            kind: FrontendKind::ClusterIp,
-            backends: backends.iter().map(|ip| (*ip, 8080).into()).collect(),
-            when_empty: WhenEmpty::Reject,
-            affinity_timeout: None,
-        },
+        FrontendState::cluster_ip(
+            "default/web",
+            backends.iter().map(|ip| (*ip, 8080).into()).collect(),
+        ),
     );
     state
 }

@@ -388,7 +388,6 @@ fn service_key(frontend: &Frontend) -> ServiceKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::FrontendKind;
 
     fn frontend(ip: &str, port: u16) -> Frontend {
         Frontend { address: ip.parse().unwrap(), port, protocol: Protocol::Tcp }
@@ -399,14 +398,10 @@ mod tests {
         for (ip, port, backends) in entries {
             state.frontends.insert(
                 frontend(ip, *port),
-                FrontendState {
-                    service: "default/web".into(),
-                    port_name: "http".into(),
-                    kind: FrontendKind::ClusterIp,
-                    backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
-                    when_empty: WhenEmpty::Reject,
-                    affinity_timeout: None,
-                },
+                FrontendState::cluster_ip(
+                    "default/web",
+                    backends.iter().map(|b| b.parse().unwrap()).collect(),
+                ),
             );
         }
         state

@@ -106,6 +106,21 @@ pub struct FrontendState {
     pub affinity_timeout: Option<u32>,
 }
 
+impl FrontendState {
+    /// A ClusterIP frontend of `service` (`namespace/name`) balancing to `backends`, rejecting
+    /// when it has none, without session affinity.
+    pub fn cluster_ip(service: impl Into<String>, backends: Vec<SocketAddr>) -> Self {
+        Self {
+            service: service.into(),
+            port_name: String::new(),
+            kind: FrontendKind::ClusterIp,
+            backends,
+            when_empty: WhenEmpty::Reject,
+            affinity_timeout: None,
+        }
+    }
+}
+
 /// The whole desired service state of one node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceState {

@@ -21,7 +21,7 @@ use anyhow::{Result, ensure};
 use weir_proxy::{
     apply::{ebpf::MapWriter, plan::Planner},
     maps::ServiceMaps,
-    model::{Frontend, FrontendKind, FrontendState, Protocol, ServiceState, WhenEmpty},
+    model::{Frontend, FrontendState, Protocol, ServiceState},
     programs::{self, LoadOptions, MapSizes},
 };
 
@@ -141,14 +141,7 @@ fn desired(n: u32, backend: Ipv4Addr) -> ServiceState {
     let mut add = |address: Ipv4Addr, backends: Vec<std::net::SocketAddr>| {
         state.frontends.insert(
             Frontend { address: IpAddr::V4(address), port: 80, protocol: Protocol::Tcp },
-            FrontendState {
-                service: format!("bench/{address}"),
-                port_name: "http".into(),
-                kind: FrontendKind::ClusterIp,
-                backends,
-                when_empty: WhenEmpty::Reject,
-                affinity_timeout: None,
-            },
+            FrontendState::cluster_ip(format!("bench/{address}"), backends),
         );
     };
     add(VIP, vec![(backend, BACKEND_PORT).into()]);
