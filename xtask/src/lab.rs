@@ -1,28 +1,22 @@
-//! `cargo xtask lab up`: builds what the lab needs and brings it up.
-//!
-//! The multi-node lab (`weir lab up`) is its own issue and is not built yet. Until it is, this
-//! command builds everything and runs the datapath smoke demo instead, and says so: two
-//! network namespaces, weir's tc load balancer attached, a real TCP connection to a service VIP.
+//! `cargo xtask lab ARGS...`: installs and builds what the lab needs (release `weir` and
+//! `weir-cni`, side by side in target/release), then runs `weir lab ARGS...`. The lab itself
+//! lives in the weir-lab crate; this only builds and hands over.
 use std::path::Path;
 
 use anyhow::Result;
 
 use crate::{cmd, setup};
 
-pub fn up(root: &Path) -> Result<()> {
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
     setup::run()?;
-    cmd::run(cmd::cargo(root).args(["build", "--release"]))?;
-    println!(
-        "lab: the multi-node lab is not built yet; running the datapath smoke demo instead \
-         (see README.md)"
-    );
     cmd::run(cmd::cargo(root).args([
-        "run",
+        "build",
         "--release",
-        "--quiet",
         "--package",
-        "weir-tests",
-        "--bin",
-        "weir-smoke",
-    ]))
+        "weir-cli",
+        "--package",
+        "weir-cni-plugin",
+    ]))?;
+    let weir = root.join("target/release/weir");
+    cmd::run(std::process::Command::new(weir).arg("lab").args(args))
 }

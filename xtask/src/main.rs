@@ -36,17 +36,12 @@ enum Task {
         #[arg(long, default_value_t = 7)]
         rounds: u32,
     },
-    /// The lab.
+    /// The lab: builds weir and weir-cni (release), then runs `weir lab ARGS...`
+    /// (`up [--nodes N] [--dataplane ebpf|nftables] [--overlay vxlan|native]`, `status`, `down`).
     Lab {
-        #[command(subcommand)]
-        action: LabAction,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
     },
-}
-
-#[derive(Subcommand)]
-enum LabAction {
-    /// Build what is needed and bring the lab up.
-    Up,
 }
 
 fn workspace_root() -> PathBuf {
@@ -63,7 +58,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test { filter } => test::run(&root, &filter),
         Task::Bench { name, rounds } => bench::run(&root, &name, rounds),
-        Task::Lab { action: LabAction::Up } => lab::up(&root),
+        Task::Lab { args } => lab::run(&root, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

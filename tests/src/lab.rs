@@ -1,0 +1,137 @@
+//! A `weir lab` for a test: a uniquely named lab (`weirt-<pid>-<seq>-lab`) with its state in a
+//! temp dir, brought up with the real `weir lab up` and removed with `weir lab down` on drop
+//! (also when the test panics).
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use crate::{
+    apiserver::{Kubectl, TempDir, weir_binary},
+    cni::weir_cni,
+    names,
+};
+
+pub struct Lab {
+    pub name: String,
+    state: TempDir,
+    pub kubectl: Kubectl,
+}
+
+impl Lab {
+    /// `weir lab up --nodes N --dataplane D --overlay O`; panics with up's output on failure.
+    pub fn up(nodes: u8, dataplane: &str, overlay: &str) -> Lab {
+        let name = names::unique("lab");
+        let state = TempDir::new("labstate");
+        let out = lab_command(&name, state.path(), "up")
+            .args(["--nodes", &nodes.to_string(), "--dataplane", dataplane, "--overlay", overlay])
+            .output()
+            .expect("running weir lab up");
+        let kubeconfig = state.path().join("kubeconfig");
+        let lab = Lab { name, kubectl: Kubectl::new(&kubeconfig), state };
+        assert!(out.status.success(), "weir lab up failed:\n{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains(&format!("export KUBECONFIG={}", kubeconfig.display())),
+            "up does not print the kubeconfig to export:\n{stdout}"
+        );
+        lab
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Runs `weir lab <action>` for this lab.
+    pub fn run(&self, action: &str) -> Output {
+        lab_command(&self.name, self.state.path(), action).output().expect("running weir lab")
+    }
+
+    /// The node's network namespace name (`<lab>.workerN`, 1-based).
+    pub fn node_netns(&self, index: usize) -> String {
+        format!("{}.worker{}", self.name, index)
+    }
+
+    /// Kubernetes Node name of node `index` (1-based), kind's style.
+    pub fn node_name(&self, index: usize) -> String {
+        match index {
+            1 => format!("{}-worker", self.name),
+            i => format!("{}-worker{i}", self.name),
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = self.run("down");
+        if !out.status.success() {
+            eprintln!("weir lab down failed:\n{}", text(&out));
+        }
+    }
+}
+
+/// `weir lab ACTION --name NAME --state-dir DIR` (and, for `up`, weir-cni's directory).
+pub fn lab_command(name: &str, state_dir: &Path, action: &str) -> Command {
+    let mut cmd = Command::new(weir_binary());
+    cmd.args(["lab", action, "--name", name, "--state-dir"]).arg(state_dir);
+    if action == "up" {
+        let cni_dir = weir_cni().parent().expect("weir-cni has a directory").to_path_buf();
+        cmd.arg("--cni-bin-dir").arg(cni_dir);
+    }
+    cmd
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Everything of lab `name` still present on the machine (empty when it is fully gone).
+pub fn leftovers(name: &str, state_dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let prefix = format!("{name}.");
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            let ns = entry.file_name().to_string_lossy().into_owned();
+            if ns.starts_with(&prefix) {
+                found.push(format!("netns {ns}"));
+            }
+        }
+    }
+    let cgroup_root = weir_proxy::system::cgroup2_mount().ok().flatten();
+    let paths: Vec<PathBuf> = [
+        Some(PathBuf::from("/sys/fs/bpf").join(name)),
+        cgroup_root.map(|root| root.join(name)),
+        Some(state_dir.join("lab.json")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for path in paths {
+        if path.exists() {
+            found.push(path.display().to_string());
+        }
+    }
+    for pid in processes_naming(name) {
+        found.push(format!("process {pid}"));
+    }
+    found
+}
+
+/// Pids whose command line mentions `name` (the lab's daemons carry it in their arguments).
+fn processes_naming(name: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(name))
+        })
+        .collect()
+}
