@@ -135,3 +135,58 @@ fn processes_naming(name: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+impl Lab {
+    /// `kubectl apply -f` of `manifest` (JSON or YAML), written to the lab's state dir.
+    pub fn apply(&self, manifest: &str) -> String {
+        let file = self.state_dir().join(format!("{}.manifest", names::unique("apply")));
+        std::fs::write(&file, manifest).expect("writing the manifest");
+        let out = self.kubectl.ok(&["apply", "-f", &file.display().to_string()]);
+        let _ = std::fs::remove_file(file);
+        out
+    }
+
+    /// Waits (bounded) until every pod matching `selector` (`-l` syntax, or `pod/NAME`) is
+    /// Ready; panics with `kubectl get pods -o wide` and the pods' status when they are not.
+    pub fn wait_ready(&self, target: &str) {
+        let mut args = vec!["wait", "--for=condition=Ready", "--timeout=90s"];
+        if target.contains('=') {
+            args.extend(["pod", "-l", target]);
+        } else {
+            args.push(target);
+        }
+        let out = self.kubectl.run(&args);
+        if !out.status.success() {
+            let pods = self.kubectl.run(&["get", "pods", "-A", "-o", "wide"]);
+            let described = self.kubectl.run(&["describe", "pods"]);
+            panic!(
+                "{target} not Ready: {}\n{}\n{}",
+                text(&out),
+                String::from_utf8_lossy(&pods.stdout),
+                String::from_utf8_lossy(&described.stdout)
+            );
+        }
+    }
+
+    /// `kubectl exec POD -- ARGS...`, returning the result (not asserting success).
+    pub fn exec(&self, pod: &str, args: &[&str]) -> Output {
+        let mut full = vec!["exec", pod, "--"];
+        full.extend_from_slice(args);
+        self.kubectl.run(&full)
+    }
+
+    /// An HTTP GET with busybox wget from inside the underlay namespace (the network the
+    /// nodes' eth0 share): how something outside the cluster reaches a NodePort.
+    pub fn get_from_underlay(&self, url: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &format!("{}.underlay", self.name)])
+            .args(["/bin/busybox", "wget", "-qO-", "-T", "3", url])
+            .output()
+            .expect("running busybox wget in the underlay")
+    }
+
+    /// The node's address on the underlay (`172.30.0.<index + 1>`, 1-based index).
+    pub fn node_address(&self, index: usize) -> String {
+        format!("172.30.0.{}", index + 1)
+    }
+}

@@ -1,0 +1,84 @@
+//! Pod networking in a `weir lab`, as a learner sees it: pods on one node and across nodes by
+//! IP, a ClusterIP service with backends on both nodes, a NodePort on every node's address
+//! from the underlay, and services by DNS name (short, namespaced, FQDN) — for both overlays
+//! and both dataplanes.
+use std::{collections::BTreeSet, process::Output, time::Duration};
+
+use weir_tests::{lab::Lab, privileged::require_root, wait::eventually};
+
+#[test]
+fn vxlan_overlay_with_the_ebpf_dataplane() {
+    require_root();
+    check_networking(&Lab::up(2, "ebpf", "vxlan"));
+}
+
+#[test]
+fn native_routing_with_the_nftables_dataplane() {
+    require_root();
+    check_networking(&Lab::up(2, "nftables", "native"));
+}
+
+fn server(name: &str, node: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","labels":{{"app":"web"}}}},
+        "spec":{{"nodeName":"{node}","containers":[{{"name":"web","image":"nginx","ports":[{{"containerPort":80}}]}}]}}}}"#
+    )
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn check_networking(lab: &Lab) {
+    let (node1, node2) = (lab.node_name(1), lab.node_name(2));
+    lab.apply(&server("web-1", &node1));
+    lab.apply(&server("web-2", &node2));
+    lab.apply(&format!(
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"client"}},
+        "spec":{{"nodeName":"{node1}","containers":[{{"name":"client","image":"busybox","command":["sleep","3600"]}}]}}}}"#
+    ));
+    lab.apply(
+        r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web"},
+        "spec":{"type":"NodePort","selector":{"app":"web"},"ports":[{"port":80,"targetPort":80}]}}"#,
+    );
+    for pod in ["pod/web-1", "pod/web-2", "pod/client"] {
+        lab.wait_ready(pod);
+    }
+    let ip = |pod: &str| lab.kubectl.ok(&["get", "pod", pod, "-o", "jsonpath={.status.podIP}"]);
+    let wget = |url: &str| lab.exec("client", &["wget", "-qO-", "-T", "2", url]);
+
+    // Same node, then across nodes, by pod IP: the page names the pod that answered.
+    for (pod, node) in [("web-1", &node1), ("web-2", &node2)] {
+        let page = wget(&format!("http://{}/", ip(pod)));
+        assert!(stdout(&page).contains(pod), "client -> {pod} on {node}: {page:?}");
+    }
+
+    // ClusterIP with one backend per node: both answer (bounded tries).
+    let cluster_ip = lab.kubectl.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let page = stdout(&wget(&format!("http://{cluster_ip}/")));
+        seen.extend(["web-1", "web-2"].into_iter().filter(|p| page.contains(p)));
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "ClusterIP {cluster_ip} reached only {seen:?}");
+
+    // DNS: short, namespaced and fully qualified names.
+    for name in ["web", "web.default", "web.default.svc.cluster.local"] {
+        let page = wget(&format!("http://{name}/"));
+        assert!(stdout(&page).contains("web-"), "http://{name}/ from the client: {page:?}");
+    }
+
+    // NodePort on every node's address, from outside the cluster (the underlay).
+    let node_port =
+        lab.kubectl.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.ports[0].nodePort}"]);
+    for index in [1, 2] {
+        let url = format!("http://{}:{node_port}/", lab.node_address(index));
+        eventually(&format!("NodePort {url}"), Duration::from_secs(10), || {
+            let page = lab.get_from_underlay(&url);
+            (!stdout(&page).contains("web-")).then(|| format!("{page:?}"))
+        });
+    }
+}
