@@ -11,7 +11,7 @@ use std::{
     sync::Once,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::names;
 
@@ -20,6 +20,8 @@ const NETNS_DIR: &str = "/run/netns";
 /// A network namespace owned by the test; deleted on drop with everything inside it.
 pub struct Netns {
     name: String,
+    /// Deleted on drop only when the test made it (not for [`Netns::borrow`]).
+    owned: bool,
 }
 
 impl Netns {
@@ -29,8 +31,15 @@ impl Netns {
         SWEEP.call_once(sweep_dead_owners);
         let name = names::unique(role);
         ip(&["netns", "add", &name])?;
-        let ns = Self { name };
+        let ns = Self { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// An existing namespace someone else owns (e.g. a lab pod's), never deleted by this value.
+    pub fn borrow(name: &str) -> Result<Self> {
+        let ns = Self { name: name.to_string(), owned: false };
+        ensure!(ns.path().exists(), "no network namespace {name}");
         Ok(ns)
     }
 
@@ -78,6 +87,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Err(err) = ip(&["netns", "del", &self.name]) {
             eprintln!("warning: could not delete test namespace {}: {err:#}", self.name);
         }

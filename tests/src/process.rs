@@ -6,6 +6,7 @@
 use std::{
     fs::{File, OpenOptions},
     os::{fd::AsRawFd, unix::process::CommandExt},
+    path::Path,
     process::Command,
 };
 
@@ -15,13 +16,19 @@ use crate::{cgroup::TestCgroup, netns::Netns};
 
 /// A `Command` for `program` that runs inside `netns` and, when given, inside `cgroup`.
 pub fn command_in(netns: &Netns, cgroup: Option<&TestCgroup>, program: &str) -> Result<Command> {
-    let ns = File::open(netns.path()).context("opening the namespace")?;
-    let procs = match cgroup {
-        Some(cgroup) => Some(
+    command_at(&netns.path(), cgroup.map(TestCgroup::procs_file).as_deref(), program)
+}
+
+/// A `Command` for `program` that runs inside the namespace at `netns` (a /run/netns path) and,
+/// when given, in the cgroup whose `cgroup.procs` file is `procs`.
+pub fn command_at(netns: &Path, procs: Option<&Path>, program: &str) -> Result<Command> {
+    let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    let procs = match procs {
+        Some(path) => Some(
             OpenOptions::new()
                 .write(true)
-                .open(cgroup.procs_file())
-                .context("opening cgroup.procs")?,
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
         ),
         None => None,
     };

@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "curl",
     "busybox-static",
+    "iperf3",
     "etcd-server",
     "containernetworking-plugins",
 ];

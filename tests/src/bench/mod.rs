@@ -7,6 +7,7 @@
 //! candidate/baseline. It is printed and written as JSON to `<out>/<name>.json`.
 pub mod cni;
 pub mod lb;
+pub mod overlay;
 pub mod tc_rewrite;
 
 use std::{collections::BTreeMap, fs, path::Path};
@@ -62,6 +63,20 @@ pub fn interleave(
         a_rounds.push(candidate().with_context(|| format!("candidate, round {round}"))?);
         b_rounds.push(baseline().with_context(|| format!("baseline, round {round}"))?);
     }
+    compare(name, sides, &a_rounds, &b_rounds)
+}
+
+/// The report of figures measured round by round on both sides (same number of rounds, the
+/// candidate's figures all present on the baseline).
+pub fn compare(
+    name: &str,
+    sides: Sides<'_>,
+    a_rounds: &[Figures],
+    b_rounds: &[Figures],
+) -> Result<Report> {
+    if a_rounds.is_empty() || a_rounds.len() != b_rounds.len() {
+        bail!("{name}: the sides have {} and {} rounds", a_rounds.len(), b_rounds.len());
+    }
     let mut figures = BTreeMap::new();
     for &figure in a_rounds[0].keys() {
         let pick = |rounds: &[Figures], side: &str| -> Result<Vec<f64>> {
@@ -71,8 +86,8 @@ pub fn interleave(
                 .collect::<Option<Vec<f64>>>()
                 .with_context(|| format!("the {side} did not report `{figure}` in every round"))
         };
-        let candidate = pick(&a_rounds, "candidate")?;
-        let baseline = pick(&b_rounds, "baseline")?;
+        let candidate = pick(a_rounds, "candidate")?;
+        let baseline = pick(b_rounds, "baseline")?;
         let ratios: Vec<f64> = candidate.iter().zip(&baseline).map(|(a, b)| a / b).collect();
         figures.insert(
             figure,
@@ -90,7 +105,7 @@ pub fn interleave(
         candidate: sides.candidate_label.to_string(),
         baseline: sides.baseline_label.to_string(),
         unit: sides.unit.to_string(),
-        rounds,
+        rounds: a_rounds.len() as u32,
         figures,
     })
 }

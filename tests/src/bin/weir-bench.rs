@@ -2,9 +2,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use weir_tests::bench::{cni, lb, tc_rewrite};
+use weir_tests::bench::{cni, lb, overlay, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni, lb)";
+const USAGE: &str =
+    "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni, lb, overlay)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -20,14 +21,17 @@ fn main() -> Result<()> {
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
-    let report = match name.as_str() {
-        "tc-rewrite" => tc_rewrite::run(rounds)?,
-        "cni" => cni::run(rounds)?,
-        "lb" => lb::run(rounds)?,
+    let reports = match name.as_str() {
+        "tc-rewrite" => vec![tc_rewrite::run(rounds)?],
+        "cni" => vec![cni::run(rounds)?],
+        "lb" => vec![lb::run(rounds)?],
+        "overlay" => overlay::run(rounds)?,
         other => bail!("unknown benchmark {other:?}; {USAGE}"),
     };
-    report.print();
-    let path = report.write_json(&out)?;
-    println!("wrote {}", path.display());
+    for report in reports {
+        report.print();
+        let path = report.write_json(&out)?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }

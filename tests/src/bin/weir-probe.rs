@@ -8,6 +8,9 @@
 //! `weir-probe tcp-session HOST:PORT` keeps one TCP connection open: every line on stdin
 //! sends a `ping` and prints the reply as JSON; EOF closes it.
 //!
+//! `weir-probe tcp-rr HOST:PORT COUNT` makes COUNT request/responses on one TCP connection and
+//! prints their latency: `{"ok":true,"count":n,"p50_us":..,"p99_us":..}`.
+//!
 //! `weir-probe tcp-spread HOST:PORT COUNT` makes COUNT sequential TCP connections to echo
 //! servers (tests/src/echo.rs) and prints how many each backend answered:
 //! `{"ok":true,"backends":{"10.0.0.2:8080":n,...},"failures":k}`.
@@ -20,7 +23,7 @@ use std::{
 
 use serde_json::json;
 
-const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected HOST:PORT [--timeout-ms N] | tcp-spread HOST:PORT COUNT | tcp-session HOST:PORT";
+const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected HOST:PORT [--timeout-ms N] | tcp-spread HOST:PORT COUNT | tcp-rr HOST:PORT COUNT | tcp-session HOST:PORT";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,12 +38,17 @@ fn main() -> ExitCode {
     if mode == "tcp-session" {
         return session(target);
     }
-    if mode == "tcp-spread" {
+    if mode == "tcp-spread" || mode == "tcp-rr" {
         let Some(count) = args.get(2).and_then(|c| c.parse::<u32>().ok()).filter(|c| *c > 0) else {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
         };
-        return spread(target, count.min(100_000));
+        let count = count.min(100_000);
+        return if mode == "tcp-rr" {
+            request_response(target, count)
+        } else {
+            spread(target, count)
+        };
     }
     let timeout_ms = match args.get(2).map(String::as_str) {
         Some("--timeout-ms") => args.get(3).and_then(|v| v.parse().ok()).unwrap_or(0),
@@ -94,6 +102,37 @@ fn exchange(stream: &TcpStream) -> std::io::Result<String> {
         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
     }
     Ok(reply)
+}
+
+/// COUNT request/responses on one connection; prints their p50 and p99 in microseconds.
+fn request_response(target: SocketAddr, count: u32) -> ExitCode {
+    let result = (|| -> std::io::Result<Vec<f64>> {
+        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.set_nodelay(true)?;
+        let mut latencies = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let started = std::time::Instant::now();
+            exchange(&stream)?;
+            latencies.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        latencies.sort_by(f64::total_cmp);
+        Ok(latencies)
+    })();
+    match result {
+        Ok(l) => {
+            let at = |q: f64| l[((l.len() - 1) as f64 * q).round() as usize];
+            println!(
+                "{}",
+                json!({"ok": true, "count": l.len(), "p50_us": at(0.5), "p99_us": at(0.99)})
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            println!("{}", json!({"ok": false, "error": err.to_string()}));
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// One connection kept open: every line on stdin sends a `ping` and prints the reply (or the

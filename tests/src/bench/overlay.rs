@@ -1,0 +1,232 @@
+//! `cargo xtask bench overlay`: pod-to-pod across two lab nodes with VXLAN and with native
+//! routing, against two bare namespaces joined by a veth pair (the limit): TCP throughput
+//! (iperf3, 3 s per sample) and request/response latency (weir-probe tcp-rr, one connection).
+//! Plus the time from `kubectl apply` of a 3-replica Deployment and its Service to all pods
+//! Ready and every one of them answering through the ClusterIP (measured in the VXLAN lab,
+//! reported against the same in the native lab).
+//!
+//! Two reports: `overlay-native` (native routing vs the bare veth pair) and `overlay-vxlan`
+//! (VXLAN vs native routing). Rounds rotate the order of the three paths.
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::{
+    bench::{Figures, Report, Sides, compare},
+    echo::EchoServer,
+    lab::Lab,
+    netns::{Netns, Veth},
+    probe,
+    process::{command_at, command_in},
+};
+
+const IPERF_PORT: &str = "5201";
+const ECHO_PORT: u16 = 8080;
+const RR_COUNT: &str = "2000";
+
+/// A client namespace and a server namespace that can reach each other.
+struct PodPair {
+    client: Netns,
+    server: Netns,
+    server_ip: Ipv4Addr,
+    _echo: EchoServer,
+}
+
+pub fn run(rounds: u32) -> Result<Vec<Report>> {
+    let (bare_a, bare_b) = (Netns::new("bench-a")?, Netns::new("bench-b")?);
+    let veth = Veth::between(&bare_a, &bare_b)?;
+    bare_a.ip(&["addr", "add", "10.99.0.1/24", "dev", &veth.a])?;
+    bare_b.ip(&["addr", "add", "10.99.0.2/24", "dev", &veth.b])?;
+    let bare_ip = Ipv4Addr::new(10, 99, 0, 2);
+    let echo = EchoServer::tcp(&bare_b, (bare_ip, ECHO_PORT).into())?;
+    let bare = PodPair { client: bare_a, server: bare_b, server_ip: bare_ip, _echo: echo };
+
+    let vxlan_lab = Lab::up(2, "ebpf", "vxlan");
+    let native_lab = Lab::up(2, "ebpf", "native");
+    let vxlan = lab_pair(&vxlan_lab)?;
+    let native = lab_pair(&native_lab)?;
+
+    let (mut bare_rounds, mut native_rounds, mut vxlan_rounds) = (vec![], vec![], vec![]);
+    for round in 0..rounds {
+        for which in 0..3 {
+            match (round + which) % 3 {
+                0 => bare_rounds.push(measure(&bare).context("bare veth")?),
+                1 => native_rounds.push(measure(&native).context("native routing")?),
+                _ => vxlan_rounds.push(measure(&vxlan).context("vxlan")?),
+            }
+        }
+        let tag = format!("r{round}");
+        let vx = deploy_ready_ms(&vxlan_lab, &vxlan, &tag).context("deploy, vxlan lab")?;
+        let na = deploy_ready_ms(&native_lab, &native, &tag).context("deploy, native lab")?;
+        vxlan_rounds.last_mut().expect("measured").insert("deploy_ready_ms", vx);
+        native_rounds.last_mut().expect("measured").insert("deploy_ready_ms", na);
+    }
+    let mut native_only = native_rounds.clone();
+    for figures in &mut native_only {
+        figures.remove("deploy_ready_ms");
+    }
+    let unit = "Gbit/s, microseconds, milliseconds";
+    Ok(vec![
+        compare(
+            "overlay-native",
+            Sides {
+                candidate_label: "pod to pod across nodes, native routing",
+                baseline_label: "two namespaces on a veth pair",
+                unit,
+            },
+            &native_only,
+            &bare_rounds,
+        )?,
+        compare(
+            "overlay-vxlan",
+            Sides {
+                candidate_label: "pod to pod across nodes, VXLAN",
+                baseline_label: "pod to pod across nodes, native routing",
+                unit,
+            },
+            &vxlan_rounds,
+            &native_rounds,
+        )?,
+    ])
+}
+
+/// A server pod on the first node and a client pod on the second, found by their addresses.
+fn lab_pair(lab: &Lab) -> Result<PodPair> {
+    for (name, node) in [("bench-server", 1), ("bench-client", 2)] {
+        lab.apply(&format!(
+            r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}"}},
+            "spec":{{"nodeName":"{}","containers":[{{"name":"c","image":"busybox","command":["sleep","86400"]}}]}}}}"#,
+            lab.node_name(node)
+        ));
+    }
+    lab.wait_ready("pod/bench-server");
+    lab.wait_ready("pod/bench-client");
+    let server_ip: Ipv4Addr = pod_ip(lab, "bench-server")?;
+    let server = pod_netns(&lab.node_netns(1), server_ip)?;
+    let client = pod_netns(&lab.node_netns(2), pod_ip(lab, "bench-client")?)?;
+    let echo = EchoServer::tcp(&server, (server_ip, ECHO_PORT).into())?;
+    Ok(PodPair { client, server, server_ip, _echo: echo })
+}
+
+fn pod_ip(lab: &Lab, pod: &str) -> Result<Ipv4Addr> {
+    let ip = lab.kubectl.ok(&["get", "pod", pod, "-o", "jsonpath={.status.podIP}"]);
+    ip.trim().parse().with_context(|| format!("pod {pod} has no IPv4 address ({ip:?})"))
+}
+
+/// The pod namespace under `node_netns` that holds `ip`.
+fn pod_netns(node_netns: &str, ip: Ipv4Addr) -> Result<Netns> {
+    let prefix = format!("{node_netns}.");
+    for entry in std::fs::read_dir("/run/netns")?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        let ns = Netns::borrow(&name)?;
+        if ns.ip(&["-o", "addr", "show"])?.contains(&format!(" {ip}/")) {
+            return Ok(ns);
+        }
+    }
+    bail!("no namespace under {node_netns} holds {ip}")
+}
+
+fn measure(pair: &PodPair) -> Result<Figures> {
+    let target = pair.server_ip.to_string();
+    let mut server = command_in(&pair.server, None, "iperf3")?
+        .args(["-s", "-1", "-p", IPERF_PORT, "-B", &target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 -s (`cargo xtask setup` installs iperf3)")?;
+    let mut report = None;
+    for _ in 0..50 {
+        let out = command_in(&pair.client, None, "iperf3")?
+            .args(["-c", &target, "-p", IPERF_PORT, "-t", "3", "-J"])
+            .output()?;
+        if out.status.success() {
+            report = Some(out.stdout);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let report: Value = serde_json::from_slice(&report.context("iperf3 never connected")?)?;
+    let bits = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received")?;
+    let rr =
+        probe::run(&pair.client, None, &["tcp-rr", &format!("{target}:{ECHO_PORT}"), RR_COUNT]);
+    ensure!(rr["ok"] == true, "tcp-rr failed: {rr}");
+    let mut figures = Figures::new();
+    figures.insert("tcp_gbps", bits / 1e9);
+    figures.insert("rr_p50_us", rr["p50_us"].as_f64().context("no p50")?);
+    Ok(figures)
+}
+
+/// Milliseconds from `kubectl apply` of a 3-replica nginx Deployment and its Service until all
+/// three pods are Ready and each has answered an HTTP GET through the ClusterIP from the
+/// client pod. The Deployment is removed afterwards.
+fn deploy_ready_ms(lab: &Lab, pair: &PodPair, tag: &str) -> Result<f64> {
+    let name = format!("bench-{tag}");
+    let manifest = format!(
+        r#"{{"apiVersion":"v1","kind":"List","items":[
+        {{"apiVersion":"apps/v1","kind":"Deployment","metadata":{{"name":"{name}"}},"spec":{{"replicas":3,
+          "selector":{{"matchLabels":{{"app":"{name}"}}}},
+          "template":{{"metadata":{{"labels":{{"app":"{name}"}}}},"spec":{{"containers":[{{"name":"web","image":"nginx","ports":[{{"containerPort":80}}]}}]}}}}}}}},
+        {{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}"}},"spec":{{"selector":{{"app":"{name}"}},"ports":[{{"port":80}}]}}}}]}}"#
+    );
+    let started = Instant::now();
+    lab.apply(&manifest);
+    let cluster_ip = lab.kubectl.ok(&["get", "svc", &name, "-o", "jsonpath={.spec.clusterIP}"]);
+    let procs = client_cgroup_procs(&pair.client)?;
+    let mut answered = BTreeSet::new();
+    let deadline = started + Duration::from_secs(60);
+    while answered.len() < 3 {
+        ensure!(Instant::now() < deadline, "{name}: only {answered:?} answered within 60 s");
+        let out = command_at(&pair.client.path(), Some(&procs), "/bin/busybox")?
+            .args(["wget", "-qO-", "-T", "1", &format!("http://{cluster_ip}/")])
+            .output()?;
+        let page = String::from_utf8_lossy(&out.stdout);
+        if let Some(pod) = page
+            .split(|c: char| c.is_whitespace() || c == '<' || c == '>')
+            .find(|w| w.starts_with(&name))
+        {
+            answered.insert(pod.to_string());
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let ready = lab.kubectl.ok(&[
+        "get",
+        "pods",
+        "-l",
+        &format!("app={name}"),
+        "-o",
+        "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+    ]);
+    let took = started.elapsed().as_secs_f64() * 1e3;
+    ensure!(ready.split_whitespace().filter(|s| *s == "True").count() == 3, "{name}: {ready}");
+    lab.kubectl.ok(&["delete", "deployment,service", &name, "--wait=false"]);
+    Ok(took)
+}
+
+/// cgroup.procs of the client pod's cgroup (the socket load balancer serves ClusterIPs to
+/// processes in the node's cgroup tree), from the cgroup of a process already in the pod.
+fn client_cgroup_procs(client: &Netns) -> Result<PathBuf> {
+    let pids = crate::netns::ip(&["netns", "pids", client.name()])?;
+    let pid = pids.split_whitespace().next().context("no process in the client pod")?;
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let relative = cgroups
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("the client pod's process has no cgroup v2 membership")?;
+    let root = weir_proxy::system::cgroup2_mount()?.context("no cgroup2 mount")?;
+    Ok(root.join(relative.trim_start_matches('/')).join("cgroup.procs"))
+}
