@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod dns;
 mod inspect;
 
 #[derive(Parser)]
@@ -24,6 +25,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Show what the live datapath holds (read from the agent's pinned maps).
     Inspect(inspect::InspectArgs),
+    /// Run the cluster DNS server (kube-dns): Service, endpoint and Pod records.
+    Dns(dns::DnsArgs),
 }
 
 #[derive(clap::Args)]
@@ -94,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apiserver(args) => return apiserver(args),
         Command::Agent(args) => return agent::run(args),
         Command::Inspect(args) => inspect::run(args)?,
+        Command::Dns(args) => return dns::run(args),
     }
     Ok(ExitCode::SUCCESS)
 }
