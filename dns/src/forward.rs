@@ -69,14 +69,14 @@ async fn ask(upstream: &Upstream, query: &Query) -> Result<DnsResponse, NetError
     if !response.metadata.truncation {
         return Ok(response);
     }
-    let exchange = TcpClientStream::exchange(
-        upstream.addr,
-        None,
-        UPSTREAM_TIMEOUT,
-        None,
-        TokioRuntimeProvider::default(),
-    )
-    .await?;
+    // The exchange's I/O task lives in the provider's task set: keep a clone of the provider
+    // until the answer is in.
+    let provider = TokioRuntimeProvider::default();
+    let exchange =
+        TcpClientStream::exchange(upstream.addr, None, UPSTREAM_TIMEOUT, None, provider.clone())
+            .await?;
     let request = DnsRequest::from_query(query.clone(), DnsRequestOptions::default());
-    futures::StreamExt::next(&mut exchange.send(request)).await.unwrap_or(Err(NetError::Timeout))
+    let answer = futures::StreamExt::next(&mut exchange.send(request)).await;
+    drop(provider);
+    answer.unwrap_or(Err(NetError::Timeout))
 }
