@@ -276,6 +276,17 @@ fn dns_forwards_other_names_upstream_and_follows_external_names() {
         json!({"metadata": {"name": "outside"}, "spec": {"type": "ExternalName",
             "externalName": "web.default.svc.upstream.test"}}),
     );
+    // 100 addresses do not fit in one UDP answer (1232 bytes): the forwarder must ask again
+    // over TCP.
+    service(&api, json!({"metadata": {"name": "big"}, "spec": {"clusterIP": "None"}}));
+    let endpoints: Vec<Value> = (1..=100)
+        .map(|i| json!({"addresses": [format!("10.244.7.{i}")], "conditions": {"ready": true}}))
+        .collect();
+    endpoint_slice(
+        &api,
+        json!({"metadata": {"name": "big-1", "labels": {"kubernetes.io/service-name": "big"}},
+               "addressType": "IPv4", "endpoints": endpoints}),
+    );
     // The "upstream": another weir dns serving the same cluster under another domain.
     let upstream = DnsServer::start(&api, &["--cluster-domain", "upstream.test"]);
     let upstream_addr = upstream.addr.to_string();
@@ -301,6 +312,9 @@ fn dns_forwards_other_names_upstream_and_follows_external_names() {
             "{transport:?}"
         );
     }
+
+    let response = dns.query(Transport::Tcp, "big.default.svc.upstream.test.", RecordType::A);
+    assert_eq!(response.answers.len(), 100, "all addresses, fetched upstream over TCP");
 
     // The upstream stops answering: SERVFAIL, not a hang.
     drop(upstream);
