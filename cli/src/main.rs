@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod dns;
 mod inspect;
 mod lab;
 
@@ -27,6 +28,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// A multi-node cluster of network namespaces on this machine: up, down, status.
     Lab(lab::LabArgs),
+    /// Run the cluster DNS server (kube-dns): Service, endpoint and Pod records.
+    Dns(dns::DnsArgs),
 }
 
 #[derive(clap::Args)]
@@ -98,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(args) => return agent::run(args),
         Command::Inspect(args) => inspect::run(args)?,
         Command::Lab(args) => return lab::run(args),
+        Command::Dns(args) => return dns::run(args),
     }
     Ok(ExitCode::SUCCESS)
 }

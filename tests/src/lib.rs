@@ -12,6 +12,7 @@ pub mod bench;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cni;
+pub mod dns;
 pub mod echo;
 pub mod lab;
 pub mod names;
