@@ -2,7 +2,10 @@
 //! configuration), then the agent's loop on a tokio runtime.
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use weir_proxy::agent::{self, AgentError, config as defaults, config::AgentConfig};
+use weir_proxy::{
+    agent::{self, AgentError, config as defaults, config::AgentConfig},
+    routing::{self, RoutingConfig, model::Ipv4Cidr, model::Overlay},
+};
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
@@ -10,8 +13,8 @@ pub struct AgentArgs {
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// This node's name (its Node object).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
     /// An address node ports are served on (repeatable), besides the Node object's addresses.
     #[arg(long = "node-address")]
     node_addresses: Vec<IpAddr>,
@@ -37,15 +40,49 @@ pub struct AgentArgs {
     /// Forward the eBPF programs' debug logs to this log (costs cycles per packet).
     #[arg(long)]
     forward_ebpf_logs: bool,
+    /// How pod CIDRs of other nodes are reached: vxlan (device weir.vxlan, VNI 1, UDP 8472),
+    /// native (a route via each node's address; nodes on one L2 segment), or none.
+    #[arg(long, default_value = "none")]
+    overlay: Overlay,
+    /// The pod network of the whole cluster (e.g. 10.244.0.0/16); needed for --masquerade.
+    #[arg(long)]
+    cluster_cidr: Option<Ipv4Cidr>,
+    /// SNAT pod traffic from --cluster-cidr to outside it to the node's address.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    masquerade: bool,
+    /// nftables table (family ip) the masquerade rule lives in.
+    #[arg(long, default_value = routing::DEFAULT_NAT_TABLE)]
+    nft_table_nat: String,
+    /// Interface node-to-node traffic leaves by (default: the one holding the node's address).
+    #[arg(long)]
+    overlay_uplink: Option<String>,
+    /// Write this node's pod CIDR and pod MTU here for weir-cni (e.g. /run/weir/node-state.json).
+    #[arg(long)]
+    node_state_file: Option<PathBuf>,
+    /// Seconds between repairing resyncs of routes, neighbours and VXLAN entries.
+    #[arg(long, default_value_t = routing::DEFAULT_RESYNC.as_secs())]
+    routing_resync_seconds: u64,
+    /// Remove weir.vxlan, weir's routes (proto 87) and the masquerade table, then exit.
+    #[arg(long)]
+    cleanup: bool,
 }
 
 /// Exit code for configuration errors (EX_USAGE), before anything was started.
 const EXIT_BAD_CONFIG: u8 = 64;
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    if args.cleanup {
+        return match routing::cleanup(&args.nft_table_nat) {
+            Ok(what) => {
+                println!("weir agent: cleanup: {what}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(err) => Err(anyhow::anyhow!("weir agent --cleanup: {err}")),
+        };
+    }
     let config = AgentConfig {
         kubeconfig: args.kubeconfig,
-        node_name: args.node_name,
+        node_name: args.node_name.unwrap_or_default(),
         node_addresses: args.node_addresses,
         pin_dir: args.pin_dir,
         cgroup: args.cgroup,
@@ -54,6 +91,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         metrics_listen: args.metrics_listen,
         health_timeout: Duration::from_secs(args.health_timeout_seconds),
         forward_ebpf_logs: args.forward_ebpf_logs,
+        routing: RoutingConfig {
+            overlay: args.overlay,
+            cluster_cidr: args.cluster_cidr,
+            masquerade: args.masquerade,
+            nat_table: args.nft_table_nat,
+            uplink: args.overlay_uplink,
+            node_state_file: args.node_state_file,
+            resync: Duration::from_secs(args.routing_resync_seconds.max(1)),
+        },
     };
     if let Err(err) = config.validate() {
         eprintln!("weir agent: {err}");

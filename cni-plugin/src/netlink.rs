@@ -11,6 +11,11 @@
 //!
 //! Why not netlink-packet-route: the plugin needs a dozen fixed messages; a hand-written encoder
 //! keeps the short-lived binary small, has no async runtime and no API churn to follow.
+//!
+//! The generic part ([`Msg`], [`attrs`], [`Socket::request`], [`Socket::dump`],
+//! [`Socket::request_batch`], any protocol through [`Socket::open_protocol`]) is public: the
+//! agent's node routing (`weir_proxy::routing`) builds its own route, neighbour, vxlan and
+//! nf_tables messages on it.
 use std::{
     io,
     net::IpAddr,
@@ -96,19 +101,19 @@ pub struct Socket {
 }
 
 /// A message under construction: header placeholder, fixed part, attributes.
-struct Msg {
+pub struct Msg {
     buf: Vec<u8>,
 }
 
 impl Msg {
-    fn new(kind: u16, flags: u16) -> Self {
+    pub fn new(kind: u16, flags: u16) -> Self {
         let mut buf = vec![0u8; NLMSG_HDRLEN];
         buf[4..6].copy_from_slice(&kind.to_ne_bytes());
         buf[6..8].copy_from_slice(&flags.to_ne_bytes());
         Self { buf }
     }
 
-    fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(bytes);
         self.align();
         self
@@ -120,7 +125,7 @@ impl Msg {
         }
     }
 
-    fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Self {
+    pub fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Self {
         let len = (4 + data.len()) as u16;
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&kind.to_ne_bytes());
@@ -129,21 +134,21 @@ impl Msg {
         self
     }
 
-    fn attr_str(&mut self, kind: u16, s: &str) -> &mut Self {
+    pub fn attr_str(&mut self, kind: u16, s: &str) -> &mut Self {
         let mut data = s.as_bytes().to_vec();
         data.push(0);
         self.attr(kind, &data)
     }
 
     /// Starts a nested attribute; returns its offset for [`Msg::end_nested`].
-    fn begin_nested(&mut self, kind: u16) -> usize {
+    pub fn begin_nested(&mut self, kind: u16) -> usize {
         let at = self.buf.len();
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
         self.buf.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
         at
     }
 
-    fn end_nested(&mut self, at: usize) {
+    pub fn end_nested(&mut self, at: usize) {
         let len = (self.buf.len() - at) as u16;
         self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
     }
@@ -165,21 +170,21 @@ fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
     m
 }
 
-fn family(ip: &IpAddr) -> u8 {
+pub fn family(ip: &IpAddr) -> u8 {
     match ip {
         IpAddr::V4(_) => libc::AF_INET as u8,
         IpAddr::V6(_) => libc::AF_INET6 as u8,
     }
 }
 
-fn octets(ip: &IpAddr) -> Vec<u8> {
+pub fn octets(ip: &IpAddr) -> Vec<u8> {
     match ip {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
     }
 }
 
-fn parse_ip(family: u8, data: &[u8]) -> Option<IpAddr> {
+pub fn parse_ip(family: u8, data: &[u8]) -> Option<IpAddr> {
     match (i32::from(family), data.len()) {
         (libc::AF_INET, 4) => Some(IpAddr::from(<[u8; 4]>::try_from(data).ok()?)),
         (libc::AF_INET6, 16) => Some(IpAddr::from(<[u8; 16]>::try_from(data).ok()?)),
@@ -188,7 +193,7 @@ fn parse_ip(family: u8, data: &[u8]) -> Option<IpAddr> {
 }
 
 /// Iterates `(type, payload)` over the attributes in `data`.
-fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         if data.len() < 4 {
             return None;
@@ -208,9 +213,14 @@ fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 impl Socket {
     /// Opens a socket in the calling thread's network namespace.
     pub fn open() -> io::Result<Self> {
+        Self::open_protocol(libc::NETLINK_ROUTE)
+    }
+
+    /// Opens a socket of another netlink family (e.g. `libc::NETLINK_NETFILTER`).
+    pub fn open_protocol(protocol: libc::c_int) -> io::Result<Self> {
         // SAFETY: plain socket(2) call; the result is checked before use.
         let fd = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE)
+            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol)
         };
         if fd < 0 {
             return Err(io::Error::last_os_error());
@@ -234,7 +244,11 @@ impl Socket {
 
     fn send(&mut self, msg: Msg) -> io::Result<u32> {
         self.seq = self.seq.wrapping_add(1);
-        let bytes = msg.finish(self.seq);
+        self.send_bytes(&msg.finish(self.seq))?;
+        Ok(self.seq)
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
         // SAFETY: sockaddr_nl is plain integers; all-zero is a valid value (kernel, no groups).
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
@@ -252,7 +266,7 @@ impl Socket {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(self.seq)
+        Ok(())
     }
 
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -270,9 +284,37 @@ impl Socket {
         }
     }
 
-    /// Sends `msg` with NLM_F_ACK and waits for the kernel's answer.
-    fn request(&mut self, msg: Msg) -> io::Result<()> {
+    /// Sends `msg` (built with NLM_F_ACK) and waits for the kernel's answer.
+    pub fn request(&mut self, msg: Msg) -> io::Result<()> {
         let seq = self.send(msg)?;
+        self.wait_ack(seq, seq)
+    }
+
+    /// Sends `msgs` in one datagram (an nf_tables batch: begin, messages, end) and waits for
+    /// the answer to the last message that asked for an ACK (`true`); the first error any of
+    /// them gets is returned instead. Messages that ask for no ACK (the batch markers) are
+    /// answered only when they fail.
+    pub fn request_batch(&mut self, msgs: Vec<(Msg, bool)>) -> io::Result<()> {
+        let first = self.seq.wrapping_add(1);
+        let mut last_acked = None;
+        let mut bytes = Vec::new();
+        for (msg, acked) in msgs {
+            self.seq = self.seq.wrapping_add(1);
+            if acked {
+                last_acked = Some(self.seq);
+            }
+            bytes.extend_from_slice(&msg.finish(self.seq));
+        }
+        self.send_bytes(&bytes)?;
+        match last_acked {
+            Some(last) => self.wait_ack(first, last),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads answers until the ACK of `last`; an error answer to any sequence number in
+    /// `first..=last` is returned at once.
+    fn wait_ack(&mut self, first: u32, last: u32) -> io::Result<()> {
         let mut buf = vec![0u8; 16384];
         loop {
             let n = self.recv(&mut buf)?;
@@ -281,16 +323,20 @@ impl Socket {
                 let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
                 let kind = u16::from_ne_bytes([data[4], data[5]]);
                 let msg_seq = u32::from_ne_bytes(data[8..12].try_into().unwrap());
-                if len < NLMSG_HDRLEN || len > data.len() {
+                if len < NLMSG_HDRLEN + 4 && kind == NLMSG_ERROR
+                    || len < NLMSG_HDRLEN
+                    || len > data.len()
+                {
                     return Err(io::Error::other("malformed netlink answer"));
                 }
-                if kind == NLMSG_ERROR && msg_seq == seq {
+                if kind == NLMSG_ERROR && msg_seq.wrapping_sub(first) <= last.wrapping_sub(first) {
                     let errno = i32::from_ne_bytes(data[16..20].try_into().unwrap());
-                    return if errno == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::from_raw_os_error(-errno))
-                    };
+                    if errno != 0 {
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                    if msg_seq == last {
+                        return Ok(());
+                    }
                 }
                 data = &data[((len + 3) & !3).min(data.len())..];
             }
@@ -298,7 +344,7 @@ impl Socket {
     }
 
     /// Sends a dump request and returns each answer's payload (after the netlink header).
-    fn dump(&mut self, build: impl Fn() -> Msg) -> io::Result<Vec<(u16, Vec<u8>)>> {
+    pub fn dump(&mut self, build: impl Fn() -> Msg) -> io::Result<Vec<(u16, Vec<u8>)>> {
         for _ in 0..DUMP_ATTEMPTS {
             let seq = self.send(build())?;
             let mut out = Vec::new();

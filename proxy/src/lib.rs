@@ -15,4 +15,5 @@ pub mod inspect;
 pub mod maps;
 pub mod model;
 pub mod programs;
+pub mod routing;
 pub mod system;

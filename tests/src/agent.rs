@@ -3,6 +3,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
+    path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -16,6 +17,8 @@ use crate::{
     apiserver::{ApiServer, http_request, weir_binary},
     bpffs::TestPinDir,
     cgroup::TestCgroup,
+    netns::Netns,
+    process::command_in,
 };
 
 /// How long an agent may take to report its first sync.
@@ -26,16 +29,52 @@ pub struct AgentProcess {
     child: Option<Child>,
     pub health: SocketAddr,
     pub metrics: SocketAddr,
+    /// What the agent printed on stdout until it was ready.
+    pub lines: Vec<String>,
+}
+
+/// Where and how [`AgentProcess::start_with`] runs an agent.
+pub struct AgentOptions<'a> {
+    pub kubeconfig: &'a Path,
+    pub node_name: &'a str,
+    /// The namespace the agent runs in (the root namespace when `None`).
+    pub netns: Option<&'a Netns>,
+    pub extra_args: Vec<String>,
+    /// A stdout line prefix to wait for besides the first sync.
+    pub wait_for: Option<&'a str>,
 }
 
 impl AgentProcess {
     /// Starts `weir agent` (node `node-a`) and waits for its first sync.
     pub fn start(server: &ApiServer, pins: &TestPinDir, cgroup: &TestCgroup) -> AgentProcess {
-        let mut child = Command::new(weir_binary())
+        let options = AgentOptions {
+            kubeconfig: &server.kubeconfig,
+            node_name: "node-a",
+            netns: None,
+            extra_args: Vec::new(),
+            wait_for: None,
+        };
+        AgentProcess::start_with(&options, pins, cgroup)
+    }
+
+    /// Starts `weir agent` as `options` say and waits for its first sync (and the line
+    /// `options.wait_for`).
+    pub fn start_with(
+        options: &AgentOptions,
+        pins: &TestPinDir,
+        cgroup: &TestCgroup,
+    ) -> AgentProcess {
+        let mut command = match options.netns {
+            Some(ns) => command_in(ns, None, &weir_binary().to_string_lossy())
+                .expect("preparing weir agent in a namespace"),
+            None => Command::new(weir_binary()),
+        };
+        let mut child = command
             .arg("agent")
             .arg("--kubeconfig")
-            .arg(&server.kubeconfig)
-            .args(["--node-name", "node-a"])
+            .arg(options.kubeconfig)
+            .args(["--node-name", options.node_name])
+            .args(&options.extra_args)
             .arg("--pin-dir")
             .arg(pins.path())
             .arg("--cgroup")
@@ -57,22 +96,29 @@ impl AgentProcess {
         });
         let (mut health, mut metrics) = (None, None);
         let deadline = Instant::now() + START_WAIT;
-        loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("weir agent did not report its first sync in time");
+        let (mut synced, mut waited) = (false, options.wait_for.is_none());
+        let mut lines = Vec::new();
+        while !(synced && waited) {
+            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| {
+                panic!("weir agent did not report its first sync (and {:?}) in time; it printed {lines:?}", options.wait_for)
+            });
             if let Some(addr) = line.strip_prefix("weir agent: serving health on http://") {
                 health = addr.parse().ok();
             } else if let Some(addr) = line.strip_prefix("weir agent: serving metrics on http://") {
                 metrics = addr.parse().ok();
             } else if line.starts_with("weir agent: first sync done") {
-                break;
+                synced = true;
             }
+            if options.wait_for.is_some_and(|prefix| line.starts_with(prefix)) {
+                waited = true;
+            }
+            lines.push(line);
         }
         AgentProcess {
             child: Some(child),
             health: health.expect("health address"),
             metrics: metrics.expect("metrics address"),
+            lines,
         }
     }
 

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::names;
+use crate::{names, netns::Netns, process::command_in};
 
 /// The kubectl release the tests drive (pinned in xtask/src/setup.rs as well).
 pub const KUBECTL_VERSION: &str = "1.37.1";
@@ -93,10 +93,21 @@ impl ApiServer {
 
     /// [`ApiServer::start`] with extra `weir apiserver` arguments.
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> ApiServer {
+        ApiServer::start_in(None, data_dir, extra)
+    }
+
+    /// [`ApiServer::start_with`], the process running inside `netns` when given (its
+    /// plain-HTTP listener, and so [`ApiServer::json`], is then reachable only from there).
+    pub fn start_in(netns: Option<&Netns>, data_dir: &Path, extra: &[&str]) -> ApiServer {
         let kubeconfig = data_dir.join("admin.kubeconfig");
         let binary = weir_binary();
         let started = Instant::now();
-        let mut child = Command::new(binary)
+        let mut command = match netns {
+            Some(ns) => command_in(ns, None, &binary.to_string_lossy())
+                .expect("preparing weir apiserver in a namespace"),
+            None => Command::new(binary),
+        };
+        let mut child = command
             .arg("apiserver")
             .arg("--data-dir")
             .arg(data_dir)

@@ -17,6 +17,7 @@ pub mod echo;
 pub mod lab;
 pub mod names;
 pub mod netns;
+pub mod overlay;
 pub mod packet;
 pub mod privileged;
 pub mod probe;

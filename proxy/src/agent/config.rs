@@ -7,6 +7,8 @@ use std::{
 
 use thiserror::Error;
 
+use crate::routing::RoutingConfig;
+
 /// kube-proxy's default healthz port.
 pub const DEFAULT_HEALTH_LISTEN: &str = "0.0.0.0:10256";
 /// kube-proxy's default metrics port.
@@ -37,6 +39,8 @@ pub struct AgentConfig {
     pub health_timeout: Duration,
     /// Forward eBPF debug logs to the agent's log (costs cycles per packet).
     pub forward_ebpf_logs: bool,
+    /// Node-to-node pod routing, masquerade and the node state file.
+    pub routing: RoutingConfig,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -53,6 +57,14 @@ pub enum ConfigError {
     BadUplink(String),
     #[error("--health-listen and --metrics-listen are both {0}; give them different ports")]
     SameListenAddress(SocketAddr),
+    #[error("--masquerade true needs --cluster-cidr (the pod network, e.g. 10.244.0.0/16)")]
+    MasqueradeWithoutClusterCidr,
+    #[error("--nft-table-nat {0:?} is not a valid table name (1 to 255 bytes of [A-Za-z0-9_-])")]
+    BadNatTable(String),
+    #[error(
+        "--overlay-uplink {0:?} is not a valid interface name (1 to 15 bytes, no '/', no spaces)"
+    )]
+    BadOverlayUplink(String),
 }
 
 impl AgentConfig {
@@ -67,14 +79,22 @@ impl AgentConfig {
         if !self.pin_dir.starts_with("/sys/fs/bpf") {
             return Err(ConfigError::PinDirNotOnBpffs(self.pin_dir.clone()));
         }
-        if let Some(bad) = self.uplinks.iter().find(|name| {
-            name.is_empty()
-                || name.len() > 15
-                || name.contains(['/', ' ', '@'])
-                || *name == "."
-                || *name == ".."
-        }) {
+        if let Some(bad) = self.uplinks.iter().find(|name| !is_interface_name(name)) {
             return Err(ConfigError::BadUplink(bad.clone()));
+        }
+        let routing = &self.routing;
+        if routing.masquerade && routing.cluster_cidr.is_none() {
+            return Err(ConfigError::MasqueradeWithoutClusterCidr);
+        }
+        let table = &routing.nat_table;
+        if table.is_empty()
+            || table.len() > 255
+            || !table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigError::BadNatTable(table.clone()));
+        }
+        if let Some(uplink) = routing.uplink.as_ref().filter(|name| !is_interface_name(name)) {
+            return Err(ConfigError::BadOverlayUplink(uplink.clone()));
         }
         if self.health_listen == self.metrics_listen && self.health_listen.port() != 0 {
             return Err(ConfigError::SameListenAddress(self.health_listen));
@@ -85,6 +105,14 @@ impl AgentConfig {
     pub fn links_dir(&self) -> PathBuf {
         self.pin_dir.join("links")
     }
+}
+
+fn is_interface_name(name: &str) -> bool {
+    !(name.is_empty()
+        || name.len() > 15
+        || name.contains(['/', ' ', '@'])
+        || name == "."
+        || name == "..")
 }
 
 /// RFC 1123 subdomain, as Kubernetes requires for Node names.
@@ -115,6 +143,7 @@ mod tests {
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().unwrap(),
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             forward_ebpf_logs: false,
+            routing: RoutingConfig::default(),
         }
     }
 
@@ -139,5 +168,15 @@ mod tests {
         let mut c = config();
         c.metrics_listen = c.health_listen;
         assert!(matches!(c.validate(), Err(ConfigError::SameListenAddress(_))));
+        let mut c = config();
+        c.routing.masquerade = true;
+        assert_eq!(c.validate(), Err(ConfigError::MasqueradeWithoutClusterCidr));
+        c.routing.cluster_cidr = Some("10.244.0.0/16".parse().unwrap());
+        assert_eq!(c.validate(), Ok(()));
+        c.routing.nat_table = "weir nat".into();
+        assert!(matches!(c.validate(), Err(ConfigError::BadNatTable(_))));
+        let mut c = config();
+        c.routing.uplink = Some("eth0/1".into());
+        assert!(matches!(c.validate(), Err(ConfigError::BadOverlayUplink(_))));
     }
 }

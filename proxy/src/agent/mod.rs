@@ -149,6 +149,25 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 
     let changed = Arc::new(Notify::new());
     let (stores, _watchers) = watch::start(&client, &config.node_name, changed.clone());
+    // Node-to-node routing has its own watcher (every Node, not only this one) and loop, so a
+    // Node change never waits behind a service sync and the other way round.
+    let _routing = config.routing.enabled().then(|| {
+        let nodes_changed = Arc::new(Notify::new());
+        let (nodes, watcher) = watch::watch(
+            kube::Api::<Node>::all(client.clone()),
+            kube::runtime::watcher::Config::default(),
+            nodes_changed.clone(),
+        );
+        let task = tokio::spawn(crate::routing::run(
+            config.routing.clone(),
+            client.clone(),
+            nodes,
+            nodes_changed,
+            config.node_name.clone(),
+            config.node_addresses.clone(),
+        ));
+        AbortOnDrop(vec![watcher, task])
+    });
     log::info!(
         "waiting for the initial lists of Services, EndpointSlices and Node {}",
         config.node_name
@@ -220,10 +239,21 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         tokio::select! {
             _ = changed.notified() => status.queued(),
             _ = shutdown() => {
-                log::info!("shutting down; the datapath stays in place (pinned maps and links)");
+                log::info!(
+                    "shutting down; the datapath stays in place (pinned maps and links, routes)"
+                );
                 return Ok(());
             }
         }
+    }
+}
+
+/// Aborts its tasks when dropped (when `run` returns).
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.iter().for_each(tokio::task::JoinHandle::abort);
     }
 }
 

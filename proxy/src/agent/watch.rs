@@ -53,7 +53,7 @@ pub fn start(
     (Stores { services, slices, nodes }, vec![services_task, slices_task, nodes_task])
 }
 
-fn watch<K>(
+pub(super) fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     changed: Arc<Notify>,

@@ -1,0 +1,343 @@
+//! Node-to-node pod networking: each node's pod CIDR routed to it (VXLAN or native routes),
+//! masquerade for pod traffic leaving the cluster network, and the pod MTU that goes with it.
+//!
+//! Split by I/O: [`model`] is the pure Nodes -> routes/neighbours/FDB computation; [`kernel`]
+//! (rtnetlink) and [`nat`] (nf_tables) are thin adapters; [`reconcile`] diffs the kernel's
+//! state, limited to what weir owns, against the model's; [`run`] is the agent's loop.
+//!
+//! Level-triggered: every change of a Node and a periodic resync rebuild the desired state from
+//! the full Node list and reconcile, so a lost Delete event or a route removed by hand is
+//! repaired. On shutdown everything stays in place (pods keep working while the agent
+//! restarts); the next agent adopts it without changes.
+pub mod kernel;
+pub mod model;
+pub mod nat;
+pub mod reconcile;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+    runtime::reflector::Store,
+};
+use tokio::sync::Notify;
+use weir_cni_plugin::netlink::Socket;
+
+use self::{
+    model::{Desired, Ipv4Cidr, Overlay, VTEP_IP_ANNOTATION, VTEP_MAC_ANNOTATION, format_mac},
+    reconcile::Outcome,
+};
+
+/// Default name of the masquerade table (`table ip weir_nat`).
+pub const DEFAULT_NAT_TABLE: &str = "weir_nat";
+/// Default period of the repairing resync.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(10);
+
+/// The routing part of the agent's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutingConfig {
+    pub overlay: Overlay,
+    /// The pod network (all nodes' pod CIDRs); needed for masquerade.
+    pub cluster_cidr: Option<Ipv4Cidr>,
+    pub masquerade: bool,
+    /// Name of the nftables table (family ip) holding the masquerade rule.
+    pub nat_table: String,
+    /// The interface node-to-node traffic uses; default: the one holding the node's address.
+    pub uplink: Option<String>,
+    /// Where to write the node state file weir-cni reads (pod CIDRs, MTU); none by default.
+    pub node_state_file: Option<PathBuf>,
+    pub resync: Duration,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            overlay: Overlay::None,
+            cluster_cidr: None,
+            masquerade: false,
+            nat_table: DEFAULT_NAT_TABLE.into(),
+            uplink: None,
+            node_state_file: None,
+            resync: DEFAULT_RESYNC,
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// Whether the agent has routing work to do at all.
+    pub fn enabled(&self) -> bool {
+        self.overlay != Overlay::None || self.masquerade || self.node_state_file.is_some()
+    }
+}
+
+/// One pass: the desired state and the kernel reconciled to it (on a blocking thread).
+struct Pass {
+    desired: Desired,
+    outcome: Option<Outcome>,
+}
+
+/// Runs until the task is dropped: reconciles on every Node change and every `resync`.
+pub async fn run(
+    config: RoutingConfig,
+    client: Client,
+    nodes: Store<Node>,
+    changed: Arc<Notify>,
+    node_name: String,
+    node_addresses: Vec<IpAddr>,
+) {
+    let fallback = node_addresses.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    if nodes.wait_until_ready().await.is_err() {
+        log::error!("routing: the Node watcher stopped before its first list");
+        return;
+    }
+    let mut last_logged: Option<(String, u32, BTreeMap<String, String>, Vec<String>)> = None;
+    let mut nat_written = false;
+    let mut state_written: Option<String> = None;
+    let mut first = true;
+    loop {
+        let snapshot = nodes.state();
+        let desired = model::desired(
+            snapshot.iter().map(AsRef::as_ref),
+            &node_name,
+            config.overlay,
+            fallback,
+        );
+        let pass = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || reconcile_pass(&config, desired, &mut nat_written))
+                .await
+        };
+        match pass {
+            Ok((pass, written)) => {
+                nat_written = written;
+                if let Some(outcome) = &pass.outcome {
+                    let key = (
+                        outcome.uplink.clone(),
+                        outcome.pod_mtu,
+                        pass.desired.skipped.clone(),
+                        outcome.failed.clone(),
+                    );
+                    if last_logged.as_ref() != Some(&key) || outcome.changes > 0 {
+                        log_outcome(&config, &pass.desired, outcome);
+                        last_logged = Some(key);
+                    }
+                    if first {
+                        first = false;
+                        // Tests and operators read this line: the node's pod MTU and overlay.
+                        println!(
+                            "weir agent: routing {} on {} ready: pod MTU {}, {} remote pod CIDRs",
+                            config.overlay,
+                            outcome.uplink,
+                            outcome.pod_mtu,
+                            pass.desired.routes.len()
+                        );
+                    }
+                    if let Some(mac) = outcome.vtep_mac {
+                        publish_vtep(&client, &node_name, &snapshot, mac, &pass.desired).await;
+                    }
+                    if let Some(path) = &config.node_state_file {
+                        let text = node_state(&pass.desired, outcome.pod_mtu);
+                        if state_written.as_deref() != Some(text.as_str()) {
+                            match write_atomically(path, &text) {
+                                Ok(()) => state_written = Some(text),
+                                Err(err) => log::error!(
+                                    "routing: writing the node state file {}: {err}",
+                                    path.display()
+                                ),
+                            }
+                        }
+                    }
+                }
+            }
+            Err(err) => log::error!("routing: reconcile task failed: {err}"),
+        }
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(config.resync) => {}
+        }
+    }
+}
+
+fn reconcile_pass(
+    config: &RoutingConfig,
+    desired: Desired,
+    nat_written: &mut bool,
+) -> (Pass, bool) {
+    let mut nat_ok = *nat_written;
+    if config.masquerade
+        && let Some(cidr) = &config.cluster_cidr
+    {
+        // Written once per agent start (the CIDR cannot change while it runs), and again when
+        // someone deleted the table.
+        let present = nat_ok && nat::table_exists(&config.nat_table).unwrap_or(false);
+        if !present {
+            match nat::write_masquerade(&config.nat_table, cidr) {
+                Ok(()) => {
+                    log::info!(
+                        "routing: masquerading {cidr} -> outside in table ip {}",
+                        config.nat_table
+                    );
+                    nat_ok = true;
+                }
+                Err(err) => {
+                    log::error!("routing: writing table ip {}: {err}", config.nat_table);
+                    nat_ok = false;
+                }
+            }
+        }
+    }
+    if !config.masquerade {
+        // Masquerade switched off since a previous run: its table goes.
+        match nat::delete_table(&config.nat_table) {
+            Ok(true) => {
+                log::info!("routing: deleted table ip {} (masquerade off)", config.nat_table)
+            }
+            Ok(false) => {}
+            Err(err) => log::error!("routing: deleting table ip {}: {err}", config.nat_table),
+        }
+    }
+    let outcome = match Socket::open() {
+        Ok(mut sock) => match reconcile::reconcile(
+            &mut sock,
+            config.overlay,
+            &desired,
+            config.uplink.as_deref(),
+        ) {
+            Ok(outcome) => Some(outcome),
+            Err(err) => {
+                log::error!("routing: {err}");
+                None
+            }
+        },
+        Err(err) => {
+            log::error!("routing: opening a netlink socket: {err}");
+            None
+        }
+    };
+    if config.overlay == Overlay::Vxlan || config.overlay == Overlay::Native {
+        enable_forwarding();
+    }
+    (Pass { desired, outcome }, nat_ok)
+}
+
+/// Pods on other nodes are reached through this node: IPv4 forwarding must be on.
+fn enable_forwarding() {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() != "1")
+        && let Err(err) = std::fs::write(PATH, "1")
+    {
+        log::error!("routing: enabling IPv4 forwarding: {err}");
+    }
+}
+
+fn log_outcome(config: &RoutingConfig, desired: &Desired, outcome: &Outcome) {
+    log::info!(
+        "routing: overlay {} on {} (pod MTU {}): {} remote pod CIDRs, {} kernel changes",
+        config.overlay,
+        outcome.uplink,
+        outcome.pod_mtu,
+        desired.routes.len(),
+        outcome.changes
+    );
+    for (node, why) in &desired.skipped {
+        log::warn!("routing: node {node} not routed: {why}");
+    }
+    for failure in &outcome.failed {
+        log::error!("routing: {failure}");
+    }
+}
+
+/// Writes this node's VTEP MAC and address as annotations (JSON merge patch) when they differ.
+async fn publish_vtep(
+    client: &Client,
+    node_name: &str,
+    nodes: &[Arc<Node>],
+    mac: [u8; 6],
+    desired: &Desired,
+) {
+    let Some(address) = desired.local_address else { return };
+    let (mac, address) = (format_mac(mac), address.to_string());
+    let annotations = nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))
+        .and_then(|n| n.metadata.annotations.clone())
+        .unwrap_or_default();
+    if annotations.get(VTEP_MAC_ANNOTATION) == Some(&mac)
+        && annotations.get(VTEP_IP_ANNOTATION) == Some(&address)
+    {
+        return;
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        VTEP_MAC_ANNOTATION: mac, VTEP_IP_ANNOTATION: address}}});
+    let api: Api<Node> = Api::all(client.clone());
+    match api.patch(node_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        Ok(_) => log::info!("routing: published VTEP {mac} at {address} on Node {node_name}"),
+        Err(err) => log::error!("routing: annotating Node {node_name} with its VTEP: {err}"),
+    }
+}
+
+/// The node state file weir-cni reads (docs/cni.md): this node's pod CIDR and pod MTU.
+fn node_state(desired: &Desired, mtu: u32) -> String {
+    let cidrs: Vec<String> = desired.local_pod_cidr.iter().map(ToString::to_string).collect();
+    serde_json::json!({
+        "version": 1,
+        "podCIDRs": cidrs,
+        "ready": !cidrs.is_empty(),
+        "mtu": mtu,
+    })
+    .to_string()
+}
+
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Removes the routing state weir made in this namespace (the `--cleanup` path): the VXLAN
+/// device, weir's routes and the masquerade table. Returns what was removed, for the log.
+pub fn cleanup(nat_table: &str) -> Result<String, String> {
+    let mut sock = Socket::open().map_err(|e| format!("opening a netlink socket: {e}"))?;
+    let removed = reconcile::remove_all(&mut sock).map_err(|e| e.to_string())?;
+    let table = nat::delete_table(nat_table)
+        .map_err(|e| format!("deleting nftables table ip {nat_table}: {e}"))?;
+    Ok(format!(
+        "removed {removed} routes/devices{}",
+        if table { format!(" and table ip {nat_table}") } else { String::new() }
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_state_is_what_weir_cni_reads() {
+        let desired = Desired {
+            local_pod_cidr: Some("10.244.3.0/24".parse().unwrap()),
+            ..Desired::default()
+        };
+        let v: serde_json::Value = serde_json::from_str(&node_state(&desired, 1450)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"version": 1, "podCIDRs": ["10.244.3.0/24"], "ready": true, "mtu": 1450})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&node_state(&Desired::default(), 1500)).unwrap();
+        assert_eq!(v["ready"], false);
+    }
+}

@@ -1,0 +1,208 @@
+//! Masquerade for pod traffic leaving the cluster network: an nftables table owned by the agent,
+//! written with nf_tables netlink messages (no `nft` binary).
+//!
+//! The table (family `ip`, name from `--nft-table-nat`) holds one base chain and one rule:
+//!
+//! ```text
+//! table ip <name> {
+//!     chain postrouting {
+//!         type nat hook postrouting priority srcnat; policy accept;
+//!         ip saddr <cluster-cidr> ip daddr != <cluster-cidr> masquerade fully-random
+//!     }
+//! }
+//! ```
+//!
+//! It is written as one atomic batch (create, delete, create: whatever was there is replaced),
+//! so a half-written table is never visible. Conntrack keeps existing NAT bindings, so
+//! rewriting the table does not disturb established connections.
+use std::io;
+
+use weir_cni_plugin::netlink::{Msg, Socket};
+
+use super::model::Ipv4Cidr;
+
+const NETLINK_NETFILTER: libc::c_int = 12;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+
+const NFPROTO_IPV4: u8 = 2;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NF_INET_POST_ROUTING: u32 = 4;
+/// `srcnat`.
+const NF_IP_PRI_NAT_SRC: i32 = 100;
+const NF_ACCEPT: u32 = 1;
+
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+
+const NFT_REG_1: u32 = 1;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFTA_BITWISE_SREG: u16 = 1;
+const NFTA_BITWISE_DREG: u16 = 2;
+const NFTA_BITWISE_LEN: u16 = 3;
+const NFTA_BITWISE_MASK: u16 = 4;
+const NFTA_BITWISE_XOR: u16 = 5;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFT_CMP_EQ: u32 = 0;
+const NFT_CMP_NEQ: u32 = 1;
+const NFTA_MASQ_FLAGS: u16 = 1;
+const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 0x10;
+
+/// Offsets of the source and destination addresses in the IPv4 header.
+const IPV4_SADDR: u32 = 12;
+const IPV4_DADDR: u32 = 16;
+
+const CHAIN: &str = "postrouting";
+
+fn nft_msg(kind: u16, flags: u16, family: u8) -> Msg {
+    let mut msg = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | kind, flags);
+    // struct nfgenmsg: family, version (NFNETLINK_V0), res_id (big endian).
+    msg.raw(&[family, 0, 0, 0]);
+    msg
+}
+
+fn batch_marker(kind: u16) -> Msg {
+    let mut msg = Msg::new(kind, NLM_F_REQUEST);
+    let res_id = NFNL_SUBSYS_NFTABLES.to_be_bytes();
+    msg.raw(&[libc::AF_UNSPEC as u8, 0, res_id[0], res_id[1]]);
+    msg
+}
+
+fn be32(v: u32) -> [u8; 4] {
+    v.to_be_bytes()
+}
+
+fn table_msg(kind: u16, flags: u16, table: &str) -> Msg {
+    let mut msg = nft_msg(kind, flags, NFPROTO_IPV4);
+    msg.attr_str(NFTA_TABLE_NAME, table);
+    msg
+}
+
+fn expr(msg: &mut Msg, name: &str, data: impl FnOnce(&mut Msg)) {
+    let elem = msg.begin_nested(NFTA_LIST_ELEM);
+    msg.attr_str(NFTA_EXPR_NAME, name);
+    let at = msg.begin_nested(NFTA_EXPR_DATA);
+    data(msg);
+    msg.end_nested(at);
+    msg.end_nested(elem);
+}
+
+fn data_value(msg: &mut Msg, kind: u16, value: &[u8]) {
+    let at = msg.begin_nested(kind);
+    msg.attr(NFTA_DATA_VALUE, value);
+    msg.end_nested(at);
+}
+
+/// `ip <saddr|daddr> <op> <cidr>`: load the address, mask it, compare with the network.
+fn match_address(msg: &mut Msg, offset: u32, op: u32, cidr: &Ipv4Cidr) {
+    expr(msg, "payload", |m| {
+        m.attr(NFTA_PAYLOAD_DREG, &be32(NFT_REG_1))
+            .attr(NFTA_PAYLOAD_BASE, &be32(NFT_PAYLOAD_NETWORK_HEADER))
+            .attr(NFTA_PAYLOAD_OFFSET, &be32(offset))
+            .attr(NFTA_PAYLOAD_LEN, &be32(4));
+    });
+    expr(msg, "bitwise", |m| {
+        m.attr(NFTA_BITWISE_SREG, &be32(NFT_REG_1))
+            .attr(NFTA_BITWISE_DREG, &be32(NFT_REG_1))
+            .attr(NFTA_BITWISE_LEN, &be32(4));
+        data_value(m, NFTA_BITWISE_MASK, &cidr.mask().octets());
+        data_value(m, NFTA_BITWISE_XOR, &[0; 4]);
+    });
+    expr(msg, "cmp", |m| {
+        m.attr(NFTA_CMP_SREG, &be32(NFT_REG_1)).attr(NFTA_CMP_OP, &be32(op));
+        data_value(m, NFTA_CMP_DATA, &cidr.network.octets());
+    });
+}
+
+fn open() -> io::Result<Socket> {
+    Socket::open_protocol(NETLINK_NETFILTER)
+}
+
+/// Writes the masquerade table for `cluster_cidr`, replacing whatever table of that name was
+/// there, in one atomic batch.
+pub fn write_masquerade(table: &str, cluster_cidr: &Ipv4Cidr) -> io::Result<()> {
+    let mut sock = open()?;
+    let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
+    let mut chain = nft_msg(NFT_MSG_NEWCHAIN, create, NFPROTO_IPV4);
+    chain.attr_str(NFTA_CHAIN_TABLE, table).attr_str(NFTA_CHAIN_NAME, CHAIN);
+    let hook = chain.begin_nested(NFTA_CHAIN_HOOK);
+    chain
+        .attr(NFTA_HOOK_HOOKNUM, &be32(NF_INET_POST_ROUTING))
+        .attr(NFTA_HOOK_PRIORITY, &NF_IP_PRI_NAT_SRC.to_be_bytes());
+    chain.end_nested(hook);
+    chain.attr(NFTA_CHAIN_POLICY, &be32(NF_ACCEPT)).attr_str(NFTA_CHAIN_TYPE, "nat");
+
+    let mut rule = nft_msg(NFT_MSG_NEWRULE, create | NLM_F_APPEND, NFPROTO_IPV4);
+    rule.attr_str(NFTA_RULE_TABLE, table).attr_str(NFTA_RULE_CHAIN, CHAIN);
+    let exprs = rule.begin_nested(NFTA_RULE_EXPRESSIONS);
+    match_address(&mut rule, IPV4_SADDR, NFT_CMP_EQ, cluster_cidr);
+    match_address(&mut rule, IPV4_DADDR, NFT_CMP_NEQ, cluster_cidr);
+    expr(&mut rule, "masq", |m| {
+        m.attr(NFTA_MASQ_FLAGS, &be32(NF_NAT_RANGE_PROTO_RANDOM_FULLY));
+    });
+    rule.end_nested(exprs);
+
+    sock.request_batch(vec![
+        (batch_marker(NFNL_MSG_BATCH_BEGIN), false),
+        // Create (a no-op when it exists), delete, create: replaces any previous content.
+        (table_msg(NFT_MSG_NEWTABLE, create, table), true),
+        (table_msg(NFT_MSG_DELTABLE, NLM_F_REQUEST | NLM_F_ACK, table), true),
+        (table_msg(NFT_MSG_NEWTABLE, create, table), true),
+        (chain, true),
+        (rule, true),
+        (batch_marker(NFNL_MSG_BATCH_END), false),
+    ])
+}
+
+/// Whether the table exists.
+pub fn table_exists(table: &str) -> io::Result<bool> {
+    let mut sock = open()?;
+    match sock.request(table_msg(NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK, table)) {
+        Ok(()) => Ok(true),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+/// Deletes the table; `Ok(false)` when there was none.
+pub fn delete_table(table: &str) -> io::Result<bool> {
+    if !table_exists(table)? {
+        return Ok(false);
+    }
+    let mut sock = open()?;
+    sock.request_batch(vec![
+        (batch_marker(NFNL_MSG_BATCH_BEGIN), false),
+        (table_msg(NFT_MSG_DELTABLE, NLM_F_REQUEST | NLM_F_ACK, table), true),
+        (batch_marker(NFNL_MSG_BATCH_END), false),
+    ])?;
+    Ok(true)
+}

@@ -1,0 +1,293 @@
+//! Makes the kernel match a [`Desired`] state: diffs what the kernel has (only entries weir
+//! owns: routes with [`ROUTE_PROTOCOL`], and everything on `weir.vxlan`) against the desired
+//! state, removes stale entries and adds missing ones. Idempotent: a second run with the same
+//! input changes nothing. Synchronous; runs in the calling thread's network namespace.
+use std::{collections::BTreeSet, io, net::Ipv4Addr};
+
+use thiserror::Error;
+use weir_cni_plugin::netlink::Socket;
+
+use super::{
+    kernel::{self, KernelNeighbour, KernelRoute, LinkInfo, ROUTE_PROTOCOL, VxlanParams},
+    model::{Desired, Device, Overlay, VXLAN_OVERHEAD},
+};
+
+/// The VXLAN device's name.
+pub const VXLAN_DEVICE: &str = "weir.vxlan";
+/// VXLAN network identifier (Flannel's default too).
+pub const VXLAN_VNI: u32 = 1;
+/// UDP port of the VXLAN device (the Linux kernel's and Flannel's default, not IANA's 4789).
+pub const VXLAN_PORT: u16 = 8472;
+
+#[derive(Debug, Error)]
+pub enum ReconcileError {
+    #[error("netlink: {what}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "this node has no IPv4 address yet: give its Node an InternalIP or pass --node-address"
+    )]
+    NoLocalAddress,
+    #[error(
+        "no interface holds this node's address {0}; pass --overlay-uplink with the interface \
+         that carries node-to-node traffic"
+    )]
+    NoUplink(Ipv4Addr),
+    #[error("--overlay-uplink {0} does not exist in this network namespace")]
+    UplinkMissing(String),
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(io::Error) -> ReconcileError {
+    let what = what.into();
+    move |source| ReconcileError::Netlink { what, source }
+}
+
+/// What one reconcile did and found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub uplink: String,
+    /// MTU pods on this node should use (uplink MTU, minus the VXLAN overhead for VXLAN).
+    pub pod_mtu: u32,
+    /// The VTEP's MAC address (VXLAN only).
+    pub vtep_mac: Option<[u8; 6]>,
+    /// Kernel changes made (0 when everything was already in place).
+    pub changes: usize,
+    /// Routes that the kernel refused (e.g. a native route whose gateway is not on-link),
+    /// with the reason; the other routes are still in place.
+    pub failed: Vec<String>,
+}
+
+/// Applies `desired` for `overlay`. `uplink_override` names the uplink; otherwise it is the
+/// interface holding `desired.local_address`.
+pub fn reconcile(
+    sock: &mut Socket,
+    overlay: Overlay,
+    desired: &Desired,
+    uplink_override: Option<&str>,
+) -> Result<Outcome, ReconcileError> {
+    let local = desired.local_address.ok_or(ReconcileError::NoLocalAddress)?;
+    let links = kernel::links(sock).map_err(nl("listing interfaces"))?;
+    let uplink = match uplink_override {
+        Some(name) => links
+            .iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| ReconcileError::UplinkMissing(name.to_string()))?,
+        None => {
+            let addresses = kernel::addresses(sock).map_err(nl("listing addresses"))?;
+            let index = addresses
+                .iter()
+                .find(|(_, ip, _)| *ip == local)
+                .map(|(index, _, _)| *index)
+                .ok_or(ReconcileError::NoUplink(local))?;
+            links.iter().find(|l| l.index == index).ok_or(ReconcileError::NoUplink(local))?
+        }
+    };
+    let mut out = Outcome { uplink: uplink.name.clone(), ..Outcome::default() };
+    let existing = links.iter().find(|l| l.name == VXLAN_DEVICE);
+    let vxlan_index = match overlay {
+        Overlay::Vxlan => {
+            out.pod_mtu = uplink.mtu.saturating_sub(VXLAN_OVERHEAD);
+            let link = ensure_vxlan(sock, existing, uplink, local, out.pod_mtu, &mut out)?;
+            out.vtep_mac = Some(link.mac);
+            ensure_vxlan_address(sock, link.index, desired, &mut out)?;
+            Some(link.index)
+        }
+        Overlay::Native | Overlay::None => {
+            out.pod_mtu = uplink.mtu;
+            if existing.is_some() {
+                // Switched away from VXLAN: its routes, neighbours and FDB go with it.
+                sock.delete_link(VXLAN_DEVICE).map_err(nl("deleting weir.vxlan"))?;
+                out.changes += 1;
+            }
+            None
+        }
+    };
+    if let Some(index) = vxlan_index {
+        sync_neighbours(sock, index, desired, &mut out)?;
+    }
+    sync_routes(sock, desired, uplink.index, vxlan_index, &mut out)?;
+    Ok(out)
+}
+
+fn ensure_vxlan(
+    sock: &mut Socket,
+    existing: Option<&LinkInfo>,
+    uplink: &LinkInfo,
+    local: Ipv4Addr,
+    mtu: u32,
+    out: &mut Outcome,
+) -> Result<LinkInfo, ReconcileError> {
+    let want = VxlanParams {
+        vni: VXLAN_VNI,
+        local: Some(local),
+        link: Some(uplink.index),
+        port: VXLAN_PORT,
+        learning: false,
+    };
+    if let Some(link) = existing {
+        if link.vxlan == Some(want) {
+            if link.mtu != mtu || !link.up {
+                kernel::set_link(sock, link.index, mtu).map_err(nl("setting up weir.vxlan"))?;
+                out.changes += 1;
+            }
+            return Ok(link.clone());
+        }
+        // Another kind, or other parameters (the node's address or uplink changed): replace.
+        log::info!("routing: replacing {VXLAN_DEVICE} ({:?}, want {want:?})", link.vxlan);
+        sock.delete_link(VXLAN_DEVICE).map_err(nl("deleting weir.vxlan"))?;
+    }
+    kernel::create_vxlan(sock, VXLAN_DEVICE, &want, mtu).map_err(nl("creating weir.vxlan"))?;
+    let link = kernel::links(sock)
+        .map_err(nl("listing interfaces"))?
+        .into_iter()
+        .find(|l| l.name == VXLAN_DEVICE)
+        .ok_or_else(|| nl("finding weir.vxlan")(io::Error::from_raw_os_error(libc::ENODEV)))?;
+    kernel::set_link(sock, link.index, mtu).map_err(nl("setting up weir.vxlan"))?;
+    out.changes += 1;
+    Ok(link)
+}
+
+/// The device holds exactly `<local pod CIDR network>/32` (Flannel's scheme: traffic the node
+/// itself sends to remote pods gets a source address that remote nodes route back).
+fn ensure_vxlan_address(
+    sock: &mut Socket,
+    index: u32,
+    desired: &Desired,
+    out: &mut Outcome,
+) -> Result<(), ReconcileError> {
+    let want = desired.local_pod_cidr.map(|c| (c.network, 32u8));
+    let have: Vec<(Ipv4Addr, u8)> = kernel::addresses(sock)
+        .map_err(nl("listing addresses"))?
+        .into_iter()
+        .filter(|(i, _, _)| *i == index)
+        .map(|(_, ip, prefix)| (ip, prefix))
+        .collect();
+    for &(ip, prefix) in have.iter().filter(|a| Some(**a) != want) {
+        kernel::delete_address(sock, index, ip, prefix)
+            .map_err(nl(format!("removing {ip}/{prefix} from weir.vxlan")))?;
+        out.changes += 1;
+    }
+    if let Some((ip, prefix)) = want
+        && !have.contains(&(ip, prefix))
+    {
+        kernel::add_address(sock, index, ip, prefix)
+            .map_err(nl(format!("adding {ip}/{prefix} to weir.vxlan")))?;
+        out.changes += 1;
+    }
+    Ok(())
+}
+
+fn ignore_missing(result: io::Result<()>) -> io::Result<()> {
+    match result {
+        Err(err) if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => Ok(()),
+        other => other,
+    }
+}
+
+fn sync_neighbours(
+    sock: &mut Socket,
+    index: u32,
+    desired: &Desired,
+    out: &mut Outcome,
+) -> Result<(), ReconcileError> {
+    let want_fdb: BTreeSet<KernelNeighbour> =
+        desired.fdb.iter().map(|f| KernelNeighbour { ip: f.dst, mac: f.mac }).collect();
+    let have_fdb: BTreeSet<KernelNeighbour> =
+        kernel::fdb(sock, index).map_err(nl("listing weir.vxlan's fdb"))?.into_iter().collect();
+    for stale in have_fdb.difference(&want_fdb) {
+        ignore_missing(kernel::delete_fdb(sock, index, stale))
+            .map_err(nl(format!("deleting fdb entry {stale:?}")))?;
+        out.changes += 1;
+    }
+    for missing in want_fdb.difference(&have_fdb) {
+        kernel::replace_fdb(sock, index, missing)
+            .map_err(nl(format!("adding fdb entry {missing:?}")))?;
+        out.changes += 1;
+    }
+    let want: BTreeSet<KernelNeighbour> =
+        desired.neighbours.iter().map(|n| KernelNeighbour { ip: n.ip, mac: n.mac }).collect();
+    let have: BTreeSet<KernelNeighbour> = kernel::neighbours(sock, index)
+        .map_err(nl("listing weir.vxlan's neighbours"))?
+        .into_iter()
+        .collect();
+    for stale in have.difference(&want) {
+        // A changed MAC for the same address is replaced below; deleting it first is harmless.
+        ignore_missing(kernel::delete_neighbour(sock, index, stale))
+            .map_err(nl(format!("deleting neighbour {stale:?}")))?;
+        out.changes += 1;
+    }
+    for missing in want.difference(&have) {
+        kernel::replace_neighbour(sock, index, missing)
+            .map_err(nl(format!("adding neighbour {missing:?}")))?;
+        out.changes += 1;
+    }
+    Ok(())
+}
+
+fn sync_routes(
+    sock: &mut Socket,
+    desired: &Desired,
+    uplink: u32,
+    vxlan: Option<u32>,
+    out: &mut Outcome,
+) -> Result<(), ReconcileError> {
+    let want: BTreeSet<KernelRoute> = desired
+        .routes
+        .iter()
+        .filter_map(|r| {
+            let (oif, onlink) = match r.device {
+                Device::Vxlan => (vxlan?, true),
+                Device::Uplink => (uplink, false),
+            };
+            Some(KernelRoute {
+                dst: r.dst.network,
+                prefix: r.dst.prefix,
+                gateway: Some(r.gateway),
+                oif: Some(oif),
+                onlink,
+            })
+        })
+        .collect();
+    let have: BTreeSet<KernelRoute> =
+        kernel::routes(sock).map_err(nl("listing routes"))?.into_iter().collect();
+    for stale in have.difference(&want) {
+        // Replaced in place below when the same destination is still wanted.
+        if want.iter().any(|w| (w.dst, w.prefix) == (stale.dst, stale.prefix)) {
+            continue;
+        }
+        ignore_missing(kernel::delete_route(sock, stale)).map_err(nl(format!(
+            "deleting route {}/{} proto {ROUTE_PROTOCOL}",
+            stale.dst, stale.prefix
+        )))?;
+        out.changes += 1;
+    }
+    for missing in want.difference(&have) {
+        match kernel::replace_route(sock, missing) {
+            Ok(()) => out.changes += 1,
+            // One bad route (e.g. a native gateway not on this segment) must not block others.
+            Err(err) => out.failed.push(format!(
+                "route {}/{} via {:?}: {err}",
+                missing.dst, missing.prefix, missing.gateway
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything weir's routing made in this namespace: `weir.vxlan` (with its
+/// neighbours and forwarding entries) and every route with weir's protocol number.
+pub fn remove_all(sock: &mut Socket) -> Result<usize, ReconcileError> {
+    let mut removed = 0;
+    if sock.delete_link(VXLAN_DEVICE).map_err(nl("deleting weir.vxlan"))? {
+        removed += 1;
+    }
+    for route in kernel::routes(sock).map_err(nl("listing routes"))? {
+        ignore_missing(kernel::delete_route(sock, &route))
+            .map_err(nl(format!("deleting route {}/{}", route.dst, route.prefix)))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
