@@ -2,7 +2,10 @@
 //! configuration), then the agent's loop on a tokio runtime.
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use weir_proxy::agent::{self, AgentError, config as defaults, config::AgentConfig};
+use weir_proxy::agent::{
+    self, AgentError, config as defaults,
+    config::{AgentConfig, Dataplane},
+};
 
 #[derive(clap::Args)]
 pub struct AgentArgs {
@@ -37,6 +40,22 @@ pub struct AgentArgs {
     /// Forward the eBPF programs' debug logs to this log (costs cycles per packet).
     #[arg(long)]
     forward_ebpf_logs: bool,
+    /// The datapath to program: eBPF, or kube-proxy-style nftables rules in this network
+    /// namespace (for kernels without the eBPF features).
+    #[arg(long, value_enum, default_value_t = DataplaneArg::Ebpf)]
+    dataplane: DataplaneArg,
+    /// nftables table (family inet) of the nftables dataplane.
+    #[arg(long, default_value = defaults::DEFAULT_NFT_TABLE)]
+    nft_table: String,
+    /// Delete the nftables table on a clean exit (by default it stays and keeps serving).
+    #[arg(long)]
+    nft_remove_on_exit: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DataplaneArg {
+    Ebpf,
+    Nftables,
 }
 
 /// Exit code for configuration errors (EX_USAGE), before anything was started.
@@ -54,6 +73,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         metrics_listen: args.metrics_listen,
         health_timeout: Duration::from_secs(args.health_timeout_seconds),
         forward_ebpf_logs: args.forward_ebpf_logs,
+        dataplane: match args.dataplane {
+            DataplaneArg::Ebpf => Dataplane::Ebpf,
+            DataplaneArg::Nftables => Dataplane::Nftables,
+        },
+        nft_table: args.nft_table,
+        nft_remove_on_exit: args.nft_remove_on_exit,
     };
     if let Err(err) = config.validate() {
         eprintln!("weir agent: {err}");

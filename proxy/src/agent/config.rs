@@ -12,6 +12,20 @@ pub const DEFAULT_HEALTH_LISTEN: &str = "0.0.0.0:10256";
 /// kube-proxy's default metrics port.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10249";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/weir";
+/// Default nftables table name (`inet weir`).
+pub const DEFAULT_NFT_TABLE: &str = "weir";
+
+/// Which datapath the agent programs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dataplane {
+    /// eBPF: socket-level and per-packet load balancing, maps pinned in bpffs.
+    #[default]
+    Ebpf,
+    /// nftables: kube-proxy's nftables-mode ruleset in one table of the agent's network
+    /// namespace (the fallback for kernels without the eBPF features).
+    Nftables,
+}
+
 /// A change still unapplied after this long makes /healthz answer 503 (kube-proxy uses twice
 /// its sync period).
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,6 +51,12 @@ pub struct AgentConfig {
     pub health_timeout: Duration,
     /// Forward eBPF debug logs to the agent's log (costs cycles per packet).
     pub forward_ebpf_logs: bool,
+    pub dataplane: Dataplane,
+    /// nftables table (family inet) of the nftables dataplane.
+    pub nft_table: String,
+    /// Delete the nftables table on a clean shutdown (by default it stays, like kube-proxy's,
+    /// so traffic keeps flowing until the next agent adopts it).
+    pub nft_remove_on_exit: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -53,6 +73,8 @@ pub enum ConfigError {
     BadUplink(String),
     #[error("--health-listen and --metrics-listen are both {0}; give them different ports")]
     SameListenAddress(SocketAddr),
+    #[error("--nft-table {0:?} is invalid: use 1 to 64 letters, digits, '-' or '_'")]
+    BadNftTable(String),
 }
 
 impl AgentConfig {
@@ -75,6 +97,9 @@ impl AgentConfig {
                 || *name == ".."
         }) {
             return Err(ConfigError::BadUplink(bad.clone()));
+        }
+        if crate::apply::nft::validate_table_name(&self.nft_table).is_err() {
+            return Err(ConfigError::BadNftTable(self.nft_table.clone()));
         }
         if self.health_listen == self.metrics_listen && self.health_listen.port() != 0 {
             return Err(ConfigError::SameListenAddress(self.health_listen));
@@ -115,6 +140,9 @@ mod tests {
             metrics_listen: DEFAULT_METRICS_LISTEN.parse().unwrap(),
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             forward_ebpf_logs: false,
+            dataplane: Dataplane::Ebpf,
+            nft_table: DEFAULT_NFT_TABLE.into(),
+            nft_remove_on_exit: false,
         }
     }
 
@@ -139,5 +167,8 @@ mod tests {
         let mut c = config();
         c.metrics_listen = c.health_listen;
         assert!(matches!(c.validate(), Err(ConfigError::SameListenAddress(_))));
+        let mut c = config();
+        c.nft_table = "no spaces".into();
+        assert!(matches!(c.validate(), Err(ConfigError::BadNftTable(_))));
     }
 }
