@@ -124,6 +124,24 @@ impl TestDatapath {
         }
     }
 
+    /// Entries the datapath really holds for services, read back from the kernel (eBPF: map
+    /// entries; nftables: frontends found in the table). 0 when everything was removed.
+    pub fn live_entries(&mut self) -> Result<usize> {
+        match &mut self.inner {
+            Inner::Ebpf { writer, .. } => {
+                let maps = writer.maps();
+                Ok(maps.service_entries().len()
+                    + maps.backend_entries().len()
+                    + maps.rev_nat_entries().len())
+            }
+            Inner::Nftables { table, .. } => {
+                let table = table.as_mut().expect("open until drop");
+                table.readopt()?;
+                Ok(table.frontends())
+            }
+        }
+    }
+
     /// The nftables table's name, for a second opener (an adopting agent).
     pub fn nft_table(&self) -> Option<&str> {
         match &self.inner {

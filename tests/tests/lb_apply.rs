@@ -1,18 +1,16 @@
 //! The service pipeline end to end, without an API server: Kubernetes Service and
-//! EndpointSlice objects -> the pure model -> the incremental planner -> the eBPF maps -> real
-//! TCP connections through the socket-level load balancer.
+//! EndpointSlice objects -> the pure model -> the incremental planner -> the datapath (eBPF
+//! maps and the socket-level load balancer, or the nftables table) -> real TCP connections.
+//! Runs once per dataplane.
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{Value, json};
-use weir_proxy::{
-    apply::{ebpf::MapWriter, plan::Planner},
-    maps::ServiceMaps,
-    model::{self, NodeContext},
-    programs::{self, LoadOptions},
-};
+use weir_proxy::model::{self, NodeContext};
 use weir_tests::{
-    bpffs::TestPinDir, cgroup::TestCgroup, privileged::require_root, probe::spread,
+    dataplane::{Dataplane, TestDatapath, for_each_dataplane},
+    privileged::require_root,
+    probe::spread,
     topology::ServiceNet,
 };
 
@@ -48,21 +46,19 @@ fn slice(backends: &[Ipv4Addr]) -> EndpointSlice {
 #[test]
 fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
     require_root();
+    for_each_dataplane(services_and_endpoint_changes);
+}
+
+fn services_and_endpoint_changes(dataplane: Dataplane) {
     let net = ServiceNet::new("apply", 203, 3).unwrap();
     assert_eq!(net.backends, BACKENDS);
     let client = &net.client;
-    let cgroup = TestCgroup::new("apply").unwrap();
-    let pins = TestPinDir::new("apply").unwrap();
-    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
-    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
-    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), None).unwrap();
+    let mut datapath = TestDatapath::new(dataplane, client, "apply").unwrap();
     let node = NodeContext { name: "node-a".into(), addresses: vec![] };
-    let mut planner = Planner::new();
 
     // Three backends: 3,000 connections spread evenly (each within 5 points of a third).
-    let plan = planner.plan(&model::build(&[service()], &[slice(&BACKENDS)], &node));
-    writer.execute(&plan.ops).unwrap();
-    let result = spread(client, Some(&cgroup), &format!("{VIP}:80"), CONNECTIONS);
+    datapath.apply(&model::build(&[service()], &[slice(&BACKENDS)], &node)).unwrap();
+    let result = spread(client, datapath.cgroup(), &format!("{VIP}:80"), CONNECTIONS);
     assert_eq!(result["ok"], true, "{result}");
     for ip in BACKENDS {
         let n = result["backends"][format!("{ip}:8080")].as_u64().unwrap_or(0);
@@ -70,22 +66,17 @@ fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
         assert!((share - 1.0 / 3.0).abs() <= 0.05, "{ip}: {n} of {CONNECTIONS}: {result}");
     }
 
-    // One endpoint goes away: a small plan, and no connection reaches it afterwards.
-    let plan = planner.plan(&model::build(&[service()], &[slice(&BACKENDS[..2])], &node));
-    assert!(plan.ops.len() <= 5, "an endpoint removal is a few writes: {:?}", plan.ops);
-    writer.execute(&plan.ops).unwrap();
-    let result = spread(client, Some(&cgroup), &format!("{VIP}:80"), 300);
+    // One endpoint goes away: a small change, and no connection reaches it afterwards.
+    let ops = datapath.apply(&model::build(&[service()], &[slice(&BACKENDS[..2])], &node)).unwrap();
+    assert!(ops <= 6, "an endpoint removal is a few writes: {ops}");
+    let result = spread(client, datapath.cgroup(), &format!("{VIP}:80"), 300);
     assert_eq!(result["ok"], true, "{result}");
     assert!(result["backends"].get(format!("{}:8080", BACKENDS[2])).is_none(), "{result}");
     assert_eq!(result["backends"].as_object().unwrap().len(), 2, "{result}");
 
     // The service goes away: every entry the applier wrote is gone.
-    let plan = planner.plan(&model::build(&[], &[], &node));
-    writer.execute(&plan.ops).unwrap();
-    let maps = writer.maps();
-    assert!(maps.service_entries().is_empty(), "{:?}", maps.service_entries());
-    assert!(maps.backend_entries().is_empty());
-    assert!(maps.rev_nat_entries().is_empty());
-    let result = spread(client, Some(&cgroup), &format!("{VIP}:80"), 1);
-    assert_eq!(result["ok"], false, "no service, no route to the VIP: {result}");
+    datapath.apply(&model::build(&[], &[], &node)).unwrap();
+    assert_eq!(datapath.live_entries().unwrap(), 0);
+    let result = spread(client, datapath.cgroup(), &format!("{VIP}:80"), 1);
+    assert_eq!(result["ok"], false, "no service, the VIP answers nothing: {result}");
 }

@@ -334,9 +334,13 @@ impl Encoder {
                     ),
                     SetKind::Affinity => (NFT_SET_TIMEOUT | NFT_SET_EVAL, TYPE_IPADDR, 4),
                 };
+                // The kernel requires a batch-local set ID on every new set.
+                let id = self.next_set_id;
+                self.next_set_id += 1;
                 b.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE, |b| {
                     b.str(NFTA_SET_TABLE, &table);
                     b.str(NFTA_SET_NAME, name);
+                    b.u32(NFTA_SET_ID, id);
                     b.u32(NFTA_SET_FLAGS, flags);
                     b.u32(NFTA_SET_KEY_TYPE, key_type);
                     b.u32(NFTA_SET_KEY_LEN, key_len);
