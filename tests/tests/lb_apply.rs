@@ -2,15 +2,17 @@
 //! EndpointSlice objects -> the pure model -> the incremental planner -> the datapath (eBPF
 //! maps and the socket-level load balancer, or the nftables table) -> real TCP connections.
 //! Runs once per dataplane.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{Value, json};
-use weir_proxy::model::{self, NodeContext};
+use weir_proxy::model::{
+    self, Frontend, FrontendState, NodeContext, Protocol, ServiceState, WhenEmpty,
+};
 use weir_tests::{
     dataplane::{Dataplane, TestDatapath, for_each_dataplane},
     privileged::require_root,
-    probe::spread,
+    probe::{self, spread},
     topology::ServiceNet,
 };
 
@@ -18,6 +20,8 @@ const BACKENDS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 203, 0, 2), Ipv4Addr::new(10, 203, 0, 3), Ipv4Addr::new(10, 203, 0, 4)];
 const VIP: &str = "10.96.1.1";
 const CONNECTIONS: u32 = 3000;
+const REFUSED: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 2);
+const DROPPED: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 3);
 
 fn service() -> Service {
     serde_json::from_value(json!({
@@ -79,4 +83,51 @@ fn services_and_endpoint_changes(dataplane: Dataplane) {
     assert_eq!(datapath.live_entries().unwrap(), 0);
     let result = spread(client, datapath.cgroup(), &format!("{VIP}:80"), 1);
     assert_eq!(result["ok"], false, "no service, the VIP answers nothing: {result}");
+}
+
+/// A service without endpoints refuses at once (eBPF: at connect(); nftables: TCP reset, ICMP
+/// port unreachable for UDP), and one whose traffic policy leaves no endpoint on this node
+/// drops (nftables; the eBPF datapath refuses both today, docs/services.md).
+#[test]
+fn lb_apply_services_without_endpoints_are_refused_or_dropped() {
+    require_root();
+    for_each_dataplane(|dataplane| {
+        let net = ServiceNet::new("noep", 211, 1).unwrap();
+        let mut datapath = TestDatapath::new(dataplane, &net.client, "noep").unwrap();
+        let mut state = ServiceState::default();
+        for (vip, protocol, when_empty) in [
+            (REFUSED, Protocol::Tcp, WhenEmpty::Reject),
+            (REFUSED, Protocol::Udp, WhenEmpty::Reject),
+            (DROPPED, Protocol::Tcp, WhenEmpty::Drop),
+        ] {
+            state.frontends.insert(
+                Frontend { address: IpAddr::V4(vip), port: 80, protocol },
+                FrontendState { when_empty, ..FrontendState::cluster_ip("default/empty", vec![]) },
+            );
+        }
+        datapath.apply(&state).unwrap();
+        let cgroup = datapath.cgroup();
+        let tcp = probe::run(&net.client, cgroup, &["tcp", &format!("{REFUSED}:80")]);
+        assert_eq!(tcp["ok"], false, "{tcp}");
+        let expected = match dataplane {
+            Dataplane::Ebpf => "PermissionDenied",
+            Dataplane::Nftables => "ConnectionRefused",
+        };
+        assert_eq!(tcp["kind"], expected, "an immediate refusal, not a timeout: {tcp}");
+        if dataplane == Dataplane::Nftables {
+            let udp = probe::run(&net.client, cgroup, &["udp-connected", &format!("{REFUSED}:80")]);
+            // The reject in the output hook fails the send itself (EPERM), before the ICMP
+            // port unreachable it generates could; either way an immediate refusal.
+            assert!(
+                udp["kind"] == "PermissionDenied" || udp["kind"] == "ConnectionRefused",
+                "refused, not a timeout: {udp}"
+            );
+            let dropped = probe::run(
+                &net.client,
+                cgroup,
+                &["tcp", &format!("{DROPPED}:80"), "--timeout-ms", "500"],
+            );
+            assert_eq!(dropped["kind"], "TimedOut", "dropped, not refused: {dropped}");
+        }
+    });
 }
