@@ -3,7 +3,10 @@
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use weir_proxy::{
-    agent::{self, AgentError, config as defaults, config::AgentConfig},
+    agent::{
+        self, AgentError, config as defaults,
+        config::{AgentConfig, Dataplane},
+    },
     routing::{self, RoutingConfig, model::Ipv4Cidr, model::Overlay},
 };
 
@@ -65,6 +68,22 @@ pub struct AgentArgs {
     /// Remove weir.vxlan, weir's routes (proto 87) and the masquerade table, then exit.
     #[arg(long)]
     cleanup: bool,
+    /// The datapath to program: eBPF, or kube-proxy-style nftables rules in this network
+    /// namespace (for kernels without the eBPF features).
+    #[arg(long, value_enum, default_value_t = DataplaneArg::Ebpf)]
+    dataplane: DataplaneArg,
+    /// nftables table (family inet) of the nftables dataplane.
+    #[arg(long, default_value = defaults::DEFAULT_NFT_TABLE)]
+    nft_table: String,
+    /// Delete the nftables table on a clean exit (by default it stays and keeps serving).
+    #[arg(long)]
+    nft_remove_on_exit: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DataplaneArg {
+    Ebpf,
+    Nftables,
 }
 
 /// Exit code for configuration errors (EX_USAGE), before anything was started.
@@ -100,6 +119,12 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             node_state_file: args.node_state_file,
             resync: Duration::from_secs(args.routing_resync_seconds.max(1)),
         },
+        dataplane: match args.dataplane {
+            DataplaneArg::Ebpf => Dataplane::Ebpf,
+            DataplaneArg::Nftables => Dataplane::Nftables,
+        },
+        nft_table: args.nft_table,
+        nft_remove_on_exit: args.nft_remove_on_exit,
     };
     if let Err(err) = config.validate() {
         eprintln!("weir agent: {err}");

@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -17,8 +17,11 @@ use crate::{
     apiserver::{ApiServer, http_request, weir_binary},
     bpffs::TestPinDir,
     cgroup::TestCgroup,
-    netns::Netns,
+    dataplane::{Dataplane, table_name},
+    names,
+    netns::{Netns, run_in},
     process::command_in,
+    relay::Relay,
 };
 
 /// How long an agent may take to report its first sync.
@@ -31,6 +34,8 @@ pub struct AgentProcess {
     pub metrics: SocketAddr,
     /// What the agent printed on stdout until it was ready.
     pub lines: Vec<String>,
+    /// The namespace the agent (and its listeners) run in, when not the test's own.
+    netns: Option<PathBuf>,
 }
 
 /// Where and how [`AgentProcess::start_with`] runs an agent.
@@ -44,8 +49,72 @@ pub struct AgentOptions<'a> {
     pub wait_for: Option<&'a str>,
 }
 
+/// Where a test agent runs and what it programs.
+pub enum AgentSetup<'a> {
+    /// eBPF: the agent runs in the test's namespace, maps pinned in a test pin directory, the
+    /// socket load balancer on a test cgroup (clients run in it).
+    Ebpf { pins: TestPinDir, cgroup: TestCgroup },
+    /// nftables: the agent runs inside `netns` and programs a uniquely named table there; it
+    /// reaches the API server through a relay on that namespace's loopback.
+    Nftables { netns: &'a Netns, table: String, relay: Relay, kubeconfig: PathBuf },
+}
+
+impl<'a> AgentSetup<'a> {
+    /// Everything an agent of `dataplane` needs to serve the clients in `client`.
+    pub fn new(dataplane: Dataplane, client: &'a Netns, server: &ApiServer, role: &str) -> Self {
+        match dataplane {
+            Dataplane::Ebpf => AgentSetup::Ebpf {
+                pins: TestPinDir::new(role).expect("test pin dir"),
+                cgroup: TestCgroup::new(role).expect("test cgroup"),
+            },
+            Dataplane::Nftables => {
+                let relay = Relay::start(client, server.addr).expect("API relay");
+                let original = std::fs::read_to_string(&server.kubeconfig).expect("kubeconfig");
+                let rewritten = original.replace(
+                    &format!("https://{}", server.addr),
+                    &format!("https://{}", relay.addr),
+                );
+                assert_ne!(original, rewritten, "the kubeconfig names https://{}", server.addr);
+                let kubeconfig =
+                    server.data_dir.join(format!("{}.kubeconfig", names::unique(role)));
+                std::fs::write(&kubeconfig, rewritten).expect("writing the relayed kubeconfig");
+                AgentSetup::Nftables { netns: client, table: table_name(role), relay, kubeconfig }
+            }
+        }
+    }
+
+    pub fn dataplane(&self) -> Dataplane {
+        match self {
+            AgentSetup::Ebpf { .. } => Dataplane::Ebpf,
+            AgentSetup::Nftables { .. } => Dataplane::Nftables,
+        }
+    }
+
+    /// The cgroup clients must run in (eBPF only).
+    pub fn cgroup(&self) -> Option<&TestCgroup> {
+        match self {
+            AgentSetup::Ebpf { cgroup, .. } => Some(cgroup),
+            AgentSetup::Nftables { .. } => None,
+        }
+    }
+}
+
+impl Drop for AgentSetup<'_> {
+    fn drop(&mut self) {
+        // Agents leave their table behind on exit (kube-proxy's behaviour); the test removes it.
+        if let AgentSetup::Nftables { netns, table, .. } = self {
+            let removed = netns.run(|| {
+                weir_proxy::apply::nft::NftDataplane::open(table).and_then(|t| t.remove_table())
+            });
+            if !matches!(removed, Ok(Ok(()))) {
+                eprintln!("warning: could not remove nftables table {table}: {removed:?}");
+            }
+        }
+    }
+}
+
 impl AgentProcess {
-    /// Starts `weir agent` (node `node-a`) and waits for its first sync.
+    /// Starts `weir agent` (node `node-a`, eBPF) and waits for its first sync.
     pub fn start(server: &ApiServer, pins: &TestPinDir, cgroup: &TestCgroup) -> AgentProcess {
         let options = AgentOptions {
             kubeconfig: &server.kubeconfig,
@@ -57,7 +126,7 @@ impl AgentProcess {
         AgentProcess::start_with(&options, pins, cgroup)
     }
 
-    /// Starts `weir agent` as `options` say and waits for its first sync (and the line
+    /// Starts an eBPF `weir agent` as `options` say and waits for its first sync (and the line
     /// `options.wait_for`).
     pub fn start_with(
         options: &AgentOptions,
@@ -69,16 +138,45 @@ impl AgentProcess {
                 .expect("preparing weir agent in a namespace"),
             None => Command::new(weir_binary()),
         };
-        let mut child = command
+        command
             .arg("agent")
             .arg("--kubeconfig")
             .arg(options.kubeconfig)
-            .args(["--node-name", options.node_name])
             .args(&options.extra_args)
             .arg("--pin-dir")
             .arg(pins.path())
             .arg("--cgroup")
-            .arg(cgroup.path())
+            .arg(cgroup.path());
+        Self::spawn(command, options.node_name, options.netns.map(Netns::path), options.wait_for)
+    }
+
+    /// Starts `weir agent` (node `node-a`) on the dataplane of `setup` and waits for its first
+    /// sync.
+    pub fn start_on(server: &ApiServer, setup: &AgentSetup<'_>) -> AgentProcess {
+        match setup {
+            AgentSetup::Ebpf { pins, cgroup } => Self::start(server, pins, cgroup),
+            AgentSetup::Nftables { netns, table, kubeconfig, .. } => {
+                let mut command = command_in(netns, None, &weir_binary().to_string_lossy())
+                    .expect("preparing weir agent in the namespace");
+                command.arg("agent").arg("--kubeconfig").arg(kubeconfig).args([
+                    "--dataplane",
+                    "nftables",
+                    "--nft-table",
+                    table,
+                ]);
+                Self::spawn(command, "node-a", Some(netns.path()), None)
+            }
+        }
+    }
+
+    fn spawn(
+        mut command: Command,
+        node_name: &str,
+        netns: Option<PathBuf>,
+        wait_for: Option<&str>,
+    ) -> AgentProcess {
+        let mut child = command
+            .args(["--node-name", node_name])
             .args(["--health-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -96,11 +194,11 @@ impl AgentProcess {
         });
         let (mut health, mut metrics) = (None, None);
         let deadline = Instant::now() + START_WAIT;
-        let (mut synced, mut waited) = (false, options.wait_for.is_none());
+        let (mut synced, mut waited) = (false, wait_for.is_none());
         let mut lines = Vec::new();
         while !(synced && waited) {
             let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| {
-                panic!("weir agent did not report its first sync (and {:?}) in time; it printed {lines:?}", options.wait_for)
+                panic!("weir agent did not report its first sync (and {wait_for:?}) in time; it printed {lines:?}")
             });
             if let Some(addr) = line.strip_prefix("weir agent: serving health on http://") {
                 health = addr.parse().ok();
@@ -109,7 +207,7 @@ impl AgentProcess {
             } else if line.starts_with("weir agent: first sync done") {
                 synced = true;
             }
-            if options.wait_for.is_some_and(|prefix| line.starts_with(prefix)) {
+            if wait_for.is_some_and(|prefix| line.starts_with(prefix)) {
                 waited = true;
             }
             lines.push(line);
@@ -119,12 +217,17 @@ impl AgentProcess {
             health: health.expect("health address"),
             metrics: metrics.expect("metrics address"),
             lines,
+            netns,
         }
     }
 
     /// `GET path` on one of the agent's listeners: (status, body).
     pub fn get(&self, addr: SocketAddr, path: &str) -> (u16, String) {
-        let response = http_request(addr, "GET", path, None, "", b"");
+        let request = || http_request(addr, "GET", path, None, "", b"");
+        let response = match &self.netns {
+            Some(netns) => run_in(netns, request).expect("entering the agent's namespace"),
+            None => request(),
+        };
         (response.status, String::from_utf8_lossy(&response.body).into_owned())
     }
 

@@ -65,24 +65,33 @@ impl Netns {
         F: FnOnce() -> R + Send,
         R: Send,
     {
-        let target = File::open(self.path())
-            .with_context(|| format!("opening namespace {}", self.path().display()))?;
-        std::thread::scope(|scope| {
-            let handle = scope.spawn(move || -> Result<R> {
-                let original = File::open("/proc/thread-self/ns/net")
-                    .context("opening this thread's network namespace")?;
-                setns(&target)?;
-                let result = f();
-                // Restore before the thread ends, as every user of a namespace-thread should.
-                setns(&original)?;
-                Ok(result)
-            });
-            match handle.join() {
-                Ok(result) => result,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        run_in(&self.path(), f)
     }
+}
+
+/// [`Netns::run`] for a namespace known by its path (e.g. `/run/netns/<name>`).
+pub fn run_in<F, R>(path: &std::path::Path, f: F) -> Result<R>
+where
+    F: FnOnce() -> R + Send,
+    R: Send,
+{
+    let target =
+        File::open(path).with_context(|| format!("opening namespace {}", path.display()))?;
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(move || -> Result<R> {
+            let original = File::open("/proc/thread-self/ns/net")
+                .context("opening this thread's network namespace")?;
+            setns(&target)?;
+            let result = f();
+            // Restore before the thread ends, as every user of a namespace-thread should.
+            setns(&original)?;
+            Ok(result)
+        });
+        match handle.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 impl Drop for Netns {

@@ -13,7 +13,10 @@ pub const BACKEND_PORT: u16 = 8080;
 
 /// A client namespace and a server namespace on one veth: the client is `10.<net>.0.1/24`, the
 /// backends `10.<net>.0.2`, `.3`, ... on the server side, each with a TCP echo server on
-/// [`BACKEND_PORT`]. Everything is removed on drop.
+/// [`BACKEND_PORT`]. The client's default route is the veth, as a node's uplink: service
+/// addresses must be routable for netfilter (nftables dataplane) to see the packets; the
+/// socket load balancer translates before routing and does not need it. Everything is removed
+/// on drop.
 pub struct ServiceNet {
     pub client_ip: Ipv4Addr,
     pub backends: Vec<Ipv4Addr>,
@@ -31,6 +34,7 @@ impl ServiceNet {
         let veth = Veth::between(&client, &server)?;
         let client_ip = Ipv4Addr::new(10, net, 0, 1);
         client.ip(&["addr", "add", &format!("{client_ip}/24"), "dev", &veth.a])?;
+        client.ip(&["route", "add", "default", "dev", &veth.a])?;
         let mut servers = Vec::new();
         let mut addresses = Vec::new();
         for host in 2..2 + backends {

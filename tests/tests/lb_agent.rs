@@ -1,16 +1,16 @@
-//! `weir agent` end to end: the real agent process against weir's API server (real HTTPS,
-//! kube-rs watchers), programming the socket load balancer for a test cgroup. Service and
-//! EndpointSlice changes made through the API reach real TCP connections; /healthz and
-//! /metrics answer; a SIGKILLed agent leaves the datapath working and its successor adopts it
-//! without rewriting anything.
+//! `weir agent` end to end, on both dataplanes: the real agent process against weir's API
+//! server (real HTTPS, kube-rs watchers), programming the socket load balancer for a test
+//! cgroup, or (`--dataplane nftables`, the agent running inside the client's namespace) an
+//! nftables table there. Service and EndpointSlice changes made through the API reach real TCP
+//! connections; /healthz and /metrics answer; a SIGKILLed agent leaves the datapath working and
+//! its successor adopts it without rewriting anything.
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use serde_json::{Value, json};
 use weir_tests::{
-    agent::{AgentProcess, SLICES, create_endpoint_slice, create_service},
+    agent::{AgentProcess, AgentSetup, SLICES, create_endpoint_slice, create_service},
     apiserver::{ApiServer, TempDir, weir_binary},
-    bpffs::TestPinDir,
-    cgroup::TestCgroup,
+    dataplane::{Dataplane, for_each_dataplane},
     privileged::require_root,
     probe::spread,
     topology::ServiceNet,
@@ -38,20 +38,24 @@ fn cluster_ip_ports(api: &ApiServer) -> usize {
 #[test]
 fn lb_agent_programs_services_from_the_api_server_and_survives_its_own_restart() {
     require_root();
+    for_each_dataplane(programs_services_and_survives_restart);
+}
+
+fn programs_services_and_survives_restart(dataplane: Dataplane) {
     let net = ServiceNet::new("agent", 205, 2).unwrap();
     assert_eq!(net.backends, [BACKEND_A, BACKEND_B]);
     let client = &net.client;
-    let cgroup = TestCgroup::new("agent").unwrap();
-    let pins = TestPinDir::new("agent").unwrap();
     let data = TempDir::new("agent-api");
     let api = ApiServer::start(data.path());
+    let setup = AgentSetup::new(dataplane, client, &api, "agent");
+    let cgroup = setup.cgroup();
 
     let vip = create_service(&api, "web");
     create_endpoint_slice(&api, "web", &[BACKEND_A, BACKEND_B]);
 
-    let mut agent = AgentProcess::start(&api, &pins, &cgroup);
+    let mut agent = AgentProcess::start_on(&api, &setup);
     eventually("traffic to the service reaching both backends", WAIT, || {
-        let result = spread(client, Some(&cgroup), &format!("{vip}:80"), 100);
+        let result = spread(client, cgroup, &format!("{vip}:80"), 100);
         (result["backends"].as_object().map(|b| b.len()) != Some(2)).then(|| result.to_string())
     });
     assert_eq!(agent.get(agent.health, "/healthz").0, 200);
@@ -65,18 +69,44 @@ fn lb_agent_programs_services_from_the_api_server_and_survives_its_own_restart()
     );
     assert_eq!(code, 200, "{body}");
     eventually("the removed endpoint leaving the rotation", WAIT, || {
-        let result = spread(client, Some(&cgroup), &format!("{vip}:80"), 50);
+        let result = spread(client, cgroup, &format!("{vip}:80"), 50);
         (result["backends"].as_object().map(|b| b.len()) != Some(1)).then(|| result.to_string())
     });
     let (code, metrics) = agent.get(agent.metrics, "/metrics");
     assert_eq!(code, 200);
     let frontends = format!("weir_service_frontends {}", cluster_ip_ports(&api));
     assert!(metrics.contains(&frontends), "{frontends}: {metrics}");
+    if let AgentSetup::Ebpf { pins, .. } = &setup {
+        eprintln!("checking the eBPF datapath's counters and `weir inspect services`");
+        inspect_ebpf(&metrics, pins, &vip);
+    }
+
+    // SIGKILL: the datapath keeps working without an agent; the next one adopts it as it is.
+    agent.kill();
+    assert_eq!(spread(client, cgroup, &format!("{vip}:80"), 20)["ok"], true);
+    let agent = AgentProcess::start_on(&api, &setup);
+    let (_, metrics) = agent.get(agent.metrics, "/metrics");
+    assert!(
+        metrics.contains("weir_map_operations_total 0"),
+        "a restart rewrites nothing: {metrics}"
+    );
+    assert!(metrics.contains(&frontends), "{frontends}: {metrics}");
+
+    // Deleting the service through the API removes it from the datapath.
+    let (code, body) = api.json("DELETE", "/api/v1/namespaces/default/services/web", None);
+    assert_eq!(code, 200, "{body}");
+    eventually("the deleted service disappearing", WAIT, || {
+        let result = spread(client, cgroup, &format!("{vip}:80"), 1);
+        (result["ok"] != false).then(|| result.to_string())
+    });
+}
+
+/// The eBPF datapath's own views: its counters in /metrics and the live maps.
+fn inspect_ebpf(metrics: &str, pins: &weir_tests::bpffs::TestPinDir, vip: &str) {
     assert!(
         metrics.contains("weir_datapath_events_total{reason=\"sock_translated\"}"),
         "{metrics}"
     );
-
     // `weir inspect services` shows the live maps.
     let inspect = Command::new(weir_binary())
         .args(["inspect", "services", "--output", "json", "--pin-dir"])
@@ -93,23 +123,4 @@ fn lb_agent_programs_services_from_the_api_server_and_survives_its_own_restart()
         .unwrap_or_else(|| panic!("{vip}:80 in {rows}"));
     assert_eq!(web["backends"], json!([format!("{BACKEND_A}:8080")]), "{web}");
     assert_eq!(web["protocol"], "TCP");
-
-    // SIGKILL: the datapath keeps working without an agent; the next one adopts it as it is.
-    agent.kill();
-    assert_eq!(spread(client, Some(&cgroup), &format!("{vip}:80"), 20)["ok"], true);
-    let agent = AgentProcess::start(&api, &pins, &cgroup);
-    let (_, metrics) = agent.get(agent.metrics, "/metrics");
-    assert!(
-        metrics.contains("weir_map_operations_total 0"),
-        "a restart rewrites nothing: {metrics}"
-    );
-    assert!(metrics.contains(&frontends), "{frontends}: {metrics}");
-
-    // Deleting the service through the API removes it from the datapath.
-    let (code, body) = api.json("DELETE", "/api/v1/namespaces/default/services/web", None);
-    assert_eq!(code, 200, "{body}");
-    eventually("the deleted service disappearing", WAIT, || {
-        let result = spread(client, Some(&cgroup), &format!("{vip}:80"), 1);
-        (result["ok"] != false).then(|| result.to_string())
-    });
 }

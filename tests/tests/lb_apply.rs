@@ -1,18 +1,18 @@
 //! The service pipeline end to end, without an API server: Kubernetes Service and
-//! EndpointSlice objects -> the pure model -> the incremental planner -> the eBPF maps -> real
-//! TCP connections through the socket-level load balancer.
-use std::net::Ipv4Addr;
+//! EndpointSlice objects -> the pure model -> the incremental planner -> the datapath (eBPF
+//! maps and the socket-level load balancer, or the nftables table) -> real TCP connections.
+//! Runs once per dataplane.
+use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{Value, json};
-use weir_proxy::{
-    apply::{ebpf::MapWriter, plan::Planner},
-    maps::ServiceMaps,
-    model::{self, NodeContext},
-    programs::{self, LoadOptions},
+use weir_proxy::model::{
+    self, Frontend, FrontendState, NodeContext, Protocol, ServiceState, WhenEmpty,
 };
 use weir_tests::{
-    bpffs::TestPinDir, cgroup::TestCgroup, privileged::require_root, probe::spread,
+    dataplane::{Dataplane, TestDatapath, for_each_dataplane},
+    privileged::require_root,
+    probe::{self, spread},
     topology::ServiceNet,
 };
 
@@ -20,6 +20,8 @@ const BACKENDS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 203, 0, 2), Ipv4Addr::new(10, 203, 0, 3), Ipv4Addr::new(10, 203, 0, 4)];
 const VIP: &str = "10.96.1.1";
 const CONNECTIONS: u32 = 3000;
+const REFUSED: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 2);
+const DROPPED: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 3);
 
 fn service() -> Service {
     serde_json::from_value(json!({
@@ -48,21 +50,19 @@ fn slice(backends: &[Ipv4Addr]) -> EndpointSlice {
 #[test]
 fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
     require_root();
+    for_each_dataplane(services_and_endpoint_changes);
+}
+
+fn services_and_endpoint_changes(dataplane: Dataplane) {
     let net = ServiceNet::new("apply", 203, 3).unwrap();
     assert_eq!(net.backends, BACKENDS);
     let client = &net.client;
-    let cgroup = TestCgroup::new("apply").unwrap();
-    let pins = TestPinDir::new("apply").unwrap();
-    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
-    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
-    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), None).unwrap();
+    let mut datapath = TestDatapath::new(dataplane, client, "apply").unwrap();
     let node = NodeContext { name: "node-a".into(), addresses: vec![] };
-    let mut planner = Planner::new();
 
     // Three backends: 3,000 connections spread evenly (each within 5 points of a third).
-    let plan = planner.plan(&model::build(&[service()], &[slice(&BACKENDS)], &node));
-    writer.execute(&plan.ops).unwrap();
-    let result = spread(client, Some(&cgroup), &format!("{VIP}:80"), CONNECTIONS);
+    datapath.apply(&model::build(&[service()], &[slice(&BACKENDS)], &node)).unwrap();
+    let result = spread(client, datapath.cgroup(), &format!("{VIP}:80"), CONNECTIONS);
     assert_eq!(result["ok"], true, "{result}");
     for ip in BACKENDS {
         let n = result["backends"][format!("{ip}:8080")].as_u64().unwrap_or(0);
@@ -70,22 +70,64 @@ fn lb_apply_services_and_endpoint_changes_reach_the_datapath() {
         assert!((share - 1.0 / 3.0).abs() <= 0.05, "{ip}: {n} of {CONNECTIONS}: {result}");
     }
 
-    // One endpoint goes away: a small plan, and no connection reaches it afterwards.
-    let plan = planner.plan(&model::build(&[service()], &[slice(&BACKENDS[..2])], &node));
-    assert!(plan.ops.len() <= 5, "an endpoint removal is a few writes: {:?}", plan.ops);
-    writer.execute(&plan.ops).unwrap();
-    let result = spread(client, Some(&cgroup), &format!("{VIP}:80"), 300);
+    // One endpoint goes away: a small change, and no connection reaches it afterwards.
+    let ops = datapath.apply(&model::build(&[service()], &[slice(&BACKENDS[..2])], &node)).unwrap();
+    assert!(ops <= 6, "an endpoint removal is a few writes: {ops}");
+    let result = spread(client, datapath.cgroup(), &format!("{VIP}:80"), 300);
     assert_eq!(result["ok"], true, "{result}");
     assert!(result["backends"].get(format!("{}:8080", BACKENDS[2])).is_none(), "{result}");
     assert_eq!(result["backends"].as_object().unwrap().len(), 2, "{result}");
 
     // The service goes away: every entry the applier wrote is gone.
-    let plan = planner.plan(&model::build(&[], &[], &node));
-    writer.execute(&plan.ops).unwrap();
-    let maps = writer.maps();
-    assert!(maps.service_entries().is_empty(), "{:?}", maps.service_entries());
-    assert!(maps.backend_entries().is_empty());
-    assert!(maps.rev_nat_entries().is_empty());
-    let result = spread(client, Some(&cgroup), &format!("{VIP}:80"), 1);
-    assert_eq!(result["ok"], false, "no service, no route to the VIP: {result}");
+    datapath.apply(&model::build(&[], &[], &node)).unwrap();
+    assert_eq!(datapath.live_entries().unwrap(), 0);
+    let result = spread(client, datapath.cgroup(), &format!("{VIP}:80"), 1);
+    assert_eq!(result["ok"], false, "no service, the VIP answers nothing: {result}");
+}
+
+/// A service without endpoints refuses at once (eBPF: at connect(); nftables: TCP reset, ICMP
+/// port unreachable for UDP), and one whose traffic policy leaves no endpoint on this node
+/// drops (nftables; the eBPF datapath refuses both today, docs/services.md).
+#[test]
+fn lb_apply_services_without_endpoints_are_refused_or_dropped() {
+    require_root();
+    for_each_dataplane(|dataplane| {
+        let net = ServiceNet::new("noep", 211, 1).unwrap();
+        let mut datapath = TestDatapath::new(dataplane, &net.client, "noep").unwrap();
+        let mut state = ServiceState::default();
+        for (vip, protocol, when_empty) in [
+            (REFUSED, Protocol::Tcp, WhenEmpty::Reject),
+            (REFUSED, Protocol::Udp, WhenEmpty::Reject),
+            (DROPPED, Protocol::Tcp, WhenEmpty::Drop),
+        ] {
+            state.frontends.insert(
+                Frontend { address: IpAddr::V4(vip), port: 80, protocol },
+                FrontendState { when_empty, ..FrontendState::cluster_ip("default/empty", vec![]) },
+            );
+        }
+        datapath.apply(&state).unwrap();
+        let cgroup = datapath.cgroup();
+        let tcp = probe::run(&net.client, cgroup, &["tcp", &format!("{REFUSED}:80")]);
+        assert_eq!(tcp["ok"], false, "{tcp}");
+        let expected = match dataplane {
+            Dataplane::Ebpf => "PermissionDenied",
+            Dataplane::Nftables => "ConnectionRefused",
+        };
+        assert_eq!(tcp["kind"], expected, "an immediate refusal, not a timeout: {tcp}");
+        if dataplane == Dataplane::Nftables {
+            let udp = probe::run(&net.client, cgroup, &["udp-connected", &format!("{REFUSED}:80")]);
+            // The reject in the output hook fails the send itself (EPERM), before the ICMP
+            // port unreachable it generates could; either way an immediate refusal.
+            assert!(
+                udp["kind"] == "PermissionDenied" || udp["kind"] == "ConnectionRefused",
+                "refused, not a timeout: {udp}"
+            );
+            let dropped = probe::run(
+                &net.client,
+                cgroup,
+                &["tcp", &format!("{DROPPED}:80"), "--timeout-ms", "500"],
+            );
+            assert_eq!(dropped["kind"], "TimedOut", "dropped, not refused: {dropped}");
+        }
+    });
 }

@@ -1,7 +1,10 @@
 //! NodePort traffic from outside the node, per packet: an external client reaches
-//! NODE_IP:nodePort; the tc load balancer on the node's uplink translates it to a pod behind
-//! the node, and the reply leaves the uplink with the node port as its source again. Three
-//! namespaces: external client, node (forwarding), pod.
+//! NODE_IP:nodePort; the node translates it to a pod behind the node, and the reply leaves the
+//! uplink with the node port as its source again. Three namespaces: external client, node
+//! (forwarding), pod. Both dataplanes: eBPF (the tc load balancer on the node's uplink, which
+//! keeps the client address for a local pod) and nftables (the table in the node's namespace,
+//! kube-proxy's semantics: `externalTrafficPolicy: Cluster` traffic is masqueraded, `Local`
+//! traffic keeps the client's address).
 use std::net::Ipv4Addr;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -15,6 +18,7 @@ use weir_proxy::{
 };
 use weir_tests::{
     bpffs::TestPinDir,
+    dataplane::{Dataplane, TestDatapath, for_each_dataplane},
     echo::EchoServer,
     netns::{Netns, Veth},
     privileged::require_root,
@@ -48,6 +52,10 @@ fn objects() -> (Service, EndpointSlice) {
 #[test]
 fn lb_nodeport_from_outside_the_node_reaches_the_pod_and_replies_from_the_node_port() {
     require_root();
+    for_each_dataplane(from_outside_the_node);
+}
+
+fn from_outside_the_node(dataplane: Dataplane) {
     let external = Netns::new("npext").unwrap();
     let node = Netns::new("npnode").unwrap();
     let pod = Netns::new("nppod").unwrap();
@@ -61,32 +69,66 @@ fn lb_nodeport_from_outside_the_node_reaches_the_pod_and_replies_from_the_node_p
     node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")).unwrap().unwrap();
     let _backend = EchoServer::tcp(&pod, (POD, 8080).into()).unwrap();
 
-    let pins = TestPinDir::new("nodeport").unwrap();
-    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
-    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
     let (service, slice) = objects();
     let context = NodeContext { name: "node-a".into(), addresses: vec![NODE.into()] };
-    let plan = Planner::new().plan(&model::build([&service], [&slice], &context));
-    writer.execute(&plan.ops).unwrap();
-    let interface = uplink.b.clone();
-    let attached = node.run(|| programs::attach_tc_lb(&mut loaded.ebpf, &interface, None)).unwrap();
-    assert_eq!(attached.unwrap(), Attached { attached: 2, adopted: 0 });
-
+    let desired = model::build([&service], [&slice], &context);
     let target = format!("{NODE}:{NODE_PORT}");
-    let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
-    assert_eq!(result["ok"], true, "{result}");
-    assert!(
-        result["reply"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("pong from {POD}:8080 to {EXTERNAL}:")),
-        "the pod answered and saw the external client's address: {result}"
-    );
-    assert_eq!(result["peer"], format!("{NODE}:{NODE_PORT}"), "{result}");
-    let counters = read_counters(&loaded.ebpf).unwrap();
-    let count = |which| counters.iter().find(|(c, _)| *c == which).unwrap().1;
-    assert!(
-        count(Counter::Translated) >= 3 && count(Counter::ReverseTranslated) >= 2,
-        "{counters:?}"
-    );
+    match dataplane {
+        Dataplane::Ebpf => {
+            let pins = TestPinDir::new("nodeport").unwrap();
+            let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+            let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+            writer.execute(&Planner::new().plan(&desired).ops).unwrap();
+            let interface = uplink.b.clone();
+            let attached =
+                node.run(|| programs::attach_tc_lb(&mut loaded.ebpf, &interface, None)).unwrap();
+            assert_eq!(attached.unwrap(), Attached { attached: 2, adopted: 0 });
+
+            let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
+            assert_eq!(result["ok"], true, "{result}");
+            assert!(
+                result["reply"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("pong from {POD}:8080 to {EXTERNAL}:")),
+                "the pod answered and saw the external client's address: {result}"
+            );
+            assert_eq!(result["peer"], target, "{result}");
+            let counters = read_counters(&loaded.ebpf).unwrap();
+            let count = |which| counters.iter().find(|(c, _)| *c == which).unwrap().1;
+            assert!(
+                count(Counter::Translated) >= 3 && count(Counter::ReverseTranslated) >= 2,
+                "{counters:?}"
+            );
+        }
+        Dataplane::Nftables => {
+            let mut datapath = TestDatapath::new(dataplane, &node, "nodeport").unwrap();
+            datapath.apply(&desired).unwrap();
+            let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
+            assert_eq!(result["ok"], true, "{result}");
+            assert!(
+                result["reply"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("pong from {POD}:8080 to {NODE_POD_SIDE}:")),
+                "the pod answered the masqueraded connection (kube-proxy's Cluster policy): \
+                 {result}"
+            );
+            assert_eq!(result["peer"], target, "{result}");
+
+            // externalTrafficPolicy: Local keeps the client's address (no masquerade).
+            let mut local = service.clone();
+            local.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+            let mut local_slice = slice.clone();
+            local_slice.endpoints[0].node_name = Some("node-a".into());
+            datapath.apply(&model::build([&local], [&local_slice], &context)).unwrap();
+            let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
+            assert!(
+                result["reply"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(&format!("pong from {POD}:8080 to {EXTERNAL}:"))),
+                "Local policy: the pod sees the external client: {result}"
+            );
+        }
+    }
 }

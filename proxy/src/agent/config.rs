@@ -14,6 +14,20 @@ pub const DEFAULT_HEALTH_LISTEN: &str = "0.0.0.0:10256";
 /// kube-proxy's default metrics port.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10249";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/weir";
+/// Default nftables table name (`inet weir`).
+pub const DEFAULT_NFT_TABLE: &str = "weir";
+
+/// Which datapath the agent programs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dataplane {
+    /// eBPF: socket-level and per-packet load balancing, maps pinned in bpffs.
+    #[default]
+    Ebpf,
+    /// nftables: kube-proxy's nftables-mode ruleset in one table of the agent's network
+    /// namespace (the fallback for kernels without the eBPF features).
+    Nftables,
+}
+
 /// A change still unapplied after this long makes /healthz answer 503 (kube-proxy uses twice
 /// its sync period).
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,6 +55,12 @@ pub struct AgentConfig {
     pub forward_ebpf_logs: bool,
     /// Node-to-node pod routing, masquerade and the node state file.
     pub routing: RoutingConfig,
+    pub dataplane: Dataplane,
+    /// nftables table (family inet) of the nftables dataplane.
+    pub nft_table: String,
+    /// Delete the nftables table on a clean shutdown (by default it stays, like kube-proxy's,
+    /// so traffic keeps flowing until the next agent adopts it).
+    pub nft_remove_on_exit: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -65,6 +85,8 @@ pub enum ConfigError {
         "--overlay-uplink {0:?} is not a valid interface name (1 to 15 bytes, no '/', no spaces)"
     )]
     BadOverlayUplink(String),
+    #[error("--nft-table {0:?} is invalid: use 1 to 64 letters, digits, '-' or '_'")]
+    BadNftTable(String),
 }
 
 impl AgentConfig {
@@ -95,6 +117,9 @@ impl AgentConfig {
         }
         if let Some(uplink) = routing.uplink.as_ref().filter(|name| !is_interface_name(name)) {
             return Err(ConfigError::BadOverlayUplink(uplink.clone()));
+        }
+        if crate::apply::nft::validate_table_name(&self.nft_table).is_err() {
+            return Err(ConfigError::BadNftTable(self.nft_table.clone()));
         }
         if self.health_listen == self.metrics_listen && self.health_listen.port() != 0 {
             return Err(ConfigError::SameListenAddress(self.health_listen));
@@ -144,6 +169,9 @@ mod tests {
             health_timeout: DEFAULT_HEALTH_TIMEOUT,
             forward_ebpf_logs: false,
             routing: RoutingConfig::default(),
+            dataplane: Dataplane::Ebpf,
+            nft_table: DEFAULT_NFT_TABLE.into(),
+            nft_remove_on_exit: false,
         }
     }
 
@@ -178,5 +206,7 @@ mod tests {
         let mut c = config();
         c.routing.uplink = Some("eth0/1".into());
         assert!(matches!(c.validate(), Err(ConfigError::BadOverlayUplink(_))));
+        c.nft_table = "no spaces".into();
+        assert!(matches!(c.validate(), Err(ConfigError::BadNftTable(_))));
     }
 }

@@ -12,7 +12,8 @@ use super::status::Status;
 use crate::maps::read_counters_pinned;
 
 /// Serves until the task is dropped. Connection errors are logged and do not stop the server.
-pub async fn serve(listener: TcpListener, status: Arc<Status>, pin_dir: PathBuf) {
+/// `pin_dir` holds the eBPF datapath's counters (`None`: the nftables dataplane has none).
+pub async fn serve(listener: TcpListener, status: Arc<Status>, pin_dir: Option<PathBuf>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -25,7 +26,7 @@ pub async fn serve(listener: TcpListener, status: Arc<Status>, pin_dir: PathBuf)
         let pin_dir = pin_dir.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = respond(&request, &status, &pin_dir);
+                let response = respond(&request, &status, pin_dir.as_deref());
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(err) = hyper::server::conn::http1::Builder::new()
@@ -41,7 +42,7 @@ pub async fn serve(listener: TcpListener, status: Arc<Status>, pin_dir: PathBuf)
 fn respond(
     request: &Request<Incoming>,
     status: &Status,
-    pin_dir: &std::path::Path,
+    pin_dir: Option<&std::path::Path>,
 ) -> Response<Full<Bytes>> {
     match request.uri().path() {
         "/healthz" | "/livez" | "/readyz" => match status.health() {
@@ -50,9 +51,11 @@ fn respond(
         },
         "/metrics" => {
             // Read at scrape time from the pinned map, so the counters are the datapath's own.
-            let counters = read_counters_pinned(pin_dir).unwrap_or_else(|err| {
-                log::warn!("metrics: reading datapath counters: {err}");
-                Vec::new()
+            let counters = pin_dir.map_or_else(Vec::new, |pin_dir| {
+                read_counters_pinned(pin_dir).unwrap_or_else(|err| {
+                    log::warn!("metrics: reading datapath counters: {err}");
+                    Vec::new()
+                })
             });
             text(StatusCode::OK, status.metrics(&counters))
         }

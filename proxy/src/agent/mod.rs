@@ -1,5 +1,9 @@
 //! `weir agent`: the node daemon that replaces kube-proxy.
 //!
+//! The datapath is eBPF (default) or nftables (`--dataplane nftables`: one table in the
+//! agent's network namespace, adopted and repaired at start, left in place on exit unless
+//! `--nft-remove-on-exit`).
+//!
 //! Start-up order matters for restarts: the eBPF object is loaded with its maps pinned (a
 //! restarted agent reuses them with their contents), the planner adopts what the maps hold,
 //! the socket load balancer's pinned links are adopted or created, and only once every
@@ -33,11 +37,15 @@ use thiserror::Error;
 use tokio::{net::TcpListener, sync::Notify};
 
 use self::{
-    config::AgentConfig,
+    config::{AgentConfig, Dataplane},
     status::{Status, SyncReport},
 };
 use crate::{
-    apply::{ebpf::MapWriter, plan::Planner},
+    apply::{
+        ebpf::MapWriter,
+        nft::{NftDataplane, NftError},
+        plan::Planner,
+    },
     maps::{MapsError, ServiceMaps},
     model::{self, NodeContext},
     programs::{self, LoadOptions},
@@ -85,17 +93,85 @@ pub enum AgentError {
     },
     #[error("the watchers stopped before their initial lists completed")]
     WatchersStopped,
+    #[error(transparent)]
+    Nftables(#[from] NftError),
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
-pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
-    config.validate()?;
+/// The datapath the loop writes to.
+enum Backend {
+    Ebpf {
+        writer: MapWriter,
+        planner: Planner,
+        /// The loaded object and its attachments live as long as the agent.
+        _loaded: programs::Loaded,
+    },
+    Nftables(NftDataplane),
+}
 
+/// What one sync wrote.
+struct Synced {
+    ops: usize,
+    skipped: usize,
+    flushed: usize,
+}
+
+impl Backend {
+    fn sync(&mut self, desired: &model::ServiceState) -> Result<Synced, String> {
+        match self {
+            Backend::Ebpf { writer, planner, .. } => {
+                let plan = planner.plan(desired);
+                let flushed = writer.apply(&plan).map_err(|err| err.to_string())?;
+                Ok(Synced { ops: plan.ops.len(), skipped: plan.skipped, flushed })
+            }
+            Backend::Nftables(table) => {
+                let applied = table.apply(desired).map_err(|err| error_chain(&err))?;
+                Ok(Synced { ops: applied.ops, skipped: applied.skipped, flushed: 0 })
+            }
+        }
+    }
+
+    /// After a failed sync: rebuild what was applied from the datapath itself.
+    fn resync(&mut self) {
+        match self {
+            Backend::Ebpf { writer, planner, .. } => *planner = writer.adopting_planner(),
+            Backend::Nftables(table) => {
+                if let Err(err) = table.readopt() {
+                    log::error!(
+                        "reading nftables table {} back: {}",
+                        table.table(),
+                        error_chain(&err)
+                    );
+                }
+            }
+        }
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        match self {
+            Backend::Ebpf { planner, .. } => (planner.frontends(), planner.backends()),
+            Backend::Nftables(table) => (table.frontends(), table.backends()),
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Loads (or adopts) the eBPF datapath: pinned maps, socket LB on the cgroup, tc LB on uplinks.
+fn start_ebpf(config: &AgentConfig) -> Result<Backend, AgentError> {
     let options =
         LoadOptions { forward_logs: config.forward_ebpf_logs, ..LoadOptions::new(&config.pin_dir) };
     let mut loaded = programs::load(&options)?;
-    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf)?);
-    let mut planner = writer.adopting_planner();
+    let writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf)?);
+    let planner = writer.adopting_planner();
     log::info!(
         "datapath: maps pinned in {}; adopted {} frontends and {} backends",
         config.pin_dir.display(),
@@ -131,9 +207,30 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_ebpf_logs(logger));
     }
+    Ok(Backend::Ebpf { writer, planner, _loaded: loaded })
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    config.validate()?;
+
+    let mut backend = match config.dataplane {
+        Dataplane::Ebpf => start_ebpf(&config)?,
+        Dataplane::Nftables => {
+            let table = NftDataplane::open(&config.nft_table)?;
+            log::info!(
+                "datapath: nftables table inet {}; adopted {} frontends and {} backends",
+                table.table(),
+                table.frontends(),
+                table.backends()
+            );
+            Backend::Nftables(table)
+        }
+    };
 
     let client = client(&config).await?;
     let status = Arc::new(Status::new(config.health_timeout));
+    let counters = (config.dataplane == Dataplane::Ebpf).then(|| config.pin_dir.clone());
     for (what, addr) in [("health", config.health_listen), ("metrics", config.metrics_listen)] {
         let listener = TcpListener::bind(addr).await.map_err(|source| AgentError::Listen {
             what,
@@ -144,7 +241,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             listener.local_addr().map_err(|source| AgentError::Listen { what, addr, source })?;
         // Tests and operators read this line to find ports picked by the kernel (port 0).
         println!("weir agent: serving {what} on http://{bound}");
-        tokio::spawn(http::serve(listener, status.clone(), config.pin_dir.clone()));
+        tokio::spawn(http::serve(listener, status.clone(), counters.clone()));
     }
 
     let changed = Arc::new(Notify::new());
@@ -174,7 +271,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     );
     tokio::select! {
         ready = stores.ready() => ready.map_err(|_| AgentError::WatchersStopped)?,
-        _ = shutdown() => return Ok(()),
+        _ = shutdown() => return stop(&config, backend),
     }
     let mut first_sync = true;
     loop {
@@ -193,24 +290,25 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             slices.iter().map(AsRef::as_ref),
             &node,
         );
-        let plan = planner.plan(&desired);
-        match writer.apply(&plan) {
-            Ok(flushed) => {
-                if flushed > 0 {
+        match backend.sync(&desired) {
+            Ok(synced) => {
+                if synced.flushed > 0 {
                     log::info!(
-                        "sync: flushed {flushed} conntrack entries of UDP flows to removed backends"
+                        "sync: flushed {} conntrack entries of UDP flows to removed backends",
+                        synced.flushed
                     );
                 }
+                let (frontends, backends) = backend.counts();
                 let report = SyncReport {
                     duration: started.elapsed(),
-                    ops: plan.ops.len(),
-                    frontends: planner.frontends(),
-                    backends: planner.backends(),
-                    skipped_frontends: plan.skipped,
+                    ops: synced.ops,
+                    frontends,
+                    backends,
+                    skipped_frontends: synced.skipped,
                 };
-                if !plan.ops.is_empty() {
+                if synced.ops > 0 {
                     log::info!(
-                        "sync: {} map operations in {:?} ({} frontends, {} backends)",
+                        "sync: {} datapath operations in {:?} ({} frontends, {} backends)",
                         report.ops,
                         report.duration,
                         report.frontends,
@@ -225,25 +323,16 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 }
             }
             Err(err) => {
-                log::error!("sync failed: {err}; resyncing from the maps in {RETRY_AFTER:?}");
+                log::error!("sync failed: {err}; resyncing from the datapath in {RETRY_AFTER:?}");
                 status.failed();
-                planner = Planner::adopt(
-                    &writer.maps().service_entries(),
-                    &writer.maps().backend_entries(),
-                    &writer.maps().rev_nat_entries(),
-                );
+                backend.resync();
                 tokio::time::sleep(RETRY_AFTER).await;
                 continue;
             }
         }
         tokio::select! {
             _ = changed.notified() => status.queued(),
-            _ = shutdown() => {
-                log::info!(
-                    "shutting down; the datapath stays in place (pinned maps and links, routes)"
-                );
-                return Ok(());
-            }
+            _ = shutdown() => return stop(&config, backend),
         }
     }
 }
@@ -255,6 +344,23 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.iter().for_each(tokio::task::JoinHandle::abort);
     }
+}
+
+/// A clean shutdown: the datapath stays in place (pinned maps and links, or the nftables
+/// table) unless removing the table was asked for.
+fn stop(config: &AgentConfig, backend: Backend) -> Result<(), AgentError> {
+    match backend {
+        Backend::Nftables(table) if config.nft_remove_on_exit => {
+            let name = table.table().to_string();
+            table.remove_table()?;
+            log::info!("shutting down; removed nftables table inet {name}");
+        }
+        _ => log::info!(
+            "shutting down; the datapath stays in place (pinned maps and links or the nftables \
+             table, routes)"
+        ),
+    }
+    Ok(())
 }
 
 async fn client(config: &AgentConfig) -> Result<Client, AgentError> {

@@ -7,7 +7,11 @@
 //! slots, then the master entry; removals the other way round). An unchanged frontend costs no
 //! operation. [`ebpf::MapWriter`] executes the operations on the real maps.
 //!
+//! [`nft::NftDataplane`] renders the same state into an nftables table instead (the
+//! `--dataplane nftables` fallback), with its own pure planner ([`nft::plan`]).
+//!
 //! The eBPF datapath serves IPv4 frontends with IPv4 backends today; other frontends of the
 //! desired state are counted in [`plan::Plan::skipped`] and not written.
 pub mod ebpf;
+pub mod nft;
 pub mod plan;

@@ -104,6 +104,9 @@ pub struct FrontendState {
     pub when_empty: WhenEmpty,
     /// ClientIP session affinity timeout, in seconds.
     pub affinity_timeout: Option<u32>,
+    /// The frontend's traffic policy is `Local` (its backends are this node's endpoints): the
+    /// client address must reach them, so external traffic is not masqueraded.
+    pub local_traffic_policy: bool,
 }
 
 impl FrontendState {
@@ -117,6 +120,7 @@ impl FrontendState {
             backends,
             when_empty: WhenEmpty::Reject,
             affinity_timeout: None,
+            local_traffic_policy: false,
         }
     }
 }

@@ -119,6 +119,7 @@ fn add_service(
                     backends,
                     when_empty,
                     affinity_timeout,
+                    local_traffic_policy: local_only,
                 }
             });
         };

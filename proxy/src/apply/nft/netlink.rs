@@ -1,0 +1,1087 @@
+//! nf_tables over netlink, without libnftnl: message encoding (pure, unit-tested) and a small
+//! socket that sends batches and runs dumps.
+//!
+//! Only what the service ruleset needs is encoded: tables, chains (base and regular), rules
+//! built from [`Stmt`]s, named and anonymous sets and maps, and their elements. Every number
+//! the kernel reads as a 32/64-bit attribute is big-endian; register contents (marks, numgen
+//! results) are host-endian, as in the kernel's `nft_regs`.
+use std::{io, net::Ipv4Addr, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
+
+use super::ops::{BaseChain, ElementKey, Op, RejectKind, SetKind, Stmt, Verdict};
+
+// Netlink and nfnetlink.
+const NETLINK_NETFILTER: i32 = 12;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFPROTO_INET: u8 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const AF_UNSPEC: u8 = 0;
+
+// nf_tables message types.
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_DELSET: u16 = 11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NFT_MSG_DELSETELEM: u16 = 14;
+
+// Attributes.
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_USERDATA: u16 = 7;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NFT_SET_CONSTANT: u32 = 0x2;
+const NFT_SET_MAP: u32 = 0x8;
+const NFT_SET_TIMEOUT: u32 = 0x10;
+const NFT_SET_EVAL: u32 = 0x20;
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+
+// nft's datatype numbers (only for `nft list` to print keys nicely).
+const TYPE_INTEGER: u32 = 4;
+const TYPE_IPADDR: u32 = 7;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_BITS: u32 = 6;
+
+// Registers: NFT_REG_VERDICT and the 32-bit registers.
+const REG_VERDICT: u32 = 0;
+const REG32_00: u32 = 8;
+const REG32_01: u32 = 9;
+const REG32_02: u32 = 10;
+
+/// The ClusterIP/NodePort key length: ipv4_addr . inet_proto . inet_service, each padded to a
+/// 32-bit register.
+pub const SERVICE_KEY_LEN: usize = 12;
+
+/// Encodes a [`ElementKey`] the way the registers hold it.
+pub fn key_bytes(key: &ElementKey) -> Vec<u8> {
+    match key {
+        ElementKey::Service { address, protocol, port } => {
+            let mut key = Vec::with_capacity(SERVICE_KEY_LEN);
+            key.extend_from_slice(&address.octets());
+            key.extend_from_slice(&[*protocol, 0, 0, 0]);
+            key.extend_from_slice(&port.to_be_bytes());
+            key.extend_from_slice(&[0, 0]);
+            key
+        }
+        ElementKey::Index(i) => i.to_ne_bytes().to_vec(),
+    }
+}
+
+/// The inverse of [`key_bytes`] for service keys.
+pub fn parse_service_key(bytes: &[u8]) -> Option<ElementKey> {
+    if bytes.len() != SERVICE_KEY_LEN {
+        return None;
+    }
+    Some(ElementKey::Service {
+        address: Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]),
+        protocol: bytes[4],
+        port: u16::from_be_bytes([bytes[8], bytes[9]]),
+    })
+}
+
+/// A growing netlink buffer: messages, attributes and nests.
+#[derive(Default)]
+pub struct Buf {
+    pub bytes: Vec<u8>,
+    seq: u32,
+    last: Option<usize>,
+}
+
+impl Buf {
+    fn align(&mut self) {
+        while self.bytes.len() % 4 != 0 {
+            self.bytes.push(0);
+        }
+    }
+
+    /// Starts a message; returns its offset for [`Buf::end_msg`].
+    fn begin_msg(&mut self, msg_type: u16, flags: u16, family: u8, res_id: u16) -> usize {
+        self.align();
+        let start = self.bytes.len();
+        self.last = Some(start);
+        self.seq += 1;
+        self.bytes.extend_from_slice(&0u32.to_ne_bytes());
+        self.bytes.extend_from_slice(&msg_type.to_ne_bytes());
+        self.bytes.extend_from_slice(&flags.to_ne_bytes());
+        self.bytes.extend_from_slice(&self.seq.to_ne_bytes());
+        self.bytes.extend_from_slice(&0u32.to_ne_bytes());
+        self.bytes.extend_from_slice(&[family, 0]);
+        self.bytes.extend_from_slice(&res_id.to_be_bytes());
+        start
+    }
+
+    fn end_msg(&mut self, start: usize) {
+        self.align();
+        let len = (self.bytes.len() - start) as u32;
+        self.bytes[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn attr(&mut self, kind: u16, payload: &[u8]) {
+        self.align();
+        let len = (4 + payload.len()) as u16;
+        self.bytes.extend_from_slice(&len.to_ne_bytes());
+        self.bytes.extend_from_slice(&kind.to_ne_bytes());
+        self.bytes.extend_from_slice(payload);
+        self.align();
+    }
+
+    fn str(&mut self, kind: u16, value: &str) {
+        let mut payload = value.as_bytes().to_vec();
+        payload.push(0);
+        self.attr(kind, &payload);
+    }
+
+    fn u32(&mut self, kind: u16, value: u32) {
+        self.attr(kind, &value.to_be_bytes());
+    }
+
+    fn nest(&mut self, kind: u16, fill: impl FnOnce(&mut Self)) {
+        self.align();
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(&[0, 0]);
+        self.bytes.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        fill(self);
+        self.align();
+        let len = (self.bytes.len() - start) as u16;
+        self.bytes[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn nft_msg(&mut self, msg: u16, flags: u16, fill: impl FnOnce(&mut Self)) {
+        let start = self.begin_msg(
+            (NFNL_SUBSYS_NFTABLES << 8) | msg,
+            NLM_F_REQUEST | flags,
+            NFPROTO_INET,
+            0,
+        );
+        fill(self);
+        self.end_msg(start);
+    }
+
+    fn value(&mut self, kind: u16, value: &[u8]) {
+        self.nest(kind, |b| b.attr(NFTA_DATA_VALUE, value));
+    }
+
+    fn verdict(&mut self, kind: u16, verdict: &Verdict) {
+        let (code, chain): (i32, Option<&str>) = match verdict {
+            Verdict::Drop => (0, None),
+            Verdict::Accept => (1, None),
+            Verdict::Return => (-5, None),
+            Verdict::Jump(chain) => (-3, Some(chain)),
+            Verdict::Goto(chain) => (-4, Some(chain)),
+        };
+        self.nest(kind, |b| {
+            b.nest(NFTA_DATA_VERDICT, |b| {
+                b.u32(NFTA_VERDICT_CODE, code as u32);
+                if let Some(chain) = chain {
+                    b.str(NFTA_VERDICT_CHAIN, chain);
+                }
+            })
+        });
+    }
+
+    fn expr(&mut self, name: &str, fill: impl FnOnce(&mut Self)) {
+        self.nest(NFTA_LIST_ELEM, |b| {
+            b.str(NFTA_EXPR_NAME, name);
+            b.nest(NFTA_EXPR_DATA, fill);
+        });
+    }
+}
+
+/// Encodes batches of [`Op`]s for one table.
+pub struct Encoder {
+    table: String,
+    buf: Buf,
+    /// Per-batch IDs of anonymous sets.
+    next_set_id: u32,
+    messages: usize,
+    /// Sequence number of the first message of each op since the last [`Encoder::finish`].
+    first_seqs: Vec<u32>,
+}
+
+impl Encoder {
+    pub fn new(table: &str) -> Self {
+        Self {
+            table: table.to_string(),
+            buf: Buf::default(),
+            next_set_id: 1,
+            messages: 0,
+            first_seqs: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
+    /// The batch so far, wrapped in BATCH_BEGIN/END; the encoder is reset.
+    pub fn finish(&mut self) -> (Vec<u8>, Vec<u32>) {
+        // Only the last message asks for an acknowledgement: errors are reported whatever the
+        // flags, so that ack marks the end of the kernel's answers to this batch.
+        if let Some(last) = self.buf.last {
+            let flags = u16::from_ne_bytes([self.buf.bytes[last + 6], self.buf.bytes[last + 7]]);
+            self.buf.bytes[last + 6..last + 8].copy_from_slice(&(flags | NLM_F_ACK).to_ne_bytes());
+        }
+        let mut out = Buf { bytes: Vec::new(), seq: self.buf.seq, last: None };
+        let start =
+            out.begin_msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, AF_UNSPEC, NFNL_SUBSYS_NFTABLES);
+        out.end_msg(start);
+        out.bytes.extend_from_slice(&self.buf.bytes);
+        out.seq = self.buf.seq;
+        let start =
+            out.begin_msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, AF_UNSPEC, NFNL_SUBSYS_NFTABLES);
+        out.end_msg(start);
+        self.buf = Buf { bytes: Vec::new(), seq: out.seq, last: None };
+        self.messages = 0;
+        (out.bytes, std::mem::take(&mut self.first_seqs))
+    }
+
+    /// Index (since the last finish) of the op whose messages include `seq`.
+    pub fn op_of_seq(first_seqs: &[u32], seq: u32) -> Option<usize> {
+        first_seqs.iter().rposition(|first| *first <= seq)
+    }
+
+    pub fn op(&mut self, op: &Op) {
+        self.messages += 1;
+        self.first_seqs.push(self.buf.seq + 1);
+        let table = self.table.clone();
+        let b = &mut self.buf;
+        match op {
+            Op::AddTable => {
+                b.nft_msg(NFT_MSG_NEWTABLE, NLM_F_CREATE, |b| b.str(NFTA_TABLE_NAME, &table))
+            }
+            Op::DeleteTable => b.nft_msg(NFT_MSG_DELTABLE, 0, |b| b.str(NFTA_TABLE_NAME, &table)),
+            Op::AddChain { name, base } => b.nft_msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE, |b| {
+                b.str(NFTA_CHAIN_TABLE, &table);
+                b.str(NFTA_CHAIN_NAME, name);
+                if let Some(BaseChain { kind, hook, priority }) = base {
+                    b.nest(NFTA_CHAIN_HOOK, |b| {
+                        b.u32(NFTA_HOOK_HOOKNUM, *hook);
+                        b.u32(NFTA_HOOK_PRIORITY, *priority as u32);
+                    });
+                    b.str(NFTA_CHAIN_TYPE, kind);
+                    b.u32(NFTA_CHAIN_POLICY, 1); // accept
+                }
+            }),
+            Op::FlushChain { name } => b.nft_msg(NFT_MSG_DELRULE, 0, |b| {
+                b.str(NFTA_RULE_TABLE, &table);
+                b.str(NFTA_RULE_CHAIN, name);
+            }),
+            Op::DeleteChain { name } => b.nft_msg(NFT_MSG_DELCHAIN, 0, |b| {
+                b.str(NFTA_CHAIN_TABLE, &table);
+                b.str(NFTA_CHAIN_NAME, name);
+            }),
+            Op::AddSet { name, kind } => {
+                let (flags, key_type, key_len) = match kind {
+                    SetKind::ServiceMap => (
+                        NFT_SET_MAP,
+                        (TYPE_IPADDR << (2 * TYPE_BITS))
+                            | (TYPE_INET_PROTOCOL << TYPE_BITS)
+                            | TYPE_INET_SERVICE,
+                        SERVICE_KEY_LEN as u32,
+                    ),
+                    SetKind::Affinity => (NFT_SET_TIMEOUT | NFT_SET_EVAL, TYPE_IPADDR, 4),
+                };
+                // The kernel requires a batch-local set ID on every new set.
+                let id = self.next_set_id;
+                self.next_set_id += 1;
+                b.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE, |b| {
+                    b.str(NFTA_SET_TABLE, &table);
+                    b.str(NFTA_SET_NAME, name);
+                    b.u32(NFTA_SET_ID, id);
+                    b.u32(NFTA_SET_FLAGS, flags);
+                    b.u32(NFTA_SET_KEY_TYPE, key_type);
+                    b.u32(NFTA_SET_KEY_LEN, key_len);
+                    if flags & NFT_SET_MAP != 0 {
+                        b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
+                    }
+                })
+            }
+            Op::DeleteSet { name } => b.nft_msg(NFT_MSG_DELSET, 0, |b| {
+                b.str(NFTA_SET_TABLE, &table);
+                b.str(NFTA_SET_NAME, name);
+            }),
+            Op::AddElement { set, key, verdict } => {
+                b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
+                    b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
+                    b.str(NFTA_SET_ELEM_LIST_SET, set);
+                    b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                        b.nest(NFTA_LIST_ELEM, |b| {
+                            b.value(NFTA_SET_ELEM_KEY, &key_bytes(key));
+                            b.verdict(NFTA_SET_ELEM_DATA, verdict);
+                        })
+                    });
+                })
+            }
+            Op::DeleteElement { set, key } => b.nft_msg(NFT_MSG_DELSETELEM, 0, |b| {
+                b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
+                b.str(NFTA_SET_ELEM_LIST_SET, set);
+                b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                    b.nest(NFTA_LIST_ELEM, |b| b.value(NFTA_SET_ELEM_KEY, &key_bytes(key)))
+                });
+            }),
+            Op::AddRule { chain, stmts, comment } => {
+                // Anonymous verdict maps (numgen ... vmap { ... }) are created first, in the
+                // same batch, and bound to the rule by their batch-local ID.
+                let mut anon_ids = Vec::new();
+                for stmt in stmts {
+                    if let Stmt::NumgenVmap { targets } = stmt {
+                        let id = self.next_set_id;
+                        self.next_set_id += 1;
+                        anon_ids.push(id);
+                        anonymous_map(b, &table, id, targets);
+                    }
+                }
+                let mut anon = anon_ids.into_iter();
+                b.nft_msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, |b| {
+                    b.str(NFTA_RULE_TABLE, &table);
+                    b.str(NFTA_RULE_CHAIN, chain);
+                    b.nest(NFTA_RULE_EXPRESSIONS, |b| {
+                        for stmt in stmts {
+                            encode_stmt(b, stmt, &mut anon);
+                        }
+                    });
+                    if let Some(comment) = comment {
+                        b.attr(NFTA_RULE_USERDATA, &comment_udata(comment));
+                    }
+                })
+            }
+        }
+    }
+}
+
+const ANON_MAP_NAME: &str = "__map%d";
+
+fn anonymous_map(b: &mut Buf, table: &str, id: u32, targets: &[String]) {
+    b.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE, |b| {
+        b.str(NFTA_SET_TABLE, table);
+        b.str(NFTA_SET_NAME, ANON_MAP_NAME);
+        b.u32(NFTA_SET_FLAGS, NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | NFT_SET_MAP);
+        b.u32(NFTA_SET_KEY_TYPE, TYPE_INTEGER);
+        b.u32(NFTA_SET_KEY_LEN, 4);
+        b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
+        b.u32(NFTA_SET_ID, id);
+    });
+    b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
+        b.str(NFTA_SET_ELEM_LIST_TABLE, table);
+        b.str(NFTA_SET_ELEM_LIST_SET, ANON_MAP_NAME);
+        b.u32(NFTA_SET_ELEM_LIST_SET_ID, id);
+        b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+            for (index, target) in (0u32..).zip(targets) {
+                b.nest(NFTA_LIST_ELEM, |b| {
+                    b.value(NFTA_SET_ELEM_KEY, &index.to_ne_bytes());
+                    b.verdict(NFTA_SET_ELEM_DATA, &Verdict::Goto(target.clone()));
+                });
+            }
+        });
+    });
+}
+
+/// A rule comment in nft's user-data TLV format (type 0 = comment, NUL-terminated).
+fn comment_udata(comment: &str) -> Vec<u8> {
+    let text = &comment.as_bytes()[..comment.len().min(250)];
+    let mut out = vec![0u8, (text.len() + 1) as u8];
+    out.extend_from_slice(text);
+    out.push(0);
+    out
+}
+
+/// The comment of a rule's user data, if it has one.
+pub fn parse_comment_udata(udata: &[u8]) -> Option<String> {
+    let mut rest = udata;
+    while rest.len() >= 2 {
+        let (kind, len) = (rest[0], usize::from(rest[1]));
+        let value = rest.get(2..2 + len)?;
+        if kind == 0 {
+            let text = value.strip_suffix(&[0]).unwrap_or(value);
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+        rest = &rest[2 + len..];
+    }
+    None
+}
+
+// Expression attribute numbers.
+mod ex {
+    pub const PAYLOAD_DREG: u16 = 1;
+    pub const PAYLOAD_BASE: u16 = 2;
+    pub const PAYLOAD_OFFSET: u16 = 3;
+    pub const PAYLOAD_LEN: u16 = 4;
+    pub const META_DREG: u16 = 1;
+    pub const META_KEY: u16 = 2;
+    pub const META_SREG: u16 = 3;
+    pub const CMP_SREG: u16 = 1;
+    pub const CMP_OP: u16 = 2;
+    pub const CMP_DATA: u16 = 3;
+    pub const IMMEDIATE_DREG: u16 = 1;
+    pub const IMMEDIATE_DATA: u16 = 2;
+    pub const BITWISE_SREG: u16 = 1;
+    pub const BITWISE_DREG: u16 = 2;
+    pub const BITWISE_LEN: u16 = 3;
+    pub const BITWISE_MASK: u16 = 4;
+    pub const BITWISE_XOR: u16 = 5;
+    pub const LOOKUP_SET: u16 = 1;
+    pub const LOOKUP_SREG: u16 = 2;
+    pub const LOOKUP_DREG: u16 = 3;
+    pub const LOOKUP_SET_ID: u16 = 4;
+    pub const CT_DREG: u16 = 1;
+    pub const CT_KEY: u16 = 2;
+    pub const NG_DREG: u16 = 1;
+    pub const NG_MODULUS: u16 = 2;
+    pub const NG_TYPE: u16 = 3;
+    pub const NAT_TYPE: u16 = 1;
+    pub const NAT_FAMILY: u16 = 2;
+    pub const NAT_REG_ADDR_MIN: u16 = 3;
+    pub const NAT_REG_PROTO_MIN: u16 = 5;
+    pub const NAT_FLAGS: u16 = 7;
+    pub const MASQ_FLAGS: u16 = 1;
+    pub const DYNSET_SET_NAME: u16 = 1;
+    pub const DYNSET_OP: u16 = 3;
+    pub const DYNSET_SREG_KEY: u16 = 4;
+    pub const DYNSET_TIMEOUT: u16 = 6;
+    pub const REJECT_TYPE: u16 = 1;
+    pub const REJECT_ICMP_CODE: u16 = 2;
+
+    pub const PAYLOAD_NETWORK: u32 = 1;
+    pub const PAYLOAD_TRANSPORT: u32 = 2;
+    pub const META_MARK: u32 = 3;
+    pub const META_NFPROTO: u32 = 15;
+    pub const META_L4PROTO: u32 = 16;
+    pub const CMP_EQ: u32 = 0;
+    pub const CMP_NEQ: u32 = 1;
+    pub const CT_STATE: u32 = 0;
+    pub const CT_STATE_NEW: u32 = 1 << 3;
+    pub const NG_RANDOM: u32 = 1;
+    pub const NAT_DNAT: u32 = 1;
+    pub const NAT_RANGE_MAP_IPS: u32 = 1;
+    pub const NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
+    pub const NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 16;
+    pub const DYNSET_OP_UPDATE: u32 = 1;
+    pub const REJECT_TCP_RST: u32 = 1;
+    pub const REJECT_ICMPX_UNREACH: u32 = 2;
+    pub const REJECT_ICMPX_PORT_UNREACH: u8 = 1;
+}
+
+fn payload(b: &mut Buf, dreg: u32, base: u32, offset: u32, len: u32) {
+    b.expr("payload", |b| {
+        b.u32(ex::PAYLOAD_DREG, dreg);
+        b.u32(ex::PAYLOAD_BASE, base);
+        b.u32(ex::PAYLOAD_OFFSET, offset);
+        b.u32(ex::PAYLOAD_LEN, len);
+    });
+}
+
+fn meta_load(b: &mut Buf, dreg: u32, key: u32) {
+    b.expr("meta", |b| {
+        b.u32(ex::META_DREG, dreg);
+        b.u32(ex::META_KEY, key);
+    });
+}
+
+fn cmp(b: &mut Buf, op: u32, data: &[u8]) {
+    b.expr("cmp", |b| {
+        b.u32(ex::CMP_SREG, REG32_00);
+        b.u32(ex::CMP_OP, op);
+        b.value(ex::CMP_DATA, data);
+    });
+}
+
+fn bitwise(b: &mut Buf, mask: u32, xor: u32) {
+    b.expr("bitwise", |b| {
+        b.u32(ex::BITWISE_SREG, REG32_00);
+        b.u32(ex::BITWISE_DREG, REG32_00);
+        b.u32(ex::BITWISE_LEN, 4);
+        b.value(ex::BITWISE_MASK, &mask.to_ne_bytes());
+        b.value(ex::BITWISE_XOR, &xor.to_ne_bytes());
+    });
+}
+
+fn lookup(b: &mut Buf, set: &str, set_id: Option<u32>, dreg: Option<u32>) {
+    b.expr("lookup", |b| {
+        b.str(ex::LOOKUP_SET, set);
+        b.u32(ex::LOOKUP_SREG, REG32_00);
+        if let Some(dreg) = dreg {
+            b.u32(ex::LOOKUP_DREG, dreg);
+        }
+        if let Some(id) = set_id {
+            b.u32(ex::LOOKUP_SET_ID, id);
+        }
+    });
+}
+
+fn immediate(b: &mut Buf, dreg: u32, data: &[u8]) {
+    b.expr("immediate", |b| {
+        b.u32(ex::IMMEDIATE_DREG, dreg);
+        b.value(ex::IMMEDIATE_DATA, data);
+    });
+}
+
+fn load_mark(b: &mut Buf) {
+    meta_load(b, REG32_00, ex::META_MARK);
+}
+
+fn store_mark(b: &mut Buf) {
+    b.expr("meta", |b| {
+        b.u32(ex::META_KEY, ex::META_MARK);
+        b.u32(ex::META_SREG, REG32_00);
+    });
+}
+
+fn ipv4_only(b: &mut Buf) {
+    meta_load(b, REG32_00, ex::META_NFPROTO);
+    cmp(b, ex::CMP_EQ, &[NFPROTO_IPV4]);
+}
+
+fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
+    match stmt {
+        Stmt::ServiceVmap { map } => {
+            ipv4_only(b);
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, 16, 4);
+            meta_load(b, REG32_01, ex::META_L4PROTO);
+            payload(b, REG32_02, ex::PAYLOAD_TRANSPORT, 2, 2);
+            lookup(b, map, None, Some(REG_VERDICT));
+        }
+        Stmt::CtStateNew => {
+            b.expr("ct", |b| {
+                b.u32(ex::CT_DREG, REG32_00);
+                b.u32(ex::CT_KEY, ex::CT_STATE);
+            });
+            bitwise(b, ex::CT_STATE_NEW, 0);
+            cmp(b, ex::CMP_NEQ, &0u32.to_ne_bytes());
+        }
+        Stmt::L4Proto(proto) => {
+            meta_load(b, REG32_00, ex::META_L4PROTO);
+            cmp(b, ex::CMP_EQ, &[*proto]);
+        }
+        Stmt::SaddrEq(address) => {
+            ipv4_only(b);
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, 12, 4);
+            cmp(b, ex::CMP_EQ, &address.octets());
+        }
+        Stmt::SaddrInSet(set) => {
+            ipv4_only(b);
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, 12, 4);
+            lookup(b, set, None, None);
+        }
+        Stmt::MarkClear(bit) => {
+            load_mark(b);
+            bitwise(b, *bit, 0);
+            cmp(b, ex::CMP_EQ, &0u32.to_ne_bytes());
+        }
+        Stmt::MarkSet(bit) => {
+            load_mark(b);
+            bitwise(b, !*bit, *bit);
+            store_mark(b);
+        }
+        Stmt::MarkToggle(bit) => {
+            load_mark(b);
+            bitwise(b, u32::MAX, *bit);
+            store_mark(b);
+        }
+        Stmt::Masquerade => {
+            b.expr("masq", |b| b.u32(ex::MASQ_FLAGS, ex::NAT_RANGE_PROTO_RANDOM_FULLY))
+        }
+        Stmt::Dnat(address, port) => {
+            immediate(b, REG32_00, &address.octets());
+            immediate(b, REG32_01, &port.to_be_bytes());
+            b.expr("nat", |b| {
+                b.u32(ex::NAT_TYPE, ex::NAT_DNAT);
+                b.u32(ex::NAT_FAMILY, u32::from(NFPROTO_IPV4));
+                b.u32(ex::NAT_REG_ADDR_MIN, REG32_00);
+                b.u32(ex::NAT_REG_PROTO_MIN, REG32_01);
+                b.u32(ex::NAT_FLAGS, ex::NAT_RANGE_MAP_IPS | ex::NAT_RANGE_PROTO_SPECIFIED);
+            });
+        }
+        Stmt::UpdateSaddr { set, timeout_seconds } => {
+            ipv4_only(b);
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, 12, 4);
+            b.expr("dynset", |b| {
+                b.str(ex::DYNSET_SET_NAME, set);
+                b.u32(ex::DYNSET_OP, ex::DYNSET_OP_UPDATE);
+                b.u32(ex::DYNSET_SREG_KEY, REG32_00);
+                b.attr(ex::DYNSET_TIMEOUT, &(u64::from(*timeout_seconds) * 1000).to_be_bytes());
+            });
+        }
+        Stmt::NumgenVmap { targets } => {
+            let id = anon.next().expect("an anonymous map per numgen statement");
+            b.expr("numgen", |b| {
+                b.u32(ex::NG_DREG, REG32_00);
+                b.u32(ex::NG_MODULUS, targets.len() as u32);
+                b.u32(ex::NG_TYPE, ex::NG_RANDOM);
+            });
+            lookup(b, ANON_MAP_NAME, Some(id), Some(REG_VERDICT));
+        }
+        Stmt::Reject(kind) => b.expr("reject", |b| match kind {
+            RejectKind::TcpReset => b.u32(ex::REJECT_TYPE, ex::REJECT_TCP_RST),
+            RejectKind::PortUnreachable => {
+                b.u32(ex::REJECT_TYPE, ex::REJECT_ICMPX_UNREACH);
+                b.attr(ex::REJECT_ICMP_CODE, &[ex::REJECT_ICMPX_PORT_UNREACH]);
+            }
+        }),
+        Stmt::Counter => b.expr("counter", |_| {}),
+        Stmt::Verdict(verdict) => {
+            b.expr("immediate", |b| {
+                b.u32(ex::IMMEDIATE_DREG, REG_VERDICT);
+                b.verdict(ex::IMMEDIATE_DATA, verdict);
+            });
+        }
+    }
+}
+
+/// Reads the attributes of one level: (type without flags, payload).
+pub fn attrs(mut bytes: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while bytes.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([bytes[0], bytes[1]]));
+        let kind = u16::from_ne_bytes([bytes[2], bytes[3]]) & 0x3fff;
+        if len < 4 || len > bytes.len() {
+            break;
+        }
+        out.push((kind, &bytes[4..len]));
+        let next = (len + 3) & !3;
+        bytes = &bytes[next.min(bytes.len())..];
+    }
+    out
+}
+
+fn attr<'a>(list: &[(u16, &'a [u8])], kind: u16) -> Option<&'a [u8]> {
+    list.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v)
+}
+
+fn string(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes.strip_suffix(&[0]).unwrap_or(bytes)).into_owned()
+}
+
+/// A netlink error the kernel answered with.
+#[derive(Debug)]
+pub struct KernelError {
+    pub errno: i32,
+    /// Sequence number of the message it answers (the batch's n-th message).
+    pub seq: u32,
+}
+
+/// One object of a dump, as much of it as the backend reads.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dumped {
+    pub table: String,
+    pub name: String,
+    /// Rules: the comment; elements: unused.
+    pub comment: Option<String>,
+    /// Set elements: (key bytes, verdict chain or code).
+    pub elements: Vec<(Vec<u8>, Option<DumpedVerdict>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpedVerdict {
+    pub code: i32,
+    pub chain: Option<String>,
+}
+
+impl DumpedVerdict {
+    pub fn to_verdict(&self) -> Option<Verdict> {
+        match (self.code, &self.chain) {
+            (0, _) => Some(Verdict::Drop),
+            (1, _) => Some(Verdict::Accept),
+            (-5, _) => Some(Verdict::Return),
+            (-3, Some(chain)) => Some(Verdict::Jump(chain.clone())),
+            (-4, Some(chain)) => Some(Verdict::Goto(chain.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// What to dump.
+#[derive(Clone, Copy, Debug)]
+pub enum DumpKind {
+    Chains,
+    Rules,
+    Sets,
+    Elements,
+}
+
+fn parse_dumped(kind: DumpKind, payload: &[u8]) -> Dumped {
+    let list = attrs(payload);
+    let text = |k| attr(&list, k).map(string).unwrap_or_default();
+    match kind {
+        DumpKind::Chains => Dumped {
+            table: text(NFTA_CHAIN_TABLE),
+            name: text(NFTA_CHAIN_NAME),
+            ..Dumped::default()
+        },
+        DumpKind::Rules => Dumped {
+            table: text(NFTA_RULE_TABLE),
+            name: text(NFTA_RULE_CHAIN),
+            comment: attr(&list, NFTA_RULE_USERDATA).and_then(parse_comment_udata),
+            ..Dumped::default()
+        },
+        DumpKind::Sets => {
+            Dumped { table: text(NFTA_SET_TABLE), name: text(NFTA_SET_NAME), ..Dumped::default() }
+        }
+        DumpKind::Elements => {
+            let mut elements = Vec::new();
+            for (_, element) in
+                attr(&list, NFTA_SET_ELEM_LIST_ELEMENTS).map(attrs).unwrap_or_default()
+            {
+                let element = attrs(element);
+                let key = attr(&element, NFTA_SET_ELEM_KEY)
+                    .and_then(|k| attr(&attrs(k), NFTA_DATA_VALUE))
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default();
+                let verdict = attr(&element, NFTA_SET_ELEM_DATA)
+                    .and_then(|d| attr(&attrs(d), NFTA_DATA_VERDICT))
+                    .map(|v| {
+                        let v = attrs(v);
+                        DumpedVerdict {
+                            code: attr(&v, NFTA_VERDICT_CODE)
+                                .and_then(|c| c.try_into().ok())
+                                .map(i32::from_be_bytes)
+                                .unwrap_or(i32::MIN),
+                            chain: attr(&v, NFTA_VERDICT_CHAIN).map(string),
+                        }
+                    });
+                elements.push((key, verdict));
+            }
+            Dumped {
+                table: text(NFTA_SET_ELEM_LIST_TABLE),
+                name: text(NFTA_SET_ELEM_LIST_SET),
+                elements,
+                ..Dumped::default()
+            }
+        }
+    }
+}
+
+/// A NETLINK_NETFILTER socket in the network namespace of the thread that opened it.
+pub struct Socket {
+    fd: OwnedFd,
+    buffer: Vec<u8>,
+}
+
+/// Send and receive buffer sizes: a batch of thousands of services is sent in one message.
+const SOCKET_BUFFER: i32 = 64 << 20;
+/// Dumps interrupted by a concurrent change (NLM_F_DUMP_INTR) are retried this many times.
+const DUMP_RETRIES: usize = 5;
+
+impl Socket {
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the descriptor is owned right away.
+        let fd = unsafe {
+            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER)
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        for (option, value) in
+            [(libc::SO_SNDBUFFORCE, SOCKET_BUFFER), (libc::SO_RCVBUFFORCE, SOCKET_BUFFER)]
+        {
+            // SAFETY: setsockopt with a valid int option value; failure is tolerated (without
+            // CAP_NET_ADMIN the default sizes stay and large batches are split smaller).
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&value as *const i32).cast(),
+                    size_of::<i32>() as u32,
+                );
+            }
+        }
+        let one: i32 = 1;
+        // SAFETY: as above; NETLINK_CAP_ACK keeps error messages short (no echoed request).
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_NETLINK,
+                libc::NETLINK_CAP_ACK,
+                (&one as *const i32).cast(),
+                size_of::<i32>() as u32,
+            );
+        }
+        let timeout = libc::timeval { tv_sec: 10, tv_usec: 0 };
+        // SAFETY: as above, with a timeval.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as u32,
+            );
+        }
+        Ok(Self { fd, buffer: vec![0; 1 << 20] })
+    }
+
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: sendto with a buffer we own and a valid sockaddr_nl for the kernel (pid 0).
+        let sent = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one datagram; `Ok(None)` when nothing is queued and `dont_wait`.
+    fn recv(&mut self, dont_wait: bool) -> io::Result<Option<usize>> {
+        let flags = if dont_wait { libc::MSG_DONTWAIT } else { 0 };
+        // SAFETY: recv into our own buffer of the given length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                self.buffer.as_mut_ptr().cast(),
+                self.buffer.len(),
+                flags,
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if dont_wait && err.kind() == io::ErrorKind::WouldBlock {
+                return Ok(None);
+            }
+            return Err(err);
+        }
+        Ok(Some(n as usize))
+    }
+
+    /// Sends one batch and returns the kernel's error answers (empty: committed). nfnetlink
+    /// commits all of a batch or none of it; it reports every failing message, then the
+    /// acknowledgement of the last one (the only one that asks), which ends the answers.
+    pub fn send_batch(&mut self, batch: &[u8]) -> io::Result<Vec<KernelError>> {
+        self.send(batch)?;
+        let Some(last_seq) = messages(batch)
+            .iter()
+            .filter(|(h, _)| h.flags & NLM_F_ACK != 0)
+            .map(|(h, _)| h.seq)
+            .last()
+        else {
+            return Ok(Vec::new());
+        };
+        let mut errors = Vec::new();
+        loop {
+            let Some(n) = self.recv(false)? else { return Ok(errors) };
+            for (header, payload) in messages(&self.buffer[..n]) {
+                if header.kind == NLMSG_ERROR && payload.len() >= 4 {
+                    let errno = i32::from_ne_bytes(payload[..4].try_into().expect("4 bytes"));
+                    if errno != 0 {
+                        errors.push(KernelError { errno: -errno, seq: header.seq });
+                    }
+                    if header.seq == last_seq {
+                        return Ok(errors);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dumps the objects of `kind` of table `table` (for elements: of set `set`).
+    pub fn dump(
+        &mut self,
+        kind: DumpKind,
+        table: &str,
+        set: Option<&str>,
+    ) -> io::Result<Vec<Dumped>> {
+        let msg = match kind {
+            DumpKind::Chains => NFT_MSG_GETCHAIN,
+            DumpKind::Rules => NFT_MSG_GETRULE,
+            DumpKind::Sets => NFT_MSG_GETSET,
+            DumpKind::Elements => NFT_MSG_GETSETELEM,
+        };
+        for _ in 0..DUMP_RETRIES {
+            let mut buf = Buf::default();
+            buf.nft_msg(msg, NLM_F_DUMP, |b| match kind {
+                DumpKind::Chains => b.str(NFTA_CHAIN_TABLE, table),
+                DumpKind::Rules => b.str(NFTA_RULE_TABLE, table),
+                DumpKind::Sets => b.str(NFTA_SET_TABLE, table),
+                DumpKind::Elements => {
+                    b.str(NFTA_SET_ELEM_LIST_TABLE, table);
+                    b.str(NFTA_SET_ELEM_LIST_SET, set.unwrap_or_default());
+                }
+            });
+            self.send(&buf.bytes)?;
+            let mut out = Vec::new();
+            let mut interrupted = false;
+            'recv: loop {
+                let Some(n) = self.recv(false)? else { break };
+                for (header, payload) in messages(&self.buffer[..n]) {
+                    interrupted |= header.flags & NLM_F_DUMP_INTR != 0;
+                    match header.kind {
+                        NLMSG_DONE => break 'recv,
+                        NLMSG_ERROR => {
+                            let errno = payload
+                                .get(..4)
+                                .map(|e| i32::from_ne_bytes(e.try_into().expect("4 bytes")))
+                                .unwrap_or(0);
+                            if errno == 0 {
+                                continue;
+                            }
+                            if -errno == libc::ENOENT {
+                                return Ok(Vec::new());
+                            }
+                            return Err(io::Error::from_raw_os_error(-errno));
+                        }
+                        _ => {
+                            // Skip the nfgenmsg header.
+                            let dumped = parse_dumped(kind, payload.get(4..).unwrap_or_default());
+                            if dumped.table == table || dumped.table.is_empty() {
+                                out.push(dumped);
+                            }
+                        }
+                    }
+                }
+            }
+            if !interrupted {
+                return Ok(out);
+            }
+        }
+        Err(io::Error::other("nftables dump kept being interrupted by concurrent changes"))
+    }
+}
+
+struct Header {
+    kind: u16,
+    flags: u16,
+    seq: u32,
+}
+
+fn messages(mut bytes: &[u8]) -> Vec<(Header, &[u8])> {
+    let mut out = Vec::new();
+    while bytes.len() >= 16 {
+        let len = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
+        if len < 16 || len > bytes.len() {
+            break;
+        }
+        let header = Header {
+            kind: u16::from_ne_bytes([bytes[4], bytes[5]]),
+            flags: u16::from_ne_bytes([bytes[6], bytes[7]]),
+            seq: u32::from_ne_bytes(bytes[8..12].try_into().expect("4 bytes")),
+        };
+        out.push((header, &bytes[16..len]));
+        bytes = &bytes[((len + 3) & !3).min(bytes.len())..];
+    }
+    out
+}
+
+/// How many messages of a batch asked for an acknowledgement.
+#[cfg(test)]
+fn count_acked(batch: &[u8]) -> usize {
+    messages(batch).iter().filter(|(h, _)| h.flags & NLM_F_ACK != 0).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_keys_pad_each_field_to_a_register_and_parse_back() {
+        let key =
+            ElementKey::Service { address: Ipv4Addr::new(10, 96, 0, 10), protocol: 6, port: 8080 };
+        let bytes = key_bytes(&key);
+        assert_eq!(bytes, [10, 96, 0, 10, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+        assert_eq!(parse_service_key(&bytes), Some(key));
+        assert_eq!(parse_service_key(&bytes[..8]), None);
+    }
+
+    #[test]
+    fn a_batch_is_framed_and_every_message_asks_for_an_ack() {
+        let mut encoder = Encoder::new("weir");
+        encoder.op(&Op::AddTable);
+        encoder.op(&Op::AddChain { name: "services".into(), base: None });
+        let (batch, _) = encoder.finish();
+        let msgs = messages(&batch);
+        assert_eq!(msgs.len(), 4);
+        assert_eq!(msgs[0].0.kind, NFNL_MSG_BATCH_BEGIN);
+        assert_eq!(msgs[3].0.kind, NFNL_MSG_BATCH_END);
+        assert_eq!(msgs[1].0.kind, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE);
+        assert_eq!(count_acked(&batch), 1, "only the last message asks for an ack");
+        assert_ne!(msgs[2].0.flags & NLM_F_ACK, 0);
+        let chain = attrs(&msgs[2].1[4..]);
+        assert_eq!(attr(&chain, NFTA_CHAIN_NAME).map(string), Some("services".into()));
+        assert!(encoder.is_empty());
+    }
+
+    #[test]
+    fn a_numgen_rule_brings_its_anonymous_map_in_the_same_batch() {
+        let mut encoder = Encoder::new("weir");
+        encoder.op(&Op::AddRule {
+            chain: "service-x".into(),
+            stmts: vec![Stmt::NumgenVmap { targets: vec!["a".into(), "b".into()] }],
+            comment: Some("hello".into()),
+        });
+        let (batch, _) = encoder.finish();
+        let kinds: Vec<u16> = messages(&batch).iter().map(|(h, _)| h.kind & 0xff).collect();
+        assert_eq!(kinds, [0x10, NFT_MSG_NEWSET, NFT_MSG_NEWSETELEM, NFT_MSG_NEWRULE, 0x11]);
+        let elements = parse_dumped(DumpKind::Elements, &messages(&batch)[2].1[4..]);
+        assert_eq!(elements.elements.len(), 2);
+        assert_eq!(
+            elements.elements[1].1.as_ref().and_then(DumpedVerdict::to_verdict),
+            Some(Verdict::Goto("b".into()))
+        );
+        let rule = parse_dumped(DumpKind::Rules, &messages(&batch)[3].1[4..]);
+        assert_eq!(rule.comment.as_deref(), Some("hello"));
+        assert_eq!(rule.name, "service-x");
+    }
+}
