@@ -169,7 +169,7 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
     let content_type = header_value(&req, header::CONTENT_TYPE);
     if content_type.split(';').next().unwrap_or("").trim() == "application/vnd.kubernetes.protobuf"
     {
-        // kubectl's typed commands (create namespace/configmap) send protobuf.
+        // kubectl's typed commands (`kubectl create deployment|service|…`) send protobuf.
         let body = read_body(req).await?;
         return resources::protobuf::to_json(&body).map_err(|err| match err {
             resources::protobuf::ProtobufError::Unsupported(_) => {
