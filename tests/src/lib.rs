@@ -13,6 +13,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod cni;
 pub mod echo;
+pub mod kubelet;
 pub mod names;
 pub mod netns;
 pub mod packet;
