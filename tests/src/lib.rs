@@ -16,6 +16,7 @@ pub mod dns;
 pub mod dataplane;
 pub mod echo;
 pub mod lab;
+pub mod kubelet;
 pub mod names;
 pub mod netns;
 pub mod overlay;

@@ -103,13 +103,32 @@ pub(crate) async fn resource_request<S: Store>(
         }
         ([name], &Method::DELETE) => {
             let body = read_body(req).await?;
-            let options: Value = if body.is_empty() { json!({}) } else { parse_json(&body)? };
+            let mut options: Value = if body.is_empty() { json!({}) } else { parse_json(&body)? };
+            // DeleteOptions may also come as query parameters (kubectl sends a body).
+            if options.get("gracePeriodSeconds").is_none()
+                && let Some(grace) = query.get("gracePeriodSeconds")
+            {
+                let grace: i64 = grace.parse().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "gracePeriodSeconds={grace:?} is not a whole number of seconds"
+                    ))
+                })?;
+                options["gracePeriodSeconds"] = json!(grace);
+            }
             let (code, obj) = delete(&state, resource, ns, name, &options, query.dry_run()).await?;
             Ok(json_response(code, &obj))
         }
         ([name, sub], &Method::POST) if sub == "binding" && resource.kind == "Pod" => {
             let body = read_json(req).await?;
             bind(&state, resource, ns, name, body, query.dry_run()).await
+        }
+        ([name, sub], &Method::GET | &Method::POST)
+            if resource.kind == "Pod"
+                && super::proxy::SUBRESOURCES.contains(&sub.as_str())
+                && (sub != "log" || method == Method::GET) =>
+        {
+            let ns = ns.ok_or_else(ApiError::no_route)?;
+            super::proxy::pod_subresource(&state, resource, ns, name, sub, req).await
         }
         ([_, _], _) => Err(ApiError::no_route()),
         _ => Err(ApiError::method_not_allowed(method.as_str())),
@@ -169,7 +188,7 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
     let content_type = header_value(&req, header::CONTENT_TYPE);
     if content_type.split(';').next().unwrap_or("").trim() == "application/vnd.kubernetes.protobuf"
     {
-        // kubectl's typed commands (create namespace/configmap) send protobuf.
+        // kubectl's typed commands (`kubectl create deployment|service|…`) send protobuf.
         let body = read_body(req).await?;
         return resources::protobuf::to_json(&body).map_err(|err| match err {
             resources::protobuf::ProtobufError::Unsupported(_) => {
@@ -202,7 +221,7 @@ pub(crate) fn encode(obj: &Value) -> Bytes {
     Bytes::from(serde_json::to_vec(&obj).expect("JSON values serialize"))
 }
 
-async fn get<S: Store>(
+pub(crate) async fn get<S: Store>(
     state: &ApiState<S>,
     resource: &Resource,
     ns: Option<&str>,
@@ -768,6 +787,11 @@ pub(crate) async fn delete<S: Store>(
     if dry_run {
         return Ok((200, obj));
     }
+    if resource.kind == "Pod"
+        && let Some(grace) = pod_grace_period(state, &obj, options).await?
+    {
+        return mark_terminating(state, resource, &current, obj, grace).await;
+    }
     let finalizers = obj
         .pointer("/metadata/finalizers")
         .and_then(Value::as_array)
@@ -814,6 +838,66 @@ pub(crate) async fn delete<S: Store>(
         cascade(state, resource, ns, &deleted, 0).await;
     }
     Ok((200, deleted))
+}
+
+/// Graceful Pod deletion: sets `deletionTimestamp` (now + grace) and
+/// `deletionGracePeriodSeconds` and keeps the Pod; the node runtime stops its containers and
+/// deletes it again with a grace period of 0. A later request may only shorten the period.
+async fn mark_terminating<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    current: &KeyValue,
+    obj: Value,
+    grace: i64,
+) -> Result<(u16, Value), ApiError> {
+    let old_grace = obj.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64);
+    if old_grace.is_some_and(|old| old <= grace) {
+        return Ok((200, obj));
+    }
+    let mut marked = strip_rv(&obj);
+    let m = meta::metadata_mut(&mut marked);
+    m.insert("deletionTimestamp".into(), json!(meta::rfc3339(meta::now_secs() + grace)));
+    m.insert("deletionGracePeriodSeconds".into(), json!(grace));
+    match state.store.update(&current.key, encode(&marked), Some(current.mod_revision)).await {
+        Ok(kv) => Ok((200, decode(&kv)?)),
+        Err(StoreError::Conflict { .. }) => {
+            Err(ApiError::conflict(resource, meta::meta_str(&obj, "name").unwrap_or("")))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// The grace period a Pod's deletion gets, or None when it is removed at once: Pods not bound
+/// to a Node (or bound to one that does not exist, as Kubernetes' pod GC would remove them),
+/// finished Pods, and a grace period of 0 (`--grace-period=0 --force`, or the node runtime
+/// once the containers are stopped). Otherwise the request's `gracePeriodSeconds`, else
+/// `spec.terminationGracePeriodSeconds`, else 30.
+async fn pod_grace_period<S: Store>(
+    state: &ApiState<S>,
+    pod: &Value,
+    options: &Value,
+) -> Result<Option<i64>, ApiError> {
+    let grace = match options.get("gracePeriodSeconds") {
+        None | Some(Value::Null) => {
+            pod.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30)
+        }
+        Some(v) => v.as_i64().ok_or_else(|| {
+            ApiError::bad_request(format!("gracePeriodSeconds {v} is not a whole number"))
+        })?,
+    };
+    let node = pod.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+    let finished = matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
+    if grace <= 0 || node.is_empty() || finished {
+        return Ok(None);
+    }
+    let nodes = resources::find("", "v1", "nodes").expect("nodes are served");
+    if state.store.get(&nodes.key(None, node)).await?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(grace))
 }
 
 /// Finishes the deletion of Terminating namespaces: deletes their contents, then them. Run
@@ -875,8 +959,17 @@ async fn cascade<S: Store>(
                 obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(
                     |refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid)),
                 );
-            if owned
-                && let Ok(deleted) = state.store.delete(&kv.key, Some(kv.mod_revision)).await
+            if !owned {
+                continue;
+            }
+            // Pods on a node terminate gracefully, as Kubernetes' garbage collector deletes.
+            if resource.kind == "Pod"
+                && let Ok(Some(grace)) = pod_grace_period(state, &obj, &json!({})).await
+            {
+                let _ = mark_terminating(state, resource, &kv, obj, grace).await;
+                continue;
+            }
+            if let Ok(deleted) = state.store.delete(&kv.key, Some(kv.mod_revision)).await
                 && let Ok(deleted) = decode(&deleted)
             {
                 Box::pin(cascade(state, resource, Some(ns), &deleted, depth + 1)).await;

@@ -23,6 +23,7 @@ use crate::{
 mod discovery;
 pub(crate) mod handlers;
 pub mod http;
+mod proxy;
 mod services;
 pub mod status;
 mod table;
@@ -284,14 +285,14 @@ async fn accept_loop<S: Store>(
                     let builder = hyper::server::conn::http1::Builder::new();
                     let result = match tls {
                         Some(acceptor) => match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                            Ok(Ok(tls_stream)) => builder.serve_connection(TokioIo::new(tls_stream), service).await,
+                            Ok(Ok(tls_stream)) => builder.serve_connection(TokioIo::new(tls_stream), service).with_upgrades().await,
                             Ok(Err(err)) => {
                                 log::debug!("TLS handshake failed: {err}");
                                 return;
                             }
                             Err(_) => return,
                         },
-                        None => builder.serve_connection(TokioIo::new(stream), service).await,
+                        None => builder.serve_connection(TokioIo::new(stream), service).with_upgrades().await,
                     };
                     if let Err(err) = result {
                         log::debug!("connection ended: {err}");
@@ -325,7 +326,11 @@ async fn route<S: Store>(
     let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let entry = state.tokens.authenticate(authorization).ok_or_else(ApiError::unauthorized)?;
     let role = entry.role;
-    let read_only = req.method() == hyper::Method::GET || req.method() == hyper::Method::HEAD;
+    // exec and attach run commands in a Pod: writes, whatever the method (kubectl's
+    // WebSocket client uses GET), as Kubernetes authorizes them as `create pods/exec`.
+    let runs_commands = matches!(segments.last(), Some(&("exec" | "attach")));
+    let read_only = (req.method() == hyper::Method::GET || req.method() == hyper::Method::HEAD)
+        && !runs_commands;
     if role == Role::Node && !read_only {
         let node = entry.user.strip_prefix("system:node:").unwrap_or("");
         if !auth::node_may_write(node, req.method().as_str(), &segments) {
@@ -371,8 +376,10 @@ async fn route<S: Store>(
     };
     let (group, version) = (group.to_string(), version.to_string());
     let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+    // Watches and the streams proxied to nodes are long-running: not counted as in flight.
     let _permit = if Query::parse(req.uri().query()).flag("watch")
         || rest.first().map(String::as_str) == Some("watch")
+        || matches!(rest.last().map(String::as_str), Some("log" | "exec" | "attach"))
     {
         None
     } else {

@@ -146,6 +146,8 @@ pub fn node_may_write(node: &str, method: &str, segments: &[&str]) -> bool {
             ["api", "v1", "nodes", name] | ["api", "v1", "nodes", name, "status"],
         ) => *name == node,
         ("PUT" | "PATCH", ["api", "v1", "namespaces", _, "pods", _, "status"]) => true,
+        // Finishing a graceful deletion once the containers are stopped.
+        ("DELETE", ["api", "v1", "namespaces", _, "pods", _]) => true,
         ("POST" | "PATCH", ["api", "v1", "namespaces", _, "events", ..]) => true,
         _ => false,
     }
@@ -271,7 +273,8 @@ mod tests {
         assert!(!may("PATCH", "/api/v1/nodes/b/status"));
         assert!(may("PATCH", "/api/v1/namespaces/x/pods/p/status"));
         assert!(!may("PATCH", "/api/v1/namespaces/x/pods/p"));
-        assert!(!may("DELETE", "/api/v1/namespaces/x/pods/p"));
+        assert!(may("DELETE", "/api/v1/namespaces/x/pods/p"));
+        assert!(!may("DELETE", "/api/v1/namespaces/x/services/s"));
         assert!(may("POST", "/api/v1/namespaces/x/events"));
         assert!(!may("POST", "/api/v1/namespaces/x/configmaps"));
         assert!(may("POST", "/api/v1/nodes"));

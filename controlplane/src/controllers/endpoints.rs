@@ -88,11 +88,10 @@ pub fn desired(service: &Value, pods: &[Value]) -> Option<(BTreeMap<String, Valu
             ps.iter()
                 .filter_map(|p| {
                     let port = resolve_port(p, &backing)?;
-                    let mut out = json!({"port": port, "protocol": p.get("protocol").cloned().unwrap_or(json!("TCP"))});
-                    if let Some(n) = p.get("name").filter(|n| n.as_str().is_some_and(|s| !s.is_empty())) {
-                        out["name"] = n.clone();
-                    }
-                    Some(out)
+                    // Always named ("" for an unnamed port) as the real controller does;
+                    // `kubectl describe service` dereferences the name.
+                    let port_name = p.get("name").and_then(Value::as_str).unwrap_or("");
+                    Some(json!({"name": port_name, "port": port, "protocol": p.get("protocol").cloned().unwrap_or(json!("TCP"))}))
                 })
                 .collect()
         })

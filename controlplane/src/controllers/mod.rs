@@ -249,12 +249,35 @@ async fn workloads_pass<S: Store>(state: &ApiState<S>) -> Result<(), String> {
                 Err(err) => return Err(err.message),
             }
         }
-        for (name, replicas) in plan.scale {
+        let mut changed: Vec<String> = plan.scale.iter().map(|(n, _)| n.clone()).collect();
+        changed.extend(plan.annotate.iter().map(|(n, _)| n.clone()));
+        changed.sort();
+        changed.dedup();
+        for name in changed {
             let key = apps("replicasets").key(Some(&ns), &name);
-            if let Some((rs_kv, rs)) = replicasets.iter().find(|(k, _)| k.key == key) {
-                let mut new = rs.clone();
+            let Some((rs_kv, rs)) = replicasets.iter().find(|(k, _)| k.key == key) else {
+                continue;
+            };
+            let mut new = rs.clone();
+            if let Some((_, replicas)) = plan.scale.iter().find(|(n, _)| *n == name) {
                 new["spec"]["replicas"] = json!(replicas);
-                write(state, rs_kv, rs, new).await?;
+            }
+            if let Some((_, set)) = plan.annotate.iter().find(|(n, _)| *n == name) {
+                let annotations =
+                    meta::metadata_mut(&mut new).entry("annotations").or_insert(json!({}));
+                for (k, v) in set.as_object().into_iter().flatten() {
+                    annotations[k] = v.clone();
+                }
+            }
+            write(state, rs_kv, rs, new).await?;
+        }
+        for name in plan.delete {
+            match handlers::delete(state, apps("replicasets"), Some(&ns), &name, &json!({}), false)
+                .await
+            {
+                Ok(_) => {}
+                Err(err) if err.code == 404 || err.code == 409 => {}
+                Err(err) => return Err(err.message),
             }
         }
         let mut new = deploy.clone();

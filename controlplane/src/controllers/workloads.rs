@@ -7,13 +7,28 @@
 //! the hash of the current template is the new one (created when missing, with the next
 //! `deployment.kubernetes.io/revision`) and gets all `spec.replicas`; older ones are scaled to
 //! zero at once. This is a rollout without surge pacing: correct end state, no
-//! maxSurge/maxUnavailable steps.
+//! maxSurge/maxUnavailable steps. As in Kubernetes, a template that matches an older
+//! ReplicaSet (`kubectl rollout undo`) reuses it and gives it the next revision (the old
+//! number goes to `deployment.kubernetes.io/revision-history`), the Deployment's annotations
+//! (e.g. `kubernetes.io/change-cause`) are copied to the ReplicaSet it creates, and old
+//! ReplicaSets scaled to zero beyond `spec.revisionHistoryLimit` (default 10) are deleted,
+//! oldest revision first.
 use serde_json::{Value, json};
 
 use crate::resources::meta;
 
 pub const TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
 pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+pub const REVISION_HISTORY_ANNOTATION: &str = "deployment.kubernetes.io/revision-history";
+/// Deployment annotations that stay on the Deployment (as Kubernetes' skip list).
+const NOT_COPIED: &[&str] = &[
+    "kubectl.kubernetes.io/last-applied-configuration",
+    REVISION_ANNOTATION,
+    REVISION_HISTORY_ANNOTATION,
+    "deployment.kubernetes.io/desired-replicas",
+    "deployment.kubernetes.io/max-replicas",
+    "deprecated.deployment.rollback.to",
+];
 
 /// A short stable hash of a Pod template (Kubernetes' pod-template-hash role).
 pub fn template_hash(template: &Value) -> String {
@@ -136,6 +151,10 @@ pub struct DeploymentPlan {
     pub create: Option<Value>,
     /// (ReplicaSet name, replicas) for existing owned ReplicaSets whose size must change.
     pub scale: Vec<(String, i64)>,
+    /// (ReplicaSet name, annotations to set) for an old ReplicaSet that becomes current again.
+    pub annotate: Vec<(String, Value)>,
+    /// Old ReplicaSets past the revision history limit.
+    pub delete: Vec<String>,
     /// The revision annotation the Deployment should carry.
     pub revision: String,
     pub status: Value,
@@ -147,6 +166,17 @@ fn revision_of(rs: &Value) -> i64 {
         .and_then(Value::as_str)
         .and_then(|r| r.parse().ok())
         .unwrap_or(0)
+}
+
+/// The Deployment's annotations that its ReplicaSets carry too.
+fn copied_annotations(deploy: &Value) -> Value {
+    let mut out = json!({});
+    if let Some(map) = deploy.pointer("/metadata/annotations").and_then(Value::as_object) {
+        for (k, v) in map.iter().filter(|(k, _)| !NOT_COPIED.contains(&k.as_str())) {
+            out[k] = v.clone();
+        }
+    }
+    out
 }
 
 pub fn plan_deployment(deploy: &Value, replicasets: &[Value]) -> DeploymentPlan {
@@ -181,19 +211,43 @@ pub fn plan_deployment(deploy: &Value, replicasets: &[Value]) -> DeploymentPlan 
             }
             selector["matchLabels"][TEMPLATE_HASH_LABEL] = json!(hash);
             plan.revision = (max_revision + 1).to_string();
+            let mut annotations = copied_annotations(deploy);
+            annotations[REVISION_ANNOTATION] = json!(plan.revision);
             plan.create = Some(json!({
                 "apiVersion": "apps/v1", "kind": "ReplicaSet",
                 "metadata": {
                     "name": format!("{name}-{hash}"),
                     "labels": template.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
-                    "annotations": {REVISION_ANNOTATION: plan.revision.clone()},
+                    "annotations": annotations,
                     "ownerReferences": owner_ref("Deployment", deploy),
                 },
                 "spec": {"replicas": want, "selector": selector, "template": template},
             }));
         }
         Some(rs) => {
-            plan.revision = revision_of(rs).to_string();
+            let revision = revision_of(rs);
+            if revision < max_revision {
+                // Rolled back to this template: it becomes the newest revision.
+                let old = rs
+                    .pointer(&format!(
+                        "/metadata/annotations/{}",
+                        REVISION_HISTORY_ANNOTATION.replace('/', "~1")
+                    ))
+                    .and_then(Value::as_str)
+                    .filter(|h| !h.is_empty());
+                let history = match old {
+                    Some(h) => format!("{h},{revision}"),
+                    None => revision.to_string(),
+                };
+                let mut annotations = copied_annotations(deploy);
+                annotations[REVISION_ANNOTATION] = json!((max_revision + 1).to_string());
+                annotations[REVISION_HISTORY_ANNOTATION] = json!(history);
+                plan.annotate
+                    .push((meta::meta_str(rs, "name").unwrap_or("").to_string(), annotations));
+                plan.revision = (max_revision + 1).to_string();
+            } else {
+                plan.revision = revision.to_string();
+            }
             if replicas(rs) != want {
                 plan.scale.push((meta::meta_str(rs, "name").unwrap_or("").to_string(), want));
             }
@@ -205,6 +259,22 @@ pub fn plan_deployment(deploy: &Value, replicasets: &[Value]) -> DeploymentPlan 
             plan.scale.push((meta::meta_str(rs, "name").unwrap_or("").to_string(), 0));
         }
     }
+    // Revision history: old ReplicaSets that are fully scaled down, newest kept.
+    let limit = deploy.pointer("/spec/revisionHistoryLimit").and_then(Value::as_i64).unwrap_or(10);
+    let mut retired: Vec<&&Value> = owned
+        .iter()
+        .filter(|r| {
+            !current.is_some_and(|c| std::ptr::eq(*c, **r))
+                && replicas(r) == 0
+                && r.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0) == 0
+        })
+        .collect();
+    retired.sort_by_key(|r| std::cmp::Reverse(revision_of(r)));
+    plan.delete = retired
+        .iter()
+        .skip(limit.max(0) as usize)
+        .filter_map(|r| meta::meta_str(r, "name").map(String::from))
+        .collect();
     let sum = |field: &str, only_current: bool| -> i64 {
         owned
             .iter()
@@ -265,6 +335,23 @@ pub fn plan_deployment(deploy: &Value, replicasets: &[Value]) -> DeploymentPlan 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn old_replicasets_beyond_the_history_limit_are_deleted_oldest_first() {
+        let mut d = deploy("nginx:9", 1);
+        d["spec"]["revisionHistoryLimit"] = json!(2);
+        let old: Vec<Value> = (1..=4)
+            .map(|rev| {
+                json!({"metadata": {"name": format!("web-{rev}"), "namespace": "ns",
+                    "annotations": {REVISION_ANNOTATION: rev.to_string()},
+                    "ownerReferences": [{"uid": "d-uid", "controller": true}]},
+                    "spec": {"replicas": 0}, "status": {"replicas": 0}})
+            })
+            .collect();
+        let plan = plan_deployment(&d, &old);
+        assert_eq!(plan.revision, "5");
+        assert_eq!(plan.delete, ["web-2", "web-1"]);
+    }
 
     fn rs(replicas: i64) -> Value {
         json!({"metadata": {"name": "web-abc", "namespace": "ns", "uid": "rs-uid", "generation": 2},
@@ -335,6 +422,25 @@ mod tests {
         assert_eq!(plan.revision, "2");
         assert_eq!(plan.scale, vec![(format!("web-{hash}"), 0)]);
         assert_eq!(plan.status["updatedReplicas"], 0);
+        // Back to the old template (rollout undo): the old ReplicaSet is reused and becomes
+        // revision 3, the second goes to zero.
+        let mut second = plan.create.clone().unwrap();
+        second["metadata"]["namespace"] = json!("ns");
+        second["metadata"]["uid"] = json!("rs2");
+        let mut undo = d.clone();
+        undo["metadata"]["annotations"] = json!({"kubernetes.io/change-cause": "undo"});
+        let plan = plan_deployment(&undo, &[old.clone(), second.clone()]);
+        assert!(plan.create.is_none());
+        assert_eq!(plan.revision, "3");
+        assert_eq!(
+            plan.annotate,
+            vec![(
+                format!("web-{hash}"),
+                json!({REVISION_ANNOTATION: "3", REVISION_HISTORY_ANNOTATION: "1",
+                       "kubernetes.io/change-cause": "undo"})
+            )]
+        );
+        assert_eq!(plan.scale, vec![(second["metadata"]["name"].as_str().unwrap().into(), 0)]);
         // Back to the old template with the new one done: complete.
         let plan = plan_deployment(&d, &[old.clone()]);
         assert!(plan.create.is_none() && plan.scale.is_empty());

@@ -2,13 +2,17 @@
 //! `metadata` of an object held as JSON.
 use serde_json::{Map, Value};
 
-/// Now as RFC 3339 in UTC with second precision, as Kubernetes writes timestamps.
-pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
+/// Seconds since the epoch.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    rfc3339(secs)
+        .unwrap_or(0)
+}
+
+/// Now as RFC 3339 in UTC with second precision, as Kubernetes writes timestamps.
+pub fn now_rfc3339() -> String {
+    rfc3339(now_secs())
 }
 
 /// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.

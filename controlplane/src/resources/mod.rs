@@ -4,6 +4,7 @@
 pub mod meta;
 pub mod patch;
 pub mod protobuf;
+mod protobuf_schema;
 pub mod selector;
 pub mod validate;
 

@@ -194,11 +194,17 @@ pub fn default(kind: &str, obj: &mut Value) {
             set(obj, &["spec", "revisionHistoryLimit"], json!(10));
             if kind == "Deployment" {
                 set(obj, &["spec", "progressDeadlineSeconds"], json!(600));
-                set(
-                    obj,
-                    &["spec", "strategy"],
-                    json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}),
-                );
+                // As Kubernetes: an empty `strategy: {}` (what `kubectl create deployment`
+                // sends) is RollingUpdate, and RollingUpdate gets 25%/25%.
+                set(obj, &["spec", "strategy", "type"], json!("RollingUpdate"));
+                if obj.pointer("/spec/strategy/type") == Some(&json!("RollingUpdate")) {
+                    set(obj, &["spec", "strategy", "rollingUpdate", "maxSurge"], json!("25%"));
+                    set(
+                        obj,
+                        &["spec", "strategy", "rollingUpdate", "maxUnavailable"],
+                        json!("25%"),
+                    );
+                }
             }
             default_containers(obj.pointer_mut("/spec/template/spec/containers"));
         }
