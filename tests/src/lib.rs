@@ -16,6 +16,8 @@ pub mod echo;
 pub mod names;
 pub mod netns;
 pub mod packet;
+pub mod policy_cases;
+pub mod policy_oracle;
 pub mod privileged;
 pub mod probe;
 pub mod process;
