@@ -21,6 +21,8 @@ pub mod names;
 pub mod netns;
 pub mod overlay;
 pub mod packet;
+pub mod policy_cases;
+pub mod policy_oracle;
 pub mod privileged;
 pub mod probe;
 pub mod process;

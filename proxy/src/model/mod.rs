@@ -28,34 +28,8 @@ use std::{
 
 pub use services::build;
 
-/// Transport protocol of a frontend or backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    /// Parses a Kubernetes protocol name; a missing one means TCP.
-    pub fn from_k8s(name: Option<&str>) -> Option<Self> {
-        match name.unwrap_or("TCP") {
-            "TCP" => Some(Self::Tcp),
-            "UDP" => Some(Self::Udp),
-            "SCTP" => Some(Self::Sctp),
-            _ => None,
-        }
-    }
-
-    /// The IP protocol number.
-    pub fn number(self) -> u8 {
-        match self {
-            Self::Tcp => weir_common::proto::TCP,
-            Self::Udp => weir_common::proto::UDP,
-            Self::Sctp => weir_common::proto::SCTP,
-        }
-    }
-}
+/// Transport protocol of a frontend or backend (one type with the policy model's).
+pub use weir_policy::Protocol;
 
 /// What a frontend is, which decides the traffic policy that applies to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,0 +1,345 @@
+//! The compiler: cluster state -> per pod, whether each direction is isolated and which
+//! (peer, protocol, ports) are allowed, every entry remembering the policy, rule, peer and
+//! port it came from.
+//!
+//! Semantics (networking.k8s.io/v1):
+//! - a policy selects the pods of its namespace that match its podSelector; it isolates them
+//!   for each direction in its policyTypes (default: Ingress, plus Egress when it has egress
+//!   rules); a pod no policy isolates in a direction allows everything in that direction;
+//! - an isolated direction allows the union of the rules of every policy isolating it; a rule
+//!   allows traffic that matches one of its peers and one of its ports (a missing or empty
+//!   list matches everything: all peers, or all protocols and ports);
+//! - a pod peer is podSelector (own namespace), namespaceSelector (all pods there) or both
+//!   (matching pods in matching namespaces); it matches pods only. An ipBlock matches
+//!   addresses in its cidr outside every except, pod addresses included;
+//! - a named port is resolved against the destination pod's container ports with the same name
+//!   and protocol; a pod without it is not allowed by that port;
+//! - not in the entries, enforced by the datapath: replies of allowed connections pass, and
+//!   the pod's own node may always connect to it.
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use crate::{
+    identity::{FIRST_POD_IDENTITY, IdAllocator, IdentityKey},
+    input::{
+        Cluster, Direction, IpBlock, NamespaceScope, PeerSpec, PodInfo, PodRef, Policy, PolicyRef,
+        PortSpec, Problem, Protocol,
+    },
+};
+
+/// Which traffic partner an entry allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMatch {
+    /// Every source or destination (the rule has no peers).
+    Any,
+    /// Pods of this identity.
+    Identity(u32),
+    /// Addresses in this block (pods or not).
+    Block(IpBlock),
+}
+
+/// Where an entry came from: policy, direction, rule index, and the index of the peer and
+/// port in that rule (`None` when the rule has no peers or no ports).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    pub policy: PolicyRef,
+    pub direction: Direction,
+    pub rule: usize,
+    pub peer: Option<usize>,
+    pub port: Option<usize>,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NetworkPolicy {} {} rule {}", self.policy, self.direction, self.rule)?;
+        match self.peer {
+            Some(peer) => write!(f, ", peer {peer}")?,
+            None => write!(f, ", any peer")?,
+        }
+        match self.port {
+            Some(port) => write!(f, ", port {port}"),
+            None => write!(f, ", any port"),
+        }
+    }
+}
+
+/// One allowed (peer, protocol, ports) of a direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allow {
+    pub peer: PeerMatch,
+    /// `None`: every protocol (the rule has no ports).
+    pub protocol: Option<Protocol>,
+    /// Inclusive port range; `None`: every port of the protocol.
+    pub ports: Option<(u16, u16)>,
+    pub origin: Origin,
+}
+
+impl Allow {
+    /// Whether this entry allows a partner with this identity and address on this port.
+    pub fn matches(&self, identity: u32, ip: IpAddr, protocol: Protocol, port: u16) -> bool {
+        let peer = match &self.peer {
+            PeerMatch::Any => true,
+            PeerMatch::Identity(id) => *id == identity,
+            PeerMatch::Block(block) => block.contains(ip),
+        };
+        peer && self.protocol.is_none_or(|p| p == protocol)
+            && self.ports.is_none_or(|(lo, hi)| (lo..=hi).contains(&port))
+    }
+}
+
+/// One direction of one pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirectionPolicy {
+    /// The policies that isolate this direction (empty: everything is allowed).
+    pub isolated_by: Vec<PolicyRef>,
+    pub allow: Vec<Allow>,
+}
+
+impl DirectionPolicy {
+    pub fn is_isolated(&self) -> bool {
+        !self.isolated_by.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub identity: u32,
+    pub ingress: DirectionPolicy,
+    pub egress: DirectionPolicy,
+}
+
+impl EndpointPolicy {
+    pub fn direction(&self, direction: Direction) -> &DirectionPolicy {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+}
+
+/// What the compiler knows of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    /// `None` for host-network pods (they are the node).
+    pub identity: Option<u32>,
+    pub ips: Vec<IpAddr>,
+    pub node: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Compiled {
+    pub identities: BTreeMap<u32, IdentityKey>,
+    pub pods: BTreeMap<PodRef, PodEntry>,
+    /// Addresses of pods (not host-network) -> pod.
+    pub pod_ips: BTreeMap<IpAddr, PodRef>,
+    /// Node name -> addresses.
+    pub nodes: BTreeMap<String, Vec<IpAddr>>,
+    /// Per pod (of the node compiled for), the policy of both directions.
+    pub endpoints: BTreeMap<PodRef, EndpointPolicy>,
+    pub problems: Vec<Problem>,
+}
+
+/// Compiles repeatedly with stable identities.
+#[derive(Clone, Debug)]
+pub struct Compiler {
+    identities: IdAllocator<IdentityKey>,
+}
+
+impl Default for Compiler {
+    fn default() -> Self {
+        Self { identities: IdAllocator::new(FIRST_POD_IDENTITY) }
+    }
+}
+
+impl Compiler {
+    /// Compiles the policy of every pod on `node` (every pod when `None`).
+    pub fn compile(&mut self, cluster: &Cluster, node: Option<&str>) -> Compiled {
+        let key_of = |pod: &PodInfo| IdentityKey {
+            namespace: pod.id.namespace.clone(),
+            namespace_labels: cluster.namespace_labels(&pod.id.namespace),
+            pod_labels: pod.labels.clone(),
+            named_ports: pod.named_ports.clone(),
+        };
+        let enforced = || cluster.pods.iter().filter(|p| !p.host_network);
+        let ids = self.identities.assign(enforced().map(key_of));
+        let mut compiled = Compiled {
+            identities: ids.iter().map(|(k, id)| (*id, k.clone())).collect(),
+            nodes: cluster.nodes.clone(),
+            problems: cluster.problems.clone(),
+            ..Compiled::default()
+        };
+        for pod in &cluster.pods {
+            let identity = (!pod.host_network).then(|| ids[&key_of(pod)]);
+            if identity.is_some() {
+                for ip in &pod.ips {
+                    compiled.pod_ips.insert(*ip, pod.id.clone());
+                }
+            }
+            compiled.pods.insert(
+                pod.id.clone(),
+                PodEntry { identity, ips: pod.ips.clone(), node: pod.node.clone() },
+            );
+        }
+        let peers = PeerIndex::new(&compiled);
+        let mut endpoints = BTreeMap::new();
+        for pod in enforced() {
+            if node.is_some_and(|n| pod.node.as_deref() != Some(n)) {
+                continue;
+            }
+            let identity = ids[&key_of(pod)];
+            let mut endpoint = EndpointPolicy {
+                identity,
+                ingress: DirectionPolicy::default(),
+                egress: DirectionPolicy::default(),
+            };
+            for policy in cluster.policies.iter().filter(|p| selects(p, pod)) {
+                for direction in [Direction::Ingress, Direction::Egress] {
+                    let Some(rules) = policy.rules(direction) else { continue };
+                    let out = match direction {
+                        Direction::Ingress => &mut endpoint.ingress,
+                        Direction::Egress => &mut endpoint.egress,
+                    };
+                    out.isolated_by.push(policy.id.clone());
+                    for (rule_index, rule) in rules.iter().enumerate() {
+                        let origin = |peer, port| Origin {
+                            policy: policy.id.clone(),
+                            direction,
+                            rule: rule_index,
+                            peer,
+                            port,
+                        };
+                        // `None` peer: the rule lists no peers, so it allows every peer.
+                        let rule_peers: Vec<(Option<usize>, Option<&PeerSpec>)> = match &rule.peers
+                        {
+                            None => vec![(None, None)],
+                            Some(list) => list.iter().map(|(i, p)| (Some(*i), Some(p))).collect(),
+                        };
+                        for (peer_index, peer) in rule_peers {
+                            let Some(ports) = &rule.ports else {
+                                for peer in peers.resolve(peer) {
+                                    out.allow.push(Allow {
+                                        peer,
+                                        protocol: None,
+                                        ports: None,
+                                        origin: origin(peer_index, None),
+                                    });
+                                }
+                                continue;
+                            };
+                            for (port_index, port) in ports {
+                                let origin = origin(peer_index, Some(*port_index));
+                                let protocol = Some(port.protocol);
+                                let named = match &port.port {
+                                    PortSpec::All | PortSpec::Range(..) => {
+                                        let range = match port.port {
+                                            PortSpec::Range(lo, hi) => Some((lo, hi)),
+                                            _ => None,
+                                        };
+                                        for peer in peers.resolve(peer) {
+                                            out.allow.push(Allow {
+                                                peer,
+                                                protocol,
+                                                ports: range,
+                                                origin: origin.clone(),
+                                            });
+                                        }
+                                        continue;
+                                    }
+                                    PortSpec::Named(name) => name,
+                                };
+                                let resolve = |key: &IdentityKey| {
+                                    key.named_ports
+                                        .iter()
+                                        .find(|p| &p.name == named && p.protocol == port.protocol)
+                                        .map(|p| p.port)
+                                };
+                                match direction {
+                                    // The destination is this pod.
+                                    Direction::Ingress => {
+                                        let Some(number) = resolve(&compiled.identities[&identity])
+                                        else {
+                                            continue;
+                                        };
+                                        for peer in peers.resolve(peer) {
+                                            out.allow.push(Allow {
+                                                peer,
+                                                protocol,
+                                                ports: Some((number, number)),
+                                                origin: origin.clone(),
+                                            });
+                                        }
+                                    }
+                                    // The destination is the peer: resolve per peer identity.
+                                    Direction::Egress => {
+                                        for id in peers.identities_of(peer) {
+                                            if let Some(number) = resolve(&compiled.identities[&id])
+                                            {
+                                                out.allow.push(Allow {
+                                                    peer: PeerMatch::Identity(id),
+                                                    protocol,
+                                                    ports: Some((number, number)),
+                                                    origin: origin.clone(),
+                                                });
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            endpoints.insert(pod.id.clone(), endpoint);
+        }
+        compiled.endpoints = endpoints;
+        compiled
+    }
+}
+
+fn selects(policy: &Policy, pod: &PodInfo) -> bool {
+    policy.id.namespace == pod.id.namespace && policy.pod_selector.matches(&pod.labels)
+}
+
+/// Resolves peers (`None`: every peer) to identities.
+struct PeerIndex<'a> {
+    compiled: &'a Compiled,
+}
+
+impl<'a> PeerIndex<'a> {
+    fn new(compiled: &'a Compiled) -> Self {
+        Self { compiled }
+    }
+
+    fn resolve(&self, peer: Option<&PeerSpec>) -> Vec<PeerMatch> {
+        match peer {
+            None => vec![PeerMatch::Any],
+            Some(PeerSpec::Block(block)) => vec![PeerMatch::Block(block.clone())],
+            Some(PeerSpec::Pods { .. }) => {
+                self.identities_of(peer).into_iter().map(PeerMatch::Identity).collect()
+            }
+        }
+    }
+
+    /// Pod identities a peer can be: those it selects, or for an ipBlock those of pods with an
+    /// address in the block (used for named ports of egress rules, which need a pod to resolve
+    /// against). Pods of one identity on both sides of a block's edge are all included.
+    fn identities_of(&self, peer: Option<&PeerSpec>) -> Vec<u32> {
+        self.compiled
+            .identities
+            .iter()
+            .filter(|(id, key)| match peer {
+                None => true,
+                Some(PeerSpec::Pods { namespaces, pods }) => {
+                    let in_scope = match namespaces {
+                        NamespaceScope::Own(ns) => &key.namespace == ns,
+                        NamespaceScope::Selected(sel) => sel.matches(&key.namespace_labels),
+                    };
+                    in_scope && pods.matches(&key.pod_labels)
+                }
+                Some(PeerSpec::Block(block)) => self.compiled.pod_ips.iter().any(|(ip, pod)| {
+                    block.contains(*ip) && self.compiled.pods[pod].identity == Some(**id)
+                }),
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
