@@ -312,6 +312,8 @@ fn start_node(
         plan.spec.overlay.to_string(),
         "--cluster-cidr".into(),
         plan::CLUSTER_CIDR.into(),
+        "--masquerade".into(),
+        "true".into(),
     ];
     let runtime = vec![
         "node".to_string(),
