@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod inspect;
+mod node;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Kubernetes networking data plane in Rust and eBPF")]
@@ -24,6 +25,11 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Show what the live datapath holds (read from the agent's pinned maps).
     Inspect(inspect::InspectArgs),
+    /// Run the lab's node runtime (plays kubelet inside a node network namespace).
+    Node(node::NodeArgs),
+    /// Built-in stand-ins for container images (exec'd by `weir node`).
+    #[command(hide = true)]
+    Builtin(node::BuiltinArgs),
 }
 
 #[derive(clap::Args)]
@@ -94,6 +100,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apiserver(args) => return apiserver(args),
         Command::Agent(args) => return agent::run(args),
         Command::Inspect(args) => inspect::run(args)?,
+        Command::Node(args) => return node::run(args),
+        Command::Builtin(args) => return node::builtin(args),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -15,6 +15,7 @@ pub mod cni;
 pub mod echo;
 pub mod names;
 pub mod netns;
+pub mod node;
 pub mod packet;
 pub mod privileged;
 pub mod probe;
