@@ -8,6 +8,7 @@ mod agent;
 mod dns;
 mod inspect;
 mod lab;
+mod node;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Kubernetes networking data plane in Rust and eBPF")]
@@ -30,6 +31,11 @@ enum Command {
     Lab(lab::LabArgs),
     /// Run the cluster DNS server (kube-dns): Service, endpoint and Pod records.
     Dns(dns::DnsArgs),
+    /// Run the lab's node runtime (plays kubelet inside a node network namespace).
+    Node(node::NodeArgs),
+    /// Built-in stand-ins for container images (exec'd by `weir node`).
+    #[command(hide = true)]
+    Builtin(node::BuiltinArgs),
 }
 
 #[derive(clap::Args)]
@@ -102,6 +108,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(args) => inspect::run(args)?,
         Command::Lab(args) => return lab::run(args),
         Command::Dns(args) => return dns::run(args),
+        Command::Node(args) => return node::run(args),
+        Command::Builtin(args) => return node::builtin(args),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -20,6 +20,7 @@ pub mod lab;
 pub mod names;
 pub mod netns;
 pub mod overlay;
+pub mod node;
 pub mod packet;
 pub mod policy_cases;
 pub mod policy_oracle;
