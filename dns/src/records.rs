@@ -18,7 +18,7 @@
 //! - PTR (`in-addr.arpa`, `ip6.arpa`) for ClusterIPs, headless endpoint addresses and Pod IPs
 //!   (a Pod's name only where no Service claims the address; none for hostNetwork Pods, whose
 //!   address is the node's).
-//! - `dns-version.<zone>`: TXT with the schema version.
+//! - `dns-version.<zone>`: TXT with the schema version; `<zone>`: its SOA.
 //!
 //! Every record has a TTL of [`TTL`] seconds: Services and endpoints change often and clients
 //! should notice within seconds. Names compare case-insensitively ([`LowerName`]).
@@ -296,6 +296,7 @@ pub fn build<'a>(
     }
 
     let soa = soa(&zone, serial);
+    b.records.insert(LowerName::new(&zone), vec![soa.clone()]);
     let zone = LowerName::new(&zone);
     let mut nodes = HashSet::new();
     nodes.insert(zone.clone());
@@ -760,6 +761,7 @@ mod tests {
             records(&set, "dns-version.example.test.", RecordType::TXT),
             vec![RData::TXT(TXT::new(vec!["1.1.0".into()]))]
         );
+        assert_eq!(records(&set, "EXAMPLE.test.", RecordType::SOA), vec![set.soa().data.clone()]);
         let RData::SOA(soa) = &set.soa().data else { panic!("SOA") };
         assert_eq!(soa.serial, 42);
         assert_eq!(soa.minimum, TTL);
