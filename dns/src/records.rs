@@ -116,7 +116,11 @@ impl RecordSet {
                 answers.extend(matching.into_iter().cloned());
                 return Lookup::Answer { records: answers, outside_target: None };
             }
-            let Some(cname) = records.iter().find(|r| r.record_type() == RecordType::CNAME) else {
+            let cname = records.iter().find_map(|r| match &r.data {
+                RData::CNAME(CNAME(target)) => Some((r, target)),
+                _ => None,
+            });
+            let Some((cname, target)) = cname else {
                 return if answers.is_empty() {
                     Lookup::NoData
                 } else {
@@ -124,9 +128,6 @@ impl RecordSet {
                 };
             };
             answers.push(cname.clone());
-            let RData::CNAME(CNAME(target)) = &cname.data else {
-                unreachable!("a CNAME record holds CNAME data")
-            };
             let target_lower = LowerName::new(target);
             if !self.zone.zone_of(&target_lower) {
                 let outside_target = Some(target.clone());
