@@ -73,13 +73,14 @@ pub enum DnsError {
 /// Runs the server until SIGTERM or SIGINT.
 pub async fn run(config: DnsConfig) -> Result<(), DnsError> {
     let zone = config.validate()?;
+    // Reading the kubeconfig is part of the configuration: checked before any port is bound.
+    let client = client(&config).await?;
     let (udp, tcp) = bind(config.listen).await?;
     let addr = udp.local_addr().map_err(|source| DnsError::Listen {
         addr: config.listen,
         proto: "udp",
         source,
     })?;
-    let client = client(&config).await?;
     let changed = Arc::new(Notify::new());
     let (stores, tasks) = watch::start(&client, changed.clone());
     let abort_watchers = || tasks.iter().for_each(|t| t.abort());

@@ -18,7 +18,7 @@
 //! - PTR (`in-addr.arpa`, `ip6.arpa`) for ClusterIPs, headless endpoint addresses and Pod IPs
 //!   (a Pod's name only where no Service claims the address; none for hostNetwork Pods, whose
 //!   address is the node's).
-//! - `dns-version.<zone>`: TXT with the schema version.
+//! - `dns-version.<zone>`: TXT with the schema version; `<zone>`: its SOA.
 //!
 //! Every record has a TTL of [`TTL`] seconds: Services and endpoints change often and clients
 //! should notice within seconds. Names compare case-insensitively ([`LowerName`]).
@@ -116,7 +116,11 @@ impl RecordSet {
                 answers.extend(matching.into_iter().cloned());
                 return Lookup::Answer { records: answers, outside_target: None };
             }
-            let Some(cname) = records.iter().find(|r| r.record_type() == RecordType::CNAME) else {
+            let cname = records.iter().find_map(|r| match &r.data {
+                RData::CNAME(CNAME(target)) => Some((r, target)),
+                _ => None,
+            });
+            let Some((cname, target)) = cname else {
                 return if answers.is_empty() {
                     Lookup::NoData
                 } else {
@@ -124,9 +128,6 @@ impl RecordSet {
                 };
             };
             answers.push(cname.clone());
-            let RData::CNAME(CNAME(target)) = &cname.data else {
-                unreachable!("a CNAME record holds CNAME data")
-            };
             let target_lower = LowerName::new(target);
             if !self.zone.zone_of(&target_lower) {
                 let outside_target = Some(target.clone());
@@ -296,6 +297,7 @@ pub fn build<'a>(
     }
 
     let soa = soa(&zone, serial);
+    b.records.insert(LowerName::new(&zone), vec![soa.clone()]);
     let zone = LowerName::new(&zone);
     let mut nodes = HashSet::new();
     nodes.insert(zone.clone());
@@ -760,6 +762,7 @@ mod tests {
             records(&set, "dns-version.example.test.", RecordType::TXT),
             vec![RData::TXT(TXT::new(vec!["1.1.0".into()]))]
         );
+        assert_eq!(records(&set, "EXAMPLE.test.", RecordType::SOA), vec![set.soa().data.clone()]);
         let RData::SOA(soa) = &set.soa().data else { panic!("SOA") };
         assert_eq!(soa.serial, 42);
         assert_eq!(soa.minimum, TTL);

@@ -74,6 +74,21 @@ impl DnsServer {
         DnsServer { child, addr }
     }
 
+    /// Stops the server with SIGTERM and returns its exit status; panics when it does not stop
+    /// within 10 s.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on the PID of a child we own and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("weir dns did not stop within 10 s of SIGTERM");
+    }
+
     /// One question over `transport`; panics when no answer comes.
     pub fn query(&self, transport: Transport, name: &str, qtype: RecordType) -> DnsResponse {
         query(self.addr, transport, name, qtype)

@@ -128,6 +128,7 @@ fn dns_cluster_ip_services_answer_a_srv_ptr_and_nxdomain_over_udp_and_tcp() {
         (response.metadata.response_code != ResponseCode::NXDomain)
             .then(|| format!("{:?}", answer_texts(&response)))
     });
+    assert!(dns.terminate().success(), "SIGTERM stops weir dns cleanly");
 }
 
 #[test]
