@@ -77,6 +77,11 @@ struct ApiserverArgs {
     /// dir.
     #[arg(long)]
     etcd_endpoints: Option<String>,
+    /// Also serve HTTPS inside another network namespace: NAMESPACE_FILE=IP:PORT, e.g.
+    /// /run/netns/lab-underlay=10.0.0.1:6443 (repeatable). Each IP goes into the serving
+    /// certificate.
+    #[arg(long, value_parser = weir_controlplane::netns::parse_netns_listen)]
+    netns_listen: Vec<(PathBuf, SocketAddr)>,
 }
 
 /// Exit code for configuration errors (EX_USAGE), before anything was started.
@@ -126,6 +131,7 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     config.controllers = !args.disable_controllers;
     config.node_tokens = args.node_tokens;
     config.max_in_flight = args.max_requests_inflight.max(1);
+    config.netns_listen = args.netns_listen;
     let etcd = args.etcd_endpoints;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -138,7 +144,8 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
             Err(
                 err @ (ServerError::InsecureNotLoopback(_)
                 | ServerError::BadServiceCidr(_)
-                | ServerError::BadClusterCidr(_)),
+                | ServerError::BadClusterCidr(_)
+                | ServerError::NetnsListen { .. }),
             ) => {
                 eprintln!("weir apiserver: {err}");
                 return Ok(ExitCode::from(EXIT_BAD_CONFIG));
@@ -149,6 +156,9 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
         println!("weir apiserver: serving https://{}", server.addr);
         if let Some(addr) = server.insecure_addr {
             println!("weir apiserver: serving insecure http://{addr}");
+        }
+        for (netns, addr) in &server.netns_addrs {
+            println!("weir apiserver: in {} serving https://{addr}", netns.display());
         }
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -9,12 +9,14 @@
 //!
 //! Modules: `store` (the key-value interface, the embedded store, the conformance suite),
 //! `resources` (kinds, validation, selectors, patches: pure), `auth` (TLS material, tokens,
-//! kubeconfig), `api` (the HTTP server and verbs).
+//! kubeconfig), `api` (the HTTP server and verbs), `netns` (listening sockets in other network
+//! namespaces).
 //!
 //! Boundaries: it knows nothing of the dataplane; the agent talks to it exactly as it talks to
 //! a real kube-apiserver. What is supported and what is not: docs/controlplane.md.
 pub mod api;
 pub mod auth;
 pub mod controllers;
+pub mod netns;
 pub mod resources;
 pub mod store;

@@ -387,8 +387,9 @@ impl Kubectl {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(kubectl_binary());
-        cmd.args(args)
-            .arg("--request-timeout=20s")
+        // Global flags first: anything after the command's own `--` belongs to the Pod.
+        cmd.arg("--request-timeout=20s")
+            .args(args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("HOME", self.home.path())
             .stdin(Stdio::null());

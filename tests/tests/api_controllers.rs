@@ -173,8 +173,22 @@ fn controllers_allocate_cidrs_schedule_pods_and_maintain_endpoint_slices() {
         "10.244.1.5",
     );
 
-    // A deleted Pod leaves the slice; a deleted Service takes its slices and Endpoints along.
-    kubectl.ok(&["delete", "pod", "web-1"]);
+    // A deleted Pod on a node terminates first (nobody finishes it here: no node runtime):
+    // its endpoint stays, not ready and terminating. Forced, it leaves the slice; a deleted
+    // Service takes its slices and Endpoints along.
+    kubectl.ok(&["delete", "pod", "web-1", "--wait=false"]);
+    eventually_sorted(
+        &kubectl,
+        &[
+            "get",
+            "endpointslice",
+            "web-ipv4",
+            "-o",
+            "jsonpath={range .endpoints[*]}{.addresses[0]}={.conditions.ready}/{.conditions.terminating} {end}",
+        ],
+        "10.244.0.7=false/false 10.244.1.5=false/true",
+    );
+    kubectl.ok(&["delete", "pod", "web-1", "--grace-period=0", "--force"]);
     eventually(
         &kubectl,
         &["get", "endpointslice", "web-ipv4", "-o", "jsonpath={.endpoints[*].addresses[0]}"],

@@ -3,15 +3,12 @@
 //! Pods, `kubectl set image` rolls to a new ReplicaSet, and delete cascades to everything.
 use std::time::Duration;
 
-use weir_tests::apiserver::{ApiServer, Kubectl, TempDir};
+use weir_tests::{
+    apiserver::{ApiServer, Kubectl, TempDir},
+    kubelet::FakeNode,
+};
 
 const MANIFEST: &str = r#"
-apiVersion: v1
-kind: Node
-metadata: {name: node-a}
-status:
-  conditions: [{type: Ready, status: "True"}]
----
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: web}
@@ -57,6 +54,8 @@ const PODS: &[&str] = &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[
 fn deployments_scale_roll_out_and_cascade() {
     let dir = TempDir::new("api-deployments");
     let server = ApiServer::start(dir.path());
+    // Finishes the graceful deletions of scaled-down Pods, as a node runtime does.
+    let _node = FakeNode::start(&server, "node-a");
     let kubectl = Kubectl::new(&server.kubeconfig);
     let manifest = dir.path().join("m.yaml");
     std::fs::write(&manifest, MANIFEST).unwrap();

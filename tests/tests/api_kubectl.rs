@@ -453,7 +453,7 @@ fn node_tokens_read_everything_but_write_only_their_own_node() {
 }
 
 #[test]
-fn kubectl_create_generators_that_send_protobuf_work_for_namespaces_and_configmaps() {
+fn kubectl_create_generators_that_send_protobuf_work() {
     let dir = TempDir::new("api-kubectl-protobuf");
     let server = ApiServer::start(dir.path());
     let kubectl = Kubectl::new(&server.kubeconfig);
@@ -471,8 +471,42 @@ fn kubectl_create_generators_that_send_protobuf_work_for_namespaces_and_configma
         kubectl.ok(&["get", "cm", "cfg", "-n", "lab", "-o", "jsonpath={.data.a},{.data.b}"]),
         "1,2"
     );
-    // Other typed creates are refused with a message, and nothing is stored.
-    let err = kubectl.fails(&["create", "deployment", "web", "-n", "lab", "--image=nginx"]);
-    assert!(err.contains("send JSON"), "{err}");
-    assert!(kubectl.fails(&["get", "deployment", "web", "-n", "lab"]).contains("NotFound"));
+    // Every served kind decodes: Deployments, Services, ServiceAccounts.
+    kubectl.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "-n",
+        "lab",
+        "--image=nginx:1.27",
+        "--port=80",
+        "--replicas=2",
+    ]);
+    assert_eq!(
+        kubectl.ok(&[
+            "get", "deployment", "web", "-n", "lab", "-o",
+            "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].image} {.spec.template.spec.containers[0].ports[0].containerPort} {.spec.strategy.type}",
+        ]),
+        "2 nginx:1.27 80 RollingUpdate"
+    );
+    kubectl.ok(&["create", "service", "nodeport", "edge", "-n", "lab", "--tcp=8080:80"]);
+    assert_eq!(
+        kubectl.ok(&[
+            "get",
+            "svc",
+            "edge",
+            "-n",
+            "lab",
+            "-o",
+            "jsonpath={.spec.type} {.spec.ports[0].port} {.spec.ports[0].targetPort}"
+        ]),
+        "NodePort 8080 80"
+    );
+    kubectl.ok(&["create", "serviceaccount", "robot", "-n", "lab"]);
+    // Kinds the server does not serve are refused, and nothing is stored.
+    let err = kubectl.fails(&["create", "job", "once", "-n", "lab", "--image=busybox"]);
+    assert!(
+        err.contains("could not find the requested resource") || err.contains("NotFound"),
+        "{err}"
+    );
 }

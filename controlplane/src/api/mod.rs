@@ -53,6 +53,9 @@ pub struct Config {
     pub node_tokens: Vec<String>,
     /// Store events kept for watches to resume from; older versions get 410 Gone.
     pub watch_history: usize,
+    /// Extra HTTPS listeners inside other network namespaces: (namespace file such as
+    /// /run/netns/NAME, address). Their IPs go into the serving certificate.
+    pub netns_listen: Vec<(PathBuf, SocketAddr)>,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
             cluster_cidr: Some("10.244.0.0/16".into()),
             node_tokens: Vec::new(),
             controllers: true,
+            netns_listen: Vec::new(),
         }
     }
 }
@@ -86,6 +90,13 @@ pub enum ServerError {
     BadServiceCidr(String),
     #[error("binding {addr} failed: {source}; is another server using it?")]
     Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening on {addr} inside the network namespace {}: {source}", path.display())]
+    NetnsListen {
+        path: PathBuf,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -113,6 +124,8 @@ pub(crate) struct ApiState<S> {
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub insecure_addr: Option<SocketAddr>,
+    /// The listeners inside other network namespaces (namespace file, bound address).
+    pub netns_addrs: Vec<(PathBuf, SocketAddr)>,
     pub admin_token: String,
     tasks: JoinSet<()>,
 }
@@ -163,7 +176,12 @@ pub async fn start_with_store<S: Store>(
         ),
         None => None,
     };
-    let pki = auth::ensure_pki(&config.data_dir.join("pki"))?;
+    let mut san_ips: Vec<std::net::IpAddr> =
+        config.netns_listen.iter().map(|(_, a)| a.ip()).collect();
+    if !config.listen.ip().is_unspecified() {
+        san_ips.push(config.listen.ip());
+    }
+    let pki = auth::ensure_pki(&config.data_dir.join("pki"), &san_ips)?;
     let tls = auth::tls_config(&pki)?;
     let mut tokens = Tokens::ensure(&config.data_dir)?;
     tokens.ensure_nodes(&config.data_dir, &config.node_tokens)?;
@@ -183,6 +201,15 @@ pub async fn start_with_store<S: Store>(
         }
         None => None,
     };
+    let mut netns_listeners = Vec::new();
+    for (path, want) in &config.netns_listen {
+        let netns_error =
+            |source| ServerError::NetnsListen { path: path.clone(), addr: *want, source };
+        let std_listener = crate::netns::listen_in(path, *want).map_err(netns_error)?;
+        let bound = std_listener.local_addr().map_err(netns_error)?;
+        let listener = TcpListener::from_std(std_listener).map_err(netns_error)?;
+        netns_listeners.push((path.clone(), bound, listener));
+    }
     let admin = tokens.for_user("admin").map(|e| e.token.clone()).unwrap_or_default();
     let state = Arc::new(ApiState {
         store,
@@ -209,7 +236,12 @@ pub async fn start_with_store<S: Store>(
     }
     let mut tasks = JoinSet::new();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    tasks.spawn(accept_loop(listener, Some(acceptor), state.clone()));
+    tasks.spawn(accept_loop(listener, Some(acceptor.clone()), state.clone()));
+    let mut netns_addrs = Vec::new();
+    for (path, bound, listener) in netns_listeners {
+        tasks.spawn(accept_loop(listener, Some(acceptor.clone()), state.clone()));
+        netns_addrs.push((path, bound));
+    }
     tasks.spawn(namespace_finalizer(state.clone()));
     if config.controllers {
         tasks.spawn(crate::controllers::run(state.clone(), cluster_cidr));
@@ -219,7 +251,7 @@ pub async fn start_with_store<S: Store>(
         tasks.spawn(accept_loop(l, None, state.clone()));
     }
     log::info!("weir apiserver: serving https://{addr}");
-    Ok(RunningServer { addr, insecure_addr, admin_token: admin, tasks })
+    Ok(RunningServer { addr, insecure_addr, netns_addrs, admin_token: admin, tasks })
 }
 
 fn tokens_for_kubeconfig(tokens: &Tokens, user: &str) -> String {

@@ -64,23 +64,53 @@ pub struct Pki {
     pub key: PrivateKeyDer<'static>,
 }
 
-/// Loads the PKI from `dir`, generating it on first start.
-pub fn ensure_pki(dir: &Path) -> Result<Pki, AuthError> {
+fn ca_params() -> Result<rcgen::CertificateParams, rcgen::Error> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "weir-ca");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    Ok(ca_params)
+}
+
+/// Loads the PKI from `dir`, generating it on first start. The serving certificate names
+/// localhost, the `kubernetes` Service names, 127.0.0.1, ::1 and every IP of `extra_ips`;
+/// when an IP is missing (a new `--netns-listen` address) it is issued again by the same CA
+/// (the IPs it holds are kept in `apiserver.ips`), so kubeconfigs stay valid.
+pub fn ensure_pki(dir: &Path, extra_ips: &[std::net::IpAddr]) -> Result<Pki, AuthError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
     let (ca_path, cert_path, key_path) =
         (dir.join("ca.crt"), dir.join("apiserver.crt"), dir.join("apiserver.key"));
-    if !(ca_path.exists() && cert_path.exists() && key_path.exists()) {
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "weir-ca");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        ca_params.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let (ips_path, ca_key_path) = (dir.join("apiserver.ips"), dir.join("ca.key"));
+    let loopback: Vec<std::net::IpAddr> =
+        ["127.0.0.1", "::1"].iter().map(|ip| ip.parse().expect("literal IP")).collect();
+    let complete = ca_path.exists() && cert_path.exists() && key_path.exists();
+    let mut ips: Vec<std::net::IpAddr> = match fs::read_to_string(&ips_path) {
+        Ok(text) => text.lines().filter_map(|l| l.trim().parse().ok()).collect(),
+        Err(_) => loopback.clone(),
+    };
+    let missing: Vec<_> = extra_ips.iter().filter(|ip| !ips.contains(ip)).copied().collect();
+    if complete && missing.is_empty() {
+        return load_pki(&ca_path, &cert_path, &key_path);
+    }
+    ips.extend(missing);
+    let (ca, ca_key) = if complete && ca_key_path.exists() {
+        let pem = fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+        let ca_key = rcgen::KeyPair::from_pem(&pem)?;
+        // Same name and key as the stored CA certificate: what it signs verifies against it.
+        (ca_params()?.self_signed(&ca_key)?, ca_key)
+    } else {
         let ca_key = rcgen::KeyPair::generate()?;
-        let ca = ca_params.self_signed(&ca_key)?;
+        let ca = ca_params()?.self_signed(&ca_key)?;
+        write_private(&ca_key_path, ca_key.serialize_pem().as_bytes())?;
+        write_private(&ca_path, ca.pem().as_bytes())?;
+        (ca, ca_key)
+    };
+    {
         let mut params = rcgen::CertificateParams::new(vec![
             "localhost".to_string(),
             "kubernetes".to_string(),
@@ -88,21 +118,25 @@ pub fn ensure_pki(dir: &Path) -> Result<Pki, AuthError> {
             "kubernetes.default.svc".to_string(),
         ])?;
         params.distinguished_name.push(rcgen::DnType::CommonName, "weir-apiserver");
-        for ip in ["127.0.0.1", "::1"] {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::IpAddress(ip.parse().expect("literal IP")));
+        for ip in &ips {
+            params.subject_alt_names.push(rcgen::SanType::IpAddress(*ip));
         }
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         params.not_after = rcgen::date_time_ymd(2036, 1, 1);
         let key = rcgen::KeyPair::generate()?;
         let cert = params.signed_by(&key, &ca, &ca_key)?;
         // The key first: a crash in between leaves the set incomplete, so it is made again.
-        write_private(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes())?;
         write_private(&key_path, key.serialize_pem().as_bytes())?;
         write_private(&cert_path, cert.pem().as_bytes())?;
-        write_private(&ca_path, ca.pem().as_bytes())?;
+        let listed: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+        write_private(&ips_path, format!("{}\n", listed.join("\n")).as_bytes())?;
     }
+    load_pki(&ca_path, &cert_path, &key_path)
+}
+
+fn load_pki(ca_path: &Path, cert_path: &Path, key_path: &Path) -> Result<Pki, AuthError> {
+    let (ca_path, cert_path, key_path) =
+        (ca_path.to_path_buf(), cert_path.to_path_buf(), key_path.to_path_buf());
     let ca_pem = fs::read_to_string(&ca_path).map_err(io(&ca_path))?;
     let invalid =
         |path: &Path, detail: String| AuthError::Invalid { path: path.to_path_buf(), detail };
