@@ -82,6 +82,10 @@ struct ApiserverArgs {
     /// certificate.
     #[arg(long, value_parser = weir_controlplane::netns::parse_netns_listen)]
     netns_listen: Vec<(PathBuf, SocketAddr)>,
+    /// Reach the nodes' kubelet endpoints (logs, exec, attach) from inside this network
+    /// namespace (a /run/netns file), e.g. the underlay of `weir lab`.
+    #[arg(long)]
+    node_netns: Option<PathBuf>,
 }
 
 /// Exit code for configuration errors (EX_USAGE), before anything was started.
@@ -132,6 +136,7 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     config.node_tokens = args.node_tokens;
     config.max_in_flight = args.max_requests_inflight.max(1);
     config.netns_listen = args.netns_listen;
+    config.node_netns = args.node_netns;
     let etcd = args.etcd_endpoints;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

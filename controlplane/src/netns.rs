@@ -1,4 +1,5 @@
-//! Listening sockets inside other network namespaces (`weir apiserver --netns-listen`).
+//! Sockets inside other network namespaces: listeners (`weir apiserver --netns-listen`) and
+//! connections to node runtimes (`--node-netns`).
 //!
 //! A socket belongs to the namespace it was created in, whatever thread later uses it. So a
 //! short-lived thread enters the namespace, binds and listens, and ends; the listener is then
@@ -6,9 +7,10 @@
 //! its original namespace before ending.
 use std::{
     fs::File,
-    net::{SocketAddr, TcpListener},
+    net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::Path,
+    time::Duration,
 };
 
 fn setns(file: &File) -> std::io::Result<()> {
@@ -19,11 +21,10 @@ fn setns(file: &File) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Binds a non-blocking TCP listener on `addr` inside the network namespace at `path`
-/// (e.g. /run/netns/NAME).
-pub fn listen_in(path: &Path, addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Runs `f` on a short-lived thread inside the network namespace at `path`, which goes back
+/// to its original namespace before ending.
+fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> std::io::Result<T> + Send) -> std::io::Result<T> {
     let target = File::open(path)?;
-    let path = path.to_path_buf();
     std::thread::scope(|scope| {
         scope
             .spawn(move || {
@@ -34,15 +35,29 @@ pub fn listen_in(path: &Path, addr: SocketAddr) -> std::io::Result<TcpListener> 
                         format!("entering {} failed: {err} (needs CAP_SYS_ADMIN)", path.display()),
                     )
                 })?;
-                let bound = TcpListener::bind(addr);
+                let result = f();
                 setns(&original)?;
-                let listener = bound?;
-                listener.set_nonblocking(true)?;
-                Ok(listener)
+                result
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
     })
+}
+
+/// Binds a non-blocking TCP listener on `addr` inside the network namespace at `path`
+/// (e.g. /run/netns/NAME).
+pub fn listen_in(path: &Path, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = in_netns(path, || TcpListener::bind(addr))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Connects to `addr` from inside the network namespace at `path` (`--node-netns`: the lab's
+/// node runtimes are reachable only from its underlay); the stream is non-blocking.
+pub fn connect_in(path: &Path, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = in_netns(path, || TcpStream::connect_timeout(&addr, timeout))?;
+    stream.set_nonblocking(true)?;
+    Ok(stream)
 }
 
 /// Parses `--netns-listen` values: `/run/netns/NAME=IP:PORT`.

@@ -223,6 +223,8 @@ fn start_apiserver(
             host::netns_path(&plan.underlay_netns).display(),
             plan.apiserver_underlay()
         ),
+        "--node-netns".into(),
+        host::netns_path(&plan.underlay_netns).display().to_string(),
         "--service-cidr".into(),
         plan::SERVICE_CIDR.into(),
         "--cluster-cidr".into(),

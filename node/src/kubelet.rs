@@ -29,7 +29,11 @@ use tokio::{
 };
 use tokio_tungstenite::{
     WebSocketStream,
-    tungstenite::{Message, handshake::derive_accept_key, protocol::Role},
+    tungstenite::{
+        Message,
+        handshake::derive_accept_key,
+        protocol::{CloseFrame, Role, frame::coding::CloseCode},
+    },
 };
 
 use crate::{ContainerShared, PodShared, Shared, logs, rules, spawn};
@@ -420,7 +424,7 @@ async fn exec_session(
         Err(err) => {
             let message = format!("exec {:?} in container {:?}: {err}", argv[0], c.name);
             sink.send(frame(3, failure(&message).to_string().as_bytes())).await?;
-            let _ = sink.close().await;
+            close_normally(&mut sink).await;
             return Ok(());
         }
     };
@@ -494,8 +498,19 @@ async fn exec_session(
     }
     let code = spawn::exit_code(status);
     sink.send(frame(3, exit_status(code).to_string().as_bytes())).await?;
-    let _ = sink.close().await;
+    close_normally(&mut sink).await;
     Ok(())
+}
+
+/// Ends a session with a Close frame carrying 1000 (normal closure): kubectl's WebSocket client
+/// reports a close without a status code (1005) as a broken stream.
+async fn close_normally<S>(sink: &mut S)
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+    let _ = sink.send(Message::Close(Some(frame))).await;
+    let _ = sink.close().await;
 }
 
 async fn attach_session(
@@ -566,6 +581,6 @@ async fn attach_session(
         }
     }
     sink.send(frame(3, exit_status(0).to_string().as_bytes())).await?;
-    let _ = sink.close().await;
+    close_normally(&mut sink).await;
     Ok(())
 }

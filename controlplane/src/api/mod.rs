@@ -56,6 +56,9 @@ pub struct Config {
     /// Extra HTTPS listeners inside other network namespaces: (namespace file such as
     /// /run/netns/NAME, address). Their IPs go into the serving certificate.
     pub netns_listen: Vec<(PathBuf, SocketAddr)>,
+    /// The network namespace (a /run/netns file) the nodes' kubelet endpoints are reached
+    /// from, for logs, exec and attach; None: this process's own namespace.
+    pub node_netns: Option<PathBuf>,
 }
 
 impl Config {
@@ -73,6 +76,7 @@ impl Config {
             node_tokens: Vec::new(),
             controllers: true,
             netns_listen: Vec::new(),
+            node_netns: None,
         }
     }
 }

@@ -14,7 +14,7 @@
 //!   annotation, else the only container (400 when the Pod has several).
 //! - Errors say which step failed: Pod not scheduled or Node without an address (503), node
 //!   unreachable (502).
-use std::time::Duration;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -88,7 +88,7 @@ pub fn container_for(pod: &Value, requested: Option<&str>) -> Result<String, Api
 }
 
 /// The kubelet address of a Node: InternalIP and the kubelet endpoint port.
-pub fn kubelet_address(node: &Value) -> Result<String, ApiError> {
+pub fn kubelet_address(node: &Value) -> Result<SocketAddr, ApiError> {
     let name = meta::meta_str(node, "name").unwrap_or("");
     let ip = node
         .pointer("/status/addresses")
@@ -112,7 +112,7 @@ pub fn kubelet_address(node: &Value) -> Result<String, ApiError> {
                 "node {name} reports no status.daemonEndpoints.kubeletEndpoint.Port, so its node runtime cannot be reached"
             ))
         })?;
-    Ok(std::net::SocketAddr::new(ip, port as u16).to_string())
+    Ok(SocketAddr::new(ip, port as u16))
 }
 
 fn unavailable(message: String) -> ApiError {
@@ -121,6 +121,21 @@ fn unavailable(message: String) -> ApiError {
 
 fn bad_gateway(message: String) -> ApiError {
     ApiError::new(502, "BadGateway", message)
+}
+
+/// Connects to a node runtime, from inside `netns` when given.
+async fn connect(address: SocketAddr, netns: Option<PathBuf>) -> std::io::Result<TcpStream> {
+    match netns {
+        None => TcpStream::connect(address).await,
+        Some(path) => {
+            let stream = tokio::task::spawn_blocking(move || {
+                crate::netns::connect_in(&path, address, CONNECT_TIMEOUT)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            TcpStream::from_std(stream)
+        }
+    }
 }
 
 /// Proxies `pods/NAME/{log,exec,attach}` to the Pod's node.
@@ -160,8 +175,11 @@ pub(crate) async fn pod_subresource<S: Store>(
         Some(q) => format!("/{node_path}/{ns}/{name}/{container}?{q}"),
         None => format!("/{node_path}/{ns}/{name}/{container}"),
     };
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address.as_str()))
-        .await
+    let stream = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        connect(address, state.config.node_netns.clone()),
+    )
+    .await
     {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {
@@ -188,7 +206,7 @@ pub(crate) async fn pod_subresource<S: Store>(
     let mut forward = Request::builder()
         .method(req.method().clone())
         .uri(path_and_query)
-        .header(header::HOST, address.as_str());
+        .header(header::HOST, address.to_string());
     for (key, value) in req.headers() {
         if FORWARDED.contains(&key.as_str()) {
             forward = forward.header(key, value);
