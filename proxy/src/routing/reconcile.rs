@@ -95,7 +95,13 @@ pub fn reconcile(
             ensure_vxlan_address(sock, link.index, desired, &mut out)?;
             Some(link.index)
         }
-        Overlay::Native | Overlay::None => {
+        Overlay::None => {
+            // Routing is someone else's: report the MTU, touch nothing (`--cleanup` removes
+            // what an earlier overlay left).
+            out.pod_mtu = uplink.mtu;
+            return Ok(out);
+        }
+        Overlay::Native => {
             out.pod_mtu = uplink.mtu;
             if existing.is_some() {
                 // Switched away from VXLAN: its routes, neighbours and FDB go with it.
