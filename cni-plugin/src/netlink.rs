@@ -22,57 +22,57 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_MULTI: u16 = 0x2;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP_INTR: u16 = 0x10;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_DUMP: u16 = 0x300;
+pub const NLMSG_HDRLEN: usize = 16;
+pub const NLMSG_ERROR: u16 = 2;
+pub const NLMSG_DONE: u16 = 3;
+pub const NLM_F_REQUEST: u16 = 0x1;
+pub const NLM_F_MULTI: u16 = 0x2;
+pub const NLM_F_ACK: u16 = 0x4;
+pub const NLM_F_DUMP_INTR: u16 = 0x10;
+pub const NLM_F_EXCL: u16 = 0x200;
+pub const NLM_F_CREATE: u16 = 0x400;
+pub const NLM_F_DUMP: u16 = 0x300;
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const RTM_GETLINK: u16 = 18;
-const RTM_NEWADDR: u16 = 20;
-const RTM_GETADDR: u16 = 22;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_GETROUTE: u16 = 26;
-const RTM_NEWNEIGH: u16 = 28;
+pub const RTM_NEWLINK: u16 = 16;
+pub const RTM_DELLINK: u16 = 17;
+pub const RTM_GETLINK: u16 = 18;
+pub const RTM_NEWADDR: u16 = 20;
+pub const RTM_GETADDR: u16 = 22;
+pub const RTM_NEWROUTE: u16 = 24;
+pub const RTM_GETROUTE: u16 = 26;
+pub const RTM_NEWNEIGH: u16 = 28;
 
-const IFLA_ADDRESS: u16 = 1;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_MTU: u16 = 4;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_NET_NS_FD: u16 = 28;
-const IFLA_INFO_KIND: u16 = 1;
-const IFLA_INFO_DATA: u16 = 2;
-const VETH_INFO_PEER: u16 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
+pub const IFLA_ADDRESS: u16 = 1;
+pub const IFLA_IFNAME: u16 = 3;
+pub const IFLA_MTU: u16 = 4;
+pub const IFLA_LINKINFO: u16 = 18;
+pub const IFLA_NET_NS_FD: u16 = 28;
+pub const IFLA_INFO_KIND: u16 = 1;
+pub const IFLA_INFO_DATA: u16 = 2;
+pub const VETH_INFO_PEER: u16 = 1;
+pub const NLA_F_NESTED: u16 = 0x8000;
 
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-const IFA_FLAGS: u16 = 8;
-const IFA_F_NODAD: u32 = 0x02;
+pub const IFA_ADDRESS: u16 = 1;
+pub const IFA_LOCAL: u16 = 2;
+pub const IFA_FLAGS: u16 = 8;
+pub const IFA_F_NODAD: u32 = 0x02;
 
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RTA_GATEWAY: u16 = 5;
-const RTA_TABLE: u16 = 15;
-const RT_TABLE_MAIN: u8 = 254;
-const RTPROT_BOOT: u8 = 3;
-const RT_SCOPE_UNIVERSE: u8 = 0;
+pub const RTA_DST: u16 = 1;
+pub const RTA_OIF: u16 = 4;
+pub const RTA_GATEWAY: u16 = 5;
+pub const RTA_TABLE: u16 = 15;
+pub const RT_TABLE_MAIN: u8 = 254;
+pub const RTPROT_BOOT: u8 = 3;
+pub const RT_SCOPE_UNIVERSE: u8 = 0;
 pub const RT_SCOPE_LINK: u8 = 253;
-const RTN_UNICAST: u8 = 1;
-const RTNH_F_ONLINK: u32 = 4;
+pub const RTN_UNICAST: u8 = 1;
+pub const RTNH_F_ONLINK: u32 = 4;
 
-const NDA_DST: u16 = 1;
-const NDA_LLADDR: u16 = 2;
-const NUD_PERMANENT: u16 = 0x80;
+pub const NDA_DST: u16 = 1;
+pub const NDA_LLADDR: u16 = 2;
+pub const NUD_PERMANENT: u16 = 0x80;
 
-const IFF_UP: u32 = 0x1;
+pub const IFF_UP: u32 = 0x1;
 const DUMP_ATTEMPTS: usize = 5;
 
 /// What [`Socket::link`] reports about an interface.
@@ -83,6 +83,10 @@ pub struct Link {
     pub mac: [u8; 6],
     pub mtu: u32,
     pub up: bool,
+    /// `IFLA_INFO_KIND` (`veth`, `vxlan`, ...), when the kernel reports one.
+    pub kind: Option<String>,
+    /// The raw `IFLA_INFO_DATA` attributes (kind-specific), empty when absent.
+    pub info_data: Vec<u8>,
 }
 
 /// One route of the main table, as [`Socket::routes`] reports it.
@@ -92,6 +96,10 @@ pub struct Route {
     pub prefix: u8,
     pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
+    /// `rtm_protocol`: who made the route (boot, kernel, or a routing daemon's number).
+    pub protocol: u8,
+    /// `rtm_flags` (e.g. `RTNH_F_ONLINK`).
+    pub flags: u32,
 }
 
 /// A `NETLINK_ROUTE` socket bound to the calling thread's network namespace.
@@ -162,7 +170,7 @@ impl Msg {
 }
 
 /// `struct ifinfomsg`.
-fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
+pub fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
     let mut m = [0u8; 16];
     m[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
     m[8..12].copy_from_slice(&flags.to_ne_bytes());
@@ -576,7 +584,8 @@ impl Socket {
             if p.len() < 12 {
                 continue;
             }
-            let (rfam, prefix, mut table) = (p[0], p[1], u32::from(p[4]));
+            let (rfam, prefix, mut table, protocol) = (p[0], p[1], u32::from(p[4]), p[5]);
+            let flags = u32::from_ne_bytes(p[8..12].try_into().unwrap());
             let mut dst = None;
             let mut gateway = None;
             let mut oif = None;
@@ -601,7 +610,14 @@ impl Socket {
             } else {
                 IpAddr::from([0u8; 16])
             };
-            out.push(Route { dst: dst.unwrap_or(unspecified), prefix, gateway, oif });
+            out.push(Route {
+                dst: dst.unwrap_or(unspecified),
+                prefix,
+                gateway,
+                oif,
+                protocol,
+                flags,
+            });
         }
         Ok(out)
     }
@@ -621,22 +637,40 @@ impl Socket {
     }
 }
 
+/// A NUL-terminated string attribute.
+fn c_string(data: &[u8]) -> String {
+    String::from_utf8_lossy(data.split(|b| *b == 0).next().unwrap_or(&[])).into_owned()
+}
+
 fn parse_link(p: &[u8]) -> Option<Link> {
     if p.len() < 16 {
         return None;
     }
     let index = i32::from_ne_bytes(p[4..8].try_into().unwrap()) as u32;
     let flags = u32::from_ne_bytes(p[8..12].try_into().unwrap());
-    let mut link =
-        Link { index, name: String::new(), mac: [0; 6], mtu: 0, up: flags & IFF_UP != 0 };
+    let mut link = Link {
+        index,
+        name: String::new(),
+        mac: [0; 6],
+        mtu: 0,
+        up: flags & IFF_UP != 0,
+        kind: None,
+        info_data: Vec::new(),
+    };
     for (kind, data) in attrs(&p[16..]) {
         match kind {
-            IFLA_IFNAME => {
-                link.name = String::from_utf8_lossy(data.split(|b| *b == 0).next().unwrap_or(&[]))
-                    .into_owned()
-            }
+            IFLA_IFNAME => link.name = c_string(data),
             IFLA_ADDRESS if data.len() == 6 => link.mac.copy_from_slice(data),
             IFLA_MTU if data.len() == 4 => link.mtu = u32::from_ne_bytes(data.try_into().unwrap()),
+            IFLA_LINKINFO => {
+                for (info, value) in attrs(data) {
+                    match info {
+                        IFLA_INFO_KIND => link.kind = Some(c_string(value)),
+                        IFLA_INFO_DATA => link.info_data = value.to_vec(),
+                        _ => {}
+                    }
+                }
+            }
             _ => {}
         }
     }

@@ -8,7 +8,8 @@
 //! attaches it; [`maps`], typed access to the service load-balancing maps whose layouts live in
 //! `weir-common`; and [`model`], the pure Services + EndpointSlices -> frontends/backends
 //! computation with kube-proxy's semantics; and [`apply`], the incremental applier of that state
-//! to the eBPF maps. The watchers and the nftables backend come with the load-balancing issue.
+//! to the eBPF maps; and [`routing`], node-to-node pod routes (VXLAN or native), masquerade and
+//! the pod MTU (docs/networking.md).
 pub mod agent;
 pub mod apply;
 pub mod inspect;

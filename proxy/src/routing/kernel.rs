@@ -1,76 +1,40 @@
 //! Thin rtnetlink adapter for node routing: the VXLAN device, routes marked with weir's
 //! protocol number, permanent neighbours and VXLAN forwarding entries. Built on the generic
 //! netlink plumbing of `weir_cni_plugin::netlink`; works in the calling thread's namespace.
-use std::{io, net::Ipv4Addr};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr},
+};
 
-use weir_cni_plugin::netlink::{Msg, Socket, attrs};
+use weir_cni_plugin::netlink::{
+    IFA_ADDRESS, IFA_LOCAL, IFF_UP, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINKINFO,
+    IFLA_MTU, Link, Msg, NDA_DST, NDA_LLADDR, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST, NUD_PERMANENT, RT_TABLE_MAIN, RTA_DST, RTA_GATEWAY, RTA_OIF, RTM_GETADDR,
+    RTM_NEWADDR, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, RTN_UNICAST, RTNH_F_ONLINK, Socket,
+    attrs, ifinfomsg,
+};
 
 /// Routes weir makes carry this `rtm_protocol` (`ip route show proto 87`), so the reconciler
 /// only ever lists, changes and deletes its own.
 pub const ROUTE_PROTOCOL: u8 = 0x57;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
 const NLM_F_REPLACE: u16 = 0x100;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_DUMP: u16 = 0x300;
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const RTM_NEWADDR: u16 = 20;
 const RTM_DELADDR: u16 = 21;
-const RTM_GETADDR: u16 = 22;
-const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
-const RTM_GETROUTE: u16 = 26;
-const RTM_NEWNEIGH: u16 = 28;
 const RTM_DELNEIGH: u16 = 29;
 const RTM_GETNEIGH: u16 = 30;
 
-const IFLA_ADDRESS: u16 = 1;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_MTU: u16 = 4;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_KIND: u16 = 1;
-const IFLA_INFO_DATA: u16 = 2;
 const IFLA_VXLAN_ID: u16 = 1;
 const IFLA_VXLAN_LINK: u16 = 3;
 const IFLA_VXLAN_LOCAL: u16 = 4;
 const IFLA_VXLAN_LEARNING: u16 = 7;
 const IFLA_VXLAN_PORT: u16 = 15;
-const IFF_UP: u32 = 0x1;
 
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
-
-const RTA_DST: u16 = 1;
-const RTA_OIF: u16 = 4;
-const RTA_GATEWAY: u16 = 5;
-const RTA_TABLE: u16 = 15;
-const RT_TABLE_MAIN: u8 = 254;
-const RTN_UNICAST: u8 = 1;
-const RTNH_F_ONLINK: u32 = 4;
-
-const NDA_DST: u16 = 1;
-const NDA_LLADDR: u16 = 2;
-const NUD_PERMANENT: u16 = 0x80;
 const NTF_SELF: u8 = 0x02;
 
 const AF_INET: u8 = libc::AF_INET as u8;
 const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
-
-/// An interface as the routing code sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkInfo {
-    pub index: u32,
-    pub name: String,
-    pub mac: [u8; 6],
-    pub mtu: u32,
-    pub up: bool,
-    pub kind: Option<String>,
-    pub vxlan: Option<VxlanParams>,
-}
 
 /// The parameters weir sets on its VXLAN device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,14 +63,6 @@ pub struct KernelNeighbour {
     pub mac: [u8; 6],
 }
 
-fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
-    let mut m = [0u8; 16];
-    m[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
-    m[8..12].copy_from_slice(&flags.to_ne_bytes());
-    m[12..16].copy_from_slice(&change.to_ne_bytes());
-    m
-}
-
 fn ndmsg(family: u8, index: u32, state: u16, flags: u8) -> [u8; 12] {
     let mut m = [0u8; 12];
     m[0] = family;
@@ -124,66 +80,9 @@ fn u32_of(data: &[u8]) -> Option<u32> {
     <[u8; 4]>::try_from(data).ok().map(u32::from_ne_bytes)
 }
 
-/// Every interface of the namespace, with VXLAN parameters where the kind is `vxlan`.
-pub fn links(sock: &mut Socket) -> io::Result<Vec<LinkInfo>> {
-    let answers = sock.dump(|| {
-        let mut msg = Msg::new(RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP);
-        msg.raw(&ifinfomsg(0, 0, 0));
-        msg
-    })?;
-    Ok(answers
-        .iter()
-        .filter(|(k, _)| *k == RTM_NEWLINK)
-        .filter_map(|(_, p)| parse_link(p))
-        .collect())
-}
-
-fn parse_link(p: &[u8]) -> Option<LinkInfo> {
-    if p.len() < 16 {
-        return None;
-    }
-    let index = u32_of(&p[4..8])?;
-    let flags = u32_of(&p[8..12])?;
-    let mut link = LinkInfo {
-        index,
-        name: String::new(),
-        mac: [0; 6],
-        mtu: 0,
-        up: flags & IFF_UP != 0,
-        kind: None,
-        vxlan: None,
-    };
-    for (kind, data) in attrs(&p[16..]) {
-        match kind {
-            IFLA_IFNAME => {
-                link.name = String::from_utf8_lossy(data.split(|b| *b == 0).next().unwrap_or(&[]))
-                    .into_owned()
-            }
-            IFLA_ADDRESS if data.len() == 6 => link.mac.copy_from_slice(data),
-            IFLA_MTU => link.mtu = u32_of(data).unwrap_or(0),
-            IFLA_LINKINFO => {
-                for (info, value) in attrs(data) {
-                    match info {
-                        IFLA_INFO_KIND => {
-                            link.kind = Some(
-                                String::from_utf8_lossy(
-                                    value.split(|b| *b == 0).next().unwrap_or(&[]),
-                                )
-                                .into_owned(),
-                            )
-                        }
-                        IFLA_INFO_DATA => link.vxlan = Some(parse_vxlan(value)),
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    if link.kind.as_deref() != Some("vxlan") {
-        link.vxlan = None;
-    }
-    Some(link)
+/// The VXLAN parameters of `link`, `None` when it is not a VXLAN device.
+pub fn vxlan_params(link: &Link) -> Option<VxlanParams> {
+    (link.kind.as_deref() == Some("vxlan")).then(|| parse_vxlan(&link.info_data))
 }
 
 fn parse_vxlan(data: &[u8]) -> VxlanParams {
@@ -288,36 +187,24 @@ pub fn delete_address(sock: &mut Socket, index: u32, ip: Ipv4Addr, prefix: u8) -
 
 /// The main table's IPv4 routes with weir's protocol number.
 pub fn routes(sock: &mut Socket) -> io::Result<Vec<KernelRoute>> {
-    let answers = sock.dump(|| {
-        let mut msg = Msg::new(RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP);
-        let mut rtm = [0u8; 12];
-        rtm[0] = AF_INET;
-        msg.raw(&rtm);
-        msg
-    })?;
-    let mut out = Vec::new();
-    for (_, p) in answers.iter().filter(|(k, _)| *k == RTM_NEWROUTE) {
-        if p.len() < 12 || p[0] != AF_INET || p[5] != ROUTE_PROTOCOL {
-            continue;
-        }
-        let (prefix, mut table) = (p[1], u32::from(p[4]));
-        let onlink = u32_of(&p[8..12]).unwrap_or(0) & RTNH_F_ONLINK != 0;
-        let mut route =
-            KernelRoute { dst: Ipv4Addr::UNSPECIFIED, prefix, gateway: None, oif: None, onlink };
-        for (kind, data) in attrs(&p[12..]) {
-            match kind {
-                RTA_DST => route.dst = ipv4(data).unwrap_or(Ipv4Addr::UNSPECIFIED),
-                RTA_GATEWAY => route.gateway = ipv4(data),
-                RTA_OIF => route.oif = u32_of(data),
-                RTA_TABLE => table = u32_of(data).unwrap_or(table),
-                _ => {}
-            }
-        }
-        if table == u32::from(RT_TABLE_MAIN) {
-            out.push(route);
-        }
-    }
-    Ok(out)
+    let routes = sock.routes(AF_INET)?;
+    Ok(routes
+        .into_iter()
+        .filter(|r| r.protocol == ROUTE_PROTOCOL)
+        .filter_map(|r| {
+            let (IpAddr::V4(dst), gateway) = (r.dst, r.gateway) else { return None };
+            Some(KernelRoute {
+                dst,
+                prefix: r.prefix,
+                gateway: match gateway {
+                    Some(IpAddr::V4(gw)) => Some(gw),
+                    _ => None,
+                },
+                oif: r.oif,
+                onlink: r.flags & RTNH_F_ONLINK != 0,
+            })
+        })
+        .collect())
 }
 
 fn route_msg(kind: u16, flags: u16, route: &KernelRoute) -> Msg {

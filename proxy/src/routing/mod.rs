@@ -15,7 +15,6 @@ pub mod nat;
 pub mod reconcile;
 
 use std::{
-    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -81,7 +80,7 @@ impl RoutingConfig {
 /// One pass: the desired state and the kernel reconciled to it (on a blocking thread).
 struct Pass {
     desired: Desired,
-    outcome: Option<Outcome>,
+    outcome: Result<Outcome, String>,
 }
 
 /// Runs until the task is dropped: reconciles on every Node change and every `resync`.
@@ -101,7 +100,8 @@ pub async fn run(
         log::error!("routing: the Node watcher stopped before its first list");
         return;
     }
-    let mut last_logged: Option<(String, u32, BTreeMap<String, String>, Vec<String>)> = None;
+    // What was last logged: a state is logged when it changes, not on every resync.
+    let mut last_logged = String::new();
     let mut nat_written = false;
     let mut state_written: Option<String> = None;
     let mut first = true;
@@ -121,16 +121,23 @@ pub async fn run(
         match pass {
             Ok((pass, written)) => {
                 nat_written = written;
-                if let Some(outcome) = &pass.outcome {
-                    let key = (
-                        outcome.uplink.clone(),
-                        outcome.pod_mtu,
-                        pass.desired.skipped.clone(),
-                        outcome.failed.clone(),
-                    );
-                    if last_logged.as_ref() != Some(&key) || outcome.changes > 0 {
+                let key = match &pass.outcome {
+                    Ok(o) => format!(
+                        "{} {} {:?} {:?}",
+                        o.uplink, o.pod_mtu, pass.desired.skipped, o.failed
+                    ),
+                    Err(err) => err.clone(),
+                };
+                let changed_state = key != last_logged;
+                last_logged = key;
+                if let Err(err) = &pass.outcome
+                    && changed_state
+                {
+                    log::error!("routing: {err} (retrying every {:?})", config.resync);
+                }
+                if let Ok(outcome) = &pass.outcome {
+                    if changed_state || outcome.changes > 0 {
                         log_outcome(&config, &pass.desired, outcome);
-                        last_logged = Some(key);
                     }
                     if first {
                         first = false;
@@ -208,27 +215,26 @@ fn reconcile_pass(
         }
     }
     let outcome = match Socket::open() {
-        Ok(mut sock) => match reconcile::reconcile(
-            &mut sock,
-            config.overlay,
-            &desired,
-            config.uplink.as_deref(),
-        ) {
-            Ok(outcome) => Some(outcome),
-            Err(err) => {
-                log::error!("routing: {err}");
-                None
-            }
-        },
-        Err(err) => {
-            log::error!("routing: opening a netlink socket: {err}");
-            None
+        Ok(mut sock) => {
+            reconcile::reconcile(&mut sock, config.overlay, &desired, config.uplink.as_deref())
+                .map_err(|err| error_chain(&err))
         }
+        Err(err) => Err(format!("opening a netlink socket: {err}")),
     };
     if config.overlay == Overlay::Vxlan || config.overlay == Overlay::Native {
         enable_forwarding();
     }
     (Pass { desired, outcome }, nat_ok)
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// Pods on other nodes are reached through this node: IPv4 forwarding must be on.

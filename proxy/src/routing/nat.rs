@@ -17,7 +17,7 @@
 //! rewriting the table does not disturb established connections.
 use std::io;
 
-use weir_cni_plugin::netlink::{Msg, Socket};
+use weir_cni_plugin::netlink::{Msg, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, Socket};
 
 use super::model::Ipv4Cidr;
 
@@ -31,9 +31,6 @@ const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 
 const NFPROTO_IPV4: u8 = 2;

@@ -5,10 +5,10 @@
 use std::{collections::BTreeSet, io, net::Ipv4Addr};
 
 use thiserror::Error;
-use weir_cni_plugin::netlink::Socket;
+use weir_cni_plugin::netlink::{Link, Socket};
 
 use super::{
-    kernel::{self, KernelNeighbour, KernelRoute, LinkInfo, ROUTE_PROTOCOL, VxlanParams},
+    kernel::{self, KernelNeighbour, KernelRoute, ROUTE_PROTOCOL, VxlanParams},
     model::{Desired, Device, Overlay, VXLAN_OVERHEAD},
 };
 
@@ -69,7 +69,7 @@ pub fn reconcile(
     uplink_override: Option<&str>,
 ) -> Result<Outcome, ReconcileError> {
     let local = desired.local_address.ok_or(ReconcileError::NoLocalAddress)?;
-    let links = kernel::links(sock).map_err(nl("listing interfaces"))?;
+    let links = sock.links().map_err(nl("listing interfaces"))?;
     let uplink = match uplink_override {
         Some(name) => links
             .iter()
@@ -95,7 +95,13 @@ pub fn reconcile(
             ensure_vxlan_address(sock, link.index, desired, &mut out)?;
             Some(link.index)
         }
-        Overlay::Native | Overlay::None => {
+        Overlay::None => {
+            // Routing is someone else's: report the MTU, touch nothing (`--cleanup` removes
+            // what an earlier overlay left).
+            out.pod_mtu = uplink.mtu;
+            return Ok(out);
+        }
+        Overlay::Native => {
             out.pod_mtu = uplink.mtu;
             if existing.is_some() {
                 // Switched away from VXLAN: its routes, neighbours and FDB go with it.
@@ -114,12 +120,12 @@ pub fn reconcile(
 
 fn ensure_vxlan(
     sock: &mut Socket,
-    existing: Option<&LinkInfo>,
-    uplink: &LinkInfo,
+    existing: Option<&Link>,
+    uplink: &Link,
     local: Ipv4Addr,
     mtu: u32,
     out: &mut Outcome,
-) -> Result<LinkInfo, ReconcileError> {
+) -> Result<Link, ReconcileError> {
     let want = VxlanParams {
         vni: VXLAN_VNI,
         local: Some(local),
@@ -128,7 +134,7 @@ fn ensure_vxlan(
         learning: false,
     };
     if let Some(link) = existing {
-        if link.vxlan == Some(want) {
+        if kernel::vxlan_params(link) == Some(want) {
             if link.mtu != mtu || !link.up {
                 kernel::set_link(sock, link.index, mtu).map_err(nl("setting up weir.vxlan"))?;
                 out.changes += 1;
@@ -136,11 +142,15 @@ fn ensure_vxlan(
             return Ok(link.clone());
         }
         // Another kind, or other parameters (the node's address or uplink changed): replace.
-        log::info!("routing: replacing {VXLAN_DEVICE} ({:?}, want {want:?})", link.vxlan);
+        log::info!(
+            "routing: replacing {VXLAN_DEVICE} ({:?}, want {want:?})",
+            kernel::vxlan_params(link)
+        );
         sock.delete_link(VXLAN_DEVICE).map_err(nl("deleting weir.vxlan"))?;
     }
     kernel::create_vxlan(sock, VXLAN_DEVICE, &want, mtu).map_err(nl("creating weir.vxlan"))?;
-    let link = kernel::links(sock)
+    let link = sock
+        .links()
         .map_err(nl("listing interfaces"))?
         .into_iter()
         .find(|l| l.name == VXLAN_DEVICE)
@@ -187,44 +197,60 @@ fn ignore_missing(result: io::Result<()>) -> io::Result<()> {
     }
 }
 
+/// Deletes what `have` has beyond `want`, then adds what `want` has beyond `have`; counts
+/// the changes. Deleting an entry that is already gone is fine.
+fn sync_set<T: Ord + std::fmt::Debug>(
+    sock: &mut Socket,
+    (have, want): (&BTreeSet<T>, &BTreeSet<T>),
+    what: &str,
+    out: &mut Outcome,
+    delete: impl Fn(&mut Socket, &T) -> io::Result<()>,
+    add: impl Fn(&mut Socket, &T) -> io::Result<()>,
+) -> Result<(), ReconcileError> {
+    for stale in have.difference(want) {
+        ignore_missing(delete(sock, stale)).map_err(nl(format!("deleting {what} {stale:?}")))?;
+        out.changes += 1;
+    }
+    for missing in want.difference(have) {
+        add(sock, missing).map_err(nl(format!("adding {what} {missing:?}")))?;
+        out.changes += 1;
+    }
+    Ok(())
+}
+
 fn sync_neighbours(
     sock: &mut Socket,
     index: u32,
     desired: &Desired,
     out: &mut Outcome,
 ) -> Result<(), ReconcileError> {
-    let want_fdb: BTreeSet<KernelNeighbour> =
+    let want: BTreeSet<KernelNeighbour> =
         desired.fdb.iter().map(|f| KernelNeighbour { ip: f.dst, mac: f.mac }).collect();
-    let have_fdb: BTreeSet<KernelNeighbour> =
+    let have: BTreeSet<KernelNeighbour> =
         kernel::fdb(sock, index).map_err(nl("listing weir.vxlan's fdb"))?.into_iter().collect();
-    for stale in have_fdb.difference(&want_fdb) {
-        ignore_missing(kernel::delete_fdb(sock, index, stale))
-            .map_err(nl(format!("deleting fdb entry {stale:?}")))?;
-        out.changes += 1;
-    }
-    for missing in want_fdb.difference(&have_fdb) {
-        kernel::replace_fdb(sock, index, missing)
-            .map_err(nl(format!("adding fdb entry {missing:?}")))?;
-        out.changes += 1;
-    }
+    sync_set(
+        sock,
+        (&have, &want),
+        "fdb entry",
+        out,
+        |s, e| kernel::delete_fdb(s, index, e),
+        |s, e| kernel::replace_fdb(s, index, e),
+    )?;
     let want: BTreeSet<KernelNeighbour> =
         desired.neighbours.iter().map(|n| KernelNeighbour { ip: n.ip, mac: n.mac }).collect();
     let have: BTreeSet<KernelNeighbour> = kernel::neighbours(sock, index)
         .map_err(nl("listing weir.vxlan's neighbours"))?
         .into_iter()
         .collect();
-    for stale in have.difference(&want) {
-        // A changed MAC for the same address is replaced below; deleting it first is harmless.
-        ignore_missing(kernel::delete_neighbour(sock, index, stale))
-            .map_err(nl(format!("deleting neighbour {stale:?}")))?;
-        out.changes += 1;
-    }
-    for missing in want.difference(&have) {
-        kernel::replace_neighbour(sock, index, missing)
-            .map_err(nl(format!("adding neighbour {missing:?}")))?;
-        out.changes += 1;
-    }
-    Ok(())
+    // A changed MAC for the same address: the old entry is deleted, the new one added.
+    sync_set(
+        sock,
+        (&have, &want),
+        "neighbour",
+        out,
+        |s, e| kernel::delete_neighbour(s, index, e),
+        |s, e| kernel::replace_neighbour(s, index, e),
+    )
 }
 
 fn sync_routes(
