@@ -91,18 +91,21 @@ impl TestDatapath {
                     cgroup: Some(cgroup),
                 })
             }
-            Dataplane::Nftables => {
-                let name = table_name(role);
-                let table = client
-                    .run(|| NftDataplane::open(&name))?
-                    .with_context(|| format!("opening nftables table {name}"))?;
-                Ok(Self {
-                    dataplane,
-                    inner: Inner::Nftables { table: Some(table), netns_path: client.path() },
-                    cgroup: None,
-                })
-            }
+            Dataplane::Nftables => Self::nft_table(client, &table_name(role)),
         }
+    }
+
+    /// The nftables table `name` in `client`'s namespace, adopted when it exists (what a
+    /// restarted agent does); removed on drop.
+    pub fn nft_table(client: &Netns, name: &str) -> Result<Self> {
+        let table = client
+            .run(|| NftDataplane::open(name))?
+            .with_context(|| format!("opening nftables table {name}"))?;
+        Ok(Self {
+            dataplane: Dataplane::Nftables,
+            inner: Inner::Nftables { table: Some(table), netns_path: client.path() },
+            cgroup: None,
+        })
     }
 
     /// The cgroup clients must run in (eBPF), or `None` (nftables: the namespace suffices).
@@ -139,14 +142,6 @@ impl TestDatapath {
                 table.readopt()?;
                 Ok(table.frontends())
             }
-        }
-    }
-
-    /// The nftables table's name, for a second opener (an adopting agent).
-    pub fn nft_table(&self) -> Option<&str> {
-        match &self.inner {
-            Inner::Nftables { table, .. } => table.as_ref().map(NftDataplane::table),
-            Inner::Ebpf { .. } => None,
         }
     }
 }
