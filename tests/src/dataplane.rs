@@ -58,8 +58,15 @@ pub fn table_name(role: &str) -> String {
     names::unique(role)
 }
 
+struct EbpfInner {
+    writer: MapWriter,
+    planner: Planner,
+    _loaded: programs::Loaded,
+    _pins: TestPinDir,
+}
+
 enum Inner {
-    Ebpf { writer: MapWriter, planner: Planner, _loaded: programs::Loaded, _pins: TestPinDir },
+    Ebpf(Box<EbpfInner>),
     Nftables { table: Option<NftDataplane>, netns_path: std::path::PathBuf },
 }
 
@@ -82,12 +89,12 @@ impl TestDatapath {
                 programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), None)?;
                 Ok(Self {
                     dataplane,
-                    inner: Inner::Ebpf {
+                    inner: Inner::Ebpf(Box::new(EbpfInner {
                         writer,
                         planner: Planner::new(),
                         _loaded: loaded,
                         _pins: pins,
-                    },
+                    })),
                     cgroup: Some(cgroup),
                 })
             }
@@ -116,9 +123,9 @@ impl TestDatapath {
     /// Applies `state` incrementally; returns the number of datapath operations.
     pub fn apply(&mut self, state: &ServiceState) -> Result<usize> {
         match &mut self.inner {
-            Inner::Ebpf { writer, planner, .. } => {
-                let plan = planner.plan(state);
-                writer.apply(&plan)?;
+            Inner::Ebpf(ebpf) => {
+                let plan = ebpf.planner.plan(state);
+                ebpf.writer.apply(&plan)?;
                 Ok(plan.ops.len())
             }
             Inner::Nftables { table, .. } => {
@@ -131,8 +138,8 @@ impl TestDatapath {
     /// entries; nftables: frontends found in the table). 0 when everything was removed.
     pub fn live_entries(&mut self) -> Result<usize> {
         match &mut self.inner {
-            Inner::Ebpf { writer, .. } => {
-                let maps = writer.maps();
+            Inner::Ebpf(ebpf) => {
+                let maps = ebpf.writer.maps();
                 Ok(maps.service_entries().len()
                     + maps.backend_entries().len()
                     + maps.rev_nat_entries().len())

@@ -138,7 +138,7 @@ pub struct Buf {
 
 impl Buf {
     fn align(&mut self) {
-        while self.bytes.len() % 4 != 0 {
+        while !self.bytes.len().is_multiple_of(4) {
             self.bytes.push(0);
         }
     }
@@ -916,7 +916,7 @@ impl Socket {
             .iter()
             .filter(|(h, _)| h.flags & NLM_F_ACK != 0)
             .map(|(h, _)| h.seq)
-            .last()
+            .next_back()
         else {
             return Ok(Vec::new());
         };
@@ -964,8 +964,7 @@ impl Socket {
             self.send(&buf.bytes)?;
             let mut out = Vec::new();
             let mut interrupted = false;
-            'recv: loop {
-                let Some(n) = self.recv(false)? else { break };
+            'recv: while let Some(n) = self.recv(false)? {
                 for (header, payload) in messages(&self.buffer[..n]) {
                     interrupted |= header.flags & NLM_F_DUMP_INTR != 0;
                     match header.kind {
