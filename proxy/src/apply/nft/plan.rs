@@ -493,24 +493,7 @@ fn update_frontend(
 mod tests {
     use super::*;
     use crate::model::FrontendKind;
-
-    fn frontend(ip: &str, port: u16) -> Frontend {
-        Frontend { address: ip.parse().unwrap(), port, protocol: Protocol::Tcp }
-    }
-
-    fn state(entries: &[(&str, u16, &[&str])]) -> ServiceState {
-        let mut state = ServiceState::default();
-        for (ip, port, backends) in entries {
-            state.frontends.insert(
-                frontend(ip, *port),
-                FrontendState::cluster_ip(
-                    "default/web",
-                    backends.iter().map(|b| b.parse().unwrap()).collect(),
-                ),
-            );
-        }
-        state
-    }
+    use crate::model::testing::{frontend, state};
 
     /// A rule's statements and comment.
     type Rule = (Vec<Stmt>, Option<String>);
