@@ -388,7 +388,7 @@ fn service_key(frontend: &Frontend) -> ServiceKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{frontend, state};
+    use crate::model::testing::state;
 
     fn count(plan: &Plan, pred: impl Fn(&MapOp) -> bool) -> usize {
         plan.ops.iter().filter(|op| pred(op)).count()
