@@ -58,8 +58,15 @@ pub fn table_name(role: &str) -> String {
     names::unique(role)
 }
 
+struct EbpfInner {
+    writer: MapWriter,
+    planner: Planner,
+    _loaded: programs::Loaded,
+    _pins: TestPinDir,
+}
+
 enum Inner {
-    Ebpf { writer: MapWriter, planner: Planner, _loaded: programs::Loaded, _pins: TestPinDir },
+    Ebpf(Box<EbpfInner>),
     Nftables { table: Option<NftDataplane>, netns_path: std::path::PathBuf },
 }
 
@@ -82,27 +89,30 @@ impl TestDatapath {
                 programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), None)?;
                 Ok(Self {
                     dataplane,
-                    inner: Inner::Ebpf {
+                    inner: Inner::Ebpf(Box::new(EbpfInner {
                         writer,
                         planner: Planner::new(),
                         _loaded: loaded,
                         _pins: pins,
-                    },
+                    })),
                     cgroup: Some(cgroup),
                 })
             }
-            Dataplane::Nftables => {
-                let name = table_name(role);
-                let table = client
-                    .run(|| NftDataplane::open(&name))?
-                    .with_context(|| format!("opening nftables table {name}"))?;
-                Ok(Self {
-                    dataplane,
-                    inner: Inner::Nftables { table: Some(table), netns_path: client.path() },
-                    cgroup: None,
-                })
-            }
+            Dataplane::Nftables => Self::nft_table(client, &table_name(role)),
         }
+    }
+
+    /// The nftables table `name` in `client`'s namespace, adopted when it exists (what a
+    /// restarted agent does); removed on drop.
+    pub fn nft_table(client: &Netns, name: &str) -> Result<Self> {
+        let table = client
+            .run(|| NftDataplane::open(name))?
+            .with_context(|| format!("opening nftables table {name}"))?;
+        Ok(Self {
+            dataplane: Dataplane::Nftables,
+            inner: Inner::Nftables { table: Some(table), netns_path: client.path() },
+            cgroup: None,
+        })
     }
 
     /// The cgroup clients must run in (eBPF), or `None` (nftables: the namespace suffices).
@@ -113,9 +123,9 @@ impl TestDatapath {
     /// Applies `state` incrementally; returns the number of datapath operations.
     pub fn apply(&mut self, state: &ServiceState) -> Result<usize> {
         match &mut self.inner {
-            Inner::Ebpf { writer, planner, .. } => {
-                let plan = planner.plan(state);
-                writer.apply(&plan)?;
+            Inner::Ebpf(ebpf) => {
+                let plan = ebpf.planner.plan(state);
+                ebpf.writer.apply(&plan)?;
                 Ok(plan.ops.len())
             }
             Inner::Nftables { table, .. } => {
@@ -128,8 +138,8 @@ impl TestDatapath {
     /// entries; nftables: frontends found in the table). 0 when everything was removed.
     pub fn live_entries(&mut self) -> Result<usize> {
         match &mut self.inner {
-            Inner::Ebpf { writer, .. } => {
-                let maps = writer.maps();
+            Inner::Ebpf(ebpf) => {
+                let maps = ebpf.writer.maps();
                 Ok(maps.service_entries().len()
                     + maps.backend_entries().len()
                     + maps.rev_nat_entries().len())
@@ -139,14 +149,6 @@ impl TestDatapath {
                 table.readopt()?;
                 Ok(table.frontends())
             }
-        }
-    }
-
-    /// The nftables table's name, for a second opener (an adopting agent).
-    pub fn nft_table(&self) -> Option<&str> {
-        match &self.inner {
-            Inner::Nftables { table, .. } => table.as_ref().map(NftDataplane::table),
-            Inner::Ebpf { .. } => None,
         }
     }
 }

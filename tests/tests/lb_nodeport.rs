@@ -86,13 +86,7 @@ fn from_outside_the_node(dataplane: Dataplane) {
 
             let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
             assert_eq!(result["ok"], true, "{result}");
-            assert!(
-                result["reply"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with(&format!("pong from {POD}:8080 to {EXTERNAL}:")),
-                "the pod answered and saw the external client's address: {result}"
-            );
+            assert_pod_saw(&result, EXTERNAL, "the pod saw the external client's address");
             assert_eq!(result["peer"], target, "{result}");
             let counters = read_counters(&loaded.ebpf).unwrap();
             let count = |which| counters.iter().find(|(c, _)| *c == which).unwrap().1;
@@ -106,14 +100,7 @@ fn from_outside_the_node(dataplane: Dataplane) {
             datapath.apply(&desired).unwrap();
             let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
             assert_eq!(result["ok"], true, "{result}");
-            assert!(
-                result["reply"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with(&format!("pong from {POD}:8080 to {NODE_POD_SIDE}:")),
-                "the pod answered the masqueraded connection (kube-proxy's Cluster policy): \
-                 {result}"
-            );
+            assert_pod_saw(&result, NODE_POD_SIDE, "masqueraded (kube-proxy's Cluster policy)");
             assert_eq!(result["peer"], target, "{result}");
 
             // externalTrafficPolicy: Local keeps the client's address (no masquerade).
@@ -123,12 +110,17 @@ fn from_outside_the_node(dataplane: Dataplane) {
             local_slice.endpoints[0].node_name = Some("node-a".into());
             datapath.apply(&model::build([&local], [&local_slice], &context)).unwrap();
             let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
-            assert!(
-                result["reply"]
-                    .as_str()
-                    .is_some_and(|r| r.starts_with(&format!("pong from {POD}:8080 to {EXTERNAL}:"))),
-                "Local policy: the pod sees the external client: {result}"
-            );
+            assert_pod_saw(&result, EXTERNAL, "Local policy: the client address is kept");
         }
     }
+}
+
+/// Asserts that `result` is the pod's answer to a connection it saw coming from `source`.
+fn assert_pod_saw(result: &serde_json::Value, source: Ipv4Addr, why: &str) {
+    assert!(
+        result["reply"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("pong from {POD}:8080 to {source}:"))),
+        "{why}: {result}"
+    );
 }

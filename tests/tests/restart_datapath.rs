@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use weir_proxy::{
-    apply::{ebpf::MapWriter, plan::Planner},
+    apply::{ebpf::MapWriter, nft::NftDataplane, plan::Planner},
     maps::ServiceMaps,
     model::{Frontend, FrontendState, Protocol, ServiceState},
     programs::{self, Attached, LoadOptions},
@@ -13,6 +13,7 @@ use weir_proxy::{
 use weir_tests::{
     bpffs::TestPinDir,
     cgroup::TestCgroup,
+    dataplane::{TestDatapath, table_name},
     privileged::require_root,
     probe::{Session, spread},
     topology::ServiceNet,
@@ -80,6 +81,40 @@ fn restart_connections_survive_and_the_new_agent_adopts_the_pins() {
     assert_eq!(after["backends"][format!("{BACKEND_A}:8080")], 50, "{after}");
 
     // And the connections opened before the restart were never interrupted.
+    for session in &mut sessions {
+        assert_eq!(session.ping()["ok"], true);
+    }
+}
+
+/// The nftables dataplane outlives its agent the same way: the table stays in the namespace;
+/// established connections (conntrack) and new ones keep working; the next agent adopts the
+/// table without rewriting anything and its change takes effect.
+#[test]
+fn restart_nftables_table_survives_and_the_new_agent_adopts_it() {
+    require_root();
+    let net = ServiceNet::new("rstn", 212, 2).unwrap();
+    let client = &net.client;
+    let table = table_name("rstn");
+    let (a, b) = (net.backends[0], net.backends[1]);
+
+    // First agent: programs the service, then goes away leaving its table.
+    client
+        .run(|| NftDataplane::open(&table).and_then(|mut t| t.apply(&desired(&[a, b]))))
+        .unwrap()
+        .unwrap();
+    let mut sessions: Vec<Session> =
+        (0..SESSIONS).map(|_| Session::open(client, None, VIP)).collect();
+    let while_down = spread(client, None, VIP, 50);
+    assert_eq!(while_down["ok"], true, "{while_down}");
+    assert_eq!(while_down["backends"].as_object().unwrap().len(), 2, "{while_down}");
+
+    // Second agent: adopts the table; the unchanged state costs no write.
+    let mut adopted = TestDatapath::nft_table(client, &table).unwrap();
+    assert_eq!(adopted.apply(&desired(&[a, b])).unwrap(), 0, "a restart rewrites nothing");
+    adopted.apply(&desired(&[a])).unwrap();
+    let after = spread(client, None, VIP, 50);
+    assert_eq!(after["backends"][format!("{a}:8080")], 50, "{after}");
+
     for session in &mut sessions {
         assert_eq!(session.ping()["ok"], true);
     }

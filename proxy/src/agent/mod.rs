@@ -99,13 +99,15 @@ pub enum AgentError {
 
 /// The datapath the loop writes to.
 enum Backend {
-    Ebpf {
-        writer: MapWriter,
-        planner: Planner,
-        /// The loaded object and its attachments live as long as the agent.
-        _loaded: programs::Loaded,
-    },
+    Ebpf(Box<EbpfBackend>),
     Nftables(NftDataplane),
+}
+
+struct EbpfBackend {
+    writer: MapWriter,
+    planner: Planner,
+    /// The loaded object and its attachments live as long as the agent.
+    _loaded: programs::Loaded,
 }
 
 /// What one sync wrote.
@@ -118,9 +120,9 @@ struct Synced {
 impl Backend {
     fn sync(&mut self, desired: &model::ServiceState) -> Result<Synced, String> {
         match self {
-            Backend::Ebpf { writer, planner, .. } => {
-                let plan = planner.plan(desired);
-                let flushed = writer.apply(&plan).map_err(|err| err.to_string())?;
+            Backend::Ebpf(ebpf) => {
+                let plan = ebpf.planner.plan(desired);
+                let flushed = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
                 Ok(Synced { ops: plan.ops.len(), skipped: plan.skipped, flushed })
             }
             Backend::Nftables(table) => {
@@ -133,7 +135,7 @@ impl Backend {
     /// After a failed sync: rebuild what was applied from the datapath itself.
     fn resync(&mut self) {
         match self {
-            Backend::Ebpf { writer, planner, .. } => *planner = writer.adopting_planner(),
+            Backend::Ebpf(ebpf) => ebpf.planner = ebpf.writer.adopting_planner(),
             Backend::Nftables(table) => {
                 if let Err(err) = table.readopt() {
                     log::error!(
@@ -148,7 +150,7 @@ impl Backend {
 
     fn counts(&self) -> (usize, usize) {
         match self {
-            Backend::Ebpf { planner, .. } => (planner.frontends(), planner.backends()),
+            Backend::Ebpf(ebpf) => (ebpf.planner.frontends(), ebpf.planner.backends()),
             Backend::Nftables(table) => (table.frontends(), table.backends()),
         }
     }
@@ -207,7 +209,7 @@ fn start_ebpf(config: &AgentConfig) -> Result<Backend, AgentError> {
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_ebpf_logs(logger));
     }
-    Ok(Backend::Ebpf { writer, planner, _loaded: loaded })
+    Ok(Backend::Ebpf(Box::new(EbpfBackend { writer, planner, _loaded: loaded })))
 }
 
 /// Runs the agent until SIGTERM/SIGINT.

@@ -388,24 +388,7 @@ fn service_key(frontend: &Frontend) -> ServiceKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frontend(ip: &str, port: u16) -> Frontend {
-        Frontend { address: ip.parse().unwrap(), port, protocol: Protocol::Tcp }
-    }
-
-    fn state(entries: &[(&str, u16, &[&str])]) -> ServiceState {
-        let mut state = ServiceState::default();
-        for (ip, port, backends) in entries {
-            state.frontends.insert(
-                frontend(ip, *port),
-                FrontendState::cluster_ip(
-                    "default/web",
-                    backends.iter().map(|b| b.parse().unwrap()).collect(),
-                ),
-            );
-        }
-        state
-    }
+    use crate::model::testing::state;
 
     fn count(plan: &Plan, pred: impl Fn(&MapOp) -> bool) -> usize {
         plan.ops.iter().filter(|op| pred(op)).count()

@@ -121,3 +121,29 @@ pub struct NodeContext {
     /// Addresses that node ports are served on.
     pub addresses: Vec<IpAddr>,
 }
+
+/// Shorthands for the appliers' unit tests.
+#[cfg(test)]
+pub mod testing {
+    use super::*;
+
+    /// TCP frontend `ip:port`.
+    pub fn frontend(ip: &str, port: u16) -> Frontend {
+        Frontend { address: ip.parse().unwrap(), port, protocol: Protocol::Tcp }
+    }
+
+    /// ClusterIP frontends `(ip, port, backends)` of service `default/web`.
+    pub fn state(entries: &[(&str, u16, &[&str])]) -> ServiceState {
+        let mut state = ServiceState::default();
+        for (ip, port, backends) in entries {
+            state.frontends.insert(
+                frontend(ip, *port),
+                FrontendState::cluster_ip(
+                    "default/web",
+                    backends.iter().map(|b| b.parse().unwrap()).collect(),
+                ),
+            );
+        }
+        state
+    }
+}

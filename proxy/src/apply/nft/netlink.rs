@@ -66,6 +66,7 @@ const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_DATA_TYPE: u16 = 6;
 const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -138,7 +139,7 @@ pub struct Buf {
 
 impl Buf {
     fn align(&mut self) {
-        while self.bytes.len() % 4 != 0 {
+        while !self.bytes.len().is_multiple_of(4) {
             self.bytes.push(0);
         }
     }
@@ -413,6 +414,11 @@ fn anonymous_map(b: &mut Buf, table: &str, id: u32, targets: &[String]) {
         b.u32(NFTA_SET_KEY_LEN, 4);
         b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
         b.u32(NFTA_SET_ID, id);
+        // nft's user data "key byte order: host" (numgen results are host-endian), so that
+        // `nft list` prints the keys as 0, 1, 2 ...
+        let mut udata = vec![0u8, 4];
+        udata.extend_from_slice(&1u32.to_ne_bytes());
+        b.attr(NFTA_SET_USERDATA, &udata);
     });
     b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
         b.str(NFTA_SET_ELEM_LIST_TABLE, table);
@@ -916,7 +922,7 @@ impl Socket {
             .iter()
             .filter(|(h, _)| h.flags & NLM_F_ACK != 0)
             .map(|(h, _)| h.seq)
-            .last()
+            .next_back()
         else {
             return Ok(Vec::new());
         };
@@ -964,8 +970,7 @@ impl Socket {
             self.send(&buf.bytes)?;
             let mut out = Vec::new();
             let mut interrupted = false;
-            'recv: loop {
-                let Some(n) = self.recv(false)? else { break };
+            'recv: while let Some(n) = self.recv(false)? {
                 for (header, payload) in messages(&self.buffer[..n]) {
                     interrupted |= header.flags & NLM_F_DUMP_INTR != 0;
                     match header.kind {

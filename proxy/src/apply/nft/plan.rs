@@ -57,7 +57,8 @@ pub fn skeleton() -> Vec<Op> {
         ops.push(Op::AddSet { name: set.into(), kind: SetKind::ServiceMap });
     }
     let base = |kind, hook, priority| Some(BaseChain { kind, hook, priority });
-    let chains: Vec<(&str, Option<BaseChain>, Vec<Vec<Stmt>>)> = vec![
+    type Rules = Vec<Vec<Stmt>>;
+    let chains: Vec<(&str, Option<BaseChain>, Rules)> = vec![
         (MARK_FOR_MASQUERADE, None, vec![vec![Stmt::MarkSet(MASQUERADE_MARK)]]),
         (
             MASQUERADING,
@@ -492,30 +493,16 @@ fn update_frontend(
 mod tests {
     use super::*;
     use crate::model::FrontendKind;
+    use crate::model::testing::{frontend, state};
 
-    fn frontend(ip: &str, port: u16) -> Frontend {
-        Frontend { address: ip.parse().unwrap(), port, protocol: Protocol::Tcp }
-    }
-
-    fn state(entries: &[(&str, u16, &[&str])]) -> ServiceState {
-        let mut state = ServiceState::default();
-        for (ip, port, backends) in entries {
-            state.frontends.insert(
-                frontend(ip, *port),
-                FrontendState::cluster_ip(
-                    "default/web",
-                    backends.iter().map(|b| b.parse().unwrap()).collect(),
-                ),
-            );
-        }
-        state
-    }
+    /// A rule's statements and comment.
+    type Rule = (Vec<Stmt>, Option<String>);
 
     /// Executes ops on an in-memory table, checking what the kernel checks: references point
     /// at existing objects, and a referenced object is not deleted.
     #[derive(Default, Debug)]
     struct FakeTable {
-        chains: BTreeMap<String, Vec<(Vec<Stmt>, Option<String>)>>,
+        chains: BTreeMap<String, Vec<Rule>>,
         sets: BTreeSet<String>,
         elements: BTreeMap<(String, ElementKey), Verdict>,
     }
