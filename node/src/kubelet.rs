@@ -260,9 +260,17 @@ fn upgrade(
     };
     let v5 = protocol.starts_with("v5");
     let params = query(&req);
-    let pid = c.live.lock().unwrap().pid;
-    let Some(pid) = pid else {
-        return text(StatusCode::BAD_REQUEST, format!("container {:?} is not running", c.name));
+    let (pid, run) = {
+        let live = c.live.lock().unwrap();
+        (live.pid, live.run)
+    };
+    // attach to a container that has just exited still gets its output (replayed).
+    let pid = match (pid, kind) {
+        (Some(pid), _) => pid,
+        (None, "attach") if run.is_some() => 0,
+        _ => {
+            return text(StatusCode::BAD_REQUEST, format!("container {:?} is not running", c.name));
+        }
     };
     let command: Vec<String> =
         params.iter().filter(|(k, _)| k == "command").map(|(_, v)| v.clone()).collect();

@@ -394,6 +394,10 @@ fn attach_replays_output_and_feeds_stdin() {
     assert_eq!(session.stderr, "bye\n");
     assert_eq!(exit_code(&session.status), 0);
     lab.wait_pod("talk", "Succeeded", WAIT, |p| p["status"]["phase"] == "Succeeded");
+    // Attaching after the container exited still shows what it wrote.
+    let late = ws_session(&lab, "/attach/default/talk/main?stdout=1", None);
+    assert_eq!(late.stdout, "started\ngot hello\n");
+    assert_eq!(exit_code(&late.status), 0);
     lab.delete_pod("talk");
     lab.assert_clean();
 }
