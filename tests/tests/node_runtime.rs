@@ -320,6 +320,13 @@ fn unknown_image_without_command_is_err_image_pull() {
     );
     assert_eq!(pod["status"]["phase"], "Pending");
     lab.delete_pod("bad");
+    // A deleted Node is registered again by the heartbeat.
+    let (code, body) = lab.api.json("DELETE", "/api/v1/nodes/node-a", None);
+    assert_eq!(code, 200, "{body}");
+    weir_tests::wait::eventually("node-a registered again", WAIT, || {
+        let (code, node) = lab.api.json("GET", "/api/v1/nodes/node-a", None);
+        (code != 200 || node["status"]["addresses"].is_null()).then(|| format!("{code} {node}"))
+    });
     lab.assert_clean();
 }
 
