@@ -264,9 +264,17 @@ fn upgrade(
     };
     let v5 = protocol.starts_with("v5");
     let params = query(&req);
-    let pid = c.live.lock().unwrap().pid;
-    let Some(pid) = pid else {
-        return text(StatusCode::BAD_REQUEST, format!("container {:?} is not running", c.name));
+    let (pid, run) = {
+        let live = c.live.lock().unwrap();
+        (live.pid, live.run)
+    };
+    // attach to a container that has just exited still gets its output (replayed).
+    let pid = match (pid, kind) {
+        (Some(pid), _) => pid,
+        (None, "attach") if run.is_some() => 0,
+        _ => {
+            return text(StatusCode::BAD_REQUEST, format!("container {:?} is not running", c.name));
+        }
     };
     let command: Vec<String> =
         params.iter().filter(|(k, _)| k == "command").map(|(_, v)| v.clone()).collect();
@@ -350,6 +358,12 @@ fn frame(channel: u8, data: &[u8]) -> Message {
     out.push(channel);
     out.extend_from_slice(data);
     Message::Binary(out.into())
+}
+
+/// Container output for an attached client, if it asked for that stream (a tty merges both).
+fn attach_frame(opts: StreamOpts, channel: u8, data: &[u8]) -> Option<Message> {
+    let wanted = if channel == 1 { opts.stdout } else { opts.stderr || opts.tty };
+    wanted.then(|| frame(if opts.tty { 1 } else { channel }, data))
 }
 
 fn exit_status(code: i32) -> Value {
@@ -520,11 +534,25 @@ async fn attach_session(
     v5: bool,
 ) -> anyhow::Result<()> {
     let (mut sink, mut stream) = ws.split();
-    let (stdin, run) = {
+    let (stdin, run, log) = {
         let live = c.live.lock().unwrap();
-        (live.stdin.clone(), live.run)
+        (live.stdin.clone(), live.run, live.log.clone())
     };
-    let mut output = c.output.subscribe();
+    // Replay what this run wrote before the client came (a quick `kubectl run -i` command
+    // would otherwise print before the attach), then follow live output.
+    let (replay, mut output) = match &log {
+        Some((path, lock)) => {
+            let _guard = lock.lock().unwrap();
+            (std::fs::read_to_string(path).unwrap_or_default(), c.output.subscribe())
+        }
+        None => (String::new(), c.output.subscribe()),
+    };
+    for line in replay.lines().filter_map(logs::parse_line) {
+        let channel = if line.stream == "stderr" { 2 } else { 1 };
+        if let Some(msg) = attach_frame(opts, channel, format!("{}\n", line.text).as_bytes()) {
+            sink.send(msg).await?;
+        }
+    }
     let mut changes = c.changes.subscribe();
     let mut stdin_open = opts.stdin && stdin.is_some();
     loop {
@@ -538,9 +566,8 @@ async fn attach_session(
         tokio::select! {
             out = output.recv() => match out {
                 Ok((channel, data)) => {
-                    let wanted = if channel == 1 { opts.stdout } else { opts.stderr || opts.tty };
-                    if wanted {
-                        sink.send(frame(if opts.tty { 1 } else { channel }, &data)).await?;
+                    if let Some(msg) = attach_frame(opts, channel, &data) {
+                        sink.send(msg).await?;
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -575,9 +602,8 @@ async fn attach_session(
     }
     // Output the container wrote just before it exited.
     while let Ok((channel, data)) = output.try_recv() {
-        let wanted = if channel == 1 { opts.stdout } else { opts.stderr || opts.tty };
-        if wanted {
-            sink.send(frame(if opts.tty { 1 } else { channel }, &data)).await?;
+        if let Some(msg) = attach_frame(opts, channel, &data) {
+            sink.send(msg).await?;
         }
     }
     sink.send(frame(3, exit_status(0).to_string().as_bytes())).await?;

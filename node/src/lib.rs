@@ -132,6 +132,8 @@ pub struct Live {
     pub run: Option<u32>,
     pub pid: Option<u32>,
     pub stdin: Option<Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>>,
+    /// The run's log file and the lock its writers hold per line.
+    pub log: Option<(PathBuf, Arc<Mutex<std::fs::File>>)>,
 }
 
 impl ContainerShared {

@@ -40,8 +40,8 @@ fn status(config: &Config, port: u16, since: &str) -> Value {
 }
 
 /// Creates the Node when missing and writes its status once.
-pub async fn register(client: &Client, config: &Config, port: u16) -> anyhow::Result<()> {
-    let api: Api<Node> = Api::all(client.clone());
+pub async fn register(client: Client, config: &Config, port: u16) -> anyhow::Result<()> {
+    let api: Api<Node> = Api::all(client);
     if api.get_opt(&config.node_name).await?.is_none() {
         let node: Node = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Node",
@@ -72,9 +72,15 @@ pub async fn heartbeat(client: Client, config: Config, port: u16) {
     loop {
         tokio::time::sleep(HEARTBEAT).await;
         let patch = Patch::Merge(status(&config, port, &since));
-        if let Err(err) = api.patch_status(&config.node_name, &PatchParams::default(), &patch).await
-        {
-            log::warn!("node heartbeat: {err}");
+        match api.patch_status(&config.node_name, &PatchParams::default(), &patch).await {
+            Ok(_) => {}
+            // Someone deleted the Node: register it again, as kubelet does.
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                if let Err(err) = register(api.clone().into_client(), &config, port).await {
+                    log::warn!("node heartbeat: registering again: {err:#}");
+                }
+            }
+            Err(err) => log::warn!("node heartbeat: {err}"),
         }
     }
 }

@@ -1142,6 +1142,7 @@ fn start_log_writers(
             return Vec::new();
         }
     };
+    shared.live.lock().unwrap().log = Some((path.to_path_buf(), file.clone()));
     let mut handles = Vec::new();
     if let Some(out) = child.stdout.take() {
         handles.push(tokio::spawn(copy_lines(out, 1, file.clone(), shared.clone())));
@@ -1168,9 +1169,12 @@ async fn copy_lines(
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let _ = shared.output.send((channel, Bytes::copy_from_slice(&line)));
         let text = line.strip_suffix(b"\n").unwrap_or(&line);
         let formatted = logs::format_line(&now(), name, text);
-        let _ = file.lock().unwrap().write_all(&formatted);
+        // Under the file's lock, so an attaching client sees each line exactly once: either
+        // in the file it replays or on the channel it subscribed to.
+        let mut file = file.lock().unwrap();
+        let _ = shared.output.send((channel, Bytes::copy_from_slice(&line)));
+        let _ = file.write_all(&formatted);
     }
 }

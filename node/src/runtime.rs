@@ -34,7 +34,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     println!("weir node: serving the kubelet API on http://{listen}");
     tokio::spawn(kubelet::serve(listener, shared.clone()));
 
-    node::register(&client, &shared.config, listen.port()).await?;
+    node::register(client.clone(), &shared.config, listen.port()).await?;
     tokio::spawn(node::heartbeat(client.clone(), shared.config.clone(), listen.port()));
 
     let api: Api<Pod> = Api::all(client.clone());

@@ -320,6 +320,13 @@ fn unknown_image_without_command_is_err_image_pull() {
     );
     assert_eq!(pod["status"]["phase"], "Pending");
     lab.delete_pod("bad");
+    // A deleted Node is registered again by the heartbeat.
+    let (code, body) = lab.api.json("DELETE", "/api/v1/nodes/node-a", None);
+    assert_eq!(code, 200, "{body}");
+    weir_tests::wait::eventually("node-a registered again", WAIT, || {
+        let (code, node) = lab.api.json("GET", "/api/v1/nodes/node-a", None);
+        (code != 200 || node["status"]["addresses"].is_null()).then(|| format!("{code} {node}"))
+    });
     lab.assert_clean();
 }
 
@@ -375,5 +382,60 @@ fn graceful_delete_and_runtime_crash_leak_nothing() {
     cni::ping(&lab.node.ns, &ip_a).expect("adopted pod reachable");
     // b's sandbox was cleaned by the restarted runtime.
     lab.delete_pod("a");
+    lab.assert_clean();
+}
+
+#[test]
+fn attach_replays_output_and_feeds_stdin() {
+    let mut lab = LabNode::new();
+    lab.start();
+    let mut spec = busybox("echo started; read line; echo got $line; echo bye >&2");
+    spec["containers"][0]["stdin"] = json!(true);
+    spec["containers"][0]["stdinOnce"] = json!(true);
+    spec["restartPolicy"] = json!("Never");
+    lab.create_pod("talk", spec);
+    lab.wait_running("talk");
+    let session =
+        ws_session(&lab, "/attach/default/talk/main?stdin=1&stdout=1&stderr=1", Some(b"hello\n"));
+    assert_eq!(session.stdout, "started\ngot hello\n");
+    assert_eq!(session.stderr, "bye\n");
+    assert_eq!(exit_code(&session.status), 0);
+    lab.wait_pod("talk", "Succeeded", WAIT, |p| p["status"]["phase"] == "Succeeded");
+    // Attaching after the container exited still shows what it wrote.
+    let late = ws_session(&lab, "/attach/default/talk/main?stdout=1", None);
+    assert_eq!(late.stdout, "started\ngot hello\n");
+    assert_eq!(exit_code(&late.status), 0);
+    lab.delete_pod("talk");
+    lab.assert_clean();
+}
+
+#[test]
+fn cni_failure_is_reported_and_retried() {
+    let mut lab = LabNode::new();
+    lab.start();
+    // Sorted first, so it is the config in use: a plugin that does not exist.
+    let broken = lab.conf_dir.path().join("00-broken.conflist");
+    std::fs::write(
+        &broken,
+        json!({"cniVersion": "1.0.0", "name": "broken", "plugins": [{"type": "weirt-missing-plugin"}]})
+            .to_string(),
+    )
+    .unwrap();
+    lab.create_pod("wait", busybox("sleep 3600"));
+    let pod = lab.wait_pod("wait", "ContainerCreating with the CNI error", WAIT, |p| {
+        let waiting = &status_of(p)["state"]["waiting"];
+        waiting["reason"] == "ContainerCreating"
+            && waiting["message"].as_str().is_some_and(|m| m.contains("weirt-missing-plugin"))
+    });
+    assert_eq!(pod["status"]["phase"], "Pending");
+    assert!(
+        !std::path::Path::new("/run/netns").join(netns_of(&lab, &pod)).exists(),
+        "half-made sandbox left"
+    );
+    let (_, events) = lab.api.json("GET", "/api/v1/namespaces/default/events", None);
+    assert!(events.to_string().contains("FailedCreatePodSandBox"), "{events}");
+    std::fs::remove_file(&broken).unwrap();
+    lab.wait_running("wait");
+    lab.delete_pod("wait");
     lab.assert_clean();
 }
