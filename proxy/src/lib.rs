@@ -14,5 +14,6 @@ pub mod apply;
 pub mod inspect;
 pub mod maps;
 pub mod model;
+pub mod policy;
 pub mod programs;
 pub mod system;

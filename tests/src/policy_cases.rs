@@ -100,6 +100,20 @@ impl TruthTable {
         }
         parties
     }
+
+    /// Every ordered (source, destination) of [`Self::parties`] with at least one pod.
+    pub fn pairs() -> Vec<(Party, Party)> {
+        let parties = Self::parties();
+        let mut pairs = Vec::new();
+        for src in &parties {
+            for dst in &parties {
+                if !matches!((src, dst), (Party::Addr { .. }, Party::Addr { .. })) {
+                    pairs.push((src.clone(), dst.clone()));
+                }
+            }
+        }
+        pairs
+    }
 }
 
 fn from<T: k8s_openapi::serde::de::DeserializeOwned>(value: Value) -> T {
