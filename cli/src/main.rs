@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod inspect;
+mod policy;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Kubernetes networking data plane in Rust and eBPF")]
@@ -24,6 +25,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Show what the live datapath holds (read from the agent's pinned maps).
     Inspect(inspect::InspectArgs),
+    /// NetworkPolicy tools: `weir policy trace`.
+    Policy(policy::PolicyArgs),
 }
 
 #[derive(clap::Args)]
@@ -94,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apiserver(args) => return apiserver(args),
         Command::Agent(args) => return agent::run(args),
         Command::Inspect(args) => inspect::run(args)?,
+        Command::Policy(args) => return policy::run(args),
     }
     Ok(ExitCode::SUCCESS)
 }

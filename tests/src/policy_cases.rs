@@ -64,7 +64,7 @@ impl TruthTable {
                 pods.push(from(json!({
                     "metadata": {"namespace": ns, "name": pod, "labels": {"pod": pod}},
                     "spec": {"nodeName": NODES[pod_node(p)], "containers": [{
-                        "name": "c", "ports": [
+                        "name": "c", "image": "nginx", "ports": [
                             {"name": "serve-80-tcp", "containerPort": 80, "protocol": "TCP"},
                             {"name": "serve-80-udp", "containerPort": 80, "protocol": "UDP"},
                             {"name": "serve-81-tcp", "containerPort": 81},

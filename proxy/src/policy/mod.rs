@@ -2,6 +2,7 @@
 //! the desired contents of the policy maps (pure, diffable), and [`writer`] applies the
 //! difference between two such states to the maps.
 pub mod lower;
+pub mod source;
 pub mod writer;
 
 pub use lower::{DatapathPolicy, Lowering, MapDiff, diff};
