@@ -9,6 +9,7 @@ mod dns;
 mod inspect;
 mod lab;
 mod node;
+mod policy;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "Kubernetes networking data plane in Rust and eBPF")]
@@ -36,6 +37,8 @@ enum Command {
     /// Built-in stand-ins for container images (exec'd by `weir node`).
     #[command(hide = true)]
     Builtin(node::BuiltinArgs),
+    /// NetworkPolicy tools: `weir policy trace`.
+    Policy(policy::PolicyArgs),
 }
 
 #[derive(clap::Args)]
@@ -119,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dns(args) => return dns::run(args),
         Command::Node(args) => return node::run(args),
         Command::Builtin(args) => return node::builtin(args),
+        Command::Policy(args) => return policy::run(args),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,6 +17,7 @@ pub mod conntrack;
 pub mod endpoint;
 pub mod lb;
 pub mod metrics;
+pub mod policy;
 pub mod sock;
 
 /// IP protocol numbers as they appear in the IPv4 `protocol` field.

@@ -28,10 +28,21 @@ pub enum Counter {
     /// Reject: connect()/sendmsg() to a service frontend that has no backend (the application
     /// gets an immediate error instead of a timeout).
     SockRejectNoBackend = 7,
+    /// A NetworkPolicy check allowed a new flow or a packet of one (replies not counted).
+    PolicyAllowed = 8,
+    /// A reply of a flow a policy allowed passed through conntrack.
+    PolicyReply = 9,
+    /// Drop: the pod's ingress is isolated and no rule allows the packet.
+    DropPolicyIngress = 10,
+    /// Drop: the pod's egress is isolated and no rule allows the packet.
+    DropPolicyEgress = 11,
+    /// Drop: the address has no policy endpoint entry yet while policies exist (the pod's
+    /// policy is not programmed yet).
+    DropPolicyNotReady = 12,
 }
 
 /// Number of counters: the size of `weir_metrics_v1`.
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 13;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -43,6 +54,11 @@ impl Counter {
         Counter::SockTranslated,
         Counter::SockReverseTranslated,
         Counter::SockRejectNoBackend,
+        Counter::PolicyAllowed,
+        Counter::PolicyReply,
+        Counter::DropPolicyIngress,
+        Counter::DropPolicyEgress,
+        Counter::DropPolicyNotReady,
     ];
 
     /// Stable name used in metrics output (`weir_datapath_events_total{reason="..."}`).
@@ -56,13 +72,23 @@ impl Counter {
             Counter::SockTranslated => "sock_translated",
             Counter::SockReverseTranslated => "sock_reverse_translated",
             Counter::SockRejectNoBackend => "sock_reject_no_backend",
+            Counter::PolicyAllowed => "policy_allowed",
+            Counter::PolicyReply => "policy_reply",
+            Counter::DropPolicyIngress => "drop_policy_ingress",
+            Counter::DropPolicyEgress => "drop_policy_egress",
+            Counter::DropPolicyNotReady => "drop_policy_not_ready",
         }
     }
 
     pub const fn is_drop(self) -> bool {
         matches!(
             self,
-            Counter::DropNoBackend | Counter::DropRewriteFailed | Counter::SockRejectNoBackend
+            Counter::DropNoBackend
+                | Counter::DropRewriteFailed
+                | Counter::SockRejectNoBackend
+                | Counter::DropPolicyIngress
+                | Counter::DropPolicyEgress
+                | Counter::DropPolicyNotReady
         )
     }
 }

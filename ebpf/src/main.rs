@@ -13,6 +13,7 @@ mod maps;
 mod metrics;
 mod nat;
 mod packet;
+mod policy;
 mod sock_lb;
 
 use aya_ebpf::{
@@ -35,6 +36,18 @@ pub fn tc_lb4_fwd(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_lb4_rev(ctx: TcContext) -> i32 {
     verdict(lb::try_reverse(&ctx))
+}
+
+/// NetworkPolicy, the pod's egress: attached to the tc ingress of the pod's host-side veth.
+#[classifier]
+pub fn tc_pol_egress(ctx: TcContext) -> i32 {
+    verdict(policy::try_check(&ctx, weir_common::policy::DIR_EGRESS))
+}
+
+/// NetworkPolicy, the pod's ingress: attached to the tc egress of the pod's host-side veth.
+#[classifier]
+pub fn tc_pol_ingress(ctx: TcContext) -> i32 {
+    verdict(policy::try_check(&ctx, weir_common::policy::DIR_INGRESS))
 }
 
 /// Does nothing and passes the packet: the baseline that `cargo xtask bench tc-rewrite` measures

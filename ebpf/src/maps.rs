@@ -3,7 +3,7 @@
 //! attached through pinned links) keep using the same maps.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use weir_common::{
     conntrack::{CtKey4, CtValue4, DEFAULT_CT4_ENTRIES},
@@ -12,6 +12,11 @@ use weir_common::{
         DEFAULT_REV_NAT_ENTRIES, DEFAULT_SERVICE_ENTRIES, RevNat, ServiceKey, ServiceValue,
     },
     metrics::COUNTER_COUNT,
+    policy::{
+        DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_CT_ENTRIES, DEFAULT_POLICY_DROPS_ENTRIES,
+        DEFAULT_POLICY_ENDPOINTS, DEFAULT_POLICY_ENTRIES, EndpointPolicy, FLOWS_BYTES,
+        IpcacheValue, PolicyCtKey, PolicyGlobal, PolicyKey, PolicyValue,
+    },
     sock::{DEFAULT_SOCK_REV4_ENTRIES, SockRevKey4},
 };
 
@@ -38,3 +43,27 @@ pub static SOCK_REV4: LruHashMap<SockRevKey4, RevNat> =
 #[map(name = "weir_affinity4_v1")]
 pub static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue4> =
     LruHashMap::pinned(DEFAULT_AFFINITY4_ENTRIES, 0);
+
+#[map(name = "weir_pol_ep_v1")]
+pub static POLICY_ENDPOINTS: HashMap<[u8; 4], EndpointPolicy> =
+    HashMap::pinned(DEFAULT_POLICY_ENDPOINTS, 0);
+
+#[map(name = "weir_ipcache4_v1")]
+pub static IPCACHE4: LpmTrie<[u8; 4], IpcacheValue> = LpmTrie::pinned(DEFAULT_IPCACHE_ENTRIES, 0);
+
+#[map(name = "weir_policy_v1")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(DEFAULT_POLICY_ENTRIES, 0);
+
+#[map(name = "weir_pol_ct4_v1")]
+pub static POLICY_CT4: LruHashMap<PolicyCtKey, PolicyValue> =
+    LruHashMap::pinned(DEFAULT_POLICY_CT_ENTRIES, 0);
+
+#[map(name = "weir_pol_global_v1")]
+pub static POLICY_GLOBAL: Array<PolicyGlobal> = Array::pinned(1, 0);
+
+#[map(name = "weir_pol_drops_v1")]
+pub static POLICY_DROPS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::pinned(DEFAULT_POLICY_DROPS_ENTRIES, 0);
+
+#[map(name = "weir_flows_v1")]
+pub static FLOWS: RingBuf = RingBuf::pinned(FLOWS_BYTES, 0);

@@ -72,10 +72,10 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(ptr) })
 }
 
-/// Parses an IPv4 TCP or UDP packet. `None` for anything else: other ethertypes, other
-/// protocols, non-first fragments (no ports), or a packet too short for its headers.
+/// The IPv4 header length of an Ethernet + IPv4 packet; `None` for another ethertype or IP
+/// version, a bad header length, or a truncated header.
 #[inline(always)]
-pub fn parse_flow4(ctx: &TcContext) -> Option<Flow4> {
+fn ipv4_header_len(ctx: &TcContext) -> Option<usize> {
     if read::<u16>(ctx, 12)? != ETH_P_IP_BE {
         return None;
     }
@@ -87,6 +87,14 @@ pub fn parse_flow4(ctx: &TcContext) -> Option<Flow4> {
     if ihl < IPV4_MIN_HLEN {
         return None;
     }
+    Some(ihl)
+}
+
+/// Parses an IPv4 TCP or UDP packet. `None` for anything else: other ethertypes, other
+/// protocols, non-first fragments (no ports), or a packet too short for its headers.
+#[inline(always)]
+pub fn parse_flow4(ctx: &TcContext) -> Option<Flow4> {
+    let ihl = ipv4_header_len(ctx)?;
     if u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & IP_MF_AND_OFFSET != 0 {
         // Fragments carry no (or partial) L4 headers; translating them needs fragment
         // tracking, which the datapath does not do yet.
@@ -109,4 +117,34 @@ pub fn parse_flow4(ctx: &TcContext) -> Option<Flow4> {
     // The checksum a rewrite updates must be inside the packet too.
     read::<u16>(ctx, flow.l4_csum_off())?;
     Some(flow)
+}
+
+/// An IPv4 packet as the policy check sees it: any protocol; ports (network order, as on the
+/// wire) for TCP, UDP and SCTP, zero for other protocols and for non-first fragments (which
+/// only rules allowing every port of the protocol match).
+pub struct Packet4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// Parses any IPv4 packet for the policy check; `None` for other ethertypes or truncated
+/// headers.
+#[inline(always)]
+pub fn parse_packet4(ctx: &TcContext) -> Option<Packet4> {
+    let ihl = ipv4_header_len(ctx)?;
+    let proto: u8 = read(ctx, ETH_HLEN + 9)?;
+    let fragment_offset = u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & 0x1fff;
+    let has_ports = fragment_offset == 0
+        && (proto == proto::TCP || proto == proto::UDP || proto == proto::SCTP);
+    let ports: [u16; 2] = if has_ports { read(ctx, ETH_HLEN + ihl)? } else { [0, 0] };
+    Some(Packet4 {
+        saddr: read(ctx, IP_SRC_OFF)?,
+        daddr: read(ctx, IP_DST_OFF)?,
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+    })
 }

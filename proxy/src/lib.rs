@@ -15,6 +15,7 @@ pub mod apply;
 pub mod inspect;
 pub mod maps;
 pub mod model;
+pub mod policy;
 pub mod programs;
 pub mod routing;
 pub mod system;

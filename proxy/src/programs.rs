@@ -28,8 +28,14 @@ pub const TC_LB4_REVERSE: &str = "tc_lb4_rev";
 /// tc program that passes every packet untouched: the benchmark baseline.
 pub const TC_NOOP: &str = "tc_noop";
 
+/// tc program enforcing a pod's egress policy (tc ingress of its host-side veth).
+pub const TC_POLICY_EGRESS: &str = "tc_pol_egress";
+/// tc program enforcing a pod's ingress policy (tc egress of its host-side veth).
+pub const TC_POLICY_INGRESS: &str = "tc_pol_ingress";
+
 /// Every tc classifier in the object; [`load`] loads them all.
-pub const CLASSIFIERS: [&str; 3] = [TC_LB4_FORWARD, TC_LB4_REVERSE, TC_NOOP];
+pub const CLASSIFIERS: [&str; 5] =
+    [TC_LB4_FORWARD, TC_LB4_REVERSE, TC_NOOP, TC_POLICY_EGRESS, TC_POLICY_INGRESS];
 
 /// cgroup programs of the socket-level load balancer (IPv4), attached together to a cgroup by
 /// [`attach_socket_lb`].

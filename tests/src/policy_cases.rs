@@ -64,7 +64,7 @@ impl TruthTable {
                 pods.push(from(json!({
                     "metadata": {"namespace": ns, "name": pod, "labels": {"pod": pod}},
                     "spec": {"nodeName": NODES[pod_node(p)], "containers": [{
-                        "name": "c", "ports": [
+                        "name": "c", "image": "nginx", "ports": [
                             {"name": "serve-80-tcp", "containerPort": 80, "protocol": "TCP"},
                             {"name": "serve-80-udp", "containerPort": 80, "protocol": "UDP"},
                             {"name": "serve-81-tcp", "containerPort": 81},
@@ -99,6 +99,20 @@ impl TruthTable {
             parties.push(Party::Addr { ip: IpAddr::V4(node_ip(i)), node: Some(node.to_string()) });
         }
         parties
+    }
+
+    /// Every ordered (source, destination) of [`Self::parties`] with at least one pod.
+    pub fn pairs() -> Vec<(Party, Party)> {
+        let parties = Self::parties();
+        let mut pairs = Vec::new();
+        for src in &parties {
+            for dst in &parties {
+                if !matches!((src, dst), (Party::Addr { .. }, Party::Addr { .. })) {
+                    pairs.push((src.clone(), dst.clone()));
+                }
+            }
+        }
+        pairs
     }
 }
 

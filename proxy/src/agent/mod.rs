@@ -366,13 +366,18 @@ fn stop(config: &AgentConfig, backend: Backend) -> Result<(), AgentError> {
 }
 
 async fn client(config: &AgentConfig) -> Result<Client, AgentError> {
-    let kube_config = match &config.kubeconfig {
+    kube_client(config.kubeconfig.as_deref()).await
+}
+
+/// A client from a kubeconfig file, or from the in-cluster service account without one.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client, AgentError> {
+    let kube_config = match kubeconfig {
         Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .map_err(|source| AgentError::Kubeconfig { path: path.clone(), source })?;
+            let read_error = |source| AgentError::Kubeconfig { path: path.to_path_buf(), source };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(read_error)?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
                 .await
-                .map_err(|source| AgentError::Kubeconfig { path: path.clone(), source })?
+                .map_err(read_error)?
         }
         None => kube::Config::incluster().map_err(AgentError::InCluster)?,
     };

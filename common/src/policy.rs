@@ -1,0 +1,161 @@
+//! NetworkPolicy enforcement maps (IPv4). Written by the agent from the compiled policy
+//! (`weir-policy`), read by `ebpf/src/policy.rs`.
+//!
+//! Per packet the datapath does a bounded number of lookups whatever the number of rules:
+//! the endpoint's entry, one conntrack lookup (replies), one ipcache LPM lookup for the peer
+//! address (identity and CIDR class), and at most three policy LPM lookups (any peer, the
+//! peer's identity, the peer's CIDR class), each matching protocol and port by prefix.
+//!
+//! Endpoints are keyed by the pod's IPv4 address (network order), like `weir_endpoints_v1`.
+
+/// Pod address -> [`EndpointPolicy`]. An address without an entry is not a managed endpoint;
+/// while [`GLOBAL_DENY_UNKNOWN`] is set, packets of such addresses are dropped.
+pub const POLICY_ENDPOINTS_MAP: &str = "weir_pol_ep_v1";
+/// LPM trie: IPv4 prefix -> [`IpcacheValue`].
+pub const IPCACHE_MAP: &str = "weir_ipcache4_v1";
+/// LPM trie: [`PolicyKey`] with a prefix length -> [`PolicyValue`].
+pub const POLICY_MAP: &str = "weir_policy_v1";
+/// LRU hash: [`PolicyCtKey`] -> [`PolicyValue`] (the allowing rule): flows a policy allowed, so
+/// replies pass.
+pub const POLICY_CT_MAP: &str = "weir_pol_ct4_v1";
+/// Array of one [`PolicyGlobal`].
+pub const POLICY_GLOBAL_MAP: &str = "weir_pol_global_v1";
+/// Per-CPU hash: policy id -> packets dropped while that policy isolated the direction.
+pub const POLICY_DROPS_MAP: &str = "weir_pol_drops_v1";
+/// Ring buffer of [`FlowEvent`]s.
+pub const FLOWS_MAP: &str = "weir_flows_v1";
+
+pub const DEFAULT_POLICY_ENDPOINTS: u32 = 65536;
+pub const DEFAULT_IPCACHE_ENTRIES: u32 = 262_144;
+pub const DEFAULT_POLICY_ENTRIES: u32 = 1_048_576;
+pub const DEFAULT_POLICY_CT_ENTRIES: u32 = 262_144;
+pub const DEFAULT_POLICY_DROPS_ENTRIES: u32 = 16384;
+pub const FLOWS_BYTES: u32 = 1 << 20;
+
+/// Directions, from the pod's point of view.
+pub const DIR_INGRESS: u8 = 1;
+pub const DIR_EGRESS: u8 = 2;
+
+/// [`EndpointPolicy::flags`] bits.
+pub const EP_INGRESS_ISOLATED: u32 = 1;
+pub const EP_EGRESS_ISOLATED: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub flags: u32,
+    pub identity: u32,
+    /// Policy ids a drop in each direction is counted against (the first isolating policy).
+    pub ingress_policy: u32,
+    pub egress_policy: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointPolicy>() == 16);
+
+/// What the ipcache says of an address: its identity (a pod's, host, world) and the CIDR
+/// class of the longest ipBlock prefix containing it (0: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub cidr_class: u32,
+}
+const _: () = assert!(core::mem::size_of::<IpcacheValue>() == 8);
+
+/// [`PolicyKey::peer_kind`] values.
+pub const PEER_ANY: u8 = 0;
+pub const PEER_IDENTITY: u8 = 1;
+pub const PEER_CIDR_CLASS: u8 = 2;
+
+/// The data of a policy LPM key. Endpoint, direction, peer kind and peer are always matched
+/// in full ([`POLICY_KEY_FIXED_BITS`]); then the protocol (8 bits, absent for "every
+/// protocol"), then 0-16 leading bits of the port (a port range is several prefixes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub endpoint: [u8; 4],
+    pub direction: u8,
+    pub peer_kind: u8,
+    pub _pad: [u8; 2],
+    /// Identity or CIDR class, big-endian (0 for [`PEER_ANY`]).
+    pub peer: [u8; 4],
+    pub proto: u8,
+    /// Destination port, big-endian.
+    pub port: [u8; 2],
+    pub _pad2: u8,
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 16);
+
+pub const POLICY_KEY_FIXED_BITS: u32 = 96;
+/// The prefix length of a key matching one protocol and one port exactly.
+pub const POLICY_KEY_FULL_BITS: u32 = POLICY_KEY_FIXED_BITS + 8 + 16;
+
+/// Which rule allowed it (for flow events and `weir policy trace --live`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub rule_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+/// A flow a policy check allowed, seen from `endpoint` in `direction`: an ingress entry lets
+/// the endpoint's replies out, an egress entry lets replies in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyCtKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PolicyCtKey>() == 16);
+
+/// [`PolicyGlobal::flags`]: drop packets of addresses with no endpoint entry (set while the
+/// agent knows policies exist, so a pod is never reachable before its policy is programmed).
+pub const GLOBAL_DENY_UNKNOWN: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyGlobal {
+    pub flags: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyGlobal>() == 8);
+
+/// [`FlowEvent::verdict`].
+pub const VERDICT_ALLOWED: u8 = 0;
+pub const VERDICT_DROPPED: u8 = 1;
+
+/// One policy decision, streamed to userspace: every drop, and every new allowed flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub time_ns: u64,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub _pad: u8,
+    /// The allowing rule id, or the policy id the drop is counted against.
+    pub rule_id: u32,
+    /// The metrics counter (reason).
+    pub reason: u32,
+    pub peer_identity: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 40);
+
+crate::impl_pod!(
+    EndpointPolicy,
+    IpcacheValue,
+    PolicyKey,
+    PolicyValue,
+    PolicyCtKey,
+    PolicyGlobal,
+    FlowEvent
+);

@@ -1,0 +1,84 @@
+//! Writes [`DatapathPolicy`] differences to the policy maps, in an order that never opens a
+//! hole: on the way in, ipcache and rules before the endpoint entries that make a pod isolated;
+//! on the way out, endpoint entries first.
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
+};
+use weir_common::policy::{
+    EndpointPolicy, GLOBAL_DENY_UNKNOWN, IPCACHE_MAP, IpcacheValue, POLICY_ENDPOINTS_MAP,
+    POLICY_GLOBAL_MAP, POLICY_MAP, PolicyGlobal, PolicyKey, PolicyValue,
+};
+
+use super::lower::{DatapathPolicy, diff};
+use crate::maps::MapsError;
+
+pub struct PolicyMaps {
+    endpoints: HashMap<MapData, [u8; 4], EndpointPolicy>,
+    ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    rules: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    global: Array<MapData, PolicyGlobal>,
+}
+
+fn write_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> MapsError {
+    move |source| MapsError::Layout { name, source }
+}
+
+impl PolicyMaps {
+    /// Takes the policy maps out of a loaded object.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { name });
+        let endpoints = take(POLICY_ENDPOINTS_MAP)?;
+        let ipcache = take(IPCACHE_MAP)?;
+        let rules = take(POLICY_MAP)?;
+        let global = take(POLICY_GLOBAL_MAP)?;
+        Ok(Self {
+            endpoints: HashMap::try_from(endpoints).map_err(write_error(POLICY_ENDPOINTS_MAP))?,
+            ipcache: LpmTrie::try_from(ipcache).map_err(write_error(IPCACHE_MAP))?,
+            rules: LpmTrie::try_from(rules).map_err(write_error(POLICY_MAP))?,
+            global: Array::try_from(global).map_err(write_error(POLICY_GLOBAL_MAP))?,
+        })
+    }
+
+    /// Drop packets of addresses without an endpoint entry (set while policies exist).
+    pub fn set_deny_unknown(&mut self, deny: bool) -> Result<(), MapsError> {
+        let flags = if deny { GLOBAL_DENY_UNKNOWN } else { 0 };
+        self.global
+            .set(0, PolicyGlobal { flags, _pad: 0 }, 0)
+            .map_err(write_error(POLICY_GLOBAL_MAP))
+    }
+
+    /// Writes what changed from `old` to `new`; returns the number of map operations.
+    pub fn apply(
+        &mut self,
+        old: &DatapathPolicy,
+        new: &DatapathPolicy,
+    ) -> Result<usize, MapsError> {
+        let endpoints = diff(&old.endpoints, &new.endpoints);
+        let ipcache = diff(&old.ipcache, &new.ipcache);
+        let rules = diff(&old.rules, &new.rules);
+        for key in &endpoints.deletes {
+            self.endpoints.remove(key).map_err(write_error(POLICY_ENDPOINTS_MAP))?;
+        }
+        for ((bits, data), value) in &ipcache.upserts {
+            self.ipcache
+                .insert(&Key::new(*bits, *data), *value, 0)
+                .map_err(write_error(IPCACHE_MAP))?;
+        }
+        for ((bits, data), value) in &rules.upserts {
+            self.rules
+                .insert(&Key::new(*bits, *data), *value, 0)
+                .map_err(write_error(POLICY_MAP))?;
+        }
+        for (key, value) in &endpoints.upserts {
+            self.endpoints.insert(key, value, 0).map_err(write_error(POLICY_ENDPOINTS_MAP))?;
+        }
+        for (bits, data) in &rules.deletes {
+            self.rules.remove(&Key::new(*bits, *data)).map_err(write_error(POLICY_MAP))?;
+        }
+        for (bits, data) in &ipcache.deletes {
+            self.ipcache.remove(&Key::new(*bits, *data)).map_err(write_error(IPCACHE_MAP))?;
+        }
+        Ok(endpoints.len() + ipcache.len() + rules.len())
+    }
+}

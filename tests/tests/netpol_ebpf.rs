@@ -1,0 +1,307 @@
+//! BPF_PROG_TEST_RUN differential test of NetworkPolicy enforcement (ebpf/src/policy.rs): the
+//! truth-table cluster's policies (every fixed case and seeded random ones) are compiled,
+//! lowered and written to the maps incrementally, node by node; a packet per (source,
+//! destination, protocol, port) runs through the egress program for a source pod on that node
+//! and the ingress program for a destination pod on that node, and the combined verdict must
+//! equal the independent oracle's. Plus: replies of allowed flows pass through the policy
+//! conntrack, unknown endpoints are denied while policies exist, drops are counted and
+//! reported as flow events. Privileged: loads eBPF.
+use std::net::{IpAddr, Ipv4Addr};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, RingBuf},
+    programs::{TestRun, TestRunOptions},
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use weir_common::{
+    metrics::Counter,
+    policy::{FLOWS_MAP, FlowEvent, VERDICT_DROPPED},
+    proto,
+};
+use weir_policy::{Cluster, Compiler};
+use weir_proxy::{
+    maps::read_counters,
+    policy::{DatapathPolicy, Lowering, PolicyMaps},
+    programs::{self, LoadOptions, TC_POLICY_EGRESS, TC_POLICY_INGRESS},
+};
+use weir_tests::{
+    bpffs::TestPinDir,
+    packet::Ipv4Packet,
+    policy_cases::{NODES, Rng, TruthTable, cases, node_ip, random_policies},
+    policy_oracle::{Oracle, Party},
+    privileged::require_root,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const PROTOCOLS: [(&str, u8); 3] =
+    [("TCP", proto::TCP), ("UDP", proto::UDP), ("SCTP", proto::SCTP)];
+const PORTS: [u16; 3] = [80, 81, 82];
+const RANDOM_SEEDS: u64 = 150;
+
+struct Datapath {
+    ebpf: Ebpf,
+    maps: PolicyMaps,
+    compiler: Compiler,
+    lowering: Lowering,
+    state: DatapathPolicy,
+    next_sport: u16,
+    _pins: TestPinDir,
+}
+
+impl Datapath {
+    fn new() -> Self {
+        require_root();
+        let pins = TestPinDir::new("netpol").unwrap();
+        let mut loaded =
+            programs::load(&LoadOptions::new(pins.path())).expect("load weir's eBPF object");
+        let maps = PolicyMaps::take(&mut loaded.ebpf).expect("policy maps");
+        Self {
+            ebpf: loaded.ebpf,
+            maps,
+            compiler: Compiler::default(),
+            lowering: Lowering::default(),
+            state: DatapathPolicy::default(),
+            next_sport: 20000,
+            _pins: pins,
+        }
+    }
+
+    /// Programs the maps as node `node`'s agent would; returns the number of map writes.
+    fn program(&mut self, table: &TruthTable, policies: &[NetworkPolicy], node: usize) -> usize {
+        let cluster = Cluster::from_k8s(&table.namespaces, &table.pods, policies, &table.nodes);
+        let compiled = self.compiler.compile(&cluster, Some(NODES[node]));
+        let new = self.lowering.lower(&compiled, &[node_ip(node)]);
+        let writes = self.maps.apply(&self.state, &new).expect("write policy maps");
+        self.state = new;
+        writes
+    }
+
+    fn sport(&mut self) -> u16 {
+        self.next_sport = if self.next_sport >= 60000 { 20000 } else { self.next_sport + 1 };
+        self.next_sport
+    }
+
+    fn run(&self, program: &'static str, packet: &[u8]) -> u32 {
+        let program = programs::classifier_ref(&self.ebpf, program).expect("program loaded");
+        let mut out = vec![0u8; packet.len() + 64];
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN")
+            .return_value
+    }
+
+    fn allows(&self, program: &'static str, packet: &[u8]) -> bool {
+        match self.run(program, packet) {
+            TC_ACT_OK => true,
+            TC_ACT_SHOT => false,
+            other => panic!("{program} returned {other}"),
+        }
+    }
+}
+
+fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, protocol: u8) -> Vec<u8> {
+    let mut p = Ipv4Packet::udp(src, sport, dst, dport);
+    match protocol {
+        proto::TCP => p = Ipv4Packet::tcp(src, sport, dst, dport),
+        proto::SCTP => p.proto = proto::SCTP,
+        _ => {}
+    }
+    p.build()
+}
+
+/// (address, node of the pod) of a party; `None` node for non-pods.
+fn locate(party: &Party) -> (Ipv4Addr, Option<usize>) {
+    use weir_tests::policy_cases::{NAMESPACES, PODS, pod_ip, pod_node};
+    match party {
+        Party::Pod(ns, name) => {
+            let n = NAMESPACES.iter().position(|x| x == ns).unwrap();
+            let p = PODS.iter().position(|x| x == name).unwrap();
+            (pod_ip(n, p), Some(pod_node(p)))
+        }
+        Party::Addr { ip: IpAddr::V4(ip), .. } => (*ip, None),
+        Party::Addr { ip, .. } => panic!("IPv4 only: {ip}"),
+    }
+}
+
+/// Runs every cell of one policy set through the datapath of both nodes; returns the wrong
+/// cells and the number of cells.
+fn check(
+    dp: &mut Datapath,
+    table: &TruthTable,
+    name: &str,
+    policies: &[NetworkPolicy],
+    wrong: &mut Vec<String>,
+) -> usize {
+    let oracle = Oracle { namespaces: &table.namespaces, pods: &table.pods, policies };
+    let pairs = TruthTable::pairs();
+    let mut cells = Vec::new();
+    for (src, dst) in &pairs {
+        for (proto_name, protocol) in PROTOCOLS {
+            for port in PORTS {
+                let sport = dp.sport();
+                cells.push((src, dst, proto_name, protocol, port, sport, true));
+            }
+        }
+    }
+    for node in 0..NODES.len() {
+        dp.program(table, policies, node);
+        for (src, dst, _, protocol, port, sport, allowed) in cells.iter_mut() {
+            let (src_ip, src_node) = locate(src);
+            let (dst_ip, dst_node) = locate(dst);
+            let pkt = packet(src_ip, *sport, dst_ip, *port, *protocol);
+            if src_node == Some(node) {
+                *allowed &= dp.allows(TC_POLICY_EGRESS, &pkt);
+            }
+            if dst_node == Some(node) {
+                *allowed &= dp.allows(TC_POLICY_INGRESS, &pkt);
+            }
+        }
+    }
+    for (src, dst, proto_name, _, port, _, allowed) in &cells {
+        let expected = oracle.allowed(src, dst, proto_name, *port);
+        if *allowed != expected {
+            wrong.push(format!(
+                "{name}: {src:?} -> {dst:?} {proto_name}/{port}: oracle {expected}, eBPF {allowed}"
+            ));
+        }
+    }
+    cells.len()
+}
+
+fn assert_none_wrong(wrong: &[String], cells: usize) {
+    let shown = &wrong[..wrong.len().min(30)];
+    assert!(wrong.is_empty(), "{} of {cells} cells wrong:\n{}", wrong.len(), shown.join("\n"));
+}
+
+#[test]
+fn fixed_cases_agree_with_the_oracle() {
+    let mut dp = Datapath::new();
+    let table = TruthTable::new();
+    let (mut wrong, mut cells) = (Vec::new(), 0);
+    for case in cases() {
+        cells += check(&mut dp, &table, case.name, &case.policies, &mut wrong);
+    }
+    assert_none_wrong(&wrong, cells);
+    let counters = read_counters(&dp.ebpf).unwrap();
+    let get = |c| counters.iter().find(|(k, _)| *k == c).unwrap().1;
+    assert!(get(Counter::DropPolicyIngress) > 0 && get(Counter::DropPolicyEgress) > 0);
+    assert!(get(Counter::PolicyAllowed) > 0);
+    eprintln!("{cells} cells");
+}
+
+#[test]
+fn random_policies_agree_with_the_oracle() {
+    let mut dp = Datapath::new();
+    let table = TruthTable::new();
+    let (mut wrong, mut cells) = (Vec::new(), 0);
+    for seed in 0..RANDOM_SEEDS {
+        let policies = random_policies(&mut Rng::new(seed));
+        cells += check(&mut dp, &table, &format!("seed {seed}"), &policies, &mut wrong);
+    }
+    assert_none_wrong(&wrong, cells);
+    eprintln!("{cells} cells");
+}
+
+/// x/a takes connections from x/b only and may not send anything itself: its replies pass
+/// through the conntrack entry of the allowed connection, and nothing else leaves it.
+#[test]
+fn replies_of_allowed_flows_pass() {
+    let mut dp = Datapath::new();
+    let table = TruthTable::new();
+    let policies = [weir_tests::policy_cases::policy(
+        "x",
+        "a",
+        serde_json::json!({
+        "podSelector": {"matchLabels": {"pod": "a"}},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+    )];
+    dp.program(&table, &policies, 0);
+    let (a, b, c) = (
+        locate(&Party::Pod("x".into(), "a".into())).0,
+        locate(&Party::Pod("x".into(), "b".into())).0,
+        locate(&Party::Pod("x".into(), "c".into())).0,
+    );
+    // Without a connection, x/a's packet to x/b is dropped (its egress is isolated).
+    assert!(!dp.allows(TC_POLICY_EGRESS, &packet(a, 80, b, 40000, proto::TCP)));
+    // x/b connects: its egress is open, x/a's ingress allows it.
+    let syn = packet(b, 40000, a, 80, proto::TCP);
+    assert!(dp.allows(TC_POLICY_EGRESS, &syn));
+    assert!(dp.allows(TC_POLICY_INGRESS, &syn));
+    // The reply leaves x/a and enters x/b.
+    let reply = packet(a, 80, b, 40000, proto::TCP);
+    assert!(dp.allows(TC_POLICY_EGRESS, &reply));
+    assert!(dp.allows(TC_POLICY_INGRESS, &reply));
+    // Another port, or UDP on the same ports, is not a reply.
+    assert!(!dp.allows(TC_POLICY_EGRESS, &packet(a, 80, b, 40001, proto::TCP)));
+    assert!(!dp.allows(TC_POLICY_EGRESS, &packet(a, 80, b, 40000, proto::UDP)));
+    // x/c may not connect; the drop is counted and reported with the policy's id.
+    assert!(!dp.allows(TC_POLICY_INGRESS, &packet(c, 40002, a, 80, proto::TCP)));
+    let counters = read_counters(&dp.ebpf).unwrap();
+    assert!(counters.contains(&(Counter::PolicyReply, 2)), "{counters:?}");
+    let mut flows: RingBuf<MapData> =
+        RingBuf::try_from(dp.ebpf.take_map(FLOWS_MAP).unwrap()).unwrap();
+    let mut events = Vec::new();
+    while let Some(item) = flows.next() {
+        assert_eq!(item.len(), size_of::<FlowEvent>());
+        // SAFETY: the program writes whole FlowEvents; read unaligned from the ring's bytes.
+        events.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FlowEvent) });
+    }
+    let policy_id =
+        *dp.lowering.policies_by_id.iter().find(|(_, p)| p.to_string() == "x/a").unwrap().0;
+    assert!(
+        events.iter().any(|e| e.verdict == VERDICT_DROPPED
+            && e.saddr == c.octets()
+            && e.daddr == a.octets()
+            && e.rule_id == policy_id),
+        "{events:?}"
+    );
+}
+
+/// While policies exist, an address without an endpoint entry (a pod whose policy is not
+/// programmed yet) is denied; without the flag it passes.
+#[test]
+fn unknown_endpoints_are_denied_while_policies_exist() {
+    let mut dp = Datapath::new();
+    let unknown = Ipv4Addr::new(10, 244, 9, 9);
+    let pkt = packet(Ipv4Addr::new(10, 244, 0, 10), 40000, unknown, 80, proto::TCP);
+    assert!(dp.allows(TC_POLICY_INGRESS, &pkt));
+    dp.maps.set_deny_unknown(true).unwrap();
+    assert!(!dp.allows(TC_POLICY_INGRESS, &pkt));
+    assert!(!dp.allows(
+        TC_POLICY_EGRESS,
+        &packet(unknown, 40000, Ipv4Addr::new(10, 244, 0, 10), 80, proto::TCP)
+    ));
+    let counters = read_counters(&dp.ebpf).unwrap();
+    assert!(counters.contains(&(Counter::DropPolicyNotReady, 2)), "{counters:?}");
+    dp.maps.set_deny_unknown(false).unwrap();
+    assert!(dp.allows(TC_POLICY_INGRESS, &pkt));
+}
+
+/// One more rule among many changes only its own entries.
+#[test]
+fn one_more_rule_writes_only_its_entries() {
+    let mut dp = Datapath::new();
+    let table = TruthTable::new();
+    let rule = |i: u16| {
+        weir_tests::policy_cases::policy(
+            "x",
+            &format!("p{i}"),
+            serde_json::json!({
+        "podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": format!("172.16.{}.{}/32", i / 256, i % 256)}}], "ports": [{"port": 1000 + i}]}]}),
+        )
+    };
+    let mut policies: Vec<NetworkPolicy> = (0..500).map(rule).collect();
+    let first = dp.program(&table, &policies, 0);
+    policies.push(rule(500));
+    let second = dp.program(&table, &policies, 0);
+    assert!(first > 1000, "{first}");
+    // One ipcache prefix, and one entry per pod of x on node-1 (x/a and x/b).
+    assert_eq!(second, 3, "writes for +1 rule");
+}
