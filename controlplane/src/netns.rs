@@ -23,7 +23,10 @@ fn setns(file: &File) -> std::io::Result<()> {
 
 /// Runs `f` on a short-lived thread inside the network namespace at `path`, which goes back
 /// to its original namespace before ending.
-fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> std::io::Result<T> + Send) -> std::io::Result<T> {
+fn in_netns<T: Send>(
+    path: &Path,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
     let target = File::open(path)?;
     std::thread::scope(|scope| {
         scope

@@ -268,7 +268,7 @@ fn upgrade(
         let live = c.live.lock().unwrap();
         (live.pid, live.run)
     };
-    // attach to a container that has just exited still gets its output (replayed).
+    // attach to a container that has just exited gets its exit status.
     let pid = match (pid, kind) {
         (Some(pid), _) => pid,
         (None, "attach") if run.is_some() => 0,
@@ -534,25 +534,13 @@ async fn attach_session(
     v5: bool,
 ) -> anyhow::Result<()> {
     let (mut sink, mut stream) = ws.split();
-    let (stdin, run, log) = {
+    let (stdin, run) = {
         let live = c.live.lock().unwrap();
-        (live.stdin.clone(), live.run, live.log.clone())
+        (live.stdin.clone(), live.run)
     };
-    // Replay what this run wrote before the client came (a quick `kubectl run -i` command
-    // would otherwise print before the attach), then follow live output.
-    let (replay, mut output) = match &log {
-        Some((path, lock)) => {
-            let _guard = lock.lock().unwrap();
-            (std::fs::read_to_string(path).unwrap_or_default(), c.output.subscribe())
-        }
-        None => (String::new(), c.output.subscribe()),
-    };
-    for line in replay.lines().filter_map(logs::parse_line) {
-        let channel = if line.stream == "stderr" { 2 } else { 1 };
-        if let Some(msg) = attach_frame(opts, channel, format!("{}\n", line.text).as_bytes()) {
-            sink.send(msg).await?;
-        }
-    }
+    // Like kubelet, attach streams what the container writes from now on; kubectl fetches
+    // what came before from the logs itself (`kubectl run -i` prints them first).
+    let mut output = c.output.subscribe();
     let mut changes = c.changes.subscribe();
     let mut stdin_open = opts.stdin && stdin.is_some();
     loop {

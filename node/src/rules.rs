@@ -64,16 +64,50 @@ pub fn launch_for(
 
 /// The program and arguments to exec for a busybox argv: `sh -c x` -> `/bin/busybox sh -c x`;
 /// a path whose file name is an applet (`/bin/sh`) runs the applet, any other path runs as is.
+///
+/// Debian's busybox wget has no `-T`/`--timeout` (upstream busybox and the busybox image have
+/// it, and tutorials use it): `wget --timeout=N ...` runs as `busybox timeout N busybox wget
+/// ...`, a bound on the whole download instead of on each network read.
 pub fn busybox_argv(argv: &[String], applets: &[String]) -> Vec<String> {
     let Some(first) = argv.first() else { return vec![BUSYBOX.into(), "sh".into()] };
     let name = first.rsplit('/').next().unwrap_or(first);
     if !first.contains('/') || applets.iter().any(|a| a == name) {
         let mut out = vec![BUSYBOX.to_string(), name.to_string()];
-        out.extend(argv[1..].iter().cloned());
+        let (rest, timeout) = if name == "wget" {
+            strip_wget_timeout(&argv[1..])
+        } else {
+            (argv[1..].to_vec(), None)
+        };
+        if let Some(seconds) = timeout {
+            out = vec![BUSYBOX.into(), "timeout".into(), seconds, BUSYBOX.into(), name.into()];
+        }
+        out.extend(rest);
         out
     } else {
         argv.to_vec()
     }
+}
+
+/// wget's arguments without `-T N`, `-TN`, `--timeout N` or `--timeout=N`, and that timeout.
+fn strip_wget_timeout(args: &[String]) -> (Vec<String>, Option<String>) {
+    let mut rest = Vec::new();
+    let mut timeout = None;
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        if arg == "-T" || arg == "--timeout" {
+            timeout = iter.next().cloned();
+        } else if let Some(value) = arg.strip_prefix("--timeout=") {
+            timeout = Some(value.to_string());
+        } else if let Some(value) = arg
+            .strip_prefix("-T")
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        {
+            timeout = Some(value.to_string());
+        } else {
+            rest.push(arg.clone());
+        }
+    }
+    (rest, timeout.filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())))
 }
 
 /// A pod's DNS settings, from spec.dnsPolicy and spec.dnsConfig.
@@ -244,6 +278,18 @@ mod tests {
         assert_eq!(busybox_argv(&s(&["/bin/sleep", "1"]), &applets), s(&[BUSYBOX, "sleep", "1"]));
         assert_eq!(busybox_argv(&s(&["/usr/bin/env"]), &applets), s(&["/usr/bin/env"]));
         assert_eq!(busybox_argv(&[], &applets), s(&[BUSYBOX, "sh"]));
+        assert_eq!(
+            busybox_argv(&s(&["wget", "-qO-", "--timeout=2", "http://web"]), &applets),
+            s(&[BUSYBOX, "timeout", "2", BUSYBOX, "wget", "-qO-", "http://web"])
+        );
+        assert_eq!(
+            busybox_argv(&s(&["wget", "-T", "3", "-qO-", "http://web"]), &applets),
+            s(&[BUSYBOX, "timeout", "3", BUSYBOX, "wget", "-qO-", "http://web"])
+        );
+        assert_eq!(
+            busybox_argv(&s(&["wget", "http://x"]), &applets),
+            s(&[BUSYBOX, "wget", "http://x"])
+        );
     }
 
     fn dns(policy: Option<&str>) -> String {

@@ -102,7 +102,8 @@ pub async fn run(
     }
     // What was last logged: a state is logged when it changes, not on every resync.
     let mut last_logged = String::new();
-    let mut nat_written = false;
+    // The local pod CIDR the masquerade table was last written for (None: not written).
+    let mut nat_written: Option<Option<Ipv4Cidr>> = None;
     let mut state_written: Option<String> = None;
     let mut first = true;
     loop {
@@ -179,27 +180,29 @@ pub async fn run(
 fn reconcile_pass(
     config: &RoutingConfig,
     desired: Desired,
-    nat_written: &mut bool,
-) -> (Pass, bool) {
+    nat_written: &mut Option<Option<Ipv4Cidr>>,
+) -> (Pass, Option<Option<Ipv4Cidr>>) {
     let mut nat_ok = *nat_written;
     if config.masquerade
         && let Some(cidr) = &config.cluster_cidr
     {
-        // Written once per agent start (the CIDR cannot change while it runs), and again when
-        // someone deleted the table.
-        let present = nat_ok && nat::table_exists(&config.nat_table).unwrap_or(false);
+        // Written once per agent start and local pod CIDR (neither changes while it runs), and
+        // again when someone deleted the table.
+        let local = desired.local_pod_cidr;
+        let present =
+            nat_ok == Some(local) && nat::table_exists(&config.nat_table).unwrap_or(false);
         if !present {
-            match nat::write_masquerade(&config.nat_table, cidr) {
+            match nat::write_masquerade(&config.nat_table, cidr, local.as_ref()) {
                 Ok(()) => {
                     log::info!(
-                        "routing: masquerading {cidr} -> outside in table ip {}",
+                        "routing: masquerading {cidr} -> outside (and outside -> pods of other nodes) in table ip {}",
                         config.nat_table
                     );
-                    nat_ok = true;
+                    nat_ok = Some(local);
                 }
                 Err(err) => {
                     log::error!("routing: writing table ip {}: {err}", config.nat_table);
-                    nat_ok = false;
+                    nat_ok = None;
                 }
             }
         }

@@ -8,6 +8,7 @@
 //!     chain postrouting {
 //!         type nat hook postrouting priority srcnat; policy accept;
 //!         ip saddr <cluster-cidr> ip daddr != <cluster-cidr> masquerade fully-random
+//!         ip saddr != <cluster-cidr> ip daddr <cluster-cidr> ip daddr != <local pod cidr> masquerade fully-random
 //!     }
 //! }
 //! ```
@@ -145,8 +146,17 @@ fn open() -> io::Result<Socket> {
 }
 
 /// Writes the masquerade table for `cluster_cidr`, replacing whatever table of that name was
-/// there, in one atomic batch.
-pub fn write_masquerade(table: &str, cluster_cidr: &Ipv4Cidr) -> io::Result<()> {
+/// there, in one atomic batch. With this node's `local_pod_cidr`, a second rule masquerades
+/// traffic from outside the cluster network that the node forwards to pods of other nodes
+/// (node ports and external IPs translated by the eBPF load balancer to a remote backend):
+/// the backend's reply then comes back through this node, which translates it back
+/// (kube-proxy's masquerade for `externalTrafficPolicy: Cluster`). Local pods keep seeing the
+/// client's address.
+pub fn write_masquerade(
+    table: &str,
+    cluster_cidr: &Ipv4Cidr,
+    local_pod_cidr: Option<&Ipv4Cidr>,
+) -> io::Result<()> {
     let mut sock = open()?;
     let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
     let mut chain = nft_msg(NFT_MSG_NEWCHAIN, create, NFPROTO_IPV4);
@@ -167,8 +177,7 @@ pub fn write_masquerade(table: &str, cluster_cidr: &Ipv4Cidr) -> io::Result<()> 
         m.attr(NFTA_MASQ_FLAGS, &be32(NF_NAT_RANGE_PROTO_RANDOM_FULLY));
     });
     rule.end_nested(exprs);
-
-    sock.request_batch(vec![
+    let mut messages = vec![
         (batch_marker(NFNL_MSG_BATCH_BEGIN), false),
         // Create (a no-op when it exists), delete, create: replaces any previous content.
         (table_msg(NFT_MSG_NEWTABLE, create, table), true),
@@ -176,8 +185,22 @@ pub fn write_masquerade(table: &str, cluster_cidr: &Ipv4Cidr) -> io::Result<()> 
         (table_msg(NFT_MSG_NEWTABLE, create, table), true),
         (chain, true),
         (rule, true),
-        (batch_marker(NFNL_MSG_BATCH_END), false),
-    ])
+    ];
+    if let Some(local) = local_pod_cidr {
+        let mut rule = nft_msg(NFT_MSG_NEWRULE, create | NLM_F_APPEND, NFPROTO_IPV4);
+        rule.attr_str(NFTA_RULE_TABLE, table).attr_str(NFTA_RULE_CHAIN, CHAIN);
+        let exprs = rule.begin_nested(NFTA_RULE_EXPRESSIONS);
+        match_address(&mut rule, IPV4_SADDR, NFT_CMP_NEQ, cluster_cidr);
+        match_address(&mut rule, IPV4_DADDR, NFT_CMP_EQ, cluster_cidr);
+        match_address(&mut rule, IPV4_DADDR, NFT_CMP_NEQ, local);
+        expr(&mut rule, "masq", |m| {
+            m.attr(NFTA_MASQ_FLAGS, &be32(NF_NAT_RANGE_PROTO_RANDOM_FULLY));
+        });
+        rule.end_nested(exprs);
+        messages.push((rule, true));
+    }
+    messages.push((batch_marker(NFNL_MSG_BATCH_END), false));
+    sock.request_batch(messages)
 }
 
 /// Whether the table exists.
