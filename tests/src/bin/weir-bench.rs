@@ -2,9 +2,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use weir_tests::bench::{cni, lb, tc_rewrite};
+use weir_tests::bench::{apiserver, cni, lb, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni, lb)";
+const USAGE: &str =
+    "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni, lb, apiserver)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -24,6 +25,7 @@ fn main() -> Result<()> {
         "tc-rewrite" => tc_rewrite::run(rounds)?,
         "cni" => cni::run(rounds)?,
         "lb" => lb::run(rounds)?,
+        "apiserver" => apiserver::run(rounds)?,
         other => bail!("unknown benchmark {other:?}; {USAGE}"),
     };
     report.print();
