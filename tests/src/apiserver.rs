@@ -46,9 +46,13 @@ pub fn weir_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
         let exe = std::env::current_exe().expect("current_exe");
-        // <target>/<profile>/deps/<test>
-        let profile_dir =
-            exe.parent().and_then(Path::parent).expect("test binary in <target>/<profile>/deps");
+        // <target>/<profile>/deps/<test>, or <target>/<profile>/<bin> for the harness's binaries.
+        let parent = exe.parent().expect("the test binary is in a directory");
+        let profile_dir = if parent.file_name().is_some_and(|n| n == "deps") {
+            parent.parent().expect("test binary in <target>/<profile>/deps")
+        } else {
+            parent
+        };
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let workspace =
             Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace");
@@ -159,6 +163,11 @@ impl ApiServer {
             }
         }
         server
+    }
+
+    /// The server's process ID (None once stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Stops the server (SIGKILL: the store must survive a crash) and waits for it.

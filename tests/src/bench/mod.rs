@@ -5,6 +5,7 @@
 //! round yields named figures for each side; the report gives per figure the median of the
 //! candidate, the median of the baseline, and the median of the per-round ratios
 //! candidate/baseline. It is printed and written as JSON to `<out>/<name>.json`.
+pub mod apiserver;
 pub mod cni;
 pub mod lb;
 pub mod overlay;

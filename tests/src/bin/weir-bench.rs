@@ -2,10 +2,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use weir_tests::bench::{cni, lb, overlay, tc_rewrite};
+use weir_tests::bench::{apiserver, cni, lb, overlay, tc_rewrite};
 
-const USAGE: &str =
-    "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni, lb, overlay)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni, lb, overlay, apiserver)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -26,6 +25,7 @@ fn main() -> Result<()> {
         "cni" => vec![cni::run(rounds)?],
         "lb" => vec![lb::run(rounds)?],
         "overlay" => overlay::run(rounds)?,
+        "apiserver" => vec![apiserver::run(rounds)?],
         other => bail!("unknown benchmark {other:?}; {USAGE}"),
     };
     for report in reports {
