@@ -287,7 +287,7 @@ mod tests {
         let node = json!({"metadata": {"name": "n"}, "status": {
             "addresses": [{"type": "Hostname", "address": "n"}, {"type": "InternalIP", "address": "10.0.0.2"}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}}}});
-        assert_eq!(kubelet_address(&node).unwrap(), "10.0.0.2:10250");
+        assert_eq!(kubelet_address(&node).unwrap().to_string(), "10.0.0.2:10250");
         let mut no_port = node.clone();
         no_port["status"]["daemonEndpoints"] = json!({});
         let err = kubelet_address(&no_port).unwrap_err();
