@@ -180,7 +180,8 @@ impl Lab {
     pub fn get_from_underlay(&self, url: &str) -> Output {
         Command::new("ip")
             .args(["netns", "exec", &format!("{}.underlay", self.name)])
-            .args(["/bin/busybox", "wget", "-qO-", "-T", "3", url])
+            // Debian's busybox wget has no -T: the whole request is bounded by `timeout`.
+            .args(["/bin/busybox", "timeout", "3", "/bin/busybox", "wget", "-qO-", url])
             .output()
             .expect("running busybox wget in the underlay")
     }
