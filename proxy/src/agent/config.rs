@@ -206,6 +206,7 @@ mod tests {
         let mut c = config();
         c.routing.uplink = Some("eth0/1".into());
         assert!(matches!(c.validate(), Err(ConfigError::BadOverlayUplink(_))));
+        let mut c = config();
         c.nft_table = "no spaces".into();
         assert!(matches!(c.validate(), Err(ConfigError::BadNftTable(_))));
     }
