@@ -414,7 +414,11 @@ fn print_ready(plan: &LabPlan, took: Duration) {
     println!(
         "  kubectl run client --rm -i --restart=Never --image=busybox -- wget -qO- http://web"
     );
-    println!("  weir lab status        # nodes, pods, services, agents");
-    println!("  weir lab down          # removes everything the lab made");
+    let weir =
+        std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "weir".into());
+    let name = &plan.spec.name;
+    let at = if *name == "weir" { String::new() } else { format!(" --name {name}") };
+    println!("  {weir} lab status{at}   # nodes, pods, services, agents");
+    println!("  {weir} lab down{at}     # removes everything the lab made");
     println!("The tutorial: docs/lab.md");
 }

@@ -14,19 +14,7 @@ fn the_upstream_tutorial_works_as_written() {
     lab.wait_ready("app=web");
 
     // A one-shot client pod, attached, removed afterwards.
-    let page = k.ok(&[
-        "run",
-        "client",
-        "--rm",
-        "-i",
-        "--restart=Never",
-        "--image=busybox",
-        "--",
-        "wget",
-        "-qO-",
-        "--timeout=2",
-        "http://web",
-    ]);
+    let page = client_get(&lab, "client");
     assert!(page.contains("web-"), "the client did not get a web page: {page}");
     eventually("the client pod is removed (--rm)", Duration::from_secs(30), || {
         let pods = k.ok(&["get", "pods", "-o", "name"]);
@@ -89,9 +77,15 @@ fn the_upstream_tutorial_works_as_written() {
         ]);
         eps.split_whitespace().any(|ip| ip == old_ip).then_some(eps)
     });
-    let page = k.ok(&[
+    let page = client_get(&lab, "client2");
+    assert!(page.contains("web-"), "the service still answers after the pod was replaced: {page}");
+}
+
+/// The tutorial's one-shot client: `kubectl run NAME --rm -i ... -- wget ... http://web`.
+fn client_get(lab: &Lab, name: &str) -> String {
+    lab.kubectl.ok(&[
         "run",
-        "client2",
+        name,
         "--rm",
         "-i",
         "--restart=Never",
@@ -101,8 +95,7 @@ fn the_upstream_tutorial_works_as_written() {
         "-qO-",
         "--timeout=2",
         "http://web",
-    ]);
-    assert!(page.contains("web-"), "the service still answers after the pod was replaced: {page}");
+    ])
 }
 
 fn web_pods(lab: &Lab) -> Vec<String> {
