@@ -333,23 +333,30 @@ enum ClientMsg {
     Stdin(Bytes),
     CloseStdin,
     Resize(u16, u16),
+    /// Pings (kubectl's heartbeat), unknown channels, malformed resizes: nothing to do.
+    Ignore,
     Gone,
 }
 
-fn decode(msg: Message, v5: bool) -> Option<ClientMsg> {
+fn decode(msg: Message, v5: bool) -> ClientMsg {
     let data = match msg {
         Message::Binary(b) => b,
-        Message::Close(_) => return Some(ClientMsg::Gone),
-        _ => return None,
+        Message::Close(_) => return ClientMsg::Gone,
+        _ => return ClientMsg::Ignore,
     };
     match data.first() {
-        Some(0) => Some(ClientMsg::Stdin(data.slice(1..))),
+        Some(0) => ClientMsg::Stdin(data.slice(1..)),
         Some(4) => {
-            let v: Value = serde_json::from_slice(&data[1..]).ok()?;
-            Some(ClientMsg::Resize(v["Width"].as_u64()? as u16, v["Height"].as_u64()? as u16))
+            let size: Option<(u64, u64)> = serde_json::from_slice::<Value>(&data[1..])
+                .ok()
+                .and_then(|v| Some((v["Width"].as_u64()?, v["Height"].as_u64()?)));
+            match size {
+                Some((w, h)) => ClientMsg::Resize(w as u16, h as u16),
+                None => ClientMsg::Ignore,
+            }
         }
-        Some(255) if v5 && data.get(1) == Some(&0) => Some(ClientMsg::CloseStdin),
-        _ => None,
+        Some(255) if v5 && data.get(1) == Some(&0) => ClientMsg::CloseStdin,
+        _ => ClientMsg::Ignore,
     }
 }
 
@@ -472,7 +479,7 @@ async fn exec_session(
         tokio::select! {
             status = child.wait() => break status,
             Some(msg) = out_rx.recv() => sink.send(msg).await?,
-            msg = stream.next() => match msg.and_then(|m| m.ok()).and_then(|m| decode(m, v5)).unwrap_or(ClientMsg::Gone) {
+            msg = stream.next() => match msg.and_then(|m| m.ok()).map_or(ClientMsg::Gone, |m| decode(m, v5)) {
                 ClientMsg::Stdin(data) => {
                     if let Some(w) = stdin_writer.as_mut() {
                         let _ = w.write_all(&data).await;
@@ -480,6 +487,7 @@ async fn exec_session(
                     }
                 }
                 ClientMsg::CloseStdin => stdin_writer = None,
+                ClientMsg::Ignore => {}
                 ClientMsg::Resize(w, h) => {
                     if let Some(m) = &master_for_resize {
                         spawn::resize(&m.as_fd(), w, h);
@@ -562,7 +570,7 @@ async fn attach_session(
                 Err(_) => break,
             },
             _ = changes.changed() => {}
-            msg = stream.next() => match msg.and_then(|m| m.ok()).and_then(|m| decode(m, v5)).unwrap_or(ClientMsg::Gone) {
+            msg = stream.next() => match msg.and_then(|m| m.ok()).map_or(ClientMsg::Gone, |m| decode(m, v5)) {
                 ClientMsg::Stdin(data) if stdin_open => {
                     if let Some(pipe) = &stdin {
                         let mut guard = pipe.lock().await;
