@@ -11,7 +11,7 @@
 //! - [`NftDataplane::apply`] writes only the difference, one atomic batch per step (split at
 //!   service boundaries only when a step is larger than one netlink message may be);
 //! - the table is removed only by [`NftDataplane::remove_table`].
-mod netlink;
+pub(crate) mod netlink;
 pub mod ops;
 pub mod plan;
 
