@@ -1,9 +1,11 @@
 //! NetworkPolicy in the eBPF datapath: [`lower`] turns the compiled policy (`weir-policy`) into
 //! the desired contents of the policy maps (pure, diffable), and [`writer`] applies the
 //! difference between two such states to the maps.
+pub mod datapath;
 pub mod lower;
 pub mod source;
 pub mod writer;
 
+pub use datapath::{PolicyApplied, PolicyDatapath, PolicyDatapathError, PolicyNode};
 pub use lower::{DatapathPolicy, Lowering, MapDiff, diff};
 pub use writer::PolicyMaps;
