@@ -36,7 +36,6 @@ struct PodPair {
     client: Netns,
     server: Netns,
     server_ip: Ipv4Addr,
-    _echo: EchoServer,
 }
 
 pub fn run(rounds: u32) -> Result<Vec<Report>> {
@@ -45,8 +44,7 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
     bare_a.ip(&["addr", "add", "10.99.0.1/24", "dev", &veth.a])?;
     bare_b.ip(&["addr", "add", "10.99.0.2/24", "dev", &veth.b])?;
     let bare_ip = Ipv4Addr::new(10, 99, 0, 2);
-    let echo = EchoServer::tcp(&bare_b, (bare_ip, ECHO_PORT).into())?;
-    let bare = PodPair { client: bare_a, server: bare_b, server_ip: bare_ip, _echo: echo };
+    let bare = PodPair { client: bare_a, server: bare_b, server_ip: bare_ip };
 
     let vxlan_lab = Lab::up(2, "ebpf", "vxlan");
     let native_lab = Lab::up(2, "ebpf", "native");
@@ -111,8 +109,7 @@ fn lab_pair(lab: &Lab) -> Result<PodPair> {
     let server_ip: Ipv4Addr = pod_ip(lab, "bench-server")?;
     let server = pod_netns(&lab.node_netns(1), server_ip)?;
     let client = pod_netns(&lab.node_netns(2), pod_ip(lab, "bench-client")?)?;
-    let echo = EchoServer::tcp(&server, (server_ip, ECHO_PORT).into())?;
-    Ok(PodPair { client, server, server_ip, _echo: echo })
+    Ok(PodPair { client, server, server_ip })
 }
 
 fn pod_ip(lab: &Lab, pod: &str) -> Result<Ipv4Addr> {
@@ -137,6 +134,8 @@ fn pod_netns(node_netns: &str, ip: Ipv4Addr) -> Result<Netns> {
 }
 
 fn measure(pair: &PodPair) -> Result<Figures> {
+    // Started per sample: a test echo server has a bounded life, shorter than a whole run.
+    let _echo = EchoServer::tcp(&pair.server, (pair.server_ip, ECHO_PORT).into())?;
     let target = pair.server_ip.to_string();
     let mut server = command_in(&pair.server, None, "iperf3")?
         .args(["-s", "-1", "-p", IPERF_PORT, "-B", &target])
@@ -144,23 +143,29 @@ fn measure(pair: &PodPair) -> Result<Figures> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting iperf3 -s (`cargo xtask setup` installs iperf3)")?;
-    let mut report = None;
+    // iperf3 3.12 exits 0 with `{"error": "unable to connect to server: Connection refused"}`
+    // when the server is not listening yet: retry on that too, not only on a failed exit.
+    let mut bits = None;
+    let mut last_error = String::from("iperf3 never ran");
     for _ in 0..50 {
         let out = command_in(&pair.client, None, "iperf3")?
             .args(["-c", &target, "-p", IPERF_PORT, "-t", "3", "-J"])
             .output()?;
-        if out.status.success() {
-            report = Some(out.stdout);
-            break;
+        match serde_json::from_slice::<Value>(&out.stdout) {
+            Ok(report) => match report["end"]["sum_received"]["bits_per_second"].as_f64() {
+                Some(value) if out.status.success() => {
+                    bits = Some(value);
+                    break;
+                }
+                _ => last_error = format!("iperf3: {}", report["error"]),
+            },
+            Err(err) => last_error = format!("iperf3 printed no JSON ({err})"),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = server.kill();
     let _ = server.wait();
-    let report: Value = serde_json::from_slice(&report.context("iperf3 never connected")?)?;
-    let bits = report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 JSON without end.sum_received")?;
+    let bits = bits.with_context(|| format!("iperf3 never measured: {last_error}"))?;
     let rr =
         probe::run(&pair.client, None, &["tcp-rr", &format!("{target}:{ECHO_PORT}"), RR_COUNT]);
     ensure!(rr["ok"] == true, "tcp-rr failed: {rr}");
