@@ -180,12 +180,16 @@ fn measure(pair: &PodPair) -> Result<Figures> {
 /// client pod. The Deployment is removed afterwards.
 fn deploy_ready_ms(lab: &Lab, pair: &PodPair, tag: &str) -> Result<f64> {
     let name = format!("bench-{tag}");
+    // Two YAML documents (JSON is YAML; the comment first makes kubectl read it as YAML):
+    // kubectl's validation of a `kind: List` fails against weir's OpenAPI documents ("the
+    // server could not find the requested resource").
     let manifest = format!(
-        r#"{{"apiVersion":"v1","kind":"List","items":[
-        {{"apiVersion":"apps/v1","kind":"Deployment","metadata":{{"name":"{name}"}},"spec":{{"replicas":3,
+        r#"# the Deployment and its Service
+{{"apiVersion":"apps/v1","kind":"Deployment","metadata":{{"name":"{name}"}},"spec":{{"replicas":3,
           "selector":{{"matchLabels":{{"app":"{name}"}}}},
-          "template":{{"metadata":{{"labels":{{"app":"{name}"}}}},"spec":{{"containers":[{{"name":"web","image":"nginx","ports":[{{"containerPort":80}}]}}]}}}}}}}},
-        {{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}"}},"spec":{{"selector":{{"app":"{name}"}},"ports":[{{"port":80}}]}}}}]}}"#
+          "template":{{"metadata":{{"labels":{{"app":"{name}"}}}},"spec":{{"containers":[{{"name":"web","image":"nginx","ports":[{{"containerPort":80}}]}}]}}}}}}}}
+---
+{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}"}},"spec":{{"selector":{{"app":"{name}"}},"ports":[{{"port":80}}]}}}}"#
     );
     let started = Instant::now();
     lab.apply(&manifest);
