@@ -46,6 +46,24 @@ impl EchoServer {
         }))
     }
 
+    /// A TCP echo server on `addr` inside `netns` that serves one connection at a time in its
+    /// own thread: no thread is started per connection, so a benchmark of sequential
+    /// connections measures the network path, not thread creation (which waits for a time
+    /// slice on a loaded machine). A second client waits until the first one closes.
+    pub fn tcp_serial(netns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let listener = netns.run(|| TcpListener::bind(addr))?.context("binding TCP")?;
+        listener.set_nonblocking(true)?;
+        Ok(Self::spawn(move |stop| {
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
+                match listener.accept() {
+                    Ok((stream, peer)) => serve_connection(stream, peer, &stop, started),
+                    Err(_) => wait_readable(&listener, POLL),
+                }
+            }
+        }))
+    }
+
     /// A UDP echo server bound to `addr` inside `netns`.
     pub fn udp(netns: &Netns, addr: SocketAddr) -> Result<Self> {
         let socket = netns.run(|| UdpSocket::bind(addr))?.context("binding UDP")?;

@@ -282,11 +282,12 @@ impl PodNet {
         Ok(Self { node, client, server, client_veth, server_veth })
     }
 
-    /// Echo servers on both ports (started per use: test echo servers have a bounded life).
+    /// Echo servers on both ports (started per use: test echo servers have a bounded life),
+    /// serving one connection at a time (the probes connect one after the other).
     fn servers(&self) -> Result<[EchoServer; 2]> {
         Ok([
-            EchoServer::tcp(&self.server, (SERVER_IP, PORT).into())?,
-            EchoServer::tcp(&self.server, (SERVER_IP, DENIED_PORT).into())?,
+            EchoServer::tcp_serial(&self.server, (SERVER_IP, PORT).into())?,
+            EchoServer::tcp_serial(&self.server, (SERVER_IP, DENIED_PORT).into())?,
         ])
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use weir_tests::bench::{apiserver, cni, lb, overlay, policy, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: policy only, few N and short runs)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, --sizes: the rule counts; both policy only)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -12,6 +12,7 @@ fn main() -> Result<()> {
     let mut rounds = 7u32;
     let mut out = PathBuf::from("target/bench");
     let mut quick = false;
+    let mut sizes: Option<Vec<u32>> = None;
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--rounds" => {
@@ -19,11 +20,17 @@ fn main() -> Result<()> {
             }
             "--out" => out = PathBuf::from(args.next().context(USAGE)?),
             "--quick" => quick = true,
+            "--sizes" => {
+                let list = args.next().context(USAGE)?;
+                let parsed: Result<Vec<u32>, _> =
+                    list.split(',').map(|n| n.trim().parse::<u32>()).collect();
+                sizes = Some(parsed.with_context(|| format!("--sizes {list:?}: {USAGE}"))?);
+            }
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
-    if quick && name != "policy" {
-        bail!("--quick is only for the policy benchmark; {USAGE}");
+    if (quick || sizes.is_some()) && name != "policy" {
+        bail!("--quick and --sizes are only for the policy benchmark; {USAGE}");
     }
     let reports = match name.as_str() {
         "tc-rewrite" => vec![tc_rewrite::run(rounds)?],
@@ -32,8 +39,11 @@ fn main() -> Result<()> {
         "overlay" => overlay::run(rounds)?,
         "apiserver" => vec![apiserver::run(rounds)?],
         "policy" => {
-            let options =
+            let mut options =
                 if quick { policy::Options::quick() } else { policy::Options::full(rounds) };
+            if let Some(sizes) = sizes {
+                options.sizes = sizes;
+            }
             let outcome = policy::run(&options)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let path = out.join("policy-programming.json");
