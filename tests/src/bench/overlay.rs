@@ -199,10 +199,14 @@ fn deploy_ready_ms(lab: &Lab, pair: &PodPair, tag: &str) -> Result<f64> {
     let deadline = started + Duration::from_secs(60);
     while answered.len() < 3 {
         ensure!(Instant::now() < deadline, "{name}: only {answered:?} answered within 60 s");
-        let out = command_at(&pair.client.path(), Some(&procs), "/bin/busybox")?
-            .args(["wget", "-qO-", "-T", "1", &format!("http://{cluster_ip}/")])
-            .output()?;
-        let page = String::from_utf8_lossy(&out.stdout);
+        // weir-probe, not busybox wget: Debian's busybox-static wget segfaults when run
+        // outside a lab pod's runtime (exit 139 even on loopback).
+        let out =
+            command_at(&pair.client.path(), Some(&procs), &probe::binary().to_string_lossy())?
+                .args(["http", &format!("{cluster_ip}:80"), "--timeout-ms", "1000"])
+                .output()?;
+        let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let page = reply["reply"].as_str().unwrap_or_default();
         if let Some(pod) = page
             .split(|c: char| c.is_whitespace() || c == '<' || c == '>')
             .find(|w| w.starts_with(&name))
