@@ -5,8 +5,10 @@
 //! Ready and every one of them answering through the ClusterIP (measured in the VXLAN lab,
 //! reported against the same in the native lab).
 //!
-//! Two reports: `overlay-native` (native routing vs the bare veth pair) and `overlay-vxlan`
-//! (VXLAN vs native routing). Rounds rotate the order of the three paths.
+//! Three reports: `overlay-native` (native routing vs the bare veth pair: the goal),
+//! `overlay-native-routed` (native routing vs the same shape of path, pod -> node -> underlay
+//! bridge -> node -> pod, routed by the kernel with no weir at all: what weir itself costs) and
+//! `overlay-vxlan` (VXLAN vs native routing). Rounds rotate the order of the four paths.
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
@@ -25,6 +27,7 @@ use crate::{
     netns::{Netns, Veth},
     probe,
     process::{command_at, command_in},
+    routed,
 };
 
 const IPERF_PORT: &str = "5201";
@@ -51,12 +54,16 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
     let vxlan = lab_pair(&vxlan_lab)?;
     let native = lab_pair(&native_lab)?;
 
+    let routed = RoutedPath::new()?;
+
     let (mut bare_rounds, mut native_rounds, mut vxlan_rounds) = (vec![], vec![], vec![]);
+    let mut routed_rounds = vec![];
     for round in 0..rounds {
-        for which in 0..3 {
-            match (round + which) % 3 {
+        for which in 0..4 {
+            match (round + which) % 4 {
                 0 => bare_rounds.push(measure(&bare).context("bare veth")?),
                 1 => native_rounds.push(measure(&native).context("native routing")?),
+                2 => routed_rounds.push(measure(&routed.pair).context("kernel routing")?),
                 _ => vxlan_rounds.push(measure(&vxlan).context("vxlan")?),
             }
         }
@@ -83,6 +90,16 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
             &bare_rounds,
         )?,
         compare(
+            "overlay-native-routed",
+            Sides {
+                candidate_label: "pod to pod across nodes, native routing",
+                baseline_label: "the lab's shape routed by the kernel alone, no weir",
+                unit,
+            },
+            &native_only,
+            &routed_rounds,
+        )?,
+        compare(
             "overlay-vxlan",
             Sides {
                 candidate_label: "pod to pod across nodes, VXLAN",
@@ -93,6 +110,49 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
             &native_rounds,
         )?,
     ])
+}
+
+/// The lab's path without weir: a client pod behind node A, a server pod behind node B, the
+/// nodes' eth0 on one bridge in an underlay namespace, each node routing the other's pod range
+/// via the other's underlay address (plain kernel forwarding, no program, no table). Between
+/// it and the native lab, only what weir adds to the path differs.
+struct RoutedPath {
+    pair: PodPair,
+    // Nodes and underlay live as long as the pair (their links go with them).
+    _namespaces: Vec<Netns>,
+}
+
+impl RoutedPath {
+    fn new() -> Result<Self> {
+        let underlay = Netns::new("bench-ul")?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        let (client_ip, server_ip) = (Ipv4Addr::new(10, 98, 1, 10), Ipv4Addr::new(10, 98, 2, 10));
+        let mut namespaces = Vec::new();
+        let mut pods = Vec::new();
+        for (i, pod_ip) in [(1u8, client_ip), (2u8, server_ip)] {
+            let node = routed::node(&format!("bench-n{i}"), Ipv4Addr::new(10, 97, 1, i))?;
+            let eth0 = Veth::between(&node, &underlay)?;
+            node.ip(&["addr", "add", &format!("10.97.0.{i}/24"), "dev", &eth0.a])?;
+            underlay.ip(&["link", "set", &eth0.b, "master", "br0"])?;
+            let other = 3 - i;
+            node.ip(&[
+                "route",
+                "add",
+                &format!("10.98.{other}.0/24"),
+                "via",
+                &format!("10.97.0.{other}"),
+            ])?;
+            let (pod, _veth) =
+                routed::pod(&node, Ipv4Addr::new(10, 97, 1, i), &format!("bench-p{i}"), pod_ip)?;
+            pods.push(pod);
+            namespaces.push(node);
+        }
+        namespaces.push(underlay);
+        let server = pods.pop().expect("two pods");
+        let client = pods.pop().expect("two pods");
+        Ok(Self { pair: PodPair { client, server, server_ip }, _namespaces: namespaces })
+    }
 }
 
 /// A server pod on the first node and a client pod on the second, found by their addresses.
