@@ -318,9 +318,16 @@ fn ebpf_side() -> Result<EbpfSide> {
     Ok(EbpfSide { backend, _loaded: loaded, _pins: pins })
 }
 
-/// The nftables policy backend, once `NftPolicy` (proxy/src/policy/nft/) exists: open it
-/// inside the side's node namespace (`net.node.run(|| NftPolicy::open(table))`) and return
-/// it here. Until then the nftables column is pending.
+/// The nftables policy backend, once `NftPolicy` (proxy/src/policy/nft/, branch h-pol-nft)
+/// is merged. Until then the nftables column is pending. To plug it in (the table lives in
+/// the side's node namespace and goes with it):
+/// ```text
+/// let net = PodNet::new("f")?;
+/// let table = crate::names::unique("pol");
+/// let datapath = net.node.run(move || NftPolicy::open(&table))??;
+/// Ok(Some(Backend { label: "nftables", net, datapath: Box::new(datapath) }))
+/// ```
+/// Likewise `EbpfMaps` can give way to the agent's `EbpfPolicy::adopt(maps, names)` (main).
 fn nft_side() -> Result<Option<Backend>> {
     Ok(None)
 }
