@@ -28,6 +28,7 @@ pub mod privileged;
 pub mod probe;
 pub mod process;
 pub mod relay;
+pub mod routed;
 pub mod scenarios;
 pub mod topology;
 pub mod wait;
