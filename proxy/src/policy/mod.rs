@@ -3,6 +3,7 @@
 //! difference between two such states to the maps.
 pub mod datapath;
 pub mod lower;
+pub mod nft;
 pub mod source;
 pub mod writer;
 

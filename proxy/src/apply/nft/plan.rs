@@ -576,6 +576,7 @@ mod tests {
                     Op::DeleteElement { set, key } => {
                         assert!(self.elements.remove(&(set.clone(), *key)).is_some());
                     }
+                    other => panic!("the service planner does not emit {other:?}"),
                 }
             }
         }
