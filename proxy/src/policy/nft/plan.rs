@@ -32,7 +32,10 @@ use std::{
 use weir_policy::{Compiled, Direction, DirectionPolicy, IpBlock, PeerMatch, PolicyRef};
 
 use crate::{
-    apply::nft::ops::{AddrField, BaseChain, ElementKey, Op, PolicyTuple, SetKind, Stmt, Verdict},
+    apply::nft::{
+        ops::{AddrField, BaseChain, ElementKey, Op, PolicyTuple, SetKind, Stmt, Verdict},
+        plan::{FixedChain, fixed_chains},
+    },
     policy::PolicyNode,
 };
 
@@ -116,24 +119,15 @@ pub fn skeleton() -> Vec<Op> {
             ],
         ]
     };
-    type Rules = Vec<Vec<Stmt>>;
     // In dependency order: a chain is written before the chains that jump to it.
-    let chains: Vec<(&str, Option<BaseChain>, Rules)> = vec![
+    let chains: Vec<FixedChain> = vec![
         (DROP_UNKNOWN, None, vec![drop_rule(DROP_UNKNOWN)]),
         (INGRESS, None, check(Direction::Ingress)),
         (EGRESS, None, check(Direction::Egress)),
         ("forward", base(FORWARD), vec![established.clone(), jump(EGRESS), jump(INGRESS)]),
         ("input", base(INPUT), vec![established, jump(EGRESS)]),
     ];
-    for (name, base, _) in &chains {
-        ops.push(Op::AddChain { name: (*name).into(), base: base.clone() });
-    }
-    for (name, _, rules) in chains {
-        ops.push(Op::FlushChain { name: name.into() });
-        for stmts in rules {
-            ops.push(Op::AddRule { chain: name.into(), stmts, comment: None });
-        }
-    }
+    fixed_chains(&mut ops, chains);
     ops
 }
 
