@@ -23,6 +23,8 @@ pub mod node;
 pub mod overlay;
 pub mod packet;
 pub mod policy_cases;
+pub mod policy_ebpf;
+pub mod policy_net;
 pub mod policy_oracle;
 pub mod privileged;
 pub mod probe;
