@@ -1,6 +1,6 @@
 //! The vocabulary of the nftables backend: table objects and rule statements as plain data.
 //! The planner emits [`Op`]s; the netlink encoder turns them into messages.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// A verdict of a rule or a verdict-map element.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -55,9 +55,43 @@ pub enum Stmt {
     NumgenVmap {
         targets: Vec<String>,
     },
+    /// `dnat ip to ip daddr . meta l4proto . th dport . numgen random mod COUNT map @endpoints`,
+    /// with `remember`: also `update @map { ip saddr . ip daddr . meta l4proto . th dport
+    /// timeout Ns : <the chosen endpoint> }` (ClientIP affinity).
+    DnatEndpoint {
+        endpoints: String,
+        count: u32,
+        remember: Option<Remember>,
+    },
+    /// ClientIP affinity hit: `ip saddr . ip daddr . meta l4proto . th dport` found in
+    /// `remember.map`, its endpoint still in `valid` (`ip daddr . meta l4proto . th dport .
+    /// <endpoint>`): refresh the entry and DNAT to it. No match: the rule ends.
+    DnatRemembered {
+        remember: Remember,
+        valid: String,
+    },
+    /// ClientIP affinity to an endpoint the frontend no longer has: the entry of `ip saddr .
+    /// ip daddr . meta l4proto . th dport` in `remember.map` whose endpoint is not in `valid`
+    /// is deleted (the dynamic map's `update` refreshes an entry but never replaces it).
+    ForgetRemembered {
+        remember: Remember,
+        valid: String,
+    },
+    /// `ct status dnat` and `ip saddr . ip daddr @set` (a hairpin connection: an endpoint
+    /// reaching itself through a service).
+    HairpinInSet {
+        set: String,
+    },
     Reject(RejectKind),
     Counter,
     Verdict(Verdict),
+}
+
+/// The ClientIP affinity map a rule updates, and the timeout of its entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remember {
+    pub map: String,
+    pub timeout_seconds: u32,
 }
 
 /// Base chain parameters: `type KIND hook HOOK priority PRIORITY; policy accept`.
@@ -75,13 +109,44 @@ pub enum SetKind {
     ServiceMap,
     /// `type ipv4_addr; flags dynamic, timeout` (ClientIP affinity)
     Affinity,
+    /// `type ipv4_addr . inet_proto . inet_service . integer : ipv4_addr . inet_service`: a
+    /// frontend's endpoint by index (the numgen result).
+    EndpointMap,
+    /// `type ipv4_addr . ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;
+    /// flags dynamic, timeout`: the endpoint a client was sent to (ClientIP affinity).
+    AffinityMap,
+    /// `type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service`: the endpoints
+    /// of the affinity frontends.
+    FrontendEndpoints,
+    /// `type ipv4_addr . ipv4_addr`: endpoint addresses, as source and destination.
+    Hairpin,
 }
 
 /// The key of a set element.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ElementKey {
-    Service { address: Ipv4Addr, protocol: u8, port: u16 },
+    Service {
+        address: Ipv4Addr,
+        protocol: u8,
+        port: u16,
+    },
     Index(u32),
+    /// An element of an [`SetKind::EndpointMap`].
+    Endpoint {
+        address: Ipv4Addr,
+        protocol: u8,
+        port: u16,
+        index: u32,
+    },
+    /// An element of a [`SetKind::FrontendEndpoints`] set.
+    FrontendEndpoint {
+        address: Ipv4Addr,
+        protocol: u8,
+        port: u16,
+        endpoint: SocketAddrV4,
+    },
+    /// An element of a [`SetKind::Hairpin`] set (the address twice).
+    Hairpin(Ipv4Addr),
 }
 
 /// One change to the table. Within a batch, ops run in order; the whole batch commits
@@ -123,5 +188,11 @@ pub enum Op {
     DeleteElement {
         set: String,
         key: ElementKey,
+    },
+    /// Adds an element of a plain set (`endpoint: None`) or of a map to endpoints.
+    AddEntry {
+        set: String,
+        key: ElementKey,
+        endpoint: Option<SocketAddrV4>,
     },
 }
