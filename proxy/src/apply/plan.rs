@@ -185,22 +185,53 @@ impl Planner {
 
     /// Diffs `desired` against what was applied and returns the operations. The planner
     /// assumes they are all executed; after a failed execution, start over with a new planner
-    /// on emptied maps (the agent's full resync).
+    /// on emptied maps (the agent's full resync). Cost: every frontend of `desired` is
+    /// compared; [`Planner::plan_changed`] compares only the ones a change touched.
     pub fn plan(&mut self, desired: &ServiceState) -> Plan {
+        let frontends: Vec<Frontend> = desired.frontends_and_removed(self.applied.keys()).collect();
+        self.plan_frontends(desired, frontends)
+    }
+
+    /// Like [`Planner::plan`], but looks only at `changed` (e.g. the frontends of the services
+    /// whose Service or EndpointSlices changed, [`crate::model::ServiceIndex`]): each is
+    /// written as `desired` has it, or removed when `desired` lacks it. Every other frontend is
+    /// assumed unchanged, so the cost is that of the change, not of the whole state.
+    pub fn plan_changed<'a>(
+        &mut self,
+        desired: &ServiceState,
+        changed: impl IntoIterator<Item = &'a Frontend>,
+    ) -> Plan {
+        self.plan_frontends(desired, changed.into_iter().copied())
+    }
+
+    fn plan_frontends(
+        &mut self,
+        desired: &ServiceState,
+        frontends: impl IntoIterator<Item = Frontend>,
+    ) -> Plan {
         let mut plan = Plan { ops: std::mem::take(&mut self.cleanup), ..Plan::default() };
         let mut wanted: BTreeMap<Frontend, (Vec<BackendKey>, u8, u32)> = BTreeMap::new();
-        for (frontend, state) in &desired.frontends {
-            match ipv4_frontend(frontend, state) {
+        let mut removed = Vec::new();
+        for frontend in frontends {
+            let Some(state) = desired.frontends.get(&frontend) else {
+                if self.applied.contains_key(&frontend) {
+                    removed.push(frontend);
+                }
+                continue;
+            };
+            match ipv4_frontend(&frontend, state) {
                 Some((backends, truncated)) => {
                     plan.truncated += usize::from(truncated);
                     wanted.insert(
-                        *frontend,
+                        frontend,
                         (backends, flags(state), state.affinity_timeout.unwrap_or(0)),
                     );
                 }
                 None => plan.skipped += 1,
             }
         }
+        removed.sort();
+        removed.dedup();
 
         // IDs freed by this plan become reusable only after it: a backend ID reused within the
         // plan would be deleted by its own late DeleteBackend, and a reverse-NAT index reused
@@ -208,8 +239,6 @@ impl Planner {
         let mut late_deletes = Vec::new();
         let mut freed_rev_nat = Vec::new();
         // Removed frontends: master first, so programs stop finding the service at once.
-        let removed: Vec<Frontend> =
-            self.applied.keys().filter(|f| !wanted.contains_key(f)).copied().collect();
         for frontend in removed {
             let applied = self.applied.remove(&frontend).expect("listed above");
             let key = service_key(&frontend);
@@ -676,5 +705,60 @@ mod tests {
             op,
             MapOp::PutMaster { count: 0, flags: service_flags::EMPTY_BY_POLICY, .. }
         )));
+    }
+
+    /// The key of every map entry an op writes or deletes (masters and slots by frontend).
+    fn touched_frontends(plan: &Plan) -> std::collections::BTreeSet<(u32, u16)> {
+        plan.ops
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::PutSlot { key, .. }
+                | MapOp::PutMaster { key, .. }
+                | MapOp::DeleteMaster { key }
+                | MapOp::DeleteSlot { key } => Some((key.address, key.port)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_one_service_change_plans_only_that_services_entries() {
+        use crate::model::{ServiceIndex, testing::frontend};
+        let mut index = ServiceIndex::new();
+        let service_state = |name: &str, ip: &str, backends: &[&str]| {
+            let mut one = state(&[(ip, 80, backends)]);
+            for f in one.frontends.values_mut() {
+                f.service = name.to_string();
+            }
+            one
+        };
+        for i in 0..1000u32 {
+            let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+            index.set_service(&format!("default/s{i}"), service_state("", &ip, &["10.0.0.1:80"]));
+        }
+        let mut planner = Planner::new();
+        let mut full = Planner::new();
+        planner.plan(index.state());
+        full.plan(index.state());
+
+        // Service s500 gets a second endpoint.
+        let changed = index.set_service(
+            "default/s500",
+            service_state("", "10.96.2.1", &["10.0.0.1:80", "10.0.0.2:80"]),
+        );
+        assert_eq!(changed, [frontend("10.96.2.1", 80)]);
+        let plan = planner.plan_changed(index.state(), &changed);
+        let key = service_key(&frontend("10.96.2.1", 80));
+        assert_eq!(touched_frontends(&plan), [(key.address, key.port)].into());
+        // Exactly what a full diff of the whole state gives.
+        assert_eq!(plan, full.plan(index.state()));
+
+        // The service is deleted: only its entries go.
+        let changed = index.set_service("default/s500", ServiceState::default());
+        let plan = planner.plan_changed(index.state(), &changed);
+        assert_eq!(touched_frontends(&plan), [(key.address, key.port)].into());
+        assert!(plan.ops.contains(&MapOp::DeleteMaster { key }));
+        assert_eq!(plan, full.plan(index.state()));
+        assert_eq!(planner.frontends(), 999);
     }
 }

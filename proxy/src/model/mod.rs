@@ -19,6 +19,7 @@
 //! - `sessionAffinity: ClientIP` pins a client to a backend for `timeoutSeconds` (default
 //!   10800).
 mod endpoints;
+mod index;
 mod services;
 
 use std::{
@@ -26,6 +27,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+pub use index::{ServiceIndex, build_service};
 pub use services::build;
 
 /// Transport protocol of a frontend or backend (one type with the policy model's).
@@ -106,6 +108,19 @@ pub struct ServiceState {
     /// Health-check node ports of `externalTrafficPolicy: Local` services, with the number of
     /// local endpoints that kube-proxy's /healthz reports for each.
     pub health_check_node_ports: BTreeMap<u16, HealthCheck>,
+}
+
+impl ServiceState {
+    /// What a full diff looks at: every desired frontend, then those of `applied` that are no
+    /// longer desired (to be removed).
+    pub fn frontends_and_removed<'a>(
+        &'a self,
+        applied: impl Iterator<Item = &'a Frontend> + 'a,
+    ) -> impl Iterator<Item = Frontend> + 'a {
+        let removed: Vec<Frontend> =
+            applied.filter(|f| !self.frontends.contains_key(f)).copied().collect();
+        self.frontends.keys().copied().chain(removed)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use weir_tests::bench::{apiserver, cni, lb, overlay, policy, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, --sizes: the rule counts; both policy only)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, policy only; --sizes: the rule counts of policy)\n       weir-bench lb-programming [--sizes N,N,...]   (service programming times only, both dataplanes; default 1000,10000)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -51,6 +51,9 @@ fn main() -> Result<()> {
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {}", path.display());
             outcome.reports
+        }
+        "lb-programming" => {
+            return lb::programming_only(&sizes.unwrap_or_else(|| vec![1_000, 10_000]));
         }
         other => bail!("unknown benchmark {other:?}; {USAGE}"),
     };

@@ -111,6 +111,19 @@ impl NftDataplane {
         Ok(Applied { ops: plan.ops.len(), skipped: plan.skipped })
     }
 
+    /// Applies the frontends of `desired` listed in `changed` (and removes those listed but
+    /// absent), assuming every other one is as last applied: see
+    /// [`Planner::plan_changed`](plan::Planner::plan_changed).
+    pub fn apply_changed<'a>(
+        &mut self,
+        desired: &ServiceState,
+        changed: impl IntoIterator<Item = &'a crate::model::Frontend>,
+    ) -> Result<Applied, NftError> {
+        let plan = self.planner.plan_changed(desired, changed);
+        self.send(&plan.ops, &plan.groups)?;
+        Ok(Applied { ops: plan.ops.len(), skipped: plan.skipped })
+    }
+
     /// Deletes the whole table (an agent asked to clean up on exit).
     pub fn remove_table(mut self) -> Result<(), NftError> {
         self.send(&[Op::DeleteTable], &[])
@@ -137,11 +150,28 @@ impl NftDataplane {
                 }
             }
         }
+        let mut entries = Vec::new();
+        let entry_sets = plan::endpoint_maps()
+            .chain([plan::AFFINITY_ENDPOINTS.to_string(), plan::HAIRPIN_ENDPOINTS.to_string()]);
+        for set in entry_sets {
+            for dumped in self.socket.dump(DumpKind::Elements, &table, Some(&set)).map_err(io)? {
+                let values: std::collections::HashMap<&[u8], &[u8]> =
+                    dumped.values.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+                for (key, _) in &dumped.elements {
+                    if let Some(parsed) = netlink::parse_endpoint_key(key) {
+                        let endpoint =
+                            values.get(key.as_slice()).and_then(|v| netlink::parse_endpoint(v));
+                        entries.push((parsed, endpoint));
+                    }
+                }
+            }
+        }
         Ok(TableContents {
             chains: chains.into_iter().map(|c| c.name).collect(),
             rule_comments: rules.into_iter().filter_map(|r| Some((r.name, r.comment?))).collect(),
             sets: sets.into_iter().map(|s| s.name).filter(|n| !n.starts_with("__")).collect(),
             elements,
+            entries,
         })
     }
 

@@ -5,10 +5,16 @@
 //! built from [`Stmt`]s, named and anonymous sets and maps, and their elements. Every number
 //! the kernel reads as a 32/64-bit attribute is big-endian; register contents (marks, numgen
 //! results) are host-endian, as in the kernel's `nft_regs`.
-use std::{io, net::Ipv4Addr, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::AsRawFd,
+    os::fd::FromRawFd,
+    os::fd::OwnedFd,
+};
 
 use super::ops::{
-    AddrField, BaseChain, ElementKey, Op, PolicyTuple, RejectKind, SetKind, Stmt, Verdict,
+    AddrField, BaseChain, ElementKey, Op, PolicyTuple, RejectKind, Remember, SetKind, Stmt, Verdict,
 };
 
 // Netlink and nfnetlink.
@@ -71,6 +77,7 @@ const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_DATA_TYPE: u16 = 6;
 const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_DATA_LEN: u16 = 7;
 const NFTA_SET_ID: u16 = 10;
 const NFTA_SET_USERDATA: u16 = 13;
 const NFTA_SET_DESC_CONCAT: u16 = 2;
@@ -118,6 +125,13 @@ const REG32_00: u32 = 8;
 const REG32_01: u32 = 9;
 const REG32_02: u32 = 10;
 const REG32_03: u32 = 11;
+const REG32_04: u32 = 12;
+const REG32_05: u32 = 13;
+
+/// nft's type of a concatenation (for `nft list`): the field types, TYPE_BITS each.
+fn concat_type(types: &[u32]) -> u32 {
+    types.iter().fold(0, |acc, t| (acc << TYPE_BITS) | t)
+}
 
 /// The ClusterIP/NodePort key length: ipv4_addr . inet_proto . inet_service, each padded to a
 /// 32-bit register.
@@ -140,6 +154,60 @@ pub fn key_bytes(key: &ElementKey) -> Vec<u8> {
         ElementKey::PolicyTuple(t) => {
             tuple_bytes(t.endpoint, t.protocols.0, t.ports.0, t.peers.0).to_vec()
         }
+        ElementKey::Endpoint { address, protocol, port, index } => {
+            let frontend =
+                ElementKey::Service { address: *address, protocol: *protocol, port: *port };
+            [key_bytes(&frontend), index.to_ne_bytes().to_vec()].concat()
+        }
+        ElementKey::FrontendEndpoint { address, protocol, port, endpoint } => {
+            let frontend =
+                ElementKey::Service { address: *address, protocol: *protocol, port: *port };
+            [key_bytes(&frontend), endpoint_bytes(endpoint).to_vec()].concat()
+        }
+        ElementKey::Hairpin(address) => [address.octets(), address.octets()].concat(),
+    }
+}
+
+/// An endpoint as registers hold it for `dnat`: `ipv4_addr . inet_service`, each padded to a
+/// 32-bit register.
+pub fn endpoint_bytes(endpoint: &SocketAddrV4) -> [u8; 8] {
+    let [a, b, c, d] = endpoint.ip().octets();
+    let [p, q] = endpoint.port().to_be_bytes();
+    [a, b, c, d, p, q, 0, 0]
+}
+
+/// The inverse of [`endpoint_bytes`].
+pub fn parse_endpoint(bytes: &[u8]) -> Option<SocketAddrV4> {
+    let bytes: [u8; 8] = bytes.try_into().ok()?;
+    Some(SocketAddrV4::new(
+        Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]),
+        u16::from_be_bytes([bytes[4], bytes[5]]),
+    ))
+}
+
+/// The inverse of [`key_bytes`] for the keys of the endpoint map, the frontend-endpoint set
+/// and the hairpin set.
+pub fn parse_endpoint_key(bytes: &[u8]) -> Option<ElementKey> {
+    let frontend = || parse_service_key(bytes.get(..SERVICE_KEY_LEN)?);
+    match bytes.len() {
+        8 if bytes[..4] == bytes[4..] => {
+            Some(ElementKey::Hairpin(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])))
+        }
+        16 => {
+            let Some(ElementKey::Service { address, protocol, port }) = frontend() else {
+                return None;
+            };
+            let index = u32::from_ne_bytes(bytes[12..16].try_into().ok()?);
+            Some(ElementKey::Endpoint { address, protocol, port, index })
+        }
+        20 => {
+            let Some(ElementKey::Service { address, protocol, port }) = frontend() else {
+                return None;
+            };
+            let endpoint = parse_endpoint(&bytes[12..20])?;
+            Some(ElementKey::FrontendEndpoint { address, protocol, port, endpoint })
+        }
+        _ => None,
     }
 }
 
@@ -409,7 +477,40 @@ impl Encoder {
                     ),
                     SetKind::AddressMap => (NFT_SET_MAP, TYPE_IPADDR, 4),
                     SetKind::AddressRanges => (NFT_SET_INTERVAL, TYPE_IPADDR, 4),
+                    SetKind::EndpointMap => (
+                        NFT_SET_MAP,
+                        concat_type(&[
+                            TYPE_IPADDR,
+                            TYPE_INET_PROTOCOL,
+                            TYPE_INET_SERVICE,
+                            TYPE_INTEGER,
+                        ]),
+                        16,
+                    ),
+                    SetKind::AffinityMap => (
+                        NFT_SET_MAP | NFT_SET_TIMEOUT | NFT_SET_EVAL,
+                        concat_type(&[
+                            TYPE_IPADDR,
+                            TYPE_IPADDR,
+                            TYPE_INET_PROTOCOL,
+                            TYPE_INET_SERVICE,
+                        ]),
+                        16,
+                    ),
+                    SetKind::FrontendEndpoints => (
+                        0,
+                        concat_type(&[
+                            TYPE_IPADDR,
+                            TYPE_INET_PROTOCOL,
+                            TYPE_INET_SERVICE,
+                            TYPE_IPADDR,
+                            TYPE_INET_SERVICE,
+                        ]),
+                        20,
+                    ),
+                    SetKind::Hairpin => (0, (TYPE_IPADDR << TYPE_BITS) | TYPE_IPADDR, 8),
                 };
+                let endpoint_data = matches!(kind, SetKind::EndpointMap | SetKind::AffinityMap);
                 // The kernel requires a batch-local set ID on every new set.
                 let id = self.next_set_id;
                 self.next_set_id += 1;
@@ -420,7 +521,10 @@ impl Encoder {
                     b.u32(NFTA_SET_FLAGS, flags);
                     b.u32(NFTA_SET_KEY_TYPE, key_type);
                     b.u32(NFTA_SET_KEY_LEN, key_len);
-                    if flags & NFT_SET_MAP != 0 {
+                    if endpoint_data {
+                        b.u32(NFTA_SET_DATA_TYPE, (TYPE_IPADDR << TYPE_BITS) | TYPE_INET_SERVICE);
+                        b.u32(NFTA_SET_DATA_LEN, 8);
+                    } else if flags & NFT_SET_MAP != 0 {
                         b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
                     }
                     if flags & NFT_SET_CONCAT != 0 {
@@ -447,6 +551,11 @@ impl Encoder {
                     b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, Some(verdict)));
                 })
             }
+            Op::AddEntry { set, key, endpoint } => new_element(b, &table, set, key, |b| {
+                if let Some(endpoint) = endpoint {
+                    b.value(NFTA_SET_ELEM_DATA, &endpoint_bytes(endpoint));
+                }
+            }),
             Op::AddSetElement { set, key } => b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
                 b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
                 b.str(NFTA_SET_ELEM_LIST_SET, set);
@@ -503,6 +612,20 @@ impl Encoder {
             }
         }
     }
+}
+
+/// One element of a named set; `data` adds its value, if any.
+fn new_element(b: &mut Buf, table: &str, set: &str, key: &ElementKey, data: impl FnOnce(&mut Buf)) {
+    b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
+        b.str(NFTA_SET_ELEM_LIST_TABLE, table);
+        b.str(NFTA_SET_ELEM_LIST_SET, set);
+        b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+            b.nest(NFTA_LIST_ELEM, |b| {
+                b.value(NFTA_SET_ELEM_KEY, &key_bytes(key));
+                data(b);
+            })
+        });
+    })
 }
 
 const ANON_MAP_NAME: &str = "__map%d";
@@ -609,6 +732,8 @@ mod ex {
     pub const LOOKUP_SREG: u16 = 2;
     pub const LOOKUP_DREG: u16 = 3;
     pub const LOOKUP_SET_ID: u16 = 4;
+    pub const LOOKUP_FLAGS: u16 = 5;
+    pub const LOOKUP_F_INV: u32 = 1;
     pub const CT_DREG: u16 = 1;
     pub const CT_KEY: u16 = 2;
     pub const NG_DREG: u16 = 1;
@@ -623,6 +748,7 @@ mod ex {
     pub const DYNSET_SET_NAME: u16 = 1;
     pub const DYNSET_OP: u16 = 3;
     pub const DYNSET_SREG_KEY: u16 = 4;
+    pub const DYNSET_SREG_DATA: u16 = 5;
     pub const DYNSET_TIMEOUT: u16 = 6;
     pub const OBJREF_IMM_TYPE: u16 = 1;
     pub const OBJREF_IMM_NAME: u16 = 2;
@@ -640,12 +766,15 @@ mod ex {
     pub const CT_STATE_NEW: u32 = 1 << 3;
     pub const CT_STATE_ESTABLISHED: u32 = 1 << 1;
     pub const CT_STATE_RELATED: u32 = 1 << 2;
+    pub const CT_STATUS: u32 = 2;
+    pub const CT_STATUS_DST_NAT: u32 = 1 << 5;
     pub const NG_RANDOM: u32 = 1;
     pub const NAT_DNAT: u32 = 1;
     pub const NAT_RANGE_MAP_IPS: u32 = 1;
     pub const NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
     pub const NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 16;
     pub const DYNSET_OP_UPDATE: u32 = 1;
+    pub const DYNSET_OP_DELETE: u32 = 2;
     pub const REJECT_TCP_RST: u32 = 1;
     pub const REJECT_ICMPX_UNREACH: u32 = 2;
     pub const REJECT_ICMPX_PORT_UNREACH: u8 = 1;
@@ -839,6 +968,56 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
             });
             lookup(b, ANON_MAP_NAME, Some(id), Some(REG_VERDICT));
         }
+        Stmt::DnatEndpoint { endpoints, count, remember } => {
+            // R0 ip saddr . R1 ip daddr . R2 l4proto . R3 th dport . R4 numgen: the endpoint
+            // map's key is R1..R4, the affinity key R0..R3; the endpoint lands in R4, R5.
+            frontend_registers(b, remember.is_some());
+            b.expr("numgen", |b| {
+                b.u32(ex::NG_DREG, REG32_04);
+                b.u32(ex::NG_MODULUS, *count);
+                b.u32(ex::NG_TYPE, ex::NG_RANDOM);
+            });
+            lookup_from(b, endpoints, REG32_01, Some(REG32_04));
+            if let Some(remember) = remember {
+                remember_endpoint(b, remember);
+            }
+            dnat_registers(b, REG32_04, REG32_05);
+        }
+        Stmt::DnatRemembered { remember, valid } => {
+            frontend_registers(b, true);
+            lookup_from(b, &remember.map, REG32_00, Some(REG32_04));
+            // R1..R5: ip daddr . l4proto . th dport . endpoint address . endpoint port.
+            lookup_from(b, valid, REG32_01, None);
+            remember_endpoint(b, remember);
+            dnat_registers(b, REG32_04, REG32_05);
+        }
+        Stmt::ForgetRemembered { remember, valid } => {
+            frontend_registers(b, true);
+            lookup_from(b, &remember.map, REG32_00, Some(REG32_04));
+            b.expr("lookup", |b| {
+                b.str(ex::LOOKUP_SET, valid);
+                b.u32(ex::LOOKUP_SREG, REG32_01);
+                b.u32(ex::LOOKUP_FLAGS, ex::LOOKUP_F_INV);
+            });
+            b.expr("dynset", |b| {
+                b.str(ex::DYNSET_SET_NAME, &remember.map);
+                b.u32(ex::DYNSET_OP, ex::DYNSET_OP_DELETE);
+                b.u32(ex::DYNSET_SREG_KEY, REG32_00);
+                // The kernel wants the data register of a map's dynset, even to delete.
+                b.u32(ex::DYNSET_SREG_DATA, REG32_04);
+            });
+        }
+        Stmt::HairpinInSet { set } => {
+            b.expr("ct", |b| {
+                b.u32(ex::CT_DREG, REG32_00);
+                b.u32(ex::CT_KEY, ex::CT_STATUS);
+            });
+            bitwise(b, ex::CT_STATUS_DST_NAT, 0);
+            cmp(b, ex::CMP_NEQ, &0u32.to_ne_bytes());
+            ipv4_only(b);
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, 12, 8);
+            lookup(b, set, None, None);
+        }
         Stmt::Reject(kind) => b.expr("reject", |b| match kind {
             RejectKind::TcpReset => b.u32(ex::REJECT_TYPE, ex::REJECT_TCP_RST),
             RejectKind::PortUnreachable => {
@@ -854,6 +1033,49 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
             });
         }
     }
+}
+
+/// Loads (`ip saddr` into R0 when `with_source`,) `ip daddr` into R1, `meta l4proto` into R2
+/// and `th dport` into R3.
+fn frontend_registers(b: &mut Buf, with_source: bool) {
+    ipv4_only(b);
+    if with_source {
+        payload(b, REG32_00, ex::PAYLOAD_NETWORK, 12, 4);
+    }
+    payload(b, REG32_01, ex::PAYLOAD_NETWORK, 16, 4);
+    meta_load(b, REG32_02, ex::META_L4PROTO);
+    payload(b, REG32_03, ex::PAYLOAD_TRANSPORT, 2, 2);
+}
+
+fn lookup_from(b: &mut Buf, set: &str, sreg: u32, dreg: Option<u32>) {
+    b.expr("lookup", |b| {
+        b.str(ex::LOOKUP_SET, set);
+        b.u32(ex::LOOKUP_SREG, sreg);
+        if let Some(dreg) = dreg {
+            b.u32(ex::LOOKUP_DREG, dreg);
+        }
+    });
+}
+
+/// `update @map { R0..R3 timeout Ns : R4 . R5 }`.
+fn remember_endpoint(b: &mut Buf, remember: &Remember) {
+    b.expr("dynset", |b| {
+        b.str(ex::DYNSET_SET_NAME, &remember.map);
+        b.u32(ex::DYNSET_OP, ex::DYNSET_OP_UPDATE);
+        b.u32(ex::DYNSET_SREG_KEY, REG32_00);
+        b.u32(ex::DYNSET_SREG_DATA, REG32_04);
+        b.attr(ex::DYNSET_TIMEOUT, &(u64::from(remember.timeout_seconds) * 1000).to_be_bytes());
+    });
+}
+
+fn dnat_registers(b: &mut Buf, address: u32, port: u32) {
+    b.expr("nat", |b| {
+        b.u32(ex::NAT_TYPE, ex::NAT_DNAT);
+        b.u32(ex::NAT_FAMILY, u32::from(NFPROTO_IPV4));
+        b.u32(ex::NAT_REG_ADDR_MIN, address);
+        b.u32(ex::NAT_REG_PROTO_MIN, port);
+        b.u32(ex::NAT_FLAGS, ex::NAT_RANGE_MAP_IPS | ex::NAT_RANGE_PROTO_SPECIFIED);
+    });
 }
 
 /// Reads the attributes of one level: (type without flags, payload).
@@ -901,6 +1123,8 @@ pub struct Dumped {
     pub element_ends: Vec<(Option<Vec<u8>>, u32)>,
     /// Counters: packets counted.
     pub packets: Option<u64>,
+    /// Set elements of maps to values: (key bytes, value bytes).
+    pub values: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -953,6 +1177,7 @@ fn parse_dumped(kind: DumpKind, payload: &[u8]) -> Dumped {
         DumpKind::Elements => {
             let mut elements = Vec::new();
             let mut element_ends = Vec::new();
+            let mut values = Vec::new();
             for (_, element) in
                 attr(&list, NFTA_SET_ELEM_LIST_ELEMENTS).map(attrs).unwrap_or_default()
             {
@@ -973,6 +1198,11 @@ fn parse_dumped(kind: DumpKind, payload: &[u8]) -> Dumped {
                             chain: attr(&v, NFTA_VERDICT_CHAIN).map(string),
                         }
                     });
+                if let Some(value) = attr(&element, NFTA_SET_ELEM_DATA)
+                    .and_then(|d| attr(&attrs(d), NFTA_DATA_VALUE))
+                {
+                    values.push((key.clone(), value.to_vec()));
+                }
                 elements.push((key, verdict));
                 let end = attr(&element, NFTA_SET_ELEM_KEY_END)
                     .and_then(|k| attr(&attrs(k), NFTA_DATA_VALUE))
@@ -988,6 +1218,7 @@ fn parse_dumped(kind: DumpKind, payload: &[u8]) -> Dumped {
                 name: text(NFTA_SET_ELEM_LIST_SET),
                 elements,
                 element_ends,
+                values,
                 ..Dumped::default()
             }
         }

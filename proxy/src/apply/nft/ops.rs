@@ -1,6 +1,6 @@
 //! The vocabulary of the nftables backend: table objects and rule statements as plain data.
 //! The planner emits [`Op`]s; the netlink encoder turns them into messages.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// A verdict of a rule or a verdict-map element.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -76,6 +76,33 @@ pub enum Stmt {
     NumgenVmap {
         targets: Vec<String>,
     },
+    /// `dnat ip to ip daddr . meta l4proto . th dport . numgen random mod COUNT map @endpoints`,
+    /// with `remember`: also `update @map { ip saddr . ip daddr . meta l4proto . th dport
+    /// timeout Ns : <the chosen endpoint> }` (ClientIP affinity).
+    DnatEndpoint {
+        endpoints: String,
+        count: u32,
+        remember: Option<Remember>,
+    },
+    /// ClientIP affinity hit: `ip saddr . ip daddr . meta l4proto . th dport` found in
+    /// `remember.map`, its endpoint still in `valid` (`ip daddr . meta l4proto . th dport .
+    /// <endpoint>`): refresh the entry and DNAT to it. No match: the rule ends.
+    DnatRemembered {
+        remember: Remember,
+        valid: String,
+    },
+    /// ClientIP affinity to an endpoint the frontend no longer has: the entry of `ip saddr .
+    /// ip daddr . meta l4proto . th dport` in `remember.map` whose endpoint is not in `valid`
+    /// is deleted (the dynamic map's `update` refreshes an entry but never replaces it).
+    ForgetRemembered {
+        remember: Remember,
+        valid: String,
+    },
+    /// `ct status dnat` and `ip saddr . ip daddr @set` (a hairpin connection: an endpoint
+    /// reaching itself through a service).
+    HairpinInSet {
+        set: String,
+    },
     Reject(RejectKind),
     Counter,
     Verdict(Verdict),
@@ -86,6 +113,13 @@ pub enum Stmt {
 pub enum AddrField {
     Saddr,
     Daddr,
+}
+
+/// The ClientIP affinity map a rule updates, and the timeout of its entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remember {
+    pub map: String,
+    pub timeout_seconds: u32,
 }
 
 /// Base chain parameters: `type KIND hook HOOK priority PRIORITY; policy accept`.
@@ -110,6 +144,17 @@ pub enum SetKind {
     AddressMap,
     /// `type ipv4_addr; flags interval`
     AddressRanges,
+    /// `type ipv4_addr . inet_proto . inet_service . integer : ipv4_addr . inet_service`: a
+    /// frontend's endpoint by index (the numgen result).
+    EndpointMap,
+    /// `type ipv4_addr . ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;
+    /// flags dynamic, timeout`: the endpoint a client was sent to (ClientIP affinity).
+    AffinityMap,
+    /// `type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service`: the endpoints
+    /// of the affinity frontends.
+    FrontendEndpoints,
+    /// `type ipv4_addr . ipv4_addr`: endpoint addresses, as source and destination.
+    Hairpin,
 }
 
 /// The key of a set element.
@@ -121,6 +166,22 @@ pub enum ElementKey {
         port: u16,
     },
     Index(u32),
+    /// An element of an [`SetKind::EndpointMap`].
+    Endpoint {
+        address: Ipv4Addr,
+        protocol: u8,
+        port: u16,
+        index: u32,
+    },
+    /// An element of a [`SetKind::FrontendEndpoints`] set.
+    FrontendEndpoint {
+        address: Ipv4Addr,
+        protocol: u8,
+        port: u16,
+        endpoint: SocketAddrV4,
+    },
+    /// An element of a [`SetKind::Hairpin`] set (the address twice).
+    Hairpin(Ipv4Addr),
     /// An element of a [`SetKind::AddressMap`].
     Address(Ipv4Addr),
     /// An element of a [`SetKind::AddressRanges`]: inclusive first and last address.
@@ -194,5 +255,11 @@ pub enum Op {
     DeleteElement {
         set: String,
         key: ElementKey,
+    },
+    /// Adds an element of a plain set (`endpoint: None`) or of a map to endpoints.
+    AddEntry {
+        set: String,
+        key: ElementKey,
+        endpoint: Option<SocketAddrV4>,
     },
 }

@@ -1,0 +1,173 @@
+//! The desired state kept per service, so that a change to one Service or its EndpointSlices
+//! is applied by rebuilding that service alone ([`build_service`]) and telling the planners
+//! which frontends it touched ([`ServiceIndex::set_service`] ->
+//! [`crate::apply::plan::Planner::plan_changed`]), instead of rebuilding and diffing every
+//! service.
+//!
+//! The combined state is exactly what [`super::build`] gives for all services together: when
+//! two services claim the same frontend, the one whose `namespace/name` sorts first has it;
+//! when two claim the same health-check node port, the last one has it.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{Frontend, NodeContext, ServiceState};
+
+/// The desired state of one service (`namespace/name` as in [`super::FrontendState::service`])
+/// with `slices` its EndpointSlices: what [`super::build`] would give for it alone.
+pub fn build_service(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+) -> ServiceState {
+    super::build(std::iter::once(service), slices.iter().copied(), node)
+}
+
+/// The combined desired state and, per service, what it renders to.
+#[derive(Debug, Default)]
+pub struct ServiceIndex {
+    state: ServiceState,
+    by_service: HashMap<String, ServiceState>,
+    /// Frontend -> the services that render it.
+    owners: HashMap<Frontend, BTreeSet<String>>,
+    health_owners: BTreeMap<u16, BTreeSet<String>>,
+}
+
+impl ServiceIndex {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The desired state of all services.
+    pub fn state(&self) -> &ServiceState {
+        &self.state
+    }
+
+    /// Number of services with a state.
+    pub fn services(&self) -> usize {
+        self.by_service.len()
+    }
+
+    /// Replaces the state of `service` (`namespace/name`) with `rendered` (from
+    /// [`build_service`]; empty when the service is gone) and returns the frontends whose
+    /// desired state changed, sorted. Cost: that of the service's own frontends.
+    pub fn set_service(&mut self, service: &str, rendered: ServiceState) -> Vec<Frontend> {
+        let old = self.by_service.remove(service).unwrap_or_default();
+        let touched: BTreeSet<Frontend> =
+            old.frontends.keys().chain(rendered.frontends.keys()).copied().collect();
+        let ports: BTreeSet<u16> = old
+            .health_check_node_ports
+            .keys()
+            .chain(rendered.health_check_node_ports.keys())
+            .copied()
+            .collect();
+        for frontend in old.frontends.keys() {
+            if let Some(owners) = self.owners.get_mut(frontend) {
+                owners.remove(service);
+                if owners.is_empty() {
+                    self.owners.remove(frontend);
+                }
+            }
+        }
+        for port in old.health_check_node_ports.keys() {
+            if let Some(owners) = self.health_owners.get_mut(port) {
+                owners.remove(service);
+                if owners.is_empty() {
+                    self.health_owners.remove(port);
+                }
+            }
+        }
+        for frontend in rendered.frontends.keys() {
+            self.owners.entry(*frontend).or_default().insert(service.to_string());
+        }
+        for port in rendered.health_check_node_ports.keys() {
+            self.health_owners.entry(*port).or_default().insert(service.to_string());
+        }
+        if !rendered.frontends.is_empty() || !rendered.health_check_node_ports.is_empty() {
+            self.by_service.insert(service.to_string(), rendered);
+        }
+
+        let mut changed = Vec::new();
+        for frontend in touched {
+            let winner = self
+                .owners
+                .get(&frontend)
+                .and_then(|owners| owners.first())
+                .and_then(|owner| self.by_service.get(owner)?.frontends.get(&frontend));
+            let current = self.state.frontends.get(&frontend);
+            if current == winner {
+                continue;
+            }
+            match winner {
+                Some(state) => self.state.frontends.insert(frontend, state.clone()),
+                None => self.state.frontends.remove(&frontend),
+            };
+            changed.push(frontend);
+        }
+        for port in ports {
+            let winner =
+                self.health_owners.get(&port).and_then(|owners| owners.last()).and_then(|owner| {
+                    self.by_service.get(owner)?.health_check_node_ports.get(&port)
+                });
+            match winner {
+                Some(check) => self.state.health_check_node_ports.insert(port, check.clone()),
+                None => self.state.health_check_node_ports.remove(&port),
+            };
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FrontendState, testing::frontend};
+
+    fn rendered(service: &str, frontends: &[(&str, &[&str])]) -> ServiceState {
+        let mut state = ServiceState::default();
+        for (ip, backends) in frontends {
+            let backends = backends.iter().map(|b| b.parse().unwrap()).collect();
+            state.frontends.insert(frontend(ip, 80), FrontendState::cluster_ip(service, backends));
+        }
+        state
+    }
+
+    #[test]
+    fn a_changed_service_reports_only_its_own_changed_frontends() {
+        let mut index = ServiceIndex::new();
+        for i in 0..100 {
+            let ip = format!("10.96.0.{i}");
+            let name = format!("default/s{i}");
+            let changed = index.set_service(&name, rendered(&name, &[(&ip, &["10.0.0.1:80"])]));
+            assert_eq!(changed, [frontend(&ip, 80)]);
+        }
+        assert_eq!(index.state().frontends.len(), 100);
+        // Same state again: nothing changed.
+        let again = rendered("default/s7", &[("10.96.0.7", &["10.0.0.1:80"])]);
+        assert!(index.set_service("default/s7", again).is_empty());
+        // One endpoint more: that frontend only.
+        let more = rendered("default/s7", &[("10.96.0.7", &["10.0.0.1:80", "10.0.0.2:80"])]);
+        assert_eq!(index.set_service("default/s7", more), [frontend("10.96.0.7", 80)]);
+        assert_eq!(index.state().frontends[&frontend("10.96.0.7", 80)].backends.len(), 2);
+        // Deleted: its frontend goes.
+        assert_eq!(
+            index.set_service("default/s7", ServiceState::default()),
+            [frontend("10.96.0.7", 80)]
+        );
+        assert_eq!(index.state().frontends.len(), 99);
+        assert_eq!(index.services(), 99);
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_goes_to_the_first_service_as_build_does() {
+        let mut index = ServiceIndex::new();
+        index.set_service("default/b", rendered("default/b", &[("10.96.0.1", &["10.0.0.2:80"])]));
+        let changed = index
+            .set_service("default/a", rendered("default/a", &[("10.96.0.1", &["10.0.0.1:80"])]));
+        assert_eq!(changed, [frontend("10.96.0.1", 80)]);
+        assert_eq!(index.state().frontends[&frontend("10.96.0.1", 80)].service, "default/a");
+        // The first one goes: the other takes the frontend over.
+        index.set_service("default/a", ServiceState::default());
+        assert_eq!(index.state().frontends[&frontend("10.96.0.1", 80)].service, "default/b");
+    }
+}
