@@ -78,6 +78,9 @@ pub struct AgentArgs {
     /// Delete the nftables table on a clean exit (by default it stays and keeps serving).
     #[arg(long)]
     nft_remove_on_exit: bool,
+    /// Unix socket `weir flows` connects to (policy flow events of the eBPF datapath).
+    #[arg(long, default_value = weir_proxy::policy::flows::DEFAULT_FLOWS_SOCKET)]
+    flows_socket: PathBuf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -125,6 +128,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         },
         nft_table: args.nft_table,
         nft_remove_on_exit: args.nft_remove_on_exit,
+        flows_socket: args.flows_socket,
     };
     if let Err(err) = config.validate() {
         eprintln!("weir agent: {err}");

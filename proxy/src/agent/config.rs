@@ -61,6 +61,8 @@ pub struct AgentConfig {
     /// Delete the nftables table on a clean shutdown (by default it stays, like kube-proxy's,
     /// so traffic keeps flowing until the next agent adopts it).
     pub nft_remove_on_exit: bool,
+    /// Unix socket `weir flows` subscribes on (eBPF dataplane).
+    pub flows_socket: PathBuf,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -172,6 +174,7 @@ mod tests {
             dataplane: Dataplane::Ebpf,
             nft_table: DEFAULT_NFT_TABLE.into(),
             nft_remove_on_exit: false,
+            flows_socket: crate::policy::flows::DEFAULT_FLOWS_SOCKET.into(),
         }
     }
 

@@ -48,6 +48,7 @@ use crate::{
     },
     maps::{MapsError, ServiceMaps},
     model::{self, NodeContext},
+    policy::{SharedNames, flows},
     programs::{self, LoadOptions},
     system,
 };
@@ -105,6 +106,8 @@ enum Backend {
 
 struct EbpfBackend {
     writer: MapWriter,
+    /// The policy programs' flow ring buffer, until the flow viewer takes it.
+    flows: Option<aya::maps::RingBuf<aya::maps::MapData>>,
     planner: Planner,
     /// The loaded object and its attachments live as long as the agent.
     _loaded: programs::Loaded,
@@ -173,6 +176,10 @@ fn start_ebpf(config: &AgentConfig) -> Result<Backend, AgentError> {
         LoadOptions { forward_logs: config.forward_ebpf_logs, ..LoadOptions::new(&config.pin_dir) };
     let mut loaded = programs::load(&options)?;
     let writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf)?);
+    let flows = loaded
+        .ebpf
+        .take_map(weir_common::policy::FLOWS_MAP)
+        .and_then(|map| aya::maps::RingBuf::try_from(map).ok());
     let planner = writer.adopting_planner();
     log::info!(
         "datapath: maps pinned in {}; adopted {} frontends and {} backends",
@@ -209,7 +216,7 @@ fn start_ebpf(config: &AgentConfig) -> Result<Backend, AgentError> {
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_ebpf_logs(logger));
     }
-    Ok(Backend::Ebpf(Box::new(EbpfBackend { writer, planner, _loaded: loaded })))
+    Ok(Backend::Ebpf(Box::new(EbpfBackend { writer, flows, planner, _loaded: loaded })))
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
@@ -232,6 +239,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 
     let client = client(&config).await?;
     let status = Arc::new(Status::new(config.health_timeout));
+    // Names of the policy datapath's numbers (pods, rule ids, policy ids) for flows and
+    // metrics; the policy loop publishes a new table after each lowering.
+    let policy_names = SharedNames::default();
+    let _flows = start_flows(&config, &mut backend, &policy_names);
     let counters = (config.dataplane == Dataplane::Ebpf).then(|| config.pin_dir.clone());
     for (what, addr) in [("health", config.health_listen), ("metrics", config.metrics_listen)] {
         let listener = TcpListener::bind(addr).await.map_err(|source| AgentError::Listen {
@@ -243,7 +254,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             listener.local_addr().map_err(|source| AgentError::Listen { what, addr, source })?;
         // Tests and operators read this line to find ports picked by the kernel (port 0).
         println!("weir agent: serving {what} on http://{bound}");
-        tokio::spawn(http::serve(listener, status.clone(), counters.clone()));
+        tokio::spawn(http::serve(listener, status.clone(), counters.clone(), policy_names.clone()));
     }
 
     let changed = Arc::new(Notify::new());
@@ -335,6 +346,27 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         tokio::select! {
             _ = changed.notified() => status.queued(),
             _ = shutdown() => return stop(&config, backend),
+        }
+    }
+}
+
+/// Serves `weir flows` on the flow socket from the eBPF datapath's ring buffer. Visibility is
+/// not worth stopping the datapath for: a failure is logged and the agent goes on without it.
+fn start_flows(config: &AgentConfig, backend: &mut Backend, names: &SharedNames) -> AbortOnDrop {
+    let Backend::Ebpf(ebpf) = backend else { return AbortOnDrop(Vec::new()) };
+    let Some(ring) = ebpf.flows.take() else {
+        log::warn!("flows: the eBPF object has no flow ring buffer; `weir flows` is unavailable");
+        return AbortOnDrop(Vec::new());
+    };
+    let names = Arc::new(names.clone());
+    match flows::start(ring, names, Some(config.node_name.clone()), &config.flows_socket) {
+        Ok(tasks) => {
+            log::info!("flows: serving `weir flows` on {}", config.flows_socket.display());
+            AbortOnDrop(tasks)
+        }
+        Err(err) => {
+            log::error!("flows: {}; `weir flows` is unavailable on this node", error_chain(&err));
+            AbortOnDrop(Vec::new())
         }
     }
 }

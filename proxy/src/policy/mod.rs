@@ -2,10 +2,14 @@
 //! the desired contents of the policy maps (pure, diffable), and [`writer`] applies the
 //! difference between two such states to the maps.
 pub mod datapath;
+pub mod drops;
+pub mod flows;
 pub mod lower;
+pub mod names;
 pub mod source;
 pub mod writer;
 
 pub use datapath::{PolicyApplied, PolicyDatapath, PolicyDatapathError, PolicyNode};
 pub use lower::{DatapathPolicy, Lowering, MapDiff, diff};
+pub use names::{FlowNames, PolicyNameTable, SharedNames};
 pub use writer::PolicyMaps;
