@@ -4,6 +4,7 @@
 pub mod datapath;
 pub mod drops;
 pub mod flows;
+pub mod live;
 pub mod lower;
 pub mod names;
 pub mod source;
