@@ -143,7 +143,7 @@ fn check_live(
             let live = evaluate(&opened, direction, *endpoint, peer, protocol.number(), port)
                 .map_err(|err| format!("{where_}: lookup failed: {err:#}"))?;
             Ok(match disagreement(model, &live, *endpoint, peer, direction) {
-                None => format!("{where_}: agrees ({live:?})"),
+                None => format!("{where_}: agrees ({live})"),
                 Some(why) => {
                     all_agree = false;
                     format!("{where_}: DISAGREES: {why}")

@@ -29,8 +29,10 @@ use weir_proxy::policy::{
     live::{PinnedPolicyMaps, PolicyMapsView, disagreement, evaluate},
 };
 use weir_tests::{
-    apiserver::{TempDir, weir_binary},
+    agent::AgentProcess,
+    apiserver::{ApiServer, TempDir, weir_binary},
     bpffs::TestPinDir,
+    cgroup::TestCgroup,
     packet::Ipv4Packet,
     policy_cases::{NAMESPACES, NODES, PODS, TruthTable, cases, node_ip, pod_ip, pod_node, policy},
     privileged::require_root,
@@ -129,7 +131,6 @@ fn live_check_agrees_with_the_model_on_every_cell() {
 /// The object loaded into a unique pin directory, node-1's policy for `policies` written.
 struct Node {
     ebpf: Ebpf,
-    maps: PolicyMaps,
     compiled: Compiled,
     lowering: Lowering,
     pins: TestPinDir,
@@ -143,29 +144,83 @@ impl Node {
             weir_proxy::programs::load(&weir_proxy::programs::LoadOptions::new(pins.path()))
                 .expect("load weir's eBPF object");
         let mut maps = PolicyMaps::take(&mut loaded.ebpf).expect("policy maps");
+        // The maps stay pinned (and referenced by the programs) after this handle is gone.
         let compiled = compile(&TruthTable::new(), policies, Some(NODES[0]));
         let mut lowering = Lowering::default();
         let desired = lowering.lower(&compiled, &[node_ip(0)]);
         maps.apply(&DatapathPolicy::default(), &desired).expect("write policy maps");
-        Self { ebpf: loaded.ebpf, maps, compiled, lowering, pins }
+        Self { ebpf: loaded.ebpf, compiled, lowering, pins }
     }
 
-    /// Runs `program` on a TCP packet; true when it passes.
     fn run(&self, program: &'static str, src: Ipv4Addr, sport: u16, dst: Ipv4Addr) -> bool {
-        let program =
-            weir_proxy::programs::classifier_ref(&self.ebpf, program).expect("program loaded");
-        let packet = Ipv4Packet::tcp(src, sport, dst, 80).build();
-        let mut out = vec![0u8; packet.len() + 64];
-        let verdict = program
-            .test_run(TestRunOptions {
-                data_in: Some(&packet),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN")
-            .return_value;
-        verdict == 0
+        run(&self.ebpf, program, src, sport, dst)
     }
+}
+
+/// Runs `program` of `ebpf` on a TCP packet to port 80; true when it passes.
+fn run(ebpf: &Ebpf, program: &'static str, src: Ipv4Addr, sport: u16, dst: Ipv4Addr) -> bool {
+    let program = weir_proxy::programs::classifier_ref(ebpf, program).expect("program loaded");
+    let packet = Ipv4Packet::tcp(src, sport, dst, 80).build();
+    let mut out = vec![0u8; packet.len() + 64];
+    let verdict = program
+        .test_run(TestRunOptions {
+            data_in: Some(&packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .expect("BPF_PROG_TEST_RUN")
+        .return_value;
+    verdict == 0
+}
+
+/// The real agent owns its pinned flow ring buffer: a drop reported by a program sharing its
+/// pinned maps reaches a subscriber of the agent's `--flows-socket`, and /metrics counts it
+/// per policy (by id: no policy loop names it in this test).
+#[test]
+fn the_agent_serves_its_flows_and_per_policy_drop_metrics() {
+    require_root();
+    let data = TempDir::new("polvis-api");
+    let api = ApiServer::start(data.path());
+    let pins = TestPinDir::new("polvis-agent").unwrap();
+    let cgroup = TestCgroup::new("polvis").unwrap();
+    let agent = AgentProcess::start(&api, &pins, &cgroup);
+    let mut client =
+        FlowClient::connect(&agent.flows_socket, &FlowRequest::default()).expect("subscribe");
+    client.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(client.node.as_deref(), Some("node-a"));
+
+    // The same object loaded on the agent's pin directory shares its maps, ring included.
+    let mut loaded =
+        weir_proxy::programs::load(&weir_proxy::programs::LoadOptions::new(pins.path()))
+            .expect("load weir's eBPF object");
+    let mut maps = PolicyMaps::take(&mut loaded.ebpf).expect("policy maps");
+    let pod = Ipv4Addr::new(10, 244, 9, 9);
+    let mut isolated = DatapathPolicy::default();
+    isolated.endpoints.insert(
+        pod.octets(),
+        EndpointPolicy {
+            flags: EP_INGRESS_ISOLATED,
+            identity: 300,
+            ingress_policy: 7,
+            egress_policy: 0,
+        },
+    );
+    maps.apply(&DatapathPolicy::default(), &isolated).expect("write an endpoint");
+    assert!(!run(&loaded.ebpf, weir_proxy::programs::TC_POLICY_INGRESS, XA, 40100, pod));
+    let record = match client.next_message().expect("a flow from the agent") {
+        FlowMessage::Flow(record) => record,
+        other => panic!("expected a flow, got {other:?}"),
+    };
+    assert_eq!((record.verdict, record.reason), (FlowVerdict::Dropped, FlowReason::DefaultDeny));
+    assert_eq!((record.source.ip, record.destination.ip, record.id), (XA, pod, 7));
+    assert_eq!(record.node.as_deref(), Some("node-a"));
+    let (code, metrics) = agent.get(agent.metrics, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("weir_policy_drops_total{policy=\"id:7\",direction=\"ingress\"} 1"),
+        "{metrics}"
+    );
+    maps.apply(&isolated, &DatapathPolicy::default()).expect("remove the endpoint");
 }
 
 const XA: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);

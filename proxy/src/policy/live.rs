@@ -66,6 +66,25 @@ impl LiveSide {
     }
 }
 
+impl std::fmt::Display for LiveSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LiveSide::NoEndpoint { dropped: false } => f.write_str("no endpoint entry (passes)"),
+            LiveSide::NoEndpoint { dropped: true } => {
+                f.write_str("no endpoint entry (dropped as not ready)")
+            }
+            LiveSide::NotIsolated => f.write_str("not isolated"),
+            LiveSide::OwnNode => f.write_str("the node itself (host identity)"),
+            LiveSide::Allowed { rule_id, by } => {
+                write!(f, "allowed by rule id {rule_id} (matched on {by})")
+            }
+            LiveSide::Dropped { policy_id, .. } => {
+                write!(f, "dropped (counted against policy id {policy_id})")
+            }
+        }
+    }
+}
+
 /// The maps' decision for a new packet checked at `endpoint` in `direction` ([`DIR_INGRESS`]:
 /// `endpoint` is the destination, [`DIR_EGRESS`]: the source), exactly as the program decides.
 pub fn evaluate(
