@@ -375,3 +375,61 @@ fn live_check_reads_pinned_maps_and_reports_corrupted_entries() {
         "{why}"
     );
 }
+
+/// The real `weir policy trace --live --pin-dir --node` against objects in the API and node-1's
+/// pinned maps: agreement (exit 0 / 3), a side on another node not checked, a cleared
+/// isolation flag reported as a disagreement (exit 4), and --live without maps refused (64).
+#[test]
+fn trace_live_cli_reports_agreement_and_disagreement() {
+    let node = Node::new(&a_from_b());
+    let dir = TempDir::new("polvis-trace");
+    let server = ApiServer::start_with(dir.path(), &["--disable-controllers"]);
+    TruthTable::new().create_in(&server, &a_from_b());
+    let trace_live = |from: &str, to: &str, maps: bool| {
+        let mut command = Command::new(weir_binary());
+        command.args(["policy", "trace", "--kubeconfig"]).arg(&server.kubeconfig);
+        command.args(["--from", from, "--to", to, "--port", "80", "--live"]);
+        if maps {
+            command.arg("--pin-dir").arg(node.pins.path()).args(["--node", NODES[0]]);
+        }
+        let out = command.env_remove("NODE_NAME").output().expect("run weir policy trace");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+
+    let (code, text) = trace_live("x/b", "x/a", true);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("egress of the source: x/b on node node-1 ("), "{text}");
+    assert!(text.contains("agrees (not isolated)"), "{text}");
+    assert!(text.contains("ingress of the destination: x/a on node node-1 ("), "{text}");
+    assert!(text.contains("agrees (allowed by rule id "), "{text}");
+
+    let (code, text) = trace_live("x/c", "x/a", true);
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("egress of the source: not checked: the pod runs on node node-2"),
+        "{text}"
+    );
+    assert!(text.contains("agrees (dropped (counted against policy id "), "{text}");
+
+    let mut endpoints =
+        node.pins.open_hash::<[u8; 4], EndpointPolicy>(POLICY_ENDPOINTS_MAP).unwrap();
+    let entry = endpoints.get(&XA.octets(), 0).unwrap();
+    endpoints.insert(XA.octets(), EndpointPolicy { flags: 0, ..entry }, 0).unwrap();
+    let (code, text) = trace_live("x/c", "x/a", true);
+    assert_eq!(code, Some(4), "{text}");
+    assert!(
+        text.contains("x/a on node node-1 (")
+            && text.contains("DISAGREES: the model denies it")
+            && text.contains("10.244.0.10's ingress is not isolated"),
+        "{text}"
+    );
+
+    let (code, text) = trace_live("x/c", "x/a", false);
+    assert_eq!(code, Some(64), "{text}");
+    assert!(text.contains("--live needs --pin-dir DIR --node NAME, or --lab NAME"), "{text}");
+}
