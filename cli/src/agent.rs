@@ -90,6 +90,9 @@ pub struct AgentArgs {
     /// NetworkPolicy exists), always, or never. The node may always reach its pods.
     #[arg(long, value_enum, default_value_t = DenyUnknownArg::Auto)]
     policy_deny_unknown: DenyUnknownArg,
+    /// Unix socket `weir flows` connects to (policy flow events of the eBPF datapath).
+    #[arg(long, default_value = weir_proxy::policy::flows::DEFAULT_FLOWS_SOCKET)]
+    flows_socket: PathBuf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -153,6 +156,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 DenyUnknownArg::Never => DenyUnknown::Never,
             },
         },
+        flows_socket: args.flows_socket,
     };
     if let Err(err) = config.validate() {
         eprintln!("weir agent: {err}");

@@ -84,6 +84,15 @@ pub fn run(args: LabArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The plan of the running lab `name` (the spec it recorded); None (after saying why) when
+/// the name is invalid.
+pub(crate) fn recorded_plan(
+    name: &str,
+    state_dir: Option<PathBuf>,
+) -> Result<Option<plan::LabPlan>> {
+    lab_plan(default_spec(name), state_dir, true)
+}
+
 fn default_spec(name: &str) -> LabSpec {
     LabSpec {
         name: name.to_string(),

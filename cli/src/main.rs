@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod dns;
+mod flows;
 mod inspect;
 mod lab;
 mod node;
@@ -39,6 +40,8 @@ enum Command {
     Builtin(node::BuiltinArgs),
     /// NetworkPolicy tools: `weir policy trace`.
     Policy(policy::PolicyArgs),
+    /// Stream NetworkPolicy decisions (drops and new allowed flows) from the agents.
+    Flows(flows::FlowsArgs),
 }
 
 #[derive(clap::Args)]
@@ -123,6 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(args) => return node::run(args),
         Command::Builtin(args) => return node::builtin(args),
         Command::Policy(args) => return policy::run(args),
+        Command::Flows(args) => return flows::run(args),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,10 @@
 //! `weir policy trace`: would a connection be allowed, and which NetworkPolicy rule decides.
 //! Computed from the API's objects with the same compiler the agent programs the maps from.
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::{Context, bail};
 use weir_policy::{Compiler, Endpoint, ObjectRef, Protocol, trace};
@@ -31,7 +35,126 @@ enum What {
         /// tcp, udp or sctp.
         #[arg(long, default_value = "tcp")]
         proto: String,
+        /// Also evaluate the packet against the nodes' pinned policy maps (the destination
+        /// pod's node for ingress, the source pod's node for egress) and report whether they
+        /// agree with the model. Needs --pin-dir (with --node) or --lab. Exit status 4 when
+        /// they disagree.
+        #[arg(long)]
+        live: bool,
+        /// The pin directory of the node whose maps to read (`weir agent --pin-dir`).
+        #[arg(long, requires = "live", conflicts_with = "lab")]
+        pin_dir: Option<PathBuf>,
+        /// The node whose maps --pin-dir holds.
+        #[arg(long, env = "NODE_NAME", requires = "pin_dir")]
+        node: Option<String>,
+        /// Read the maps of every node of this lab (and its kubeconfig unless --kubeconfig
+        /// or KUBECONFIG is given).
+        #[arg(long, requires = "live")]
+        lab: Option<String>,
+        /// The lab's state directory [default: /var/lib/weir/lab/NAME].
+        #[arg(long, requires = "lab")]
+        state_dir: Option<PathBuf>,
     },
+}
+
+/// Where the live maps of each node are.
+enum LiveMaps {
+    /// One node's pin directory.
+    Node { node: String, pin_dir: PathBuf },
+    /// Node name -> pin directory.
+    Lab(Vec<(String, PathBuf)>),
+}
+
+impl LiveMaps {
+    fn pin_dir(&self, node: &str) -> Result<&std::path::Path, String> {
+        match self {
+            LiveMaps::Node { node: given, pin_dir } if given == node => Ok(pin_dir),
+            LiveMaps::Node { node: given, pin_dir } => Err(format!(
+                "the pod runs on node {node}; --pin-dir {} holds node {given}'s maps",
+                pin_dir.display()
+            )),
+            LiveMaps::Lab(nodes) => nodes
+                .iter()
+                .find(|(name, _)| name == node)
+                .map(|(_, dir)| dir.as_path())
+                .ok_or_else(|| format!("node {node} is not a node of the lab")),
+        }
+    }
+}
+
+/// Exit status when the live maps disagree with the model.
+const DISAGREES: u8 = 4;
+
+/// Checks each enforced side against its node's maps; returns whether every checked side
+/// agrees.
+fn check_live(
+    compiled: &weir_policy::Compiled,
+    maps: &LiveMaps,
+    from: &Endpoint,
+    to: &Endpoint,
+    verdict: &weir_policy::Verdict,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
+    use weir_proxy::policy::live::{
+        EGRESS as DIR_EGRESS, INGRESS as DIR_INGRESS, PinnedPolicyMaps, disagreement, evaluate,
+    };
+
+    // (pod, IPv4 address, node) of a partner.
+    let locate = |e: &Endpoint| -> (Option<weir_policy::PodRef>, Option<Ipv4Addr>, Option<String>) {
+        let pod = match e {
+            Endpoint::Pod(pod) => Some(pod.clone()),
+            Endpoint::Ip(ip) => compiled.pod_ips.get(ip).cloned(),
+        };
+        let entry = pod.as_ref().and_then(|p| compiled.pods.get(p));
+        let ip = match e {
+            Endpoint::Ip(IpAddr::V4(ip)) => Some(*ip),
+            Endpoint::Ip(IpAddr::V6(_)) => None,
+            Endpoint::Pod(_) => entry.and_then(|p| {
+                p.ips.iter().find_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+            }),
+        };
+        (pod, ip, entry.and_then(|p| p.node.clone()))
+    };
+    let (src, dst) = (locate(from), locate(to));
+    println!("live maps:");
+    let mut all_agree = true;
+    for (what, direction, model, (pod, endpoint, node), peer) in [
+        ("egress of the source", DIR_EGRESS, &verdict.egress, &src, dst.1),
+        ("ingress of the destination", DIR_INGRESS, &verdict.ingress, &dst, src.1),
+    ] {
+        let checked = (|| -> Result<String, String> {
+            if matches!(model, weir_policy::Side::NotEnforced) {
+                return Err("not checked: the model enforces nothing on this side".into());
+            }
+            let (Some(pod), Some(node)) = (pod, node) else {
+                return Err("not checked: not a pod scheduled on a node".into());
+            };
+            let (Some(endpoint), Some(peer)) = (endpoint, peer) else {
+                return Err("not checked: the eBPF datapath enforces IPv4 only".into());
+            };
+            let pin_dir = maps.pin_dir(node).map_err(|why| format!("not checked: {why}"))?;
+            let where_ = format!("{pod} on node {node} ({})", pin_dir.display());
+            let opened = PinnedPolicyMaps::open(pin_dir)
+                .map_err(|err| format!("{where_}: cannot read the maps: {err:#}"))?;
+            let live = evaluate(&opened, direction, *endpoint, peer, protocol.number(), port)
+                .map_err(|err| format!("{where_}: lookup failed: {err:#}"))?;
+            Ok(match disagreement(model, &live, *endpoint, peer, direction) {
+                None => format!("{where_}: agrees ({live})"),
+                Some(why) => {
+                    all_agree = false;
+                    format!("{where_}: DISAGREES: {why}")
+                }
+            })
+        })();
+        match checked {
+            Ok(line) | Err(line) => println!("  {what}: {line}"),
+        }
+    }
+    all_agree
 }
 
 fn endpoint(text: &str, flag: &str) -> anyhow::Result<Endpoint> {
@@ -57,7 +180,27 @@ fn usage(err: impl std::fmt::Display) -> ExitCode {
 }
 
 pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
-    let What::Trace { kubeconfig, from, to, port, proto } = args.what;
+    let What::Trace { mut kubeconfig, from, to, port, proto, live, pin_dir, node, lab, state_dir } =
+        args.what;
+    let live_maps = match (live, pin_dir, lab) {
+        (false, ..) => None,
+        (true, Some(pin_dir), None) => match node {
+            Some(node) => Some(LiveMaps::Node { node, pin_dir }),
+            None => return Ok(usage("--pin-dir needs --node NAME (the node whose maps they are)")),
+        },
+        (true, None, Some(lab)) => {
+            let Some(plan) = crate::lab::recorded_plan(&lab, state_dir)? else {
+                return Ok(ExitCode::from(USAGE));
+            };
+            kubeconfig.get_or_insert_with(|| plan.kubeconfig());
+            Some(LiveMaps::Lab(
+                plan.nodes.iter().map(|n| (n.name.clone(), n.pin_dir.clone())).collect(),
+            ))
+        }
+        (true, ..) => {
+            return Ok(usage("--live needs --pin-dir DIR --node NAME, or --lab NAME"));
+        }
+    };
     let parsed = (|| -> anyhow::Result<_> {
         let from = endpoint(&from, "--from")?;
         let to = endpoint(&to, "--to")?;
@@ -89,5 +232,10 @@ pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
     };
     println!("{from} -> {to} {protocol}/{port}");
     println!("{verdict}");
+    if let Some(maps) = &live_maps
+        && !check_live(&compiled, maps, &from, &to, &verdict, protocol, port)
+    {
+        return Ok(ExitCode::from(DISAGREES));
+    }
     Ok(if verdict.allowed { ExitCode::SUCCESS } else { ExitCode::from(DENIED) })
 }

@@ -20,8 +20,9 @@ pub const POLICY_MAP: &str = "weir_policy_v1";
 pub const POLICY_CT_MAP: &str = "weir_pol_ct4_v1";
 /// Array of one [`PolicyGlobal`].
 pub const POLICY_GLOBAL_MAP: &str = "weir_pol_global_v1";
-/// Per-CPU hash: policy id -> packets dropped while that policy isolated the direction.
-pub const POLICY_DROPS_MAP: &str = "weir_pol_drops_v1";
+/// Per-CPU hash: [`PolicyDropKey`] (policy id, direction) -> packets dropped while that policy
+/// isolated the direction.
+pub const POLICY_DROPS_MAP: &str = "weir_pol_drops_v2";
 /// Ring buffer of [`FlowEvent`]s.
 pub const FLOWS_MAP: &str = "weir_flows_v1";
 
@@ -139,6 +140,17 @@ pub struct PolicyGlobal {
 }
 const _: () = assert!(core::mem::size_of::<PolicyGlobal>() == 8);
 
+/// Key of [`POLICY_DROPS_MAP`]: the policy a drop is counted against, and the direction
+/// ([`DIR_INGRESS`] or [`DIR_EGRESS`]) it isolated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyDropKey {
+    pub policy: u32,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<PolicyDropKey>() == 8);
+
 /// [`FlowEvent::verdict`].
 pub const VERDICT_ALLOWED: u8 = 0;
 pub const VERDICT_DROPPED: u8 = 1;
@@ -171,5 +183,6 @@ crate::impl_pod!(
     PolicyValue,
     PolicyCtKey,
     PolicyGlobal,
+    PolicyDropKey,
     FlowEvent
 );

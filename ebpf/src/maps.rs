@@ -15,7 +15,7 @@ use weir_common::{
     policy::{
         DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_CT_ENTRIES, DEFAULT_POLICY_DROPS_ENTRIES,
         DEFAULT_POLICY_ENDPOINTS, DEFAULT_POLICY_ENTRIES, EndpointPolicy, FLOWS_BYTES,
-        IpcacheValue, PolicyCtKey, PolicyGlobal, PolicyKey, PolicyValue,
+        IpcacheValue, PolicyCtKey, PolicyDropKey, PolicyGlobal, PolicyKey, PolicyValue,
     },
     sock::{DEFAULT_SOCK_REV4_ENTRIES, SockRevKey4},
 };
@@ -61,8 +61,8 @@ pub static POLICY_CT4: LruHashMap<PolicyCtKey, PolicyValue> =
 #[map(name = "weir_pol_global_v1")]
 pub static POLICY_GLOBAL: Array<PolicyGlobal> = Array::pinned(1, 0);
 
-#[map(name = "weir_pol_drops_v1")]
-pub static POLICY_DROPS: PerCpuHashMap<u32, u64> =
+#[map(name = "weir_pol_drops_v2")]
+pub static POLICY_DROPS: PerCpuHashMap<PolicyDropKey, u64> =
     PerCpuHashMap::pinned(DEFAULT_POLICY_DROPS_ENTRIES, 0);
 
 #[map(name = "weir_flows_v1")]

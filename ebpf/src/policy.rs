@@ -26,7 +26,7 @@ use weir_common::{
     policy::{
         DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, FlowEvent,
         GLOBAL_DENY_UNKNOWN, IpcacheValue, PEER_ANY, PEER_CIDR_CLASS, PEER_IDENTITY,
-        POLICY_KEY_FULL_BITS, PolicyCtKey, PolicyKey, PolicyValue, VERDICT_ALLOWED,
+        POLICY_KEY_FULL_BITS, PolicyCtKey, PolicyDropKey, PolicyKey, PolicyValue, VERDICT_ALLOWED,
         VERDICT_DROPPED,
     },
 };
@@ -87,7 +87,7 @@ pub fn try_check(ctx: &TcContext, direction: u8) -> Result<i32, Counter> {
         } else {
             Counter::DropPolicyIngress
         };
-        count_policy_drop(policy_id);
+        count_policy_drop(policy_id, direction);
         report(&pkt, direction, VERDICT_DROPPED, reason, policy_id, cache.identity);
         return Err(reason);
     };
@@ -193,12 +193,13 @@ fn record(pkt: &Packet4, direction: u8, rule_id: u32, peer_identity: u32) {
 }
 
 #[inline(always)]
-fn count_policy_drop(policy_id: u32) {
-    if let Some(slot) = POLICY_DROPS.get_ptr_mut(&policy_id) {
+fn count_policy_drop(policy_id: u32, direction: u8) {
+    let key = PolicyDropKey { policy: policy_id, direction, _pad: [0; 3] };
+    if let Some(slot) = POLICY_DROPS.get_ptr_mut(&key) {
         // SAFETY: a per-CPU value of this CPU; tc programs run with preemption off.
         unsafe { *slot += 1 };
     } else {
-        let _ = POLICY_DROPS.insert(&policy_id, &1, BPF_NOEXIST as u64);
+        let _ = POLICY_DROPS.insert(&key, &1, BPF_NOEXIST as u64);
     }
 }
 

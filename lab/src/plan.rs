@@ -160,6 +160,10 @@ impl NodePlan {
     pub fn runtime_state(&self) -> PathBuf {
         self.dir.join("runtime")
     }
+    /// The agent's `--flows-socket` (`weir flows --lab`).
+    pub fn flows_socket(&self) -> PathBuf {
+        self.dir.join("flows.sock")
+    }
     /// MTU of the pods' interfaces.
     pub fn pod_mtu(overlay: Overlay) -> u32 {
         match overlay {
@@ -293,6 +297,10 @@ mod tests {
         assert_eq!(plan.nodes[1].address, Ipv4Addr::new(172, 30, 0, 3));
         assert_eq!(plan.nodes[1].cgroup, PathBuf::from("weir/worker2"));
         assert_eq!(plan.nodes[0].pin_dir, PathBuf::from("/sys/fs/bpf/weir/worker1"));
+        assert_eq!(
+            plan.nodes[1].flows_socket(),
+            PathBuf::from("/var/lib/weir/lab/nodes/weir-worker2/flows.sock")
+        );
         assert!(plan.nodes.iter().all(|n| n.netns.starts_with(&plan.netns_prefix())));
         assert!(plan.underlay_netns.starts_with(&plan.netns_prefix()));
     }

@@ -316,6 +316,8 @@ fn start_node(
         plan::CLUSTER_CIDR.into(),
         "--masquerade".into(),
         "true".into(),
+        "--flows-socket".into(),
+        node.flows_socket().display().to_string(),
     ];
     let runtime = vec![
         "node".to_string(),

@@ -36,6 +36,9 @@ pub struct AgentProcess {
     pub lines: Vec<String>,
     /// The namespace the agent (and its listeners) run in, when not the test's own.
     netns: Option<PathBuf>,
+    /// The agent's `--flows-socket` (in a unique temp dir, removed on drop).
+    pub flows_socket: PathBuf,
+    _flows_dir: crate::apiserver::TempDir,
 }
 
 /// Where and how [`AgentProcess::start_with`] runs an agent.
@@ -175,8 +178,12 @@ impl AgentProcess {
         netns: Option<PathBuf>,
         wait_for: Option<&str>,
     ) -> AgentProcess {
+        let flows_dir = crate::apiserver::TempDir::new("flows");
+        let flows_socket = flows_dir.path().join("flows.sock");
         let mut child = command
             .args(["--node-name", node_name])
+            .arg("--flows-socket")
+            .arg(&flows_socket)
             .args(["--health-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -218,6 +225,8 @@ impl AgentProcess {
             metrics: metrics.expect("metrics address"),
             lines,
             netns,
+            flows_socket,
+            _flows_dir: flows_dir,
         }
     }
 

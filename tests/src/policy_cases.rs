@@ -86,6 +86,40 @@ impl TruthTable {
         Self { namespaces, pods, nodes }
     }
 
+    /// Creates the namespaces and pods (with their status: addresses) and `policies` through
+    /// `server`'s API.
+    pub fn create_in(&self, server: &crate::apiserver::ApiServer, policies: &[NetworkPolicy]) {
+        for ns in &self.namespaces {
+            let (status, body) =
+                server.json("POST", "/api/v1/namespaces", Some(&serde_json::to_value(ns).unwrap()));
+            assert_eq!(status, 201, "{body}");
+        }
+        for pod in &self.pods {
+            let ns = pod.metadata.namespace.as_deref().unwrap();
+            let name = pod.metadata.name.as_deref().unwrap();
+            let value = serde_json::to_value(pod).unwrap();
+            let (status, body) =
+                server.json("POST", &format!("/api/v1/namespaces/{ns}/pods"), Some(&value));
+            assert_eq!(status, 201, "{body}");
+            let status_patch = json!({"status": value["status"]});
+            let (status, body) = server.json(
+                "PATCH",
+                &format!("/api/v1/namespaces/{ns}/pods/{name}/status"),
+                Some(&status_patch),
+            );
+            assert_eq!(status, 200, "{body}");
+        }
+        for policy in policies {
+            let ns = policy.metadata.namespace.as_deref().unwrap();
+            let (status, body) = server.json(
+                "POST",
+                &format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies"),
+                Some(&serde_json::to_value(policy).unwrap()),
+            );
+            assert_eq!(status, 201, "{body}");
+        }
+    }
+
     /// Every party of the table: the nine pods, then the external address and the nodes.
     pub fn parties() -> Vec<Party> {
         let mut parties = Vec::new();

@@ -26,39 +26,13 @@ fn text(out: &Output) -> String {
 fn trace_names_the_rule_from_the_api() {
     let dir = TempDir::new("netpol-trace");
     let server = ApiServer::start_with(dir.path(), &["--disable-controllers"]);
-    let table = TruthTable::new();
-    for ns in &table.namespaces {
-        let (status, body) =
-            server.json("POST", "/api/v1/namespaces", Some(&serde_json::to_value(ns).unwrap()));
-        assert_eq!(status, 201, "{body}");
-    }
-    for pod in &table.pods {
-        let ns = pod.metadata.namespace.as_deref().unwrap();
-        let name = pod.metadata.name.as_deref().unwrap();
-        let value = serde_json::to_value(pod).unwrap();
-        let (status, body) =
-            server.json("POST", &format!("/api/v1/namespaces/{ns}/pods"), Some(&value));
-        assert_eq!(status, 201, "{body}");
-        let status_patch = json!({"status": value["status"]});
-        let (status, body) = server.json(
-            "PATCH",
-            &format!("/api/v1/namespaces/{ns}/pods/{name}/status"),
-            Some(&status_patch),
-        );
-        assert_eq!(status, 200, "{body}");
-    }
     let allow = policy(
         "x",
         "a-from-b",
         json!({"podSelector": {"matchLabels": {"pod": "a"}},
         "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80}]}]}),
     );
-    let (status, body) = server.json(
-        "POST",
-        "/apis/networking.k8s.io/v1/namespaces/x/networkpolicies",
-        Some(&serde_json::to_value(&allow).unwrap()),
-    );
-    assert_eq!(status, 201, "{body}");
+    TruthTable::new().create_in(&server, &[allow]);
 
     let out = trace(&server, &["--from", "x/b", "--to", "x/a", "--port", "80"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

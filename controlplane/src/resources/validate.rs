@@ -209,13 +209,17 @@ pub fn default(kind: &str, obj: &mut Value) {
             default_containers(obj.pointer_mut("/spec/template/spec/containers"));
         }
         "NetworkPolicy" => {
-            let has_egress = obj.pointer("/spec/egress").is_some();
-            if obj.pointer("/spec/policyTypes").is_none()
+            // As kube-apiserver: unset or empty policyTypes means Ingress, plus Egress when
+            // `egress` has at least one rule (`egress: []` does not isolate egress).
+            let non_empty =
+                |v: Option<&Value>| v.and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+            let has_egress = non_empty(obj.pointer("/spec/egress"));
+            if !non_empty(obj.pointer("/spec/policyTypes"))
                 && obj.get("spec").is_some_and(Value::is_object)
             {
                 let types =
                     if has_egress { json!(["Ingress", "Egress"]) } else { json!(["Ingress"]) };
-                set(obj, &["spec", "policyTypes"], types);
+                obj["spec"]["policyTypes"] = types;
             }
         }
         _ => {}
@@ -642,6 +646,12 @@ mod tests {
         default("NetworkPolicy", &mut ok);
         assert_eq!(ok.pointer("/spec/policyTypes"), Some(&json!(["Ingress"])));
         assert!(validate("NetworkPolicy", &ok).is_empty());
+        let mut empty_egress = json!({"spec": {"podSelector": {}, "egress": []}});
+        default("NetworkPolicy", &mut empty_egress);
+        assert_eq!(empty_egress.pointer("/spec/policyTypes"), Some(&json!(["Ingress"])));
+        let mut egress = json!({"spec": {"podSelector": {}, "egress": [{}], "policyTypes": []}});
+        default("NetworkPolicy", &mut egress);
+        assert_eq!(egress.pointer("/spec/policyTypes"), Some(&json!(["Ingress", "Egress"])));
         let bad = json!({"spec": {"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}], "policyTypes": ["Sideways"]}});
         assert_eq!(validate("NetworkPolicy", &bad).len(), 2);
         assert_eq!(validate("NetworkPolicy", &json!({"spec": {}}))[0].field, "spec.podSelector");

@@ -65,6 +65,8 @@ pub struct AgentConfig {
     pub nft_remove_on_exit: bool,
     /// NetworkPolicy enforcement.
     pub policy: super::policy::PolicyConfig,
+    /// Unix socket `weir flows` subscribes on (eBPF dataplane).
+    pub flows_socket: PathBuf,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -181,6 +183,7 @@ mod tests {
             nft_policy_table: crate::policy::nft::DEFAULT_TABLE.into(),
             nft_remove_on_exit: false,
             policy: Default::default(),
+            flows_socket: crate::policy::flows::DEFAULT_FLOWS_SOCKET.into(),
         }
     }
 

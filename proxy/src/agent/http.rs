@@ -9,11 +9,20 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::status::Status;
-use crate::maps::read_counters_pinned;
+use crate::{
+    maps::read_counters_pinned,
+    policy::{SharedPolicyNames, drops},
+};
 
 /// Serves until the task is dropped. Connection errors are logged and do not stop the server.
 /// `pin_dir` holds the eBPF datapath's counters (`None`: the nftables dataplane has none).
-pub async fn serve(listener: TcpListener, status: Arc<Status>, pin_dir: Option<PathBuf>) {
+/// `names` names the per-policy drop counters.
+pub async fn serve(
+    listener: TcpListener,
+    status: Arc<Status>,
+    pin_dir: Option<PathBuf>,
+    names: SharedPolicyNames,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -24,9 +33,10 @@ pub async fn serve(listener: TcpListener, status: Arc<Status>, pin_dir: Option<P
         };
         let status = status.clone();
         let pin_dir = pin_dir.clone();
+        let names = names.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = respond(&request, &status, pin_dir.as_deref());
+                let response = respond(&request, &status, pin_dir.as_deref(), &names);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(err) = hyper::server::conn::http1::Builder::new()
@@ -43,6 +53,7 @@ fn respond(
     request: &Request<Incoming>,
     status: &Status,
     pin_dir: Option<&std::path::Path>,
+    names: &SharedPolicyNames,
 ) -> Response<Full<Bytes>> {
     match request.uri().path() {
         "/healthz" | "/livez" | "/readyz" => match status.health() {
@@ -57,7 +68,14 @@ fn respond(
                     Vec::new()
                 })
             });
-            text(StatusCode::OK, status.metrics(&counters))
+            let mut body = status.metrics(&counters);
+            if let Some(pin_dir) = pin_dir {
+                match drops::read_drops_pinned(pin_dir) {
+                    Ok(drops) => body.push_str(&drops::drops_metrics(&drops, names)),
+                    Err(err) => log::warn!("metrics: reading per-policy drops: {err}"),
+                }
+            }
+            text(StatusCode::OK, body.trim_end().to_string())
         }
         _ => text(StatusCode::NOT_FOUND, "not found: try /healthz or /metrics".into()),
     }

@@ -51,7 +51,7 @@ use crate::{
     model::{self, NodeContext},
     policy::{
         EbpfPolicy, PolicyDatapath, PolicyDatapathError, PolicyMaps, PolicyPrograms,
-        SharedPolicyNames,
+        SharedPolicyNames, flows,
     },
     programs::{self, LoadOptions},
     system,
@@ -112,6 +112,8 @@ enum Backend {
 
 struct EbpfBackend {
     writer: MapWriter,
+    /// The policy programs' flow ring buffer, until the flow viewer takes it.
+    flows: Option<aya::maps::RingBuf<aya::maps::MapData>>,
     planner: Planner,
     /// The loaded object and its attachments live as long as the agent.
     _loaded: programs::Loaded,
@@ -201,6 +203,10 @@ fn start_ebpf(
     );
     let policy = EbpfPolicyParts { datapath, programs };
     let writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf)?);
+    let flows = loaded
+        .ebpf
+        .take_map(weir_common::policy::FLOWS_MAP)
+        .and_then(|map| aya::maps::RingBuf::try_from(map).ok());
     let planner = writer.adopting_planner();
     log::info!(
         "datapath: maps pinned in {}; adopted {} frontends and {} backends",
@@ -237,7 +243,7 @@ fn start_ebpf(
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_ebpf_logs(logger));
     }
-    Ok((Backend::Ebpf(Box::new(EbpfBackend { writer, planner, _loaded: loaded })), policy))
+    Ok((Backend::Ebpf(Box::new(EbpfBackend { writer, flows, planner, _loaded: loaded })), policy))
 }
 
 /// What the policy loop runs on.
@@ -309,6 +315,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 
     let client = client(&config).await?;
     let status = Arc::new(Status::new(config.health_timeout));
+    // Names of the policy datapath's numbers (pods, rule ids, policy ids) for flows and
+    // metrics; the policy loop publishes a new table after each lowering.
+    let _flows = start_flows(&config, &mut backend, &policy_names);
     let counters = (config.dataplane == Dataplane::Ebpf).then(|| config.pin_dir.clone());
     for (what, addr) in [("health", config.health_listen), ("metrics", config.metrics_listen)] {
         let listener = TcpListener::bind(addr).await.map_err(|source| AgentError::Listen {
@@ -320,7 +329,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             listener.local_addr().map_err(|source| AgentError::Listen { what, addr, source })?;
         // Tests and operators read this line to find ports picked by the kernel (port 0).
         println!("weir agent: serving {what} on http://{bound}");
-        tokio::spawn(http::serve(listener, status.clone(), counters.clone()));
+        tokio::spawn(http::serve(listener, status.clone(), counters.clone(), policy_names.clone()));
     }
 
     let _policy = match policy_datapath(&config, ebpf_policy) {
@@ -337,8 +346,6 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             None
         }
     };
-    // Read by the flow viewer and per-policy counters.
-    let _ = &policy_names;
 
     let changed = Arc::new(Notify::new());
     let (stores, _watchers) = watch::start(&client, &config.node_name, changed.clone());
@@ -429,6 +436,31 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         tokio::select! {
             _ = changed.notified() => status.queued(),
             _ = shutdown() => return stop(&config, backend),
+        }
+    }
+}
+
+/// Serves `weir flows` on the flow socket from the eBPF datapath's ring buffer. Visibility is
+/// not worth stopping the datapath for: a failure is logged and the agent goes on without it.
+fn start_flows(
+    config: &AgentConfig,
+    backend: &mut Backend,
+    names: &SharedPolicyNames,
+) -> AbortOnDrop {
+    let Backend::Ebpf(ebpf) = backend else { return AbortOnDrop(Vec::new()) };
+    let Some(ring) = ebpf.flows.take() else {
+        log::warn!("flows: the eBPF object has no flow ring buffer; `weir flows` is unavailable");
+        return AbortOnDrop(Vec::new());
+    };
+    let names = Arc::new(names.clone());
+    match flows::start(ring, names, Some(config.node_name.clone()), &config.flows_socket) {
+        Ok(tasks) => {
+            log::info!("flows: serving `weir flows` on {}", config.flows_socket.display());
+            AbortOnDrop(tasks)
+        }
+        Err(err) => {
+            log::error!("flows: {}; `weir flows` is unavailable on this node", error_chain(&err));
+            AbortOnDrop(Vec::new())
         }
     }
 }

@@ -1,8 +1,9 @@
 //! What the numbers in the policy datapath stand for, as of the latest sync: rule and policy
 //! ids (flow events, per-policy drop counters) and the compiled pods and identities (addresses
 //! and identities of flow events). Written by the agent's policy loop after every successful
-//! apply; read by the flow viewer and metrics. Readers take a snapshot ([`SharedPolicyNames`]
-//! is cheap to clone and never blocks the loop for long).
+//! apply; read by the flow viewer and metrics through [`FlowNames`] (so they work, and are
+//! tested, without the loop). Readers take a snapshot ([`SharedPolicyNames`] is cheap to clone
+//! and never blocks the loop for long).
 use std::{
     collections::BTreeMap,
     net::IpAddr,
@@ -26,6 +27,54 @@ pub struct PolicyNames {
     pub identities: BTreeMap<u32, IdentityKey>,
     /// Syncs applied so far (0: nothing published yet).
     pub generation: u64,
+}
+
+impl PolicyNames {
+    /// The names of `lowering`'s last [`Lowering::lower`] of `compiled`.
+    pub fn new(compiled: &Compiled, lowering: &Lowering) -> Self {
+        Self {
+            rules_by_id: lowering.rules_by_id.clone(),
+            policies_by_id: lowering.policies_by_id.clone(),
+            pods: compiled.pods.clone(),
+            pod_ips: compiled.pod_ips.clone(),
+            identities: compiled.identities.clone(),
+            generation: 0,
+        }
+    }
+}
+
+/// Looks up what a number of the datapath stands for.
+pub trait FlowNames {
+    /// The pod holding `ip` (any node's pod).
+    fn pod(&self, ip: IpAddr) -> Option<PodRef>;
+    /// The rule a rule id (allowed flows) stands for.
+    fn rule(&self, id: u32) -> Option<Origin>;
+    /// The policy a policy id (drops) stands for.
+    fn policy(&self, id: u32) -> Option<PolicyRef>;
+}
+
+impl FlowNames for PolicyNames {
+    fn pod(&self, ip: IpAddr) -> Option<PodRef> {
+        self.pod_ips.get(&ip).cloned()
+    }
+    fn rule(&self, id: u32) -> Option<Origin> {
+        self.rules_by_id.get(&id).cloned()
+    }
+    fn policy(&self, id: u32) -> Option<PolicyRef> {
+        self.policies_by_id.get(&id).cloned()
+    }
+}
+
+impl FlowNames for SharedPolicyNames {
+    fn pod(&self, ip: IpAddr) -> Option<PodRef> {
+        self.with(|n| n.pod(ip))
+    }
+    fn rule(&self, id: u32) -> Option<Origin> {
+        self.with(|n| n.rule(id))
+    }
+    fn policy(&self, id: u32) -> Option<PolicyRef> {
+        self.with(|n| n.policy(id))
+    }
 }
 
 /// The agent's shared, latest [`PolicyNames`].
