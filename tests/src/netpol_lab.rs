@@ -45,6 +45,8 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const SETTLE: Duration = Duration::from_millis(700);
 pub const RETRY_WAIT: Duration = Duration::from_secs(3);
 const PROTOS: [Proto; 2] = [Proto::Tcp, Proto::Udp];
+/// Wrong cells listed one by one (with their trace) per case; the tables show them all.
+const SHOWN_CELLS: usize = 12;
 
 /// Node (1-based) of pod `pod` in namespace `ns`: every namespace has pods on both nodes and
 /// same-named pods alternate, so a case sees node-local and cross-node pairs.
@@ -341,7 +343,7 @@ impl<'a> TruthLab<'a> {
                 cells.len(),
                 render(&labels, &expected, &observed)
             ));
-            for cell in &wrong_cells {
+            for cell in wrong_cells.iter().take(SHOWN_CELLS) {
                 let verdict = traced.get(cell).map(|v| v.to_string()).unwrap_or_default();
                 failure.push_str(&format!(
                     "  {} (expected {})\n    trace: {}\n",
@@ -351,9 +353,13 @@ impl<'a> TruthLab<'a> {
                 ));
             }
         }
+        if wrong_cells.len() > SHOWN_CELLS {
+            failure.push_str(&format!("  ... and {} more\n", wrong_cells.len() - SHOWN_CELLS));
+        }
         let trace_wrong: Vec<String> = traced
             .iter()
             .filter(|(cell, v)| v.allowed != observed[*cell].reached)
+            .take(SHOWN_CELLS)
             .map(|(cell, v)| {
                 format!("  {}\n    trace: {}", self.describe(cell, &observed[cell]), v)
             })

@@ -95,7 +95,7 @@ fn network_policy_step(lab: &Lab) {
     eventually("the default deny blocks an unlabelled client", Duration::from_secs(30), || {
         let out = client_run(lab, &attempt_name("denied", &mut attempt), &[]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        (out.status.success() || text.contains("web-")).then(|| text)
+        (out.status.success() || text.contains("web-")).then_some(text)
     });
 
     lab.apply(WEB_ALLOW_ACCESS);
@@ -104,7 +104,7 @@ fn network_policy_step(lab: &Lab) {
         let out =
             client_run(lab, &attempt_name("allowed", &mut attempt), &["--labels=access=true"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        (!out.status.success() || !text.contains("web-")).then(|| text)
+        (!out.status.success() || !text.contains("web-")).then_some(text)
     });
     let out = client_run(lab, "unlabelled", &[]);
     assert!(
@@ -148,7 +148,7 @@ fn network_policy_step(lab: &Lab) {
         || {
             let out = client_run(lab, &attempt_name("after", &mut attempt), &[]);
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            (!text.contains("web-")).then(|| text)
+            (!text.contains("web-")).then_some(text)
         },
     );
 }
