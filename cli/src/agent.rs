@@ -6,6 +6,7 @@ use weir_proxy::{
     agent::{
         self, AgentError, config as defaults,
         config::{AgentConfig, Dataplane},
+        policy::{DenyUnknown, PolicyConfig},
     },
     routing::{self, RoutingConfig, model::Ipv4Cidr, model::Overlay},
 };
@@ -78,6 +79,21 @@ pub struct AgentArgs {
     /// Delete the nftables table on a clean exit (by default it stays and keeps serving).
     #[arg(long)]
     nft_remove_on_exit: bool,
+    /// Enforce NetworkPolicy on this node's pods (false: the policy maps are emptied and
+    /// everything passes).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
+    /// Drop packets of a local pod whose policy is not written yet: auto (while at least one
+    /// NetworkPolicy exists), always, or never. The node may always reach its pods.
+    #[arg(long, value_enum, default_value_t = DenyUnknownArg::Auto)]
+    policy_deny_unknown: DenyUnknownArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DenyUnknownArg {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -125,6 +141,14 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         },
         nft_table: args.nft_table,
         nft_remove_on_exit: args.nft_remove_on_exit,
+        policy: PolicyConfig {
+            enabled: args.network_policy,
+            deny_unknown: match args.policy_deny_unknown {
+                DenyUnknownArg::Auto => DenyUnknown::Auto,
+                DenyUnknownArg::Always => DenyUnknown::Always,
+                DenyUnknownArg::Never => DenyUnknown::Never,
+            },
+        },
     };
     if let Err(err) = config.validate() {
         eprintln!("weir agent: {err}");

@@ -12,13 +12,15 @@
 //! the spec's error object and returns 1. It never panics on bad input. The process's own
 //! network namespace is the node's; the pod's is entered only on a dedicated thread.
 //!
-//! ADD order (crash-safe): reserve addresses (on disk) -> wire the veth and routes -> register
+//! ADD order (crash-safe): reserve addresses (on disk) -> create the veth -> attach the agent's
+//! pinned policy programs to the host veth (when pinned) -> addresses and routes -> register
 //! the endpoint -> commit. A failure rolls back what this invocation made; a crash leaves a
 //! reservation (and maybe a veth) that DEL or GC removes, since the veth name is derived from
 //! the attachment.
 //!
 //! Boundaries: no long-running state and no dependency on the agent being up. When the agent's
 //! pinned endpoint map exists, ADD registers the endpoint in it.
+pub mod bpf;
 pub mod config;
 pub mod endpoint;
 pub mod error;
@@ -26,6 +28,7 @@ pub mod ipam;
 pub mod netlink;
 pub mod netns;
 pub mod nodestate;
+pub mod policy;
 pub mod version;
 pub mod wiring;
 
@@ -181,6 +184,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<serde_json::Value, CniError> {
             &env.ifname,
             &allocation.ips,
             mtu,
+            &|ifindex| attach_policy(&conf.bpffs_dir, ifindex),
         )?;
         wiring::test_kill_point("after-routes");
         // 3. Tell the dataplane, when the agent runs.
@@ -238,6 +242,21 @@ fn add(env: &Env, conf: &NetConf) -> Result<serde_json::Value, CniError> {
         result.dns = dns.clone();
     }
     Ok(result.to_json(conf.version))
+}
+
+/// The no-window step of ADD: the policy programs go on the host veth before the pod has an
+/// address, so its first packet already meets them.
+fn attach_policy(dir: &std::path::Path, ifindex: u32) -> Result<(), CniError> {
+    policy::attach_pinned(dir, ifindex).map(drop).map_err(|e| {
+        CniError::io(
+            format!(
+                "attaching the NetworkPolicy programs pinned in {} to the pod's host veth \
+                 (is the kernel 6.6 or newer, with tcx?)",
+                dir.display()
+            ),
+            e,
+        )
+    })
 }
 
 fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {

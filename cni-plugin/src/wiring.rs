@@ -40,9 +40,19 @@ fn attachment_hash(container_id: &str, ifname: &str) -> u64 {
     fnv1a(format!("{container_id}/{ifname}").as_bytes())
 }
 
+/// Every host-side veth's name starts with this.
+pub const HOST_IFNAME_PREFIX: &str = "weir";
+
 /// The host-side interface name of an attachment: `weir` + 11 hex digits (15 bytes).
 pub fn host_ifname(container_id: &str, ifname: &str) -> String {
-    format!("weir{:011x}", attachment_hash(container_id, ifname) & 0xfff_ffff_ffff)
+    format!("{HOST_IFNAME_PREFIX}{:011x}", attachment_hash(container_id, ifname) & 0xfff_ffff_ffff)
+}
+
+/// Whether `name` has the form of a host-side veth name.
+pub fn is_host_ifname(name: &str) -> bool {
+    name.len() == 15
+        && name.starts_with(HOST_IFNAME_PREFIX)
+        && name[HOST_IFNAME_PREFIX.len()..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A locally administered unicast MAC for the pod side, stable per attachment.
@@ -118,6 +128,10 @@ pub fn test_kill_point(point: &str) {
 }
 
 /// Wires the pod. `node` is a socket in the node's namespace, `pod_ns` the pod's namespace.
+/// `before_addresses` runs with the host veth's index once the veth exists and before the pod
+/// gets its addresses and routes (weir-cni attaches the policy programs there); its error
+/// undoes the veth like any other.
+#[allow(clippy::too_many_arguments)] // one call site; the attachment's parts, each distinct
 pub fn add(
     node: &mut Socket,
     pod_ns: &File,
@@ -126,6 +140,7 @@ pub fn add(
     ifname: &str,
     ips: &[IpAddr],
     mtu: u32,
+    before_addresses: &dyn Fn(u32) -> Result<(), CniError>,
 ) -> Result<Wired, CniError> {
     use std::os::fd::AsRawFd;
     node.create_veth(host_name, HOST_MAC, ifname, pod_mac, pod_ns.as_raw_fd(), mtu).map_err(|e| {
@@ -151,6 +166,8 @@ pub fn add(
                     std::io::Error::from_raw_os_error(libc::ENODEV),
                 )
             })?;
+        // Nothing can reach the pod yet: it has no address and the node no route to it.
+        before_addresses(host.index)?;
         let pod_index = netns::run_in(pod_ns, || {
             let mut pod =
                 Socket::open().map_err(netlink_err("opening netlink in the container"))?;
@@ -278,6 +295,8 @@ mod tests {
         assert_eq!(a, host_ifname("abc", "eth0"));
         assert_eq!(a.len(), 15);
         assert!(a.starts_with("weir"));
+        assert!(is_host_ifname(&a));
+        assert!(!is_host_ifname("weir-nat"));
         assert_ne!(a, host_ifname("abc", "eth1"));
         assert_ne!(a, host_ifname("abd", "eth0"));
         let mac = pod_mac("abc", "eth0");

@@ -25,6 +25,20 @@ pub const POLICY_DROPS_MAP: &str = "weir_pol_drops_v1";
 /// Ring buffer of [`FlowEvent`]s.
 pub const FLOWS_MAP: &str = "weir_flows_v1";
 
+/// Where the agent pins the policy programs in its pin directory, for weir-cni to attach them
+/// to a new pod's host veth at ADD (before the pod is reachable). Re-pinned by every agent
+/// start (pin to a temporary name, then rename over the old pin).
+pub const PROG_EGRESS_PIN: &str = "prog_tc_pol_egress";
+pub const PROG_INGRESS_PIN: &str = "prog_tc_pol_ingress";
+/// The kernel names of the policy programs (what BPF_OBJ_GET_INFO_BY_FD reports): a program
+/// attached to a pod veth with one of these names is weir's, and may be replaced or detached.
+pub const PROG_EGRESS_NAME: &str = "tc_pol_egress";
+pub const PROG_INGRESS_NAME: &str = "tc_pol_ingress";
+/// tcx attach types (`enum bpf_attach_type`): the pod's egress program runs on the host veth's
+/// ingress, its ingress program on the host veth's egress.
+pub const BPF_TCX_INGRESS: u32 = 46;
+pub const BPF_TCX_EGRESS: u32 = 47;
+
 pub const DEFAULT_POLICY_ENDPOINTS: u32 = 65536;
 pub const DEFAULT_IPCACHE_ENTRIES: u32 = 262_144;
 pub const DEFAULT_POLICY_ENTRIES: u32 = 1_048_576;

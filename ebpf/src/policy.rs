@@ -4,7 +4,8 @@
 //! endpoint is the source address); `tc_pol_ingress` on the veth's tc egress (packets to the
 //! pod: its ingress, the endpoint is the destination address). Per packet, a bounded number of
 //! lookups whatever the number of rules (see `weir_common::policy`):
-//! 1. the endpoint entry (none: pass, or drop while `GLOBAL_DENY_UNKNOWN` is set);
+//! 1. the endpoint entry (none: pass, or while `GLOBAL_DENY_UNKNOWN` is set drop everything
+//!    but connections from the node and their replies);
 //! 2. a reply of a flow this endpoint's other direction allowed passes (conntrack);
 //! 3. a direction that is not isolated passes; otherwise the peer's identity and CIDR class
 //!    come from one ipcache LPM lookup, and the policy LPM trie is asked for (any peer),
@@ -12,7 +13,8 @@
 //! 4. an allowed packet records its flow (so replies pass), a new flow is reported to the flow
 //!    ring buffer; a dropped one is counted by reason and against the isolating policy, and
 //!    reported.
-//! Ingress from the node itself (host identity) is always allowed (kubelet probes).
+//! Ingress from the node itself (host identity) is always allowed (kubelet probes), also to a
+//! pod whose endpoint entry is not written yet.
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK},
     helpers::bpf_ktime_get_ns,
@@ -48,7 +50,7 @@ pub fn try_check(ctx: &TcContext, direction: u8) -> Result<i32, Counter> {
     // SAFETY: values are copied out before any other map call.
     let Some(ep) = (unsafe { POLICY_ENDPOINTS.get(&endpoint) }).copied() else {
         let deny_unknown = POLICY_GLOBAL.get(0).is_some_and(|g| g.flags & GLOBAL_DENY_UNKNOWN != 0);
-        if deny_unknown {
+        if deny_unknown && !node_flow_of_unknown(&pkt, direction, peer) {
             report(&pkt, direction, VERDICT_DROPPED, Counter::DropPolicyNotReady, 0, 0);
             return Err(Counter::DropPolicyNotReady);
         }
@@ -91,6 +93,24 @@ pub fn try_check(ctx: &TcContext, direction: u8) -> Result<i32, Counter> {
     };
     record(&pkt, direction, rule_id, cache.identity);
     Ok(TC_ACT_OK)
+}
+
+/// A pod without a policy entry yet may be reached by its own node (kubelet's readiness
+/// probes must work right after the pod starts) and may answer it: a connection from a host
+/// address is recorded like an allowed flow, and its replies pass through conntrack.
+#[inline(always)]
+fn node_flow_of_unknown(pkt: &Packet4, direction: u8, peer: [u8; 4]) -> bool {
+    // SAFETY: only checked for presence.
+    if unsafe { POLICY_CT4.get(&reversed(&flow_key(pkt, direction))) }.is_some() {
+        count(Counter::PolicyReply);
+        return true;
+    }
+    let from_host = direction == DIR_INGRESS
+        && IPCACHE4.get(Key::new(32, peer)).is_some_and(|c| c.identity == IDENTITY_HOST);
+    if from_host {
+        record(pkt, direction, 0, IDENTITY_HOST);
+    }
+    from_host
 }
 
 #[inline(always)]

@@ -138,6 +138,33 @@ fn apiserver_starts_in_under_a_second_and_kubectl_lists_the_system_namespaces() 
     assert!(kubectl.ok(&["api-resources"]).contains("networkpolicies"));
 }
 
+/// kubectl asks for aggregated discovery: it learns every resource from `/api` and `/apis` in
+/// two requests, without one request per group version.
+#[test]
+fn kubectl_discovers_every_resource_through_aggregated_discovery() {
+    let dir = TempDir::new("api-aggregated");
+    let server = ApiServer::start(dir.path());
+    let kubectl = Kubectl::new(&server.kubeconfig);
+    let out = kubectl.run(&["api-resources", "-v=6"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl api-resources failed: {log}");
+    for resource in ["pods", "endpointslices", "networkpolicies", "deployments", "events"] {
+        assert!(stdout.contains(resource), "{resource} missing from api-resources:\n{stdout}");
+    }
+    let requests: Vec<&str> =
+        log.lines().filter(|l| l.contains("verb=\"GET\" url=\"https://")).collect();
+    assert!(requests.iter().any(|l| l.contains("/apis?")), "no GET /apis:\n{log}");
+    let per_group: Vec<&&str> = requests
+        .iter()
+        .filter(|l| l.contains("/api/v1?") || l.contains("/apis/apps/v1?"))
+        .collect();
+    assert!(per_group.is_empty(), "kubectl fell back to legacy discovery: {per_group:?}");
+    // Legacy clients still get the legacy documents.
+    let (status, legacy) = server.json("GET", "/apis", None);
+    assert_eq!((status, &legacy["kind"]), (200, &Value::from("APIGroupList")), "{legacy}");
+}
+
 fn wait_for_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -18,6 +18,18 @@ fn native_routing_with_the_nftables_dataplane() {
     check_networking(&Lab::up(2, "nftables", "native"));
 }
 
+#[test]
+fn vxlan_overlay_with_the_nftables_dataplane() {
+    require_root();
+    check_networking(&Lab::up(2, "nftables", "vxlan"));
+}
+
+#[test]
+fn native_routing_with_the_ebpf_dataplane() {
+    require_root();
+    check_networking(&Lab::up(2, "ebpf", "native"));
+}
+
 fn server(name: &str, node: &str) -> String {
     format!(
         r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","labels":{{"app":"web"}}}},

@@ -2,9 +2,9 @@
 //! the OpenAPI v3 index and per-group documents kubectl reads to decide that the server
 //! validates fields itself (so `kubectl apply` works without `--validate=false`).
 //!
-//! Discovery is served in the legacy (unaggregated) form: clients that ask for aggregated
-//! discovery by Accept header get the legacy documents with `Content-Type: application/json`
-//! and fall back to them, as they do with older servers.
+//! `/api` and `/apis` are served in the aggregated form (`apidiscovery.k8s.io/v2`, one
+//! document with every resource) to clients that ask for it in their Accept header, as
+//! kubectl and client-go do, and in the legacy form otherwise.
 use serde_json::{Value, json};
 
 use crate::resources::{RESOURCES, Resource, groups};
@@ -55,6 +55,62 @@ pub fn api_group(group: &str) -> Option<Value> {
 
 const VERBS: &[&str] = &["create", "delete", "get", "list", "patch", "update", "watch"];
 
+/// A subresource of a kind: (name, response group, version and kind, verbs).
+struct Subresource {
+    name: &'static str,
+    group: &'static str,
+    version: &'static str,
+    kind: &'static str,
+    verbs: &'static [&'static str],
+}
+
+fn subresources(r: &Resource) -> Vec<Subresource> {
+    let mut out = Vec::new();
+    if r.has_status {
+        let verbs = &["get", "patch", "update"];
+        out.push(Subresource {
+            name: "status",
+            group: r.group,
+            version: r.version,
+            kind: r.kind,
+            verbs,
+        });
+    }
+    if r.kind == "Pod" {
+        let create = &["create"];
+        out.push(Subresource {
+            name: "binding",
+            group: "",
+            version: "v1",
+            kind: "Binding",
+            verbs: create,
+        });
+        let get_create = &["create", "get"];
+        for name in ["exec", "attach"] {
+            let kind = if name == "exec" { "PodExecOptions" } else { "PodAttachOptions" };
+            out.push(Subresource { name, group: "", version: "v1", kind, verbs: get_create });
+        }
+        out.push(Subresource {
+            name: "log",
+            group: "",
+            version: "v1",
+            kind: "Pod",
+            verbs: &["get"],
+        });
+    }
+    if matches!(r.kind, "Deployment" | "ReplicaSet") {
+        let verbs = &["get", "patch", "update"];
+        out.push(Subresource {
+            name: "scale",
+            group: "autoscaling",
+            version: "v1",
+            kind: "Scale",
+            verbs,
+        });
+    }
+    out
+}
+
 fn resource_entries(r: &Resource) -> Vec<Value> {
     let mut main = json!({
         "name": r.plural,
@@ -70,25 +126,109 @@ fn resource_entries(r: &Resource) -> Vec<Value> {
         main["categories"] = json!(r.categories);
     }
     let mut out = vec![main];
-    if r.has_status {
-        out.push(json!({
-            "name": format!("{}/status", r.plural),
+    for sub in subresources(r) {
+        let mut entry = json!({
+            "name": format!("{}/{}", r.plural, sub.name),
             "singularName": "",
             "namespaced": r.namespaced,
-            "kind": r.kind,
-            "verbs": ["get", "patch", "update"],
-        }));
-    }
-    if r.kind == "Pod" {
-        out.push(json!({"name": "pods/binding", "singularName": "", "namespaced": true, "kind": "Binding", "verbs": ["create"]}));
-    }
-    if matches!(r.kind, "Deployment" | "ReplicaSet") {
-        out.push(json!({
-            "name": format!("{}/scale", r.plural), "singularName": "", "namespaced": true,
-            "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"],
-        }));
+            "kind": sub.kind,
+            "verbs": sub.verbs,
+        });
+        if sub.group != r.group || sub.version != r.version {
+            entry["group"] = json!(sub.group);
+            entry["version"] = json!(sub.version);
+        }
+        out.push(entry);
     }
     out
+}
+
+/// The media type of aggregated discovery (`apidiscovery.k8s.io`), when the Accept header asks
+/// for it (kubectl and client-go do, listing v2 before v2beta1 and plain JSON): the value for
+/// the response's Content-Type.
+pub fn aggregated_media_type(accept: Option<&str>) -> Option<String> {
+    for entry in accept?.split(',') {
+        let mut params = entry.split(';').map(str::trim);
+        if params.next() != Some("application/json") {
+            continue;
+        }
+        let (mut group, mut version, mut kind) = (None, None, None);
+        for param in params {
+            match param.split_once('=') {
+                Some(("g", v)) => group = Some(v),
+                Some(("v", v)) => version = Some(v),
+                Some(("as", v)) => kind = Some(v),
+                _ => {}
+            }
+        }
+        if group == Some("apidiscovery.k8s.io")
+            && kind == Some("APIGroupDiscoveryList")
+            && let Some(version @ ("v2" | "v2beta1")) = version
+        {
+            return Some(format!(
+                "application/json;g=apidiscovery.k8s.io;v={version};as=APIGroupDiscoveryList"
+            ));
+        }
+    }
+    None
+}
+
+fn resource_discovery(r: &Resource) -> Value {
+    let kind = |group: &str, version: &str, kind: &str| json!({"group": group, "version": version, "kind": kind});
+    let mut entry = json!({
+        "resource": r.plural,
+        "responseKind": kind(r.group, r.version, r.kind),
+        "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+        "singularResource": r.singular,
+        "verbs": VERBS,
+    });
+    if !r.short_names.is_empty() {
+        entry["shortNames"] = json!(r.short_names);
+    }
+    if !r.categories.is_empty() {
+        entry["categories"] = json!(r.categories);
+    }
+    let subs: Vec<Value> = subresources(r)
+        .into_iter()
+        .map(|sub| {
+            json!({
+                "subresource": sub.name,
+                "responseKind": kind(sub.group, sub.version, sub.kind),
+                "verbs": sub.verbs,
+            })
+        })
+        .collect();
+    if !subs.is_empty() {
+        entry["subresources"] = json!(subs);
+    }
+    entry
+}
+
+/// Aggregated discovery: every resource of the core group (`/api`, `core` true) or of every
+/// named group (`/apis`) in one document, so a client needs one request instead of one per
+/// group version.
+pub fn aggregated_discovery(core: bool, api_version: &str) -> Value {
+    let gvs: Vec<(&str, &str)> = if core { vec![("", "v1")] } else { groups() };
+    let items: Vec<Value> = gvs
+        .into_iter()
+        .map(|(group, version)| {
+            let resources: Vec<Value> = RESOURCES
+                .iter()
+                .filter(|r| r.group == group && r.version == version)
+                .map(resource_discovery)
+                .collect();
+            json!({
+                "metadata": {"name": group},
+                "versions": [{"version": version, "resources": resources, "freshness": "Current"}],
+            })
+        })
+        .collect();
+    json!({
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": format!("apidiscovery.k8s.io/{api_version}"),
+        "metadata": {},
+        "items": items,
+    })
 }
 
 /// The APIResourceList of a group version, if served.

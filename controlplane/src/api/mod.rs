@@ -393,6 +393,17 @@ async fn route<S: Store>(
         (true, Some(v)) => Ok(json_response(200, &v)),
         (true, None) => Err(ApiError::no_route()),
     };
+    let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if let (true, ["api"] | ["apis"]) = (read_only, segments.as_slice())
+        && let Some(media_type) = discovery::aggregated_media_type(accept)
+    {
+        let version = if media_type.contains("v=v2beta1") { "v2beta1" } else { "v2" };
+        let document = discovery::aggregated_discovery(segments[0] == "api", version);
+        let mut response = json_response(200, &document);
+        let value = header::HeaderValue::from_str(&media_type).expect("a valid media type");
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+        return Ok(response);
+    }
     match segments.as_slice() {
         ["api"] => return get(Some(discovery::api_versions(&state.server_address))),
         ["api", version] => return get(discovery::api_resource_list("", version)),

@@ -61,6 +61,8 @@ pub struct AgentConfig {
     /// Delete the nftables table on a clean shutdown (by default it stays, like kube-proxy's,
     /// so traffic keeps flowing until the next agent adopts it).
     pub nft_remove_on_exit: bool,
+    /// NetworkPolicy enforcement.
+    pub policy: super::policy::PolicyConfig,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -172,6 +174,7 @@ mod tests {
             dataplane: Dataplane::Ebpf,
             nft_table: DEFAULT_NFT_TABLE.into(),
             nft_remove_on_exit: false,
+            policy: Default::default(),
         }
     }
 

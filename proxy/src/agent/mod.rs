@@ -17,6 +17,7 @@
 //! connections keep working until the next agent adopts it.
 pub mod config;
 mod http;
+pub mod policy;
 pub mod status;
 mod watch;
 
@@ -48,6 +49,10 @@ use crate::{
     },
     maps::{MapsError, ServiceMaps},
     model::{self, NodeContext},
+    policy::{
+        EbpfPolicy, PolicyDatapath, PolicyDatapathError, PolicyMaps, PolicyPrograms,
+        SharedPolicyNames,
+    },
     programs::{self, LoadOptions},
     system,
 };
@@ -95,6 +100,8 @@ pub enum AgentError {
     WatchersStopped,
     #[error(transparent)]
     Nftables(#[from] NftError),
+    #[error(transparent)]
+    PolicyPrograms(#[from] crate::policy::attach::AttachError),
 }
 
 /// The datapath the loop writes to.
@@ -108,6 +115,12 @@ struct EbpfBackend {
     planner: Planner,
     /// The loaded object and its attachments live as long as the agent.
     _loaded: programs::Loaded,
+}
+
+/// The eBPF policy datapath and its pinned programs, made while loading the object.
+struct EbpfPolicyParts {
+    datapath: EbpfPolicy,
+    programs: PolicyPrograms,
 }
 
 /// What one sync wrote.
@@ -167,11 +180,26 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// Loads (or adopts) the eBPF datapath: pinned maps, socket LB on the cgroup, tc LB on uplinks.
-fn start_ebpf(config: &AgentConfig) -> Result<Backend, AgentError> {
+/// Loads (or adopts) the eBPF datapath: pinned maps, socket LB on the cgroup, tc LB on uplinks,
+/// and the policy maps (adopted as they are) and programs (pinned for weir-cni).
+fn start_ebpf(
+    config: &AgentConfig,
+    names: &SharedPolicyNames,
+) -> Result<(Backend, EbpfPolicyParts), AgentError> {
     let options =
         LoadOptions { forward_logs: config.forward_ebpf_logs, ..LoadOptions::new(&config.pin_dir) };
     let mut loaded = programs::load(&options)?;
+    let policy_maps = PolicyMaps::take(&mut loaded.ebpf)?;
+    let datapath = EbpfPolicy::adopt(policy_maps, names.clone())?;
+    let programs = PolicyPrograms::pin(&loaded.ebpf, &config.pin_dir)?;
+    log::info!(
+        "policy: adopted {} endpoint entries, {} rules; programs pinned in {} (ids {:?})",
+        datapath.applied().endpoints.len(),
+        datapath.applied().rules.len(),
+        config.pin_dir.display(),
+        programs.ids()
+    );
+    let policy = EbpfPolicyParts { datapath, programs };
     let writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf)?);
     let planner = writer.adopting_planner();
     log::info!(
@@ -209,15 +237,63 @@ fn start_ebpf(config: &AgentConfig) -> Result<Backend, AgentError> {
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_ebpf_logs(logger));
     }
-    Ok(Backend::Ebpf(Box::new(EbpfBackend { writer, planner, _loaded: loaded })))
+    Ok((Backend::Ebpf(Box::new(EbpfBackend { writer, planner, _loaded: loaded })), policy))
+}
+
+/// What the policy loop runs on.
+struct PolicyBackend {
+    datapath: Box<dyn PolicyDatapath>,
+    /// The programs to keep on pod veths (eBPF).
+    programs: Option<PolicyPrograms>,
+}
+
+/// The policy datapath of the chosen dataplane, with the programs to keep on pod veths (eBPF).
+/// `Ok(None)`: NetworkPolicy is not enforced.
+fn policy_datapath(
+    config: &AgentConfig,
+    ebpf: Option<EbpfPolicyParts>,
+) -> Result<Option<PolicyBackend>, PolicyDatapathError> {
+    match (config.dataplane, ebpf) {
+        (Dataplane::Ebpf, Some(mut parts)) => {
+            if !config.policy.enabled {
+                // Off: nothing isolates, nothing is denied (the programs on veths then pass
+                // every packet).
+                let cleared = parts.datapath.apply(&Default::default(), &Default::default())?;
+                log::info!(
+                    "NetworkPolicy enforcement is off (--network-policy false); cleared the \
+                     policy maps ({} operations)",
+                    cleared.ops
+                );
+                return Ok(None);
+            }
+            Ok(Some(PolicyBackend {
+                datapath: Box::new(parts.datapath),
+                programs: Some(parts.programs),
+            }))
+        }
+        (Dataplane::Ebpf, None) => Err("the eBPF datapath was not loaded".into()),
+        (Dataplane::Nftables, _) => {
+            if !config.policy.enabled {
+                return Ok(None);
+            }
+            // The nftables policy backend (NftPolicy) plugs in here.
+            Err("NetworkPolicy is not yet enforced by the nftables dataplane".into())
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     config.validate()?;
 
+    let policy_names = SharedPolicyNames::default();
+    let mut ebpf_policy = None;
     let mut backend = match config.dataplane {
-        Dataplane::Ebpf => start_ebpf(&config)?,
+        Dataplane::Ebpf => {
+            let (backend, policy) = start_ebpf(&config, &policy_names)?;
+            ebpf_policy = Some(policy);
+            backend
+        }
         Dataplane::Nftables => {
             let table = NftDataplane::open(&config.nft_table)?;
             log::info!(
@@ -245,6 +321,23 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         println!("weir agent: serving {what} on http://{bound}");
         tokio::spawn(http::serve(listener, status.clone(), counters.clone()));
     }
+
+    let _policy = match policy_datapath(&config, ebpf_policy) {
+        Ok(Some(backend)) => Some(AbortOnDrop(policy::start(
+            &client,
+            &config,
+            backend.datapath,
+            backend.programs,
+            status.clone(),
+        ))),
+        Ok(None) => None,
+        Err(err) => {
+            log::warn!("{}; pods are not isolated", error_chain(err.as_ref()));
+            None
+        }
+    };
+    // Read by the flow viewer and per-policy counters.
+    let _ = &policy_names;
 
     let changed = Arc::new(Notify::new());
     let (stores, _watchers) = watch::start(&client, &config.node_name, changed.clone());

@@ -34,6 +34,30 @@ struct Inner {
     skipped_frontends: usize,
     bucket_counts: [u64; BUCKETS.len()],
     sync_seconds_sum: f64,
+    policy: PolicyStatus,
+}
+
+/// The NetworkPolicy loop's counters.
+#[derive(Debug, Default)]
+struct PolicyStatus {
+    syncs: u64,
+    errors: u64,
+    ops: u64,
+    last: Option<PolicySyncReport>,
+}
+
+/// The outcome of one policy sync.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PolicySyncReport {
+    pub duration: Duration,
+    pub ops: usize,
+    /// This node's pods with a policy entry.
+    pub endpoints: usize,
+    pub identities: usize,
+    /// Allow entries of this node's pods.
+    pub rules: usize,
+    /// NetworkPolicies in the cluster.
+    pub policies: usize,
 }
 
 /// The outcome of one sync.
@@ -84,6 +108,18 @@ impl Status {
 
     pub fn failed(&self) {
         self.inner().sync_errors += 1;
+    }
+
+    /// The policy loop applied a sync.
+    pub fn policy_applied(&self, report: PolicySyncReport) {
+        let mut inner = self.inner();
+        inner.policy.syncs += 1;
+        inner.policy.ops += report.ops as u64;
+        inner.policy.last = Some(report);
+    }
+
+    pub fn policy_failed(&self) {
+        self.inner().policy.errors += 1;
     }
 
     /// `Ok` with a message when healthy, `Err` with the reason otherwise.
@@ -157,6 +193,55 @@ impl Status {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
+        let policy = &inner.policy;
+        let last = policy.last.unwrap_or_default();
+        for (name, kind, help, value) in [
+            (
+                "weir_policy_syncs_total",
+                "counter",
+                "NetworkPolicy syncs applied.",
+                policy.syncs as f64,
+            ),
+            (
+                "weir_policy_sync_errors_total",
+                "counter",
+                "NetworkPolicy syncs that failed and were retried.",
+                policy.errors as f64,
+            ),
+            (
+                "weir_policy_operations_total",
+                "counter",
+                "NetworkPolicy datapath writes and deletes applied.",
+                policy.ops as f64,
+            ),
+            (
+                "weir_policy_last_sync_duration_seconds",
+                "gauge",
+                "Time the last NetworkPolicy sync took (compile and apply).",
+                last.duration.as_secs_f64(),
+            ),
+            (
+                "weir_policy_endpoints",
+                "gauge",
+                "Local pods with a policy entry.",
+                last.endpoints as f64,
+            ),
+            (
+                "weir_policy_identities",
+                "gauge",
+                "Policy identities in the cluster.",
+                last.identities as f64,
+            ),
+            ("weir_policy_rules", "gauge", "Allow rules of local pods.", last.rules as f64),
+            (
+                "weir_policy_policies",
+                "gauge",
+                "NetworkPolicies in the cluster.",
+                last.policies as f64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
         let _ = writeln!(
             out,
             "# HELP weir_datapath_events_total Datapath events by reason (drops included)."
@@ -211,5 +296,17 @@ mod tests {
         assert!(text.contains("weir_sync_duration_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("weir_map_operations_total 4"));
         assert!(text.contains("weir_datapath_events_total{reason=\"translated\"} 7"));
+        assert!(text.contains("weir_policy_syncs_total 0"));
+        status.policy_applied(PolicySyncReport {
+            duration: Duration::from_millis(3),
+            ops: 5,
+            endpoints: 2,
+            ..PolicySyncReport::default()
+        });
+        let text = status.metrics(&[]);
+        assert!(text.contains("weir_policy_syncs_total 1"));
+        assert!(text.contains("weir_policy_operations_total 5"));
+        assert!(text.contains("weir_policy_last_sync_duration_seconds 0.003"));
+        assert!(text.contains("weir_policy_endpoints 2"));
     }
 }

@@ -40,6 +40,31 @@ impl PolicyMaps {
         })
     }
 
+    /// What the maps hold now, as a [`DatapathPolicy`]: a restarted agent diffs against it
+    /// instead of rewriting everything.
+    pub fn read(&self) -> Result<DatapathPolicy, MapsError> {
+        let mut out = DatapathPolicy::default();
+        for entry in self.endpoints.iter() {
+            let (key, value) = entry.map_err(write_error(POLICY_ENDPOINTS_MAP))?;
+            out.endpoints.insert(key, value);
+        }
+        for entry in self.ipcache.iter() {
+            let (key, value) = entry.map_err(write_error(IPCACHE_MAP))?;
+            out.ipcache.insert((key.prefix_len(), key.data()), value);
+        }
+        for entry in self.rules.iter() {
+            let (key, value) = entry.map_err(write_error(POLICY_MAP))?;
+            out.rules.insert((key.prefix_len(), key.data()), value);
+        }
+        Ok(out)
+    }
+
+    /// Whether packets of addresses without an endpoint entry are dropped now.
+    pub fn deny_unknown(&self) -> Result<bool, MapsError> {
+        let global = self.global.get(&0, 0).map_err(write_error(POLICY_GLOBAL_MAP))?;
+        Ok(global.flags & GLOBAL_DENY_UNKNOWN != 0)
+    }
+
     /// Drop packets of addresses without an endpoint entry (set while policies exist).
     pub fn set_deny_unknown(&mut self, deny: bool) -> Result<(), MapsError> {
         let flags = if deny { GLOBAL_DENY_UNKNOWN } else { 0 };
