@@ -76,7 +76,10 @@ pub struct AgentArgs {
     /// nftables table (family inet) of the nftables dataplane.
     #[arg(long, default_value = defaults::DEFAULT_NFT_TABLE)]
     nft_table: String,
-    /// Delete the nftables table on a clean exit (by default it stays and keeps serving).
+    /// nftables table (family inet) of NetworkPolicy with the nftables dataplane.
+    #[arg(long, default_value = weir_proxy::policy::nft::DEFAULT_TABLE)]
+    nft_policy_table: String,
+    /// Delete the nftables tables on a clean exit (by default they stay and keep serving).
     #[arg(long)]
     nft_remove_on_exit: bool,
     /// Enforce NetworkPolicy on this node's pods (false: the policy maps are emptied and
@@ -140,6 +143,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             DataplaneArg::Nftables => Dataplane::Nftables,
         },
         nft_table: args.nft_table,
+        nft_policy_table: args.nft_policy_table,
         nft_remove_on_exit: args.nft_remove_on_exit,
         policy: PolicyConfig {
             enabled: args.network_policy,

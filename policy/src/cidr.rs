@@ -50,6 +50,20 @@ impl Cidr {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.len) == self.addr
     }
 
+    /// The highest address of this prefix.
+    pub fn last(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(v4) => {
+                let host = u32::MAX.checked_shr(u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) | host).into())
+            }
+            IpAddr::V6(v6) => {
+                let host = u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) | host).into())
+            }
+        }
+    }
+
     /// Whether every address of `other` lies in this prefix.
     pub fn contains(&self, other: &Cidr) -> bool {
         self.len <= other.len && self.contains_ip(other.addr)
@@ -114,6 +128,10 @@ mod tests {
         assert!(!cidr.contains(&all));
         let v6: Cidr = "fd00::1/64".parse().unwrap();
         assert_eq!(v6.to_string(), "fd00::/64");
+        assert_eq!(cidr.last().to_string(), "10.255.255.255");
+        assert_eq!(all.last().to_string(), "255.255.255.255");
+        assert_eq!(Cidr::host(cidr.addr()).last(), cidr.addr());
+        assert_eq!(v6.last().to_string(), "fd00::ffff:ffff:ffff:ffff");
     }
 
     #[test]

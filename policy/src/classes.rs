@@ -41,19 +41,24 @@ impl CidrClasses {
         &self.classes
     }
 
-    /// The class of an address: that of the longest listed prefix containing it.
+    /// The class of an address: that of the longest listed prefix containing it (one map
+    /// lookup per prefix length, whatever the number of prefixes).
     pub fn class_of(&self, ip: IpAddr) -> u32 {
-        self.classes
-            .iter()
-            .filter(|(prefix, _)| prefix.contains_ip(ip))
-            .max_by_key(|(prefix, _)| prefix.prefix_len())
-            .map_or(NO_CLASS, |(_, class)| *class)
+        let host = Cidr::host(ip).prefix_len();
+        (0..=host)
+            .rev()
+            .filter_map(|len| Cidr::new(ip, len))
+            .find_map(|prefix| self.classes.get(&prefix).copied())
+            .unwrap_or(NO_CLASS)
     }
 
-    /// The classes whose addresses are all in `block` (and together are all of it).
+    /// The classes whose addresses are all in `block` (and together are all of it). Prefixes
+    /// order by address, so those inside the block are one range of the map.
     pub fn classes_in(&self, block: &IpBlock) -> Vec<u32> {
+        let first = block.cidr;
+        let last = Cidr::host(block.cidr.last());
         self.classes
-            .iter()
+            .range(first..=last)
             .filter(|(prefix, _)| {
                 block.cidr.contains(prefix) && !block.except.iter().any(|e| e.contains(prefix))
             })

@@ -30,16 +30,35 @@ pub struct EchoServer {
 impl EchoServer {
     /// A TCP echo server listening on `addr` inside `netns`.
     pub fn tcp(netns: &Netns, addr: SocketAddr) -> Result<Self> {
+        Self::accept_loop(netns, addr, |stream, peer, stop, started| {
+            std::thread::spawn(move || serve_connection(stream, peer, &stop, started));
+        })
+    }
+
+    /// A TCP echo server on `addr` inside `netns` that serves one connection at a time in its
+    /// own thread: no thread is started per connection, so a benchmark of sequential
+    /// connections measures the network path, not thread creation (which waits for a time
+    /// slice on a loaded machine). A second client waits until the first one closes.
+    pub fn tcp_serial(netns: &Netns, addr: SocketAddr) -> Result<Self> {
+        Self::accept_loop(netns, addr, |stream, peer, stop, started| {
+            serve_connection(stream, peer, &stop, started)
+        })
+    }
+
+    /// Listens on `addr` in `netns` and hands every accepted connection to `serve` (with the
+    /// stop flag and the server's start), until stopped or its lifetime ends.
+    fn accept_loop(
+        netns: &Netns,
+        addr: SocketAddr,
+        serve: impl Fn(TcpStream, SocketAddr, Arc<AtomicBool>, Instant) + Send + 'static,
+    ) -> Result<Self> {
         let listener = netns.run(|| TcpListener::bind(addr))?.context("binding TCP")?;
         listener.set_nonblocking(true)?;
         Ok(Self::spawn(move |stop| {
             let started = Instant::now();
             while !stop.load(Ordering::Relaxed) && started.elapsed() < MAX_LIFETIME {
                 match listener.accept() {
-                    Ok((stream, peer)) => {
-                        let stop = stop.clone();
-                        std::thread::spawn(move || serve_connection(stream, peer, &stop, started));
-                    }
+                    Ok((stream, peer)) => serve(stream, peer, stop.clone(), started),
                     Err(_) => wait_readable(&listener, POLL),
                 }
             }

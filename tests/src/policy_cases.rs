@@ -126,6 +126,18 @@ pub fn policy(ns: &str, name: &str, spec: Value) -> NetworkPolicy {
                 "metadata": {"namespace": ns, "name": name}, "spec": spec}))
 }
 
+/// Policy x/a: x/a takes connections from x/b only and may not send anything itself (its
+/// replies must still pass).
+pub fn a_only_from_b() -> NetworkPolicy {
+    policy(
+        "x",
+        "a",
+        json!({"podSelector": {"matchLabels": {"pod": "a"}},
+               "policyTypes": ["Ingress", "Egress"],
+               "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+    )
+}
+
 fn pod(p: &str) -> Value {
     json!({"matchLabels": {"pod": p}})
 }

@@ -6,128 +6,29 @@
 //! equal the independent oracle's. Plus: replies of allowed flows pass through the policy
 //! conntrack, unknown endpoints are denied while policies exist, drops are counted and
 //! reported as flow events. Privileged: loads eBPF.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
-use aya::{
-    Ebpf,
-    maps::{MapData, RingBuf},
-    programs::{TestRun, TestRunOptions},
-};
+use aya::maps::{MapData, RingBuf};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use weir_common::{
     metrics::Counter,
     policy::{FLOWS_MAP, FlowEvent, VERDICT_DROPPED},
     proto,
 };
-use weir_policy::{Cluster, Compiler};
 use weir_proxy::{
     maps::read_counters,
-    policy::{DatapathPolicy, Lowering, PolicyMaps},
-    programs::{self, LoadOptions, TC_POLICY_EGRESS, TC_POLICY_INGRESS},
+    programs::{TC_POLICY_EGRESS, TC_POLICY_INGRESS},
 };
 use weir_tests::{
-    bpffs::TestPinDir,
-    packet::Ipv4Packet,
-    policy_cases::{NODES, Rng, TruthTable, cases, node_ip, random_policies},
+    policy_cases::{Rng, TruthTable, cases, random_policies},
+    policy_ebpf::{Datapath, locate, packet},
     policy_oracle::{Oracle, Party},
-    privileged::require_root,
 };
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 const PROTOCOLS: [(&str, u8); 3] =
     [("TCP", proto::TCP), ("UDP", proto::UDP), ("SCTP", proto::SCTP)];
 const PORTS: [u16; 3] = [80, 81, 82];
 const RANDOM_SEEDS: u64 = 150;
-
-struct Datapath {
-    ebpf: Ebpf,
-    maps: PolicyMaps,
-    compiler: Compiler,
-    lowering: Lowering,
-    state: DatapathPolicy,
-    next_sport: u16,
-    _pins: TestPinDir,
-}
-
-impl Datapath {
-    fn new() -> Self {
-        require_root();
-        let pins = TestPinDir::new("netpol").unwrap();
-        let mut loaded =
-            programs::load(&LoadOptions::new(pins.path())).expect("load weir's eBPF object");
-        let maps = PolicyMaps::take(&mut loaded.ebpf).expect("policy maps");
-        Self {
-            ebpf: loaded.ebpf,
-            maps,
-            compiler: Compiler::default(),
-            lowering: Lowering::default(),
-            state: DatapathPolicy::default(),
-            next_sport: 20000,
-            _pins: pins,
-        }
-    }
-
-    /// Programs the maps as node `node`'s agent would; returns the number of map writes.
-    fn program(&mut self, table: &TruthTable, policies: &[NetworkPolicy], node: usize) -> usize {
-        let cluster = Cluster::from_k8s(&table.namespaces, &table.pods, policies, &table.nodes);
-        let compiled = self.compiler.compile(&cluster, Some(NODES[node]));
-        let new = self.lowering.lower(&compiled, &[node_ip(node)]);
-        let writes = self.maps.apply(&self.state, &new).expect("write policy maps");
-        self.state = new;
-        writes
-    }
-
-    fn sport(&mut self) -> u16 {
-        self.next_sport = if self.next_sport >= 60000 { 20000 } else { self.next_sport + 1 };
-        self.next_sport
-    }
-
-    fn run(&self, program: &'static str, packet: &[u8]) -> u32 {
-        let program = programs::classifier_ref(&self.ebpf, program).expect("program loaded");
-        let mut out = vec![0u8; packet.len() + 64];
-        program
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN")
-            .return_value
-    }
-
-    fn allows(&self, program: &'static str, packet: &[u8]) -> bool {
-        match self.run(program, packet) {
-            TC_ACT_OK => true,
-            TC_ACT_SHOT => false,
-            other => panic!("{program} returned {other}"),
-        }
-    }
-}
-
-fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, protocol: u8) -> Vec<u8> {
-    let mut p = Ipv4Packet::udp(src, sport, dst, dport);
-    match protocol {
-        proto::TCP => p = Ipv4Packet::tcp(src, sport, dst, dport),
-        proto::SCTP => p.proto = proto::SCTP,
-        _ => {}
-    }
-    p.build()
-}
-
-/// (address, node of the pod) of a party; `None` node for non-pods.
-fn locate(party: &Party) -> (Ipv4Addr, Option<usize>) {
-    use weir_tests::policy_cases::{NAMESPACES, PODS, pod_ip, pod_node};
-    match party {
-        Party::Pod(ns, name) => {
-            let n = NAMESPACES.iter().position(|x| x == ns).unwrap();
-            let p = PODS.iter().position(|x| x == name).unwrap();
-            (pod_ip(n, p), Some(pod_node(p)))
-        }
-        Party::Addr { ip: IpAddr::V4(ip), .. } => (*ip, None),
-        Party::Addr { ip, .. } => panic!("IPv4 only: {ip}"),
-    }
-}
 
 /// Runs every cell of one policy set through the datapath of both nodes; returns the wrong
 /// cells and the number of cells.
@@ -144,26 +45,13 @@ fn check(
     for (src, dst) in &pairs {
         for (proto_name, protocol) in PROTOCOLS {
             for port in PORTS {
-                let sport = dp.sport();
-                cells.push((src, dst, proto_name, protocol, port, sport, true));
+                cells.push((src, dst, proto_name, protocol, port));
             }
         }
     }
-    for node in 0..NODES.len() {
-        dp.program(table, policies, node);
-        for (src, dst, _, protocol, port, sport, allowed) in cells.iter_mut() {
-            let (src_ip, src_node) = locate(src);
-            let (dst_ip, dst_node) = locate(dst);
-            let pkt = packet(src_ip, *sport, dst_ip, *port, *protocol);
-            if src_node == Some(node) {
-                *allowed &= dp.allows(TC_POLICY_EGRESS, &pkt);
-            }
-            if dst_node == Some(node) {
-                *allowed &= dp.allows(TC_POLICY_INGRESS, &pkt);
-            }
-        }
-    }
-    for (src, dst, proto_name, _, port, _, allowed) in &cells {
+    let packets: Vec<_> = cells.iter().map(|(s, d, _, p, port)| (*s, *d, *p, *port)).collect();
+    let verdicts = dp.verdicts(table, policies, &packets);
+    for ((src, dst, proto_name, _, port), allowed) in cells.iter().zip(&verdicts) {
         let expected = oracle.allowed(src, dst, proto_name, *port);
         if *allowed != expected {
             wrong.push(format!(
@@ -214,14 +102,7 @@ fn random_policies_agree_with_the_oracle() {
 fn replies_of_allowed_flows_pass() {
     let mut dp = Datapath::new();
     let table = TruthTable::new();
-    let policies = [weir_tests::policy_cases::policy(
-        "x",
-        "a",
-        serde_json::json!({
-        "podSelector": {"matchLabels": {"pod": "a"}},
-        "policyTypes": ["Ingress", "Egress"],
-        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
-    )];
+    let policies = [weir_tests::policy_cases::a_only_from_b()];
     dp.program(&table, &policies, 0);
     let (a, b, c) = (
         locate(&Party::Pod("x".into(), "a".into())).0,

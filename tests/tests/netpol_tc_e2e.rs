@@ -10,24 +10,23 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::programs::TcAttachType;
 use serde_json::json;
 use weir_common::metrics::Counter;
 use weir_policy::{Cluster, Compiler};
 use weir_proxy::{
     maps::read_counters,
     policy::{DatapathPolicy, Lowering, PolicyMaps},
-    programs::{self, LoadOptions, TC_POLICY_EGRESS, TC_POLICY_INGRESS},
+    programs::{self, LoadOptions},
 };
 use weir_tests::{
     bpffs::TestPinDir,
     echo::EchoServer,
-    netns::{Netns, Veth},
+    netns::Netns,
     policy_cases::{TruthTable, node_ip, pod_ip, policy},
     privileged::require_root,
+    routed,
 };
 
-const GATEWAY: &str = "169.254.1.1";
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(700);
 
 /// Connects to `dst`:80 from inside `from`, sends a line and reads the echo.
@@ -45,47 +44,22 @@ fn tcp_works(from: &Netns, dst: Ipv4Addr) -> bool {
     .is_ok_and(|reply| reply.starts_with("pong"))
 }
 
-/// A pod namespace wired to the node namespace like weir-cni does (a /32, a link-local gateway
-/// on the node side, a host route), with both policy programs on the node-side veth.
-fn wire_pod(node: &Netns, role: &str, ip: Ipv4Addr) -> Result<(Netns, Veth)> {
-    let pod = Netns::new(role)?;
-    let veth = Veth::between(&pod, node)?;
-    pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", &veth.a])?;
-    pod.ip(&["route", "add", GATEWAY, "dev", &veth.a, "scope", "link"])?;
-    pod.ip(&["route", "add", "default", "via", GATEWAY, "dev", &veth.a])?;
-    node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &veth.b])?;
-    // The node-side veth carries the gateway address here (weir-cni's has none); `src` makes the
-    // node's connections leave with its own address, as they do on a real node.
-    let src = node_ip(0).to_string();
-    node.ip(&["route", "add", &format!("{ip}/32"), "dev", &veth.b, "src", &src])?;
-    Ok((pod, veth))
-}
-
 #[test]
 fn default_deny_and_allow_on_real_connections() -> Result<()> {
     require_root();
-    let node = Netns::new("node")?;
-    node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))??;
     // The node's own address (node-1 of the truth table): connections from the node to its
     // pods leave with it as source.
-    node.ip(&["addr", "add", &format!("{}/32", node_ip(0)), "dev", "lo"])?;
+    let node = routed::node("node", node_ip(0))?;
     let (a, b, c) = (pod_ip(0, 0), pod_ip(0, 1), pod_ip(0, 2));
-    let (pod_a, veth_a) = wire_pod(&node, "pod-a", a)?;
-    let (pod_b, veth_b) = wire_pod(&node, "pod-b", b)?;
-    let (pod_c, veth_c) = wire_pod(&node, "pod-c", c)?;
+    let (pod_a, veth_a) = routed::pod(&node, node_ip(0), "pod-a", a)?;
+    let (pod_b, veth_b) = routed::pod(&node, node_ip(0), "pod-b", b)?;
+    let (pod_c, veth_c) = routed::pod(&node, node_ip(0), "pod-c", c)?;
 
     let pins = TestPinDir::new("netpol-e2e")?;
     let mut loaded = programs::load(&LoadOptions::new(pins.path()))?;
     let mut maps = PolicyMaps::take(&mut loaded.ebpf)?;
     for veth in [&veth_a.b, &veth_b.b, &veth_c.b] {
-        for (name, direction) in
-            [(TC_POLICY_EGRESS, TcAttachType::Ingress), (TC_POLICY_INGRESS, TcAttachType::Egress)]
-        {
-            let program = programs::classifier(&mut loaded.ebpf, name)?;
-            let interface = veth.as_str();
-            node.run(move || program.attach(interface, direction))?
-                .with_context(|| format!("attaching {name} to {interface}"))?;
-        }
+        routed::attach_policy(&mut loaded.ebpf, &node, veth)?;
     }
     let _servers = [
         EchoServer::tcp(&pod_a, (a, 80).into())?,

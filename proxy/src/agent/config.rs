@@ -58,7 +58,9 @@ pub struct AgentConfig {
     pub dataplane: Dataplane,
     /// nftables table (family inet) of the nftables dataplane.
     pub nft_table: String,
-    /// Delete the nftables table on a clean shutdown (by default it stays, like kube-proxy's,
+    /// nftables table (family inet) of NetworkPolicy with the nftables dataplane.
+    pub nft_policy_table: String,
+    /// Delete the nftables tables on a clean shutdown (by default it stays, like kube-proxy's,
     /// so traffic keeps flowing until the next agent adopts it).
     pub nft_remove_on_exit: bool,
     /// NetworkPolicy enforcement.
@@ -123,6 +125,9 @@ impl AgentConfig {
         if crate::apply::nft::validate_table_name(&self.nft_table).is_err() {
             return Err(ConfigError::BadNftTable(self.nft_table.clone()));
         }
+        if crate::apply::nft::validate_table_name(&self.nft_policy_table).is_err() {
+            return Err(ConfigError::BadNftTable(self.nft_policy_table.clone()));
+        }
         if self.health_listen == self.metrics_listen && self.health_listen.port() != 0 {
             return Err(ConfigError::SameListenAddress(self.health_listen));
         }
@@ -173,6 +178,7 @@ mod tests {
             routing: RoutingConfig::default(),
             dataplane: Dataplane::Ebpf,
             nft_table: DEFAULT_NFT_TABLE.into(),
+            nft_policy_table: crate::policy::nft::DEFAULT_TABLE.into(),
             nft_remove_on_exit: false,
             policy: Default::default(),
         }

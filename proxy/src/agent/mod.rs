@@ -276,8 +276,9 @@ fn policy_datapath(
             if !config.policy.enabled {
                 return Ok(None);
             }
-            // The nftables policy backend (NftPolicy) plugs in here.
-            Err("NetworkPolicy is not yet enforced by the nftables dataplane".into())
+            let table = crate::policy::nft::NftPolicy::open(&config.nft_policy_table)?;
+            log::info!("NetworkPolicy: nftables table inet {}", table.table());
+            Ok(Some(PolicyBackend { datapath: Box::new(table), programs: None }))
         }
     }
 }
@@ -449,6 +450,11 @@ fn stop(config: &AgentConfig, backend: Backend) -> Result<(), AgentError> {
             let name = table.table().to_string();
             table.remove_table()?;
             log::info!("shutting down; removed nftables table inet {name}");
+            if config.policy.enabled {
+                // The policy loop owns its handle; a second one adopts the table to delete it.
+                crate::policy::nft::NftPolicy::open(&config.nft_policy_table)?.remove()?;
+                log::info!("removed nftables table inet {}", config.nft_policy_table);
+            }
         }
         _ => log::info!(
             "shutting down; the datapath stays in place (pinned maps and links or the nftables \

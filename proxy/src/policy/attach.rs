@@ -1,7 +1,7 @@
 //! The policy programs on pod veths, from the agent's side.
 //!
 //! At start the agent pins its two policy programs in its pin directory
-//! (`prog_tc_pol_egress`, `prog_tc_pol_ingress`; pinned under a temporary name, then renamed
+//! (`prog_tc_pol_egress`, `prog_tc_pol_ingress`; pinned under a temporary name (`..._new`), then renamed
 //! over the previous agent's pin, so weir-cni always finds a complete pin). weir-cni attaches
 //! them to every new pod's host veth at ADD, before the pod is reachable. [`PolicyPrograms::
 //! reconcile`] covers the rest: every host veth named in the endpoint map (`weir_endpoints_v1`,
@@ -86,7 +86,8 @@ impl PolicyPrograms {
             let pin_error = |source| AttachError::Pin { path: path.clone(), source };
             let fd = classifier.fd().map_err(|source| AttachError::NotLoaded { name, source })?;
             let fd = fd.as_fd().try_clone_to_owned().map_err(pin_error)?;
-            let temporary = pin_dir.join(format!(".{}.new", slot.pin));
+            // bpffs refuses names with a dot (EPERM), so the temporary name has none.
+            let temporary = pin_dir.join(format!("{}_new", slot.pin));
             match std::fs::remove_file(&temporary) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(pin_error(e)),
                 _ => {}

@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod ebpf;
 pub mod lower;
 pub mod names;
+pub mod nft;
 pub mod source;
 pub mod writer;
 

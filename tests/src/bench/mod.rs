@@ -9,6 +9,7 @@ pub mod apiserver;
 pub mod cni;
 pub mod lb;
 pub mod overlay;
+pub mod policy;
 pub mod tc_rewrite;
 
 use std::{collections::BTreeMap, fs, path::Path};

@@ -5,8 +5,10 @@
 //! Ready and every one of them answering through the ClusterIP (measured in the VXLAN lab,
 //! reported against the same in the native lab).
 //!
-//! Two reports: `overlay-native` (native routing vs the bare veth pair) and `overlay-vxlan`
-//! (VXLAN vs native routing). Rounds rotate the order of the three paths.
+//! Three reports: `overlay-native` (native routing vs the bare veth pair: the issue's goal),
+//! `overlay-native-routed` (native routing vs the same shape of path, pod -> node -> underlay
+//! bridge -> node -> pod, routed by the kernel with no weir at all: what weir itself costs) and
+//! `overlay-vxlan` (VXLAN vs native routing). Rounds rotate the order of the four paths.
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
@@ -25,6 +27,7 @@ use crate::{
     netns::{Netns, Veth},
     probe,
     process::{command_at, command_in},
+    routed,
 };
 
 const IPERF_PORT: &str = "5201";
@@ -36,7 +39,6 @@ struct PodPair {
     client: Netns,
     server: Netns,
     server_ip: Ipv4Addr,
-    _echo: EchoServer,
 }
 
 pub fn run(rounds: u32) -> Result<Vec<Report>> {
@@ -45,20 +47,23 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
     bare_a.ip(&["addr", "add", "10.99.0.1/24", "dev", &veth.a])?;
     bare_b.ip(&["addr", "add", "10.99.0.2/24", "dev", &veth.b])?;
     let bare_ip = Ipv4Addr::new(10, 99, 0, 2);
-    let echo = EchoServer::tcp(&bare_b, (bare_ip, ECHO_PORT).into())?;
-    let bare = PodPair { client: bare_a, server: bare_b, server_ip: bare_ip, _echo: echo };
+    let bare = PodPair { client: bare_a, server: bare_b, server_ip: bare_ip };
 
     let vxlan_lab = Lab::up(2, "ebpf", "vxlan");
     let native_lab = Lab::up(2, "ebpf", "native");
     let vxlan = lab_pair(&vxlan_lab)?;
     let native = lab_pair(&native_lab)?;
 
+    let routed = RoutedPath::new()?;
+
     let (mut bare_rounds, mut native_rounds, mut vxlan_rounds) = (vec![], vec![], vec![]);
+    let mut routed_rounds = vec![];
     for round in 0..rounds {
-        for which in 0..3 {
-            match (round + which) % 3 {
+        for which in 0..4 {
+            match (round + which) % 4 {
                 0 => bare_rounds.push(measure(&bare).context("bare veth")?),
                 1 => native_rounds.push(measure(&native).context("native routing")?),
+                2 => routed_rounds.push(measure(&routed.pair).context("kernel routing")?),
                 _ => vxlan_rounds.push(measure(&vxlan).context("vxlan")?),
             }
         }
@@ -85,6 +90,16 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
             &bare_rounds,
         )?,
         compare(
+            "overlay-native-routed",
+            Sides {
+                candidate_label: "pod to pod across nodes, native routing",
+                baseline_label: "the lab's shape routed by the kernel alone, no weir",
+                unit,
+            },
+            &native_only,
+            &routed_rounds,
+        )?,
+        compare(
             "overlay-vxlan",
             Sides {
                 candidate_label: "pod to pod across nodes, VXLAN",
@@ -95,6 +110,49 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
             &native_rounds,
         )?,
     ])
+}
+
+/// The lab's path without weir: a client pod behind node A, a server pod behind node B, the
+/// nodes' eth0 on one bridge in an underlay namespace, each node routing the other's pod range
+/// via the other's underlay address (plain kernel forwarding, no program, no table). Between
+/// it and the native lab, only what weir adds to the path differs.
+struct RoutedPath {
+    pair: PodPair,
+    // Nodes and underlay live as long as the pair (their links go with them).
+    _namespaces: Vec<Netns>,
+}
+
+impl RoutedPath {
+    fn new() -> Result<Self> {
+        let underlay = Netns::new("bench-ul")?;
+        underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
+        underlay.ip(&["link", "set", "br0", "up"])?;
+        let (client_ip, server_ip) = (Ipv4Addr::new(10, 98, 1, 10), Ipv4Addr::new(10, 98, 2, 10));
+        let mut namespaces = Vec::new();
+        let mut pods = Vec::new();
+        for (i, pod_ip) in [(1u8, client_ip), (2u8, server_ip)] {
+            let node = routed::node(&format!("bench-n{i}"), Ipv4Addr::new(10, 97, 1, i))?;
+            let eth0 = Veth::between(&node, &underlay)?;
+            node.ip(&["addr", "add", &format!("10.97.0.{i}/24"), "dev", &eth0.a])?;
+            underlay.ip(&["link", "set", &eth0.b, "master", "br0"])?;
+            let other = 3 - i;
+            node.ip(&[
+                "route",
+                "add",
+                &format!("10.98.{other}.0/24"),
+                "via",
+                &format!("10.97.0.{other}"),
+            ])?;
+            let (pod, _veth) =
+                routed::pod(&node, Ipv4Addr::new(10, 97, 1, i), &format!("bench-p{i}"), pod_ip)?;
+            pods.push(pod);
+            namespaces.push(node);
+        }
+        namespaces.push(underlay);
+        let server = pods.pop().expect("two pods");
+        let client = pods.pop().expect("two pods");
+        Ok(Self { pair: PodPair { client, server, server_ip }, _namespaces: namespaces })
+    }
 }
 
 /// A server pod on the first node and a client pod on the second, found by their addresses.
@@ -111,8 +169,7 @@ fn lab_pair(lab: &Lab) -> Result<PodPair> {
     let server_ip: Ipv4Addr = pod_ip(lab, "bench-server")?;
     let server = pod_netns(&lab.node_netns(1), server_ip)?;
     let client = pod_netns(&lab.node_netns(2), pod_ip(lab, "bench-client")?)?;
-    let echo = EchoServer::tcp(&server, (server_ip, ECHO_PORT).into())?;
-    Ok(PodPair { client, server, server_ip, _echo: echo })
+    Ok(PodPair { client, server, server_ip })
 }
 
 fn pod_ip(lab: &Lab, pod: &str) -> Result<Ipv4Addr> {
@@ -137,6 +194,8 @@ fn pod_netns(node_netns: &str, ip: Ipv4Addr) -> Result<Netns> {
 }
 
 fn measure(pair: &PodPair) -> Result<Figures> {
+    // Started per sample: a test echo server has a bounded life, shorter than a whole run.
+    let _echo = EchoServer::tcp(&pair.server, (pair.server_ip, ECHO_PORT).into())?;
     let target = pair.server_ip.to_string();
     let mut server = command_in(&pair.server, None, "iperf3")?
         .args(["-s", "-1", "-p", IPERF_PORT, "-B", &target])
@@ -144,23 +203,29 @@ fn measure(pair: &PodPair) -> Result<Figures> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting iperf3 -s (`cargo xtask setup` installs iperf3)")?;
-    let mut report = None;
+    // iperf3 3.12 exits 0 with `{"error": "unable to connect to server: Connection refused"}`
+    // when the server is not listening yet: retry on that too, not only on a failed exit.
+    let mut bits = None;
+    let mut last_error = String::from("iperf3 never ran");
     for _ in 0..50 {
         let out = command_in(&pair.client, None, "iperf3")?
             .args(["-c", &target, "-p", IPERF_PORT, "-t", "3", "-J"])
             .output()?;
-        if out.status.success() {
-            report = Some(out.stdout);
-            break;
+        match serde_json::from_slice::<Value>(&out.stdout) {
+            Ok(report) => match report["end"]["sum_received"]["bits_per_second"].as_f64() {
+                Some(value) if out.status.success() => {
+                    bits = Some(value);
+                    break;
+                }
+                _ => last_error = format!("iperf3: {}", report["error"]),
+            },
+            Err(err) => last_error = format!("iperf3 printed no JSON ({err})"),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = server.kill();
     let _ = server.wait();
-    let report: Value = serde_json::from_slice(&report.context("iperf3 never connected")?)?;
-    let bits = report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 JSON without end.sum_received")?;
+    let bits = bits.with_context(|| format!("iperf3 never measured: {last_error}"))?;
     let rr =
         probe::run(&pair.client, None, &["tcp-rr", &format!("{target}:{ECHO_PORT}"), RR_COUNT]);
     ensure!(rr["ok"] == true, "tcp-rr failed: {rr}");
@@ -175,12 +240,16 @@ fn measure(pair: &PodPair) -> Result<Figures> {
 /// client pod. The Deployment is removed afterwards.
 fn deploy_ready_ms(lab: &Lab, pair: &PodPair, tag: &str) -> Result<f64> {
     let name = format!("bench-{tag}");
+    // Two YAML documents (JSON is YAML; the comment first makes kubectl read it as YAML):
+    // kubectl's validation of a `kind: List` fails against weir's OpenAPI documents ("the
+    // server could not find the requested resource").
     let manifest = format!(
-        r#"{{"apiVersion":"v1","kind":"List","items":[
-        {{"apiVersion":"apps/v1","kind":"Deployment","metadata":{{"name":"{name}"}},"spec":{{"replicas":3,
+        r#"# the Deployment and its Service
+{{"apiVersion":"apps/v1","kind":"Deployment","metadata":{{"name":"{name}"}},"spec":{{"replicas":3,
           "selector":{{"matchLabels":{{"app":"{name}"}}}},
-          "template":{{"metadata":{{"labels":{{"app":"{name}"}}}},"spec":{{"containers":[{{"name":"web","image":"nginx","ports":[{{"containerPort":80}}]}}]}}}}}}}},
-        {{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}"}},"spec":{{"selector":{{"app":"{name}"}},"ports":[{{"port":80}}]}}}}]}}"#
+          "template":{{"metadata":{{"labels":{{"app":"{name}"}}}},"spec":{{"containers":[{{"name":"web","image":"nginx","ports":[{{"containerPort":80}}]}}]}}}}}}}}
+---
+{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"{name}"}},"spec":{{"selector":{{"app":"{name}"}},"ports":[{{"port":80}}]}}}}"#
     );
     let started = Instant::now();
     lab.apply(&manifest);
@@ -190,10 +259,14 @@ fn deploy_ready_ms(lab: &Lab, pair: &PodPair, tag: &str) -> Result<f64> {
     let deadline = started + Duration::from_secs(60);
     while answered.len() < 3 {
         ensure!(Instant::now() < deadline, "{name}: only {answered:?} answered within 60 s");
-        let out = command_at(&pair.client.path(), Some(&procs), "/bin/busybox")?
-            .args(["wget", "-qO-", "-T", "1", &format!("http://{cluster_ip}/")])
-            .output()?;
-        let page = String::from_utf8_lossy(&out.stdout);
+        // weir-probe, not busybox wget: Debian's busybox-static wget segfaults when run
+        // outside a lab pod's runtime (exit 139 even on loopback).
+        let out =
+            command_at(&pair.client.path(), Some(&procs), &probe::binary().to_string_lossy())?
+                .args(["http", &format!("{cluster_ip}:80"), "--timeout-ms", "1000"])
+                .output()?;
+        let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let page = reply["reply"].as_str().unwrap_or_default();
         if let Some(pod) = page
             .split(|c: char| c.is_whitespace() || c == '<' || c == '>')
             .find(|w| w.starts_with(&name))

@@ -2,23 +2,35 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use weir_tests::bench::{apiserver, cni, lb, overlay, tc_rewrite};
+use weir_tests::bench::{apiserver, cni, lb, overlay, policy, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR]   (NAME: tc-rewrite, cni, lb, overlay, apiserver)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, --sizes: the rule counts; both policy only)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let name = args.next().context(USAGE)?;
     let mut rounds = 7u32;
     let mut out = PathBuf::from("target/bench");
+    let mut quick = false;
+    let mut sizes: Option<Vec<u32>> = None;
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--rounds" => {
                 rounds = args.next().context(USAGE)?.parse().context("--rounds takes a number")?
             }
             "--out" => out = PathBuf::from(args.next().context(USAGE)?),
+            "--quick" => quick = true,
+            "--sizes" => {
+                let list = args.next().context(USAGE)?;
+                let parsed: Result<Vec<u32>, _> =
+                    list.split(',').map(|n| n.trim().parse::<u32>()).collect();
+                sizes = Some(parsed.with_context(|| format!("--sizes {list:?}: {USAGE}"))?);
+            }
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
+    }
+    if (quick || sizes.is_some()) && name != "policy" {
+        bail!("--quick and --sizes are only for the policy benchmark; {USAGE}");
     }
     let reports = match name.as_str() {
         "tc-rewrite" => vec![tc_rewrite::run(rounds)?],
@@ -26,6 +38,20 @@ fn main() -> Result<()> {
         "lb" => vec![lb::run(rounds)?],
         "overlay" => overlay::run(rounds)?,
         "apiserver" => vec![apiserver::run(rounds)?],
+        "policy" => {
+            let mut options =
+                if quick { policy::Options::quick() } else { policy::Options::full(rounds) };
+            if let Some(sizes) = sizes {
+                options.sizes = sizes;
+            }
+            let outcome = policy::run(&options)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let path = out.join("policy-programming.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&outcome.programming)? + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+            outcome.reports
+        }
         other => bail!("unknown benchmark {other:?}; {USAGE}"),
     };
     for report in reports {

@@ -5,6 +5,9 @@
 //! `{"ok":false,"error":"...","kind":"..."}`. Exit code 0 when a reply came, 1 otherwise, 2 on
 //! bad usage. `peer` is what the socket reports (getpeername, or recvfrom's source for UDP).
 //!
+//! `weir-probe http HOST:PORT [--timeout-ms N]` sends `GET /` (HTTP/1.0) and prints the whole
+//! response as `reply`.
+//!
 //! `weir-probe tcp-session HOST:PORT` keeps one TCP connection open: every line on stdin
 //! sends a `ping` and prints the reply as JSON; EOF closes it.
 //!
@@ -23,7 +26,7 @@ use std::{
 
 use serde_json::json;
 
-const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected HOST:PORT [--timeout-ms N] | tcp-spread HOST:PORT COUNT | tcp-rr HOST:PORT COUNT | tcp-session HOST:PORT";
+const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected|http HOST:PORT [--timeout-ms N] | tcp-spread HOST:PORT COUNT | tcp-rr HOST:PORT COUNT | tcp-session HOST:PORT";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         "tcp" => tcp(target, timeout),
         "udp" => udp(target, timeout, false),
         "udp-connected" => udp(target, timeout, true),
+        "http" => http(target, timeout),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -90,6 +94,19 @@ fn tcp(target: SocketAddr, timeout: Duration) -> Probe {
     let stream = TcpStream::connect_timeout(&target, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     let reply = exchange(&stream)?;
+    Ok((reply, stream.peer_addr()?.to_string(), stream.local_addr()?.to_string()))
+}
+
+/// `GET /` over HTTP/1.0; the reply is the whole response (status line, headers, body).
+fn http(target: SocketAddr, timeout: Duration) -> Probe {
+    let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET / HTTP/1.0\r\nHost: {target}\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut reply)?;
+    if reply.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+    }
     Ok((reply, stream.peer_addr()?.to_string(), stream.local_addr()?.to_string()))
 }
 

@@ -167,26 +167,36 @@ impl NftDataplane {
     }
 
     fn commit(&mut self, encoder: &mut Encoder, ops: &mut Vec<&Op>) -> Result<(), NftError> {
-        let (batch, first_seqs) = encoder.finish();
-        let errors = self
-            .socket
-            .send_batch(&batch)
-            .map_err(|source| NftError::Io { table: self.table.clone(), source })?;
-        let described = ops.clone();
+        let result = commit_batch(&mut self.socket, &self.table, encoder, ops);
         ops.clear();
-        match errors.first() {
-            None => Ok(()),
-            Some(error) => {
-                let op = Encoder::op_of_seq(&first_seqs, error.seq)
-                    .and_then(|i| described.get(i))
-                    .map(|op| format!("{op:?}"))
-                    .unwrap_or_else(|| format!("message {}", error.seq));
-                Err(NftError::Refused {
-                    table: self.table.clone(),
-                    op,
-                    source: std::io::Error::from_raw_os_error(error.errno),
-                })
-            }
+        result
+    }
+}
+
+/// Sends what `encoder` holds as one atomic batch; on refusal the error names the first op
+/// (of `ops`, the ops encoded since the last batch) the kernel refused.
+pub(crate) fn commit_batch(
+    socket: &mut Socket,
+    table: &str,
+    encoder: &mut Encoder,
+    ops: &[&Op],
+) -> Result<(), NftError> {
+    let (batch, first_seqs) = encoder.finish();
+    let errors = socket
+        .send_batch(&batch)
+        .map_err(|source| NftError::Io { table: table.to_string(), source })?;
+    match errors.first() {
+        None => Ok(()),
+        Some(error) => {
+            let op = Encoder::op_of_seq(&first_seqs, error.seq)
+                .and_then(|i| ops.get(i))
+                .map(|op| format!("{op:?}"))
+                .unwrap_or_else(|| format!("message {}", error.seq));
+            Err(NftError::Refused {
+                table: table.to_string(),
+                op,
+                source: std::io::Error::from_raw_os_error(error.errno),
+            })
         }
     }
 }

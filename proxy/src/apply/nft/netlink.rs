@@ -7,7 +7,9 @@
 //! results) are host-endian, as in the kernel's `nft_regs`.
 use std::{io, net::Ipv4Addr, os::fd::AsRawFd, os::fd::FromRawFd, os::fd::OwnedFd};
 
-use super::ops::{BaseChain, ElementKey, Op, RejectKind, SetKind, Stmt, Verdict};
+use super::ops::{
+    AddrField, BaseChain, ElementKey, Op, PolicyTuple, RejectKind, SetKind, Stmt, Verdict,
+};
 
 // Netlink and nfnetlink.
 pub(crate) const NETLINK_NETFILTER: i32 = 12;
@@ -42,6 +44,9 @@ const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_NEWOBJ: u16 = 18;
+const NFT_MSG_GETOBJ: u16 = 19;
+const NFT_MSG_DELOBJ: u16 = 20;
 
 // Attributes.
 pub(crate) const NFTA_TABLE_NAME: u16 = 1;
@@ -65,14 +70,27 @@ const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DESC: u16 = 9;
 const NFTA_SET_ID: u16 = 10;
 const NFTA_SET_USERDATA: u16 = 13;
+const NFTA_SET_DESC_CONCAT: u16 = 2;
+const NFTA_SET_FIELD_LEN: u16 = 1;
+const NFTA_OBJ_TABLE: u16 = 1;
+const NFTA_OBJ_NAME: u16 = 2;
+const NFTA_OBJ_TYPE: u16 = 3;
+const NFTA_OBJ_DATA: u16 = 4;
+const NFT_OBJECT_COUNTER: u32 = 1;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
 pub(crate) const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -80,9 +98,11 @@ const NFTA_VERDICT_CHAIN: u16 = 2;
 
 const NFT_SET_ANONYMOUS: u32 = 0x1;
 const NFT_SET_CONSTANT: u32 = 0x2;
+const NFT_SET_INTERVAL: u32 = 0x4;
 const NFT_SET_MAP: u32 = 0x8;
 const NFT_SET_TIMEOUT: u32 = 0x10;
 const NFT_SET_EVAL: u32 = 0x20;
+const NFT_SET_CONCAT: u32 = 0x80;
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 
 // nft's datatype numbers (only for `nft list` to print keys nicely).
@@ -97,6 +117,7 @@ const REG_VERDICT: u32 = 0;
 const REG32_00: u32 = 8;
 const REG32_01: u32 = 9;
 const REG32_02: u32 = 10;
+const REG32_03: u32 = 11;
 
 /// The ClusterIP/NodePort key length: ipv4_addr . inet_proto . inet_service, each padded to a
 /// 32-bit register.
@@ -114,7 +135,51 @@ pub fn key_bytes(key: &ElementKey) -> Vec<u8> {
             key
         }
         ElementKey::Index(i) => i.to_ne_bytes().to_vec(),
+        ElementKey::Address(address) => address.octets().to_vec(),
+        ElementKey::AddressRange(first, _) => first.octets().to_vec(),
+        ElementKey::PolicyTuple(t) => {
+            tuple_bytes(t.endpoint, t.protocols.0, t.ports.0, t.peers.0).to_vec()
+        }
     }
+}
+
+/// The policy tuple key length: endpoint . protocol . port . peer, each in a 32-bit register.
+pub const POLICY_TUPLE_KEY_LEN: usize = 16;
+/// The bytes of each field of a policy tuple (the set's concatenation description).
+const POLICY_TUPLE_FIELDS: [u32; 4] = [4, 1, 2, 4];
+
+fn tuple_bytes(endpoint: Ipv4Addr, protocol: u8, port: u16, peer: Ipv4Addr) -> [u8; 16] {
+    let mut key = [0u8; POLICY_TUPLE_KEY_LEN];
+    key[..4].copy_from_slice(&endpoint.octets());
+    key[4] = protocol;
+    key[8..10].copy_from_slice(&port.to_be_bytes());
+    key[12..].copy_from_slice(&peer.octets());
+    key
+}
+
+/// The end key of a range element (policy tuples); `None` for single-key elements.
+fn key_end_bytes(key: &ElementKey) -> Option<Vec<u8>> {
+    match key {
+        ElementKey::PolicyTuple(t) => {
+            Some(tuple_bytes(t.endpoint, t.protocols.1, t.ports.1, t.peers.1).to_vec())
+        }
+        _ => None,
+    }
+}
+
+/// The inverse of [`key_bytes`]/[`key_end_bytes`] for policy tuples.
+pub fn parse_policy_tuple(start: &[u8], end: &[u8]) -> Option<PolicyTuple> {
+    if start.len() != POLICY_TUPLE_KEY_LEN || end.len() != POLICY_TUPLE_KEY_LEN {
+        return None;
+    }
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let port = |b: &[u8]| u16::from_be_bytes([b[8], b[9]]);
+    (addr(start) == addr(end)).then(|| PolicyTuple {
+        endpoint: addr(start),
+        protocols: (start[4], end[4]),
+        ports: (port(start), port(end)),
+        peers: (addr(&start[12..]), addr(&end[12..])),
+    })
 }
 
 /// The inverse of [`key_bytes`] for service keys.
@@ -334,6 +399,16 @@ impl Encoder {
                         SERVICE_KEY_LEN as u32,
                     ),
                     SetKind::Affinity => (NFT_SET_TIMEOUT | NFT_SET_EVAL, TYPE_IPADDR, 4),
+                    SetKind::PolicyTuples => (
+                        NFT_SET_INTERVAL | NFT_SET_CONCAT,
+                        (TYPE_IPADDR << (3 * TYPE_BITS))
+                            | (TYPE_INET_PROTOCOL << (2 * TYPE_BITS))
+                            | (TYPE_INET_SERVICE << TYPE_BITS)
+                            | TYPE_IPADDR,
+                        POLICY_TUPLE_KEY_LEN as u32,
+                    ),
+                    SetKind::AddressMap => (NFT_SET_MAP, TYPE_IPADDR, 4),
+                    SetKind::AddressRanges => (NFT_SET_INTERVAL, TYPE_IPADDR, 4),
                 };
                 // The kernel requires a batch-local set ID on every new set.
                 let id = self.next_set_id;
@@ -348,6 +423,17 @@ impl Encoder {
                     if flags & NFT_SET_MAP != 0 {
                         b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
                     }
+                    if flags & NFT_SET_CONCAT != 0 {
+                        // The field lengths tell the kernel to use the pipapo backend (ranges
+                        // in every field of a concatenation).
+                        b.nest(NFTA_SET_DESC, |b| {
+                            b.nest(NFTA_SET_DESC_CONCAT, |b| {
+                                for len in POLICY_TUPLE_FIELDS {
+                                    b.nest(NFTA_LIST_ELEM, |b| b.u32(NFTA_SET_FIELD_LEN, len));
+                                }
+                            })
+                        });
+                    }
                 })
             }
             Op::DeleteSet { name } => b.nft_msg(NFT_MSG_DELSET, 0, |b| {
@@ -358,20 +444,36 @@ impl Encoder {
                 b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
                     b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
                     b.str(NFTA_SET_ELEM_LIST_SET, set);
-                    b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                        b.nest(NFTA_LIST_ELEM, |b| {
-                            b.value(NFTA_SET_ELEM_KEY, &key_bytes(key));
-                            b.verdict(NFTA_SET_ELEM_DATA, verdict);
-                        })
-                    });
+                    b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, Some(verdict)));
                 })
             }
+            Op::AddSetElement { set, key } => b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
+                b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
+                b.str(NFTA_SET_ELEM_LIST_SET, set);
+                b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, None));
+            }),
             Op::DeleteElement { set, key } => b.nft_msg(NFT_MSG_DELSETELEM, 0, |b| {
                 b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
                 b.str(NFTA_SET_ELEM_LIST_SET, set);
-                b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                    b.nest(NFTA_LIST_ELEM, |b| b.value(NFTA_SET_ELEM_KEY, &key_bytes(key)))
+                b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, None));
+            }),
+            Op::FlushSet { set } => b.nft_msg(NFT_MSG_DELSETELEM, 0, |b| {
+                b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
+                b.str(NFTA_SET_ELEM_LIST_SET, set);
+            }),
+            Op::AddCounter { name } => b.nft_msg(NFT_MSG_NEWOBJ, NLM_F_CREATE, |b| {
+                b.str(NFTA_OBJ_TABLE, &table);
+                b.str(NFTA_OBJ_NAME, name);
+                b.u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
+                b.nest(NFTA_OBJ_DATA, |b| {
+                    b.attr(NFTA_COUNTER_BYTES, &0u64.to_be_bytes());
+                    b.attr(NFTA_COUNTER_PACKETS, &0u64.to_be_bytes());
                 });
+            }),
+            Op::DeleteCounter { name } => b.nft_msg(NFT_MSG_DELOBJ, 0, |b| {
+                b.str(NFTA_OBJ_TABLE, &table);
+                b.str(NFTA_OBJ_NAME, name);
+                b.u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
             }),
             Op::AddRule { chain, stmts, comment } => {
                 // Anonymous verdict maps (numgen ... vmap { ... }) are created first, in the
@@ -404,6 +506,31 @@ impl Encoder {
 }
 
 const ANON_MAP_NAME: &str = "__map%d";
+
+/// The list entries of one element: a range of a plain interval set is two entries (its first
+/// key, and the key after its last flagged as the interval's end, omitted at the top of the
+/// address space); a policy tuple is one entry with an end key.
+fn element(b: &mut Buf, key: &ElementKey, verdict: Option<&Verdict>) {
+    if let ElementKey::AddressRange(first, last) = key {
+        b.nest(NFTA_LIST_ELEM, |b| b.value(NFTA_SET_ELEM_KEY, &first.octets()));
+        if let Some(after) = u32::from(*last).checked_add(1) {
+            b.nest(NFTA_LIST_ELEM, |b| {
+                b.value(NFTA_SET_ELEM_KEY, &after.to_be_bytes());
+                b.u32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+            });
+        }
+        return;
+    }
+    b.nest(NFTA_LIST_ELEM, |b| {
+        b.value(NFTA_SET_ELEM_KEY, &key_bytes(key));
+        if let Some(end) = key_end_bytes(key) {
+            b.value(NFTA_SET_ELEM_KEY_END, &end);
+        }
+        if let Some(verdict) = verdict {
+            b.verdict(NFTA_SET_ELEM_DATA, verdict);
+        }
+    });
+}
 
 fn anonymous_map(b: &mut Buf, table: &str, id: u32, targets: &[String]) {
     b.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE, |b| {
@@ -497,6 +624,8 @@ mod ex {
     pub const DYNSET_OP: u16 = 3;
     pub const DYNSET_SREG_KEY: u16 = 4;
     pub const DYNSET_TIMEOUT: u16 = 6;
+    pub const OBJREF_IMM_TYPE: u16 = 1;
+    pub const OBJREF_IMM_NAME: u16 = 2;
     pub const REJECT_TYPE: u16 = 1;
     pub const REJECT_ICMP_CODE: u16 = 2;
 
@@ -509,6 +638,8 @@ mod ex {
     pub const CMP_NEQ: u32 = 1;
     pub const CT_STATE: u32 = 0;
     pub const CT_STATE_NEW: u32 = 1 << 3;
+    pub const CT_STATE_ESTABLISHED: u32 = 1 << 1;
+    pub const CT_STATE_RELATED: u32 = 1 << 2;
     pub const NG_RANDOM: u32 = 1;
     pub const NAT_DNAT: u32 = 1;
     pub const NAT_RANGE_MAP_IPS: u32 = 1;
@@ -552,6 +683,13 @@ fn bitwise(b: &mut Buf, mask: u32, xor: u32) {
         b.value(ex::BITWISE_MASK, &mask.to_ne_bytes());
         b.value(ex::BITWISE_XOR, &xor.to_ne_bytes());
     });
+}
+
+fn addr_offset(field: AddrField) -> u32 {
+    match field {
+        AddrField::Saddr => 12,
+        AddrField::Daddr => 16,
+    }
 }
 
 fn lookup(b: &mut Buf, set: &str, set_id: Option<u32>, dreg: Option<u32>) {
@@ -607,6 +745,40 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
             bitwise(b, ex::CT_STATE_NEW, 0);
             cmp(b, ex::CMP_NEQ, &0u32.to_ne_bytes());
         }
+        Stmt::CtStateEstablishedRelated => {
+            b.expr("ct", |b| {
+                b.u32(ex::CT_DREG, REG32_00);
+                b.u32(ex::CT_KEY, ex::CT_STATE);
+            });
+            bitwise(b, ex::CT_STATE_ESTABLISHED | ex::CT_STATE_RELATED, 0);
+            cmp(b, ex::CMP_NEQ, &0u32.to_ne_bytes());
+        }
+        Stmt::PolicyTupleInSet { set, endpoint } => {
+            let peer = match endpoint {
+                AddrField::Saddr => AddrField::Daddr,
+                AddrField::Daddr => AddrField::Saddr,
+            };
+            ipv4_only(b);
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, addr_offset(*endpoint), 4);
+            meta_load(b, REG32_01, ex::META_L4PROTO);
+            payload(b, REG32_02, ex::PAYLOAD_TRANSPORT, 2, 2);
+            payload(b, REG32_03, ex::PAYLOAD_NETWORK, addr_offset(peer), 4);
+            lookup(b, set, None, None);
+        }
+        Stmt::AddrVmap { field, map } => {
+            ipv4_only(b);
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, addr_offset(*field), 4);
+            lookup(b, map, None, Some(REG_VERDICT));
+        }
+        Stmt::AddrInSet { field, set } => {
+            ipv4_only(b);
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, addr_offset(*field), 4);
+            lookup(b, set, None, None);
+        }
+        Stmt::CounterRef(name) => b.expr("objref", |b| {
+            b.u32(ex::OBJREF_IMM_TYPE, NFT_OBJECT_COUNTER);
+            b.str(ex::OBJREF_IMM_NAME, name);
+        }),
         Stmt::L4Proto(proto) => {
             meta_load(b, REG32_00, ex::META_L4PROTO);
             cmp(b, ex::CMP_EQ, &[*proto]);
@@ -617,9 +789,7 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
             cmp(b, ex::CMP_EQ, &address.octets());
         }
         Stmt::SaddrInSet(set) => {
-            ipv4_only(b);
-            payload(b, REG32_00, ex::PAYLOAD_NETWORK, 12, 4);
-            lookup(b, set, None, None);
+            encode_stmt(b, &Stmt::AddrInSet { field: AddrField::Saddr, set: set.clone() }, anon)
         }
         Stmt::MarkClear(bit) => {
             load_mark(b);
@@ -727,6 +897,10 @@ pub struct Dumped {
     pub comment: Option<String>,
     /// Set elements: (key bytes, verdict chain or code).
     pub elements: Vec<(Vec<u8>, Option<DumpedVerdict>)>,
+    /// Set elements, in the order of `elements`: (end key of a range element, flags).
+    pub element_ends: Vec<(Option<Vec<u8>>, u32)>,
+    /// Counters: packets counted.
+    pub packets: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -755,6 +929,7 @@ pub enum DumpKind {
     Rules,
     Sets,
     Elements,
+    Counters,
 }
 
 fn parse_dumped(kind: DumpKind, payload: &[u8]) -> Dumped {
@@ -777,6 +952,7 @@ fn parse_dumped(kind: DumpKind, payload: &[u8]) -> Dumped {
         }
         DumpKind::Elements => {
             let mut elements = Vec::new();
+            let mut element_ends = Vec::new();
             for (_, element) in
                 attr(&list, NFTA_SET_ELEM_LIST_ELEMENTS).map(attrs).unwrap_or_default()
             {
@@ -798,14 +974,32 @@ fn parse_dumped(kind: DumpKind, payload: &[u8]) -> Dumped {
                         }
                     });
                 elements.push((key, verdict));
+                let end = attr(&element, NFTA_SET_ELEM_KEY_END)
+                    .and_then(|k| attr(&attrs(k), NFTA_DATA_VALUE))
+                    .map(<[u8]>::to_vec);
+                let flags = attr(&element, NFTA_SET_ELEM_FLAGS)
+                    .and_then(|f| f.try_into().ok())
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(0);
+                element_ends.push((end, flags));
             }
             Dumped {
                 table: text(NFTA_SET_ELEM_LIST_TABLE),
                 name: text(NFTA_SET_ELEM_LIST_SET),
                 elements,
+                element_ends,
                 ..Dumped::default()
             }
         }
+        DumpKind::Counters => Dumped {
+            table: text(NFTA_OBJ_TABLE),
+            name: text(NFTA_OBJ_NAME),
+            packets: attr(&list, NFTA_OBJ_DATA)
+                .and_then(|d| attr(&attrs(d), NFTA_COUNTER_PACKETS))
+                .and_then(|p| p.try_into().ok())
+                .map(u64::from_be_bytes),
+            ..Dumped::default()
+        },
     }
 }
 
@@ -955,6 +1149,7 @@ impl Socket {
             DumpKind::Rules => NFT_MSG_GETRULE,
             DumpKind::Sets => NFT_MSG_GETSET,
             DumpKind::Elements => NFT_MSG_GETSETELEM,
+            DumpKind::Counters => NFT_MSG_GETOBJ,
         };
         for _ in 0..DUMP_RETRIES {
             let mut buf = Buf::default();
@@ -965,6 +1160,10 @@ impl Socket {
                 DumpKind::Elements => {
                     b.str(NFTA_SET_ELEM_LIST_TABLE, table);
                     b.str(NFTA_SET_ELEM_LIST_SET, set.unwrap_or_default());
+                }
+                DumpKind::Counters => {
+                    b.str(NFTA_OBJ_TABLE, table);
+                    b.u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
                 }
             });
             self.send(&buf.bytes)?;
@@ -1048,6 +1247,44 @@ mod tests {
         assert_eq!(bytes, [10, 96, 0, 10, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
         assert_eq!(parse_service_key(&bytes), Some(key));
         assert_eq!(parse_service_key(&bytes[..8]), None);
+    }
+
+    #[test]
+    fn policy_tuples_encode_as_start_and_end_keys_and_parse_back() {
+        let tuple = PolicyTuple {
+            endpoint: Ipv4Addr::new(10, 244, 0, 10),
+            protocols: (6, 6),
+            ports: (80, 81),
+            peers: (Ipv4Addr::new(10, 0, 0, 0), Ipv4Addr::new(10, 255, 255, 255)),
+        };
+        let key = ElementKey::PolicyTuple(tuple);
+        let (start, end) = (key_bytes(&key), key_end_bytes(&key).unwrap());
+        assert_eq!(start, [10, 244, 0, 10, 6, 0, 0, 0, 0, 80, 0, 0, 10, 0, 0, 0]);
+        assert_eq!(end, [10, 244, 0, 10, 6, 0, 0, 0, 0, 81, 0, 0, 10, 255, 255, 255]);
+        assert_eq!(parse_policy_tuple(&start, &end), Some(tuple));
+        assert_eq!(parse_policy_tuple(&start, &end[..8]), None);
+    }
+
+    #[test]
+    fn an_address_range_is_a_start_and_a_flagged_end_except_at_the_top() {
+        let elements = |key: ElementKey| {
+            let mut encoder = Encoder::new("weir");
+            encoder.op(&Op::AddSetElement { set: "r".into(), key });
+            let (batch, _) = encoder.finish();
+            parse_dumped(DumpKind::Elements, &messages(&batch)[1].1[4..])
+        };
+        let low = elements(ElementKey::AddressRange(
+            Ipv4Addr::new(10, 0, 0, 0),
+            Ipv4Addr::new(10, 0, 0, 255),
+        ));
+        assert_eq!(low.elements.len(), 2);
+        assert_eq!(low.elements[1].0, [10, 0, 1, 0]);
+        assert_eq!(low.element_ends, [(None, 0), (None, NFT_SET_ELEM_INTERVAL_END)]);
+        let top = elements(ElementKey::AddressRange(
+            Ipv4Addr::new(255, 0, 0, 0),
+            Ipv4Addr::new(255, 255, 255, 255),
+        ));
+        assert_eq!(top.elements.len(), 1);
     }
 
     #[test]

@@ -30,6 +30,27 @@ pub enum Stmt {
     },
     /// `ct state new`
     CtStateNew,
+    /// `ct state established,related`
+    CtStateEstablishedRelated,
+    /// `ip daddr . meta l4proto . th dport . ip saddr @set` (endpoint = destination) or
+    /// `ip saddr . meta l4proto . th dport . ip daddr @set` (endpoint = source): a lookup into
+    /// a set of [`SetKind::PolicyTuples`].
+    PolicyTupleInSet {
+        set: String,
+        endpoint: AddrField,
+    },
+    /// `ip saddr|daddr vmap @map`
+    AddrVmap {
+        field: AddrField,
+        map: String,
+    },
+    /// `ip saddr|daddr @set`
+    AddrInSet {
+        field: AddrField,
+        set: String,
+    },
+    /// `counter name NAME`
+    CounterRef(String),
     /// `meta l4proto P`
     L4Proto(u8),
     /// `ip saddr A`
@@ -60,6 +81,13 @@ pub enum Stmt {
     Verdict(Verdict),
 }
 
+/// Which IPv4 address of the packet a statement reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrField {
+    Saddr,
+    Daddr,
+}
+
 /// Base chain parameters: `type KIND hook HOOK priority PRIORITY; policy accept`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BaseChain {
@@ -75,13 +103,39 @@ pub enum SetKind {
     ServiceMap,
     /// `type ipv4_addr; flags dynamic, timeout` (ClientIP affinity)
     Affinity,
+    /// `type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval` (policy:
+    /// endpoint . protocol . port . peer, every field a range; elements must not overlap)
+    PolicyTuples,
+    /// `type ipv4_addr : verdict`
+    AddressMap,
+    /// `type ipv4_addr; flags interval`
+    AddressRanges,
 }
 
 /// The key of a set element.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ElementKey {
-    Service { address: Ipv4Addr, protocol: u8, port: u16 },
+    Service {
+        address: Ipv4Addr,
+        protocol: u8,
+        port: u16,
+    },
     Index(u32),
+    /// An element of a [`SetKind::AddressMap`].
+    Address(Ipv4Addr),
+    /// An element of a [`SetKind::AddressRanges`]: inclusive first and last address.
+    AddressRange(Ipv4Addr, Ipv4Addr),
+    /// An element of a [`SetKind::PolicyTuples`]: inclusive ranges.
+    PolicyTuple(PolicyTuple),
+}
+
+/// One element of a policy tuple set: every field an inclusive range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyTuple {
+    pub endpoint: Ipv4Addr,
+    pub protocols: (u8, u8),
+    pub ports: (u16, u16),
+    pub peers: (Ipv4Addr, Ipv4Addr),
 }
 
 /// One change to the table. Within a batch, ops run in order; the whole batch commits
@@ -115,10 +169,27 @@ pub enum Op {
     DeleteSet {
         name: String,
     },
+    /// Adds an element; `verdict` only for maps.
     AddElement {
         set: String,
         key: ElementKey,
         verdict: Verdict,
+    },
+    /// Adds an element of a set without data.
+    AddSetElement {
+        set: String,
+        key: ElementKey,
+    },
+    /// Deletes every element of the set.
+    FlushSet {
+        set: String,
+    },
+    /// A named counter (`counter NAME`); an existing one is kept with its values.
+    AddCounter {
+        name: String,
+    },
+    DeleteCounter {
+        name: String,
     },
     DeleteElement {
         set: String,

@@ -57,8 +57,7 @@ pub fn skeleton() -> Vec<Op> {
         ops.push(Op::AddSet { name: set.into(), kind: SetKind::ServiceMap });
     }
     let base = |kind, hook, priority| Some(BaseChain { kind, hook, priority });
-    type Rules = Vec<Vec<Stmt>>;
-    let chains: Vec<(&str, Option<BaseChain>, Rules)> = vec![
+    let chains: Vec<FixedChain> = vec![
         (MARK_FOR_MASQUERADE, None, vec![vec![Stmt::MarkSet(MASQUERADE_MARK)]]),
         (
             MASQUERADING,
@@ -93,6 +92,16 @@ pub fn skeleton() -> Vec<Op> {
         ("filter-forward", base("filter", FORWARD, FILTER_PRIORITY), vec![new_to(ENDPOINTS_CHECK)]),
         ("filter-output", base("filter", OUTPUT, FILTER_PRIORITY), vec![new_to(ENDPOINTS_CHECK)]),
     ];
+    fixed_chains(&mut ops, chains);
+    ops
+}
+
+/// A fixed chain of a skeleton: name, hook (for base chains), rules.
+pub(crate) type FixedChain<'a> = (&'a str, Option<BaseChain>, Vec<Vec<Stmt>>);
+
+/// Creates the missing `chains` and rewrites their rules (flush, then add). Within one batch
+/// no packet sees a chain half written.
+pub(crate) fn fixed_chains(ops: &mut Vec<Op>, chains: Vec<FixedChain>) {
     for (name, base, _) in &chains {
         ops.push(Op::AddChain { name: (*name).into(), base: base.clone() });
     }
@@ -102,7 +111,6 @@ pub fn skeleton() -> Vec<Op> {
             ops.push(Op::AddRule { chain: name.into(), stmts, comment: None });
         }
     }
-    ops
 }
 
 fn jump(chain: &str) -> Vec<Stmt> {
@@ -576,6 +584,7 @@ mod tests {
                     Op::DeleteElement { set, key } => {
                         assert!(self.elements.remove(&(set.clone(), *key)).is_some());
                     }
+                    other => panic!("the service planner does not emit {other:?}"),
                 }
             }
         }

@@ -1,0 +1,150 @@
+//! NetworkPolicy in nftables (`weir agent --dataplane nftables`): the compiled policy of this
+//! node's pods as the sets of one `inet` table (default `weir_policy`, separate from the
+//! service table), see [`plan`] for the ruleset and the per-packet lookups.
+//!
+//! Contract:
+//! - the table lives in the network namespace of the thread that opened the [`NftPolicy`];
+//! - [`NftPolicy::open`] creates the table if missing and rewrites its fixed chains, keeping
+//!   the set elements it holds: an agent restart enforces the previous policy until the first
+//!   [`PolicyDatapath::apply`], which rewrites every set in one atomic batch;
+//! - later applies write only the difference (set elements; a drop chain and counter per
+//!   policy that isolates a local pod first), one atomic batch each; after a refused batch the
+//!   next apply rewrites everything again;
+//! - the table is removed only by [`NftPolicy::remove`].
+pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use self::plan::Desired;
+use crate::{
+    apply::nft::{
+        NftError, commit_batch,
+        netlink::{DumpKind, Encoder, Socket, parse_policy_tuple},
+        ops::{Op, PolicyTuple},
+        validate_table_name,
+    },
+    policy::{PolicyApplied, PolicyDatapath, PolicyDatapathError, PolicyNode},
+};
+use weir_policy::Compiled;
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "weir_policy";
+
+/// The policy table of this network namespace.
+pub struct NftPolicy {
+    table: String,
+    socket: Socket,
+    /// What the sets hold; `None` when unknown (just opened, or after a refused batch).
+    applied: Option<Desired>,
+}
+
+impl NftPolicy {
+    /// Opens (creating or repairing) table `inet <table>`.
+    pub fn open(table: &str) -> Result<Self, NftError> {
+        validate_table_name(table)?;
+        let socket = Socket::open().map_err(NftError::Socket)?;
+        let mut policy = Self { table: table.to_string(), socket, applied: None };
+        policy.send(&plan::skeleton())?;
+        Ok(policy)
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Deletes the whole table (an agent asked to clean up on exit).
+    pub fn remove(mut self) -> Result<(), NftError> {
+        self.send(&[Op::DeleteTable])
+    }
+
+    /// Packets dropped per counter: `drop-<namespace>/<policy>` (drops attributed to the
+    /// first policy isolating the pod's direction) and `drop-unknown` (pods the policy does
+    /// not know yet).
+    pub fn drop_counters(&mut self) -> Result<BTreeMap<String, u64>, NftError> {
+        let table = self.table.clone();
+        let counters = self
+            .socket
+            .dump(DumpKind::Counters, &table, None)
+            .map_err(|source| NftError::Io { table, source })?;
+        Ok(counters.into_iter().map(|c| (c.name, c.packets.unwrap_or(0))).collect())
+    }
+
+    /// The allow tuples the kernel holds, per set ([`plan::INGRESS_ALLOW`],
+    /// [`plan::EGRESS_ALLOW`]), read back from the table (for `trace --live` and tests).
+    pub fn allow_tuples(&mut self) -> Result<BTreeMap<String, Vec<PolicyTuple>>, NftError> {
+        let table = self.table.clone();
+        let mut out = BTreeMap::new();
+        for set in [plan::INGRESS_ALLOW, plan::EGRESS_ALLOW] {
+            let dumped = self
+                .socket
+                .dump(DumpKind::Elements, &table, Some(set))
+                .map_err(|source| NftError::Io { table: table.clone(), source })?;
+            let tuples = dumped
+                .iter()
+                .flat_map(|d| d.elements.iter().zip(&d.element_ends))
+                .filter_map(|((start, _), (end, _))| parse_policy_tuple(start, end.as_ref()?))
+                .collect();
+            out.insert(set.to_string(), tuples);
+        }
+        Ok(out)
+    }
+
+    /// Set elements written by the last successful apply.
+    pub fn elements(&self) -> usize {
+        self.applied.as_ref().map_or(0, Desired::elements)
+    }
+
+    /// Applies `compiled`; see [`PolicyDatapath::apply`].
+    pub fn apply_policy(
+        &mut self,
+        compiled: &Compiled,
+        node: &PolicyNode,
+    ) -> Result<PolicyApplied, NftError> {
+        let desired = Desired::new(compiled, node);
+        let ops = match self.applied.take() {
+            Some(old) => plan::diff(&old, &desired),
+            None => {
+                let (chains, counters) = self.drop_objects()?;
+                plan::rewrite(&desired, &chains, &counters)
+            }
+        };
+        self.send(&ops)?;
+        self.applied = Some(desired);
+        Ok(PolicyApplied { ops: ops.len() })
+    }
+
+    /// The chains and counters of the table.
+    fn drop_objects(&mut self) -> Result<(BTreeSet<String>, BTreeSet<String>), NftError> {
+        let table = self.table.clone();
+        let io = |source| NftError::Io { table: table.clone(), source };
+        let chains = self.socket.dump(DumpKind::Chains, &table, None).map_err(io)?;
+        let counters = self.socket.dump(DumpKind::Counters, &table, None).map_err(io)?;
+        Ok((
+            chains.into_iter().map(|c| c.name).collect(),
+            counters.into_iter().map(|c| c.name).collect(),
+        ))
+    }
+
+    /// Sends `ops` as one atomic batch (never split: a rewrite flushes and refills sets).
+    fn send(&mut self, ops: &[Op]) -> Result<(), NftError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let mut encoder = Encoder::new(&self.table);
+        for op in ops {
+            encoder.op(op);
+        }
+        let described: Vec<&Op> = ops.iter().collect();
+        commit_batch(&mut self.socket, &self.table, &mut encoder, &described)
+    }
+}
+
+impl PolicyDatapath for NftPolicy {
+    fn apply(
+        &mut self,
+        compiled: &Compiled,
+        node: &PolicyNode,
+    ) -> Result<PolicyApplied, PolicyDatapathError> {
+        Ok(self.apply_policy(compiled, node)?)
+    }
+}

@@ -1,0 +1,800 @@
+//! The pure part of the nftables policy backend: the table's fixed skeleton, the desired set
+//! elements of a compiled policy, and the ops that turn one desired state into another.
+//!
+//! Table `inet <name>` (default `weir_policy`):
+//! ```text
+//! chain forward { type filter hook forward priority 0; policy accept;
+//!     ct state established,related accept
+//!     jump egress                      # the source's egress (pod -> anything)
+//!     jump ingress }                   # the destination's ingress
+//! chain input { type filter hook input priority 0; policy accept;
+//!     ct state established,related accept
+//!     jump egress }                    # pod -> this node; output (node -> pod) is not filtered
+//! chain ingress {
+//!     ip daddr . meta l4proto . th dport . ip saddr @ingress-allow return
+//!     ip daddr vmap @ingress-endpoints # known pod: return, isolated: goto drop-<policy>
+//!     ip daddr @unknown-pods goto drop-unknown }
+//! chain egress { the same with saddr and daddr swapped, @egress-allow, @egress-endpoints }
+//! chain drop-<ns>/<policy> { counter name "drop-<ns>/<policy>" drop }
+//! chain drop-unknown { counter name "drop-unknown" drop }
+//! ```
+//! `*-allow` hold (endpoint . protocol range . port range . peer address range) tuples of the
+//! isolated endpoints, disjoint (the kernel's pipapo sets refuse overlapping elements), one
+//! tuple per box of the union of the endpoint's allow entries; `*-endpoints` map every local
+//! pod address to `return` (not isolated in that direction) or to the drop chain of its first
+//! isolating policy; `unknown-pods` holds the node's pod ranges minus its known pods while
+//! `deny_unknown` is set, and is empty otherwise.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use weir_policy::{Compiled, Direction, DirectionPolicy, IpBlock, PeerMatch, PolicyRef};
+
+use crate::{
+    apply::nft::{
+        ops::{AddrField, BaseChain, ElementKey, Op, PolicyTuple, SetKind, Stmt, Verdict},
+        plan::{FixedChain, fixed_chains},
+    },
+    policy::PolicyNode,
+};
+
+pub const INGRESS_ALLOW: &str = "ingress-allow";
+pub const EGRESS_ALLOW: &str = "egress-allow";
+pub const INGRESS_ENDPOINTS: &str = "ingress-endpoints";
+pub const EGRESS_ENDPOINTS: &str = "egress-endpoints";
+pub const UNKNOWN_PODS: &str = "unknown-pods";
+/// Chain and counter of drops of pods the policy does not know yet.
+pub const DROP_UNKNOWN: &str = "drop-unknown";
+const DROP_PREFIX: &str = "drop-";
+const INGRESS: &str = "ingress";
+const EGRESS: &str = "egress";
+
+// Netfilter hooks and the filter priority.
+const INPUT: u32 = 1;
+const FORWARD: u32 = 2;
+const FILTER_PRIORITY: i32 = 0;
+/// nftables object names are at most this long.
+const MAX_NAME: usize = 255;
+
+/// The sets of one direction, by [`Direction`].
+fn sets(direction: Direction) -> (&'static str, &'static str, AddrField) {
+    match direction {
+        Direction::Ingress => (INGRESS_ALLOW, INGRESS_ENDPOINTS, AddrField::Daddr),
+        Direction::Egress => (EGRESS_ALLOW, EGRESS_ENDPOINTS, AddrField::Saddr),
+    }
+}
+
+const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+/// The chain (and counter) that drops what `policy` isolates: `drop-<ns>/<name>`, shortened
+/// with a hash when longer than nftables allows.
+pub fn drop_chain(policy: &PolicyRef) -> String {
+    let name = format!("{DROP_PREFIX}{policy}");
+    if name.len() <= MAX_NAME {
+        return name;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut cut = MAX_NAME - 17;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash:016x}", &name[..cut])
+}
+
+/// Whether a chain or counter name is a policy's drop chain (not the fixed ones).
+pub fn is_policy_drop(name: &str) -> bool {
+    name.starts_with(DROP_PREFIX) && name != DROP_UNKNOWN
+}
+
+/// The table's fixed skeleton, idempotent: creates what is missing and rewrites the rules of
+/// the fixed chains in one batch (no packet sees them empty). Set elements are kept.
+pub fn skeleton() -> Vec<Op> {
+    let mut ops = vec![Op::AddTable];
+    for direction in DIRECTIONS {
+        let (allow, endpoints, _) = sets(direction);
+        ops.push(Op::AddSet { name: allow.into(), kind: SetKind::PolicyTuples });
+        ops.push(Op::AddSet { name: endpoints.into(), kind: SetKind::AddressMap });
+    }
+    ops.push(Op::AddSet { name: UNKNOWN_PODS.into(), kind: SetKind::AddressRanges });
+    ops.push(Op::AddCounter { name: DROP_UNKNOWN.into() });
+    let base = |hook| Some(BaseChain { kind: "filter", hook, priority: FILTER_PRIORITY });
+    let established = vec![Stmt::CtStateEstablishedRelated, Stmt::Verdict(Verdict::Accept)];
+    let jump = |chain: &str| vec![Stmt::Verdict(Verdict::Jump(chain.into()))];
+    let check = |direction| {
+        let (allow, endpoints, field) = sets(direction);
+        vec![
+            vec![
+                Stmt::PolicyTupleInSet { set: allow.into(), endpoint: field },
+                Stmt::Verdict(Verdict::Return),
+            ],
+            vec![Stmt::AddrVmap { field, map: endpoints.into() }],
+            vec![
+                Stmt::AddrInSet { field, set: UNKNOWN_PODS.into() },
+                Stmt::Verdict(Verdict::Goto(DROP_UNKNOWN.into())),
+            ],
+        ]
+    };
+    // In dependency order: a chain is written before the chains that jump to it.
+    let chains: Vec<FixedChain> = vec![
+        (DROP_UNKNOWN, None, vec![drop_rule(DROP_UNKNOWN)]),
+        (INGRESS, None, check(Direction::Ingress)),
+        (EGRESS, None, check(Direction::Egress)),
+        ("forward", base(FORWARD), vec![established.clone(), jump(EGRESS), jump(INGRESS)]),
+        ("input", base(INPUT), vec![established, jump(EGRESS)]),
+    ];
+    fixed_chains(&mut ops, chains);
+    ops
+}
+
+fn drop_rule(counter: &str) -> Vec<Stmt> {
+    vec![Stmt::CounterRef(counter.into()), Stmt::Verdict(Verdict::Drop)]
+}
+
+/// What the table holds for one direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Side {
+    pub allow: BTreeSet<PolicyTuple>,
+    /// Local pod address -> `Return` (not isolated) or `Goto(drop chain)`.
+    pub endpoints: BTreeMap<Ipv4Addr, Verdict>,
+}
+
+/// The desired contents of the table's sets and drop chains.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub ingress: Side,
+    pub egress: Side,
+    /// Pod ranges without a known pod (only while `deny_unknown`).
+    pub unknown_pods: BTreeSet<(Ipv4Addr, Ipv4Addr)>,
+    /// Drop chains (and counters) of the policies that isolate a local pod first.
+    pub drop_chains: BTreeSet<String>,
+}
+
+impl Desired {
+    fn side(&self, direction: Direction) -> &Side {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+
+    fn side_mut(&mut self, direction: Direction) -> &mut Side {
+        match direction {
+            Direction::Ingress => &mut self.ingress,
+            Direction::Egress => &mut self.egress,
+        }
+    }
+
+    /// Set elements (allow tuples, endpoints, unknown ranges).
+    pub fn elements(&self) -> usize {
+        self.ingress.allow.len()
+            + self.egress.allow.len()
+            + self.ingress.endpoints.len()
+            + self.egress.endpoints.len()
+            + self.unknown_pods.len()
+    }
+
+    /// What `compiled` (compiled for this node) asks of the table. IPv4 only: IPv6 addresses,
+    /// blocks and pod ranges are left out (IPv6 packets pass, as in the eBPF datapath).
+    pub fn new(compiled: &Compiled, node: &PolicyNode) -> Self {
+        let mut by_identity: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for entry in compiled.pods.values() {
+            if let Some(identity) = entry.identity {
+                by_identity.entry(identity).or_default().extend(v4(&entry.ips).map(u32::from));
+            }
+        }
+        let hosts: Vec<u32> = v4(&node.host_addresses).map(u32::from).collect();
+        let mut desired = Self::default();
+        let mut known = Vec::new();
+        for (pod, endpoint) in &compiled.endpoints {
+            let Some(entry) = compiled.pods.get(pod) else { continue };
+            let addresses: Vec<Ipv4Addr> = v4(&entry.ips).collect();
+            known.extend(addresses.iter().map(|a| u32::from(*a)));
+            for direction in DIRECTIONS {
+                let policy = endpoint.direction(direction);
+                let verdict = match policy.isolated_by.first() {
+                    None => Verdict::Return,
+                    Some(first) => {
+                        let chain = drop_chain(first);
+                        desired.drop_chains.insert(chain.clone());
+                        Verdict::Goto(chain)
+                    }
+                };
+                let boxes = if policy.is_isolated() {
+                    disjoint(&allow_boxes(policy, direction, &by_identity, &hosts))
+                } else {
+                    Vec::new()
+                };
+                let side = desired.side_mut(direction);
+                for address in &addresses {
+                    side.endpoints.insert(*address, verdict.clone());
+                    side.allow.extend(boxes.iter().map(|b| PolicyTuple {
+                        endpoint: *address,
+                        protocols: (b[0].0 as u8, b[0].1 as u8),
+                        ports: (b[1].0 as u16, b[1].1 as u16),
+                        peers: (Ipv4Addr::from(b[2].0), Ipv4Addr::from(b[2].1)),
+                    }));
+                }
+            }
+        }
+        if node.deny_unknown {
+            let ranges: Vec<Range> = node
+                .pod_cidrs
+                .iter()
+                .filter_map(|cidr| cidr_range(cidr.addr(), cidr.prefix_len()))
+                .collect();
+            let known: Vec<Range> = known.into_iter().map(|a| (a, a)).collect();
+            desired.unknown_pods = subtract(&union(ranges), &known)
+                .into_iter()
+                .map(|(lo, hi)| (Ipv4Addr::from(lo), Ipv4Addr::from(hi)))
+                .collect();
+        }
+        desired
+    }
+}
+
+fn v4(ips: &[IpAddr]) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    ips.iter().filter_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
+/// An inclusive range of one field (protocol, port or address, as u32).
+type Range = (u32, u32);
+/// A box of (protocols, ports, peers).
+type Box3 = [Range; 3];
+
+const ALL_PROTOCOLS: Range = (0, 255);
+const ALL_PORTS: Range = (0, 65535);
+const ALL_ADDRESSES: Range = (0, u32::MAX);
+
+/// The boxes an isolated direction allows; ingress also from this node's addresses (kubelet
+/// probes; the node's own connections leave through output, not filtered, but a node address
+/// routed through forward is the node too).
+fn allow_boxes(
+    policy: &DirectionPolicy,
+    direction: Direction,
+    by_identity: &BTreeMap<u32, Vec<u32>>,
+    hosts: &[u32],
+) -> Vec<Box3> {
+    let mut boxes = Vec::new();
+    for allow in &policy.allow {
+        let (protocols, ports) = match allow.protocol {
+            None => (ALL_PROTOCOLS, ALL_PORTS),
+            Some(protocol) => {
+                let number = u32::from(protocol.number());
+                let ports = allow.ports.map_or(ALL_PORTS, |(lo, hi)| (lo.into(), hi.into()));
+                ((number, number), ports)
+            }
+        };
+        let peers = match &allow.peer {
+            PeerMatch::Any => vec![ALL_ADDRESSES],
+            PeerMatch::Identity(id) => {
+                by_identity.get(id).into_iter().flatten().map(|a| (*a, *a)).collect()
+            }
+            PeerMatch::Block(block) => block_ranges(block),
+        };
+        boxes.extend(peers.into_iter().map(|peer| [protocols, ports, peer]));
+    }
+    if direction == Direction::Ingress {
+        boxes.extend(hosts.iter().map(|h| [ALL_PROTOCOLS, ALL_PORTS, (*h, *h)]));
+    }
+    boxes
+}
+
+fn cidr_range(addr: IpAddr, len: u8) -> Option<Range> {
+    let IpAddr::V4(addr) = addr else { return None };
+    let lo = u32::from(addr);
+    let host_bits = 32 - u32::from(len);
+    let hi = if host_bits == 32 { u32::MAX } else { lo | ((1u32 << host_bits) - 1) };
+    Some((lo, hi))
+}
+
+/// An ipBlock's IPv4 addresses as disjoint ranges: its cidr minus every except.
+fn block_ranges(block: &IpBlock) -> Vec<Range> {
+    let Some(cidr) = cidr_range(block.cidr.addr(), block.cidr.prefix_len()) else {
+        return Vec::new();
+    };
+    let excepts: Vec<Range> =
+        block.except.iter().filter_map(|e| cidr_range(e.addr(), e.prefix_len())).collect();
+    subtract(&[cidr], &union(excepts))
+}
+
+/// The union of ranges as sorted, disjoint, non-adjacent ranges.
+fn union(mut ranges: Vec<Range>) -> Vec<Range> {
+    ranges.sort_unstable();
+    let mut out: Vec<Range> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        match out.last_mut() {
+            Some(last) if u64::from(lo) <= u64::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+/// `ranges` minus `holes`, both sorted and disjoint.
+fn subtract(ranges: &[Range], holes: &[Range]) -> Vec<Range> {
+    let mut out = Vec::new();
+    for &(lo, hi) in ranges {
+        let mut next = u64::from(lo);
+        for &(hole_lo, hole_hi) in holes {
+            if u64::from(hole_hi) < next || hole_lo > hi {
+                continue;
+            }
+            if u64::from(hole_lo) > next {
+                out.push((next as u32, hole_lo - 1));
+            }
+            next = u64::from(hole_hi) + 1;
+        }
+        if next <= u64::from(hi) {
+            out.push((next as u32, hi));
+        }
+    }
+    out
+}
+
+/// Disjoint boxes whose union is the union of `boxes`, canonical for a given set of boxes and
+/// local: boxes that overlap nothing are kept as they are, and each group of overlapping boxes
+/// is split along protocols, then ports (merging neighbours with equal contents), then its
+/// peer ranges are united. So an entry added that overlaps no other adds exactly its own box.
+fn disjoint(boxes: &[Box3]) -> Vec<Box3> {
+    let mut boxes = boxes.to_vec();
+    boxes.sort_unstable();
+    boxes.dedup();
+    let mut out = Vec::new();
+    for group in overlapping_groups(&boxes) {
+        if let [single] = group[..] {
+            out.push(*single);
+            continue;
+        }
+        out.extend(split(&group, 0).into_iter().map(|r| [r[0], r[1], r[2]]));
+    }
+    out.sort_unstable();
+    out
+}
+
+fn overlap(a: &Box3, b: &Box3) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.0 <= y.1 && y.0 <= x.1)
+}
+
+/// The connected groups of the "overlaps" relation. `boxes` is sorted, so it is swept along
+/// the peer dimension only after sorting by it; each box is compared with the boxes whose
+/// peer range is still open.
+fn overlapping_groups(boxes: &[Box3]) -> Vec<Vec<&Box3>> {
+    let mut parent: Vec<usize> = (0..boxes.len()).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut by_peer: Vec<usize> = (0..boxes.len()).collect();
+    by_peer.sort_unstable_by_key(|i| (boxes[*i][2], *i));
+    let mut open: Vec<usize> = Vec::new();
+    for i in by_peer {
+        open.retain(|j| boxes[*j][2].1 >= boxes[i][2].0);
+        for j in &open {
+            if overlap(&boxes[i], &boxes[*j]) {
+                let (a, b) = (root(&mut parent, i), root(&mut parent, *j));
+                parent[a.max(b)] = a.min(b);
+            }
+        }
+        open.push(i);
+    }
+    let mut groups: BTreeMap<usize, Vec<&Box3>> = BTreeMap::new();
+    for (i, b) in boxes.iter().enumerate() {
+        let r = root(&mut parent, i);
+        groups.entry(r).or_default().push(b);
+    }
+    groups.into_values().collect()
+}
+
+/// Disjoint boxes covering `boxes` in dimensions `dim..3`, as the ranges of those dimensions.
+fn split(boxes: &[&Box3], dim: usize) -> Vec<Vec<Range>> {
+    if dim == 2 {
+        return union(boxes.iter().map(|b| b[2]).collect()).into_iter().map(|r| vec![r]).collect();
+    }
+    // Sweep the dimension: at each boundary boxes start (true) or end (false).
+    let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(boxes.len() * 2);
+    for (index, b) in boxes.iter().enumerate() {
+        events.push((u64::from(b[dim].0), true, index));
+        events.push((u64::from(b[dim].1) + 1, false, index));
+    }
+    events.sort_unstable();
+    let mut active: BTreeSet<usize> = BTreeSet::new();
+    let mut pieces: Vec<(Range, Vec<Vec<Range>>)> = Vec::new();
+    let mut i = 0;
+    while i < events.len() {
+        let at = events[i].0;
+        while i < events.len() && events[i].0 == at {
+            let (_, start, index) = events[i];
+            if start {
+                active.insert(index);
+            } else {
+                active.remove(&index);
+            }
+            i += 1;
+        }
+        if active.is_empty() || i == events.len() {
+            continue;
+        }
+        let range = (at as u32, (events[i].0 - 1) as u32);
+        let inside: Vec<&Box3> = active.iter().map(|a| boxes[*a]).collect();
+        let sub = split(&inside, dim + 1);
+        match pieces.last_mut() {
+            Some((last, last_sub)) if u64::from(last.1) + 1 == at && *last_sub == sub => {
+                last.1 = range.1
+            }
+            _ => pieces.push((range, sub)),
+        }
+    }
+    let mut out = Vec::new();
+    for (range, subs) in pieces {
+        for sub in subs {
+            let mut ranges = vec![range];
+            ranges.extend(sub);
+            out.push(ranges);
+        }
+    }
+    out
+}
+
+/// The ops that turn a table holding `old` into one holding `new`, for one atomic batch:
+/// new drop chains first, then element deletions (a pipapo set refuses an element that
+/// overlaps one still there), additions, and last the drop chains nothing jumps to any more.
+pub fn diff(old: &Desired, new: &Desired) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for chain in new.drop_chains.difference(&old.drop_chains) {
+        create_drop_chain(&mut ops, chain, false);
+    }
+    element_ops(&mut ops, old, new);
+    for chain in old.drop_chains.difference(&new.drop_chains) {
+        ops.push(Op::FlushChain { name: chain.clone() });
+        ops.push(Op::DeleteChain { name: chain.clone() });
+        ops.push(Op::DeleteCounter { name: chain.clone() });
+    }
+    ops
+}
+
+/// The ops that make a table whose elements are unknown (adopted at start, or after a failed
+/// batch) hold `new`: every set flushed and refilled, drop chains repaired, and the drop
+/// chains and counters found (`chains`, `counters`) that `new` does not use deleted.
+pub fn rewrite(new: &Desired, chains: &BTreeSet<String>, counters: &BTreeSet<String>) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for set in [INGRESS_ALLOW, EGRESS_ALLOW, INGRESS_ENDPOINTS, EGRESS_ENDPOINTS, UNKNOWN_PODS] {
+        ops.push(Op::FlushSet { set: set.into() });
+    }
+    for chain in &new.drop_chains {
+        create_drop_chain(&mut ops, chain, chains.contains(chain));
+    }
+    element_ops(&mut ops, &Desired::default(), new);
+    for chain in chains.iter().filter(|c| is_policy_drop(c) && !new.drop_chains.contains(*c)) {
+        ops.push(Op::FlushChain { name: chain.clone() });
+        ops.push(Op::DeleteChain { name: chain.clone() });
+    }
+    for counter in counters.iter().filter(|c| is_policy_drop(c) && !new.drop_chains.contains(*c)) {
+        ops.push(Op::DeleteCounter { name: counter.clone() });
+    }
+    ops
+}
+
+fn create_drop_chain(ops: &mut Vec<Op>, chain: &str, exists: bool) {
+    ops.push(Op::AddCounter { name: chain.into() });
+    ops.push(Op::AddChain { name: chain.into(), base: None });
+    if exists {
+        ops.push(Op::FlushChain { name: chain.into() });
+    }
+    ops.push(Op::AddRule { chain: chain.into(), stmts: drop_rule(chain), comment: None });
+}
+
+fn element_ops(ops: &mut Vec<Op>, old: &Desired, new: &Desired) {
+    let mut adds = Vec::new();
+    for direction in DIRECTIONS {
+        let (allow, endpoints, _) = sets(direction);
+        let (old, new) = (old.side(direction), new.side(direction));
+        for tuple in old.allow.difference(&new.allow) {
+            ops.push(Op::DeleteElement { set: allow.into(), key: ElementKey::PolicyTuple(*tuple) });
+        }
+        for tuple in new.allow.difference(&old.allow) {
+            adds.push(Op::AddSetElement {
+                set: allow.into(),
+                key: ElementKey::PolicyTuple(*tuple),
+            });
+        }
+        for (address, verdict) in &old.endpoints {
+            if new.endpoints.get(address) != Some(verdict) {
+                ops.push(Op::DeleteElement {
+                    set: endpoints.into(),
+                    key: ElementKey::Address(*address),
+                });
+            }
+        }
+        for (address, verdict) in &new.endpoints {
+            if old.endpoints.get(address) != Some(verdict) {
+                adds.push(Op::AddElement {
+                    set: endpoints.into(),
+                    key: ElementKey::Address(*address),
+                    verdict: verdict.clone(),
+                });
+            }
+        }
+    }
+    for (lo, hi) in old.unknown_pods.difference(&new.unknown_pods) {
+        ops.push(Op::DeleteElement {
+            set: UNKNOWN_PODS.into(),
+            key: ElementKey::AddressRange(*lo, *hi),
+        });
+    }
+    for (lo, hi) in new.unknown_pods.difference(&old.unknown_pods) {
+        adds.push(Op::AddSetElement {
+            set: UNKNOWN_PODS.into(),
+            key: ElementKey::AddressRange(*lo, *hi),
+        });
+    }
+    ops.extend(adds);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_policy::{Allow, Cidr, EndpointPolicy, Origin, PodRef, Protocol, compile::PodEntry};
+
+    fn ip(text: &str) -> Ipv4Addr {
+        text.parse().unwrap()
+    }
+
+    fn cidr(text: &str) -> Cidr {
+        text.parse().unwrap()
+    }
+
+    fn origin(policy: &str) -> Origin {
+        Origin {
+            policy: PolicyRef::new("x", policy),
+            direction: Direction::Ingress,
+            rule: 0,
+            peer: None,
+            port: None,
+        }
+    }
+
+    fn allow(peer: PeerMatch, protocol: Option<Protocol>, ports: Option<(u16, u16)>) -> Allow {
+        Allow { peer, protocol, ports, origin: origin("p") }
+    }
+
+    /// Pods x/a (10.244.0.10, identity 300) and x/b (10.244.0.11, identity 301) on this node,
+    /// x/c (10.244.0.12, identity 302) elsewhere; x/a's ingress isolated by `policies` with
+    /// `allows`.
+    fn compiled(policies: &[&str], allows: Vec<Allow>) -> Compiled {
+        let mut compiled = Compiled::default();
+        for (name, last, identity, local) in
+            [("a", 10, 300, true), ("b", 11, 301, true), ("c", 12, 302, false)]
+        {
+            let pod = PodRef::new("x", name);
+            let address = IpAddr::V4(Ipv4Addr::new(10, 244, 0, last));
+            compiled.pods.insert(
+                pod.clone(),
+                PodEntry { identity: Some(identity), ips: vec![address], node: None },
+            );
+            compiled.pod_ips.insert(address, pod.clone());
+            if local {
+                let mut endpoint = EndpointPolicy {
+                    identity,
+                    ingress: DirectionPolicy::default(),
+                    egress: DirectionPolicy::default(),
+                };
+                if name == "a" {
+                    endpoint.ingress = DirectionPolicy {
+                        isolated_by: policies.iter().map(|p| PolicyRef::new("x", *p)).collect(),
+                        allow: allows.clone(),
+                    };
+                }
+                compiled.endpoints.insert(pod, endpoint);
+            }
+        }
+        compiled
+    }
+
+    fn node() -> PolicyNode {
+        PolicyNode {
+            host_addresses: vec![IpAddr::V4(ip("192.168.50.1"))],
+            pod_cidrs: vec![cidr("10.244.0.0/24")],
+            deny_unknown: false,
+        }
+    }
+
+    /// Whether the table's sets allow a packet into x/a, evaluated like the ingress chain.
+    fn ingress_allows(
+        desired: &Desired,
+        dst: Ipv4Addr,
+        src: Ipv4Addr,
+        proto: u8,
+        port: u16,
+    ) -> bool {
+        let in_tuple = desired.ingress.allow.iter().any(|t| {
+            t.endpoint == dst
+                && (t.protocols.0..=t.protocols.1).contains(&proto)
+                && (t.ports.0..=t.ports.1).contains(&port)
+                && (t.peers.0..=t.peers.1).contains(&src)
+        });
+        in_tuple || desired.ingress.endpoints.get(&dst).is_none_or(|v| *v == Verdict::Return)
+    }
+
+    fn overlaps(a: &PolicyTuple, b: &PolicyTuple) -> bool {
+        a.endpoint == b.endpoint
+            && a.protocols.0 <= b.protocols.1
+            && b.protocols.0 <= a.protocols.1
+            && a.ports.0 <= b.ports.1
+            && b.ports.0 <= a.ports.1
+            && a.peers.0 <= b.peers.1
+            && b.peers.0 <= a.peers.1
+    }
+
+    #[test]
+    fn disjoint_boxes_cover_exactly_the_union() {
+        // A small deterministic pseudo-random generator (xorshift).
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u32| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % u64::from(n)) as u32
+        };
+        for _ in 0..200 {
+            let boxes: Vec<Box3> = (0..1 + next(6))
+                .map(|_| {
+                    let mut range = |n| {
+                        let lo = next(n);
+                        (lo, lo + next(n - lo))
+                    };
+                    [range(4), range(10), range(12)]
+                })
+                .collect();
+            let out = disjoint(&boxes);
+            for p in 0..4 {
+                for q in 0..10 {
+                    for a in 0..12 {
+                        let inside = |b: &Box3| {
+                            (b[0].0..=b[0].1).contains(&p)
+                                && (b[1].0..=b[1].1).contains(&q)
+                                && (b[2].0..=b[2].1).contains(&a)
+                        };
+                        let want = boxes.iter().any(inside);
+                        let hits = out.iter().filter(|b| inside(b)).count();
+                        assert_eq!(hits, usize::from(want), "{boxes:?} -> {out:?} at {p},{q},{a}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ip_blocks_lose_their_excepts_and_ranges_merge() {
+        let block = IpBlock {
+            cidr: cidr("10.0.0.0/8"),
+            except: vec![cidr("10.1.0.0/16"), cidr("10.1.2.0/24")],
+        };
+        assert_eq!(
+            block_ranges(&block),
+            [
+                (u32::from(ip("10.0.0.0")), u32::from(ip("10.0.255.255"))),
+                (u32::from(ip("10.2.0.0")), u32::from(ip("10.255.255.255")))
+            ]
+        );
+        assert_eq!(union(vec![(5, 9), (1, 4), (20, 30), (25, 26)]), [(1, 9), (20, 30)]);
+        assert_eq!(
+            subtract(&[(0, u32::MAX)], &[(0, 0), (u32::MAX, u32::MAX)]),
+            [(1, u32::MAX - 1)]
+        );
+    }
+
+    #[test]
+    fn an_isolated_pod_allows_its_entries_and_its_node_and_drops_to_its_first_policy() {
+        let allows = vec![
+            allow(PeerMatch::Identity(301), Some(Protocol::Tcp), Some((80, 81))),
+            allow(PeerMatch::Any, Some(Protocol::Udp), None),
+            allow(
+                PeerMatch::Block(IpBlock {
+                    cidr: cidr("10.244.0.0/24"),
+                    except: vec![cidr("10.244.0.11/32")],
+                }),
+                Some(Protocol::Tcp),
+                Some((80, 80)),
+            ),
+        ];
+        let desired = Desired::new(&compiled(&["first", "second"], allows), &node());
+        let (a, b, c) = (ip("10.244.0.10"), ip("10.244.0.11"), ip("10.244.0.12"));
+        assert!(ingress_allows(&desired, a, b, 6, 81));
+        assert!(!ingress_allows(&desired, a, b, 6, 82));
+        assert!(!ingress_allows(&desired, a, c, 6, 81));
+        assert!(ingress_allows(&desired, a, c, 6, 80), "the block");
+        assert!(ingress_allows(&desired, a, ip("203.0.113.9"), 17, 5353), "any UDP");
+        assert!(!ingress_allows(&desired, a, ip("203.0.113.9"), 132, 80));
+        assert!(ingress_allows(&desired, a, ip("192.168.50.1"), 132, 80), "the node");
+        assert!(ingress_allows(&desired, b, c, 132, 80), "x/b is not isolated");
+        assert_eq!(desired.ingress.endpoints[&a], Verdict::Goto("drop-x/first".into()));
+        assert_eq!(desired.ingress.endpoints[&b], Verdict::Return);
+        assert_eq!(desired.egress.endpoints[&a], Verdict::Return);
+        assert!(!desired.ingress.endpoints.contains_key(&c), "x/c is not on this node");
+        assert_eq!(desired.drop_chains, BTreeSet::from(["drop-x/first".to_string()]));
+        let tuples: Vec<&PolicyTuple> = desired.ingress.allow.iter().collect();
+        for (i, t) in tuples.iter().enumerate() {
+            for u in &tuples[i + 1..] {
+                assert!(!overlaps(t, u), "{t:?} overlaps {u:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_pods_are_the_pod_ranges_minus_known_pods_while_denying() {
+        let compiled = compiled(&[], Vec::new());
+        assert!(Desired::new(&compiled, &node()).unknown_pods.is_empty());
+        let denying = PolicyNode { deny_unknown: true, ..node() };
+        let unknown = Desired::new(&compiled, &denying).unknown_pods;
+        assert_eq!(
+            unknown.into_iter().collect::<Vec<_>>(),
+            [(ip("10.244.0.0"), ip("10.244.0.9")), (ip("10.244.0.12"), ip("10.244.0.255"))]
+        );
+    }
+
+    #[test]
+    fn one_more_rule_among_ten_thousand_writes_only_its_element() {
+        let rule = |i: u32| {
+            allow(
+                PeerMatch::Block(IpBlock {
+                    cidr: Cidr::host(IpAddr::V4(Ipv4Addr::from(u32::from(ip("172.16.0.0")) + i))),
+                    except: Vec::new(),
+                }),
+                Some(Protocol::Tcp),
+                Some((1000 + (i % 20000) as u16, 1000 + (i % 20000) as u16)),
+            )
+        };
+        let mut allows: Vec<Allow> = (0..10_000).map(rule).collect();
+        let old = Desired::new(&compiled(&["p"], allows.clone()), &node());
+        allows.push(rule(10_000));
+        let new = Desired::new(&compiled(&["p"], allows), &node());
+        let ops = diff(&old, &new);
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        assert!(matches!(&ops[0], Op::AddSetElement { set, .. } if set == INGRESS_ALLOW));
+        assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn policy_changes_create_and_remove_drop_chains_around_the_elements() {
+        let old = Desired::new(&compiled(&["p"], Vec::new()), &node());
+        let new = Desired::new(&compiled(&["q"], Vec::new()), &node());
+        let ops = diff(&old, &new);
+        let position = |wanted: &dyn Fn(&Op) -> bool| ops.iter().position(wanted).unwrap();
+        let create = position(&|op| matches!(op, Op::AddChain { name, .. } if name == "drop-x/q"));
+        let element = position(
+            &|op| matches!(op, Op::AddElement { verdict: Verdict::Goto(c), .. } if c == "drop-x/q"),
+        );
+        let remove = position(&|op| matches!(op, Op::DeleteChain { name } if name == "drop-x/p"));
+        let unlink =
+            position(&|op| matches!(op, Op::DeleteElement { set, .. } if set == INGRESS_ENDPOINTS));
+        assert!(create < element && unlink < remove, "{ops:#?}");
+        assert!(ops.contains(&Op::DeleteCounter { name: "drop-x/p".into() }));
+        // A rewrite removes stale drop chains it finds and keeps the fixed ones.
+        let found: BTreeSet<String> =
+            ["drop-x/p", "drop-x/q", DROP_UNKNOWN].map(String::from).into();
+        let ops = rewrite(&new, &found, &found);
+        assert!(ops.contains(&Op::DeleteChain { name: "drop-x/p".into() }));
+        assert!(!ops.iter().any(|op| matches!(op, Op::DeleteChain { name } | Op::DeleteCounter { name } if name != "drop-x/p")));
+        assert!(matches!(&ops[0], Op::FlushSet { .. }));
+    }
+
+    #[test]
+    fn long_policy_names_are_shortened_to_valid_object_names() {
+        let long = PolicyRef::new("n".repeat(63), "p".repeat(253));
+        let name = drop_chain(&long);
+        assert!(name.len() <= MAX_NAME && is_policy_drop(&name));
+        assert_ne!(name, drop_chain(&PolicyRef::new("n".repeat(63), "q".repeat(253))));
+        assert_eq!(drop_chain(&PolicyRef::new("x", "a")), "drop-x/a");
+    }
+}
