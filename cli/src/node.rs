@@ -1,5 +1,6 @@
-//! `weir node` (the lab's node runtime) and the hidden `weir builtin web` it execs for nginx
-//! and httpd images: flags -> [`weir_node::Config`], validated before anything starts (exit 64).
+//! `weir node` (the lab's node runtime) and the hidden `weir builtin web` / `weir builtin
+//! agnhost` it execs for nginx/httpd and agnhost images: flags -> [`weir_node::Config`],
+//! validated before anything starts (exit 64).
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -61,6 +62,11 @@ enum Builtin {
         #[arg(long)]
         namespace: String,
     },
+    /// The lab's agnhost (serve-hostname, connect, pause), with upstream's Go-style flags.
+    Agnhost {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -98,6 +104,7 @@ pub fn builtin(args: BuiltinArgs) -> anyhow::Result<ExitCode> {
                 .build()?;
             runtime.block_on(weir_node::web::serve(&ports, pod, namespace))?;
         }
+        Builtin::Agnhost { args } => return Ok(weir_node::agnhost::main(&args)),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -414,7 +414,7 @@ async fn exec_session(
     v5: bool,
 ) -> anyhow::Result<()> {
     let (mut sink, mut stream) = ws.split();
-    let argv = if c.busybox { rules::busybox_argv(&command, &shared.applets) } else { command };
+    let argv = rules::exec_argv(c.exec, &command, &shared.applets, &shared.config.weir_binary);
     let env = c.env.lock().unwrap().clone();
     let join = match spawn::JoinNamespaces::prepare(pid, &pod.cgroup, &c.workdir, opts.tty) {
         Ok(j) => j,

@@ -20,6 +20,7 @@ use std::{
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
+pub mod agnhost;
 pub mod cni;
 pub mod kubelet;
 pub mod logs;
@@ -114,7 +115,8 @@ pub struct PodShared {
 /// What the kubelet API needs of one container.
 pub struct ContainerShared {
     pub name: String,
-    pub busybox: bool,
+    /// How commands exec'd into the container run.
+    pub exec: rules::ExecStyle,
     pub workdir: String,
     pub env: Mutex<Vec<(String, String)>>,
     pub live: Mutex<Live>,
@@ -137,10 +139,10 @@ pub struct Live {
 }
 
 impl ContainerShared {
-    pub fn new(name: &str, busybox: bool, workdir: &str, stdin_once: bool) -> Self {
+    pub fn new(name: &str, exec: rules::ExecStyle, workdir: &str, stdin_once: bool) -> Self {
         Self {
             name: name.to_string(),
-            busybox,
+            exec,
             workdir: workdir.to_string(),
             env: Mutex::new(Vec::new()),
             live: Mutex::new(Live::default()),

@@ -213,11 +213,11 @@ impl Worker {
                 c.args.as_deref().unwrap_or_default(),
                 &ports,
             );
-            let busybox = matches!(launch, Ok(Launch::Busybox { .. }));
+            let exec = Launch::exec_style(&launch);
             let workdir = c.working_dir.clone().unwrap_or_else(|| "/".into());
             let shared_c = Arc::new(ContainerShared::new(
                 &c.name,
-                busybox,
+                exec,
                 &workdir,
                 c.stdin_once.unwrap_or(false),
             ));
@@ -543,6 +543,7 @@ impl Worker {
             ],
             Launch::Busybox { argv } => rules::busybox_argv(argv, &self.shared.applets),
             Launch::Host { argv } => argv.clone(),
+            Launch::Agnhost { args } => rules::agnhost_argv(&config.weir_binary, args),
         };
         let run = ctr.restart_count;
         let log_path = logs::run_log_path(&self.paths.dir, &name, run);
@@ -720,8 +721,9 @@ impl Worker {
                 let cgroup = self.paths.cgroup.clone();
                 let workdir = ctr.shared.workdir.clone();
                 let env = ctr.shared.env.lock().unwrap().clone();
-                let busybox = ctr.shared.busybox;
+                let exec = ctr.shared.exec;
                 let applets = self.shared.applets.clone();
+                let weir_binary = self.shared.config.weir_binary.clone();
                 let pod_ip = pod_ip.clone();
                 tokio::spawn(async move {
                     let ctx = probe::ExecContext {
@@ -729,8 +731,9 @@ impl Worker {
                         cgroup: &cgroup,
                         workdir: &workdir,
                         env: &env,
-                        busybox,
+                        exec,
                         applets: &applets,
+                        weir_binary: &weir_binary,
                     };
                     let result = probe::run(&spec, &container, &pod_ip, ctx).await;
                     let _ = tx.send(WorkerEvent::Probe { idx, generation, kind, result });

@@ -40,8 +40,9 @@ pub struct ExecContext<'a> {
     pub cgroup: &'a Path,
     pub workdir: &'a str,
     pub env: &'a [(String, String)],
-    pub busybox: bool,
+    pub exec: rules::ExecStyle,
     pub applets: &'a [String],
+    pub weir_binary: &'a std::path::Path,
 }
 
 fn port_of(port: &IntOrString, container: &Container) -> Result<u16, String> {
@@ -133,7 +134,7 @@ async fn exec_probe(argv: &[String], ctx: ExecContext<'_>) -> Result<(), String>
     if argv.is_empty() {
         return Err("exec probe without a command".into());
     }
-    let argv = if ctx.busybox { rules::busybox_argv(argv, ctx.applets) } else { argv.to_vec() };
+    let argv = rules::exec_argv(ctx.exec, argv, ctx.applets, ctx.weir_binary);
     let join = JoinNamespaces::prepare(ctx.pid, ctx.cgroup, ctx.workdir, false)
         .map_err(|e| format!("{e:#}"))?;
     let mut cmd = tokio::process::Command::new(&argv[0]);

@@ -11,9 +11,10 @@ pub fn image_rules_message(image: &str) -> String {
         "the weir lab has no container images: it cannot run image {image:?} without a command. \
          Lab image rules: nginx and httpd without a command serve a built-in web page on each \
          containerPort (default 80); busybox and alpine run their command under busybox \
-         (default sh); coredns without a command runs `weir dns`; any other image runs its \
-         command (spec.containers[].command) from the node's file system. Give the container a \
-         command, or use one of those images."
+         (default sh); coredns without a command runs `weir dns`; agnhost \
+         (registry.k8s.io/e2e-test-images/agnhost) runs its serve-hostname, connect and pause \
+         subcommands; any other image runs its command (spec.containers[].command) from the \
+         node's file system. Give the container a command, or use one of those images."
     )
 }
 
@@ -36,6 +37,59 @@ pub enum Launch {
     Busybox { argv: Vec<String> },
     /// An argv run from the node's file system.
     Host { argv: Vec<String> },
+    /// `weir builtin agnhost` with these arguments (the subcommand first).
+    Agnhost { args: Vec<String> },
+}
+
+/// How the commands exec'd in a container (kubectl exec, exec probes) are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecStyle {
+    /// As given, from the node's file system.
+    Host,
+    /// Under busybox ([`busybox_argv`]).
+    Busybox,
+    /// `/agnhost ...` (any path whose file name is `agnhost`) runs `weir builtin agnhost ...`;
+    /// anything else runs from the node's file system.
+    Agnhost,
+}
+
+impl Launch {
+    /// How commands exec'd into a container started this way run.
+    pub fn exec_style(launch: &Result<Launch, String>) -> ExecStyle {
+        match launch {
+            Ok(Launch::Busybox { .. }) => ExecStyle::Busybox,
+            Ok(Launch::Agnhost { .. }) => ExecStyle::Agnhost,
+            _ => ExecStyle::Host,
+        }
+    }
+}
+
+/// The argv to exec for a command run in a container of this style.
+pub fn exec_argv(
+    style: ExecStyle,
+    argv: &[String],
+    applets: &[String],
+    weir_binary: &std::path::Path,
+) -> Vec<String> {
+    match style {
+        ExecStyle::Host => argv.to_vec(),
+        ExecStyle::Busybox => busybox_argv(argv, applets),
+        ExecStyle::Agnhost => match argv.split_first() {
+            Some((first, rest)) if is_agnhost(first) => agnhost_argv(weir_binary, rest),
+            _ => argv.to_vec(),
+        },
+    }
+}
+
+/// `weir builtin agnhost ARGS...`.
+pub fn agnhost_argv(weir_binary: &std::path::Path, args: &[String]) -> Vec<String> {
+    let mut argv = vec![weir_binary.display().to_string(), "builtin".into(), "agnhost".into()];
+    argv.extend(args.iter().cloned());
+    argv
+}
+
+fn is_agnhost(program: &str) -> bool {
+    program.rsplit('/').next() == Some("agnhost")
 }
 
 /// What a container's image, command, args and ports mean in the lab, or the ErrImagePull
@@ -53,6 +107,25 @@ pub fn launch_for(
             Ok(Launch::Web { ports })
         }
         "coredns" if command.is_empty() => Ok(Launch::Dns),
+        // The image's entrypoint is /agnhost: `command: [/agnhost, sub, ...]` or `args: [sub,
+        // ...]` both name the subcommand.
+        "agnhost" => {
+            let args = match argv.split_first() {
+                Some((first, rest)) if is_agnhost(first) => rest.to_vec(),
+                _ => argv,
+            };
+            match args.first() {
+                Some(sub) if crate::agnhost::SUBCOMMANDS.contains(&sub.as_str()) => {
+                    Ok(Launch::Agnhost { args })
+                }
+                _ => Err(format!(
+                    "the weir lab's agnhost ({image:?}) implements the subcommands {}; got \
+                     command+args {args:?}. Use e.g. command: [/agnhost, serve-hostname, --tcp, \
+                     --http=false, --port, \"80\"]",
+                    crate::agnhost::SUBCOMMANDS.join(", ")
+                )),
+            }
+        }
         "busybox" | "alpine" => {
             let argv = if argv.is_empty() { vec!["sh".to_string()] } else { argv };
             Ok(Launch::Busybox { argv })
@@ -267,6 +340,18 @@ mod tests {
             launch_for("busybox", &s(&["sh", "-c"]), &s(&["echo hi"]), &[]),
             Ok(Launch::Busybox { argv: s(&["sh", "-c", "echo hi"]) })
         );
+        let agnhost = "registry.k8s.io/e2e-test-images/agnhost:2.53";
+        assert_eq!(
+            launch_for(agnhost, &s(&["/agnhost", "serve-hostname", "--tcp"]), &[], &[80]),
+            Ok(Launch::Agnhost { args: s(&["serve-hostname", "--tcp"]) })
+        );
+        assert_eq!(
+            launch_for(agnhost, &[], &s(&["connect", "a:80"]), &[]),
+            Ok(Launch::Agnhost { args: s(&["connect", "a:80"]) })
+        );
+        let err = launch_for(agnhost, &s(&["/agnhost", "netexec"]), &[], &[]).unwrap_err();
+        assert!(err.contains("netexec") && err.contains("serve-hostname"), "{err}");
+        assert!(launch_for(agnhost, &[], &[], &[]).is_err());
         let err = launch_for("quay.io/foo/bar:1", &[], &s(&["x"]), &[]).unwrap_err();
         assert!(err.contains("\"quay.io/foo/bar:1\"") && err.contains("busybox"), "{err}");
     }
@@ -290,6 +375,24 @@ mod tests {
             busybox_argv(&s(&["wget", "http://x"]), &applets),
             s(&[BUSYBOX, "wget", "http://x"])
         );
+    }
+
+    #[test]
+    fn exec_styles() {
+        let weir = std::path::Path::new("/usr/bin/weir");
+        let applets = s(&["sh"]);
+        assert_eq!(
+            exec_argv(ExecStyle::Agnhost, &s(&["/agnhost", "connect", "a:80"]), &applets, weir),
+            s(&["/usr/bin/weir", "builtin", "agnhost", "connect", "a:80"])
+        );
+        assert_eq!(
+            exec_argv(ExecStyle::Agnhost, &s(&["cat", "/etc/hostname"]), &applets, weir),
+            s(&["cat", "/etc/hostname"])
+        );
+        assert_eq!(exec_argv(ExecStyle::Busybox, &s(&["sh"]), &applets, weir), s(&[BUSYBOX, "sh"]));
+        assert_eq!(exec_argv(ExecStyle::Host, &s(&["/agnhost"]), &applets, weir), s(&["/agnhost"]));
+        assert_eq!(Launch::exec_style(&Ok(Launch::Agnhost { args: vec![] })), ExecStyle::Agnhost);
+        assert_eq!(Launch::exec_style(&Err(String::new())), ExecStyle::Host);
     }
 
     fn dns(policy: Option<&str>) -> String {

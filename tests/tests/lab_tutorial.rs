@@ -1,8 +1,8 @@
 //! The upstream tutorial steps, run as written against a `weir lab` with real kubectl
-//! (non-interactive forms where a tty would be needed).
+//! (non-interactive forms where a tty would be needed), then docs/lab.md's network policy step.
 use std::time::Duration;
 
-use weir_tests::{lab::Lab, privileged::require_root, wait::eventually};
+use weir_tests::{apiserver::weir_binary, lab::Lab, privileged::require_root, wait::eventually};
 
 #[test]
 fn the_upstream_tutorial_works_as_written() {
@@ -79,23 +79,130 @@ fn the_upstream_tutorial_works_as_written() {
     });
     let page = client_get(&lab, "client2");
     assert!(page.contains("web-"), "the service still answers after the pod was replaced: {page}");
+
+    network_policy_step(&lab);
+}
+
+/// docs/lab.md's network policy step, command by command.
+fn network_policy_step(lab: &Lab) {
+    let k = &lab.kubectl;
+    let page = client_get(lab, "before");
+    assert!(page.contains("web-"), "before any policy the client gets the page: {page}");
+
+    lab.apply(WEB_DENY_ALL);
+    let mut attempt = 0;
+    // Enforcement follows the API within moments; the tutorial's reader types slower than this.
+    eventually("the default deny blocks an unlabelled client", Duration::from_secs(30), || {
+        let out = client_run(lab, &attempt_name("denied", &mut attempt), &[]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() || text.contains("web-")).then_some(text)
+    });
+
+    lab.apply(WEB_ALLOW_ACCESS);
+    let mut attempt = 0;
+    eventually("a client labelled access=true gets the page", Duration::from_secs(30), || {
+        let out =
+            client_run(lab, &attempt_name("allowed", &mut attempt), &["--labels=access=true"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (!out.status.success() || !text.contains("web-")).then_some(text)
+    });
+    let out = client_run(lab, "unlabelled", &[]);
+    assert!(
+        !out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("web-"),
+        "an unlabelled client still gets no page: {}",
+        weir_tests::lab::text(&out)
+    );
+
+    k.ok(&["run", "trusted", "--image=busybox", "--labels=access=true", "--", "sleep", "3600"]);
+    k.ok(&["run", "untrusted", "--image=busybox", "--", "sleep", "3600"]);
+    k.ok(&["wait", "--for=condition=Ready", "pod/trusted", "pod/untrusted", "--timeout=60s"]);
+    let web = k.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[0].metadata.name}"]);
+    let to = format!("default/{}", web.trim());
+    let trace = |from: &str| {
+        std::process::Command::new(weir_binary())
+            .args(["policy", "trace", "--from", from, "--to", &to, "--port", "80"])
+            .env("KUBECONFIG", lab.state_dir().join("kubeconfig"))
+            .output()
+            .expect("running weir policy trace")
+    };
+    let allowed = trace("default/trusted");
+    let text = String::from_utf8_lossy(&allowed.stdout);
+    assert_eq!(allowed.status.code(), Some(0), "{}", weir_tests::lab::text(&allowed));
+    assert!(
+        text.contains("verdict: ALLOWED")
+            && text.contains("allowed by NetworkPolicy default/web-allow-access"),
+        "{text}"
+    );
+    let denied = trace("default/untrusted");
+    let text = String::from_utf8_lossy(&denied.stdout);
+    assert_eq!(denied.status.code(), Some(3), "{}", weir_tests::lab::text(&denied));
+    assert!(text.contains("verdict: DENIED") && text.contains("web-deny-all"), "{text}");
+    eprintln!("tutorial trace output:\n{}{}", String::from_utf8_lossy(&allowed.stdout), text);
+
+    k.ok(&["delete", "networkpolicy", "web-deny-all", "web-allow-access"]);
+    k.ok(&["delete", "pod", "trusted", "untrusted", "--wait=false"]);
+    let mut attempt = 0;
+    eventually(
+        "without policies the unlabelled client gets the page",
+        Duration::from_secs(30),
+        || {
+            let out = client_run(lab, &attempt_name("after", &mut attempt), &[]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (!text.contains("web-")).then_some(text)
+        },
+    );
+}
+
+/// The tutorial's two policies, as docs/lab.md shows them.
+const WEB_DENY_ALL: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: web-deny-all
+spec:
+  podSelector:
+    matchLabels:
+      app: web
+  policyTypes: ["Ingress"]
+"#;
+
+const WEB_ALLOW_ACCESS: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: web-allow-access
+spec:
+  podSelector:
+    matchLabels:
+      app: web
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          access: "true"
+    ports:
+    - port: 80
+"#;
+
+/// The tutorial's name for the first attempt, a fresh one for each retry (a `--rm` pod may
+/// still be terminating when the next starts).
+fn attempt_name(base: &str, attempt: &mut u32) -> String {
+    *attempt += 1;
+    if *attempt == 1 { base.to_string() } else { format!("{base}-{attempt}") }
+}
+
+/// `kubectl run NAME --rm -i --restart=Never --image=busybox [EXTRA] -- wget ... http://web`,
+/// not asserting success.
+fn client_run(lab: &Lab, name: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["run", name, "--rm", "-i", "--restart=Never", "--image=busybox"];
+    args.extend_from_slice(extra);
+    args.extend(["--", "wget", "-qO-", "--timeout=2", "http://web"]);
+    lab.kubectl.run(&args)
 }
 
 /// The tutorial's one-shot client: `kubectl run NAME --rm -i ... -- wget ... http://web`.
 fn client_get(lab: &Lab, name: &str) -> String {
-    lab.kubectl.ok(&[
-        "run",
-        name,
-        "--rm",
-        "-i",
-        "--restart=Never",
-        "--image=busybox",
-        "--",
-        "wget",
-        "-qO-",
-        "--timeout=2",
-        "http://web",
-    ])
+    let out = client_run(lab, name, &[]);
+    assert!(out.status.success(), "the client {name} failed: {}", weir_tests::lab::text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn web_pods(lab: &Lab) -> Vec<String> {
