@@ -27,6 +27,7 @@ pub mod policy_oracle;
 pub mod privileged;
 pub mod probe;
 pub mod process;
+pub mod pty;
 pub mod relay;
 pub mod scenarios;
 pub mod topology;
