@@ -31,6 +31,7 @@ pub mod rules;
 pub mod runtime;
 pub mod sandbox;
 pub mod spawn;
+pub mod spdy;
 pub mod web;
 
 /// `weir node`'s configuration.
@@ -125,7 +126,12 @@ pub struct ContainerShared {
     /// Output of the current run: (1 stdout | 2 stderr, bytes).
     pub output: broadcast::Sender<(u8, Bytes)>,
     pub stdin_once: bool,
+    /// `spec.tty`: the container runs on a pseudo terminal (stdout and stderr merged).
+    pub tty: bool,
 }
+
+/// A container's stdin as attach sessions share it (None once closed).
+pub type StdinPipe = Arc<tokio::sync::Mutex<Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>>>;
 
 /// The current run of a container.
 #[derive(Default)]
@@ -133,13 +139,21 @@ pub struct Live {
     /// Index of the current (or last) run's log file.
     pub run: Option<u32>,
     pub pid: Option<u32>,
-    pub stdin: Option<Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>>,
+    pub stdin: Option<StdinPipe>,
+    /// The master side of the run's pseudo terminal (`spec.tty`), for resizes.
+    pub tty: Option<Arc<std::os::fd::OwnedFd>>,
     /// The run's log file and the lock its writers hold per line.
     pub log: Option<(PathBuf, Arc<Mutex<std::fs::File>>)>,
 }
 
 impl ContainerShared {
-    pub fn new(name: &str, exec: rules::ExecStyle, workdir: &str, stdin_once: bool) -> Self {
+    pub fn new(
+        name: &str,
+        exec: rules::ExecStyle,
+        workdir: &str,
+        stdin_once: bool,
+        tty: bool,
+    ) -> Self {
         Self {
             name: name.to_string(),
             exec,
@@ -149,6 +163,7 @@ impl ContainerShared {
             changes: watch::channel(0).0,
             output: broadcast::channel(256).0,
             stdin_once,
+            tty,
         }
     }
 

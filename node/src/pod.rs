@@ -220,6 +220,7 @@ impl Worker {
                 exec,
                 &workdir,
                 c.stdin_once.unwrap_or(false),
+                c.tty.unwrap_or(false),
             ));
             pod_shared.containers.lock().unwrap().insert(c.name.clone(), shared_c.clone());
             // An adopted pod's containers were killed by the restarted runtime: their next run
@@ -549,6 +550,7 @@ impl Worker {
         let log_path = logs::run_log_path(&self.paths.dir, &name, run);
         let workdir = ctr.spec.working_dir.clone().unwrap_or_else(|| "/".into());
         let stdin = ctr.spec.stdin.unwrap_or(false);
+        let tty = ctr.spec.tty.unwrap_or(false);
         let image = ctr.spec.image.clone().unwrap_or_default();
         if !ctr.ever_started {
             self.event(
@@ -558,7 +560,7 @@ impl Worker {
                 Some(&name),
             );
         }
-        let spawned = self.spawn(&argv, &env, &workdir, stdin, &log_path);
+        let spawned = self.spawn(&argv, &env, &workdir, stdin, tty, &log_path);
         let generation = self.ctrs[idx].generation + 1;
         let ctr = &mut self.ctrs[idx];
         ctr.generation = generation;
@@ -570,7 +572,7 @@ impl Worker {
         ctr.killed_reason = None;
         *ctr.shared.env.lock().unwrap() = env;
         match spawned {
-            Ok((mut child, stdin_pipe)) => {
+            Ok(Spawned { mut child, stdin: stdin_pipe, tty_master }) => {
                 let pid = child.id().unwrap_or_default();
                 ctr.pid = Some(pid);
                 ctr.state = CState::Running { started_at: now() };
@@ -579,9 +581,10 @@ impl Worker {
                     live.run = Some(run);
                     live.pid = Some(pid);
                     live.stdin = stdin_pipe.map(|s| Arc::new(tokio::sync::Mutex::new(Some(s))));
+                    live.tty = tty_master.clone();
                 }
                 ctr.shared.bump();
-                let writers = start_log_writers(&mut child, &log_path, &ctr.shared);
+                let writers = start_log_writers(&mut child, tty_master, &log_path, &ctr.shared);
                 let tx = self.events_tx.clone();
                 let shared_c = ctr.shared.clone();
                 tokio::spawn(async move {
@@ -597,6 +600,7 @@ impl Worker {
                         let mut live = shared_c.live.lock().unwrap();
                         live.pid = None;
                         live.stdin = None;
+                        live.tty = None;
                     }
                     shared_c.bump();
                     let _ = tx.send(WorkerEvent::Exited { idx, generation, code });
@@ -627,8 +631,9 @@ impl Worker {
         env: &[(String, String)],
         workdir: &str,
         stdin: bool,
+        tty: bool,
         log_path: &Path,
-    ) -> anyhow::Result<(tokio::process::Child, Option<tokio::process::ChildStdin>)> {
+    ) -> anyhow::Result<Spawned> {
         anyhow::ensure!(!argv.is_empty(), "empty command");
         if let Some(parent) = log_path.parent() {
             std::fs::create_dir_all(parent)?;
@@ -636,24 +641,55 @@ impl Worker {
         let dir = &self.paths.dir;
         let (resolv, hostname, hosts) =
             (dir.join("resolv.conf"), dir.join("hostname"), dir.join("hosts"));
-        let namespaces = ContainerNamespaces::prepare(
+        let mut namespaces = ContainerNamespaces::prepare(
             &self.paths.netns,
             &self.paths.cgroup,
             &[(&resolv, "/etc/resolv.conf"), (&hostname, "/etc/hostname"), (&hosts, "/etc/hosts")],
             &self.hostname(),
         )?;
         let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .env_clear()
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .current_dir(workdir)
-            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v))).current_dir(workdir);
+        // With `tty: true` the process gets a pseudo terminal, as kubelet gives it: stdin,
+        // stdout and stderr on the slave, which becomes its controlling terminal.
+        let pty = if tty {
+            let pty = spawn::Pty::open()?;
+            cmd.stdin(Stdio::from(pty.slave.try_clone()?))
+                .stdout(Stdio::from(pty.slave.try_clone()?))
+                .stderr(Stdio::from(pty.slave.try_clone()?));
+            namespaces = namespaces.with_controlling_tty();
+            Some(pty)
+        } else {
+            cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            None
+        };
         namespaces.apply(&mut cmd);
-        let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("exec {:?}: {e}", argv[0]))?;
-        let stdin = child.stdin.take();
-        Ok((child, stdin))
+        let spawned = cmd.spawn();
+        // The child's copies of the slave are gone with `cmd`: the master sees EOF (EIO) when
+        // the container's last process closes it.
+        drop(cmd);
+        let mut child = spawned.map_err(|e| anyhow::anyhow!("exec {:?}: {e}", argv[0]))?;
+        match pty {
+            Some(pty) => {
+                drop(pty.slave);
+                let stdin: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>> = if stdin {
+                    Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(
+                        pty.master.try_clone()?,
+                    ))))
+                } else {
+                    None
+                };
+                Ok(Spawned { child, stdin, tty_master: Some(Arc::new(pty.master)) })
+            }
+            None => {
+                let stdin = child
+                    .stdin
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>);
+                Ok(Spawned { child, stdin, tty_master: None })
+            }
+        }
     }
 
     fn handle(&mut self, event: WorkerEvent) {
@@ -1130,10 +1166,19 @@ fn state_json(state: &CState) -> Value {
     }
 }
 
-/// Copies a container's stdout and stderr into its log file (CRI format) and to attached
-/// clients.
+/// A started container process.
+struct Spawned {
+    child: tokio::process::Child,
+    stdin: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
+    /// The pty master of a `tty: true` container (its only output).
+    tty_master: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+/// Copies a container's stdout and stderr (or its terminal) into its log file (CRI format)
+/// and to attached clients.
 fn start_log_writers(
     child: &mut tokio::process::Child,
+    tty_master: Option<Arc<std::os::fd::OwnedFd>>,
     path: &Path,
     shared: &Arc<ContainerShared>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -1147,6 +1192,16 @@ fn start_log_writers(
     };
     shared.live.lock().unwrap().log = Some((path.to_path_buf(), file.clone()));
     let mut handles = Vec::new();
+    if let Some(master) = tty_master {
+        match master.try_clone() {
+            Ok(fd) => {
+                let reader = tokio::fs::File::from_std(std::fs::File::from(fd));
+                handles.push(tokio::spawn(copy_terminal(reader, file, shared.clone())));
+            }
+            Err(err) => log::warn!("reading the terminal of {}: {err}", shared.name),
+        }
+        return handles;
+    }
     if let Some(out) = child.stdout.take() {
         handles.push(tokio::spawn(copy_lines(out, 1, file.clone(), shared.clone())));
     }
@@ -1154,6 +1209,40 @@ fn start_log_writers(
         handles.push(tokio::spawn(copy_lines(err, 2, file, shared.clone())));
     }
     handles
+}
+
+/// Copies a terminal's output: attached clients get it as it comes (prompts have no newline),
+/// the log gets whole lines (without the terminal's carriage returns) on stdout.
+async fn copy_terminal(
+    mut master: impl AsyncRead + Unpin,
+    file: Arc<std::sync::Mutex<std::fs::File>>,
+    shared: Arc<ContainerShared>,
+) {
+    use std::io::Write;
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut partial: Vec<u8> = Vec::new();
+    let write_line = |file: &mut std::fs::File, line: &[u8]| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let _ = file.write_all(&logs::format_line(&now(), "stdout", line));
+    };
+    loop {
+        // A pty master reads EIO once the last slave is closed: the end of the output.
+        let n = match master.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut file = file.lock().unwrap();
+        let _ = shared.output.send((1, Bytes::copy_from_slice(&buf[..n])));
+        partial.extend_from_slice(&buf[..n]);
+        while let Some(end) = partial.iter().position(|b| *b == b'\n') {
+            write_line(&mut file, &partial[..end]);
+            partial.drain(..=end);
+        }
+    }
+    if !partial.is_empty() {
+        write_line(&mut file.lock().unwrap(), &partial);
+    }
 }
 
 async fn copy_lines(

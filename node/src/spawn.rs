@@ -29,6 +29,8 @@ pub struct ContainerNamespaces {
     procs: File,
     binds: Vec<(CString, CString)>,
     hostname: CString,
+    /// Make stdin (a pty slave) the controlling terminal of the new session.
+    controlling_tty: bool,
 }
 
 impl ContainerNamespaces {
@@ -52,7 +54,13 @@ impl ContainerNamespaces {
             }
             binds.push((cstring(source)?, CString::new(*target)?));
         }
-        Ok(Self { netns, procs, binds, hostname: CString::new(hostname)? })
+        Ok(Self { netns, procs, binds, hostname: CString::new(hostname)?, controlling_tty: false })
+    }
+
+    /// The process's stdin is a pty slave that becomes its controlling terminal.
+    pub fn with_controlling_tty(mut self) -> Self {
+        self.controlling_tty = true;
+        self
     }
 
     /// Installs the hook that enters the namespaces in the child.
@@ -83,6 +91,9 @@ impl ContainerNamespaces {
                 let name = self.hostname.as_bytes();
                 check(libc::sethostname(name.as_ptr().cast(), name.len()))?;
                 check(libc::setsid())?;
+                if self.controlling_tty {
+                    check(libc::ioctl(0, libc::TIOCSCTTY, 0))?;
+                }
                 Ok(())
             });
         }

@@ -30,6 +30,7 @@ pub mod policy_oracle;
 pub mod privileged;
 pub mod probe;
 pub mod process;
+pub mod pty;
 pub mod reachability;
 pub mod relay;
 pub mod routed;

@@ -3,7 +3,8 @@
 //!
 //! The API server listens on 127.0.0.1 of the root namespace; the node reaches it through a
 //! loopback forwarder the test process runs inside the node namespace (traffic stays on
-//! loopback). On drop the runtime is killed (SIGKILL), then every pod cgroup, every pod
+//! loopback), and it reaches the node's kubelet API from inside the node namespace
+//! (`--node-netns`), so kubectl exec/attach/logs work against `api.kubeconfig`. On drop the runtime is killed (SIGKILL), then every pod cgroup, every pod
 //! namespace with the node's prefix, the node namespace, the IPAM store and the temp dirs are
 //! removed, also when the test failed.
 use std::{
@@ -115,9 +116,15 @@ impl LabNode {
     pub fn new() -> LabNode {
         crate::privileged::require_root();
         let _ = weir_binary();
-        let api_dir = TempDir::new("api");
-        let api = ApiServer::start_with(api_dir.path(), &["--disable-controllers"]);
         let node = Node::new().expect("node namespace");
+        let api_dir = TempDir::new("api");
+        // The API server reaches the node runtime (exec, attach, logs through the pod proxy)
+        // from inside the node namespace, as in the lab.
+        let node_netns = node.ns.path();
+        let api = ApiServer::start_with(
+            api_dir.path(),
+            &["--disable-controllers", "--node-netns", node_netns.to_str().expect("utf-8")],
+        );
         node.ns.ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]).expect("node address");
         let forwarder = Forwarder::start(&node, api.addr);
         let admin = std::fs::read_to_string(&api.kubeconfig).expect("admin kubeconfig");

@@ -56,20 +56,56 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     Some(days * 86_400 + h * 3600 + m * 60 + sec)
 }
 
-/// Human age as kubectl prints it: 45s, 12m, 5h, 3d.
+/// Human age as kube-apiserver's printers write it (apimachinery's `HumanDuration`): 45s,
+/// 3m20s, 12m, 5h10m, 20h, 3d4h, 12d, 2y30d.
 pub fn age(created: &str) -> String {
-    let Some(then) = parse_rfc3339(created) else { return "<unknown>".into() };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(then);
-    let d = (now - then).max(0);
-    match d {
-        0..=119 => format!("{d}s"),
-        120..=7199 => format!("{}m", d / 60),
-        7200..=172_799 => format!("{}h", d / 3600),
-        _ => format!("{}d", d / 86_400),
+    age_at(created, now_secs())
+}
+
+/// [`age`] relative to `now` (seconds since the epoch).
+pub fn age_at(created: &str, now: i64) -> String {
+    match parse_rfc3339(created) {
+        Some(then) => human_duration(now - then),
+        None => "<unknown>".into(),
     }
+}
+
+/// apimachinery's `duration.HumanDuration` for a number of seconds.
+pub fn human_duration(seconds: i64) -> String {
+    if seconds < -1 {
+        return "<invalid>".into();
+    }
+    let s = seconds.max(0);
+    if s < 120 {
+        return format!("{s}s");
+    }
+    let with = |big: i64, unit: &str, small: i64, small_unit: &str| {
+        if small == 0 { format!("{big}{unit}") } else { format!("{big}{unit}{small}{small_unit}") }
+    };
+    let minutes = s / 60;
+    if minutes < 10 {
+        return with(minutes, "m", s % 60, "s");
+    }
+    if minutes < 180 {
+        return format!("{minutes}m");
+    }
+    let hours = s / 3600;
+    if hours < 8 {
+        return with(hours, "h", minutes % 60, "m");
+    }
+    if hours < 48 {
+        return format!("{hours}h");
+    }
+    if hours < 24 * 8 {
+        return with(hours / 24, "d", hours % 24, "h");
+    }
+    if hours < 24 * 365 * 2 {
+        return format!("{}d", hours / 24);
+    }
+    if hours < 24 * 365 * 8 {
+        return with(hours / 24 / 365, "y", (hours / 24) % 365, "d");
+    }
+    format!("{}y", hours / 24 / 365)
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -121,6 +157,30 @@ pub fn path<'a>(obj: &'a Value, dotted: &str) -> Option<&'a Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_like_kubectl() {
+        let cases = [
+            (-5, "<invalid>"),
+            (-1, "0s"),
+            (45, "45s"),
+            (119, "119s"),
+            (200, "3m20s"),
+            (240, "4m"),
+            (12 * 60 + 5, "12m"),
+            (5 * 3600 + 10 * 60, "5h10m"),
+            (20 * 3600 + 59, "20h"),
+            (3 * 86_400 + 4 * 3600, "3d4h"),
+            (12 * 86_400, "12d"),
+            (2 * 365 * 86_400 + 30 * 86_400, "2y30d"),
+            (9 * 365 * 86_400, "9y"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(human_duration(secs), want, "{secs} s");
+        }
+        assert_eq!(age_at("1970-01-01T00:01:00Z", 90), "30s");
+        assert_eq!(age_at("garbage", 90), "<unknown>");
+    }
 
     #[test]
     fn timestamps_round_trip() {

@@ -186,6 +186,35 @@ impl LabelSelector {
     }
 }
 
+/// Writes the selector as apimachinery's `Selector.String()` does (what printer columns show):
+/// requirements sorted by key, set values sorted; the empty selector is "".
+impl std::fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut reqs: Vec<&Requirement> = self.0.iter().collect();
+        reqs.sort_by(|a, b| a.key.cmp(&b.key));
+        let sorted = |vs: &[String]| {
+            let mut vs = vs.to_vec();
+            vs.sort();
+            vs.join(",")
+        };
+        for (i, req) in reqs.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            let key = &req.key;
+            match &req.op {
+                Op::Equals(v) => write!(f, "{key}={v}")?,
+                Op::NotEquals(v) => write!(f, "{key}!={v}")?,
+                Op::In(vs) => write!(f, "{key} in ({})", sorted(vs))?,
+                Op::NotIn(vs) => write!(f, "{key} notin ({})", sorted(vs))?,
+                Op::Exists => write!(f, "{key}")?,
+                Op::DoesNotExist => write!(f, "!{key}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A parsed field selector.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
@@ -274,6 +303,17 @@ pub fn supported_fields(kind: &str) -> &'static [&'static str] {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn selectors_print_sorted_like_apimachinery() {
+        let sel = LabelSelector::from_object(&json!({
+            "matchLabels": {"tier": "web", "app": "shop"},
+            "matchExpressions": [{"key": "env", "operator": "In", "values": ["prod", "dev"]},
+                                 {"key": "zz", "operator": "DoesNotExist"}]}))
+        .unwrap();
+        assert_eq!(sel.to_string(), "app=shop,env in (dev,prod),tier=web,!zz");
+        assert_eq!(LabelSelector::from_object(&json!({})).unwrap().to_string(), "");
+    }
 
     fn pod(labels: Value) -> Value {
         json!({"metadata": {"name": "p", "namespace": "ns", "labels": labels}, "spec": {"nodeName": "n1"}})
