@@ -88,11 +88,12 @@ impl TestNode {
         };
         this.create(
             "/api/v1/namespaces",
-            json!({"metadata": {"name": NS, "labels": {"team": "np"}}}),
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": NS, "labels": {"team": "np"}}}),
         );
         this.create(
             "/api/v1/nodes",
-            json!({"metadata": {"name": NODE}, "spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]}}),
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}, "spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]}}),
         );
         this.patch(
             &format!("/api/v1/nodes/{NODE}/status"),
@@ -126,7 +127,7 @@ impl TestNode {
     fn create_pod(&self, name: &str, labels: Value) {
         self.create(
             &format!("/api/v1/namespaces/{NS}/pods"),
-            json!({"metadata": {"name": name, "labels": labels},
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
                 "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "echo",
                     "ports": [{"containerPort": 80, "name": "http"}]}]}}),
         );
@@ -382,7 +383,7 @@ fn netpol_cni_attaches_the_pinned_programs_at_add_and_rolls_back_when_it_cannot(
     // is left behind.
     let bogus = t.pins.path().join(SLOTS[1].pin);
     std::fs::remove_file(&bogus).unwrap();
-    let map = bpf::obj_get(&t.pins.path().join(weir_common::endpoint::ENDPOINTS_MAP)).unwrap();
+    let map = bpf::obj_get(&t.pins.path().join(weir_common::policy::POLICY_GLOBAL_MAP)).unwrap();
     bpf::obj_pin(map.as_fd(), &bogus).unwrap();
     let links_before = t.node.links().unwrap();
     let ns = Netns::new("badpod").unwrap();

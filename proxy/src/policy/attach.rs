@@ -86,7 +86,8 @@ impl PolicyPrograms {
             let pin_error = |source| AttachError::Pin { path: path.clone(), source };
             let fd = classifier.fd().map_err(|source| AttachError::NotLoaded { name, source })?;
             let fd = fd.as_fd().try_clone_to_owned().map_err(pin_error)?;
-            let temporary = pin_dir.join(format!(".{}.new", slot.pin));
+            // bpffs refuses names with a dot.
+            let temporary = pin_dir.join(format!("{}_new", slot.pin));
             match std::fs::remove_file(&temporary) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(pin_error(e)),
                 _ => {}
@@ -140,6 +141,10 @@ impl PolicyPrograms {
     /// The interface indexes the endpoint map names.
     fn endpoint_interfaces(&self) -> Result<BTreeSet<u32>, AttachError> {
         let path = self.pin_dir.join(ENDPOINTS_MAP);
+        if !path.exists() {
+            // Nothing pinned it (yet): the routes to local pods name their veths.
+            return Ok(BTreeSet::new());
+        }
         let error = |source| AttachError::Endpoints { path: path.clone(), source };
         let data = MapData::from_pin(&path).map_err(error)?;
         let map: HashMap<MapData, EndpointKey, EndpointInfo> =
