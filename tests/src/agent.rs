@@ -71,16 +71,7 @@ impl<'a> AgentSetup<'a> {
                 cgroup: TestCgroup::new(role).expect("test cgroup"),
             },
             Dataplane::Nftables => {
-                let relay = Relay::start(client, server.addr).expect("API relay");
-                let original = std::fs::read_to_string(&server.kubeconfig).expect("kubeconfig");
-                let rewritten = original.replace(
-                    &format!("https://{}", server.addr),
-                    &format!("https://{}", relay.addr),
-                );
-                assert_ne!(original, rewritten, "the kubeconfig names https://{}", server.addr);
-                let kubeconfig =
-                    server.data_dir.join(format!("{}.kubeconfig", names::unique(role)));
-                std::fs::write(&kubeconfig, rewritten).expect("writing the relayed kubeconfig");
+                let (relay, kubeconfig) = relayed_kubeconfig(server, client, role);
                 AgentSetup::Nftables { netns: client, table: table_name(role), relay, kubeconfig }
             }
         }
@@ -100,6 +91,19 @@ impl<'a> AgentSetup<'a> {
             AgentSetup::Nftables { .. } => None,
         }
     }
+}
+
+/// A relay from `netns`'s loopback to the API server, and a kubeconfig naming it: for an agent
+/// running inside `netns`.
+pub fn relayed_kubeconfig(server: &ApiServer, netns: &Netns, role: &str) -> (Relay, PathBuf) {
+    let relay = Relay::start(netns, server.addr).expect("API relay");
+    let original = std::fs::read_to_string(&server.kubeconfig).expect("kubeconfig");
+    let rewritten =
+        original.replace(&format!("https://{}", server.addr), &format!("https://{}", relay.addr));
+    assert_ne!(original, rewritten, "the kubeconfig names https://{}", server.addr);
+    let kubeconfig = server.data_dir.join(format!("{}.kubeconfig", names::unique(role)));
+    std::fs::write(&kubeconfig, rewritten).expect("writing the relayed kubeconfig");
+    (relay, kubeconfig)
 }
 
 impl Drop for AgentSetup<'_> {

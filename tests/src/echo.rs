@@ -130,6 +130,21 @@ fn wait_readable(listener: &TcpListener, timeout: Duration) {
     unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
 }
 
+/// Whether a TCP connection from inside `from` to `dst` gets an echo reply within `timeout`
+/// (connect, send a line, read the answer).
+pub fn tcp_echo_works(from: &Netns, dst: SocketAddr, timeout: Duration) -> bool {
+    from.run(move || -> Result<String> {
+        let mut stream = TcpStream::connect_timeout(&dst, timeout).context("connect")?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(b"ping\n")?;
+        let mut reply = String::new();
+        BufReader::new(&stream).read_line(&mut reply)?;
+        Ok(reply)
+    })
+    .expect("run in namespace")
+    .is_ok_and(|reply| reply.starts_with("pong"))
+}
+
 /// The `(local, peer)` addresses an echo reply names.
 pub fn parse_reply(reply: &str) -> Option<(SocketAddr, SocketAddr)> {
     let rest = reply.trim().strip_prefix("pong from ")?;

@@ -20,7 +20,7 @@ use weir_proxy::{
     programs::{TC_POLICY_EGRESS, TC_POLICY_INGRESS},
 };
 use weir_tests::{
-    policy_cases::{Rng, TruthTable, cases, random_policies},
+    policy_cases::{Rng, TruthTable, cases, node_ip, random_policies},
     policy_ebpf::{Datapath, locate, packet},
     policy_oracle::{Oracle, Party},
 };
@@ -163,6 +163,31 @@ fn unknown_endpoints_are_denied_while_policies_exist() {
     assert!(counters.contains(&(Counter::DropPolicyNotReady, 2)), "{counters:?}");
     dp.maps.set_deny_unknown(false).unwrap();
     assert!(dp.allows(TC_POLICY_INGRESS, &pkt));
+}
+
+/// A pod without an endpoint entry yet (while policies exist) is reachable from its own node
+/// only (kubelet's readiness probe), and its replies to the node pass; another pod is still
+/// denied, and the unknown pod cannot open connections to the node.
+#[test]
+fn the_node_reaches_a_pod_before_its_policy_is_written() {
+    let mut dp = Datapath::new();
+    let table = TruthTable::new();
+    dp.program(&table, &[], 0);
+    dp.maps.set_deny_unknown(true).unwrap();
+    let unknown = Ipv4Addr::new(10, 244, 9, 9);
+    let node = node_ip(0);
+    let probe = packet(node, 41000, unknown, 8080, proto::TCP);
+    assert!(dp.allows(TC_POLICY_INGRESS, &probe), "the node's probe reaches the new pod");
+    let reply = packet(unknown, 8080, node, 41000, proto::TCP);
+    assert!(dp.allows(TC_POLICY_EGRESS, &reply), "the new pod answers its node");
+    let other_node = node_ip(1);
+    assert!(!dp.allows(TC_POLICY_INGRESS, &packet(other_node, 41000, unknown, 8080, proto::TCP)));
+    let pod = Ipv4Addr::new(10, 244, 0, 10);
+    assert!(!dp.allows(TC_POLICY_INGRESS, &packet(pod, 41001, unknown, 8080, proto::TCP)));
+    assert!(
+        !dp.allows(TC_POLICY_EGRESS, &packet(unknown, 41002, node, 22, proto::TCP)),
+        "a connection the node did not open is not a reply"
+    );
 }
 
 /// One more rule among many changes only its own entries.

@@ -4,12 +4,11 @@
 //! connections show default deny, an allowed peer (whose replies pass through the policy
 //! conntrack although x/a's egress is denied), and the node reaching its pod. Privileged.
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::json;
 use weir_common::metrics::Counter;
 use weir_policy::{Cluster, Compiler};
@@ -20,7 +19,7 @@ use weir_proxy::{
 };
 use weir_tests::{
     bpffs::TestPinDir,
-    echo::EchoServer,
+    echo::{EchoServer, tcp_echo_works},
     netns::Netns,
     policy_cases::{TruthTable, node_ip, pod_ip, policy},
     privileged::require_root,
@@ -31,17 +30,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(700);
 
 /// Connects to `dst`:80 from inside `from`, sends a line and reads the echo.
 fn tcp_works(from: &Netns, dst: Ipv4Addr) -> bool {
-    from.run(move || -> Result<String> {
-        let mut stream = TcpStream::connect_timeout(&SocketAddr::from((dst, 80)), CONNECT_TIMEOUT)
-            .context("connect")?;
-        stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
-        stream.write_all(b"ping\n")?;
-        let mut reply = String::new();
-        BufReader::new(&stream).read_line(&mut reply)?;
-        Ok(reply)
-    })
-    .expect("run in namespace")
-    .is_ok_and(|reply| reply.starts_with("pong"))
+    tcp_echo_works(from, SocketAddr::from((dst, 80)), CONNECT_TIMEOUT)
 }
 
 #[test]

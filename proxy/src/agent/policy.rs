@@ -12,6 +12,7 @@
 //! previous agent's programs are replaced.
 use std::{
     collections::BTreeSet,
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,6 +26,7 @@ use kube::{
     runtime::{reflector::Store, watcher},
 };
 use tokio::{sync::Notify, task::JoinHandle};
+use weir_cni_plugin::wiring::GATEWAY_V4;
 use weir_policy::{Cidr, Cluster, Compiled, Compiler};
 
 use super::{
@@ -210,7 +212,11 @@ impl Sync {
     }
 
     fn policy_node(&self, node: Option<&Node>, policies: usize) -> PolicyNode {
-        let host_addresses = node_context(&self.config, node).addresses;
+        let mut host_addresses = node_context(&self.config, node).addresses;
+        // The node reaches its pods from the gateway address weir-cni puts on every host veth
+        // (the host route to a pod has link scope, so the kernel picks that source): kubelet's
+        // probes come from it.
+        host_addresses.push(IpAddr::V4(GATEWAY_V4));
         let spec = node.and_then(|n| n.spec.as_ref());
         let pod_cidrs = spec
             .and_then(|s| s.pod_cidrs.clone())

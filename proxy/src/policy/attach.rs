@@ -141,6 +141,10 @@ impl PolicyPrograms {
     /// The interface indexes the endpoint map names.
     fn endpoint_interfaces(&self) -> Result<BTreeSet<u32>, AttachError> {
         let path = self.pin_dir.join(ENDPOINTS_MAP);
+        if !path.exists() {
+            // Nothing pinned it (yet): the routes to local pods name their veths.
+            return Ok(BTreeSet::new());
+        }
         let error = |source| AttachError::Endpoints { path: path.clone(), source };
         let data = MapData::from_pin(&path).map_err(error)?;
         let map: HashMap<MapData, EndpointKey, EndpointInfo> =
