@@ -11,6 +11,7 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_PIN: libc::c_long = 6;
@@ -64,6 +65,21 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     attr[0] = c_path.as_ptr() as u64; // pathname
     attr[1] = pair(fd.as_raw_fd() as u32, 0); // bpf_fd, file_flags
     bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// `map[key]`, or `None` when the key is absent. `K` and `V` must be the map's `#[repr(C)]`
+/// key and value.
+pub fn map_lookup<K, V: Copy>(map: BorrowedFd<'_>, key: &K, init: V) -> io::Result<Option<V>> {
+    let mut value = init;
+    let mut attr = Attr::default();
+    attr[0] = u64::from(map.as_raw_fd() as u32); // map_fd
+    attr[1] = key as *const K as u64;
+    attr[2] = &mut value as *mut V as u64;
+    match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(err) => Err(err),
+    }
 }
 
 /// `map[key] = value` (BPF_ANY). `K` and `V` must be the map's `#[repr(C)]` key and value.

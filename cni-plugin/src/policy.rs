@@ -125,3 +125,34 @@ pub fn attach_pinned(dir: &Path, ifindex: u32) -> io::Result<usize> {
     }
     Ok(programs.len())
 }
+
+/// Whether the agent's policy for `ips` is in the datapath: true when the agent does not deny
+/// unknown pods (no policy exists, or no agent), or when every IPv4 address has its endpoint
+/// entry. A runtime waits for this before it starts a pod's containers, so their first packets
+/// are not dropped as "policy not ready" (the datapath's no-window rule).
+pub fn policy_written(dir: &Path, ips: &[std::net::IpAddr]) -> io::Result<bool> {
+    use weir_common::policy::{
+        EndpointPolicy, GLOBAL_DENY_UNKNOWN, POLICY_ENDPOINTS_MAP, POLICY_GLOBAL_MAP, PolicyGlobal,
+    };
+    let open = |name: &str| match bpf::obj_get(&dir.join(name)) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    };
+    let Some(global) = open(POLICY_GLOBAL_MAP)? else { return Ok(true) };
+    let flags = bpf::map_lookup(global.as_fd(), &0u32, PolicyGlobal { flags: 0, _pad: 0 })?
+        .map_or(0, |g| g.flags);
+    if flags & GLOBAL_DENY_UNKNOWN == 0 {
+        return Ok(true);
+    }
+    let Some(endpoints) = open(POLICY_ENDPOINTS_MAP)? else { return Ok(true) };
+    let empty = EndpointPolicy { flags: 0, identity: 0, ingress_policy: 0, egress_policy: 0 };
+    for ip in ips {
+        if let std::net::IpAddr::V4(v4) = ip
+            && bpf::map_lookup(endpoints.as_fd(), &v4.octets(), empty)?.is_none()
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}

@@ -6,7 +6,7 @@
 //! pod vanished from the API (deleted with grace 0): teardown without the API.
 use std::{
     collections::HashMap,
-    path::Path,
+    path::{Path, PathBuf},
     process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
@@ -36,6 +36,9 @@ use crate::{
 };
 
 const PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long a new pod's containers wait for the agent to write the pod's policy entry.
+const POLICY_WAIT: Duration = Duration::from_secs(5);
 
 fn now() -> String {
     Timestamp::now().to_string()
@@ -102,6 +105,8 @@ enum WorkerEvent {
 
 struct Sandbox {
     ips: Vec<String>,
+    /// The pin directory of weir-cni's node agent (`bpffsDir`), when weir-cni wires the pod.
+    policy_pins: Option<PathBuf>,
 }
 
 pub struct Worker {
@@ -259,6 +264,8 @@ impl Worker {
             .unwrap_or_else(now);
         let sandbox = adopted.map(|r| Sandbox {
             ips: r.cni_result.as_ref().map(cni::result_ips).unwrap_or_default(),
+            // An adopted pod's policy entry was written long ago.
+            policy_pins: None,
         });
         if sandbox.is_some() {
             log::info!("pod {namespace}/{name}: adopted its sandbox {netns_name}");
@@ -298,10 +305,17 @@ impl Worker {
             }
             match self.create_sandbox().await {
                 Ok(sandbox) => {
+                    let pins = sandbox.policy_pins.clone();
                     self.sandbox = Some(sandbox);
                     self.sandbox_failures = 0;
                     self.sandbox_error = None;
                     self.sandbox_retry_at = None;
+                    // As kubelet does, the pod's address is reported once its sandbox exists,
+                    // before its containers start; the node's agent learns it from there.
+                    self.report().await;
+                    if let Some(pins) = pins {
+                        self.wait_for_policy(&pins).await;
+                    }
                 }
                 Err(err) => {
                     let message = format!("{err:#}");
@@ -324,6 +338,43 @@ impl Worker {
             self.ensure_container(idx).await;
         }
         self.schedule_probes();
+    }
+
+    /// While NetworkPolicies exist, the node's datapath drops a new pod's packets until the
+    /// agent has written its policy entry (no window). Waits, bounded, for that entry so the
+    /// containers' first packets (a DNS query, a `wget`) are not dropped.
+    async fn wait_for_policy(&self, pins: &Path) {
+        let Some(sandbox) = &self.sandbox else { return };
+        let ips: Vec<std::net::IpAddr> =
+            sandbox.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+        let deadline = Instant::now() + POLICY_WAIT;
+        loop {
+            match weir_cni_plugin::policy::policy_written(pins, &ips) {
+                Ok(true) => return,
+                Ok(false) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Ok(false) => {
+                    log::warn!(
+                        "pod {}/{}: the agent has not written its NetworkPolicy entry within \
+                         {POLICY_WAIT:?}; starting the containers anyway (their packets are \
+                         dropped until it does)",
+                        self.namespace,
+                        self.name
+                    );
+                    return;
+                }
+                Err(err) => {
+                    log::warn!(
+                        "pod {}/{}: reading the policy maps in {}: {err}",
+                        self.namespace,
+                        self.name,
+                        pins.display()
+                    );
+                    return;
+                }
+            }
+        }
     }
 
     async fn create_sandbox(&mut self) -> anyhow::Result<Sandbox> {
@@ -365,7 +416,10 @@ impl Worker {
         let ips = cni::result_ips(&result);
         sandbox::write_record(&self.paths, &Record { cni_result: Some(result), ..record })?;
         self.write_files(ips.first().map(String::as_str))?;
-        Ok(Sandbox { ips })
+        let policy_pins = list.plugins.iter().find(|p| p["type"] == "weir-cni").map(|p| {
+            p["bpffsDir"].as_str().unwrap_or(weir_common::endpoint::ENDPOINTS_PIN_DIR).into()
+        });
+        Ok(Sandbox { ips, policy_pins })
     }
 
     /// resolv.conf, hostname and hosts of the pod, under its state dir.
