@@ -1,5 +1,5 @@
 //! `cargo xtask bench policy`: NetworkPolicy enforcement cost and programming time, at N = 0,
-//! 10, 100, 1k and 10k rules selecting one server pod.
+//! 10, 100, 1k and 10k rules selecting one server pod, for the eBPF and nftables backends.
 //!
 //! Topology (one copy per side, so no side ever sees another's programs or tables): a client
 //! pod namespace and a server pod namespace behind a node namespace on routed veths, wired as
@@ -7,7 +7,7 @@
 //! - `ebpf`: `tc_pol_egress`/`tc_pol_ingress` on both node-side veths, maps written through
 //!   [`PolicyDatapath::apply`];
 //! - `nftables`: the nftables policy backend in the node namespace, through the same trait
-//!   (pending until `NftPolicy` exists: the side is left out and the run says so);
+//!   (`NftPolicy`, a uniquely named table);
 //! - `none` (the baseline): the same topology with no program and no table.
 //!
 //! The N rules are N NetworkPolicies selecting the server pod, one ingress rule each. The rule
@@ -38,8 +38,7 @@ use serde_json::{Value, json};
 use weir_policy::{Cidr, Cluster, Compiled, Compiler};
 use weir_proxy::{
     policy::{
-        DatapathPolicy, Lowering, PolicyApplied, PolicyDatapath, PolicyDatapathError, PolicyMaps,
-        PolicyNode,
+        EbpfPolicy, PolicyDatapath, PolicyMaps, PolicyNode, SharedPolicyNames, nft::NftPolicy,
     },
     programs::{self, LoadOptions},
 };
@@ -216,49 +215,6 @@ pub fn policy_node(n: u32) -> PolicyNode {
     }
 }
 
-/// The eBPF policy maps behind [`PolicyDatapath`]: lowering, the previous contents, the
-/// difference written with [`PolicyMaps::apply`]. A benchmark-local adapter until the agent's
-/// eBPF backend lands; it does what that backend does per apply.
-pub struct EbpfMaps {
-    lowering: Lowering,
-    current: DatapathPolicy,
-    maps: PolicyMaps,
-}
-
-impl EbpfMaps {
-    pub fn new(maps: PolicyMaps) -> Self {
-        Self { lowering: Lowering::default(), current: DatapathPolicy::default(), maps }
-    }
-}
-
-impl PolicyDatapath for EbpfMaps {
-    fn apply(
-        &mut self,
-        compiled: &Compiled,
-        node: &PolicyNode,
-    ) -> Result<PolicyApplied, PolicyDatapathError> {
-        let host: Vec<Ipv4Addr> = node
-            .host_addresses
-            .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let new = self.lowering.lower(compiled, &host);
-        // Entries before the flag that drops unknown pods; the flag off before entries go.
-        if !node.deny_unknown {
-            self.maps.set_deny_unknown(false)?;
-        }
-        let ops = self.maps.apply(&self.current, &new)?;
-        self.current = new;
-        if node.deny_unknown {
-            self.maps.set_deny_unknown(true)?;
-        }
-        Ok(PolicyApplied { ops: ops + 1 })
-    }
-}
-
 /// One side's copy of the topology.
 struct PodNet {
     node: Netns,
@@ -314,32 +270,25 @@ fn ebpf_side() -> Result<EbpfSide> {
     for veth in [&net.client_veth.b, &net.server_veth.b] {
         routed::attach_policy(&mut loaded.ebpf, &net.node, veth)?;
     }
-    let backend = Backend { label: "ebpf", net, datapath: Box::new(EbpfMaps::new(maps)) };
+    let datapath = EbpfPolicy::adopt(maps, SharedPolicyNames::default())?;
+    let backend = Backend { label: "ebpf", net, datapath: Box::new(datapath) };
     Ok(EbpfSide { backend, _loaded: loaded, _pins: pins })
 }
 
-/// The nftables policy backend, once `NftPolicy` (proxy/src/policy/nft/, branch h-pol-nft)
-/// is merged. Until then the nftables column is pending. To plug it in (the table lives in
-/// the side's node namespace and goes with it):
-/// ```text
-/// let net = PodNet::new("f")?;
-/// let table = crate::names::unique("pol");
-/// let datapath = net.node.run(move || NftPolicy::open(&table))??;
-/// Ok(Some(Backend { label: "nftables", net, datapath: Box::new(datapath) }))
-/// ```
-/// Likewise `EbpfMaps` can give way to the agent's `EbpfPolicy::adopt(maps, names)` (main).
-fn nft_side() -> Result<Option<Backend>> {
-    Ok(None)
+/// The nftables policy backend: a uniquely named table in the side's node namespace (it goes
+/// with the namespace).
+fn nft_side() -> Result<Backend> {
+    let net = PodNet::new("f")?;
+    let table = crate::names::unique("pol");
+    let datapath = net.node.run(move || NftPolicy::open(&table))??;
+    Ok(Backend { label: "nftables", net, datapath: Box::new(datapath) })
 }
 
 pub fn run(options: &Options) -> Result<Outcome> {
     require_root();
     ensure!(options.rounds > 0 && options.programming_reps > 0, "rounds must be at least 1");
     let mut ebpf = ebpf_side()?;
-    let mut nft = nft_side()?;
-    if nft.is_none() {
-        println!("bench policy: nftables backend: pending (NftPolicy is not built yet)");
-    }
+    let mut nft = Some(nft_side()?);
     let baseline = PodNet::new("b")?;
     let mut compiler = Compiler::default();
     // side label -> figures per round
