@@ -11,7 +11,13 @@
 //!   Or SPDY/3.1 (`X-Stream-Protocol-Version: v4.channel.k8s.io`), kubectl's fallback: one
 //!   SPDY stream per channel, named by its `streamtype` header ([`spdy`] is the codec).
 //!   Both transports feed one transport-free [`Session`].
-use std::{convert::Infallible, os::fd::AsFd, process::Stdio, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    os::fd::AsFd,
+    process::Stdio,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -851,13 +857,30 @@ async fn attach_session(
     c: &ContainerShared,
     opts: StreamOpts,
 ) -> anyhow::Result<()> {
-    let (stdin, run, terminal) = {
+    let (stdin, run, terminal, log) = {
         let live = c.live.lock().unwrap();
-        (live.stdin.clone(), live.run, live.tty.clone())
+        (live.stdin.clone(), live.run, live.tty.clone(), live.log.clone())
     };
-    // Like kubelet, attach streams what the container writes from now on; kubectl fetches
-    // what came before from the logs itself (`kubectl run -i` prints them first).
-    let mut output = c.output.subscribe();
+    // Attach streams what the container writes from now on. The first client of a stdinOnce
+    // container without a terminal (`kubectl run -i`, which attaches once it sees the pod
+    // Running) also gets what the run wrote before it came, so a command that finishes
+    // quickly is not lost between the start and the attach. The writers send each line under
+    // the log file's lock, so it is either in the file read here or on the subscription.
+    let first = c.stdin_once && !c.tty && !c.attached.swap(true, Ordering::SeqCst);
+    let (mut output, earlier) = match (&log, first) {
+        (Some((path, file)), true) => {
+            let _lines = file.lock().unwrap();
+            (c.output.subscribe(), std::fs::read_to_string(path).unwrap_or_default())
+        }
+        _ => (c.output.subscribe(), String::new()),
+    };
+    for line in earlier.lines().filter_map(logs::parse_line) {
+        let channel = if line.stream == "stderr" { 2 } else { 1 };
+        let data = Bytes::from(format!("{}\n", line.text));
+        if let Some(out) = attach_out(opts, channel, data) {
+            session.send(out).await?;
+        }
+    }
     let mut changes = c.changes.subscribe();
     let mut stdin_open = opts.stdin && stdin.is_some();
     // stdinOnce: the container's stdin closes when the first attached client is done with it.

@@ -128,6 +128,9 @@ pub struct ContainerShared {
     pub stdin_once: bool,
     /// `spec.tty`: the container runs on a pseudo terminal (stdout and stderr merged).
     pub tty: bool,
+    /// Whether a client has attached yet (the first one of a `stdinOnce` container also gets
+    /// the output written before it came).
+    pub attached: std::sync::atomic::AtomicBool,
 }
 
 /// A container's stdin as attach sessions share it (None once closed).
@@ -164,6 +167,7 @@ impl ContainerShared {
             output: broadcast::channel(256).0,
             stdin_once,
             tty,
+            attached: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
