@@ -545,26 +545,18 @@ impl Encoder {
                 b.str(NFTA_SET_NAME, name);
             }),
             Op::AddElement { set, key, verdict } => {
-                b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
-                    b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
-                    b.str(NFTA_SET_ELEM_LIST_SET, set);
-                    b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, Some(verdict)));
-                })
+                new_element(b, &table, set, key, |b| b.verdict(NFTA_SET_ELEM_DATA, verdict))
             }
             Op::AddEntry { set, key, endpoint } => new_element(b, &table, set, key, |b| {
                 if let Some(endpoint) = endpoint {
                     b.value(NFTA_SET_ELEM_DATA, &endpoint_bytes(endpoint));
                 }
             }),
-            Op::AddSetElement { set, key } => b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
-                b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
-                b.str(NFTA_SET_ELEM_LIST_SET, set);
-                b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, None));
-            }),
+            Op::AddSetElement { set, key } => new_element(b, &table, set, key, |_| {}),
             Op::DeleteElement { set, key } => b.nft_msg(NFT_MSG_DELSETELEM, 0, |b| {
                 b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
                 b.str(NFTA_SET_ELEM_LIST_SET, set);
-                b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, None));
+                b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, |_| {}));
             }),
             Op::FlushSet { set } => b.nft_msg(NFT_MSG_DELSETELEM, 0, |b| {
                 b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
@@ -619,12 +611,7 @@ fn new_element(b: &mut Buf, table: &str, set: &str, key: &ElementKey, data: impl
     b.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE, |b| {
         b.str(NFTA_SET_ELEM_LIST_TABLE, table);
         b.str(NFTA_SET_ELEM_LIST_SET, set);
-        b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-            b.nest(NFTA_LIST_ELEM, |b| {
-                b.value(NFTA_SET_ELEM_KEY, &key_bytes(key));
-                data(b);
-            })
-        });
+        b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, data));
     })
 }
 
@@ -633,7 +620,7 @@ const ANON_MAP_NAME: &str = "__map%d";
 /// The list entries of one element: a range of a plain interval set is two entries (its first
 /// key, and the key after its last flagged as the interval's end, omitted at the top of the
 /// address space); a policy tuple is one entry with an end key.
-fn element(b: &mut Buf, key: &ElementKey, verdict: Option<&Verdict>) {
+fn element(b: &mut Buf, key: &ElementKey, data: impl FnOnce(&mut Buf)) {
     if let ElementKey::AddressRange(first, last) = key {
         b.nest(NFTA_LIST_ELEM, |b| b.value(NFTA_SET_ELEM_KEY, &first.octets()));
         if let Some(after) = u32::from(*last).checked_add(1) {
@@ -649,9 +636,7 @@ fn element(b: &mut Buf, key: &ElementKey, verdict: Option<&Verdict>) {
         if let Some(end) = key_end_bytes(key) {
             b.value(NFTA_SET_ELEM_KEY_END, &end);
         }
-        if let Some(verdict) = verdict {
-            b.verdict(NFTA_SET_ELEM_DATA, verdict);
-        }
+        data(b);
     });
 }
 
