@@ -208,18 +208,42 @@ fn populated(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Removes cgroup `dir` and its children (they must be empty of processes).
+/// Removes cgroup `dir` and its children. A cgroup whose last processes were just killed can
+/// refuse `rmdir` (EBUSY) for a moment while the kernel finishes their exit, so each removal is
+/// retried (processes that appeared meanwhile are killed again) for up to 10 s; a directory
+/// that is already gone counts as removed.
 pub fn remove_cgroup_tree(dir: &Path) -> Result<()> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            remove_cgroup_tree(&entry.path())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    remove_cgroup_tree_by(dir, deadline)
+}
+
+fn remove_cgroup_tree_by(dir: &Path, deadline: Instant) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err).with_context(|| format!("reading cgroup {}", dir.display())),
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree_by(&entry.path(), deadline)?;
         }
     }
-    fs::remove_dir(dir).with_context(|| format!("removing cgroup {}", dir.display()))
+    loop {
+        let err = match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => err,
+        };
+        if Instant::now() > deadline {
+            return Err(err).with_context(|| {
+                format!("removing cgroup {} (still busy after 10 s)", dir.display())
+            });
+        }
+        if populated(dir) {
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Pids of processes whose network namespace is one of `netns` (by inode).

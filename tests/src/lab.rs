@@ -65,6 +65,9 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let out = self.run("down");
         if !out.status.success() {
+            // A lab that cannot be removed must fail the test that made it (not only the
+            // leftover check at the end of the run), unless the test is already failing.
+            assert!(std::thread::panicking(), "weir lab down failed:\n{}", text(&out));
             eprintln!("weir lab down failed:\n{}", text(&out));
         }
     }
