@@ -40,6 +40,17 @@ const PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 /// How long a new pod's containers wait for the agent to write the pod's policy entry.
 const POLICY_WAIT: Duration = Duration::from_secs(5);
 
+/// Whether the node's policy datapaths hold the entries of a pod with `ips` (see
+/// `Pod::wait_for_policy`).
+fn policy_written(pins: Option<&Path>, ips: &[std::net::IpAddr]) -> std::io::Result<bool> {
+    if let Some(pins) = pins
+        && !weir_cni_plugin::policy::policy_written(pins, ips)?
+    {
+        return Ok(false);
+    }
+    weir_proxy::policy::nft::inspect::endpoints_written(weir_proxy::policy::nft::DEFAULT_TABLE, ips)
+}
+
 fn now() -> String {
     Timestamp::now().to_string()
 }
@@ -313,9 +324,7 @@ impl Worker {
                     // As kubelet does, the pod's address is reported once its sandbox exists,
                     // before its containers start; the node's agent learns it from there.
                     self.report().await;
-                    if let Some(pins) = pins {
-                        self.wait_for_policy(&pins).await;
-                    }
+                    self.wait_for_policy(pins.as_deref()).await;
                 }
                 Err(err) => {
                     let message = format!("{err:#}");
@@ -342,14 +351,16 @@ impl Worker {
 
     /// While NetworkPolicies exist, the node's datapath drops a new pod's packets until the
     /// agent has written its policy entry (no window). Waits, bounded, for that entry so the
-    /// containers' first packets (a DNS query, a `wget`) are not dropped.
-    async fn wait_for_policy(&self, pins: &Path) {
+    /// containers' first packets (a DNS query, a `wget`) are not dropped. Both datapaths are
+    /// asked: the eBPF maps pinned in `pins` (when weir-cni is in the chain) and the nftables
+    /// policy table of the node's namespace; each answers "ready" when it is absent.
+    async fn wait_for_policy(&self, pins: Option<&Path>) {
         let Some(sandbox) = &self.sandbox else { return };
         let ips: Vec<std::net::IpAddr> =
             sandbox.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
         let deadline = Instant::now() + POLICY_WAIT;
         loop {
-            match weir_cni_plugin::policy::policy_written(pins, &ips) {
+            match policy_written(pins, &ips) {
                 Ok(true) => return,
                 Ok(false) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(10)).await
@@ -366,10 +377,9 @@ impl Worker {
                 }
                 Err(err) => {
                     log::warn!(
-                        "pod {}/{}: reading the policy maps in {}: {err}",
+                        "pod {}/{}: reading the node's policy datapath: {err}",
                         self.namespace,
                         self.name,
-                        pins.display()
                     );
                     return;
                 }

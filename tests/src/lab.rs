@@ -6,6 +6,8 @@ use std::{
     process::{Command, Output},
 };
 
+use weir_proxy::policy::nft::{inspect, plan};
+
 use crate::{
     apiserver::{Kubectl, TempDir, weir_binary},
     cni::weir_cni,
@@ -189,8 +191,48 @@ impl Lab {
             .expect("running busybox wget in the underlay")
     }
 
+    /// Packets the nodes' policy datapaths dropped because the pod had no policy entry yet
+    /// (`drop_policy_not_ready` in each agent's metrics on eBPF, the `drop-unknown` counter of
+    /// table `inet weir_policy` on nftables), summed over the first `nodes` nodes.
+    pub fn not_ready_drops(&self, dataplane: &str, nodes: usize) -> u64 {
+        (1..=nodes)
+            .map(|i| match dataplane {
+                "nftables" => {
+                    let netns = PathBuf::from("/run/netns").join(self.node_netns(i));
+                    let table = weir_proxy::policy::nft::DEFAULT_TABLE;
+                    crate::netns::run_in(&netns, || inspect::drop_counters(table))
+                        .expect("entering the node's namespace")
+                        .expect("reading the policy table's counters")
+                        .get(plan::DROP_UNKNOWN)
+                        .copied()
+                        .expect("the policy table has its drop-unknown counter")
+                }
+                _ => {
+                    let url = format!("http://{}:10249/metrics", self.node_address(i));
+                    let metrics =
+                        String::from_utf8_lossy(&self.get_from_underlay(&url).stdout).into_owned();
+                    let line = metrics
+                        .lines()
+                        .find(|l| l.contains("reason=\"drop_policy_not_ready\""))
+                        .unwrap_or_else(|| {
+                            panic!("no not-ready drop counter in {url}:\n{metrics}")
+                        });
+                    counter_after(line, "} ")
+                }
+            })
+            .sum()
+    }
+
     /// The node's address on the underlay (`172.30.0.<index + 1>`, 1-based index).
     pub fn node_address(&self, index: usize) -> String {
         format!("172.30.0.{}", index + 1)
     }
+}
+
+/// The number right after `marker` in a metrics line.
+fn counter_after(line: &str, marker: &str) -> u64 {
+    line.split_once(marker)
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter value after {marker:?} in {line:?}"))
 }

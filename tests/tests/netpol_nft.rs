@@ -6,18 +6,18 @@
 //! seeded generator) and random cells, where the eBPF programs' verdict (BPF_PROG_TEST_RUN),
 //! the nftables verdict (real packets) and the oracle must all agree. Plus: unknown pods
 //! dropped while policies exist, drops counted per policy, a reopened table. Privileged.
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use weir_common::proto;
 use weir_policy::{Cluster, Compiler};
 use weir_proxy::policy::{
     PolicyDatapath, PolicyNode,
-    nft::{NftPolicy, plan},
+    nft::{NftPolicy, inspect, plan},
 };
 use weir_tests::{
     names,
-    policy_cases::{NODES, Rng, TruthTable, cases, node_ip, random_policies},
+    policy_cases::{NODES, Rng, TruthTable, cases, node_ip, pod_ip, random_policies},
     policy_ebpf::Datapath,
     policy_net::{Cell, PolicyNet, ProbeProtocol},
     policy_oracle::{Oracle, Party},
@@ -177,16 +177,30 @@ fn unknown_pods_are_dropped_while_policies_exist() {
         serde_json::json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
     )];
     let (a, b) = (pod("x", "a"), pod("x", "b"));
+    // What a node runtime asks before starting x/b's containers (x/b runs on node-1).
+    let b_ready = |cluster: &NftCluster| {
+        let table = cluster.tables[0].table().to_string();
+        let ips = [IpAddr::from(pod_ip(0, 1))];
+        cluster.net.nodes[0].run(|| inspect::endpoints_written(&table, &ips)).unwrap().unwrap()
+    };
+    assert!(b_ready(&cluster), "an empty table drops nothing: ready");
     cluster.program(&early, &policies);
+    assert!(!b_ready(&cluster), "policies exist and x/b has no entry yet");
     let cells = [tcp(&a, &b), tcp(&b, &a)];
     assert_eq!(cluster.probe(&cells, &[false, false]), [false, false], "x/b is unknown");
     let counters = cluster.tables[0].drop_counters().unwrap();
     assert!(counters[plan::DROP_UNKNOWN] >= 2, "{counters:?}");
     cluster.program(&full, &policies);
+    assert!(b_ready(&cluster), "x/b's entry is written");
     assert_eq!(cluster.probe(&cells, &[true, true]), [true, true], "x/b is known");
     // Without policies the flag is off: unknown pods pass.
     cluster.program(&early, &[]);
+    assert!(b_ready(&cluster), "no policy: nothing to wait for");
     assert_eq!(cluster.probe(&cells, &[true, true]), [true, true], "no policy, no flag");
+    let missing = names::unique("nopol");
+    let ips = [IpAddr::from(pod_ip(0, 1))];
+    let no_table = cluster.net.nodes[0].run(|| inspect::endpoints_written(&missing, &ips));
+    assert!(no_table.unwrap().unwrap(), "no table: ready");
 }
 
 /// Reopening an existing table keeps enforcing it until the first apply, which converges.

@@ -11,6 +11,7 @@
 //!   policy that isolates a local pod first), one atomic batch each; after a refused batch the
 //!   next apply rewrites everything again;
 //! - the table is removed only by [`NftPolicy::remove`].
+pub mod inspect;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,12 +62,8 @@ impl NftPolicy {
     /// first policy isolating the pod's direction) and `drop-unknown` (pods the policy does
     /// not know yet).
     pub fn drop_counters(&mut self) -> Result<BTreeMap<String, u64>, NftError> {
-        let table = self.table.clone();
-        let counters = self
-            .socket
-            .dump(DumpKind::Counters, &table, None)
-            .map_err(|source| NftError::Io { table, source })?;
-        Ok(counters.into_iter().map(|c| (c.name, c.packets.unwrap_or(0))).collect())
+        inspect::counters(&mut self.socket, &self.table)
+            .map_err(|source| NftError::Io { table: self.table.clone(), source })
     }
 
     /// The allow tuples the kernel holds, per set ([`plan::INGRESS_ALLOW`],
