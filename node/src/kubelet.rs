@@ -47,7 +47,7 @@ use tokio_tungstenite::{
 
 use crate::{ContainerShared, PodShared, Shared, logs, rules, spawn, spdy};
 
-type Body = BoxBody<Bytes, std::io::Error>;
+pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
 /// A pod and one of its containers.
 type Target = (Arc<PodShared>, Arc<ContainerShared>);
 
@@ -132,6 +132,14 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             Ok((p, c)) => container_logs(&req, p, c),
             Err(resp) => *resp,
         },
+        ["portForward", ns, pod] => {
+            let found =
+                shared.pods.lock().unwrap().get(&(ns.to_string(), pod.to_string())).cloned();
+            match found {
+                Some(p) => crate::portforward::upgrade(req, p, format!("{ns}/{pod}")),
+                None => text(StatusCode::NOT_FOUND, format!("pod {ns}/{pod} is not on this node")),
+            }
+        }
         [kind @ ("exec" | "attach"), ns, pod, container] => {
             let kind = kind.to_string();
             match find(&shared, ns, pod, container) {

@@ -26,6 +26,7 @@ pub mod kubelet;
 pub mod logs;
 pub mod node;
 pub mod pod;
+pub mod portforward;
 pub mod probe;
 pub mod rules;
 pub mod runtime;
@@ -108,6 +109,8 @@ pub struct Shared {
 /// What the kubelet API needs of one pod.
 pub struct PodShared {
     pub uid: String,
+    /// The pod's network namespace (`/run/netns/...`), where port-forwards connect.
+    pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub dir: PathBuf,
     pub containers: Mutex<HashMap<String, Arc<ContainerShared>>>,

@@ -211,6 +211,7 @@ impl Worker {
         let spec = pod.spec.clone().unwrap_or_default();
         let pod_shared = Arc::new(PodShared {
             uid: uid.clone(),
+            netns: paths.netns.clone(),
             cgroup: paths.cgroup.clone(),
             dir: paths.dir.clone(),
             containers: Default::default(),

@@ -308,6 +308,14 @@ pub fn encode_ping(id: u32) -> Vec<u8> {
     control(PING, 0, &id.to_be_bytes())
 }
 
+/// WINDOW_UPDATE: the receiver consumed `delta` bytes of `stream_id`, which may send as much
+/// again (SPDY/3.1 flow control; the initial window is 64 KiB per stream).
+pub fn encode_window_update(stream_id: u32, delta: u32) -> Vec<u8> {
+    let mut payload = (stream_id & 0x7fff_ffff).to_be_bytes().to_vec();
+    payload.extend((delta & 0x7fff_ffff).to_be_bytes());
+    control(9, 0, &payload)
+}
+
 pub fn encode_rst_stream(stream_id: u32, status: u32) -> Vec<u8> {
     let mut payload = (stream_id & 0x7fff_ffff).to_be_bytes().to_vec();
     payload.extend_from_slice(&status.to_be_bytes());

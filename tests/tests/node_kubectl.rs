@@ -270,3 +270,112 @@ fn kubectl_get_pods_and_nodes_shows_real_states_like_kube_apiserver() {
     }
     lab.assert_clean();
 }
+
+/// `kubectl port-forward` over WebSocket (kubectl's default) and SPDY
+/// (`KUBECTL_PORT_FORWARD_WEBSOCKETS=false`): a local port reaches the pod's port through the
+/// API server and the node runtime, which connects on the pod's own loopback; a port nothing
+/// listens on gives kubectl the node's error.
+#[test]
+fn kubectl_port_forward_over_websocket_and_spdy() {
+    let mut lab = LabNode::new();
+    lab.start();
+    let kubectl = Kubectl::new(&lab.api.kubeconfig);
+    lab.create_pod(
+        "web",
+        json!({"containers": [{"name": "nginx", "image": "nginx",
+                               "ports": [{"containerPort": 8080}]}]}),
+    );
+    lab.wait_running("web");
+    for (transport, websockets) in TRANSPORTS {
+        let mut forward = PortForward::start(&kubectl, websockets, "8080");
+        for request in 0..2 {
+            let page = forward.get();
+            if !page.starts_with("HTTP/1.0 200") {
+                panic!("{transport} #{request}: {page:?}; kubectl: {}", forward.stop());
+            }
+            assert!(page.contains("pod: web"), "{transport} #{request}: {page}");
+            assert!(
+                page.contains("client address: 127.0.0.1:"),
+                "{transport}: the node runtime connects on the pod's loopback: {page}"
+            );
+        }
+        drop(forward);
+
+        let mut refused = PortForward::start(&kubectl, websockets, "8081");
+        let answer = refused.get();
+        assert!(answer.is_empty(), "{transport}: nothing listens on 8081, yet: {answer}");
+        let stderr = refused.stop();
+        assert!(
+            stderr.contains("error forwarding port 8081 to pod default/web")
+                && stderr.contains("refused"),
+            "{transport}: kubectl does not show the node's error: {stderr}"
+        );
+    }
+    lab.delete_pod("web");
+}
+
+/// A running `kubectl port-forward pod/web :PORT` and the local port it chose.
+struct PortForward {
+    child: std::process::Child,
+    local: std::net::SocketAddr,
+    /// Kept open: kubectl prints a line per connection and dies of SIGPIPE without a reader.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl PortForward {
+    fn start(kubectl: &Kubectl, websockets: &str, port: &str) -> PortForward {
+        let mut child = kubectl
+            .command(&["port-forward", "pod/web", &format!(":{port}"), "--address=127.0.0.1"])
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting kubectl port-forward");
+        // "Forwarding from 127.0.0.1:PORT -> 8080"
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).expect("reading kubectl's output");
+        let local = line
+            .split_once("Forwarding from ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|address| address.parse().ok());
+        let Some(local) = local else {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("kubectl port-forward output");
+            panic!(
+                "kubectl port-forward did not start: {line}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        PortForward { child, local, _stdout: stdout }
+    }
+
+    /// One HTTP/1.0 GET through the forwarded port: the whole answer (empty when the
+    /// connection closes without one).
+    fn get(&mut self) -> String {
+        let mut stream = std::net::TcpStream::connect(self.local).expect("connecting to kubectl");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n").expect("sending the request");
+        let mut answer = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stream, &mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// Stops kubectl; its stderr.
+    fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        let _ = self.child.wait();
+        stderr
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -86,8 +86,11 @@ fn subresources(r: &Resource) -> Vec<Subresource> {
             verbs: create,
         });
         let get_create = &["create", "get"];
-        for name in ["exec", "attach"] {
-            let kind = if name == "exec" { "PodExecOptions" } else { "PodAttachOptions" };
+        for (name, kind) in [
+            ("exec", "PodExecOptions"),
+            ("attach", "PodAttachOptions"),
+            ("portforward", "PodPortForwardOptions"),
+        ] {
             out.push(Subresource { name, group: "", version: "v1", kind, verbs: get_create });
         }
         out.push(Subresource {

@@ -362,9 +362,9 @@ async fn route<S: Store>(
     let authorization = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let entry = state.tokens.authenticate(authorization).ok_or_else(ApiError::unauthorized)?;
     let role = entry.role;
-    // exec and attach run commands in a Pod: writes, whatever the method (kubectl's
+    // exec, attach and portforward reach into a Pod: writes, whatever the method (kubectl's
     // WebSocket client uses GET), as Kubernetes authorizes them as `create pods/exec`.
-    let runs_commands = matches!(segments.last(), Some(&("exec" | "attach")));
+    let runs_commands = matches!(segments.last(), Some(&("exec" | "attach" | "portforward")));
     let read_only = (req.method() == hyper::Method::GET || req.method() == hyper::Method::HEAD)
         && !runs_commands;
     if role == Role::Node && !read_only {
@@ -426,8 +426,10 @@ async fn route<S: Store>(
     // Watches and the streams proxied to nodes are long-running: not counted as in flight.
     let _permit = if Query::parse(req.uri().query()).flag("watch")
         || rest.first().map(String::as_str) == Some("watch")
-        || matches!(rest.last().map(String::as_str), Some("log" | "exec" | "attach"))
-    {
+        || matches!(
+            rest.last().map(String::as_str),
+            Some("log" | "exec" | "attach" | "portforward")
+        ) {
         None
     } else {
         Some(state.in_flight.try_acquire().map_err(|_| ApiError::too_many_requests())?)

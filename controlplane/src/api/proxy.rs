@@ -1,5 +1,5 @@
-//! The Pod subresources served by the node runtime: `log`, `exec` and `attach`, proxied to the
-//! kubelet API of the Pod's node (plain HTTP on the Node's InternalIP and
+//! The Pod subresources served by the node runtime: `log`, `exec`, `attach` and
+//! `portforward`, proxied to the kubelet API of the Pod's node (plain HTTP on the Node's InternalIP and
 //! `status.daemonEndpoints.kubeletEndpoint.Port`).
 //!
 //! - `GET pods/NAME/log` becomes `GET /containerLogs/NS/POD/CONTAINER?<same query>` and the
@@ -10,6 +10,9 @@
 //!   `Sec-WebSocket-*` and `X-Stream-Protocol-Version` headers; the node's 101 goes back to the
 //!   client and bytes are then copied both ways until either side closes. Any other answer of
 //!   the node is passed back as it is.
+//! - `GET|POST pods/NAME/portforward` (WebSocket-tunnelled or plain SPDY, kubectl port-forward)
+//!   becomes `/portForward/NS/POD?<same query>` the same way (no container: ports are the
+//!   pod's).
 //! - The container is `?container=`, else the `kubectl.kubernetes.io/default-container`
 //!   annotation, else the only container (400 when the Pod has several).
 //! - Errors say which step failed: Pod not scheduled or Node without an address (503), node
@@ -35,7 +38,7 @@ use crate::{
 };
 
 /// The pod subresources proxied to the node.
-pub(crate) const SUBRESOURCES: &[&str] = &["log", "exec", "attach"];
+pub(crate) const SUBRESOURCES: &[&str] = &["log", "exec", "attach", "portforward"];
 
 const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 
@@ -138,7 +141,7 @@ async fn connect(address: SocketAddr, netns: Option<PathBuf>) -> std::io::Result
     }
 }
 
-/// Proxies `pods/NAME/{log,exec,attach}` to the Pod's node.
+/// Proxies `pods/NAME/{log,exec,attach,portforward}` to the Pod's node.
 pub(crate) async fn pod_subresource<S: Store>(
     state: &ApiState<S>,
     pods: &Resource,
@@ -149,7 +152,11 @@ pub(crate) async fn pod_subresource<S: Store>(
 ) -> Result<Response<Body>, ApiError> {
     let pod = handlers::get(state, pods, Some(ns), name).await?;
     let query = Query::parse(req.uri().query());
-    let container = container_for(&pod, query.get("container"))?;
+    // A port-forward reaches the pod's network namespace, not a container.
+    let container = match sub {
+        "portforward" => None,
+        _ => Some(container_for(&pod, query.get("container"))?),
+    };
     let node_name = pod.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
     if node_name.is_empty() {
         return Err(unavailable(format!(
@@ -167,13 +174,14 @@ pub(crate) async fn pod_subresource<S: Store>(
         Err(err) => return Err(err),
     };
     let address = kubelet_address(&node)?;
-    let node_path = match sub {
-        "log" => "containerLogs",
-        other => other,
+    let node_path = match (sub, container) {
+        ("log", Some(container)) => format!("/containerLogs/{ns}/{name}/{container}"),
+        (_, Some(container)) => format!("/{sub}/{ns}/{name}/{container}"),
+        (_, None) => format!("/portForward/{ns}/{name}"),
     };
     let path_and_query = match req.uri().query() {
-        Some(q) => format!("/{node_path}/{ns}/{name}/{container}?{q}"),
-        None => format!("/{node_path}/{ns}/{name}/{container}"),
+        Some(q) => format!("{node_path}?{q}"),
+        None => node_path,
     };
     let stream = match tokio::time::timeout(
         CONNECT_TIMEOUT,
