@@ -1181,4 +1181,25 @@ mod tests {
             None
         );
     }
+
+    #[test]
+    fn random_incremental_changes_end_in_the_state_a_full_plan_gives() {
+        use crate::model::{ServiceTracker, random};
+        for seed in 1..=25u64 {
+            let mut rng = random::seeded(seed);
+            let mut tracker = ServiceTracker::new(random::node());
+            let mut planner = Planner::new();
+            let mut table = table();
+            for step in 0..120 {
+                let changed = tracker.apply([random::random_change(&mut rng)]);
+                table.execute(&planner.plan_changed(tracker.state(), &changed).ops);
+                if step % 20 == 19 {
+                    // The planner and the table both hold exactly the desired state.
+                    assert_eq!(planner.plan(tracker.state()).ops, [], "seed {seed} step {step}");
+                    let mut adopted = Planner::adopt(&table.contents());
+                    assert_eq!(adopted.plan(tracker.state()).ops, [], "seed {seed} step {step}");
+                }
+            }
+        }
+    }
 }
