@@ -246,6 +246,19 @@ pub(crate) mod testing {
         }
     }
 
+    /// The desired state after each of `steps` random changes from seed `seed`, with the
+    /// frontends each change touched (what the agent hands to `plan_changed`).
+    pub(crate) fn sequence(seed: u64, steps: usize) -> Vec<(ServiceState, Vec<Frontend>)> {
+        let mut rng = seeded(seed);
+        let mut tracker = ServiceTracker::new(node());
+        (0..steps)
+            .map(|_| {
+                let changed = tracker.apply([random_change(&mut rng)]);
+                (tracker.state().clone(), changed)
+            })
+            .collect()
+    }
+
     /// The generator for test case `seed` (never the all-zero state xorshift cannot leave).
     pub(crate) fn seeded(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
