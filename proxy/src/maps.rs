@@ -209,6 +209,11 @@ impl ServiceMaps {
         Ok(deleted)
     }
 
+    /// The entry of `key` (a master or a slot), if the map holds one.
+    pub fn service_entry(&self, key: ServiceKey) -> Option<ServiceValue> {
+        self.services.get(&key, 0).ok()
+    }
+
     /// Every entry of `weir_svc_v1` (for inspection and tests).
     pub fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)> {
         self.services.iter().filter_map(Result::ok).collect()

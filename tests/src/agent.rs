@@ -244,6 +244,11 @@ impl AgentProcess {
         (response.status, String::from_utf8_lossy(&response.body).into_owned())
     }
 
+    /// The agent's process ID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -32,6 +32,11 @@ pub enum Dataplane {
 /// its sync period).
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How often the agent rebuilds its model from the watch stores and writes by a full diff,
+/// between the per-object syncs (kube-proxy's `--sync-period` plays the same role; a full diff
+/// of 100k services costs tens of milliseconds).
+pub const FULL_RESYNC_PERIOD: Duration = Duration::from_secs(300);
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// kubeconfig file; `None` means in-cluster configuration (service account).

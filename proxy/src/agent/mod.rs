@@ -10,9 +10,15 @@
 //! watched kind has been listed does the first sync run. Syncing earlier would apply an empty
 //! desired state and wipe the services a previous agent programmed.
 //!
-//! Then the loop: every change wakes it; it rebuilds the desired state from the stores
-//! (level-triggered), plans the difference and writes it. A failed write is retried after a
-//! resync: a new planner adopts what the maps really hold. On SIGTERM or SIGINT the agent
+//! Then the loop: every change wakes it. The watchers log which Services and EndpointSlices
+//! changed; the loop feeds their current versions from the stores into the model
+//! ([`ServiceTracker`], which re-renders only their services) and plans and writes only the
+//! frontends that changed (`plan_changed`), so one change costs the same at 10 services and at
+//! 100k. A watcher re-list, a change of this Node, the periodic resync
+//! ([`config::FULL_RESYNC_PERIOD`]) and the first sync rebuild the model from the stores and
+//! write by a full diff, which also repairs anything an incremental step could have missed. A
+//! failed write is retried after a resync: a new planner adopts what the maps really hold, and
+//! the next sync is a full one. On SIGTERM or SIGINT the agent
 //! exits and leaves the datapath in place (pinned maps and links), so established and new
 //! connections keep working until the next agent adopts it.
 pub mod config;
@@ -36,6 +42,7 @@ use kube::{
 };
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::Notify};
+use watch::{Changes, Pending, Stores};
 
 use self::{
     config::{AgentConfig, Dataplane},
@@ -48,7 +55,7 @@ use crate::{
         plan::Planner,
     },
     maps::{MapsError, ServiceMaps},
-    model::{self, NodeContext},
+    model::{self, Change, Frontend, NodeContext, ServiceTracker},
     policy::{
         EbpfPolicy, PolicyDatapath, PolicyDatapathError, PolicyMaps, PolicyPrograms,
         SharedPolicyNames, flows,
@@ -142,6 +149,26 @@ impl Backend {
             }
             Backend::Nftables(table) => {
                 let applied = table.apply(desired).map_err(|err| error_chain(&err))?;
+                Ok(Synced { ops: applied.ops, skipped: applied.skipped, flushed: 0 })
+            }
+        }
+    }
+
+    /// Writes only the `changed` frontends of `desired` (every other one is as last written).
+    fn sync_changed(
+        &mut self,
+        desired: &model::ServiceState,
+        changed: &[Frontend],
+    ) -> Result<Synced, String> {
+        match self {
+            Backend::Ebpf(ebpf) => {
+                let plan = ebpf.planner.plan_changed(desired, changed);
+                let flushed = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
+                Ok(Synced { ops: plan.ops.len(), skipped: plan.skipped, flushed })
+            }
+            Backend::Nftables(table) => {
+                let applied =
+                    table.apply_changed(desired, changed).map_err(|err| error_chain(&err))?;
                 Ok(Synced { ops: applied.ops, skipped: applied.skipped, flushed: 0 })
             }
         }
@@ -347,8 +374,8 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     };
 
-    let changed = Arc::new(Notify::new());
-    let (stores, _watchers) = watch::start(&client, &config.node_name, changed.clone());
+    let changes = Arc::new(Changes::default());
+    let (stores, _watchers) = watch::start(&client, &config.node_name, changes.clone());
     // Node-to-node routing has its own watcher (every Node, not only this one) and loop, so a
     // Node change never waits behind a service sync and the other way round.
     let _routing = config.routing.enabled().then(|| {
@@ -377,23 +404,29 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         _ = shutdown() => return stop(&config, backend),
     }
     let mut first_sync = true;
+    // `None` until the first sync and after a failed one: the next sync is a full one.
+    let mut tracker: Option<ServiceTracker> = None;
+    let mut next_full = Instant::now();
     loop {
         let started = Instant::now();
-        let node = node_context(
-            &config,
-            stores
-                .nodes
-                .get(&kube::runtime::reflector::ObjectRef::new(&config.node_name))
-                .as_deref(),
-        );
-        let services = stores.services.state();
-        let slices = stores.slices.state();
-        let desired = model::build(
-            services.iter().map(AsRef::as_ref),
-            slices.iter().map(AsRef::as_ref),
-            &node,
-        );
-        match backend.sync(&desired) {
+        let mut pending = changes.take();
+        pending.full |= started >= next_full;
+        let (result, full) = match tracker.as_mut() {
+            Some(tracker) if !pending.full => {
+                let changed = tracker.apply(changed_objects(&stores, &pending));
+                (backend.sync_changed(tracker.state(), &changed), false)
+            }
+            _ => {
+                let node = node_context(&config, node_object(&stores, &config).as_deref());
+                let rebuilt =
+                    ServiceTracker::rebuild(node, stores.services.state(), stores.slices.state());
+                let result = backend.sync(rebuilt.state());
+                tracker = Some(rebuilt);
+                next_full = started + config::FULL_RESYNC_PERIOD;
+                (result, true)
+            }
+        };
+        match result {
             Ok(synced) => {
                 if synced.flushed > 0 {
                     log::info!(
@@ -404,14 +437,16 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 let (frontends, backends) = backend.counts();
                 let report = SyncReport {
                     duration: started.elapsed(),
+                    event_age: pending.since.map(|since| since.elapsed()),
                     ops: synced.ops,
                     frontends,
                     backends,
                     skipped_frontends: synced.skipped,
                 };
-                if synced.ops > 0 {
+                if synced.ops > 0 || full {
                     log::info!(
-                        "sync: {} datapath operations in {:?} ({} frontends, {} backends)",
+                        "sync ({}): {} datapath operations in {:?} ({} frontends, {} backends)",
+                        if full { "full" } else { "changed objects only" },
                         report.ops,
                         report.duration,
                         report.frontends,
@@ -429,15 +464,41 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 log::error!("sync failed: {err}; resyncing from the datapath in {RETRY_AFTER:?}");
                 status.failed();
                 backend.resync();
+                tracker = None;
                 tokio::time::sleep(RETRY_AFTER).await;
                 continue;
             }
         }
         tokio::select! {
-            _ = changed.notified() => status.queued(),
+            _ = changes.changed() => status.queued(),
+            _ = tokio::time::sleep_until(next_full.into()) => {}
             _ = shutdown() => return stop(&config, backend),
         }
     }
+}
+
+/// This node's Node object, if the store has it.
+fn node_object(stores: &Stores, config: &AgentConfig) -> Option<Arc<Node>> {
+    stores.nodes.get(&kube::runtime::reflector::ObjectRef::new(&config.node_name))
+}
+
+/// The current version (or absence) of each object `pending` names, from the stores.
+fn changed_objects(stores: &Stores, pending: &Pending) -> Vec<Change> {
+    fn reference<K: kube::Resource<DynamicType = ()>>(
+        key: &str,
+    ) -> kube::runtime::reflector::ObjectRef<K> {
+        let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
+        kube::runtime::reflector::ObjectRef::new(name).within(namespace)
+    }
+    let services = pending.services.iter().map(|key| Change::Service {
+        key: key.clone(),
+        object: stores.services.get(&reference(key)),
+    });
+    let slices = pending
+        .slices
+        .iter()
+        .map(|key| Change::Slice { key: key.clone(), object: stores.slices.get(&reference(key)) });
+    services.chain(slices).collect()
 }
 
 /// Serves `weir flows` on the flow socket from the eBPF datapath's ring buffer. Visibility is

@@ -10,9 +10,40 @@ use std::{
 
 use weir_common::metrics::Counter;
 
-/// Upper bounds (seconds) of the sync latency histogram.
-const BUCKETS: [f64; 12] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+/// Upper bounds (seconds) of the latency histograms.
+const BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// A Prometheus histogram over [`BUCKETS`].
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Observations at or below each bound (cumulative, as exposed).
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        self.count += 1;
+        self.sum += seconds;
+        for (count, bound) in self.buckets.iter_mut().zip(BUCKETS) {
+            if seconds <= bound {
+                *count += 1;
+            }
+        }
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (count, bound) in self.buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+    }
+}
 
 #[derive(Debug)]
 pub struct Status {
@@ -32,8 +63,8 @@ struct Inner {
     frontends: usize,
     backends: usize,
     skipped_frontends: usize,
-    bucket_counts: [u64; BUCKETS.len()],
-    sync_seconds_sum: f64,
+    sync_seconds: Histogram,
+    event_to_datapath: Histogram,
     policy: PolicyStatus,
 }
 
@@ -64,6 +95,9 @@ pub struct PolicySyncReport {
 #[derive(Debug, Clone, Copy)]
 pub struct SyncReport {
     pub duration: Duration,
+    /// From the oldest change this sync applied being seen (its watch event received) to the
+    /// datapath written; `None` when the sync applied no change (a periodic resync).
+    pub event_age: Option<Duration>,
     pub ops: usize,
     pub frontends: usize,
     pub backends: usize,
@@ -97,12 +131,9 @@ impl Status {
         inner.frontends = report.frontends;
         inner.backends = report.backends;
         inner.skipped_frontends = report.skipped_frontends;
-        let seconds = report.duration.as_secs_f64();
-        inner.sync_seconds_sum += seconds;
-        for (count, bound) in inner.bucket_counts.iter_mut().zip(BUCKETS) {
-            if seconds <= bound {
-                *count += 1;
-            }
+        inner.sync_seconds.observe(report.duration);
+        if let Some(age) = report.event_age {
+            inner.event_to_datapath.observe(age);
         }
     }
 
@@ -147,17 +178,17 @@ impl Status {
     pub fn metrics(&self, counters: &[(Counter, u64)]) -> String {
         let inner = self.inner();
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP weir_sync_duration_seconds Time to apply one change set to the dataplane."
+        inner.sync_seconds.write(
+            &mut out,
+            "weir_sync_duration_seconds",
+            "Time to apply one change set to the dataplane.",
         );
-        let _ = writeln!(out, "# TYPE weir_sync_duration_seconds histogram");
-        for (count, bound) in inner.bucket_counts.iter().zip(BUCKETS) {
-            let _ = writeln!(out, "weir_sync_duration_seconds_bucket{{le=\"{bound}\"}} {count}");
-        }
-        let _ = writeln!(out, "weir_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", inner.syncs);
-        let _ = writeln!(out, "weir_sync_duration_seconds_sum {}", inner.sync_seconds_sum);
-        let _ = writeln!(out, "weir_sync_duration_seconds_count {}", inner.syncs);
+        inner.event_to_datapath.write(
+            &mut out,
+            "weir_event_to_datapath_seconds",
+            "From a Service or EndpointSlice watch event (the oldest a sync applied) to the \
+             dataplane written.",
+        );
         for (name, kind, help, value) in [
             ("weir_syncs_total", "counter", "Syncs applied.", inner.syncs as f64),
             (
@@ -265,6 +296,7 @@ mod tests {
     fn report() -> SyncReport {
         SyncReport {
             duration: Duration::from_millis(2),
+            event_age: Some(Duration::from_millis(3)),
             ops: 4,
             frontends: 1,
             backends: 2,
@@ -295,6 +327,9 @@ mod tests {
         assert!(text.contains("weir_sync_duration_seconds_bucket{le=\"0.0025\"} 1"));
         assert!(text.contains("weir_sync_duration_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("weir_map_operations_total 4"));
+        assert!(text.contains("weir_event_to_datapath_seconds_bucket{le=\"0.0025\"} 0"));
+        assert!(text.contains("weir_event_to_datapath_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("weir_event_to_datapath_seconds_count 1"));
         assert!(text.contains("weir_datapath_events_total{reason=\"translated\"} 7"));
         assert!(text.contains("weir_policy_syncs_total 0"));
         status.policy_applied(PolicySyncReport {

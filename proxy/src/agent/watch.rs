@@ -1,10 +1,16 @@
-//! Watching the API server: reflector stores for Services, EndpointSlices and this node's Node.
+//! Watching the API server: reflector stores for Services, EndpointSlices and this node's Node,
+//! and the log of what changed since the sync loop last looked ([`Changes`]).
 //!
-//! The watcher contract (kube-rs): a re-list replaces a store's content atomically, so a lost
-//! Delete event cannot leave a stale object behind; the agent is level-triggered and rebuilds
-//! its desired state from the stores, never from individual events. Every event, and every
-//! re-list, wakes the sync loop through `changed`.
-use std::sync::Arc;
+//! The watcher contract (kube-rs): a re-list replaces a store's content atomically (at
+//! `InitDone`), so a lost Delete event cannot leave a stale object behind. The sync loop
+//! applies single Service and EndpointSlice events per object (their keys are logged here
+//! after the store has them), and rebuilds everything from the stores after a re-list, a Node
+//! change, or a failed write ([`Pending::full`]). Every logged change wakes the loop.
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
@@ -16,6 +22,8 @@ use kube::{
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
 use serde::de::DeserializeOwned;
+
+use crate::model::object_key;
 use tokio::{sync::Notify, task::JoinHandle};
 
 /// Read handles on the watched objects.
@@ -35,28 +43,112 @@ impl Stores {
     }
 }
 
+/// What changed since [`Changes::take`] was last called.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// A store was re-listed or this node changed: rebuild everything from the stores.
+    pub full: bool,
+    /// `namespace/name` of the Services and EndpointSlices that were applied or deleted.
+    pub services: BTreeSet<String>,
+    pub slices: BTreeSet<String>,
+    /// When the oldest of these changes was seen (its event received, the store updated).
+    pub since: Option<Instant>,
+}
+
+/// The change log the watchers write and the sync loop takes, with its wake-up.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pending: Mutex<Pending>,
+    notify: Notify,
+}
+
+impl Changes {
+    /// Records a change and wakes the loop.
+    pub fn mark(&self, record: impl FnOnce(&mut Pending)) {
+        let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending.since.get_or_insert_with(Instant::now);
+        record(&mut pending);
+        drop(pending);
+        self.notify.notify_one();
+    }
+
+    /// Takes what changed so far, leaving the log empty.
+    pub fn take(&self) -> Pending {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Waits until something is marked (at once if something was marked since the last wait).
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+}
+
 /// Starts the watchers; each runs until its task is aborted, retrying with backoff on errors.
 pub fn start(
     client: &Client,
     node_name: &str,
-    changed: Arc<Notify>,
+    changes: Arc<Changes>,
 ) -> (Stores, Vec<JoinHandle<()>>) {
     let (services, services_task) =
-        watch(Api::<Service>::all(client.clone()), watcher::Config::default(), changed.clone());
-    let (slices, slices_task) = watch(
-        Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default(),
-        changed.clone(),
-    );
+        watch_keyed(Api::<Service>::all(client.clone()), watcher::Config::default(), {
+            let changes = changes.clone();
+            move |event| log_event(&changes, event, |p| &mut p.services)
+        });
+    let (slices, slices_task) =
+        watch_keyed(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), {
+            let changes = changes.clone();
+            move |event| log_event(&changes, event, |p| &mut p.slices)
+        });
     let node_only = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
-    let (nodes, nodes_task) = watch(Api::<Node>::all(client.clone()), node_only, changed);
+    let (nodes, nodes_task) =
+        watch_keyed(Api::<Node>::all(client.clone()), node_only, move |event| match event {
+            // The node's addresses decide every node-port frontend: rebuild everything.
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {
+                changes.mark(|p| p.full = true)
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        });
     (Stores { services, slices, nodes }, vec![services_task, slices_task, nodes_task])
 }
 
+/// Logs one Service or EndpointSlice event into the key set `keys` picks. The store applied
+/// the event before this runs, so the loop finds the object's new version (or its absence).
+fn log_event<K: Resource>(
+    changes: &Changes,
+    event: &watcher::Event<K>,
+    keys: impl FnOnce(&mut Pending) -> &mut BTreeSet<String>,
+) {
+    match event {
+        watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
+            let key = object_key(object.meta());
+            changes.mark(|p| {
+                keys(p).insert(key);
+            })
+        }
+        // The store swaps in the re-listed objects only now.
+        watcher::Event::InitDone => changes.mark(|p| p.full = true),
+        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+    }
+}
+
+/// A watcher feeding a reflector store that wakes `changed` on every event (every re-list too).
 pub(super) fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     changed: Arc<Notify>,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    watch_keyed(api, config, move |_| changed.notify_one())
+}
+
+/// A watcher feeding a reflector store; `on_event` sees each event after the store applied it.
+fn watch_keyed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
 ) -> (Store<K>, JoinHandle<()>)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -69,7 +161,7 @@ where
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => changed.notify_one(),
+                Ok(event) => on_event(&event),
                 Err(err) => log::warn!("watch {kind}: {err} (retrying with backoff)"),
             }
         }

@@ -761,4 +761,21 @@ mod tests {
         assert_eq!(plan, full.plan(index.state()));
         assert_eq!(planner.frontends(), 999);
     }
+
+    #[test]
+    fn random_incremental_changes_end_in_the_state_a_full_plan_gives() {
+        for seed in 1..=25u64 {
+            let (mut planner, mut maps) = (Planner::new(), FakeMaps::default());
+            for (step, (desired, changed)) in
+                crate::model::random::sequence(seed, 120).iter().enumerate()
+            {
+                maps.execute(&planner.plan_changed(desired, changed).ops);
+                // Now and then: the planner and the maps both hold exactly the desired state.
+                if step % 20 == 19 {
+                    assert_eq!(planner.plan(desired).ops, [], "seed {seed} step {step}");
+                    assert_eq!(maps.adopt().plan(desired).ops, [], "seed {seed} step {step}");
+                }
+            }
+        }
+    }
 }

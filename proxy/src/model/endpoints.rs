@@ -20,7 +20,8 @@ pub struct Endpoint {
 }
 
 /// The endpoints for service port `port_name`/`protocol` of `namespace/service`, deduplicated
-/// by address (the first slice that names an address wins; kube-proxy merges the same way).
+/// by address (the first slice, in the order given, that names an address wins;
+/// [`super::build`] gives them in name order).
 pub fn collect(
     slices: &[&EndpointSlice],
     port_name: &str,

@@ -21,6 +21,7 @@
 mod endpoints;
 mod index;
 mod services;
+mod tracker;
 
 use std::{
     collections::BTreeMap,
@@ -29,6 +30,9 @@ use std::{
 
 pub use index::{ServiceIndex, build_service};
 pub use services::build;
+#[cfg(test)]
+pub(crate) use tracker::testing as random;
+pub use tracker::{Change, ServiceTracker, object_key};
 
 /// Transport protocol of a frontend or backend (one type with the policy model's).
 pub use weir_policy::Protocol;

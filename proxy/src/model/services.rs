@@ -36,6 +36,11 @@ pub fn build<'a>(
         let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
         by_service.entry((namespace, owner.as_str())).or_default().push(slice);
     }
+    // Slice name order, whatever order the slices came in (a store's is arbitrary): an address
+    // named by two slices takes the first one's conditions, deterministically.
+    for own in by_service.values_mut() {
+        own.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
     for service in ordered {
         let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
         let name = service.metadata.name.as_deref().unwrap_or("");

@@ -14,8 +14,8 @@
 //! place, planned per service ([`ServiceIndex`] + `plan_changed`) and by a full diff.
 //! `weir-bench lb-programming [--sizes N,...]` prints only those.
 //!
-//! Not measured yet: connection rates through the nftables dataplane, endpoint-change latency
-//! through the agent, and agent RSS; docs/benchmarks.md says so.
+//! Not measured here: connection rates through the nftables dataplane (not yet anywhere), and
+//! the agent's event-to-datapath latency and RSS (`weir-bench lb-agent`, [`super::lb_agent`]).
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},

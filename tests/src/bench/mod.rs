@@ -8,6 +8,7 @@
 pub mod apiserver;
 pub mod cni;
 pub mod lb;
+pub mod lb_agent;
 pub mod overlay;
 pub mod policy;
 pub mod tc_rewrite;

@@ -2,9 +2,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use weir_tests::bench::{apiserver, cni, lb, overlay, policy, tc_rewrite};
+use weir_tests::bench::{apiserver, cni, lb, lb_agent, overlay, policy, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, policy only; --sizes: the rule counts of policy)\n       weir-bench lb-programming [--sizes N,N,...]   (service programming times only, both dataplanes; default 1000,10000)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, policy only; --sizes: the rule counts of policy)\n       weir-bench lb-programming [--sizes N,N,...]   (service programming times only, both dataplanes; default 1000,10000)\n       weir-bench lb-agent [--sizes N]   (the real agent with N services, default 10000: RSS and endpoint change -> datapath latency, both dataplanes)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -29,8 +29,11 @@ fn main() -> Result<()> {
             other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
-    if (quick || sizes.is_some()) && name != "policy" {
-        bail!("--quick and --sizes are only for the policy benchmark; {USAGE}");
+    if quick && name != "policy" {
+        bail!("--quick is only for the policy benchmark; {USAGE}");
+    }
+    if sizes.is_some() && !["policy", "lb-programming", "lb-agent"].contains(&name.as_str()) {
+        bail!("--sizes is only for policy, lb-programming and lb-agent; {USAGE}");
     }
     let reports = match name.as_str() {
         "tc-rewrite" => vec![tc_rewrite::run(rounds)?],
@@ -54,6 +57,11 @@ fn main() -> Result<()> {
         }
         "lb-programming" => {
             return lb::programming_only(&sizes.unwrap_or_else(|| vec![1_000, 10_000]));
+        }
+        "lb-agent" => {
+            let sizes = sizes.unwrap_or_else(|| vec![10_000]);
+            let [services] = sizes[..] else { bail!("lb-agent takes one size; {USAGE}") };
+            return lb_agent::run(services);
         }
         other => bail!("unknown benchmark {other:?}; {USAGE}"),
     };

@@ -1181,4 +1181,22 @@ mod tests {
             None
         );
     }
+
+    #[test]
+    fn random_incremental_changes_end_in_the_state_a_full_plan_gives() {
+        for seed in 1..=25u64 {
+            let (mut planner, mut table) = (Planner::new(), table());
+            for (step, (desired, changed)) in
+                crate::model::random::sequence(seed, 120).iter().enumerate()
+            {
+                table.execute(&planner.plan_changed(desired, changed).ops);
+                // Now and then: the planner and the table both hold exactly the desired state.
+                if step % 20 == 19 {
+                    assert_eq!(planner.plan(desired).ops, [], "seed {seed} step {step}");
+                    let adopted = Planner::adopt(&table.contents()).plan(desired);
+                    assert_eq!(adopted.ops, [], "seed {seed} step {step}");
+                }
+            }
+        }
+    }
 }
