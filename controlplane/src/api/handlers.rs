@@ -18,7 +18,7 @@ use super::{
     http::{Body, Query, json_response},
     services::{self, InUse},
     status::{ApiError, success},
-    table,
+    stored, table,
 };
 use crate::{
     resources::{
@@ -256,6 +256,20 @@ impl Selectors {
     pub(crate) fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(obj) && self.fields.matches(obj)
     }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.fields().next().is_none()
+    }
+
+    /// Whether a stored object matches, parsing only the members the selectors read.
+    pub(crate) fn matches_stored(&self, kv: &KeyValue) -> Result<bool, ApiError> {
+        if self.is_empty() {
+            return Ok(true);
+        }
+        let labels = (!self.labels.is_empty()).then_some("metadata.labels");
+        let view = stored::selection_view(kv, labels.into_iter().chain(self.fields.fields()))?;
+        Ok(self.matches(&view))
+    }
 }
 
 fn encode_continue(key: &str, revision: i64) -> String {
@@ -285,6 +299,21 @@ pub(crate) async fn list_objects<S: Store>(
     limit: usize,
     continue_token: Option<&str>,
 ) -> Result<(Vec<Value>, i64, Option<String>), ApiError> {
+    let (kvs, revision, next) =
+        list_stored(state, resource, ns, selectors, limit, continue_token).await?;
+    let items = kvs.iter().map(decode).collect::<Result<_, _>>()?;
+    Ok((items, revision, next))
+}
+
+/// Lists matching objects as stored: (items, revision, continue token).
+pub(crate) async fn list_stored<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    selectors: &Selectors,
+    limit: usize,
+    continue_token: Option<&str>,
+) -> Result<(Vec<KeyValue>, i64, Option<String>), ApiError> {
     let prefix = resource.scope_prefix(ns);
     let mut after = continue_token.map(|t| decode_continue(t, &prefix)).transpose()?;
     let mut items = Vec::new();
@@ -297,11 +326,12 @@ pub(crate) async fn list_objects<S: Store>(
         if revision == 0 {
             revision = page.revision;
         }
-        for kv in &page.kvs {
-            after = Some(kv.key.clone());
-            let obj = decode(kv)?;
-            if selectors.matches(&obj) {
-                items.push(obj);
+        if let Some(last) = page.kvs.last() {
+            after = Some(last.key.clone());
+        }
+        for kv in page.kvs {
+            if selectors.matches_stored(&kv)? {
+                items.push(kv);
             }
         }
         if limit == 0 || !page.more {
@@ -314,6 +344,9 @@ pub(crate) async fn list_objects<S: Store>(
     }
     Ok((items, revision, next))
 }
+
+/// Objects per chunk of a streamed list body.
+const LIST_CHUNK_ITEMS: usize = 256;
 
 async fn list<S: Store>(
     state: &ApiState<S>,
@@ -330,27 +363,62 @@ async fn list<S: Store>(
             .map_err(|_| ApiError::bad_request(format!("limit {l:?} is not a number")))?
             .max(0) as usize,
     };
-    let (items, revision, next) = list_objects(
-        state,
-        resource,
-        ns,
-        &selectors,
-        limit,
-        query.get("continue").filter(|c| !c.is_empty()),
-    )
-    .await?;
-    let rv = revision.to_string();
+    let continue_token = query.get("continue").filter(|c| !c.is_empty());
     if wants_table {
+        let (items, revision, next) =
+            list_objects(state, resource, ns, &selectors, limit, continue_token).await?;
+        let rv = revision.to_string();
         return Ok(json_response(200, &table::table(resource, &items, &rv, next.as_deref())));
     }
-    let mut metadata = json!({"resourceVersion": rv});
-    if let Some(token) = next {
-        metadata["continue"] = json!(token);
-    }
-    Ok(json_response(
-        200,
-        &json!({"kind": resource.list_kind(), "apiVersion": resource.api_version(), "metadata": metadata, "items": items}),
-    ))
+    let (items, revision, next) =
+        list_stored(state, resource, ns, &selectors, limit, continue_token).await?;
+    Ok(stream_list(resource, items, revision, next))
+}
+
+/// The list body written from the stored bytes (see `stored.rs`) and streamed in chunks, so
+/// neither a parsed tree nor the whole body is held in memory. An object that cannot be
+/// written (stored bytes that are not JSON) aborts the response: the client sees a broken
+/// transfer, never a truncated list that parses.
+fn stream_list(
+    resource: &Resource,
+    items: Vec<KeyValue>,
+    revision: i64,
+    next: Option<String>,
+) -> Response<Body> {
+    let (head, tail) = stored::list_frame(
+        &resource.api_version(),
+        &resource.list_kind(),
+        revision,
+        next.as_deref(),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    tokio::spawn(async move {
+        let mut chunk = head;
+        for (n, kv) in items.iter().enumerate() {
+            if n > 0 {
+                chunk.push(b',');
+            }
+            if let Err(err) = stored::write_object(kv, &mut chunk) {
+                log::error!("list: {}", err.message);
+                let _ = tx.send(Err(std::io::Error::other(err.message))).await;
+                return;
+            }
+            if (n + 1) % LIST_CHUNK_ITEMS == 0 {
+                let capacity = chunk.capacity();
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(capacity));
+                if tx.send(Ok(Bytes::from(full))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        chunk.extend_from_slice(&tail);
+        let _ = tx.send(Ok(Bytes::from(chunk))).await;
+    });
+    Response::builder()
+        .status(200)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::Chunks(rx))
+        .expect("static headers are valid")
 }
 
 /// Checks apiVersion and kind of a body against the resource.

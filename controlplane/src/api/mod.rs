@@ -26,6 +26,7 @@ pub mod http;
 mod proxy;
 mod services;
 pub mod status;
+mod stored;
 mod table;
 mod watch;
 

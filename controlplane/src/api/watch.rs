@@ -19,14 +19,14 @@ use tokio::sync::mpsc;
 
 use super::{
     ApiState,
-    handlers::{Selectors, decode, list_objects},
+    handlers::{Selectors, decode, list_stored},
     http::{Body, Query},
     status::ApiError,
-    table,
+    stored, table,
 };
 use crate::{
     resources::Resource,
-    store::{Event, EventKind, Store, StoreError},
+    store::{Event, EventKind, KeyValue, Store, StoreError},
 };
 
 fn line(kind: &str, object: Value) -> Bytes {
@@ -42,16 +42,14 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn event(&self, kind: &str, obj: Value) -> Bytes {
+    /// The event line of a stored object: written from the stored bytes (no parse) unless a
+    /// Table is wanted.
+    fn event(&self, kind: &str, kv: &KeyValue) -> Result<Bytes, ApiError> {
         if self.table {
-            let rv = obj
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            line(kind, table::table(self.resource, &[obj], &rv, None))
+            let rv = kv.mod_revision.to_string();
+            Ok(line(kind, table::table(self.resource, &[decode(kv)?], &rv, None)))
         } else {
-            line(kind, obj)
+            stored::watch_line(kind, kv)
         }
     }
 
@@ -71,29 +69,35 @@ fn error_line(err: &ApiError) -> Bytes {
     line("ERROR", err.to_status())
 }
 
-/// Translates a store event into the watch event this watcher sees, if any.
-fn translate(
-    event: &Event,
-    selectors: &Selectors,
-) -> Result<Option<(&'static str, Value)>, ApiError> {
-    let prev = event.prev.as_ref().map(decode).transpose()?;
-    let prev_matched = prev.as_ref().is_some_and(|p| selectors.matches(p));
+/// Translates a store event into the kind of watch event this watcher sees, if any; the
+/// object is always `event.kv` (for DELETED the last state, or the state that stopped
+/// matching).
+fn translate(event: &Event, selectors: &Selectors) -> Result<Option<&'static str>, ApiError> {
+    let prev_matched = match &event.prev {
+        Some(prev) => selectors.matches_stored(prev)?,
+        None => false,
+    };
     match event.kind {
-        EventKind::Delete => {
-            let obj = decode(&event.kv)?;
-            Ok(prev_matched.then_some(("DELETED", obj)))
-        }
+        EventKind::Delete => Ok(prev_matched.then_some("DELETED")),
         EventKind::Put => {
-            let obj = decode(&event.kv)?;
-            let matches = selectors.matches(&obj);
+            let matches = selectors.matches_stored(&event.kv)?;
             Ok(match (prev_matched, matches) {
-                (false, true) => Some(("ADDED", obj)),
-                (true, true) => Some(("MODIFIED", obj)),
-                (true, false) => Some(("DELETED", obj)),
+                (false, true) => Some("ADDED"),
+                (true, true) => Some("MODIFIED"),
+                (true, false) => Some("DELETED"),
                 (false, false) => None,
             })
         }
     }
+}
+
+/// The line a watcher sends for a store event, if any.
+fn event_line(
+    event: &Event,
+    selectors: &Selectors,
+    encoder: &Encoder,
+) -> Result<Option<Bytes>, ApiError> {
+    translate(event, selectors)?.map(|kind| encoder.event(kind, &event.kv)).transpose()
 }
 
 pub(crate) async fn watch<S: Store>(
@@ -117,7 +121,7 @@ pub(crate) async fn watch<S: Store>(
     let prefix = resource.scope_prefix(ns);
     let mut initial = Vec::new();
     let start: Result<i64, ApiError> = if send_initial && rv.is_none_or(|v| v == "0") {
-        let (items, revision, _) = list_objects(&state, resource, ns, &selectors, 0, None).await?;
+        let (items, revision, _) = list_stored(&state, resource, ns, &selectors, 0, None).await?;
         initial = items;
         Ok(revision)
     } else {
@@ -150,11 +154,19 @@ pub(crate) async fn watch<S: Store>(
             }
         };
         let mut last = start;
-        for obj in initial {
-            if tx.send(encoder.event("ADDED", obj)).await.is_err() {
+        for kv in &initial {
+            let line = match encoder.event("ADDED", kv) {
+                Ok(line) => line,
+                Err(err) => {
+                    let _ = tx.send(error_line(&err)).await;
+                    return;
+                }
+            };
+            if tx.send(line).await.is_err() {
                 return;
             }
         }
+        drop(initial);
         if send_initial && bookmarks && tx.send(encoder.bookmark(start, true)).await.is_err() {
             return;
         }
@@ -167,9 +179,9 @@ pub(crate) async fn watch<S: Store>(
                 event = events.recv() => {
                     let Some(event) = event else { return };
                     last = event.revision();
-                    match translate(&event, &selectors) {
-                        Ok(Some((kind, obj))) => {
-                            if tx.send(encoder.event(kind, obj)).await.is_err() {
+                    match event_line(&event, &selectors, &encoder) {
+                        Ok(Some(line)) => {
+                            if tx.send(line).await.is_err() {
                                 return;
                             }
                         }
@@ -186,7 +198,7 @@ pub(crate) async fn watch<S: Store>(
                     let current = store_state.store.revisions().await.map(|r| r.0).unwrap_or(last);
                     while let Ok(event) = events.try_recv() {
                         last = event.revision();
-                        if let Ok(Some((kind, obj))) = translate(&event, &selectors) && tx.send(encoder.event(kind, obj)).await.is_err() {
+                        if let Ok(Some(line)) = event_line(&event, &selectors, &encoder) && tx.send(line).await.is_err() {
                             return;
                         }
                     }
