@@ -10,7 +10,11 @@
 //! state: an object that stops matching is reported DELETED, one that starts matching ADDED.
 //! The watch ends after `timeoutSeconds` (default 30 to 60 minutes), when the client goes away,
 //! or when it falls too far behind (the client resumes from the last version it saw).
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use hyper::{Response, header};
@@ -65,6 +69,35 @@ impl Encoder {
     }
 }
 
+/// How many recent event lines [`SharedLines`] keeps.
+const SHARED_LINES: usize = 16;
+
+/// The JSON lines of the latest store events, shared by the watchers that send them: an event
+/// fanned out to N watchers is written once and the same bytes are queued N times. Keyed by
+/// (revision, event type): a revision names one store event, so one object state.
+#[derive(Default)]
+pub(crate) struct SharedLines(Mutex<VecDeque<(i64, &'static str, Bytes)>>);
+
+impl SharedLines {
+    fn line(&self, kind: &'static str, kv: &KeyValue) -> Result<Bytes, ApiError> {
+        let lock = || self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let found = lock()
+            .iter()
+            .find(|(revision, k, _)| *revision == kv.mod_revision && *k == kind)
+            .map(|(_, _, line)| line.clone());
+        if let Some(line) = found {
+            return Ok(line);
+        }
+        let line = stored::watch_line(kind, kv)?;
+        let mut lines = lock();
+        if lines.len() == SHARED_LINES {
+            lines.pop_front();
+        }
+        lines.push_back((kv.mod_revision, kind, line.clone()));
+        Ok(line)
+    }
+}
+
 fn error_line(err: &ApiError) -> Bytes {
     line("ERROR", err.to_status())
 }
@@ -72,7 +105,10 @@ fn error_line(err: &ApiError) -> Bytes {
 /// Translates a store event into the kind of watch event this watcher sees, if any; the
 /// object is always `event.kv` (for DELETED the last state, or the state that stopped
 /// matching).
-fn translate(event: &Event, selectors: &Selectors) -> Result<Option<&'static str>, ApiError> {
+pub(super) fn translate(
+    event: &Event,
+    selectors: &Selectors,
+) -> Result<Option<&'static str>, ApiError> {
     let prev_matched = match &event.prev {
         Some(prev) => selectors.matches_stored(prev)?,
         None => false,
@@ -91,13 +127,16 @@ fn translate(event: &Event, selectors: &Selectors) -> Result<Option<&'static str
     }
 }
 
-/// The line a watcher sends for a store event, if any.
+/// The line a watcher sends for a store event, if any (JSON lines shared among watchers).
 fn event_line(
     event: &Event,
     selectors: &Selectors,
     encoder: &Encoder,
+    shared: &SharedLines,
 ) -> Result<Option<Bytes>, ApiError> {
-    translate(event, selectors)?.map(|kind| encoder.event(kind, &event.kv)).transpose()
+    let Some(kind) = translate(event, selectors)? else { return Ok(None) };
+    if encoder.table { encoder.event(kind, &event.kv) } else { shared.line(kind, &event.kv) }
+        .map(Some)
 }
 
 pub(crate) async fn watch<S: Store>(
@@ -121,7 +160,8 @@ pub(crate) async fn watch<S: Store>(
     let prefix = resource.scope_prefix(ns);
     let mut initial = Vec::new();
     let start: Result<i64, ApiError> = if send_initial && rv.is_none_or(|v| v == "0") {
-        let (items, revision, _) = list_stored(&state, resource, ns, &selectors, 0, None).await?;
+        let (items, revision, _) =
+            list_stored(&state.store, resource, ns, &selectors, 0, None).await?;
         initial = items;
         Ok(revision)
     } else {
@@ -179,7 +219,7 @@ pub(crate) async fn watch<S: Store>(
                 event = events.recv() => {
                     let Some(event) = event else { return };
                     last = event.revision();
-                    match event_line(&event, &selectors, &encoder) {
+                    match event_line(&event, &selectors, &encoder, &store_state.watch_lines) {
                         Ok(Some(line)) => {
                             if tx.send(line).await.is_err() {
                                 return;
@@ -198,7 +238,7 @@ pub(crate) async fn watch<S: Store>(
                     let current = store_state.store.revisions().await.map(|r| r.0).unwrap_or(last);
                     while let Ok(event) = events.try_recv() {
                         last = event.revision();
-                        if let Ok(Some(line)) = event_line(&event, &selectors, &encoder) && tx.send(line).await.is_err() {
+                        if let Ok(Some(line)) = event_line(&event, &selectors, &encoder, &store_state.watch_lines) && tx.send(line).await.is_err() {
                             return;
                         }
                     }
@@ -218,4 +258,33 @@ pub(crate) async fn watch<S: Store>(
         .header(header::CACHE_CONTROL, "no-cache, private")
         .body(Body::Stream(rx))
         .expect("static headers are valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_lines_write_an_event_once_and_stay_bounded() {
+        let shared = SharedLines::default();
+        let kv = |revision: i64| KeyValue {
+            key: "/k".into(),
+            value: Bytes::from_static(b"{\"metadata\":{\"name\":\"a\"}}"),
+            create_revision: 1,
+            mod_revision: revision,
+        };
+        let first = shared.line("MODIFIED", &kv(3)).unwrap();
+        let again = shared.line("MODIFIED", &kv(3)).unwrap();
+        assert_eq!(first.as_ptr(), again.as_ptr(), "the second watcher reuses the bytes");
+        assert_eq!(first, stored::watch_line("MODIFIED", &kv(3)).unwrap());
+        let deleted = shared.line("DELETED", &kv(3)).unwrap();
+        assert_ne!(deleted, first);
+        for revision in 4..100 {
+            shared.line("ADDED", &kv(revision)).unwrap();
+        }
+        assert_eq!(shared.0.lock().unwrap().len(), SHARED_LINES);
+        let evicted = shared.line("MODIFIED", &kv(3)).unwrap();
+        assert_eq!(evicted, first);
+        assert_ne!(evicted.as_ptr(), first.as_ptr());
+    }
 }
