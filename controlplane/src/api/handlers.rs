@@ -18,7 +18,7 @@ use super::{
     http::{Body, Query, json_response},
     services::{self, InUse},
     status::{ApiError, success},
-    table,
+    stored, table,
 };
 use crate::{
     resources::{
@@ -256,6 +256,20 @@ impl Selectors {
     pub(crate) fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(obj) && self.fields.matches(obj)
     }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.fields().next().is_none()
+    }
+
+    /// Whether a stored object matches, parsing only the members the selectors read.
+    pub(crate) fn matches_stored(&self, kv: &KeyValue) -> Result<bool, ApiError> {
+        if self.is_empty() {
+            return Ok(true);
+        }
+        let labels = (!self.labels.is_empty()).then_some("metadata.labels");
+        let view = stored::selection_view(kv, labels.into_iter().chain(self.fields.fields()))?;
+        Ok(self.matches(&view))
+    }
 }
 
 fn encode_continue(key: &str, revision: i64) -> String {
@@ -285,6 +299,21 @@ pub(crate) async fn list_objects<S: Store>(
     limit: usize,
     continue_token: Option<&str>,
 ) -> Result<(Vec<Value>, i64, Option<String>), ApiError> {
+    let (kvs, revision, next) =
+        list_stored(&state.store, resource, ns, selectors, limit, continue_token).await?;
+    let items = kvs.iter().map(decode).collect::<Result<_, _>>()?;
+    Ok((items, revision, next))
+}
+
+/// Lists matching objects as stored: (items, revision, continue token).
+pub(crate) async fn list_stored<S: Store>(
+    store: &S,
+    resource: &Resource,
+    ns: Option<&str>,
+    selectors: &Selectors,
+    limit: usize,
+    continue_token: Option<&str>,
+) -> Result<(Vec<KeyValue>, i64, Option<String>), ApiError> {
     let prefix = resource.scope_prefix(ns);
     let mut after = continue_token.map(|t| decode_continue(t, &prefix)).transpose()?;
     let mut items = Vec::new();
@@ -293,15 +322,16 @@ pub(crate) async fn list_objects<S: Store>(
     // Each round reads at least one key, so this ends; the bound guards against surprises.
     for _ in 0..1_000_000 {
         let want = if limit == 0 { 0 } else { (limit - items.len()).max(1) };
-        let page = state.store.range(&prefix, after.as_deref(), want).await?;
+        let page = store.range(&prefix, after.as_deref(), want).await?;
         if revision == 0 {
             revision = page.revision;
         }
-        for kv in &page.kvs {
-            after = Some(kv.key.clone());
-            let obj = decode(kv)?;
-            if selectors.matches(&obj) {
-                items.push(obj);
+        if let Some(last) = page.kvs.last() {
+            after = Some(last.key.clone());
+        }
+        for kv in page.kvs {
+            if selectors.matches_stored(&kv)? {
+                items.push(kv);
             }
         }
         if limit == 0 || !page.more {
@@ -314,6 +344,9 @@ pub(crate) async fn list_objects<S: Store>(
     }
     Ok((items, revision, next))
 }
+
+/// Objects per chunk of a streamed list body.
+const LIST_CHUNK_ITEMS: usize = 256;
 
 async fn list<S: Store>(
     state: &ApiState<S>,
@@ -330,27 +363,62 @@ async fn list<S: Store>(
             .map_err(|_| ApiError::bad_request(format!("limit {l:?} is not a number")))?
             .max(0) as usize,
     };
-    let (items, revision, next) = list_objects(
-        state,
-        resource,
-        ns,
-        &selectors,
-        limit,
-        query.get("continue").filter(|c| !c.is_empty()),
-    )
-    .await?;
-    let rv = revision.to_string();
+    let continue_token = query.get("continue").filter(|c| !c.is_empty());
     if wants_table {
+        let (items, revision, next) =
+            list_objects(state, resource, ns, &selectors, limit, continue_token).await?;
+        let rv = revision.to_string();
         return Ok(json_response(200, &table::table(resource, &items, &rv, next.as_deref())));
     }
-    let mut metadata = json!({"resourceVersion": rv});
-    if let Some(token) = next {
-        metadata["continue"] = json!(token);
-    }
-    Ok(json_response(
-        200,
-        &json!({"kind": resource.list_kind(), "apiVersion": resource.api_version(), "metadata": metadata, "items": items}),
-    ))
+    let (items, revision, next) =
+        list_stored(&state.store, resource, ns, &selectors, limit, continue_token).await?;
+    Ok(stream_list(resource, items, revision, next))
+}
+
+/// The list body written from the stored bytes (see `stored.rs`) and streamed in chunks, so
+/// neither a parsed tree nor the whole body is held in memory. An object that cannot be
+/// written (stored bytes that are not JSON) aborts the response: the client sees a broken
+/// transfer, never a truncated list that parses.
+fn stream_list(
+    resource: &Resource,
+    items: Vec<KeyValue>,
+    revision: i64,
+    next: Option<String>,
+) -> Response<Body> {
+    let (head, tail) = stored::list_frame(
+        &resource.api_version(),
+        &resource.list_kind(),
+        revision,
+        next.as_deref(),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    tokio::spawn(async move {
+        let mut chunk = head;
+        for (n, kv) in items.iter().enumerate() {
+            if n > 0 {
+                chunk.push(b',');
+            }
+            if let Err(err) = stored::write_object(kv, &mut chunk) {
+                log::error!("list: {}", err.message);
+                let _ = tx.send(Err(std::io::Error::other(err.message))).await;
+                return;
+            }
+            if (n + 1) % LIST_CHUNK_ITEMS == 0 {
+                let capacity = chunk.capacity();
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(capacity));
+                if tx.send(Ok(Bytes::from(full))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        chunk.extend_from_slice(&tail);
+        let _ = tx.send(Ok(Bytes::from(chunk))).await;
+    });
+    Response::builder()
+        .status(200)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::Chunks(rx))
+        .expect("static headers are valid")
 }
 
 /// Checks apiVersion and kind of a body against the resource.
@@ -1127,6 +1195,180 @@ async fn bind<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{EmbeddedStore, embedded::tests::TempDir};
+
+    /// Pods in two namespaces with labels, nodes and phases to select by, some updated and
+    /// some deleted so revisions are not in key order.
+    async fn pod_store(dir: &TempDir) -> EmbeddedStore {
+        let store = EmbeddedStore::open(&dir.0, Default::default()).unwrap();
+        let pods = resources::find("", "v1", "pods").unwrap();
+        for i in 0..90 {
+            let ns = ["default", "other"][i % 2];
+            let name = format!("p{i:03}");
+            let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "uid": format!("u{i}"),
+                    "annotations": {"note": "}{\"],[ \u{e9}"}},
+                "spec": {"nodeName": format!("n{}", i % 5), "containers": [{"name": "c", "image": "i"}]},
+                "status": {"phase": if i % 7 == 0 { "Running" } else { "Pending" }}});
+            if i % 10 != 0 {
+                let app = ["web", "db", "cache"][i % 3];
+                pod["metadata"]["labels"] = json!({"app": app,
+                    "tier": if i % 4 == 0 { "front" } else { "back" }});
+            }
+            store.create(&pods.key(Some(ns), &name), encode(&pod)).await.unwrap();
+        }
+        for i in (0..90).step_by(9) {
+            let key = pods.key(Some(["default", "other"][i % 2]), &format!("p{i:03}"));
+            let kv = store.get(&key).await.unwrap().unwrap();
+            let mut pod = decode(&kv).unwrap();
+            if i % 2 == 0 {
+                pod["status"]["phase"] = json!("Running");
+                store.update(&key, encode(&pod), None).await.unwrap();
+            } else {
+                store.delete(&key, None).await.unwrap();
+            }
+        }
+        store
+    }
+
+    const SELECTORS: &[&str] = &[
+        "",
+        "labelSelector=app=web",
+        "labelSelector=app+in+(db,cache),tier!=front",
+        "labelSelector=!app",
+        "labelSelector=tier",
+        "fieldSelector=spec.nodeName=n2",
+        "fieldSelector=status.phase!=Pending,metadata.namespace=default",
+        "labelSelector=app=db&fieldSelector=spec.nodeName=n3",
+        "fieldSelector=metadata.name=p042",
+        "labelSelector=app=nothing",
+    ];
+
+    /// Every page of the streamed, spliced list body is byte for byte the list the parsed path
+    /// built (items decoded, selected on the whole object, serialised as one tree), and the
+    /// pages together are exactly the matching objects in key order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stored_lists_page_and_select_like_the_parsed_path() {
+        let dir = TempDir::new("lists");
+        let store = pod_store(&dir).await;
+        let pods = resources::find("", "v1", "pods").unwrap();
+        for query in SELECTORS {
+            let selectors = Selectors::from_query(pods, &Query::parse(Some(query))).unwrap();
+            for ns in [None, Some("default")] {
+                let all = store.range(&pods.scope_prefix(ns), None, 0).await.unwrap();
+                let expected: Vec<Value> = all
+                    .kvs
+                    .iter()
+                    .map(|kv| decode(kv).unwrap())
+                    .filter(|obj| selectors.matches(obj))
+                    .collect();
+                for limit in [0, 1, 4, 7, 500] {
+                    let mut seen = Vec::new();
+                    let mut token: Option<String> = None;
+                    for _page in 0..200 {
+                        let (items, revision, next) =
+                            list_stored(&store, pods, ns, &selectors, limit, token.as_deref())
+                                .await
+                                .unwrap();
+                        assert_eq!(revision, all.revision);
+                        assert!(limit == 0 || items.len() <= limit);
+                        let decoded: Vec<Value> =
+                            items.iter().map(|kv| decode(kv).unwrap()).collect();
+                        let mut metadata = json!({"resourceVersion": revision.to_string()});
+                        if let Some(next) = &next {
+                            metadata["continue"] = json!(next);
+                            assert_eq!(
+                                decode_continue(next, &pods.scope_prefix(ns)).unwrap(),
+                                items.last().unwrap().key
+                            );
+                        }
+                        let mut old = serde_json::to_vec(&json!({"kind": "PodList", "apiVersion": "v1", "metadata": metadata, "items": decoded})).unwrap();
+                        old.push(b'\n');
+                        let body = stream_list(pods, items, revision, next.clone())
+                            .into_body()
+                            .collect()
+                            .await
+                            .unwrap()
+                            .to_bytes();
+                        assert_eq!(
+                            String::from_utf8_lossy(&body),
+                            String::from_utf8_lossy(&old),
+                            "{query} ns={ns:?} limit={limit}"
+                        );
+                        seen.extend(decoded);
+                        token = next;
+                        if token.is_none() {
+                            break;
+                        }
+                    }
+                    assert!(token.is_none(), "{query}: paging did not end");
+                    assert_eq!(seen, expected, "{query} ns={ns:?} limit={limit}");
+                }
+            }
+        }
+    }
+
+    /// Big lists come in several chunks and still form one body.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_lists_stream_in_chunks() {
+        let dir = TempDir::new("chunks");
+        let store = EmbeddedStore::open(&dir.0, Default::default()).unwrap();
+        let cms = resources::find("", "v1", "configmaps").unwrap();
+        let count = LIST_CHUNK_ITEMS * 2 + 3;
+        for i in 0..count {
+            let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("c{i:04}"), "namespace": "default"}});
+            store
+                .create(&cms.key(Some("default"), &format!("c{i:04}")), encode(&cm))
+                .await
+                .unwrap();
+        }
+        let selectors = Selectors::from_query(cms, &Query::parse(None)).unwrap();
+        let (items, revision, next) =
+            list_stored(&store, cms, Some("default"), &selectors, 0, None).await.unwrap();
+        let mut body = stream_list(cms, items, revision, next).into_body();
+        let mut chunks = 0;
+        let mut whole = Vec::new();
+        while let Some(frame) = body.frame().await {
+            whole.extend_from_slice(&frame.unwrap().into_data().unwrap());
+            chunks += 1;
+        }
+        assert_eq!(chunks, 3);
+        let list: Value = serde_json::from_slice(&whole).unwrap();
+        assert_eq!(list["items"].as_array().unwrap().len(), count);
+        assert_eq!(list["items"][5]["metadata"]["resourceVersion"], json!("6"));
+    }
+
+    /// Watch translation on stored bytes (selection views) gives the events the parsed objects
+    /// give, for every selector and every kind of transition.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_translation_selects_like_the_parsed_objects() {
+        use crate::store::{Event, EventKind};
+        let dir = TempDir::new("translate");
+        let store = pod_store(&dir).await;
+        let pods = resources::find("", "v1", "pods").unwrap();
+        let mut events = store.watch(&pods.prefix(), 0).await.unwrap();
+        let mut checked = 0;
+        while let Ok(event) = events.try_recv() {
+            for query in SELECTORS {
+                let selectors = Selectors::from_query(pods, &Query::parse(Some(query))).unwrap();
+                let parsed = |kv: &KeyValue| selectors.matches(&decode(kv).unwrap());
+                let before = event.prev.as_ref().is_some_and(parsed);
+                let expected = match (event.kind, before, parsed(&event.kv)) {
+                    (EventKind::Delete, true, _) => Some("DELETED"),
+                    (EventKind::Delete, false, _) => None,
+                    (EventKind::Put, false, true) => Some("ADDED"),
+                    (EventKind::Put, true, true) => Some("MODIFIED"),
+                    (EventKind::Put, true, false) => Some("DELETED"),
+                    (EventKind::Put, false, false) => None,
+                };
+                let got =
+                    super::super::watch::translate(&Event::clone(&event), &selectors).unwrap();
+                assert_eq!(got, expected, "{query} {:?}", event.kv.key);
+                checked += 1;
+            }
+        }
+        assert!(checked > 900, "{checked}");
+    }
 
     #[test]
     fn updates_keep_identity_and_status_and_bump_generation_on_spec_changes() {

@@ -1,7 +1,6 @@
 //! HTTP plumbing: the response body type (whole or streamed), query strings, JSON responses.
 use std::{
     collections::HashMap,
-    convert::Infallible,
     pin::Pin,
     task::{Context, Poll},
 };
@@ -13,23 +12,26 @@ use tokio::sync::mpsc;
 
 use super::status::ApiError;
 
-/// A response body: a complete buffer, or chunks streamed from a channel (watches).
+/// A response body: a complete buffer, or chunks streamed from a channel (watches, where the
+/// end of the stream is a normal end; lists, where an error aborts the transfer).
 pub enum Body {
     Full(Option<Bytes>),
     Stream(mpsc::Receiver<Bytes>),
+    Chunks(mpsc::Receiver<std::io::Result<Bytes>>),
 }
 
 impl hyper::body::Body for Body {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
             Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Body::Stream(rx) => rx.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c)))),
+            Body::Chunks(rx) => rx.poll_recv(cx).map(|chunk| chunk.map(|c| c.map(Frame::data))),
         }
     }
 

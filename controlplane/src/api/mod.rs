@@ -26,6 +26,7 @@ pub mod http;
 mod proxy;
 mod services;
 pub mod status;
+mod stored;
 mod table;
 mod watch;
 
@@ -122,6 +123,8 @@ pub(crate) struct ApiState<S> {
     /// Serializes Service creates and updates while they pick addresses.
     pub(crate) alloc_lock: tokio::sync::Mutex<()>,
     pub(crate) server_address: String,
+    /// Watch event lines shared among the watchers that send them.
+    pub(crate) watch_lines: watch::SharedLines,
 }
 
 /// A started server; dropping it (or [`RunningServer::shutdown`]) stops it.
@@ -223,6 +226,7 @@ pub async fn start_with_store<S: Store>(
         alloc_lock: tokio::sync::Mutex::new(()),
         server_address: addr.to_string(),
         config: config.clone(),
+        watch_lines: Default::default(),
     });
     bootstrap(&state).await?;
     if let Some(path) = &config.kubeconfig_out {

@@ -10,7 +10,11 @@
 //! state: an object that stops matching is reported DELETED, one that starts matching ADDED.
 //! The watch ends after `timeoutSeconds` (default 30 to 60 minutes), when the client goes away,
 //! or when it falls too far behind (the client resumes from the last version it saw).
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use hyper::{Response, header};
@@ -19,14 +23,14 @@ use tokio::sync::mpsc;
 
 use super::{
     ApiState,
-    handlers::{Selectors, decode, list_objects},
+    handlers::{Selectors, decode, list_stored},
     http::{Body, Query},
     status::ApiError,
-    table,
+    stored, table,
 };
 use crate::{
     resources::Resource,
-    store::{Event, EventKind, Store, StoreError},
+    store::{Event, EventKind, KeyValue, Store, StoreError},
 };
 
 fn line(kind: &str, object: Value) -> Bytes {
@@ -42,16 +46,14 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn event(&self, kind: &str, obj: Value) -> Bytes {
+    /// The event line of a stored object: written from the stored bytes (no parse) unless a
+    /// Table is wanted.
+    fn event(&self, kind: &str, kv: &KeyValue) -> Result<Bytes, ApiError> {
         if self.table {
-            let rv = obj
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            line(kind, table::table(self.resource, &[obj], &rv, None))
+            let rv = kv.mod_revision.to_string();
+            Ok(line(kind, table::table(self.resource, &[decode(kv)?], &rv, None)))
         } else {
-            line(kind, obj)
+            stored::watch_line(kind, kv)
         }
     }
 
@@ -67,33 +69,74 @@ impl Encoder {
     }
 }
 
+/// How many recent event lines [`SharedLines`] keeps.
+const SHARED_LINES: usize = 16;
+
+/// The JSON lines of the latest store events, shared by the watchers that send them: an event
+/// fanned out to N watchers is written once and the same bytes are queued N times. Keyed by
+/// (revision, event type): a revision names one store event, so one object state.
+#[derive(Default)]
+pub(crate) struct SharedLines(Mutex<VecDeque<(i64, &'static str, Bytes)>>);
+
+impl SharedLines {
+    fn line(&self, kind: &'static str, kv: &KeyValue) -> Result<Bytes, ApiError> {
+        let lock = || self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let found = lock()
+            .iter()
+            .find(|(revision, k, _)| *revision == kv.mod_revision && *k == kind)
+            .map(|(_, _, line)| line.clone());
+        if let Some(line) = found {
+            return Ok(line);
+        }
+        let line = stored::watch_line(kind, kv)?;
+        let mut lines = lock();
+        if lines.len() == SHARED_LINES {
+            lines.pop_front();
+        }
+        lines.push_back((kv.mod_revision, kind, line.clone()));
+        Ok(line)
+    }
+}
+
 fn error_line(err: &ApiError) -> Bytes {
     line("ERROR", err.to_status())
 }
 
-/// Translates a store event into the watch event this watcher sees, if any.
-fn translate(
+/// Translates a store event into the kind of watch event this watcher sees, if any; the
+/// object is always `event.kv` (for DELETED the last state, or the state that stopped
+/// matching).
+pub(super) fn translate(
     event: &Event,
     selectors: &Selectors,
-) -> Result<Option<(&'static str, Value)>, ApiError> {
-    let prev = event.prev.as_ref().map(decode).transpose()?;
-    let prev_matched = prev.as_ref().is_some_and(|p| selectors.matches(p));
+) -> Result<Option<&'static str>, ApiError> {
+    let prev_matched = match &event.prev {
+        Some(prev) => selectors.matches_stored(prev)?,
+        None => false,
+    };
     match event.kind {
-        EventKind::Delete => {
-            let obj = decode(&event.kv)?;
-            Ok(prev_matched.then_some(("DELETED", obj)))
-        }
+        EventKind::Delete => Ok(prev_matched.then_some("DELETED")),
         EventKind::Put => {
-            let obj = decode(&event.kv)?;
-            let matches = selectors.matches(&obj);
+            let matches = selectors.matches_stored(&event.kv)?;
             Ok(match (prev_matched, matches) {
-                (false, true) => Some(("ADDED", obj)),
-                (true, true) => Some(("MODIFIED", obj)),
-                (true, false) => Some(("DELETED", obj)),
+                (false, true) => Some("ADDED"),
+                (true, true) => Some("MODIFIED"),
+                (true, false) => Some("DELETED"),
                 (false, false) => None,
             })
         }
     }
+}
+
+/// The line a watcher sends for a store event, if any (JSON lines shared among watchers).
+fn event_line(
+    event: &Event,
+    selectors: &Selectors,
+    encoder: &Encoder,
+    shared: &SharedLines,
+) -> Result<Option<Bytes>, ApiError> {
+    let Some(kind) = translate(event, selectors)? else { return Ok(None) };
+    if encoder.table { encoder.event(kind, &event.kv) } else { shared.line(kind, &event.kv) }
+        .map(Some)
 }
 
 pub(crate) async fn watch<S: Store>(
@@ -117,7 +160,8 @@ pub(crate) async fn watch<S: Store>(
     let prefix = resource.scope_prefix(ns);
     let mut initial = Vec::new();
     let start: Result<i64, ApiError> = if send_initial && rv.is_none_or(|v| v == "0") {
-        let (items, revision, _) = list_objects(&state, resource, ns, &selectors, 0, None).await?;
+        let (items, revision, _) =
+            list_stored(&state.store, resource, ns, &selectors, 0, None).await?;
         initial = items;
         Ok(revision)
     } else {
@@ -150,11 +194,19 @@ pub(crate) async fn watch<S: Store>(
             }
         };
         let mut last = start;
-        for obj in initial {
-            if tx.send(encoder.event("ADDED", obj)).await.is_err() {
+        for kv in &initial {
+            let line = match encoder.event("ADDED", kv) {
+                Ok(line) => line,
+                Err(err) => {
+                    let _ = tx.send(error_line(&err)).await;
+                    return;
+                }
+            };
+            if tx.send(line).await.is_err() {
                 return;
             }
         }
+        drop(initial);
         if send_initial && bookmarks && tx.send(encoder.bookmark(start, true)).await.is_err() {
             return;
         }
@@ -167,9 +219,9 @@ pub(crate) async fn watch<S: Store>(
                 event = events.recv() => {
                     let Some(event) = event else { return };
                     last = event.revision();
-                    match translate(&event, &selectors) {
-                        Ok(Some((kind, obj))) => {
-                            if tx.send(encoder.event(kind, obj)).await.is_err() {
+                    match event_line(&event, &selectors, &encoder, &store_state.watch_lines) {
+                        Ok(Some(line)) => {
+                            if tx.send(line).await.is_err() {
                                 return;
                             }
                         }
@@ -186,7 +238,7 @@ pub(crate) async fn watch<S: Store>(
                     let current = store_state.store.revisions().await.map(|r| r.0).unwrap_or(last);
                     while let Ok(event) = events.try_recv() {
                         last = event.revision();
-                        if let Ok(Some((kind, obj))) = translate(&event, &selectors) && tx.send(encoder.event(kind, obj)).await.is_err() {
+                        if let Ok(Some(line)) = event_line(&event, &selectors, &encoder, &store_state.watch_lines) && tx.send(line).await.is_err() {
                             return;
                         }
                     }
@@ -206,4 +258,33 @@ pub(crate) async fn watch<S: Store>(
         .header(header::CACHE_CONTROL, "no-cache, private")
         .body(Body::Stream(rx))
         .expect("static headers are valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_lines_write_an_event_once_and_stay_bounded() {
+        let shared = SharedLines::default();
+        let kv = |revision: i64| KeyValue {
+            key: "/k".into(),
+            value: Bytes::from_static(b"{\"metadata\":{\"name\":\"a\"}}"),
+            create_revision: 1,
+            mod_revision: revision,
+        };
+        let first = shared.line("MODIFIED", &kv(3)).unwrap();
+        let again = shared.line("MODIFIED", &kv(3)).unwrap();
+        assert_eq!(first.as_ptr(), again.as_ptr(), "the second watcher reuses the bytes");
+        assert_eq!(first, stored::watch_line("MODIFIED", &kv(3)).unwrap());
+        let deleted = shared.line("DELETED", &kv(3)).unwrap();
+        assert_ne!(deleted, first);
+        for revision in 4..100 {
+            shared.line("ADDED", &kv(revision)).unwrap();
+        }
+        assert_eq!(shared.0.lock().unwrap().len(), SHARED_LINES);
+        let evicted = shared.line("MODIFIED", &kv(3)).unwrap();
+        assert_eq!(evicted, first);
+        assert_ne!(evicted.as_ptr(), first.as_ptr());
+    }
 }

@@ -220,6 +220,11 @@ impl std::fmt::Display for LabelSelector {
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
+    /// The dotted paths of the fields it reads (`spec.nodeName`).
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(field, _, _)| field.as_str())
+    }
+
     /// Parses `input`, accepting only the fields in `supported`.
     pub fn parse(input: &str, supported: &[&str]) -> Result<FieldSelector, SelectorError> {
         let err =
