@@ -81,6 +81,17 @@ impl Delta {
     }
 }
 
+/// One object change, as [`IncrementalCompiler::apply`] takes it (`None`: deleted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Namespace(String, Option<Labels>),
+    Pod(PodRef, Option<PodInfo>),
+    /// A policy, parsed, with the problems found parsing it.
+    Policy(PolicyRef, Option<Policy>, Vec<Problem>),
+    /// A node's addresses.
+    Node(String, Option<Vec<IpAddr>>),
+}
+
 /// Keeps [`Compiled`] for one node (or all) up to date as objects change.
 #[derive(Clone, Debug)]
 pub struct IncrementalCompiler {
@@ -152,6 +163,16 @@ impl IncrementalCompiler {
     /// it must give exactly [`Self::compiled`] (the agent's periodic check).
     pub fn reference(&self) -> Compiler {
         Compiler::with_identities(self.ids.clone())
+    }
+
+    /// Applies one change.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Namespace(name, labels) => self.set_namespace(&name, labels),
+            Change::Pod(id, pod) => self.set_pod(&id, pod),
+            Change::Policy(id, policy, problems) => self.set_policy(&id, policy, problems),
+            Change::Node(name, addresses) => self.set_node(&name, addresses),
+        }
     }
 
     /// Sets (`Some`) or deletes (`None`) a namespace's labels.

@@ -14,12 +14,13 @@ pub mod compile;
 pub mod identity;
 pub mod incremental;
 pub mod input;
+pub mod random;
 pub mod selector;
 pub mod trace;
 
 pub use cidr::Cidr;
 pub use classes::CidrClasses;
 pub use compile::{Allow, Compiled, Compiler, DirectionPolicy, EndpointPolicy, Origin, PeerMatch};
-pub use incremental::{Delta, IncrementalCompiler};
+pub use incremental::{Change, Delta, IncrementalCompiler};
 pub use input::{Cluster, Direction, IpBlock, ObjectRef, PodRef, PolicyRef, Protocol};
 pub use trace::{Endpoint, Side, TraceError, Verdict, trace};
