@@ -211,7 +211,12 @@ impl IncrementalLowering {
 
     /// Brings the contents up to `compiled`, which differs from the previous update's state
     /// by `delta`; returns what changed in the maps.
-    pub fn update(&mut self, compiled: &Compiled, delta: &Delta, host: &[Ipv4Addr]) -> DatapathDelta {
+    pub fn update(
+        &mut self,
+        compiled: &Compiled,
+        delta: &Delta,
+        host: &[Ipv4Addr],
+    ) -> DatapathDelta {
         let mut touched = Touched::default();
         let mut refresh_ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
         if host != self.host {
@@ -363,7 +368,8 @@ impl IncrementalLowering {
 
         // CIDR classes: prefix entries, addresses inside changed prefixes, slices with a block
         // around one.
-        let changed_prefixes: Vec<Cidr> = gone_prefixes.iter().chain(&new_prefixes).copied().collect();
+        let changed_prefixes: Vec<Cidr> =
+            gone_prefixes.iter().chain(&new_prefixes).copied().collect();
         self.classes.change(gone_prefixes.iter().copied(), new_prefixes.iter().copied());
         let mut rekey: BTreeSet<SliceKey> = BTreeSet::new();
         let mut ipcache_keys: BTreeSet<(u32, [u8; 4])> = BTreeSet::new();
@@ -371,10 +377,12 @@ impl IncrementalLowering {
             let IpAddr::V4(addr) = prefix.addr() else { continue };
             ipcache_keys.insert((u32::from(prefix.prefix_len()), addr.octets()));
             let range = prefix.addr()..=prefix.last();
-            refresh_ips.extend(compiled.pod_ips.range(range.clone()).filter_map(|(ip, _)| match ip {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            }));
+            refresh_ips.extend(compiled.pod_ips.range(range.clone()).filter_map(
+                |(ip, _)| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                },
+            ));
             refresh_ips.extend(self.host.iter().filter(|h| prefix.contains_ip(IpAddr::V4(**h))));
             for len in 0..=prefix.prefix_len() {
                 let Some(around) = Cidr::new(prefix.addr(), len) else { continue };
@@ -458,7 +466,11 @@ impl IncrementalLowering {
 
     /// The value of an ipcache key as the full lowering gives it: the node's and pods'
     /// addresses (with their class) over the prefix entries.
-    fn ipcache_value(&self, compiled: &Compiled, (bits, data): (u32, [u8; 4])) -> Option<IpcacheValue> {
+    fn ipcache_value(
+        &self,
+        compiled: &Compiled,
+        (bits, data): (u32, [u8; 4]),
+    ) -> Option<IpcacheValue> {
         let ip = Ipv4Addr::from(data);
         if bits == 32 {
             let identity = if self.host.contains(&ip) {

@@ -45,14 +45,25 @@ fn run(seed: u64, steps: usize, node: Option<&str>) {
         let expected = reference.lower(compiled, &host);
         let context = format!("seed {seed}, step {step} ({what})");
         for (name, a, b) in [
-            ("endpoints", format!("{:?}", incremental.desired().endpoints), format!("{:?}", expected.endpoints)),
-            ("ipcache", format!("{:?}", incremental.desired().ipcache), format!("{:?}", expected.ipcache)),
+            (
+                "endpoints",
+                format!("{:?}", incremental.desired().endpoints),
+                format!("{:?}", expected.endpoints),
+            ),
+            (
+                "ipcache",
+                format!("{:?}", incremental.desired().ipcache),
+                format!("{:?}", expected.ipcache),
+            ),
         ] {
             assert!(a == b, "{context}: {name} differ:\nincremental {a}\nfull        {b}");
         }
         if incremental.desired().rules != expected.rules {
             let d = diff(&expected.rules, &incremental.desired().rules);
-            panic!("{context}: rules differ; incremental has {:?} more/other, lacks {:?}", d.upserts, d.deletes);
+            panic!(
+                "{context}: rules differ; incremental has {:?} more/other, lacks {:?}",
+                d.upserts, d.deletes
+            );
         }
         assert_eq!(incremental.rules_by_id, reference.rules_by_id, "{context}");
         assert_eq!(incremental.policies_by_id, reference.policies_by_id, "{context}");

@@ -11,6 +11,7 @@
 //!   policy that isolates a local pod first), one atomic batch each; after a refused batch the
 //!   next apply rewrites everything again;
 //! - the table is removed only by [`NftPolicy::remove`].
+pub mod incremental;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
