@@ -38,7 +38,11 @@ impl CidrClasses {
 
     /// The incremental form of [`CidrClasses::update`]: `gone` prefixes give their class ids
     /// back, `new` ones get ids as `update` would give them.
-    pub fn change(&mut self, gone: impl IntoIterator<Item = Cidr>, new: impl IntoIterator<Item = Cidr>) {
+    pub fn change(
+        &mut self,
+        gone: impl IntoIterator<Item = Cidr>,
+        new: impl IntoIterator<Item = Cidr>,
+    ) {
         let gone: Vec<Cidr> = gone.into_iter().collect();
         let new: Vec<Cidr> = new.into_iter().collect();
         self.ids.change(gone.iter().copied(), new.iter().copied());

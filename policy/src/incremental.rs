@@ -20,13 +20,21 @@ use std::{
     net::IpAddr,
 };
 
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
+
 use crate::{
     compile::{
         Compiled, Compiler, Contribution, EndpointPolicy, PeerIndex, PodEntry, contribute,
         identity_key, peer_selects, selects_key,
     },
     identity::{FIRST_POD_IDENTITY, IdAllocator, IdentityKey},
-    input::{Cluster, Direction, PeerSpec, PodInfo, PodRef, Policy, PolicyRef, PortSpec, Problem},
+    input::{
+        Cluster, Direction, PeerSpec, PodInfo, PodRef, Policy, PolicyRef, PortSpec, Problem,
+        node_addresses,
+    },
     selector::Labels,
 };
 
@@ -90,6 +98,70 @@ pub enum Change {
     Policy(PolicyRef, Option<Policy>, Vec<Problem>),
     /// A node's addresses.
     Node(String, Option<Vec<IpAddr>>),
+}
+
+/// Which object a [`Change`] is about.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKey {
+    Namespace(String),
+    Pod(PodRef),
+    Policy(PolicyRef),
+    Node(String),
+}
+
+impl Change {
+    /// A Namespace set (or deleted); `None` without a name.
+    pub fn namespace(namespace: &Namespace, deleted: bool) -> Option<Self> {
+        let name = namespace.metadata.name.clone()?;
+        let labels = (!deleted).then(|| namespace.metadata.labels.clone().unwrap_or_default());
+        Some(Change::Namespace(name, labels))
+    }
+
+    /// A Pod set (or deleted); `None` without a name.
+    pub fn pod(pod: &Pod, deleted: bool) -> Option<Self> {
+        let info = PodInfo::from_k8s(pod)?;
+        Some(Change::Pod(info.id.clone(), (!deleted).then_some(info)))
+    }
+
+    /// A NetworkPolicy set (or deleted), parsed; `None` without a name.
+    pub fn policy(policy: &NetworkPolicy, deleted: bool) -> Option<Self> {
+        let id = PolicyRef::new(
+            policy.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            policy.metadata.name.clone()?,
+        );
+        if deleted {
+            return Some(Change::Policy(id, None, Vec::new()));
+        }
+        let mut problems = Vec::new();
+        let parsed = Policy::from_k8s(policy, &mut problems);
+        Some(Change::Policy(id, parsed, problems))
+    }
+
+    /// A Node's addresses set (or deleted); `None` without a name.
+    pub fn node(node: &Node, deleted: bool) -> Option<Self> {
+        let (name, addresses) =
+            node_addresses(node).or_else(|| Some((node.metadata.name.clone()?, Vec::new())))?;
+        Some(Change::Node(name, (!deleted).then_some(addresses)))
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Change::Namespace(name, _) => ObjectKey::Namespace(name.clone()),
+            Change::Pod(id, _) => ObjectKey::Pod(id.clone()),
+            Change::Policy(id, ..) => ObjectKey::Policy(id.clone()),
+            Change::Node(name, _) => ObjectKey::Node(name.clone()),
+        }
+    }
+
+    /// The deletion of an object.
+    pub fn deletion(key: ObjectKey) -> Self {
+        match key {
+            ObjectKey::Namespace(name) => Change::Namespace(name, None),
+            ObjectKey::Pod(id) => Change::Pod(id, None),
+            ObjectKey::Policy(id) => Change::Policy(id, None, Vec::new()),
+            ObjectKey::Node(name) => Change::Node(name, None),
+        }
+    }
 }
 
 /// Keeps [`Compiled`] for one node (or all) up to date as objects change.
@@ -163,6 +235,45 @@ impl IncrementalCompiler {
     /// it must give exactly [`Self::compiled`] (the agent's periodic check).
     pub fn reference(&self) -> Compiler {
         Compiler::with_identities(self.ids.clone())
+    }
+
+    /// Every object known (for a re-list: those not listed again are deleted).
+    pub fn keys(&self) -> BTreeSet<ObjectKey> {
+        let namespaces = self.namespaces.keys().cloned().map(ObjectKey::Namespace);
+        let pods = self.pods.keys().cloned().map(ObjectKey::Pod);
+        let policies =
+            self.policies.keys().chain(self.problems.keys()).cloned().map(ObjectKey::Policy);
+        let nodes = self.compiled.nodes.keys().cloned().map(ObjectKey::Node);
+        namespaces.chain(pods).chain(policies).chain(nodes).collect()
+    }
+
+    /// How many NetworkPolicies there are (those left out whole for a problem included).
+    pub fn policy_count(&self) -> usize {
+        self.policies.len()
+            + self.problems.keys().filter(|p| !self.policies.contains_key(*p)).count()
+    }
+
+    /// A compiler with the same inputs and fresh state (a repair after a disagreement with
+    /// the full compile; identities are numbered afresh).
+    pub fn rebuilt(&self) -> Self {
+        let mut fresh = Self::new(self.node.as_deref());
+        for (name, labels) in &self.namespaces {
+            fresh.set_namespace(name, Some(labels.clone()));
+        }
+        for (id, pod) in &self.pods {
+            fresh.set_pod(id, Some(pod.clone()));
+        }
+        let policies: BTreeSet<&PolicyRef> =
+            self.policies.keys().chain(self.problems.keys()).collect();
+        for id in policies {
+            let problems = self.problems.get(id).cloned().unwrap_or_default();
+            fresh.set_policy(id, self.policies.get(id).cloned(), problems);
+        }
+        for (name, addresses) in &self.compiled.nodes {
+            fresh.set_node(name, Some(addresses.clone()));
+        }
+        fresh.delta = Delta::default();
+        fresh
     }
 
     /// Applies one change.

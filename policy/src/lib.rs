@@ -21,6 +21,6 @@ pub mod trace;
 pub use cidr::Cidr;
 pub use classes::CidrClasses;
 pub use compile::{Allow, Compiled, Compiler, DirectionPolicy, EndpointPolicy, Origin, PeerMatch};
-pub use incremental::{Change, Delta, IncrementalCompiler};
+pub use incremental::{Change, Delta, IncrementalCompiler, ObjectKey};
 pub use input::{Cluster, Direction, IpBlock, ObjectRef, PodRef, PolicyRef, Protocol};
 pub use trace::{Endpoint, Side, TraceError, Verdict, trace};

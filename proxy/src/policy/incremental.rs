@@ -23,7 +23,10 @@ use weir_policy::{
     identity::{IDENTITY_HOST, IDENTITY_WORLD, IdAllocator},
 };
 
-use super::lower::{DatapathPolicy, MapDiff, allow_keys, endpoint_entry};
+use super::{
+    lower::{DatapathPolicy, MapDiff, allow_keys, endpoint_entry},
+    names::Numbering,
+};
 
 type SliceKey = (PodRef, Direction, PolicyRef);
 type RuleKey = (u32, PolicyKey);
@@ -192,6 +195,11 @@ fn blocks(allow: &[Allow]) -> Vec<IpBlock> {
 }
 
 impl IncrementalLowering {
+    /// What the rule and policy ids stand for.
+    pub fn numbering(&self) -> Numbering<'_> {
+        Numbering { rules_by_id: &self.rules_by_id, policies_by_id: &self.policies_by_id }
+    }
+
     /// The map contents as of the last update.
     pub fn desired(&self) -> &DatapathPolicy {
         &self.desired
