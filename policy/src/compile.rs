@@ -16,7 +16,11 @@
 //!   and protocol; a pod without it is not allowed by that port;
 //! - not in the entries, enforced by the datapath: replies of allowed connections pass, and
 //!   the pod's own node may always connect to it.
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
 use crate::{
     identity::{FIRST_POD_IDENTITY, IdAllocator, IdentityKey},
@@ -24,7 +28,7 @@ use crate::{
         Cluster, Direction, IpBlock, NamespaceScope, PeerSpec, PodInfo, PodRef, Policy, PolicyRef,
         PortSpec, Problem, Protocol,
     },
-    selector::Labels,
+    selector::{Labels, Selector},
 };
 
 /// Which traffic partner an entry allows.
@@ -261,7 +265,8 @@ impl Compiler {
                 PodEntry { identity, ips: pod.ips.clone(), node: pod.node.clone() },
             );
         }
-        let peers = PeerIndex::new(&compiled);
+        let labels = LabelIndex::new(&compiled.identities);
+        let peers = PeerIndex::new(&compiled, &labels);
         let mut endpoints = BTreeMap::new();
         for pod in enforced() {
             if node.is_some_and(|n| pod.node.as_deref() != Some(n)) {
@@ -395,14 +400,71 @@ pub(crate) fn selects_key(policy: &Policy, key: &IdentityKey) -> bool {
     policy.id.namespace == key.namespace && policy.pod_selector.matches(&key.pod_labels)
 }
 
+/// Identities by pod label, so selectors with a required label look up their candidates.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LabelIndex {
+    /// (label key, value) -> identities whose pods have it.
+    by_label: BTreeMap<(String, String), BTreeSet<u32>>,
+}
+
+impl LabelIndex {
+    pub(crate) fn new(identities: &BTreeMap<u32, IdentityKey>) -> Self {
+        let mut index = Self::default();
+        for (id, key) in identities {
+            index.insert(*id, key);
+        }
+        index
+    }
+
+    pub(crate) fn insert(&mut self, id: u32, key: &IdentityKey) {
+        for (k, v) in &key.pod_labels {
+            self.by_label.entry((k.clone(), v.clone())).or_default().insert(id);
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: u32, key: &IdentityKey) {
+        for (k, v) in &key.pod_labels {
+            let label = (k.clone(), v.clone());
+            if let Some(ids) = self.by_label.get_mut(&label) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_label.remove(&label);
+                }
+            }
+        }
+    }
+
+    /// Identities that may match `selector` (a superset; every identity when it requires no
+    /// label), in number order.
+    pub(crate) fn candidates<'a>(
+        &'a self,
+        selector: &Selector,
+        all: &'a BTreeMap<u32, IdentityKey>,
+    ) -> Vec<u32> {
+        match selector.required_label() {
+            None => all.keys().copied().collect(),
+            Some((key, values)) => {
+                let ids: BTreeSet<u32> = values
+                    .iter()
+                    .filter_map(|v| self.by_label.get(&(key.to_string(), v.clone())))
+                    .flatten()
+                    .copied()
+                    .collect();
+                ids.into_iter().collect()
+            }
+        }
+    }
+}
+
 /// Resolves peers (`None`: every peer) to identities.
 pub(crate) struct PeerIndex<'a> {
     compiled: &'a Compiled,
+    labels: &'a LabelIndex,
 }
 
 impl<'a> PeerIndex<'a> {
-    pub(crate) fn new(compiled: &'a Compiled) -> Self {
-        Self { compiled }
+    pub(crate) fn new(compiled: &'a Compiled, labels: &'a LabelIndex) -> Self {
+        Self { compiled, labels }
     }
 
     fn resolve(&self, peer: Option<&PeerSpec>) -> Vec<PeerMatch> {
@@ -419,18 +481,25 @@ impl<'a> PeerIndex<'a> {
     /// address in the block (used for named ports of egress rules, which need a pod to resolve
     /// against). Pods of one identity on both sides of a block's edge are all included.
     fn identities_of(&self, peer: Option<&PeerSpec>) -> Vec<u32> {
-        self.compiled
-            .identities
-            .iter()
-            .filter(|(id, key)| match peer {
-                None => true,
-                Some(spec @ PeerSpec::Pods { .. }) => peer_selects(spec, key),
-                Some(PeerSpec::Block(block)) => self.compiled.pod_ips.iter().any(|(ip, pod)| {
-                    block.contains(*ip) && self.compiled.pods[pod].identity == Some(**id)
-                }),
-            })
-            .map(|(id, _)| *id)
-            .collect()
+        let identities = &self.compiled.identities;
+        match peer {
+            None => identities.keys().copied().collect(),
+            Some(spec @ PeerSpec::Pods { pods, .. }) => self
+                .labels
+                .candidates(pods, identities)
+                .into_iter()
+                .filter(|id| peer_selects(spec, &identities[id]))
+                .collect(),
+            Some(PeerSpec::Block(block)) => identities
+                .keys()
+                .copied()
+                .filter(|id| {
+                    self.compiled.pod_ips.iter().any(|(ip, pod)| {
+                        block.contains(*ip) && self.compiled.pods[pod].identity == Some(*id)
+                    })
+                })
+                .collect(),
+        }
     }
 }
 

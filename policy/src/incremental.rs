@@ -27,15 +27,15 @@ use k8s_openapi::api::{
 
 use crate::{
     compile::{
-        Compiled, Compiler, Contribution, EndpointPolicy, PeerIndex, PodEntry, contribute,
-        identity_key, peer_selects, selects_key,
+        Compiled, Compiler, Contribution, EndpointPolicy, LabelIndex, PeerIndex, PodEntry,
+        contribute, identity_key, peer_selects, selects_key,
     },
     identity::{FIRST_POD_IDENTITY, IdAllocator, IdentityKey},
     input::{
         Cluster, Direction, PeerSpec, PodInfo, PodRef, Policy, PolicyRef, PortSpec, Problem,
         node_addresses,
     },
-    selector::Labels,
+    selector::{Labels, Selector},
 };
 
 /// What changed in [`IncrementalCompiler::compiled`] since the delta was last taken.
@@ -185,6 +185,12 @@ pub struct IncrementalCompiler {
     selected_by: BTreeMap<u32, BTreeSet<PolicyRef>>,
     /// Policies whose egress named ports resolve against any pod or an ipBlock's pods.
     pod_dependent: BTreeSet<PolicyRef>,
+    /// Identities by pod label (selector candidates).
+    labels: LabelIndex,
+    /// Policies by their podSelector (scope: the policy's namespace).
+    by_selector: SelectorIndex,
+    /// Policies by the pod selectors of their peers (one scope).
+    by_peer: SelectorIndex,
     compiled: Compiled,
     delta: Delta,
 }
@@ -205,6 +211,9 @@ impl IncrementalCompiler {
             contributions: BTreeMap::new(),
             selected_by: BTreeMap::new(),
             pod_dependent: BTreeSet::new(),
+            labels: LabelIndex::default(),
+            by_selector: SelectorIndex::default(),
+            by_peer: SelectorIndex::default(),
             compiled: Compiled::default(),
             delta: Delta::default(),
         }
@@ -330,6 +339,22 @@ impl IncrementalCompiler {
         if self.policies.get(id) == policy.as_ref() {
             return;
         }
+        if let Some(old) = self.policies.get(id) {
+            self.by_selector.remove(&old.id.namespace, &old.pod_selector, id);
+            for peer in policy_peers(old) {
+                if let PeerSpec::Pods { pods, .. } = peer {
+                    self.by_peer.remove("", pods, id);
+                }
+            }
+        }
+        if let Some(new) = &policy {
+            self.by_selector.insert(&new.id.namespace, &new.pod_selector, id);
+            for peer in policy_peers(new) {
+                if let PeerSpec::Pods { pods, .. } = peer {
+                    self.by_peer.insert("", pods, id);
+                }
+            }
+        }
         match policy {
             Some(policy) => {
                 if depends_on_pods(&policy) {
@@ -405,12 +430,14 @@ impl IncrementalCompiler {
             .into_iter()
             .map(|key| (self.ids.get(&key).expect("just numbered"), key))
             .collect();
-        for (number, _) in &gone {
+        for (number, key) in &gone {
             self.compiled.identities.remove(number);
+            self.labels.remove(*number, key);
             self.delta.identities.insert(*number);
         }
         for (number, key) in &added {
             self.compiled.identities.insert(*number, key.clone());
+            self.labels.insert(*number, key);
             self.delta.identities.insert(*number);
         }
 
@@ -450,11 +477,10 @@ impl IncrementalCompiler {
 
         // 3. Which contributions to recompute.
         let mut recompute: BTreeSet<PolicyRef> = changed.clone();
-        if !gone.is_empty() || !added.is_empty() {
-            for (id, policy) in &self.policies {
-                let sees = |key: &IdentityKey| policy_peers(policy).any(|p| peer_selects(p, key));
-                if gone.iter().chain(&added).any(|(_, key)| sees(key)) {
-                    recompute.insert(id.clone());
+        for (_, key) in gone.iter().chain(&added) {
+            for id in self.by_peer.candidates("", &key.pod_labels) {
+                if policy_peers(&self.policies[&id]).any(|p| peer_selects(p, key)) {
+                    recompute.insert(id);
                 }
             }
         }
@@ -472,13 +498,9 @@ impl IncrementalCompiler {
             }
         }
         for (number, key) in &added {
-            let in_namespace = self
-                .policies
-                .range(PolicyRef::new(key.namespace.clone(), "")..)
-                .take_while(|(id, _)| id.namespace == key.namespace);
-            for (id, policy) in in_namespace {
-                if selects_key(policy, key) {
-                    touched.insert((id.clone(), *number));
+            for id in self.by_selector.candidates(&key.namespace, &key.pod_labels) {
+                if selects_key(&self.policies[&id], key) {
+                    touched.insert((id, *number));
                 }
             }
         }
@@ -490,13 +512,14 @@ impl IncrementalCompiler {
                 .collect();
             let new: BTreeSet<u32> = match self.policies.get(id) {
                 None => BTreeSet::new(),
-                Some(policy) => self
-                    .compiled
-                    .identities
-                    .iter()
-                    .filter(|(_, key)| selects_key(policy, key))
-                    .map(|(number, _)| *number)
-                    .collect(),
+                Some(policy) => {
+                    let identities = &self.compiled.identities;
+                    self.labels
+                        .candidates(&policy.pod_selector, identities)
+                        .into_iter()
+                        .filter(|number| selects_key(policy, &identities[number]))
+                        .collect()
+                }
             };
             for number in old.iter().filter(|n| !new.contains(n)) {
                 self.contributions.remove(&(id.clone(), *number));
@@ -519,7 +542,7 @@ impl IncrementalCompiler {
         // 5. Recompute them and splice the changes into the endpoints of each identity.
         let mut fresh = Vec::new();
         {
-            let peers = PeerIndex::new(&self.compiled);
+            let peers = PeerIndex::new(&self.compiled, &self.labels);
             for (id, number) in &touched {
                 let policy = &self.policies[id];
                 fresh.push(((id.clone(), *number), contribute(policy, *number, &peers)));
@@ -598,6 +621,74 @@ impl IncrementalCompiler {
                 self.compiled.pod_ips.remove(&ip)
             }
         };
+    }
+}
+
+/// Policies by a label their selector requires, per scope (a namespace, or "" for any), so
+/// the policies that may select a label set are looked up, not scanned. A selector requiring
+/// no label is listed under its scope as wide.
+#[derive(Clone, Debug, Default)]
+struct SelectorIndex {
+    /// (scope, key, value) -> policy -> how many of its selectors require it.
+    by_label: BTreeMap<(String, String, String), BTreeMap<PolicyRef, usize>>,
+    wide: BTreeMap<String, BTreeMap<PolicyRef, usize>>,
+}
+
+impl SelectorIndex {
+    fn entries(scope: &str, selector: &Selector) -> Vec<Option<(String, String, String)>> {
+        match selector.required_label() {
+            None => vec![None],
+            Some((key, values)) => values
+                .iter()
+                .map(|v| Some((scope.to_string(), key.to_string(), v.clone())))
+                .collect(),
+        }
+    }
+
+    fn insert(&mut self, scope: &str, selector: &Selector, policy: &PolicyRef) {
+        for entry in Self::entries(scope, selector) {
+            let policies = match entry {
+                Some(label) => self.by_label.entry(label).or_default(),
+                None => self.wide.entry(scope.to_string()).or_default(),
+            };
+            *policies.entry(policy.clone()).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, scope: &str, selector: &Selector, policy: &PolicyRef) {
+        fn uncount<K: Ord + Clone>(
+            map: &mut BTreeMap<K, BTreeMap<PolicyRef, usize>>,
+            key: K,
+            policy: &PolicyRef,
+        ) {
+            let Some(policies) = map.get_mut(&key) else { return };
+            if let Some(n) = policies.get_mut(policy) {
+                *n -= 1;
+                if *n == 0 {
+                    policies.remove(policy);
+                }
+            }
+            if policies.is_empty() {
+                map.remove(&key);
+            }
+        }
+        for entry in Self::entries(scope, selector) {
+            match entry {
+                Some(label) => uncount(&mut self.by_label, label, policy),
+                None => uncount(&mut self.wide, scope.to_string(), policy),
+            }
+        }
+    }
+
+    /// The policies of `scope` whose selectors may match `labels` (a superset).
+    fn candidates(&self, scope: &str, labels: &Labels) -> BTreeSet<PolicyRef> {
+        let mut out: BTreeSet<PolicyRef> =
+            self.wide.get(scope).into_iter().flat_map(|p| p.keys().cloned()).collect();
+        for (key, value) in labels {
+            let label = (scope.to_string(), key.clone(), value.clone());
+            out.extend(self.by_label.get(&label).into_iter().flat_map(|p| p.keys().cloned()));
+        }
+        out
     }
 }
 
