@@ -108,7 +108,7 @@ fn settle<T: Ord + Clone>(gone: &mut BTreeSet<T>, new: &mut BTreeSet<T>) {
 }
 
 /// Counts references; returns whether the count left or reached zero.
-fn count<K: Ord + Clone>(refs: &mut BTreeMap<K, usize>, key: &K, up: bool) -> bool {
+pub(crate) fn count<K: Ord + Clone>(refs: &mut BTreeMap<K, usize>, key: &K, up: bool) -> bool {
     if up {
         let n = refs.entry(key.clone()).or_default();
         *n += 1;
@@ -125,6 +125,53 @@ fn count<K: Ord + Clone>(refs: &mut BTreeMap<K, usize>, key: &K, up: bool) -> bo
     }
 }
 
+/// Local endpoints' IPv4 addresses and, per address, the endpoints that have it (the greatest
+/// decides the address's endpoint entry, as in the full lowering).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct EndpointAddresses {
+    by_pod: BTreeMap<PodRef, Vec<Ipv4Addr>>,
+    by_ip: BTreeMap<Ipv4Addr, BTreeSet<PodRef>>,
+}
+
+impl EndpointAddresses {
+    /// Sets (`None`: removes) an endpoint's addresses; returns the old ones.
+    pub(crate) fn set(&mut self, pod: &PodRef, ips: Option<Vec<Ipv4Addr>>) -> Vec<Ipv4Addr> {
+        let old = self.by_pod.remove(pod).unwrap_or_default();
+        for ip in &old {
+            if let Some(set) = self.by_ip.get_mut(ip) {
+                set.remove(pod);
+                if set.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+        if let Some(ips) = ips {
+            for ip in &ips {
+                self.by_ip.entry(*ip).or_default().insert(pod.clone());
+            }
+            self.by_pod.insert(pod.clone(), ips);
+        }
+        old
+    }
+
+    pub(crate) fn of(&self, pod: &PodRef) -> Option<&Vec<Ipv4Addr>> {
+        self.by_pod.get(pod)
+    }
+
+    /// The endpoint whose entry an address gets.
+    pub(crate) fn holder(&self, ip: &Ipv4Addr) -> Option<&PodRef> {
+        self.by_ip.get(ip).and_then(|pods| pods.last())
+    }
+
+    pub(crate) fn pods(&self) -> impl Iterator<Item = &PodRef> {
+        self.by_pod.keys()
+    }
+
+    pub(crate) fn addresses(&self) -> impl Iterator<Item = &Ipv4Addr> {
+        self.by_ip.keys()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct IncrementalLowering {
     desired: DatapathPolicy,
@@ -137,10 +184,7 @@ pub struct IncrementalLowering {
     pub policies_by_id: BTreeMap<u32, PolicyRef>,
     host: Vec<Ipv4Addr>,
     slices: BTreeMap<SliceKey, Slice>,
-    /// Endpoint -> its IPv4 addresses as lowered.
-    endpoint_ips: BTreeMap<PodRef, Vec<Ipv4Addr>>,
-    /// Address -> the endpoints that have it (the greatest gives the endpoint entry).
-    ip_endpoints: BTreeMap<Ipv4Addr, BTreeSet<PodRef>>,
+    endpoints: EndpointAddresses,
     /// Every pod's IPv4 addresses as lowered into the ipcache.
     pod_ips: BTreeMap<PodRef, Vec<Ipv4Addr>>,
     origin_refs: BTreeMap<Origin, usize>,
@@ -163,8 +207,7 @@ impl Default for IncrementalLowering {
             policies_by_id: BTreeMap::new(),
             host: Vec::new(),
             slices: BTreeMap::new(),
-            endpoint_ips: BTreeMap::new(),
-            ip_endpoints: BTreeMap::new(),
+            endpoints: EndpointAddresses::default(),
             pod_ips: BTreeMap::new(),
             origin_refs: BTreeMap::new(),
             policy_refs: BTreeMap::new(),
@@ -211,7 +254,7 @@ impl IncrementalLowering {
     pub fn rebuild(&mut self, compiled: &Compiled, host: &[Ipv4Addr]) -> DatapathDelta {
         let delta = Delta {
             pods: self.pod_ips.keys().chain(compiled.pods.keys()).cloned().collect(),
-            endpoints: self.endpoint_ips.keys().chain(compiled.endpoints.keys()).cloned().collect(),
+            endpoints: self.endpoints.pods().chain(compiled.endpoints.keys()).cloned().collect(),
             ..Delta::default()
         };
         self.update(compiled, &delta, host)
@@ -256,22 +299,8 @@ impl IncrementalLowering {
             } else {
                 Vec::new()
             };
-            let old_ips = self.endpoint_ips.remove(pod).unwrap_or_default();
-            endpoint_ips.extend(&old_ips);
-            for ip in &old_ips {
-                if let Some(set) = self.ip_endpoints.get_mut(ip) {
-                    set.remove(pod);
-                    if set.is_empty() {
-                        self.ip_endpoints.remove(ip);
-                    }
-                }
-            }
-            for ip in &new_ips {
-                self.ip_endpoints.entry(*ip).or_default().insert(pod.clone());
-            }
-            if compiled.endpoints.contains_key(pod) {
-                self.endpoint_ips.insert(pod.clone(), new_ips);
-            }
+            let new_ips = compiled.endpoints.contains_key(pod).then_some(new_ips);
+            endpoint_ips.extend(self.endpoints.set(pod, new_ips));
         }
         for key in &delta.slices {
             if self.slices.contains_key(key) {
@@ -406,7 +435,7 @@ impl IncrementalLowering {
             self.drop_keys(&old, &mut rule_keys);
         }
         for key in add.iter().chain(&rekey) {
-            let ips = self.endpoint_ips.get(&key.0).cloned().unwrap_or_default();
+            let ips = self.endpoints.of(&key.0).cloned().unwrap_or_default();
             let allow = slice_allow(compiled, key);
             let mut keys = Vec::new();
             for ip in &ips {
@@ -434,10 +463,10 @@ impl IncrementalLowering {
 
         // Endpoint entries of the touched endpoints' addresses (new and old).
         for pod in &endpoints_touched {
-            endpoint_ips.extend(self.endpoint_ips.get(pod).into_iter().flatten());
+            endpoint_ips.extend(self.endpoints.of(pod).into_iter().flatten());
         }
         for ip in endpoint_ips {
-            let entry = self.ip_endpoints.get(&ip).and_then(|pods| pods.last()).map(|pod| {
+            let entry = self.endpoints.holder(&ip).map(|pod| {
                 endpoint_entry(&compiled.endpoints[pod], |p| {
                     self.policy_ids.get(p).expect("an isolating policy is numbered")
                 })

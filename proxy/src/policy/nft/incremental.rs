@@ -23,7 +23,10 @@ use super::plan::{
 };
 use crate::{
     apply::nft::ops::{PolicyTuple, Verdict},
-    policy::PolicyNode,
+    policy::{
+        PolicyNode,
+        incremental::{self as refs, EndpointAddresses},
+    },
 };
 
 type SliceKey = (PodRef, Direction, PolicyRef);
@@ -52,10 +55,7 @@ pub struct IncrementalDesired {
     addresses: BTreeMap<u32, BTreeMap<u32, usize>>,
     /// Pod -> (identity, IPv4 addresses) as counted in `addresses`.
     pods: BTreeMap<PodRef, (u32, Vec<u32>)>,
-    /// Endpoint -> its IPv4 addresses as lowered.
-    endpoint_ips: BTreeMap<PodRef, Vec<Ipv4Addr>>,
-    /// Address -> endpoints with it (the greatest gives the verdict).
-    ip_endpoints: BTreeMap<Ipv4Addr, BTreeSet<PodRef>>,
+    endpoints: EndpointAddresses,
     /// Allow tuple -> how many endpoint directions give it, per set (ingress, egress).
     tuple_refs: [BTreeMap<PolicyTuple, usize>; 2],
     /// Drop chain -> how many endpoint directions go to it.
@@ -70,21 +70,12 @@ const SIMPLE_LIMIT: usize = 32;
 
 /// Counts a box in; whether it appeared.
 fn count(raw: &mut BTreeMap<Box3, usize>, b: &Box3) -> bool {
-    let n = raw.entry(*b).or_default();
-    *n += 1;
-    *n == 1
+    refs::count(raw, b, true)
 }
 
 /// Counts a box out; whether it went.
 fn uncount(raw: &mut BTreeMap<Box3, usize>, b: &Box3) -> bool {
-    let Some(n) = raw.get_mut(b) else { return false };
-    *n -= 1;
-    if *n == 0 {
-        raw.remove(b);
-        true
-    } else {
-        false
-    }
+    refs::count(raw, b, false)
 }
 
 /// The drop chains an endpoint's isolated directions go to.
@@ -134,7 +125,7 @@ impl IncrementalDesired {
     fn everything(&self, compiled: &Compiled) -> Delta {
         Delta {
             pods: self.pods.keys().chain(compiled.pods.keys()).cloned().collect(),
-            endpoints: self.endpoint_ips.keys().chain(compiled.endpoints.keys()).cloned().collect(),
+            endpoints: self.endpoints.pods().chain(compiled.endpoints.keys()).cloned().collect(),
             ..Delta::default()
         }
     }
@@ -209,7 +200,7 @@ impl IncrementalDesired {
                 (Some(_), Some(entry)) => v4(&entry.ips).collect(),
                 _ => Vec::new(),
             };
-            let old_ips = self.endpoint_ips.remove(pod).unwrap_or_default();
+            let old_ips = self.endpoints.of(pod).cloned().unwrap_or_default();
             // The endpoint's tuples go with its old addresses: empty its sides first.
             for direction in plan::DIRECTIONS {
                 let key = (pod.clone(), direction);
@@ -240,21 +231,8 @@ impl IncrementalDesired {
                 sides.insert(key);
             }
             addresses_changed |= old_ips != new_ips;
-            for ip in &old_ips {
-                if let Some(set) = self.ip_endpoints.get_mut(ip) {
-                    set.remove(pod);
-                    if set.is_empty() {
-                        self.ip_endpoints.remove(ip);
-                    }
-                }
-            }
-            for ip in &new_ips {
-                self.ip_endpoints.entry(*ip).or_default().insert(pod.clone());
-            }
             verdict_ips.extend(old_ips.iter().chain(&new_ips));
-            if compiled.endpoints.contains_key(pod) {
-                self.endpoint_ips.insert(pod.clone(), new_ips);
-            }
+            self.endpoints.set(pod, compiled.endpoints.contains_key(pod).then_some(new_ips));
         }
 
         // Slices: their boxes into their side's raw multiset.
@@ -341,7 +319,7 @@ impl IncrementalDesired {
             if empty {
                 self.sides.remove(side_key);
             }
-            let ips = self.endpoint_ips.get(pod).cloned().unwrap_or_default();
+            let ips = self.endpoints.of(pod).cloned().unwrap_or_default();
             self.set_tuples(*direction, &ips, &old, &new, &mut change);
             verdict_ips.extend(ips);
         }
@@ -362,7 +340,7 @@ impl IncrementalDesired {
                 continue;
             }
             for chain in old {
-                if uncount_chain(&mut self.chain_refs, &chain) {
+                if refs::count(&mut self.chain_refs, &chain, false) {
                     self.desired.drop_chains.remove(&chain);
                     change.old.drop_chains.insert(chain);
                 }
@@ -382,9 +360,8 @@ impl IncrementalDesired {
         for ip in verdict_ips {
             for direction in plan::DIRECTIONS {
                 let verdict = self
-                    .ip_endpoints
-                    .get(&ip)
-                    .and_then(|pods| pods.last())
+                    .endpoints
+                    .holder(&ip)
                     .map(|pod| endpoint_verdict(compiled.endpoints[pod].direction(direction)));
                 let endpoints = &mut self.desired.side_mut(direction).endpoints;
                 let old = match &verdict {
@@ -404,7 +381,7 @@ impl IncrementalDesired {
 
         // Unknown pods: the pod ranges minus the endpoints' addresses.
         if addresses_changed || unknown_changed {
-            let known: Vec<Ipv4Addr> = self.ip_endpoints.keys().copied().collect();
+            let known: Vec<Ipv4Addr> = self.endpoints.addresses().copied().collect();
             let unknown = unknown_pods(&self.node, &known);
             if unknown != self.desired.unknown_pods {
                 change.old.unknown_pods =
@@ -462,17 +439,6 @@ impl IncrementalDesired {
                 }
             }
         }
-    }
-}
-
-fn uncount_chain(refs: &mut BTreeMap<String, usize>, chain: &str) -> bool {
-    let Some(n) = refs.get_mut(chain) else { return false };
-    *n -= 1;
-    if *n == 0 {
-        refs.remove(chain);
-        true
-    } else {
-        false
     }
 }
 
