@@ -36,6 +36,26 @@ impl CidrClasses {
         self.classes = self.ids.assign(prefixes);
     }
 
+    /// The incremental form of [`CidrClasses::update`]: `gone` prefixes give their class ids
+    /// back, `new` ones get ids as `update` would give them.
+    pub fn change(
+        &mut self,
+        gone: impl IntoIterator<Item = Cidr>,
+        new: impl IntoIterator<Item = Cidr>,
+    ) {
+        let gone: Vec<Cidr> = gone.into_iter().collect();
+        let new: Vec<Cidr> = new.into_iter().collect();
+        self.ids.change(gone.iter().copied(), new.iter().copied());
+        for prefix in gone {
+            self.classes.remove(&prefix);
+        }
+        for prefix in new {
+            if let Some(class) = self.ids.get(&prefix) {
+                self.classes.insert(prefix, class);
+            }
+        }
+    }
+
     /// Every prefix and its class: the LPM entries.
     pub fn prefixes(&self) -> &BTreeMap<Cidr, u32> {
         &self.classes

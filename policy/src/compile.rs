@@ -16,7 +16,11 @@
 //!   and protocol; a pod without it is not allowed by that port;
 //! - not in the entries, enforced by the datapath: replies of allowed connections pass, and
 //!   the pod's own node may always connect to it.
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
 
 use crate::{
     identity::{FIRST_POD_IDENTITY, IdAllocator, IdentityKey},
@@ -24,6 +28,7 @@ use crate::{
         Cluster, Direction, IpBlock, NamespaceScope, PeerSpec, PodInfo, PodRef, Policy, PolicyRef,
         PortSpec, Problem, Protocol,
     },
+    selector::{Labels, Selector},
 };
 
 /// Which traffic partner an entry allows.
@@ -125,17 +130,83 @@ pub struct PodEntry {
     pub node: Option<String>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     pub identities: BTreeMap<u32, IdentityKey>,
     pub pods: BTreeMap<PodRef, PodEntry>,
-    /// Addresses of pods (not host-network) -> pod.
+    /// Addresses of pods (not host-network) -> pod (the greatest pod when several share one).
     pub pod_ips: BTreeMap<IpAddr, PodRef>,
     /// Node name -> addresses.
     pub nodes: BTreeMap<String, Vec<IpAddr>>,
-    /// Per pod (of the node compiled for), the policy of both directions.
+    /// Per pod (of the node compiled for), the policy of both directions. Each direction's
+    /// `isolated_by` is sorted, and its `allow` entries are grouped by policy in that order
+    /// (a policy's entries are one slice of it).
     pub endpoints: BTreeMap<PodRef, EndpointPolicy>,
     pub problems: Vec<Problem>,
+}
+
+/// What one policy gives the pods of one identity it selects, per direction (`None`: the
+/// policy does not isolate that direction).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contribution {
+    pub ingress: Option<Vec<Allow>>,
+    pub egress: Option<Vec<Allow>>,
+}
+
+impl Contribution {
+    pub fn direction(&self, direction: Direction) -> Option<&Vec<Allow>> {
+        match direction {
+            Direction::Ingress => self.ingress.as_ref(),
+            Direction::Egress => self.egress.as_ref(),
+        }
+    }
+}
+
+impl EndpointPolicy {
+    pub fn new(identity: u32) -> Self {
+        Self { identity, ingress: DirectionPolicy::default(), egress: DirectionPolicy::default() }
+    }
+
+    pub fn direction_mut(&mut self, direction: Direction) -> &mut DirectionPolicy {
+        match direction {
+            Direction::Ingress => &mut self.ingress,
+            Direction::Egress => &mut self.egress,
+        }
+    }
+}
+
+impl DirectionPolicy {
+    /// The positions of `policy`'s entries in `allow` (entries are grouped by policy, in
+    /// policy order).
+    pub fn slice_of(&self, policy: &PolicyRef) -> std::ops::Range<usize> {
+        let start = self.allow.partition_point(|a| a.origin.policy < *policy);
+        let end = start + self.allow[start..].partition_point(|a| a.origin.policy == *policy);
+        start..end
+    }
+
+    /// Replaces what `policy` contributes (`None`: it does not isolate this direction).
+    /// Returns whether anything changed.
+    pub fn set_slice(&mut self, policy: &PolicyRef, allow: Option<&[Allow]>) -> bool {
+        let range = self.slice_of(policy);
+        let isolated = self.isolated_by.binary_search(policy);
+        let same = match (isolated, allow) {
+            (Ok(_), Some(allow)) => self.allow[range.clone()] == *allow,
+            (Err(_), None) => true,
+            _ => false,
+        };
+        if same {
+            return false;
+        }
+        match (isolated, allow.is_some()) {
+            (Ok(at), false) => {
+                self.isolated_by.remove(at);
+            }
+            (Err(at), true) => self.isolated_by.insert(at, policy.clone()),
+            _ => {}
+        }
+        self.allow.splice(range, allow.unwrap_or_default().iter().cloned());
+        true
+    }
 }
 
 /// Compiles repeatedly with stable identities.
@@ -150,16 +221,31 @@ impl Default for Compiler {
     }
 }
 
+/// The identity key of a pod of `cluster`.
+pub fn identity_key(namespace_labels: Labels, pod: &PodInfo) -> IdentityKey {
+    IdentityKey {
+        namespace: pod.id.namespace.clone(),
+        namespace_labels,
+        pod_labels: pod.labels.clone(),
+        named_ports: pod.named_ports.clone(),
+    }
+}
+
 impl Compiler {
-    /// Compiles the policy of every pod on `node` (every pod when `None`).
+    /// A compiler continuing from `identities` (numbers already given keep theirs).
+    pub fn with_identities(identities: IdAllocator<IdentityKey>) -> Self {
+        Self { identities }
+    }
+
+    /// Compiles the policy of every pod on `node` (every pod when `None`). The result does
+    /// not depend on the order of the cluster's lists.
     pub fn compile(&mut self, cluster: &Cluster, node: Option<&str>) -> Compiled {
-        let key_of = |pod: &PodInfo| IdentityKey {
-            namespace: pod.id.namespace.clone(),
-            namespace_labels: cluster.namespace_labels(&pod.id.namespace),
-            pod_labels: pod.labels.clone(),
-            named_ports: pod.named_ports.clone(),
-        };
-        let enforced = || cluster.pods.iter().filter(|p| !p.host_network);
+        let key_of = |pod: &PodInfo| identity_key(cluster.namespace_labels(&pod.id.namespace), pod);
+        let mut pods: Vec<&PodInfo> = cluster.pods.iter().collect();
+        pods.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut policies: Vec<&Policy> = cluster.policies.iter().collect();
+        policies.sort_by(|a, b| a.id.cmp(&b.id));
+        let enforced = || pods.iter().copied().filter(|p| !p.host_network);
         let ids = self.identities.assign(enforced().map(key_of));
         let mut compiled = Compiled {
             identities: ids.iter().map(|(k, id)| (*id, k.clone())).collect(),
@@ -167,7 +253,7 @@ impl Compiler {
             problems: cluster.problems.clone(),
             ..Compiled::default()
         };
-        for pod in &cluster.pods {
+        for pod in &pods {
             let identity = (!pod.host_network).then(|| ids[&key_of(pod)]);
             if identity.is_some() {
                 for ip in &pod.ips {
@@ -179,112 +265,22 @@ impl Compiler {
                 PodEntry { identity, ips: pod.ips.clone(), node: pod.node.clone() },
             );
         }
-        let peers = PeerIndex::new(&compiled);
+        let labels = LabelIndex::new(&compiled.identities);
+        let peers = PeerIndex::new(&compiled, &labels);
         let mut endpoints = BTreeMap::new();
         for pod in enforced() {
             if node.is_some_and(|n| pod.node.as_deref() != Some(n)) {
                 continue;
             }
             let identity = ids[&key_of(pod)];
-            let mut endpoint = EndpointPolicy {
-                identity,
-                ingress: DirectionPolicy::default(),
-                egress: DirectionPolicy::default(),
-            };
-            for policy in cluster.policies.iter().filter(|p| selects(p, pod)) {
+            let mut endpoint = EndpointPolicy::new(identity);
+            for policy in policies.iter().filter(|p| selects(p, pod)) {
+                let contribution = contribute(policy, identity, &peers);
                 for direction in [Direction::Ingress, Direction::Egress] {
-                    let Some(rules) = policy.rules(direction) else { continue };
-                    let out = match direction {
-                        Direction::Ingress => &mut endpoint.ingress,
-                        Direction::Egress => &mut endpoint.egress,
-                    };
-                    out.isolated_by.push(policy.id.clone());
-                    for (rule_index, rule) in rules.iter().enumerate() {
-                        let origin = |peer, port| Origin {
-                            policy: policy.id.clone(),
-                            direction,
-                            rule: rule_index,
-                            peer,
-                            port,
-                        };
-                        // `None` peer: the rule lists no peers, so it allows every peer.
-                        let rule_peers: Vec<(Option<usize>, Option<&PeerSpec>)> = match &rule.peers
-                        {
-                            None => vec![(None, None)],
-                            Some(list) => list.iter().map(|(i, p)| (Some(*i), Some(p))).collect(),
-                        };
-                        for (peer_index, peer) in rule_peers {
-                            let Some(ports) = &rule.ports else {
-                                for peer in peers.resolve(peer) {
-                                    out.allow.push(Allow {
-                                        peer,
-                                        protocol: None,
-                                        ports: None,
-                                        origin: origin(peer_index, None),
-                                    });
-                                }
-                                continue;
-                            };
-                            for (port_index, port) in ports {
-                                let origin = origin(peer_index, Some(*port_index));
-                                let protocol = Some(port.protocol);
-                                let named = match &port.port {
-                                    PortSpec::All | PortSpec::Range(..) => {
-                                        let range = match port.port {
-                                            PortSpec::Range(lo, hi) => Some((lo, hi)),
-                                            _ => None,
-                                        };
-                                        for peer in peers.resolve(peer) {
-                                            out.allow.push(Allow {
-                                                peer,
-                                                protocol,
-                                                ports: range,
-                                                origin: origin.clone(),
-                                            });
-                                        }
-                                        continue;
-                                    }
-                                    PortSpec::Named(name) => name,
-                                };
-                                let resolve = |key: &IdentityKey| {
-                                    key.named_ports
-                                        .iter()
-                                        .find(|p| &p.name == named && p.protocol == port.protocol)
-                                        .map(|p| p.port)
-                                };
-                                match direction {
-                                    // The destination is this pod.
-                                    Direction::Ingress => {
-                                        let Some(number) = resolve(&compiled.identities[&identity])
-                                        else {
-                                            continue;
-                                        };
-                                        for peer in peers.resolve(peer) {
-                                            out.allow.push(Allow {
-                                                peer,
-                                                protocol,
-                                                ports: Some((number, number)),
-                                                origin: origin.clone(),
-                                            });
-                                        }
-                                    }
-                                    // The destination is the peer: resolve per peer identity.
-                                    Direction::Egress => {
-                                        for id in peers.identities_of(peer) {
-                                            if let Some(number) = resolve(&compiled.identities[&id])
-                                            {
-                                                out.allow.push(Allow {
-                                                    peer: PeerMatch::Identity(id),
-                                                    protocol,
-                                                    ports: Some((number, number)),
-                                                    origin: origin.clone(),
-                                                });
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
+                    if let Some(allow) = contribution.direction(direction) {
+                        let out = endpoint.direction_mut(direction);
+                        out.isolated_by.push(policy.id.clone());
+                        out.allow.extend(allow.iter().cloned());
                     }
                 }
             }
@@ -295,18 +291,180 @@ impl Compiler {
     }
 }
 
+/// What `policy` allows the pods of `identity` (which it selects), resolving peers and named
+/// ports against what `peers` knows.
+pub(crate) fn contribute(policy: &Policy, identity: u32, peers: &PeerIndex) -> Contribution {
+    let mut contribution = Contribution::default();
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let Some(rules) = policy.rules(direction) else { continue };
+        let mut out = Vec::new();
+        for (rule_index, rule) in rules.iter().enumerate() {
+            let origin = |peer, port| Origin {
+                policy: policy.id.clone(),
+                direction,
+                rule: rule_index,
+                peer,
+                port,
+            };
+            // `None` peer: the rule lists no peers, so it allows every peer.
+            let rule_peers: Vec<(Option<usize>, Option<&PeerSpec>)> = match &rule.peers {
+                None => vec![(None, None)],
+                Some(list) => list.iter().map(|(i, p)| (Some(*i), Some(p))).collect(),
+            };
+            for (peer_index, peer) in rule_peers {
+                let Some(ports) = &rule.ports else {
+                    for peer in peers.resolve(peer) {
+                        out.push(Allow {
+                            peer,
+                            protocol: None,
+                            ports: None,
+                            origin: origin(peer_index, None),
+                        });
+                    }
+                    continue;
+                };
+                for (port_index, port) in ports {
+                    let origin = origin(peer_index, Some(*port_index));
+                    let protocol = Some(port.protocol);
+                    let named = match &port.port {
+                        PortSpec::All | PortSpec::Range(..) => {
+                            let range = match port.port {
+                                PortSpec::Range(lo, hi) => Some((lo, hi)),
+                                _ => None,
+                            };
+                            for peer in peers.resolve(peer) {
+                                out.push(Allow {
+                                    peer,
+                                    protocol,
+                                    ports: range,
+                                    origin: origin.clone(),
+                                });
+                            }
+                            continue;
+                        }
+                        PortSpec::Named(name) => name,
+                    };
+                    let resolve = |key: &IdentityKey| {
+                        key.named_ports
+                            .iter()
+                            .find(|p| &p.name == named && p.protocol == port.protocol)
+                            .map(|p| p.port)
+                    };
+                    match direction {
+                        // The destination is this pod.
+                        Direction::Ingress => {
+                            let Some(number) = resolve(&peers.compiled.identities[&identity])
+                            else {
+                                continue;
+                            };
+                            for peer in peers.resolve(peer) {
+                                out.push(Allow {
+                                    peer,
+                                    protocol,
+                                    ports: Some((number, number)),
+                                    origin: origin.clone(),
+                                });
+                            }
+                        }
+                        // The destination is the peer: resolve per peer identity.
+                        Direction::Egress => {
+                            for id in peers.identities_of(peer) {
+                                if let Some(number) = resolve(&peers.compiled.identities[&id]) {
+                                    out.push(Allow {
+                                        peer: PeerMatch::Identity(id),
+                                        protocol,
+                                        ports: Some((number, number)),
+                                        origin: origin.clone(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        match direction {
+            Direction::Ingress => contribution.ingress = Some(out),
+            Direction::Egress => contribution.egress = Some(out),
+        }
+    }
+    contribution
+}
+
 fn selects(policy: &Policy, pod: &PodInfo) -> bool {
     policy.id.namespace == pod.id.namespace && policy.pod_selector.matches(&pod.labels)
 }
 
+/// Whether `policy` selects the pods of identity `key`.
+pub(crate) fn selects_key(policy: &Policy, key: &IdentityKey) -> bool {
+    policy.id.namespace == key.namespace && policy.pod_selector.matches(&key.pod_labels)
+}
+
+/// Identities by pod label, so selectors with a required label look up their candidates.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LabelIndex {
+    /// (label key, value) -> identities whose pods have it.
+    by_label: BTreeMap<(String, String), BTreeSet<u32>>,
+}
+
+impl LabelIndex {
+    pub(crate) fn new(identities: &BTreeMap<u32, IdentityKey>) -> Self {
+        let mut index = Self::default();
+        for (id, key) in identities {
+            index.insert(*id, key);
+        }
+        index
+    }
+
+    pub(crate) fn insert(&mut self, id: u32, key: &IdentityKey) {
+        for (k, v) in &key.pod_labels {
+            self.by_label.entry((k.clone(), v.clone())).or_default().insert(id);
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: u32, key: &IdentityKey) {
+        for (k, v) in &key.pod_labels {
+            let label = (k.clone(), v.clone());
+            if let Some(ids) = self.by_label.get_mut(&label) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_label.remove(&label);
+                }
+            }
+        }
+    }
+
+    /// Identities that may match `selector` (a superset; every identity when it requires no
+    /// label), in number order.
+    pub(crate) fn candidates<'a>(
+        &'a self,
+        selector: &Selector,
+        all: &'a BTreeMap<u32, IdentityKey>,
+    ) -> Vec<u32> {
+        match selector.required_label() {
+            None => all.keys().copied().collect(),
+            Some((key, values)) => {
+                let ids: BTreeSet<u32> = values
+                    .iter()
+                    .filter_map(|v| self.by_label.get(&(key.to_string(), v.clone())))
+                    .flatten()
+                    .copied()
+                    .collect();
+                ids.into_iter().collect()
+            }
+        }
+    }
+}
+
 /// Resolves peers (`None`: every peer) to identities.
-struct PeerIndex<'a> {
+pub(crate) struct PeerIndex<'a> {
     compiled: &'a Compiled,
+    labels: &'a LabelIndex,
 }
 
 impl<'a> PeerIndex<'a> {
-    fn new(compiled: &'a Compiled) -> Self {
-        Self { compiled }
+    pub(crate) fn new(compiled: &'a Compiled, labels: &'a LabelIndex) -> Self {
+        Self { compiled, labels }
     }
 
     fn resolve(&self, peer: Option<&PeerSpec>) -> Vec<PeerMatch> {
@@ -323,23 +481,38 @@ impl<'a> PeerIndex<'a> {
     /// address in the block (used for named ports of egress rules, which need a pod to resolve
     /// against). Pods of one identity on both sides of a block's edge are all included.
     fn identities_of(&self, peer: Option<&PeerSpec>) -> Vec<u32> {
-        self.compiled
-            .identities
-            .iter()
-            .filter(|(id, key)| match peer {
-                None => true,
-                Some(PeerSpec::Pods { namespaces, pods }) => {
-                    let in_scope = match namespaces {
-                        NamespaceScope::Own(ns) => &key.namespace == ns,
-                        NamespaceScope::Selected(sel) => sel.matches(&key.namespace_labels),
-                    };
-                    in_scope && pods.matches(&key.pod_labels)
-                }
-                Some(PeerSpec::Block(block)) => self.compiled.pod_ips.iter().any(|(ip, pod)| {
-                    block.contains(*ip) && self.compiled.pods[pod].identity == Some(**id)
-                }),
-            })
-            .map(|(id, _)| *id)
-            .collect()
+        let identities = &self.compiled.identities;
+        match peer {
+            None => identities.keys().copied().collect(),
+            Some(spec @ PeerSpec::Pods { pods, .. }) => self
+                .labels
+                .candidates(pods, identities)
+                .into_iter()
+                .filter(|id| peer_selects(spec, &identities[id]))
+                .collect(),
+            Some(PeerSpec::Block(block)) => identities
+                .keys()
+                .copied()
+                .filter(|id| {
+                    self.compiled.pod_ips.iter().any(|(ip, pod)| {
+                        block.contains(*ip) && self.compiled.pods[pod].identity == Some(*id)
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Whether a pod peer selects pods of identity `key` (an ipBlock selects no identity as such).
+pub(crate) fn peer_selects(peer: &PeerSpec, key: &IdentityKey) -> bool {
+    match peer {
+        PeerSpec::Pods { namespaces, pods } => {
+            let in_scope = match namespaces {
+                NamespaceScope::Own(ns) => &key.namespace == ns,
+                NamespaceScope::Selected(sel) => sel.matches(&key.namespace_labels),
+            };
+            in_scope && pods.matches(&key.pod_labels)
+        }
+        PeerSpec::Block(_) => false,
     }
 }

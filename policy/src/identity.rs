@@ -43,12 +43,22 @@ impl<K: Ord + Clone> IdAllocator<K> {
     pub fn assign(&mut self, keys: impl IntoIterator<Item = K>) -> BTreeMap<K, u32> {
         let wanted: BTreeSet<K> = keys.into_iter().collect();
         let gone: Vec<K> = self.ids.keys().filter(|k| !wanted.contains(*k)).cloned().collect();
+        let new: Vec<K> = wanted.into_iter().filter(|k| !self.ids.contains_key(k)).collect();
+        self.change(gone, new);
+        self.ids.clone()
+    }
+
+    /// The incremental form of [`IdAllocator::assign`]: `gone` give their numbers back, then
+    /// `new` (taken in key order) get the lowest free ones. After it the numbers are exactly
+    /// those `assign` would give for the resulting set of keys.
+    pub fn change(&mut self, gone: impl IntoIterator<Item = K>, new: impl IntoIterator<Item = K>) {
         for key in gone {
             if let Some(id) = self.ids.remove(&key) {
                 self.free.insert(id);
             }
         }
-        for key in wanted {
+        let new: BTreeSet<K> = new.into_iter().collect();
+        for key in new {
             if !self.ids.contains_key(&key) {
                 let id = match self.free.pop_first() {
                     Some(id) => id,
@@ -60,7 +70,16 @@ impl<K: Ord + Clone> IdAllocator<K> {
                 self.ids.insert(key, id);
             }
         }
-        self.ids.clone()
+    }
+
+    /// The number of `key`, if it has one.
+    pub fn get(&self, key: &K) -> Option<u32> {
+        self.ids.get(key).copied()
+    }
+
+    /// Every key and its number.
+    pub fn ids(&self) -> &BTreeMap<K, u32> {
+        &self.ids
     }
 }
 
@@ -77,5 +96,8 @@ mod tests {
         assert_eq!(second, BTreeMap::from([("a", 10), ("c", 12), ("d", 11)]));
         let third = ids.assign(["a", "c", "d", "e"]);
         assert_eq!(third["e"], 13);
+        let mut step = ids.clone();
+        step.change(["c", "d"], ["g", "f"]);
+        assert_eq!(step.ids(), &ids.assign(["a", "e", "f", "g"]));
     }
 }

@@ -437,21 +437,7 @@ impl Cluster {
                 .collect(),
             pods: pods.iter().filter_map(PodInfo::from_k8s).collect(),
             policies,
-            nodes: nodes
-                .iter()
-                .filter_map(|node| {
-                    let addrs = node
-                        .status
-                        .as_ref()?
-                        .addresses
-                        .iter()
-                        .flatten()
-                        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-                        .filter_map(|a| a.address.parse().ok())
-                        .collect();
-                    Some((node.metadata.name.clone()?, addrs))
-                })
-                .collect(),
+            nodes: nodes.iter().filter_map(node_addresses).collect(),
             problems,
         }
     }
@@ -460,4 +446,18 @@ impl Cluster {
     pub fn namespace_labels(&self, namespace: &str) -> Labels {
         self.namespaces.get(namespace).cloned().unwrap_or_default()
     }
+}
+
+/// A node's name and the addresses its pods' traffic may come from (InternalIP, ExternalIP).
+pub fn node_addresses(node: &Node) -> Option<(String, Vec<IpAddr>)> {
+    let addrs = node
+        .status
+        .as_ref()?
+        .addresses
+        .iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    Some((node.metadata.name.clone()?, addrs))
 }

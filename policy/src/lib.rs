@@ -12,12 +12,15 @@ pub mod cidr;
 pub mod classes;
 pub mod compile;
 pub mod identity;
+pub mod incremental;
 pub mod input;
+pub mod random;
 pub mod selector;
 pub mod trace;
 
 pub use cidr::Cidr;
 pub use classes::CidrClasses;
 pub use compile::{Allow, Compiled, Compiler, DirectionPolicy, EndpointPolicy, Origin, PeerMatch};
+pub use incremental::{Change, Delta, IncrementalCompiler, ObjectKey};
 pub use input::{Cluster, Direction, IpBlock, ObjectRef, PodRef, PolicyRef, Protocol};
 pub use trace::{Endpoint, Side, TraceError, Verdict, trace};

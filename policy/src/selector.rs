@@ -78,6 +78,15 @@ impl Selector {
         Ok(Self { requirements })
     }
 
+    /// A label every matching set must have, with the values it may take (the first `In`
+    /// requirement): matching sets can be looked up by label instead of scanned.
+    pub fn required_label(&self) -> Option<(&str, &BTreeSet<String>)> {
+        self.requirements.iter().find_map(|req| match &req.op {
+            Op::In(values) => Some((req.key.as_str(), values)),
+            _ => None,
+        })
+    }
+
     pub fn matches(&self, labels: &Labels) -> bool {
         self.requirements.iter().all(|req| {
             let value = labels.get(&req.key);

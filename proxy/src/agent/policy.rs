@@ -1,11 +1,18 @@
 //! The agent's NetworkPolicy loop.
 //!
-//! Its own watchers (Namespaces, Pods, NetworkPolicies, every Node), its own task and wake-up,
-//! so a policy change never waits behind a service sync. Level-triggered: every change (and a
-//! periodic resync) rebuilds the whole `Cluster` from the stores, compiles the policy of this
-//! node's pods and hands it to the datapath, which writes only the difference. Nothing is
-//! applied before every store has completed its initial list: a restarted agent never applies
-//! an empty policy over the one its predecessor programmed.
+//! Its own watchers (Namespaces, Pods, NetworkPolicies, every Node), its own task, so a policy
+//! change never waits behind a service sync. Each watch event is one change to an
+//! [`IncrementalCompiler`] (a re-list deletes what it no longer lists); the events that arrived
+//! together are then handed to the datapath as one [`weir_policy::Delta`]
+//! ([`PolicyDatapath::apply_delta`]), so a change costs what it touches, not the size of the
+//! cluster's policy. Nothing is applied before every kind has completed its initial list: a
+//! restarted agent never applies an empty policy over the one its predecessor programmed.
+//!
+//! The safety net, at the first sync, after a failed apply and every [`RESYNC`]: a full
+//! compile of the same inputs (`Compiler::compile`, continuing the incremental compiler's
+//! numbering) must give exactly the incremental state (if not, the difference is logged and the
+//! state rebuilt), and the datapath takes the whole state ([`PolicyDatapath::apply`]), diffing
+//! it against what it holds.
 //!
 //! After each apply on the eBPF datapath, every local pod veth is checked for the policy
 //! programs ([`PolicyPrograms::reconcile`]): pods made before the agent ran get them, and a
@@ -17,23 +24,23 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod},
     networking::v1::NetworkPolicy,
 };
 use kube::{
     Api, Client,
-    runtime::{reflector::Store, watcher},
+    runtime::{WatchStreamExt, watcher},
 };
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::{sync::mpsc, task::JoinHandle};
 use weir_cni_plugin::wiring::GATEWAY_V4;
-use weir_policy::{Cidr, Cluster, Compiled, Compiler};
+use weir_policy::{Change, Cidr, Compiled, IncrementalCompiler, ObjectKey};
 
 use super::{
     config::AgentConfig,
     node_context,
     status::{PolicySyncReport, Status},
-    watch::watch,
 };
 use crate::policy::{PolicyDatapath, PolicyNode, PolicyPrograms};
 
@@ -77,22 +84,42 @@ impl Default for PolicyConfig {
     }
 }
 
-/// Read handles on the objects the compiler needs.
-#[derive(Clone)]
-struct PolicyStores {
-    namespaces: Store<Namespace>,
-    pods: Store<Pod>,
-    policies: Store<NetworkPolicy>,
-    nodes: Store<Node>,
+/// One watch event of one of the kinds the compiler reads.
+enum Update {
+    Namespace(Box<watcher::Event<Namespace>>),
+    Pod(Box<watcher::Event<Pod>>),
+    Policy(Box<watcher::Event<NetworkPolicy>>),
+    Node(Box<watcher::Event<Node>>),
 }
 
-impl PolicyStores {
-    async fn ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
-        self.namespaces.wait_until_ready().await?;
-        self.pods.wait_until_ready().await?;
-        self.policies.wait_until_ready().await?;
-        self.nodes.wait_until_ready().await
-    }
+/// The kinds, in the order of [`Update`] (for the initial-list bookkeeping).
+const KINDS: [&str; 4] = ["Namespaces", "Pods", "NetworkPolicies", "Nodes"];
+
+/// Streams a kind's watch events into `updates` until aborted, retrying with backoff.
+fn watch_events<K>(
+    api: Api<K>,
+    updates: mpsc::UnboundedSender<Update>,
+    wrap: fn(watcher::Event<K>) -> Update,
+) -> JoinHandle<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    tokio::spawn(async move {
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    if updates.send(wrap(event)).is_err() {
+                        return;
+                    }
+                }
+                Err(err) => log::warn!("watch {kind}: {err} (retrying with backoff)"),
+            }
+        }
+    })
 }
 
 /// Starts the watchers and the loop; the returned tasks run until aborted.
@@ -103,74 +130,197 @@ pub fn start(
     programs: Option<PolicyPrograms>,
     status: Arc<Status>,
 ) -> Vec<JoinHandle<()>> {
-    let changed = Arc::new(Notify::new());
-    let all = watcher::Config::default;
-    let (namespaces, t1) = watch(Api::<Namespace>::all(client.clone()), all(), changed.clone());
-    let (pods, t2) = watch(Api::<Pod>::all(client.clone()), all(), changed.clone());
-    let (policies, t3) = watch(Api::<NetworkPolicy>::all(client.clone()), all(), changed.clone());
-    let (nodes, t4) = watch(Api::<Node>::all(client.clone()), all(), changed.clone());
-    let stores = PolicyStores { namespaces, pods, policies, nodes };
-    let sync = Sync { config: config.clone(), datapath, programs, status };
-    let task = tokio::spawn(sync.run(stores, changed));
-    vec![t1, t2, t3, t4, task]
+    let (tx, rx) = mpsc::unbounded_channel();
+    let tasks = vec![
+        watch_events(Api::<Namespace>::all(client.clone()), tx.clone(), |e| {
+            Update::Namespace(Box::new(e))
+        }),
+        watch_events(Api::<Pod>::all(client.clone()), tx.clone(), |e| Update::Pod(Box::new(e))),
+        watch_events(Api::<NetworkPolicy>::all(client.clone()), tx.clone(), |e| {
+            Update::Policy(Box::new(e))
+        }),
+        watch_events(Api::<Node>::all(client.clone()), tx, |e| Update::Node(Box::new(e))),
+    ];
+    let sync = Sync {
+        config: config.clone(),
+        datapath,
+        programs,
+        status,
+        compiler: IncrementalCompiler::new(Some(&config.node_name)),
+        this_node: None,
+        listed: [false; 4],
+        relisting: Default::default(),
+    };
+    let mut tasks = tasks;
+    tasks.push(tokio::spawn(sync.run(rx)));
+    tasks
 }
+
+/// At most this many events are taken into one sync (the rest wait for the next).
+const BATCH: usize = 10_000;
 
 struct Sync {
     config: AgentConfig,
     datapath: Box<dyn PolicyDatapath>,
     programs: Option<PolicyPrograms>,
     status: Arc<Status>,
+    compiler: IncrementalCompiler,
+    /// This node's object (addresses, pod ranges).
+    this_node: Option<Node>,
+    /// Which kinds completed their initial list.
+    listed: [bool; 4],
+    /// Per kind being re-listed, the objects listed so far.
+    relisting: [Option<BTreeSet<ObjectKey>>; 4],
 }
 
-fn objects<K>(store: &Store<K>) -> Vec<K>
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    store.state().iter().map(|object| K::clone(object)).collect()
+/// What kind of object a key names (the index in [`KINDS`]).
+fn kind_of(key: &ObjectKey) -> usize {
+    match key {
+        ObjectKey::Namespace(_) => 0,
+        ObjectKey::Pod(_) => 1,
+        ObjectKey::Policy(_) => 2,
+        ObjectKey::Node(_) => 3,
+    }
 }
 
 impl Sync {
-    async fn run(mut self, stores: PolicyStores, changed: Arc<Notify>) {
+    /// Feeds one watch event to the compiler.
+    fn take(&mut self, update: Update) {
+        fn split<K>(event: watcher::Event<K>) -> (Option<K>, bool, Phase) {
+            match event {
+                watcher::Event::Apply(object) => (Some(object), false, Phase::Live),
+                watcher::Event::Delete(object) => (Some(object), true, Phase::Live),
+                watcher::Event::Init => (None, false, Phase::Init),
+                watcher::Event::InitApply(object) => (Some(object), false, Phase::Listing),
+                watcher::Event::InitDone => (None, false, Phase::Done),
+            }
+        }
+        let (kind, change, phase) = match update {
+            Update::Namespace(event) => {
+                let (object, deleted, phase) = split(*event);
+                (0, object.and_then(|o| Change::namespace(&o, deleted)), phase)
+            }
+            Update::Pod(event) => {
+                let (object, deleted, phase) = split(*event);
+                (1, object.and_then(|o| Change::pod(&o, deleted)), phase)
+            }
+            Update::Policy(event) => {
+                let (object, deleted, phase) = split(*event);
+                (2, object.and_then(|o| Change::policy(&o, deleted)), phase)
+            }
+            Update::Node(event) => {
+                let (object, deleted, phase) = split(*event);
+                if let Some(node) = &object
+                    && node.metadata.name.as_deref() == Some(self.config.node_name.as_str())
+                {
+                    self.this_node = (!deleted).then(|| node.clone());
+                }
+                (3, object.and_then(|o| Change::node(&o, deleted)), phase)
+            }
+        };
+        match phase {
+            Phase::Init => self.relisting[kind] = Some(BTreeSet::new()),
+            Phase::Listing => {
+                if let (Some(seen), Some(change)) = (&mut self.relisting[kind], &change) {
+                    seen.insert(change.key());
+                }
+            }
+            Phase::Done => {
+                // Objects not listed again were deleted while the watch was down.
+                let seen = self.relisting[kind].take().unwrap_or_default();
+                let gone: Vec<ObjectKey> = self
+                    .compiler
+                    .keys()
+                    .into_iter()
+                    .filter(|key| kind_of(key) == kind && !seen.contains(key))
+                    .collect();
+                for key in gone {
+                    self.compiler.apply(Change::deletion(key));
+                }
+                if kind == 3 && !seen.contains(&ObjectKey::Node(self.config.node_name.clone())) {
+                    self.this_node = None;
+                }
+                if !self.listed[kind] {
+                    log::info!("policy: {} listed", KINDS[kind]);
+                }
+                self.listed[kind] = true;
+            }
+            Phase::Live => {}
+        }
+        if let Some(change) = change {
+            self.compiler.apply(change);
+        }
+    }
+
+    async fn run(mut self, mut updates: mpsc::UnboundedReceiver<Update>) {
         log::info!(
             "policy: waiting for the initial lists of Namespaces, Pods, NetworkPolicies and Nodes"
         );
-        if stores.ready().await.is_err() {
-            log::error!("policy: the watchers stopped before their initial lists completed");
-            return;
-        }
-        let mut compiler = Compiler::default();
         let mut reported = BTreeSet::new();
         let mut first = true;
+        let mut full = true;
+        let mut last_full = Instant::now();
         loop {
+            // Wait for an event (or the resync), then take everything that is already there.
+            let ready = self.listed.iter().all(|listed| *listed);
+            if !(ready && full) {
+                // Before the initial lists only events count.
+                let timeout =
+                    if ready { RESYNC.saturating_sub(last_full.elapsed()) } else { RESYNC };
+                tokio::select! {
+                    update = updates.recv() => match update {
+                        Some(update) => self.take(update),
+                        None => {
+                            log::error!("policy: the watchers stopped");
+                            return;
+                        }
+                    },
+                    _ = tokio::time::sleep(timeout) => full = ready,
+                }
+            }
+            let mut taken = 0;
+            while taken < BATCH {
+                let Ok(update) = updates.try_recv() else { break };
+                self.take(update);
+                taken += 1;
+            }
+            if self.listed.iter().any(|l| !l) {
+                continue;
+            }
             let started = Instant::now();
-            let policies = objects(&stores.policies);
-            let cluster = Cluster::from_k8s(
-                &objects(&stores.namespaces),
-                &objects(&stores.pods),
-                &policies,
-                &objects(&stores.nodes),
-            );
-            let this_node =
-                stores.nodes.get(&kube::runtime::reflector::ObjectRef::new(&self.config.node_name));
-            let node = self.policy_node(this_node.as_deref(), policies.len());
-            let compiled = compiler.compile(&cluster, Some(&self.config.node_name));
-            report_problems(&compiled, &mut reported);
-            match self.datapath.apply(&compiled, &node) {
+            let delta = self.compiler.take_delta();
+            let node = self.policy_node();
+            if full {
+                self.check_full_compile().await;
+            }
+            let compiled = self.compiler.compiled();
+            if delta.problems || full {
+                report_problems(compiled, &mut reported);
+            }
+            let result = if full {
+                self.datapath.apply(compiled, &node)
+            } else {
+                self.datapath.apply_delta(compiled, &delta, &node)
+            };
+            match result {
                 Ok(applied) => {
-                    self.reconcile_attachments(&compiled);
+                    if full || !delta.endpoints.is_empty() {
+                        self.reconcile_attachments();
+                    }
+                    let compiled = self.compiler.compiled();
                     let report = PolicySyncReport {
                         duration: started.elapsed(),
                         ops: applied.ops,
                         endpoints: compiled.endpoints.len(),
                         identities: compiled.identities.len(),
-                        rules: rules(&compiled),
-                        policies: policies.len(),
+                        rules: rules(compiled),
+                        policies: self.compiler.policy_count(),
                     };
                     self.status.policy_applied(report);
                     let summary = format!(
-                        "policy sync: {} endpoints, {} identities, {} rules of {} policies, {} \
-                         datapath operations in {:?}{}",
+                        "policy sync ({}): {} endpoints, {} identities, {} rules of {} policies, \
+                         {} datapath operations in {:?}{}",
+                        if full { "full" } else { "changes" },
                         report.endpoints,
                         report.identities,
                         report.rules,
@@ -193,6 +343,10 @@ impl Sync {
                             report.endpoints
                         );
                     }
+                    if full {
+                        full = false;
+                        last_full = Instant::now();
+                    }
                 }
                 Err(err) => {
                     log::error!(
@@ -201,17 +355,35 @@ impl Sync {
                     );
                     self.status.policy_failed();
                     tokio::time::sleep(RETRY_AFTER).await;
-                    continue;
+                    full = true;
                 }
-            }
-            tokio::select! {
-                _ = changed.notified() => {}
-                _ = tokio::time::sleep(RESYNC) => {}
             }
         }
     }
 
-    fn policy_node(&self, node: Option<&Node>, policies: usize) -> PolicyNode {
+    /// The safety net: a full compile of the same inputs must give the incremental state.
+    async fn check_full_compile(&mut self) {
+        let mut reference = self.compiler.reference();
+        let cluster = self.compiler.cluster();
+        let node = self.config.node_name.clone();
+        let compiled =
+            tokio::task::spawn_blocking(move || reference.compile(&cluster, Some(&node))).await;
+        match compiled {
+            Ok(compiled) if compiled == *self.compiler.compiled() => {}
+            Ok(_) => {
+                log::error!(
+                    "policy: the incremental compile differs from a full compile of the same \
+                     objects (a bug); rebuilding it from the objects"
+                );
+                self.compiler = self.compiler.rebuilt();
+            }
+            Err(err) => log::error!("policy: the full compile did not finish: {err}"),
+        }
+    }
+
+    fn policy_node(&self) -> PolicyNode {
+        let node = self.this_node.as_ref();
+        let policies = self.compiler.policy_count();
         let mut host_addresses = node_context(&self.config, node).addresses;
         // The node reaches its pods from the gateway address weir-cni puts on every host veth
         // (the host route to a pod has link scope, so the kernel picks that source): kubelet's
@@ -232,8 +404,9 @@ impl Sync {
         }
     }
 
-    fn reconcile_attachments(&self, compiled: &Compiled) {
+    fn reconcile_attachments(&self) {
         let Some(programs) = &self.programs else { return };
+        let compiled = self.compiler.compiled();
         let local_ips: Vec<_> =
             compiled.endpoints.keys().flat_map(|pod| compiled.pods[pod].ips.clone()).collect();
         match programs.reconcile(&local_ips) {
@@ -251,6 +424,14 @@ impl Sync {
             ),
         }
     }
+}
+
+/// Where a watch event is in a (re-)list.
+enum Phase {
+    Init,
+    Listing,
+    Done,
+    Live,
 }
 
 /// Allow entries of all local endpoints (the rules the datapath enforces).

@@ -2,9 +2,14 @@
 //! nftables table). The loop watches Namespaces, Pods, NetworkPolicies and Nodes, compiles the
 //! policy of this node's pods (`weir_policy::Compiler::compile(cluster, Some(node))`) and hands
 //! the result to the datapath, which makes itself match it, writing only what changed.
+//!
+//! Two calls: [`PolicyDatapath::apply`] takes a whole compiled state and diffs it against what
+//! the datapath holds (start, resync, after an error); [`PolicyDatapath::apply_delta`] takes
+//! the state after the changes a [`Delta`] of `weir_policy::IncrementalCompiler` names, and
+//! costs what those changes touch.
 use std::net::IpAddr;
 
-use weir_policy::{Cidr, Compiled};
+use weir_policy::{Cidr, Compiled, Delta};
 
 /// What a policy datapath needs to know of the node besides the compiled policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -39,4 +44,17 @@ pub trait PolicyDatapath: Send {
         compiled: &Compiled,
         node: &PolicyNode,
     ) -> Result<PolicyApplied, PolicyDatapathError>;
+
+    /// Makes the datapath enforce `compiled`, which differs from the state of the previous
+    /// successful call by `delta` (and only by it). A datapath that cannot go by the delta
+    /// (the default, or after an error) applies the whole state.
+    fn apply_delta(
+        &mut self,
+        compiled: &Compiled,
+        delta: &Delta,
+        node: &PolicyNode,
+    ) -> Result<PolicyApplied, PolicyDatapathError> {
+        let _ = delta;
+        self.apply(compiled, node)
+    }
 }

@@ -7,16 +7,24 @@
 //! entries are rewritten in place, never removed first). After a failed write it reads the
 //! maps back again, so the next apply converges from whatever the error left.
 //!
+//! [`PolicyDatapath::apply_delta`] lowers only what the delta names
+//! ([`IncrementalLowering::update`]) and writes the entries that changed, without diffing
+//! the whole content; [`PolicyDatapath::apply`] lowers everything again (keeping the numbering)
+//! and diffs it against what the maps hold.
+//!
 //! Order within one apply (no hole): entries are written first ([`PolicyMaps::apply`] keeps
 //! its own order), and `GLOBAL_DENY_UNKNOWN` is changed last: switching it on after every
 //! known pod has its entry never drops a pod the policy knows.
 use std::net::IpAddr;
 
-use weir_policy::Compiled;
+use std::net::Ipv4Addr;
+
+use weir_policy::{Compiled, Delta};
 
 use super::{
     datapath::{PolicyApplied, PolicyDatapath, PolicyDatapathError, PolicyNode},
-    lower::{DatapathPolicy, Lowering},
+    incremental::IncrementalLowering,
+    lower::{DatapathPolicy, MapDiff},
     names::SharedPolicyNames,
     writer::PolicyMaps,
 };
@@ -24,11 +32,36 @@ use crate::maps::MapsError;
 
 pub struct EbpfPolicy {
     maps: PolicyMaps,
-    lowering: Lowering,
+    lowering: IncrementalLowering,
     /// What the maps hold (as far as this process knows).
     applied: DatapathPolicy,
     deny_unknown: bool,
     names: SharedPolicyNames,
+    /// The maps hold what the lowering last gave (false at start and after an error: the
+    /// next apply goes through the whole state).
+    in_sync: bool,
+}
+
+fn host_v4(node: &PolicyNode) -> Vec<Ipv4Addr> {
+    node.host_addresses
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(ip) => Some(*ip),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+fn patch<K: Ord + Clone, V: Clone>(
+    map: &mut std::collections::BTreeMap<K, V>,
+    diff: &MapDiff<K, V>,
+) {
+    for key in &diff.deletes {
+        map.remove(key);
+    }
+    for (key, value) in &diff.upserts {
+        map.insert(key.clone(), value.clone());
+    }
 }
 
 impl EbpfPolicy {
@@ -36,7 +69,14 @@ impl EbpfPolicy {
     pub fn adopt(maps: PolicyMaps, names: SharedPolicyNames) -> Result<Self, MapsError> {
         let applied = maps.read()?;
         let deny_unknown = maps.deny_unknown()?;
-        Ok(Self { maps, lowering: Lowering::default(), applied, deny_unknown, names })
+        Ok(Self {
+            maps,
+            lowering: IncrementalLowering::default(),
+            applied,
+            deny_unknown,
+            names,
+            in_sync: false,
+        })
     }
 
     /// What the maps hold, as last written or read back.
@@ -49,6 +89,7 @@ impl EbpfPolicy {
     }
 
     fn reread(&mut self) {
+        self.in_sync = false;
         match (self.maps.read(), self.maps.deny_unknown()) {
             (Ok(applied), Ok(deny)) => {
                 self.applied = applied;
@@ -61,38 +102,71 @@ impl EbpfPolicy {
     }
 }
 
+impl EbpfPolicy {
+    /// Switches dropping of unknown pods last (see the module doc).
+    fn set_deny_unknown(&mut self, node: &PolicyNode) -> Result<usize, PolicyDatapathError> {
+        if node.deny_unknown == self.deny_unknown {
+            return Ok(0);
+        }
+        if let Err(err) = self.maps.set_deny_unknown(node.deny_unknown) {
+            self.reread();
+            return Err(err.into());
+        }
+        self.deny_unknown = node.deny_unknown;
+        Ok(1)
+    }
+}
+
 impl PolicyDatapath for EbpfPolicy {
     fn apply(
         &mut self,
         compiled: &Compiled,
         node: &PolicyNode,
     ) -> Result<PolicyApplied, PolicyDatapathError> {
-        let host: Vec<_> = node
-            .host_addresses
-            .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(ip) => Some(*ip),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let desired = self.lowering.lower(compiled, &host);
-        let mut ops = match self.maps.apply(&self.applied, &desired) {
+        self.lowering.rebuild(compiled, &host_v4(node));
+        let desired = self.lowering.desired();
+        let mut ops = match self.maps.apply(&self.applied, desired) {
             Ok(ops) => ops,
             Err(err) => {
                 self.reread();
                 return Err(err.into());
             }
         };
-        self.applied = desired;
-        if node.deny_unknown != self.deny_unknown {
-            if let Err(err) = self.maps.set_deny_unknown(node.deny_unknown) {
+        self.applied = desired.clone();
+        self.in_sync = true;
+        ops += self.set_deny_unknown(node)?;
+        self.names.publish(compiled, Some(self.lowering.numbering()));
+        Ok(PolicyApplied { ops })
+    }
+
+    fn apply_delta(
+        &mut self,
+        compiled: &Compiled,
+        delta: &Delta,
+        node: &PolicyNode,
+    ) -> Result<PolicyApplied, PolicyDatapathError> {
+        if !self.in_sync {
+            return self.apply(compiled, node);
+        }
+        let changes = self.lowering.update(compiled, delta, &host_v4(node));
+        let mut ops = match self.maps.apply_delta(&changes) {
+            Ok(ops) => ops,
+            Err(err) => {
                 self.reread();
                 return Err(err.into());
             }
-            self.deny_unknown = node.deny_unknown;
-            ops += 1;
-        }
-        self.names.publish(compiled, Some(&self.lowering));
+        };
+        patch(&mut self.applied.endpoints, &changes.endpoints);
+        patch(&mut self.applied.ipcache, &changes.ipcache);
+        patch(&mut self.applied.rules, &changes.rules);
+        ops += self.set_deny_unknown(node)?;
+        self.names.publish_delta(
+            compiled,
+            delta,
+            self.lowering.numbering(),
+            &changes.rule_ids,
+            &changes.policy_ids,
+        );
         Ok(PolicyApplied { ops })
     }
 }

@@ -12,7 +12,7 @@ use weir_common::policy::{
     PEER_ANY, PEER_CIDR_CLASS, PEER_IDENTITY, POLICY_KEY_FIXED_BITS, PolicyKey, PolicyValue,
 };
 use weir_policy::{
-    CidrClasses, Compiled, Direction, DirectionPolicy, Origin, PeerMatch, PolicyRef,
+    Allow, CidrClasses, Compiled, Direction, DirectionPolicy, Origin, PeerMatch, PolicyRef,
     identity::{IDENTITY_HOST, IDENTITY_WORLD, IdAllocator},
 };
 
@@ -99,58 +99,16 @@ impl Lowering {
         }
 
         for (pod, policy) in &compiled.endpoints {
-            let first_policy =
-                |d: &DirectionPolicy| d.isolated_by.first().map_or(0, |p| policy_ids[p]);
-            let mut flags = 0;
-            if policy.ingress.is_isolated() {
-                flags |= EP_INGRESS_ISOLATED;
-            }
-            if policy.egress.is_isolated() {
-                flags |= EP_EGRESS_ISOLATED;
-            }
-            let entry = EndpointPolicy {
-                flags,
-                identity: policy.identity,
-                ingress_policy: first_policy(&policy.ingress),
-                egress_policy: first_policy(&policy.egress),
-            };
+            let entry = endpoint_entry(policy, |p| policy_ids[p]);
             for ip in &compiled.pods[pod].ips {
                 let IpAddr::V4(ip) = ip else { continue };
                 let endpoint = ip.octets();
                 out.endpoints.insert(endpoint, entry);
                 for direction in [Direction::Ingress, Direction::Egress] {
-                    let dir = match direction {
-                        Direction::Ingress => DIR_INGRESS,
-                        Direction::Egress => DIR_EGRESS,
-                    };
                     for allow in &policy.direction(direction).allow {
                         let value = PolicyValue { rule_id: rule_ids[&allow.origin], _pad: 0 };
-                        let peers: Vec<(u8, u32)> = match &allow.peer {
-                            PeerMatch::Any => vec![(PEER_ANY, 0)],
-                            PeerMatch::Identity(id) => vec![(PEER_IDENTITY, *id)],
-                            PeerMatch::Block(block) => self
-                                .classes
-                                .classes_in(block)
-                                .into_iter()
-                                .map(|c| (PEER_CIDR_CLASS, c))
-                                .collect(),
-                        };
-                        for (peer_kind, peer) in peers {
-                            let base = PolicyKey {
-                                endpoint,
-                                direction: dir,
-                                peer_kind,
-                                _pad: [0; 2],
-                                peer: peer.to_be_bytes(),
-                                proto: 0,
-                                port: [0; 2],
-                                _pad2: 0,
-                            };
-                            for (bits, key) in
-                                keys_for(base, allow.protocol.map(|p| p.number()), allow.ports)
-                            {
-                                out.rules.entry((bits, key)).or_insert(value);
-                            }
+                        for key in allow_keys(endpoint, direction, allow, &self.classes) {
+                            insert_rule(&mut out.rules, key, value);
                         }
                     }
                 }
@@ -158,6 +116,80 @@ impl Lowering {
         }
         out
     }
+}
+
+/// Adds a rule entry; when several allow entries give the same key, the lowest rule id wins
+/// (so the result does not depend on the order entries are added in).
+fn insert_rule(
+    rules: &mut BTreeMap<(u32, PolicyKey), PolicyValue>,
+    key: (u32, PolicyKey),
+    value: PolicyValue,
+) {
+    rules
+        .entry(key)
+        .and_modify(|v| {
+            if value.rule_id < v.rule_id {
+                *v = value;
+            }
+        })
+        .or_insert(value);
+}
+
+/// The `weir_pol_ep_v1` value of an endpoint; `policy_id` numbers the first isolating policy
+/// of each direction (drops are counted against it).
+pub(crate) fn endpoint_entry(
+    policy: &weir_policy::EndpointPolicy,
+    policy_id: impl Fn(&PolicyRef) -> u32,
+) -> EndpointPolicy {
+    let first_policy = |d: &DirectionPolicy| d.isolated_by.first().map_or(0, &policy_id);
+    let mut flags = 0;
+    if policy.ingress.is_isolated() {
+        flags |= EP_INGRESS_ISOLATED;
+    }
+    if policy.egress.is_isolated() {
+        flags |= EP_EGRESS_ISOLATED;
+    }
+    EndpointPolicy {
+        flags,
+        identity: policy.identity,
+        ingress_policy: first_policy(&policy.ingress),
+        egress_policy: first_policy(&policy.egress),
+    }
+}
+
+/// The `weir_policy_v1` keys of one allow entry of `endpoint` in `direction`.
+pub(crate) fn allow_keys(
+    endpoint: [u8; 4],
+    direction: Direction,
+    allow: &Allow,
+    classes: &CidrClasses,
+) -> Vec<(u32, PolicyKey)> {
+    let dir = match direction {
+        Direction::Ingress => DIR_INGRESS,
+        Direction::Egress => DIR_EGRESS,
+    };
+    let peers: Vec<(u8, u32)> = match &allow.peer {
+        PeerMatch::Any => vec![(PEER_ANY, 0)],
+        PeerMatch::Identity(id) => vec![(PEER_IDENTITY, *id)],
+        PeerMatch::Block(block) => {
+            classes.classes_in(block).into_iter().map(|c| (PEER_CIDR_CLASS, c)).collect()
+        }
+    };
+    let mut out = Vec::new();
+    for (peer_kind, peer) in peers {
+        let base = PolicyKey {
+            endpoint,
+            direction: dir,
+            peer_kind,
+            _pad: [0; 2],
+            peer: peer.to_be_bytes(),
+            proto: 0,
+            port: [0; 2],
+            _pad2: 0,
+        };
+        out.extend(keys_for(base, allow.protocol.map(|p| p.number()), allow.ports));
+    }
+    out
 }
 
 /// The LPM keys of one (protocol, port range): the fixed part alone for every protocol, plus

@@ -11,7 +11,17 @@ use std::{
 };
 
 use super::lower::Lowering;
-use weir_policy::{Compiled, Origin, PodRef, PolicyRef, compile::PodEntry, identity::IdentityKey};
+use std::collections::BTreeSet;
+use weir_policy::{
+    Compiled, Delta, Origin, PodRef, PolicyRef, compile::PodEntry, identity::IdentityKey,
+};
+
+/// A datapath's numbering of rules and policies (what its rule and policy ids stand for).
+#[derive(Clone, Copy, Debug)]
+pub struct Numbering<'a> {
+    pub rules_by_id: &'a BTreeMap<u32, Origin>,
+    pub policies_by_id: &'a BTreeMap<u32, PolicyRef>,
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct PolicyNames {
@@ -92,17 +102,54 @@ impl SharedPolicyNames {
         f(&self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
-    /// Publishes what a sync applied. `lowering` numbers the datapath's rules and policies
+    /// Publishes what a sync applied. `numbering` is the datapath's rule and policy ids
     /// (`None` for a datapath without numeric ids).
-    pub fn publish(&self, compiled: &Compiled, lowering: Option<&Lowering>) {
+    pub fn publish(&self, compiled: &Compiled, numbering: Option<Numbering>) {
         let mut names = self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         names.pods = compiled.pods.clone();
         names.pod_ips = compiled.pod_ips.clone();
         names.identities = compiled.identities.clone();
-        let (rules, policies) = lowering
-            .map_or_else(Default::default, |l| (l.rules_by_id.clone(), l.policies_by_id.clone()));
+        let (rules, policies) = numbering
+            .map_or_else(Default::default, |n| (n.rules_by_id.clone(), n.policies_by_id.clone()));
         names.rules_by_id = rules;
         names.policies_by_id = policies;
+        names.generation += 1;
+    }
+
+    /// Publishes what an incremental sync applied: the pods and identities `delta` names, and
+    /// the rule and policy ids whose meaning changed (`rule_ids`, `policy_ids`).
+    pub fn publish_delta(
+        &self,
+        compiled: &Compiled,
+        delta: &Delta,
+        numbering: Numbering,
+        rule_ids: &BTreeSet<u32>,
+        policy_ids: &BTreeSet<u32>,
+    ) {
+        fn copy<K: Ord + Clone, V: Clone>(to: &mut BTreeMap<K, V>, from: &BTreeMap<K, V>, key: &K) {
+            match from.get(key) {
+                Some(value) => to.insert(key.clone(), value.clone()),
+                None => to.remove(key),
+            };
+        }
+        let mut names = self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for pod in &delta.pods {
+            let old = names.pods.get(pod).map(|e| e.ips.clone()).unwrap_or_default();
+            let new = compiled.pods.get(pod).map(|e| e.ips.clone()).unwrap_or_default();
+            for ip in old.iter().chain(&new) {
+                copy(&mut names.pod_ips, &compiled.pod_ips, ip);
+            }
+            copy(&mut names.pods, &compiled.pods, pod);
+        }
+        for identity in &delta.identities {
+            copy(&mut names.identities, &compiled.identities, identity);
+        }
+        for id in rule_ids {
+            copy(&mut names.rules_by_id, numbering.rules_by_id, id);
+        }
+        for id in policy_ids {
+            copy(&mut names.policies_by_id, numbering.policies_by_id, id);
+        }
         names.generation += 1;
     }
 }

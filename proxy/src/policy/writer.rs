@@ -10,7 +10,10 @@ use weir_common::policy::{
     POLICY_GLOBAL_MAP, POLICY_MAP, PolicyGlobal, PolicyKey, PolicyValue,
 };
 
-use super::lower::{DatapathPolicy, diff};
+use super::{
+    incremental::DatapathDelta,
+    lower::{DatapathPolicy, MapDiff, diff},
+};
 use crate::maps::MapsError;
 
 pub struct PolicyMaps {
@@ -82,6 +85,20 @@ impl PolicyMaps {
         let endpoints = diff(&old.endpoints, &new.endpoints);
         let ipcache = diff(&old.ipcache, &new.ipcache);
         let rules = diff(&old.rules, &new.rules);
+        self.write(&endpoints, &ipcache, &rules)
+    }
+
+    /// Writes the changes of one incremental update; returns the number of map operations.
+    pub fn apply_delta(&mut self, delta: &DatapathDelta) -> Result<usize, MapsError> {
+        self.write(&delta.endpoints, &delta.ipcache, &delta.rules)
+    }
+
+    fn write(
+        &mut self,
+        endpoints: &MapDiff<[u8; 4], EndpointPolicy>,
+        ipcache: &MapDiff<(u32, [u8; 4]), IpcacheValue>,
+        rules: &MapDiff<(u32, PolicyKey), PolicyValue>,
+    ) -> Result<usize, MapsError> {
         for key in &endpoints.deletes {
             self.endpoints.remove(key).map_err(write_error(POLICY_ENDPOINTS_MAP))?;
         }

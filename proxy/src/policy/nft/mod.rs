@@ -10,13 +10,16 @@
 //! - later applies write only the difference (set elements; a drop chain and counter per
 //!   policy that isolates a local pod first), one atomic batch each; after a refused batch the
 //!   next apply rewrites everything again;
+//! - [`PolicyDatapath::apply_delta`] computes that difference from what the delta touches
+//!   ([`incremental::IncrementalDesired`]), [`PolicyDatapath::apply`] from the whole state;
 //! - the table is removed only by [`NftPolicy::remove`].
+pub mod incremental;
 pub mod inspect;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use self::plan::Desired;
+use self::{incremental::IncrementalDesired, plan::Desired};
 use crate::{
     apply::nft::{
         NftError, commit_batch,
@@ -26,7 +29,7 @@ use crate::{
     },
     policy::{PolicyApplied, PolicyDatapath, PolicyDatapathError, PolicyNode},
 };
-use weir_policy::Compiled;
+use weir_policy::{Compiled, Delta};
 
 /// The default table name.
 pub const DEFAULT_TABLE: &str = "weir_policy";
@@ -35,8 +38,10 @@ pub const DEFAULT_TABLE: &str = "weir_policy";
 pub struct NftPolicy {
     table: String,
     socket: Socket,
-    /// What the sets hold; `None` when unknown (just opened, or after a refused batch).
-    applied: Option<Desired>,
+    /// What the sets should hold.
+    state: IncrementalDesired,
+    /// The sets hold `state` (false when just opened, or after a refused batch).
+    in_sync: bool,
 }
 
 impl NftPolicy {
@@ -44,7 +49,12 @@ impl NftPolicy {
     pub fn open(table: &str) -> Result<Self, NftError> {
         validate_table_name(table)?;
         let socket = Socket::open().map_err(NftError::Socket)?;
-        let mut policy = Self { table: table.to_string(), socket, applied: None };
+        let mut policy = Self {
+            table: table.to_string(),
+            socket,
+            state: IncrementalDesired::default(),
+            in_sync: false,
+        };
         policy.send(&plan::skeleton())?;
         Ok(policy)
     }
@@ -88,7 +98,7 @@ impl NftPolicy {
 
     /// Set elements written by the last successful apply.
     pub fn elements(&self) -> usize {
-        self.applied.as_ref().map_or(0, Desired::elements)
+        if self.in_sync { self.state.desired().elements() } else { 0 }
     }
 
     /// Applies `compiled`; see [`PolicyDatapath::apply`].
@@ -97,17 +107,40 @@ impl NftPolicy {
         compiled: &Compiled,
         node: &PolicyNode,
     ) -> Result<PolicyApplied, NftError> {
-        let desired = Desired::new(compiled, node);
-        let ops = match self.applied.take() {
-            Some(old) => plan::diff(&old, &desired),
-            None => {
-                let (chains, counters) = self.drop_objects()?;
-                plan::rewrite(&desired, &chains, &counters)
-            }
+        let change = self.state.rebuild(compiled, node);
+        let ops = if self.in_sync {
+            change.ops()
+        } else {
+            let (chains, counters) = self.drop_objects()?;
+            plan::rewrite(self.state.desired(), &chains, &counters)
         };
-        self.send(&ops)?;
-        self.applied = Some(desired);
+        self.commit(&ops)
+    }
+
+    /// Applies `compiled`, changed by `delta`; see [`PolicyDatapath::apply_delta`].
+    pub fn apply_policy_delta(
+        &mut self,
+        compiled: &Compiled,
+        delta: &Delta,
+        node: &PolicyNode,
+    ) -> Result<PolicyApplied, NftError> {
+        if !self.in_sync {
+            return self.apply_policy(compiled, node);
+        }
+        let ops = self.state.update(compiled, delta, node).ops();
+        self.commit(&ops)
+    }
+
+    fn commit(&mut self, ops: &[Op]) -> Result<PolicyApplied, NftError> {
+        self.in_sync = false;
+        self.send(ops)?;
+        self.in_sync = true;
         Ok(PolicyApplied { ops: ops.len() })
+    }
+
+    /// What the sets hold after the last successful apply.
+    pub fn desired(&self) -> Option<&Desired> {
+        self.in_sync.then(|| self.state.desired())
     }
 
     /// The chains and counters of the table.
@@ -143,5 +176,14 @@ impl PolicyDatapath for NftPolicy {
         node: &PolicyNode,
     ) -> Result<PolicyApplied, PolicyDatapathError> {
         Ok(self.apply_policy(compiled, node)?)
+    }
+
+    fn apply_delta(
+        &mut self,
+        compiled: &Compiled,
+        delta: &Delta,
+        node: &PolicyNode,
+    ) -> Result<PolicyApplied, PolicyDatapathError> {
+        Ok(self.apply_policy_delta(compiled, delta, node)?)
     }
 }

@@ -29,7 +29,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use weir_policy::{Compiled, Direction, DirectionPolicy, IpBlock, PeerMatch, PolicyRef};
+use weir_policy::{Allow, Compiled, Direction, DirectionPolicy, IpBlock, PeerMatch, PolicyRef};
 
 use crate::{
     apply::nft::{
@@ -58,14 +58,14 @@ const FILTER_PRIORITY: i32 = 0;
 const MAX_NAME: usize = 255;
 
 /// The sets of one direction, by [`Direction`].
-fn sets(direction: Direction) -> (&'static str, &'static str, AddrField) {
+pub(super) fn sets(direction: Direction) -> (&'static str, &'static str, AddrField) {
     match direction {
         Direction::Ingress => (INGRESS_ALLOW, INGRESS_ENDPOINTS, AddrField::Daddr),
         Direction::Egress => (EGRESS_ALLOW, EGRESS_ENDPOINTS, AddrField::Saddr),
     }
 }
 
-const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+pub(super) const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 
 /// The chain (and counter) that drops what `policy` isolates: `drop-<ns>/<name>`, shortened
 /// with a hash when longer than nftables allows.
@@ -155,14 +155,14 @@ pub struct Desired {
 }
 
 impl Desired {
-    fn side(&self, direction: Direction) -> &Side {
+    pub(super) fn side(&self, direction: Direction) -> &Side {
         match direction {
             Direction::Ingress => &self.ingress,
             Direction::Egress => &self.egress,
         }
     }
 
-    fn side_mut(&mut self, direction: Direction) -> &mut Side {
+    pub(super) fn side_mut(&mut self, direction: Direction) -> &mut Side {
         match direction {
             Direction::Ingress => &mut self.ingress,
             Direction::Egress => &mut self.egress,
@@ -187,57 +187,81 @@ impl Desired {
                 by_identity.entry(identity).or_default().extend(v4(&entry.ips).map(u32::from));
             }
         }
-        let hosts: Vec<u32> = v4(&node.host_addresses).map(u32::from).collect();
+        let addresses = |id: u32| by_identity.get(&id).cloned().unwrap_or_default();
+        let hosts = host_boxes(node);
         let mut desired = Self::default();
         let mut known = Vec::new();
         for (pod, endpoint) in &compiled.endpoints {
             let Some(entry) = compiled.pods.get(pod) else { continue };
-            let addresses: Vec<Ipv4Addr> = v4(&entry.ips).collect();
-            known.extend(addresses.iter().map(|a| u32::from(*a)));
+            let addresses_of_pod: Vec<Ipv4Addr> = v4(&entry.ips).collect();
+            known.extend(addresses_of_pod.iter().copied());
             for direction in DIRECTIONS {
                 let policy = endpoint.direction(direction);
-                let verdict = match policy.isolated_by.first() {
-                    None => Verdict::Return,
-                    Some(first) => {
-                        let chain = drop_chain(first);
-                        desired.drop_chains.insert(chain.clone());
-                        Verdict::Goto(chain)
-                    }
-                };
+                let verdict = endpoint_verdict(policy);
+                if let Verdict::Goto(chain) = &verdict {
+                    desired.drop_chains.insert(chain.clone());
+                }
                 let boxes = if policy.is_isolated() {
-                    disjoint(&allow_boxes(policy, direction, &by_identity, &hosts))
+                    let mut boxes = allow_boxes(&policy.allow, &addresses);
+                    if direction == Direction::Ingress {
+                        boxes.extend(hosts.iter().copied());
+                    }
+                    disjoint(&boxes)
                 } else {
                     Vec::new()
                 };
                 let side = desired.side_mut(direction);
-                for address in &addresses {
+                for address in &addresses_of_pod {
                     side.endpoints.insert(*address, verdict.clone());
-                    side.allow.extend(boxes.iter().map(|b| PolicyTuple {
-                        endpoint: *address,
-                        protocols: (b[0].0 as u8, b[0].1 as u8),
-                        ports: (b[1].0 as u16, b[1].1 as u16),
-                        peers: (Ipv4Addr::from(b[2].0), Ipv4Addr::from(b[2].1)),
-                    }));
+                    side.allow.extend(boxes.iter().map(|b| tuple(*address, b)));
                 }
             }
         }
-        if node.deny_unknown {
-            let ranges: Vec<Range> = node
-                .pod_cidrs
-                .iter()
-                .filter_map(|cidr| cidr_range(cidr.addr(), cidr.prefix_len()))
-                .collect();
-            let known: Vec<Range> = known.into_iter().map(|a| (a, a)).collect();
-            desired.unknown_pods = subtract(&union(ranges), &known)
-                .into_iter()
-                .map(|(lo, hi)| (Ipv4Addr::from(lo), Ipv4Addr::from(hi)))
-                .collect();
-        }
+        desired.unknown_pods = unknown_pods(node, &known);
         desired
     }
 }
 
-fn v4(ips: &[IpAddr]) -> impl Iterator<Item = Ipv4Addr> + '_ {
+/// The `*-endpoints` verdict of an endpoint's direction: its first isolating policy's drop
+/// chain, or return when nothing isolates it.
+pub(super) fn endpoint_verdict(policy: &DirectionPolicy) -> Verdict {
+    match policy.isolated_by.first() {
+        None => Verdict::Return,
+        Some(first) => Verdict::Goto(drop_chain(first)),
+    }
+}
+
+/// The allow tuple of one box for one endpoint address.
+pub(super) fn tuple(endpoint: Ipv4Addr, b: &Box3) -> PolicyTuple {
+    PolicyTuple {
+        endpoint,
+        protocols: (b[0].0 as u8, b[0].1 as u8),
+        ports: (b[1].0 as u16, b[1].1 as u16),
+        peers: (Ipv4Addr::from(b[2].0), Ipv4Addr::from(b[2].1)),
+    }
+}
+
+/// The node's pod ranges minus the `known` pod addresses, while `deny_unknown`.
+pub(super) fn unknown_pods(
+    node: &PolicyNode,
+    known: &[Ipv4Addr],
+) -> BTreeSet<(Ipv4Addr, Ipv4Addr)> {
+    if !node.deny_unknown {
+        return BTreeSet::new();
+    }
+    let ranges: Vec<Range> = node
+        .pod_cidrs
+        .iter()
+        .filter_map(|cidr| cidr_range(cidr.addr(), cidr.prefix_len()))
+        .collect();
+    let known: Vec<Range> = known.iter().map(|a| (u32::from(*a), u32::from(*a))).collect();
+    subtract(&union(ranges), &union(known))
+        .into_iter()
+        .map(|(lo, hi)| (Ipv4Addr::from(lo), Ipv4Addr::from(hi)))
+        .collect()
+}
+
+pub(super) fn v4(ips: &[IpAddr]) -> impl Iterator<Item = Ipv4Addr> + '_ {
     ips.iter().filter_map(|ip| match ip {
         IpAddr::V4(v4) => Some(*v4),
         IpAddr::V6(_) => None,
@@ -247,23 +271,16 @@ fn v4(ips: &[IpAddr]) -> impl Iterator<Item = Ipv4Addr> + '_ {
 /// An inclusive range of one field (protocol, port or address, as u32).
 type Range = (u32, u32);
 /// A box of (protocols, ports, peers).
-type Box3 = [Range; 3];
+pub(super) type Box3 = [Range; 3];
 
 const ALL_PROTOCOLS: Range = (0, 255);
 const ALL_PORTS: Range = (0, 65535);
 const ALL_ADDRESSES: Range = (0, u32::MAX);
 
-/// The boxes an isolated direction allows; ingress also from this node's addresses (kubelet
-/// probes; the node's own connections leave through output, not filtered, but a node address
-/// routed through forward is the node too).
-fn allow_boxes(
-    policy: &DirectionPolicy,
-    direction: Direction,
-    by_identity: &BTreeMap<u32, Vec<u32>>,
-    hosts: &[u32],
-) -> Vec<Box3> {
+/// The boxes of allow entries; `addresses` gives the IPv4 addresses of an identity's pods.
+pub(super) fn allow_boxes(allow: &[Allow], addresses: &dyn Fn(u32) -> Vec<u32>) -> Vec<Box3> {
     let mut boxes = Vec::new();
-    for allow in &policy.allow {
+    for allow in allow {
         let (protocols, ports) = match allow.protocol {
             None => (ALL_PROTOCOLS, ALL_PORTS),
             Some(protocol) => {
@@ -274,17 +291,19 @@ fn allow_boxes(
         };
         let peers = match &allow.peer {
             PeerMatch::Any => vec![ALL_ADDRESSES],
-            PeerMatch::Identity(id) => {
-                by_identity.get(id).into_iter().flatten().map(|a| (*a, *a)).collect()
-            }
+            PeerMatch::Identity(id) => addresses(*id).into_iter().map(|a| (a, a)).collect(),
             PeerMatch::Block(block) => block_ranges(block),
         };
         boxes.extend(peers.into_iter().map(|peer| [protocols, ports, peer]));
     }
-    if direction == Direction::Ingress {
-        boxes.extend(hosts.iter().map(|h| [ALL_PROTOCOLS, ALL_PORTS, (*h, *h)]));
-    }
     boxes
+}
+
+/// What an isolated ingress also allows: this node's addresses (kubelet probes; the node's
+/// own connections leave through output, not filtered, but a node address routed through
+/// forward is the node too).
+pub(super) fn host_boxes(node: &PolicyNode) -> Vec<Box3> {
+    v4(&node.host_addresses).map(|h| [ALL_PROTOCOLS, ALL_PORTS, (h.into(), h.into())]).collect()
 }
 
 fn cidr_range(addr: IpAddr, len: u8) -> Option<Range> {
@@ -343,7 +362,7 @@ fn subtract(ranges: &[Range], holes: &[Range]) -> Vec<Range> {
 /// local: boxes that overlap nothing are kept as they are, and each group of overlapping boxes
 /// is split along protocols, then ports (merging neighbours with equal contents), then its
 /// peer ranges are united. So an entry added that overlaps no other adds exactly its own box.
-fn disjoint(boxes: &[Box3]) -> Vec<Box3> {
+pub(super) fn disjoint(boxes: &[Box3]) -> Vec<Box3> {
     let mut boxes = boxes.to_vec();
     boxes.sort_unstable();
     boxes.dedup();
@@ -359,7 +378,7 @@ fn disjoint(boxes: &[Box3]) -> Vec<Box3> {
     out
 }
 
-fn overlap(a: &Box3, b: &Box3) -> bool {
+pub(super) fn overlap(a: &Box3, b: &Box3) -> bool {
     a.iter().zip(b).all(|(x, y)| x.0 <= y.1 && y.0 <= x.1)
 }
 
