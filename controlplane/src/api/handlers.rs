@@ -480,11 +480,13 @@ async fn admit<'a, S: Store>(
     let self_key = meta::meta_str(obj, "uid").map(String::from);
     let all = state.store.range(&resource.prefix(), None, 0).await?;
     for kv in &all.kvs {
-        let other = decode(kv)?;
-        if self_key.is_some() && meta::meta_str(&other, "uid") == self_key.as_deref() {
+        let other: services::Held = serde_json::from_slice(&kv.value).map_err(|err| {
+            ApiError::internal(format!("stored Service {} cannot be read: {err}", kv.key))
+        })?;
+        if self_key.is_some() && other.uid() == self_key.as_deref() {
             continue;
         }
-        in_use.add(&other);
+        in_use.add_held(&other);
     }
     services::allocate(obj, old, &state.service_cidr, &in_use)
         .map_err(|errs| ApiError::invalid(resource, name, &errs))?;

@@ -1,7 +1,7 @@
 //! Service address allocation: ClusterIPs from the service CIDR and NodePorts from
 //! 30000-32767, with conflicts rejected. Pure: the caller passes what is in use (it holds the
 //! allocation lock while it lists the services and stores the result).
-use std::net::Ipv4Addr;
+use std::{collections::HashSet, net::Ipv4Addr};
 
 use serde_json::{Value, json};
 
@@ -42,32 +42,62 @@ impl ServiceCidr {
     }
 
     /// The first free usable address (network and broadcast excluded).
-    pub fn allocate(&self, used: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+    pub fn allocate(&self, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
         (1..self.size() - 1)
             .map(|offset| Ipv4Addr::from(self.base + offset))
             .find(|ip| !used.contains(ip))
     }
 }
 
-/// What the other services hold.
+/// What the other services hold (sets: thousands of services are checked per allocation).
 #[derive(Default, Debug)]
 pub struct InUse {
-    pub ips: Vec<Ipv4Addr>,
-    pub node_ports: Vec<i64>,
+    pub ips: HashSet<Ipv4Addr>,
+    pub node_ports: HashSet<i64>,
+}
+
+/// The parts of a stored Service that allocation reads, taken from its bytes without building
+/// the whole object (every stored Service is read on each create).
+#[derive(serde::Deserialize)]
+pub struct Held {
+    #[serde(default)]
+    metadata: HeldMeta,
+    #[serde(default)]
+    spec: HeldSpec,
+}
+
+#[derive(Default, serde::Deserialize)]
+struct HeldMeta {
+    uid: Option<String>,
+}
+
+#[derive(Default, serde::Deserialize)]
+struct HeldSpec {
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(default)]
+    ports: Vec<HeldPort>,
+}
+
+#[derive(serde::Deserialize)]
+struct HeldPort {
+    #[serde(rename = "nodePort")]
+    node_port: Option<i64>,
+}
+
+impl Held {
+    pub fn uid(&self) -> Option<&str> {
+        self.metadata.uid.as_deref()
+    }
 }
 
 impl InUse {
-    pub fn add(&mut self, svc: &Value) {
-        if let Some(ip) =
-            svc.pointer("/spec/clusterIP").and_then(Value::as_str).and_then(|s| s.parse().ok())
-        {
-            self.ips.push(ip);
+    /// Adds what a stored Service holds (its clusterIP and node ports).
+    pub fn add_held(&mut self, held: &Held) {
+        if let Some(ip) = held.spec.cluster_ip.as_deref().and_then(|s| s.parse().ok()) {
+            self.ips.insert(ip);
         }
-        for port in svc.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten() {
-            if let Some(np) = port.get("nodePort").and_then(Value::as_i64) {
-                self.node_ports.push(np);
-            }
-        }
+        self.node_ports.extend(held.spec.ports.iter().filter_map(|p| p.node_port));
     }
 }
 
@@ -151,7 +181,7 @@ pub fn allocate(
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let mut taken: Vec<i64> = in_use.node_ports.clone();
+    let mut taken: HashSet<i64> = in_use.node_ports.clone();
     if let Some(Value::Array(ports)) = spec.get_mut("ports") {
         for (i, port) in ports.iter_mut().enumerate() {
             let Some(port) = port.as_object_mut() else { continue };
@@ -189,7 +219,7 @@ pub fn allocate(
                     }
                 },
             };
-            taken.push(chosen);
+            taken.insert(chosen);
             port.insert("nodePort".into(), json!(chosen));
         }
     }
@@ -210,7 +240,7 @@ mod tests {
         let mut a = json!({"spec": {"ports": [{"port": 80, "protocol": "TCP"}]}});
         allocate(&mut a, None, &cidr(), &in_use).unwrap();
         assert_eq!(a.pointer("/spec/clusterIP"), Some(&json!("10.96.0.1")));
-        in_use.add(&a);
+        in_use.add_held(&serde_json::from_value(a.clone()).unwrap());
         let mut b = json!({"spec": {"ports": [{"port": 80}]}});
         allocate(&mut b, None, &cidr(), &in_use).unwrap();
         assert_eq!(b.pointer("/spec/clusterIP"), Some(&json!("10.96.0.2")));
@@ -239,7 +269,7 @@ mod tests {
         allocate(&mut updated, Some(&a), &cidr(), &in_use).unwrap();
         assert_eq!(updated.pointer("/spec/ports/0/nodePort"), Some(&json!(30000)));
         assert_eq!(updated.pointer("/spec/clusterIP"), a.pointer("/spec/clusterIP"));
-        in_use.add(&a);
+        in_use.add_held(&serde_json::from_value(a.clone()).unwrap());
         let mut b = json!({"spec": {"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP", "nodePort": 30001}]}});
         assert_eq!(
             allocate(&mut b, None, &cidr(), &in_use).unwrap_err()[0].field,
@@ -249,5 +279,31 @@ mod tests {
             json!({"spec": {"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP"}]}});
         allocate(&mut c, None, &cidr(), &in_use).unwrap();
         assert_eq!(c.pointer("/spec/ports/0/nodePort"), Some(&json!(30002)));
+    }
+
+    /// Thousands of creates in a row: every address and node port distinct, and the stored
+    /// shapes allocation meets (headless, ExternalName, no ports, metadata) read back.
+    #[test]
+    fn many_services_get_distinct_addresses_and_ports() {
+        let mut in_use = InUse::default();
+        for i in 0..2_500 {
+            let mut svc = json!({"metadata": {"uid": format!("u{i}"), "labels": {"a": "b"}},
+                "spec": {"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP"}]}});
+            allocate(&mut svc, None, &cidr(), &in_use).unwrap();
+            let held: Held = serde_json::from_slice(&serde_json::to_vec(&svc).unwrap()).unwrap();
+            assert_eq!(held.uid(), Some(format!("u{i}").as_str()));
+            in_use.add_held(&held);
+            assert_eq!(in_use.ips.len(), i + 1, "address of service {i} reused");
+            assert_eq!(in_use.node_ports.len(), i + 1, "node port of service {i} reused");
+        }
+        for shape in [
+            json!({"spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
+            json!({"spec": {"type": "ExternalName", "externalName": "example.com"}}),
+            json!({"metadata": {}, "spec": {}}),
+        ] {
+            let held: Held = serde_json::from_value(shape).unwrap();
+            in_use.add_held(&held);
+        }
+        assert_eq!(in_use.ips.len(), 2_500);
     }
 }
