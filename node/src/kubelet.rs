@@ -493,6 +493,13 @@ fn websocket_session(ws: WebSocketStream<impl Io>, v5: bool) -> Session {
             }
         }
         close_normally(&mut sink).await;
+        // The closing handshake: read until the client's Close (bounded). Closing the socket
+        // with the client's last frames unread would make the kernel reset the connection,
+        // which can drop the final status still on its way to the client.
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+            while let Some(Ok(_)) = stream.next().await {}
+        })
+        .await;
     });
     Session { out: out_tx, inbound: in_rx }
 }
@@ -513,6 +520,8 @@ where
     let _ = sink.close().await;
 }
 
+/// How long a WebSocket client has to answer the server's Close frame.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
 /// How long a SPDY client has to open the streams the request asked for (kubelet's value).
 const SPDY_STREAMS_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the client has to close the connection after the final status.
