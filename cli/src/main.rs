@@ -65,9 +65,16 @@ struct ApiserverArgs {
     /// 410 Gone and must list again.
     #[arg(long, default_value_t = 10_000)]
     watch_history: usize,
-    /// IPv4 CIDR that Node pod CIDRs (/24 each) are allocated from.
+    /// CIDR that Node pod CIDRs are allocated from, or an IPv4,IPv6 pair for dual-stack
+    /// (each Node then gets one subnet of each).
     #[arg(long, default_value = "10.244.0.0/16")]
     cluster_cidr: String,
+    /// Mask size of each Node's IPv4 pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size_ipv4: u8,
+    /// Mask size of each Node's IPv6 pod CIDR.
+    #[arg(long, default_value_t = 64)]
+    node_cidr_mask_size_ipv6: u8,
     /// Do not run the in-process controllers (pod CIDRs, scheduler, EndpointSlices).
     #[arg(long)]
     disable_controllers: bool,
@@ -140,6 +147,8 @@ fn apiserver(args: ApiserverArgs) -> anyhow::Result<ExitCode> {
     config.service_cidr = args.service_cidr;
     config.watch_history = args.watch_history;
     config.cluster_cidr = Some(args.cluster_cidr);
+    config.node_cidr_mask_size_ipv4 = args.node_cidr_mask_size_ipv4;
+    config.node_cidr_mask_size_ipv6 = args.node_cidr_mask_size_ipv6;
     config.controllers = !args.disable_controllers;
     config.node_tokens = args.node_tokens;
     config.max_in_flight = args.max_requests_inflight.max(1);

@@ -1,10 +1,6 @@
 //! `weir policy trace`: would a connection be allowed, and which NetworkPolicy rule decides.
 //! Computed from the API's objects with the same compiler the agent programs the maps from.
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-    process::ExitCode,
-};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, bail};
 use weir_policy::{Compiler, Endpoint, ObjectRef, Protocol, trace};
@@ -35,17 +31,22 @@ enum What {
         /// tcp, udp or sctp.
         #[arg(long, default_value = "tcp")]
         proto: String,
-        /// Also evaluate the packet against the nodes' pinned policy maps (the destination
-        /// pod's node for ingress, the source pod's node for egress) and report whether they
-        /// agree with the model. Needs --pin-dir (with --node) or --lab. Exit status 4 when
-        /// they disagree.
+        /// Also evaluate the packet against the nodes' policy datapath (the destination pod's
+        /// node for ingress, the source pod's node for egress): the pinned eBPF maps, or the
+        /// nftables policy table. Report whether it agrees with the model. Needs --pin-dir or
+        /// --nft-table (with --node), or --lab. Exit status 4 when they disagree.
         #[arg(long)]
         live: bool,
         /// The pin directory of the node whose maps to read (`weir agent --pin-dir`).
-        #[arg(long, requires = "live", conflicts_with = "lab")]
+        #[arg(long, requires = "live", conflicts_with_all = ["lab", "nft_table"])]
         pin_dir: Option<PathBuf>,
-        /// The node whose maps --pin-dir holds.
-        #[arg(long, env = "NODE_NAME", requires = "pin_dir")]
+        /// The nftables policy table of this node's network namespace to read (`weir agent
+        /// --dataplane nftables --nft-policy-table`, default weir_policy).
+        #[arg(long, requires = "live", conflicts_with = "lab", num_args = 0..=1,
+              default_missing_value = weir_proxy::policy::nft::DEFAULT_TABLE)]
+        nft_table: Option<String>,
+        /// The node whose maps --pin-dir holds, or whose table --nft-table is.
+        #[arg(long, env = "NODE_NAME")]
         node: Option<String>,
         /// Read the maps of every node of this lab (and its kubeconfig unless --kubeconfig
         /// or KUBECONFIG is given).
@@ -57,26 +58,45 @@ enum What {
     },
 }
 
-/// Where the live maps of each node are.
+/// One node's policy datapath.
+enum LiveSource {
+    /// The eBPF maps pinned in this directory.
+    Pinned(PathBuf),
+    /// An nftables policy table, in this network namespace (`None`: this process's).
+    Nft { netns: Option<String>, table: String },
+}
+
+impl std::fmt::Display for LiveSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LiveSource::Pinned(dir) => write!(f, "{}", dir.display()),
+            LiveSource::Nft { netns: None, table } => write!(f, "nftables table inet {table}"),
+            LiveSource::Nft { netns: Some(ns), table } => {
+                write!(f, "nftables table inet {table} in namespace {ns}")
+            }
+        }
+    }
+}
+
+/// Where the live datapath of each node is.
 enum LiveMaps {
-    /// One node's pin directory.
-    Node { node: String, pin_dir: PathBuf },
-    /// Node name -> pin directory.
-    Lab(Vec<(String, PathBuf)>),
+    /// One node's.
+    Node { node: String, source: LiveSource },
+    /// Node name -> its datapath.
+    Lab(Vec<(String, LiveSource)>),
 }
 
 impl LiveMaps {
-    fn pin_dir(&self, node: &str) -> Result<&std::path::Path, String> {
+    fn source(&self, node: &str) -> Result<&LiveSource, String> {
         match self {
-            LiveMaps::Node { node: given, pin_dir } if given == node => Ok(pin_dir),
-            LiveMaps::Node { node: given, pin_dir } => Err(format!(
-                "the pod runs on node {node}; --pin-dir {} holds node {given}'s maps",
-                pin_dir.display()
-            )),
+            LiveMaps::Node { node: given, source } if given == node => Ok(source),
+            LiveMaps::Node { node: given, source } => {
+                Err(format!("the pod runs on node {node}; {source} is node {given}'s"))
+            }
             LiveMaps::Lab(nodes) => nodes
                 .iter()
                 .find(|(name, _)| name == node)
-                .map(|(_, dir)| dir.as_path())
+                .map(|(_, source)| source)
                 .ok_or_else(|| format!("node {node} is not a node of the lab")),
         }
     }
@@ -100,22 +120,29 @@ fn check_live(
         EGRESS as DIR_EGRESS, INGRESS as DIR_INGRESS, PinnedPolicyMaps, disagreement, evaluate,
     };
 
-    // (pod, IPv4 address, node) of a partner.
-    let locate = |e: &Endpoint| -> (Option<weir_policy::PodRef>, Option<Ipv4Addr>, Option<String>) {
+    // The family traced: that of an address given, else IPv4 when both pods have one.
+    let has_v4 = |e: &Endpoint| match e {
+        Endpoint::Ip(ip) => ip.is_ipv4(),
+        Endpoint::Pod(pod) => {
+            compiled.pods.get(pod).is_some_and(|p| p.ips.iter().any(|ip| ip.is_ipv4()))
+        }
+    };
+    let ipv6 = match (from, to) {
+        (Endpoint::Ip(ip), _) | (_, Endpoint::Ip(ip)) => ip.is_ipv6(),
+        _ => !(has_v4(from) && has_v4(to)),
+    };
+    // (pod, address of the family, node) of a partner.
+    let locate = |e: &Endpoint| -> (Option<weir_policy::PodRef>, Option<IpAddr>, Option<String>) {
         let pod = match e {
             Endpoint::Pod(pod) => Some(pod.clone()),
             Endpoint::Ip(ip) => compiled.pod_ips.get(ip).cloned(),
         };
         let entry = pod.as_ref().and_then(|p| compiled.pods.get(p));
         let ip = match e {
-            Endpoint::Ip(IpAddr::V4(ip)) => Some(*ip),
-            Endpoint::Ip(IpAddr::V6(_)) => None,
-            Endpoint::Pod(_) => entry.and_then(|p| {
-                p.ips.iter().find_map(|ip| match ip {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                })
-            }),
+            Endpoint::Ip(ip) => Some(*ip),
+            Endpoint::Pod(_) => {
+                entry.and_then(|p| p.ips.iter().find(|ip| ip.is_ipv6() == ipv6).copied())
+            }
         };
         (pod, ip, entry.and_then(|p| p.node.clone()))
     };
@@ -134,15 +161,42 @@ fn check_live(
                 return Err("not checked: not a pod scheduled on a node".into());
             };
             let (Some(endpoint), Some(peer)) = (endpoint, peer) else {
-                return Err("not checked: the eBPF datapath enforces IPv4 only".into());
+                let family = if ipv6 { "IPv6" } else { "IPv4" };
+                return Err(format!("not checked: the partners have no {family} addresses both"));
             };
-            let pin_dir = maps.pin_dir(node).map_err(|why| format!("not checked: {why}"))?;
-            let where_ = format!("{pod} on node {node} ({})", pin_dir.display());
-            let opened = PinnedPolicyMaps::open(pin_dir)
-                .map_err(|err| format!("{where_}: cannot read the maps: {err:#}"))?;
-            let live = evaluate(&opened, direction, *endpoint, peer, protocol.number(), port)
-                .map_err(|err| format!("{where_}: lookup failed: {err:#}"))?;
-            Ok(match disagreement(model, &live, *endpoint, peer, direction) {
+            let source = maps.source(node).map_err(|why| format!("not checked: {why}"))?;
+            let where_ = format!("{pod} on node {node} ({source})");
+            let (live, why) = match source {
+                LiveSource::Pinned(pin_dir) => {
+                    let opened = PinnedPolicyMaps::open(pin_dir)
+                        .map_err(|err| format!("{where_}: cannot read the maps: {err:#}"))?;
+                    let live =
+                        evaluate(&opened, direction, *endpoint, peer, protocol.number(), port)
+                            .map_err(|err| format!("{where_}: lookup failed: {err:#}"))?;
+                    let why = disagreement(model, &live, *endpoint, peer, direction);
+                    (live.to_string(), why)
+                }
+                LiveSource::Nft { netns, table } => {
+                    use weir_proxy::policy::nft::live;
+                    let read = || live::TableView::read(table);
+                    let view = match netns {
+                        None => read().map_err(anyhow::Error::from),
+                        Some(ns) => weir_lab::host::in_netns(ns, read)
+                            .and_then(|r| r.map_err(anyhow::Error::from)),
+                    }
+                    .map_err(|err| format!("{where_}: cannot read the table: {err:#}"))?;
+                    let direction = if direction == DIR_EGRESS {
+                        weir_policy::Direction::Egress
+                    } else {
+                        weir_policy::Direction::Ingress
+                    };
+                    let live =
+                        live::evaluate(&view, direction, *endpoint, peer, protocol.number(), port);
+                    let why = live::disagreement(model, &live, direction);
+                    (live.to_string(), why)
+                }
+            };
+            Ok(match why {
                 None => format!("{where_}: agrees ({live})"),
                 Some(why) => {
                     all_agree = false;
@@ -180,25 +234,59 @@ fn usage(err: impl std::fmt::Display) -> ExitCode {
 }
 
 pub fn run(args: PolicyArgs) -> anyhow::Result<ExitCode> {
-    let What::Trace { mut kubeconfig, from, to, port, proto, live, pin_dir, node, lab, state_dir } =
-        args.what;
-    let live_maps = match (live, pin_dir, lab) {
+    let What::Trace {
+        mut kubeconfig,
+        from,
+        to,
+        port,
+        proto,
+        live,
+        pin_dir,
+        nft_table,
+        node,
+        lab,
+        state_dir,
+    } = args.what;
+    let local = pin_dir
+        .map(LiveSource::Pinned)
+        .or(nft_table.map(|table| LiveSource::Nft { netns: None, table }));
+    let live_maps = match (live, local, lab) {
         (false, ..) => None,
-        (true, Some(pin_dir), None) => match node {
-            Some(node) => Some(LiveMaps::Node { node, pin_dir }),
-            None => return Ok(usage("--pin-dir needs --node NAME (the node whose maps they are)")),
+        (true, Some(source), None) => match node {
+            Some(node) => Some(LiveMaps::Node { node, source }),
+            None => {
+                return Ok(usage(
+                    "--pin-dir and --nft-table need --node NAME (the node whose datapath it is)",
+                ));
+            }
         },
         (true, None, Some(lab)) => {
             let Some(plan) = crate::lab::recorded_plan(&lab, state_dir)? else {
                 return Ok(ExitCode::from(USAGE));
             };
             kubeconfig.get_or_insert_with(|| plan.kubeconfig());
+            let nftables = plan.spec.dataplane == weir_lab::Dataplane::Nftables;
             Some(LiveMaps::Lab(
-                plan.nodes.iter().map(|n| (n.name.clone(), n.pin_dir.clone())).collect(),
+                plan.nodes
+                    .iter()
+                    .map(|n| {
+                        let source = if nftables {
+                            LiveSource::Nft {
+                                netns: Some(n.netns.clone()),
+                                table: weir_proxy::policy::nft::DEFAULT_TABLE.into(),
+                            }
+                        } else {
+                            LiveSource::Pinned(n.pin_dir.clone())
+                        };
+                        (n.name.clone(), source)
+                    })
+                    .collect(),
             ))
         }
         (true, ..) => {
-            return Ok(usage("--live needs --pin-dir DIR --node NAME, or --lab NAME"));
+            return Ok(usage(
+                "--live needs --pin-dir DIR or --nft-table [NAME] with --node NAME, or --lab NAME",
+            ));
         }
     };
     let parsed = (|| -> anyhow::Result<_> {

@@ -127,12 +127,13 @@ pub fn attach_pinned(dir: &Path, ifindex: u32) -> io::Result<usize> {
 }
 
 /// Whether the agent's policy for `ips` is in the datapath: true when the agent does not deny
-/// unknown pods (no policy exists, or no agent), or when every IPv4 address has its endpoint
-/// entry. A runtime waits for this before it starts a pod's containers, so their first packets
+/// unknown pods (no policy exists, or no agent), or when every address (IPv4 and IPv6) has its
+/// endpoint entry. A runtime waits for this before it starts a pod's containers, so their first packets
 /// are not dropped as "policy not ready" (the datapath's no-window rule).
 pub fn policy_written(dir: &Path, ips: &[std::net::IpAddr]) -> io::Result<bool> {
     use weir_common::policy::{
         EndpointPolicy, GLOBAL_DENY_UNKNOWN, POLICY_ENDPOINTS_MAP, POLICY_GLOBAL_MAP, PolicyGlobal,
+        v4_mapped,
     };
     let open = |name: &str| match bpf::obj_get(&dir.join(name)) {
         Ok(fd) => Ok(Some(fd)),
@@ -146,11 +147,19 @@ pub fn policy_written(dir: &Path, ips: &[std::net::IpAddr]) -> io::Result<bool> 
         return Ok(true);
     }
     let Some(endpoints) = open(POLICY_ENDPOINTS_MAP)? else { return Ok(true) };
-    let empty = EndpointPolicy { flags: 0, identity: 0, ingress_policy: 0, egress_policy: 0 };
+    let empty = EndpointPolicy {
+        flags: 0,
+        identity: 0,
+        ingress_policy: 0,
+        egress_policy: 0,
+        rules_key: [0; 16],
+    };
     for ip in ips {
-        if let std::net::IpAddr::V4(v4) = ip
-            && bpf::map_lookup(endpoints.as_fd(), &v4.octets(), empty)?.is_none()
-        {
+        let key = match ip {
+            std::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
+            std::net::IpAddr::V6(v6) => v6.octets(),
+        };
+        if bpf::map_lookup(endpoints.as_fd(), &key, empty)?.is_none() {
             return Ok(false);
         }
     }

@@ -25,6 +25,8 @@ pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
     pub const SCTP: u8 = 132;
+    pub const ICMP: u8 = 1;
+    pub const ICMPV6: u8 = 58;
 }
 
 /// Implements `aya::Pod` for map ABI types when the `user` feature is on.

@@ -13,7 +13,7 @@ use weir_common::{
     },
     metrics::COUNTER_COUNT,
     policy::{
-        DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_CT_ENTRIES, DEFAULT_POLICY_DROPS_ENTRIES,
+        Addr, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_CT_ENTRIES, DEFAULT_POLICY_DROPS_ENTRIES,
         DEFAULT_POLICY_ENDPOINTS, DEFAULT_POLICY_ENTRIES, EndpointPolicy, FLOWS_BYTES,
         IpcacheValue, PolicyCtKey, PolicyDropKey, PolicyGlobal, PolicyKey, PolicyValue,
     },
@@ -44,18 +44,18 @@ pub static SOCK_REV4: LruHashMap<SockRevKey4, RevNat> =
 pub static AFFINITY4: LruHashMap<AffinityKey4, AffinityValue4> =
     LruHashMap::pinned(DEFAULT_AFFINITY4_ENTRIES, 0);
 
-#[map(name = "weir_pol_ep_v1")]
-pub static POLICY_ENDPOINTS: HashMap<[u8; 4], EndpointPolicy> =
+#[map(name = "weir_pol_ep_v2")]
+pub static POLICY_ENDPOINTS: HashMap<Addr, EndpointPolicy> =
     HashMap::pinned(DEFAULT_POLICY_ENDPOINTS, 0);
 
-#[map(name = "weir_ipcache4_v1")]
-pub static IPCACHE4: LpmTrie<[u8; 4], IpcacheValue> = LpmTrie::pinned(DEFAULT_IPCACHE_ENTRIES, 0);
+#[map(name = "weir_ipcache_v2")]
+pub static IPCACHE: LpmTrie<Addr, IpcacheValue> = LpmTrie::pinned(DEFAULT_IPCACHE_ENTRIES, 0);
 
-#[map(name = "weir_policy_v1")]
+#[map(name = "weir_policy_v2")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(DEFAULT_POLICY_ENTRIES, 0);
 
-#[map(name = "weir_pol_ct4_v1")]
-pub static POLICY_CT4: LruHashMap<PolicyCtKey, PolicyValue> =
+#[map(name = "weir_pol_ct_v2")]
+pub static POLICY_CT: LruHashMap<PolicyCtKey, PolicyValue> =
     LruHashMap::pinned(DEFAULT_POLICY_CT_ENTRIES, 0);
 
 #[map(name = "weir_pol_global_v1")]
@@ -65,5 +65,5 @@ pub static POLICY_GLOBAL: Array<PolicyGlobal> = Array::pinned(1, 0);
 pub static POLICY_DROPS: PerCpuHashMap<PolicyDropKey, u64> =
     PerCpuHashMap::pinned(DEFAULT_POLICY_DROPS_ENTRIES, 0);
 
-#[map(name = "weir_flows_v1")]
+#[map(name = "weir_flows_v2")]
 pub static FLOWS: RingBuf = RingBuf::pinned(FLOWS_BYTES, 0);

@@ -1,11 +1,15 @@
-//! Parsing of Ethernet + IPv4 + TCP/UDP headers into the flow tuple the load balancer needs.
+//! Parsing of Ethernet + IPv4 + TCP/UDP headers into the flow tuple the load balancer needs,
+//! and of IPv4 or IPv6 packets for the policy check.
 //!
 //! Headers are read with direct packet access (bounds-checked against `data_end`, as the
 //! verifier requires), which costs no helper call per field. When the headers are not in the
 //! linear part of the skb, they are pulled in once with `bpf_skb_pull_data`. A packet too short
 //! for its headers yields `None` and is never read out of bounds.
 use aya_ebpf::programs::TcContext;
-use weir_common::proto;
+use weir_common::{
+    policy::{Addr, icmpv6_link_control, v4_mapped},
+    proto,
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
@@ -119,32 +123,125 @@ pub fn parse_flow4(ctx: &TcContext) -> Option<Flow4> {
     Some(flow)
 }
 
-/// An IPv4 packet as the policy check sees it: any protocol; ports (network order, as on the
-/// wire) for TCP, UDP and SCTP, zero for other protocols and for non-first fragments (which
-/// only rules allowing every port of the protocol match).
-pub struct Packet4 {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+/// A packet as the policy check sees it, IPv4 or IPv6: addresses in the 16-byte form of the
+/// policy maps (IPv4-mapped for IPv4); any protocol; ports (network order, as on the wire) for
+/// TCP, UDP and SCTP, zero for other protocols and for non-first fragments (which only rules
+/// allowing every port of the protocol match).
+#[derive(Default)]
+pub struct PolicyPacket {
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// ICMPv6 neighbour or multicast listener discovery ([`icmpv6_link_control`]): always
+    /// passes.
+    pub nd: bool,
 }
 
-/// Parses any IPv4 packet for the policy check; `None` for other ethertypes or truncated
-/// headers.
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+const IPV6_HLEN: usize = 40;
+/// Extension headers walked before giving up (Cilium walks 4 too).
+const IPV6_MAX_EXT_HEADERS: usize = 4;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+
 #[inline(always)]
-pub fn parse_packet4(ctx: &TcContext) -> Option<Packet4> {
+fn has_ports(proto: u8) -> bool {
+    proto == proto::TCP || proto == proto::UDP || proto == proto::SCTP
+}
+
+/// Parses an IPv4 or IPv6 packet for the policy check into `out`; false for other ethertypes
+/// or truncated headers. Not inlined: the parse's temporaries get their own stack frame.
+#[inline(never)]
+pub fn parse_policy_packet(ctx: TcContext, out: &mut PolicyPacket) -> bool {
+    let parsed = match read::<u16>(&ctx, 12) {
+        Some(ETH_P_IPV6_BE) => parse_packet6(&ctx),
+        Some(_) => parse_packet4(&ctx),
+        None => None,
+    };
+    match parsed {
+        Some(packet) => {
+            *out = packet;
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn parse_packet4(ctx: &TcContext) -> Option<PolicyPacket> {
     let ihl = ipv4_header_len(ctx)?;
     let proto: u8 = read(ctx, ETH_HLEN + 9)?;
     let fragment_offset = u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & 0x1fff;
-    let has_ports = fragment_offset == 0
-        && (proto == proto::TCP || proto == proto::UDP || proto == proto::SCTP);
-    let ports: [u16; 2] = if has_ports { read(ctx, ETH_HLEN + ihl)? } else { [0, 0] };
-    Some(Packet4 {
-        saddr: read(ctx, IP_SRC_OFF)?,
-        daddr: read(ctx, IP_DST_OFF)?,
+    let ports: [u16; 2] =
+        if fragment_offset == 0 && has_ports(proto) { read(ctx, ETH_HLEN + ihl)? } else { [0, 0] };
+    Some(PolicyPacket {
+        saddr: v4_mapped(read(ctx, IP_SRC_OFF)?),
+        daddr: v4_mapped(read(ctx, IP_DST_OFF)?),
         sport: ports[0],
         dport: ports[1],
         proto,
+        nd: false,
     })
+}
+
+/// IPv6: the fixed header by direct access, then a bounded walk over the extension headers
+/// (hop-by-hop, routing, destination options, fragment, authentication) with
+/// `bpf_skb_load_bytes` (their offsets vary). The upper-layer protocol is the first header
+/// that is not one of those. A non-first fragment has no upper-layer header: its protocol is
+/// the fragment header's next header and its ports are zero, as for IPv4. A packet with more
+/// extension headers than the walk takes keeps the last unparsed header's number as its
+/// protocol and zero ports: only rules allowing every protocol and port match it.
+#[inline(always)]
+fn parse_packet6(ctx: &TcContext) -> Option<PolicyPacket> {
+    let version: u8 = read(ctx, ETH_HLEN)?;
+    if version >> 4 != 6 {
+        return None;
+    }
+    let saddr: Addr = read(ctx, ETH_HLEN + 8)?;
+    let daddr: Addr = read(ctx, ETH_HLEN + 24)?;
+    let mut proto: u8 = read(ctx, ETH_HLEN + 6)?;
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut first_fragment = true;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        let len = match proto {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                (hdr[1] as usize + 1) * 8
+            }
+            NEXTHDR_AUTH => {
+                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                (hdr[1] as usize + 2) * 4
+            }
+            NEXTHDR_FRAGMENT => {
+                let hdr: [u8; 4] = ctx.load(off).ok()?;
+                let offset = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
+                first_fragment = offset == 0;
+                8
+            }
+            _ => break,
+        };
+        proto = ctx.load::<u8>(off).ok()?;
+        off += len;
+        if !first_fragment {
+            break;
+        }
+    }
+    let mut packet = PolicyPacket { saddr, daddr, sport: 0, dport: 0, proto, nd: false };
+    if !first_fragment {
+        return Some(packet);
+    }
+    if has_ports(proto) {
+        let ports: [u16; 2] = ctx.load(off).ok()?;
+        packet.sport = ports[0];
+        packet.dport = ports[1];
+    } else if proto == proto::ICMPV6 {
+        let icmp_type: u8 = ctx.load(off).ok()?;
+        packet.nd = icmpv6_link_control(icmp_type);
+    }
+    Some(packet)
 }

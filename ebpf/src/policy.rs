@@ -1,4 +1,5 @@
-//! NetworkPolicy enforcement at a pod's host-side veth (IPv4).
+//! NetworkPolicy enforcement at a pod's host-side veth (IPv4 and IPv6, one code path: the
+//! maps hold IPv4 addresses in their IPv4-mapped form, see `weir_common::policy`).
 //!
 //! `tc_pol_egress` runs on the veth's tc ingress (packets the pod sends: its egress, the
 //! endpoint is the source address); `tc_pol_ingress` on the veth's tc egress (packets to the
@@ -14,7 +15,9 @@
 //!    ring buffer; a dropped one is counted by reason and against the isolating policy, and
 //!    reported.
 //! Ingress from the node itself (host identity) is always allowed (kubelet probes), also to a
-//! pod whose endpoint entry is not written yet.
+//! pod whose endpoint entry is not written yet. ICMPv6 link control (neighbour and multicast
+//! listener discovery, `icmpv6_link_control`) always passes, before any lookup: default deny
+//! must not cut a pod off its gateway.
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK},
     helpers::bpf_ktime_get_ns,
@@ -24,7 +27,7 @@ use aya_ebpf::{
 use weir_common::{
     metrics::Counter,
     policy::{
-        DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, FlowEvent,
+        Addr, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, FlowEvent,
         GLOBAL_DENY_UNKNOWN, IpcacheValue, PEER_ANY, PEER_CIDR_CLASS, PEER_IDENTITY,
         POLICY_KEY_FULL_BITS, PolicyCtKey, PolicyDropKey, PolicyKey, PolicyValue, VERDICT_ALLOWED,
         VERDICT_DROPPED,
@@ -32,35 +35,52 @@ use weir_common::{
 };
 
 use crate::{
-    maps::{FLOWS, IPCACHE4, POLICY, POLICY_CT4, POLICY_DROPS, POLICY_ENDPOINTS, POLICY_GLOBAL},
+    maps::{FLOWS, IPCACHE, POLICY, POLICY_CT, POLICY_DROPS, POLICY_ENDPOINTS, POLICY_GLOBAL},
     metrics::count,
-    packet::{Packet4, parse_packet4},
+    packet::{PolicyPacket, parse_policy_packet},
 };
 
 const IDENTITY_HOST: u32 = 1;
 const IDENTITY_WORLD: u32 = 2;
+/// [`lookup_rule`] found no allowing rule (rule ids are small numbers).
+const NO_RULE: u32 = u32::MAX;
 
+#[inline(always)]
 pub fn try_check(ctx: &TcContext, direction: u8) -> Result<i32, Counter> {
-    let Some(pkt) = parse_packet4(ctx) else {
-        // Not IPv4 (ARP, IPv6: IPv4 only for now) or truncated.
+    let mut pkt = PolicyPacket::default();
+    if !parse_policy_packet(TcContext::new(ctx.skb.skb), &mut pkt) {
+        // Neither IPv4 nor IPv6 (ARP), or truncated.
         return Ok(TC_ACT_OK);
-    };
+    }
+    if pkt.nd {
+        return Ok(TC_ACT_OK);
+    }
     let (endpoint, peer) =
-        if direction == DIR_EGRESS { (pkt.saddr, pkt.daddr) } else { (pkt.daddr, pkt.saddr) };
-    // SAFETY: values are copied out before any other map call.
-    let Some(ep) = (unsafe { POLICY_ENDPOINTS.get(&endpoint) }).copied() else {
+        if direction == DIR_EGRESS { (&pkt.saddr, &pkt.daddr) } else { (&pkt.daddr, &pkt.saddr) };
+    // SAFETY: only read (the entry of a hash map stays valid while the program runs).
+    let Some(ep) = (unsafe { POLICY_ENDPOINTS.get(endpoint) }) else {
         let deny_unknown = POLICY_GLOBAL.get(0).is_some_and(|g| g.flags & GLOBAL_DENY_UNKNOWN != 0);
-        if deny_unknown && !node_flow_of_unknown(&pkt, direction, peer) {
-            report(&pkt, direction, VERDICT_DROPPED, Counter::DropPolicyNotReady, 0, 0);
-            return Err(Counter::DropPolicyNotReady);
+        if !deny_unknown {
+            return Ok(TC_ACT_OK);
         }
-        return Ok(TC_ACT_OK);
+        // A pod without a policy entry yet may be reached by its own node (kubelet's
+        // readiness probes must work right after the pod starts) and may answer it: a
+        // connection from a host address is recorded like an allowed flow, and its replies
+        // pass through conntrack.
+        if is_reply(&pkt, direction) {
+            count(Counter::PolicyReply);
+            return Ok(TC_ACT_OK);
+        }
+        if direction == DIR_INGRESS && (ipcache(peer) >> 32) as u32 == IDENTITY_HOST {
+            record(&pkt, direction, 0, IDENTITY_HOST);
+            return Ok(TC_ACT_OK);
+        }
+        report(&pkt, direction, VERDICT_DROPPED, Counter::DropPolicyNotReady, 0, 0);
+        return Err(Counter::DropPolicyNotReady);
     };
 
     // A reply: the flow in the other direction was allowed by this endpoint.
-    let reply = reversed(&flow_key(&pkt, direction));
-    // SAFETY: only checked for presence.
-    if unsafe { POLICY_CT4.get(&reply) }.is_some() {
+    if is_reply(&pkt, direction) {
         count(Counter::PolicyReply);
         return Ok(TC_ACT_OK);
     }
@@ -70,18 +90,16 @@ pub fn try_check(ctx: &TcContext, direction: u8) -> Result<i32, Counter> {
     } else {
         (EP_INGRESS_ISOLATED, ep.ingress_policy)
     };
-    let cache = IPCACHE4
-        .get(Key::new(32, peer))
-        .copied()
-        .unwrap_or(IpcacheValue { identity: IDENTITY_WORLD, cidr_class: 0 });
+    let packed = ipcache(peer);
+    let cache = IpcacheValue { identity: (packed >> 32) as u32, cidr_class: packed as u32 };
     let rule_id = if ep.flags & isolated_bit == 0 {
-        Some(0)
+        0
     } else if direction == DIR_INGRESS && cache.identity == IDENTITY_HOST {
-        Some(0)
+        0
     } else {
-        lookup_rule(&pkt, endpoint, direction, &cache)
+        lookup_rule(&pkt, &ep.rules_key, direction, &cache)
     };
-    let Some(rule_id) = rule_id else {
+    if rule_id == NO_RULE {
         let reason = if direction == DIR_EGRESS {
             Counter::DropPolicyEgress
         } else {
@@ -90,38 +108,38 @@ pub fn try_check(ctx: &TcContext, direction: u8) -> Result<i32, Counter> {
         count_policy_drop(policy_id, direction);
         report(&pkt, direction, VERDICT_DROPPED, reason, policy_id, cache.identity);
         return Err(reason);
-    };
+    }
     record(&pkt, direction, rule_id, cache.identity);
     Ok(TC_ACT_OK)
 }
 
-/// A pod without a policy entry yet may be reached by its own node (kubelet's readiness
-/// probes must work right after the pod starts) and may answer it: a connection from a host
-/// address is recorded like an allowed flow, and its replies pass through conntrack.
-#[inline(always)]
-fn node_flow_of_unknown(pkt: &Packet4, direction: u8, peer: [u8; 4]) -> bool {
+// The helpers below are not inlined: each has its own stack frame (16-byte addresses make the
+// keys large; inlined together they pass LLVM's 512-byte frame limit), and none calls
+// another, so the program's frame plus one of theirs stays under the verifier's 512 bytes.
+
+/// Whether the packet is a reply of a flow this endpoint's other direction allowed.
+#[inline(never)]
+fn is_reply(pkt: &PolicyPacket, direction: u8) -> bool {
     // SAFETY: only checked for presence.
-    if unsafe { POLICY_CT4.get(&reversed(&flow_key(pkt, direction))) }.is_some() {
-        count(Counter::PolicyReply);
-        return true;
-    }
-    let from_host = direction == DIR_INGRESS
-        && IPCACHE4.get(Key::new(32, peer)).is_some_and(|c| c.identity == IDENTITY_HOST);
-    if from_host {
-        record(pkt, direction, 0, IDENTITY_HOST);
-    }
-    from_host
+    unsafe { POLICY_CT.get(&reversed(&flow_key(pkt, direction))) }.is_some()
 }
 
-#[inline(always)]
-fn lookup_rule(
-    pkt: &Packet4,
-    endpoint: [u8; 4],
-    direction: u8,
-    cache: &IpcacheValue,
-) -> Option<u32> {
+/// The ipcache's (identity << 32 | CIDR class) of an address; world and no class when no
+/// prefix holds it.
+#[inline(never)]
+fn ipcache(peer: &Addr) -> u64 {
+    let value = IPCACHE
+        .get(Key::new(128, *peer))
+        .copied()
+        .unwrap_or(IpcacheValue { identity: IDENTITY_WORLD, cidr_class: 0 });
+    (u64::from(value.identity) << 32) | u64::from(value.cidr_class)
+}
+
+/// The allowing rule's id, or [`NO_RULE`].
+#[inline(never)]
+fn lookup_rule(pkt: &PolicyPacket, endpoint: &Addr, direction: u8, cache: &IpcacheValue) -> u32 {
     let mut key = PolicyKey {
-        endpoint,
+        endpoint: *endpoint,
         direction,
         peer_kind: PEER_ANY,
         _pad: [0; 2],
@@ -131,26 +149,26 @@ fn lookup_rule(
         _pad2: 0,
     };
     if let Some(value) = POLICY.get(Key::new(POLICY_KEY_FULL_BITS, key)) {
-        return Some(value.rule_id);
+        return value.rule_id;
     }
     key.peer_kind = PEER_IDENTITY;
     key.peer = cache.identity.to_be_bytes();
     if let Some(value) = POLICY.get(Key::new(POLICY_KEY_FULL_BITS, key)) {
-        return Some(value.rule_id);
+        return value.rule_id;
     }
     if cache.cidr_class != 0 {
         key.peer_kind = PEER_CIDR_CLASS;
         key.peer = cache.cidr_class.to_be_bytes();
         if let Some(value) = POLICY.get(Key::new(POLICY_KEY_FULL_BITS, key)) {
-            return Some(value.rule_id);
+            return value.rule_id;
         }
     }
-    None
+    NO_RULE
 }
 
 /// The conntrack key of this packet's flow as checked in `direction`.
 #[inline(always)]
-fn flow_key(pkt: &Packet4, direction: u8) -> PolicyCtKey {
+fn flow_key(pkt: &PolicyPacket, direction: u8) -> PolicyCtKey {
     PolicyCtKey {
         saddr: pkt.saddr,
         daddr: pkt.daddr,
@@ -177,18 +195,18 @@ fn reversed(key: &PolicyCtKey) -> PolicyCtKey {
 }
 
 /// Records an allowed flow so that its replies pass; a new flow is reported.
-#[inline(always)]
-fn record(pkt: &Packet4, direction: u8, rule_id: u32, peer_identity: u32) {
+#[inline(never)]
+fn record(pkt: &PolicyPacket, direction: u8, rule_id: u32, peer_identity: u32) {
     let key = flow_key(pkt, direction);
     count(Counter::PolicyAllowed);
     // SAFETY: only checked for presence.
-    if unsafe { POLICY_CT4.get(&key) }.is_some() {
+    if unsafe { POLICY_CT.get(&key) }.is_some() {
         return;
     }
     let value = PolicyValue { rule_id, _pad: 0 };
     // Fails only if another CPU inserted it first, or under memory pressure (the next packet
     // retries); either way the packet is allowed.
-    let _ = POLICY_CT4.insert(&key, &value, BPF_NOEXIST as u64);
+    let _ = POLICY_CT.insert(&key, &value, BPF_NOEXIST as u64);
     report(pkt, direction, VERDICT_ALLOWED, Counter::PolicyAllowed, rule_id, peer_identity);
 }
 
@@ -205,28 +223,33 @@ fn count_policy_drop(policy_id: u32, direction: u8) {
 
 #[inline(always)]
 fn report(
-    pkt: &Packet4,
+    pkt: &PolicyPacket,
     direction: u8,
     verdict: u8,
     reason: Counter,
     rule_id: u32,
     peer_identity: u32,
 ) {
-    let event = FlowEvent {
-        // SAFETY: a helper without preconditions.
-        time_ns: unsafe { bpf_ktime_get_ns() },
-        saddr: pkt.saddr,
-        daddr: pkt.daddr,
-        sport: pkt.sport,
-        dport: pkt.dport,
-        proto: pkt.proto,
-        direction,
-        verdict,
-        _pad: 0,
-        rule_id,
-        reason: reason as u32,
-        peer_identity,
-    };
+    // Written in place in the ring (no copy of the event on the stack, which is short).
     // A full ring buffer loses the event, never the packet.
-    let _ = FLOWS.output::<FlowEvent>(&event, 0);
+    let Some(mut entry) = FLOWS.reserve::<FlowEvent>(0) else { return };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved, writable FlowEvent in the ring; every field is
+    // written before it is submitted.
+    unsafe {
+        (*event).time_ns = bpf_ktime_get_ns();
+        (*event).saddr = pkt.saddr;
+        (*event).daddr = pkt.daddr;
+        (*event).sport = pkt.sport;
+        (*event).dport = pkt.dport;
+        (*event).proto = pkt.proto;
+        (*event).direction = direction;
+        (*event).verdict = verdict;
+        (*event)._pad = 0;
+        (*event).rule_id = rule_id;
+        (*event).reason = reason as u32;
+        (*event).peer_identity = peer_identity;
+        (*event)._pad2 = 0;
+    }
+    entry.submit(0);
 }

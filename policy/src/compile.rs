@@ -23,6 +23,7 @@ use std::{
 };
 
 use crate::{
+    cidr::Cidr,
     identity::{FIRST_POD_IDENTITY, IdAllocator, IdentityKey},
     input::{
         Cluster, Direction, IpBlock, NamespaceScope, PeerSpec, PodInfo, PodRef, Policy, PolicyRef,
@@ -366,6 +367,28 @@ pub(crate) fn contribute(policy: &Policy, identity: u32, peers: &PeerIndex) -> C
                                 });
                             }
                         }
+                        // The destination is an ipBlock: each pod address inside it, with
+                        // that pod's number (exact per address: a dual-stack pod's address of
+                        // the other family is not in the block; a non-pod address has no
+                        // named ports).
+                        Direction::Egress if matches!(peer, Some(PeerSpec::Block(_))) => {
+                            let Some(PeerSpec::Block(block)) = peer else { continue };
+                            for (ip, pod) in &peers.compiled.pod_ips {
+                                let id = peers.compiled.pods[pod].identity;
+                                let Some(id) = id.filter(|_| block.contains(*ip)) else { continue };
+                                if let Some(number) = resolve(&peers.compiled.identities[&id]) {
+                                    out.push(Allow {
+                                        peer: PeerMatch::Block(IpBlock {
+                                            cidr: Cidr::host(*ip),
+                                            except: Vec::new(),
+                                        }),
+                                        protocol,
+                                        ports: Some((number, number)),
+                                        origin: origin.clone(),
+                                    });
+                                }
+                            }
+                        }
                         // The destination is the peer: resolve per peer identity.
                         Direction::Egress => {
                             for id in peers.identities_of(peer) {
@@ -477,9 +500,8 @@ impl<'a> PeerIndex<'a> {
         }
     }
 
-    /// Pod identities a peer can be: those it selects, or for an ipBlock those of pods with an
-    /// address in the block (used for named ports of egress rules, which need a pod to resolve
-    /// against). Pods of one identity on both sides of a block's edge are all included.
+    /// Pod identities a peer selects (an ipBlock selects none: named ports of egress rules to
+    /// a block are resolved per pod address in [`contribute`]).
     fn identities_of(&self, peer: Option<&PeerSpec>) -> Vec<u32> {
         let identities = &self.compiled.identities;
         match peer {
@@ -490,15 +512,7 @@ impl<'a> PeerIndex<'a> {
                 .into_iter()
                 .filter(|id| peer_selects(spec, &identities[id]))
                 .collect(),
-            Some(PeerSpec::Block(block)) => identities
-                .keys()
-                .copied()
-                .filter(|id| {
-                    self.compiled.pod_ips.iter().any(|(ip, pod)| {
-                        block.contains(*ip) && self.compiled.pods[pod].identity == Some(*id)
-                    })
-                })
-                .collect(),
+            Some(PeerSpec::Block(_)) => Vec::new(),
         }
     }
 }

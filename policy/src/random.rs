@@ -59,6 +59,14 @@ fn selector(rng: &mut Rng) -> Value {
 }
 
 fn peer(rng: &mut Rng) -> Value {
+    if rng.chance(25) {
+        // IPv6 blocks, one of them around the IPv4-mapped range of the datapath maps.
+        return match rng.below(3) {
+            0 => json!({"ipBlock": {"cidr": "fd00::/125", "except": ["fd00::4/126"]}}),
+            1 => json!({"ipBlock": {"cidr": "::/0", "except": ["fd00::/126"]}}),
+            _ => json!({"ipBlock": {"cidr": format!("fd00::{:x}/127", 2 * rng.below(4))}}),
+        };
+    }
     match rng.below(5) {
         0 => json!({"podSelector": selector(rng)}),
         1 => json!({"namespaceSelector": selector(rng)}),
@@ -122,6 +130,13 @@ pub fn policy(rng: &mut Rng, namespace: &str, name: &str) -> NetworkPolicy {
 
 pub fn pod(rng: &mut Rng, namespace: &str, name: &str) -> PodInfo {
     let ip = format!("10.0.0.{}", rng.below(12));
+    // Some pods are dual-stack, a few IPv6 only.
+    let ip6 = format!("fd00::{:x}", rng.below(12));
+    let ips: Vec<&str> = match rng.below(10) {
+        0..=4 => vec![&ip],
+        5..=8 => vec![&ip, &ip6],
+        _ => vec![&ip6],
+    };
     let mut ports = Vec::new();
     for name in ["http", "dns"] {
         if rng.chance(40) {
@@ -133,7 +148,8 @@ pub fn pod(rng: &mut Rng, namespace: &str, name: &str) -> PodInfo {
         "metadata": {"namespace": namespace, "name": name, "labels": labels(rng)},
         "spec": {"nodeName": rng.pick(&NODES), "hostNetwork": rng.chance(10),
             "containers": [{"name": "c", "ports": ports}]},
-        "status": {"podIP": ip, "podIPs": [{"ip": ip}]}
+        "status": {"podIP": ips[0], "podIPs": ips.iter().map(|ip| json!({"ip": ip}))
+            .collect::<Vec<_>>()}
     }))
     .unwrap();
     PodInfo::from_k8s(&pod).unwrap()

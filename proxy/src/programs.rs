@@ -183,12 +183,27 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
             .ok_or(LoadError::NoSuchProgram { name })?;
         program.load().map_err(|source| LoadError::Program { name, source })?;
     }
+    remove_retired_pins(&options.pin_dir);
     let logger = if options.forward_logs {
         Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?)
     } else {
         None
     };
     Ok(Loaded { ebpf, logger })
+}
+
+/// Removes the pins of maps an earlier version used and this one does not
+/// ([`weir_common::policy::RETIRED_MAPS`]). A failure is logged: it leaves a stale file, not a
+/// broken datapath.
+fn remove_retired_pins(pin_dir: &Path) {
+    for name in weir_common::policy::RETIRED_MAPS {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => log::info!("removed {} (a map of an earlier version)", path.display()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => log::warn!("cannot remove {} (an earlier map): {err}", path.display()),
+        }
+    }
 }
 
 /// The loaded tc classifier `name`, for attaching.

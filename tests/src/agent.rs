@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use serde_json::{Value, json};
 
 use crate::{
-    apiserver::{ApiServer, http_request, weir_binary},
+    apiserver::{ApiServer, http_request, try_http_request, weir_binary},
     bpffs::TestPinDir,
     cgroup::TestCgroup,
     dataplane::{Dataplane, table_name},
@@ -242,6 +242,17 @@ impl AgentProcess {
             None => request(),
         };
         (response.status, String::from_utf8_lossy(&response.body).into_owned())
+    }
+
+    /// Like [`AgentProcess::get`], or `None` when nothing answers HTTP on `addr` (in the
+    /// agent's namespace).
+    pub fn try_get(&self, addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+        let request = || try_http_request(addr, "GET", path, None, "", b"");
+        let response = match &self.netns {
+            Some(netns) => run_in(netns, request).expect("entering the agent's namespace"),
+            None => request(),
+        };
+        response.ok().map(|r| (r.status, String::from_utf8_lossy(&r.body).into_owned()))
     }
 
     /// The agent's process ID while it runs.

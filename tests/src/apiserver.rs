@@ -255,6 +255,7 @@ pub struct HttpResponse {
 }
 
 /// One HTTP/1.1 request (Connection: close); reads the whole response, bounded by 30 s.
+/// Panics when the server cannot be reached or does not answer HTTP.
 pub fn http_request(
     addr: SocketAddr,
     method: &str,
@@ -263,9 +264,22 @@ pub fn http_request(
     content_type: &str,
     body: &[u8],
 ) -> HttpResponse {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .expect("connecting to the API server");
-    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    try_http_request(addr, method, path, token, content_type, body)
+        .unwrap_or_else(|err| panic!("HTTP {method} {path} to {addr}: {err}"))
+}
+
+/// Like [`http_request`], with the failure to connect or a response that is not HTTP as an
+/// error.
+pub fn try_http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n",
         body.len()
@@ -274,24 +288,25 @@ pub fn http_request(
         head.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
     head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).expect("writing the request");
+    stream.write_all(head.as_bytes())?;
     // The server may answer (413) before reading a large body and close; that is fine.
     let _ = stream.write_all(body);
     let mut raw = Vec::new();
     let _ = stream.read_to_end(&mut raw);
-    parse_response(&raw)
+    parse_response(&raw).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP response head")
+    })
 }
 
-fn parse_response(raw: &[u8]) -> HttpResponse {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP response head");
+fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 =
-        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok())?;
     let mut body = raw[split + 4..].to_vec();
     if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         body = dechunk(&body);
     }
-    HttpResponse { status, body }
+    Some(HttpResponse { status, body })
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {

@@ -89,16 +89,11 @@ impl FakeNode {
         });
         let (code, body) = api.call("POST", "/api/v1/nodes", Some(&node));
         assert_eq!(code, 201, "registering node {name}: {body}");
-        // Status is a subresource: write it there too.
-        let (code, body) = api.call(
-            "PUT",
-            &format!("/api/v1/nodes/{name}/status"),
-            Some(&{
-                let mut n = body.clone();
-                n["status"] = node["status"].clone();
-                n
-            }),
-        );
+        // Status is a subresource: write it there too, with a merge patch as the node runtime
+        // does (the pod-CIDR controller may update the new Node at the same moment).
+        let status = json!({"status": node["status"].clone()});
+        let (code, body) =
+            api.call("PATCH", &format!("/api/v1/nodes/{name}/status"), Some(&status));
         assert_eq!(code, 200, "node status: {body}");
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(Mutex::new(Vec::new()));

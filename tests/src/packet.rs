@@ -1,4 +1,5 @@
-//! Building and checking Ethernet + IPv4 + TCP/UDP packets for BPF_PROG_TEST_RUN tests.
+//! Building and checking Ethernet + IPv4 + TCP/UDP packets for BPF_PROG_TEST_RUN tests (and
+//! IPv6 packets for the policy programs).
 //!
 //! The builder writes correct IPv4 and L4 checksums; the checkers recompute them from scratch,
 //! so a test can prove that a program's incremental checksum updates are right.
@@ -170,5 +171,88 @@ mod tests {
         wire[ETH_HLEN + 19] ^= 1; // last octet of the destination address
         assert!(!ipv4_checksum_ok(&wire));
         assert!(!l4_checksum_ok(&wire));
+    }
+}
+
+/// An IPv6 extension header placed before the upper-layer header of an [`Ipv6Packet`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv6Ext {
+    /// Hop-by-hop options (8 bytes of padding options).
+    HopByHop,
+    /// Destination options (8 bytes of padding options).
+    DestOptions,
+    /// A fragment header with this fragment offset (in 8-byte units; 0: the first fragment).
+    Fragment { offset: u16 },
+}
+
+/// One IPv6 packet for the policy programs (checksums are not filled in: the policy check
+/// does not read them): TCP, UDP or SCTP with ports, or ICMPv6 of a type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ipv6Packet {
+    pub src: std::net::Ipv6Addr,
+    pub dst: std::net::Ipv6Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// For [`proto::ICMPV6`]: the ICMPv6 type.
+    pub icmp_type: u8,
+    pub ext: Vec<Ipv6Ext>,
+}
+
+impl Ipv6Packet {
+    pub fn new(
+        src: std::net::Ipv6Addr,
+        sport: u16,
+        dst: std::net::Ipv6Addr,
+        dport: u16,
+        proto: u8,
+    ) -> Self {
+        Self { src, dst, sport, dport, proto, icmp_type: 0, ext: Vec::new() }
+    }
+
+    pub fn icmp(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, icmp_type: u8) -> Self {
+        Self { icmp_type, ..Self::new(src, 0, dst, 0, proto::ICMPV6) }
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        const NEXTHDR: [u8; 3] = [0, 60, 44];
+        let code = |e: &Ipv6Ext| match e {
+            Ipv6Ext::HopByHop => NEXTHDR[0],
+            Ipv6Ext::DestOptions => NEXTHDR[1],
+            Ipv6Ext::Fragment { .. } => NEXTHDR[2],
+        };
+        let mut body = Vec::new();
+        for (i, ext) in self.ext.iter().enumerate() {
+            let next = self.ext.get(i + 1).map_or(self.proto, code);
+            match ext {
+                Ipv6Ext::HopByHop | Ipv6Ext::DestOptions => {
+                    body.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+                }
+                Ipv6Ext::Fragment { offset } => {
+                    body.extend_from_slice(&[next, 0]);
+                    body.extend_from_slice(&((offset << 3) | 1).to_be_bytes());
+                    body.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+                }
+            }
+        }
+        if self.proto == proto::ICMPV6 {
+            body.extend_from_slice(&[self.icmp_type, 0, 0, 0, 0, 0, 0, 0]);
+        } else {
+            body.extend_from_slice(&self.sport.to_be_bytes());
+            body.extend_from_slice(&self.dport.to_be_bytes());
+            body.extend_from_slice(&[0; 16]); // the rest of a TCP header (or UDP + payload)
+        }
+        let mut p = Vec::with_capacity(ETH_HLEN + 40 + body.len());
+        p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+        p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        p.extend_from_slice(&0x86ddu16.to_be_bytes());
+        p.extend_from_slice(&[0x60, 0, 0, 0]);
+        p.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        p.push(self.ext.first().map_or(self.proto, code));
+        p.push(64);
+        p.extend_from_slice(&self.src.octets());
+        p.extend_from_slice(&self.dst.octets());
+        p.extend_from_slice(&body);
+        p
     }
 }

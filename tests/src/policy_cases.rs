@@ -2,7 +2,7 @@
 //! pod=a/b/c in namespaces labelled ns=x/y/z; ports 80 and 81 over TCP and UDP), the policy
 //! cases run on it, and a seeded generator of random policies. Shared by the compiler's
 //! differential tests, the eBPF differential test and (later) the lab suite.
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod},
@@ -20,12 +20,24 @@ pub const NODES: [&str; 2] = ["node-1", "node-2"];
 /// An address outside the cluster.
 pub const EXTERNAL: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 
+/// An IPv6 address outside the cluster.
+pub const EXTERNAL6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
+
 pub fn pod_ip(ns: usize, pod: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, ns as u8, 10 + pod as u8)
 }
 
+/// Every pod is dual-stack: its IPv6 address is `fd00:10:244:<ns>::<10 + pod>`.
+pub fn pod_ip6(ns: usize, pod: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, ns as u16, 0, 0, 0, 0x10 + pod as u16)
+}
+
 pub fn node_ip(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, 50, 1 + node as u8)
+}
+
+pub fn node_ip6(node: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x192, 0x168, 0x50, 0, 0, 0, 1 + node as u16)
 }
 
 /// Pods a and b run on node-1, c on node-2.
@@ -71,7 +83,8 @@ impl TruthTable {
                             {"name": "serve-81-udp", "containerPort": 81, "protocol": "UDP"},
                             {"name": "web", "containerPort": web, "protocol": "TCP"}]}]},
                     "status": {"podIP": pod_ip(n, p).to_string(),
-                               "podIPs": [{"ip": pod_ip(n, p).to_string()}]}
+                               "podIPs": [{"ip": pod_ip(n, p).to_string()},
+                                          {"ip": pod_ip6(n, p).to_string()}]}
                 })));
             }
         }
@@ -80,7 +93,8 @@ impl TruthTable {
             .enumerate()
             .map(|(i, name)| {
                 from(json!({"metadata": {"name": name}, "status": {"addresses": [
-                    {"type": "InternalIP", "address": node_ip(i).to_string()}]}}))
+                    {"type": "InternalIP", "address": node_ip(i).to_string()},
+                    {"type": "InternalIP", "address": node_ip6(i).to_string()}]}}))
             })
             .collect();
         Self { namespaces, pods, nodes }
@@ -122,22 +136,34 @@ impl TruthTable {
 
     /// Every party of the table: the nine pods, then the external address and the nodes.
     pub fn parties() -> Vec<Party> {
+        Self::parties_of(false)
+    }
+
+    /// [`Self::parties`] of one family: pods stand for their address of that family.
+    pub fn parties_of(ipv6: bool) -> Vec<Party> {
         let mut parties = Vec::new();
         for ns in NAMESPACES {
             for pod in PODS {
                 parties.push(Party::Pod(ns.into(), pod.into()));
             }
         }
-        parties.push(Party::Addr { ip: IpAddr::V4(EXTERNAL), node: None });
+        let external = if ipv6 { IpAddr::V6(EXTERNAL6) } else { IpAddr::V4(EXTERNAL) };
+        parties.push(Party::Addr { ip: external, node: None });
         for (i, node) in NODES.iter().enumerate() {
-            parties.push(Party::Addr { ip: IpAddr::V4(node_ip(i)), node: Some(node.to_string()) });
+            let ip = if ipv6 { IpAddr::V6(node_ip6(i)) } else { IpAddr::V4(node_ip(i)) };
+            parties.push(Party::Addr { ip, node: Some(node.to_string()) });
         }
         parties
     }
 
     /// Every ordered (source, destination) of [`Self::parties`] with at least one pod.
     pub fn pairs() -> Vec<(Party, Party)> {
-        let parties = Self::parties();
+        Self::pairs_of(false)
+    }
+
+    /// [`Self::pairs`] of one family.
+    pub fn pairs_of(ipv6: bool) -> Vec<(Party, Party)> {
+        let parties = Self::parties_of(ipv6);
         let mut pairs = Vec::new();
         for src in &parties {
             for dst in &parties {
@@ -186,6 +212,10 @@ fn expr(key: &str, op: &str, values: &[&str]) -> Value {
     } else {
         json!({"matchExpressions": [{"key": key, "operator": op, "values": values}]})
     }
+}
+
+fn cidr6(ns: usize, p: usize) -> String {
+    format!("{}/128", pod_ip6(ns, p))
 }
 
 fn cidr(ns: usize, p: usize) -> String {
@@ -298,6 +328,15 @@ pub fn cases() -> Vec<Case> {
         c("egress and ingress policies on both ends", vec![
             p("x", "out", json!({"podSelector": pod("a"), "policyTypes": ["Egress"], "egress": [{"to": [{"namespaceSelector": ns("y")}], "ports": [{"port": 80}, {"port": 81}]}]})),
             p("y", "in", json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": ns("x"), "podSelector": pod("a")}], "ports": [{"port": 80}]}]}))]),
+        // IPv6 ipBlocks (the IPv4 cells see them match nothing, and the reverse).
+        c("x all pods: IPv6 ipBlock of every pod", vec![p("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "fd00:10:244::/48"}}]}]}))]),
+        c("x all pods: IPv6 ipBlock except x/b", vec![p("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "fd00:10:244::/48", "except": [cidr6(0, 1)]}}]}]}))]),
+        c("x all pods: IPv6 ipBlock namespace y's range except y/b on TCP 80", vec![p("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "fd00:10:244:1::/64", "except": [cidr6(1, 1)]}}], "ports": [{"port": 80}]}]}))]),
+        c("x all pods: only from outside the IPv6 pod range", vec![p("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "::/0", "except": ["fd00:10:244::/48"]}}]}]}))]),
+        c("x all pods: every IPv6 address but no IPv4 one", vec![p("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "::/0"}}]}]}))]),
+        c("x/a egress to IPv6 ipBlock except, both families' blocks", vec![p("x", "a", json!({"podSelector": pod("a"), "policyTypes": ["Egress"], "egress": [{"to": [
+            {"ipBlock": {"cidr": "fd00:10:244::/48", "except": ["fd00:10:244:2::/64", cidr6(0, 1)]}},
+            {"ipBlock": {"cidr": "10.244.2.0/24"}}]}]}))]),
         c("allow from the outside only on 81", vec![p("x", "p", json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "203.0.113.0/24"}}], "ports": [{"port": 81}]}]}))]),
     ]
 }
@@ -352,13 +391,17 @@ fn random_selector(rng: &mut Rng, key: &str, values: &[&str]) -> Value {
 
 fn random_cidr(rng: &mut Rng) -> Value {
     let n = rng.below(3);
-    match rng.below(6) {
+    match rng.below(9) {
         0 => json!({"cidr": "10.244.0.0/16", "except": [format!("10.244.{n}.0/24")]}),
         1 => json!({"cidr": format!("10.244.{n}.0/24"), "except": [cidr(n, rng.below(3))]}),
         2 => json!({"cidr": cidr(n, rng.below(3))}),
         3 => json!({"cidr": "0.0.0.0/0", "except": ["10.244.0.0/16"]}),
+        6 => json!({"cidr": "fd00:10:244::/48", "except": [format!("fd00:10:244:{n}::/64")]}),
+        7 => json!({"cidr": format!("fd00:10:244:{n}::/64"), "except": [cidr6(n, rng.below(3))]}),
+        8 => json!({"cidr": "::/0", "except": ["fd00:10:244::/48"]}),
         4 => json!({"cidr": "0.0.0.0/0"}),
-        _ => json!({"cidr": format!("10.244.{n}.0/24")}),
+        5 => json!({"cidr": format!("10.244.{n}.0/24")}),
+        _ => json!({"cidr": format!("fd00:10:244:{n}::/64")}),
     }
 }
 

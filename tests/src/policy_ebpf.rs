@@ -1,7 +1,7 @@
 //! The eBPF policy programs (`tc_pol_egress`, `tc_pol_ingress`) run with BPF_PROG_TEST_RUN on
 //! the truth table: maps written as each node's agent would, one packet per cell. Shared by the
 //! eBPF differential test (netpol_ebpf) and the eBPF/nftables/oracle differential (netpol_nft).
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use aya::{
     Ebpf,
@@ -17,8 +17,10 @@ use weir_proxy::{
 
 use crate::{
     bpffs::TestPinDir,
-    packet::Ipv4Packet,
-    policy_cases::{NAMESPACES, NODES, PODS, TruthTable, node_ip, pod_ip, pod_node},
+    packet::{Ipv4Packet, Ipv6Packet},
+    policy_cases::{
+        NAMESPACES, NODES, PODS, TruthTable, node_ip, node_ip6, pod_ip, pod_ip6, pod_node,
+    },
     policy_oracle::Party,
     privileged::require_root,
 };
@@ -71,7 +73,8 @@ impl Datapath {
     ) -> usize {
         let cluster = Cluster::from_k8s(&table.namespaces, &table.pods, policies, &table.nodes);
         let compiled = self.compiler.compile(&cluster, Some(NODES[node]));
-        let new = self.lowering.lower(&compiled, &[node_ip(node)]);
+        let host = [IpAddr::V4(node_ip(node)), IpAddr::V6(node_ip6(node))];
+        let new = self.lowering.lower(&compiled, &host);
         let writes = self.maps.apply(&self.state, &new).expect("write policy maps");
         self.state = new;
         writes
@@ -113,13 +116,24 @@ impl Datapath {
         policies: &[NetworkPolicy],
         cells: &[(&Party, &Party, u8, u16)],
     ) -> Vec<bool> {
+        self.verdicts_in(false, table, policies, cells)
+    }
+
+    /// [`Self::verdicts`] with IPv6 packets (pods at their IPv6 addresses) when `ipv6`.
+    pub fn verdicts_in(
+        &mut self,
+        ipv6: bool,
+        table: &TruthTable,
+        policies: &[NetworkPolicy],
+        cells: &[(&Party, &Party, u8, u16)],
+    ) -> Vec<bool> {
         let sports: Vec<u16> = cells.iter().map(|_| self.sport()).collect();
         let mut allowed = vec![true; cells.len()];
         for node in 0..NODES.len() {
             self.program(table, policies, node);
             for (i, (src, dst, protocol, port)) in cells.iter().enumerate() {
-                let (src_ip, src_node) = locate(src);
-                let (dst_ip, dst_node) = locate(dst);
+                let (src_ip, src_node) = locate_in(src, ipv6);
+                let (dst_ip, dst_node) = locate_in(dst, ipv6);
                 let pkt = packet(src_ip, sports[i], dst_ip, *port, *protocol);
                 if src_node == Some(node) {
                     allowed[i] &= self.allows(TC_POLICY_EGRESS, &pkt);
@@ -133,8 +147,15 @@ impl Datapath {
     }
 }
 
-/// A TCP, UDP or SCTP packet (UDP-shaped ports) of the given 5-tuple.
-pub fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, protocol: u8) -> Vec<u8> {
+/// A TCP, UDP or SCTP packet (UDP-shaped ports) of the given 5-tuple, of either family.
+pub fn packet(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, protocol: u8) -> Vec<u8> {
+    let (src, dst) = match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => (src, dst),
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            return Ipv6Packet::new(src, sport, dst, dport, protocol).build();
+        }
+        _ => panic!("a packet from {src} to {dst} mixes families"),
+    };
     let mut p = Ipv4Packet::udp(src, sport, dst, dport);
     match protocol {
         proto::TCP => p = Ipv4Packet::tcp(src, sport, dst, dport),
@@ -144,15 +165,23 @@ pub fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, protocol: u8
     p.build()
 }
 
-/// (address, node of the pod) of a party; `None` node for non-pods.
-pub fn locate(party: &Party) -> (Ipv4Addr, Option<usize>) {
+/// (IPv4 address, node of the pod) of a party; `None` node for non-pods.
+pub fn locate(party: &Party) -> (IpAddr, Option<usize>) {
+    locate_in(party, false)
+}
+
+/// (address of the family, node of the pod) of a party: a pod's IPv6 address when `ipv6`.
+pub fn locate_in(party: &Party, ipv6: bool) -> (IpAddr, Option<usize>) {
     match party {
         Party::Pod(ns, name) => {
             let n = NAMESPACES.iter().position(|x| x == ns).unwrap();
             let p = PODS.iter().position(|x| x == name).unwrap();
-            (pod_ip(n, p), Some(pod_node(p)))
+            let ip = if ipv6 { IpAddr::V6(pod_ip6(n, p)) } else { IpAddr::V4(pod_ip(n, p)) };
+            (ip, Some(pod_node(p)))
         }
-        Party::Addr { ip: IpAddr::V4(ip), .. } => (*ip, None),
-        Party::Addr { ip, .. } => panic!("IPv4 only: {ip}"),
+        Party::Addr { ip, .. } => {
+            assert_eq!(ip.is_ipv6(), ipv6, "{ip} is not of the family asked for");
+            (*ip, None)
+        }
     }
 }

@@ -52,13 +52,26 @@ struct Resolved<'a> {
 
 impl<'a> Oracle<'a> {
     pub fn allowed(&self, src: &Party, dst: &Party, protocol: &str, port: u16) -> bool {
-        let src = self.resolve(src);
-        let dst = self.resolve(dst);
+        self.allowed_in(false, src, dst, protocol, port)
+    }
+
+    /// [`Self::allowed`] for the connection of one family: pods are seen at their address of
+    /// that family (IPv6 when `ipv6`).
+    pub fn allowed_in(
+        &self,
+        ipv6: bool,
+        src: &Party,
+        dst: &Party,
+        protocol: &str,
+        port: u16,
+    ) -> bool {
+        let src = self.resolve(src, ipv6);
+        let dst = self.resolve(dst, ipv6);
         self.side_allows(&src, &dst, "Egress", &dst, protocol, port)
             && self.side_allows(&dst, &src, "Ingress", &dst, protocol, port)
     }
 
-    fn resolve(&self, party: &Party) -> Resolved<'a> {
+    fn resolve(&self, party: &Party, ipv6: bool) -> Resolved<'a> {
         match party {
             Party::Pod(ns, name) => {
                 let pod = self
@@ -69,7 +82,10 @@ impl<'a> Oracle<'a> {
                             && p.metadata.name.as_deref() == Some(name)
                     })
                     .unwrap_or_else(|| panic!("oracle: no pod {ns}/{name}"));
-                let ip = pod_ip(pod).unwrap_or_else(|| panic!("oracle: pod {ns}/{name} has no IP"));
+                let ip = pod_ips(pod)
+                    .into_iter()
+                    .find(|ip| ip.is_ipv6() == ipv6)
+                    .unwrap_or_else(|| panic!("oracle: pod {ns}/{name} has no IP of the family"));
                 Resolved {
                     pod: Some(pod),
                     ip,
@@ -77,7 +93,7 @@ impl<'a> Oracle<'a> {
                 }
             }
             Party::Addr { ip, node } => {
-                let pod = self.pods.iter().find(|p| pod_ip(p) == Some(*ip) && !host_network(p));
+                let pod = self.pods.iter().find(|p| pod_ips(p).contains(ip) && !host_network(p));
                 Resolved { pod, ip: *ip, node: node.clone() }
             }
         }
@@ -229,8 +245,15 @@ fn selector_matches(selector: Option<&LabelSelector>, labels: BTreeMap<String, S
     labels_ok && exprs_ok
 }
 
-fn pod_ip(pod: &Pod) -> Option<IpAddr> {
-    pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()
+/// `status.podIPs` (or `status.podIP` when that is unset).
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    let listed: Vec<IpAddr> =
+        status.pod_ips.iter().flatten().filter_map(|ip| ip.ip.parse().ok()).collect();
+    if !listed.is_empty() {
+        return listed;
+    }
+    status.pod_ip.iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
 fn host_network(pod: &Pod) -> bool {

@@ -51,3 +51,10 @@ pub fn command_at(netns: &Path, procs: Option<&Path>, program: &str) -> Result<C
     }
     Ok(cmd)
 }
+
+/// A finished command's exit code and its stdout followed by its stderr.
+pub fn code_and_text(out: &std::process::Output) -> (Option<i32>, String) {
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}

@@ -198,3 +198,62 @@ fn controllers_allocate_cidrs_schedule_pods_and_maintain_endpoint_slices() {
     eventually(&kubectl, &["get", "endpointslices", "-o", "name"], "");
     eventually(&kubectl, &["get", "endpoints", "-o", "name"], "");
 }
+
+#[test]
+fn dual_stack_cluster_cidrs_give_each_node_one_subnet_per_family() {
+    let dir = TempDir::new("api-dual-stack");
+    let server = ApiServer::start_with(
+        dir.path(),
+        &["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/56", "--node-cidr-mask-size-ipv4", "25"],
+    );
+    let kubectl = Kubectl::new(&server.kubeconfig);
+    for name in ["node-a", "node-b"] {
+        let node =
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
+        let (code, body) = server.json("POST", "/api/v1/nodes", Some(&node));
+        assert_eq!(code, 201, "{body}");
+        // One at a time, so the order of the subnets is known.
+        eventually(
+            &kubectl,
+            &["get", "node", name, "-o", "jsonpath={.spec.podCIDR}"],
+            match name {
+                "node-a" => "10.244.0.0/25",
+                _ => "10.244.0.128/25",
+            },
+        );
+    }
+    eventually(
+        &kubectl,
+        &["get", "node", "node-b", "-o", "jsonpath={.spec.podCIDRs}"],
+        r#"["10.244.0.128/25","fd00:10:244:1::/64"]"#,
+    );
+    eventually(
+        &kubectl,
+        &["get", "node", "node-a", "-o", "jsonpath={.spec.podCIDRs[1]}"],
+        "fd00:10:244::/64",
+    );
+}
+
+#[test]
+fn bad_cluster_cidr_flags_exit_64_and_say_why() {
+    for (args, says) in [
+        (&["--cluster-cidr", "10.0.0.0/16,10.1.0.0/16"][..], "two IPv4 CIDRs"),
+        (&["--cluster-cidr", "10.0.0.0/16,fd00::/56,10.2.0.0/16"][..], "3 CIDRs"),
+        (
+            &["--cluster-cidr", "fd00::/56", "--node-cidr-mask-size-ipv6", "40"][..],
+            "--node-cidr-mask-size-ipv6 40",
+        ),
+        (&["--cluster-cidr", "10.0.0.0/33"][..], "prefix must be 0 to 32"),
+    ] {
+        let dir = TempDir::new("api-bad-cidr");
+        let out = std::process::Command::new(weir_tests::apiserver::weir_binary())
+            .args(["apiserver", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains("--cluster-cidr") && stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

@@ -33,12 +33,14 @@ fn phase(server: &ApiServer, name: &str) -> String {
 fn register_dead_node(server: &ApiServer, name: &str) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
-    let (code, mut body) = server.json("POST", "/api/v1/nodes", Some(&node));
+    let (code, body) = server.json("POST", "/api/v1/nodes", Some(&node));
     assert_eq!(code, 201, "{body}");
-    body["status"] = json!({"conditions": [{"type": "Ready", "status": "True"}],
+    // A merge patch, as the node runtime writes it (the pod-CIDR controller may update the
+    // new Node at the same moment).
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}],
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}});
-    let (code, body) = server.json("PUT", &format!("/api/v1/nodes/{name}/status"), Some(&body));
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}});
+    let (code, body) = server.json("PATCH", &format!("/api/v1/nodes/{name}/status"), Some(&status));
     assert_eq!(code, 200, "{body}");
 }
 

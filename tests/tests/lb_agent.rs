@@ -124,3 +124,75 @@ fn inspect_ebpf(metrics: &str, pins: &weir_tests::bpffs::TestPinDir, vip: &str) 
     assert_eq!(web["backends"], json!([format!("{BACKEND_A}:8080")]), "{web}");
     assert_eq!(web["protocol"], "TCP");
 }
+
+#[test]
+fn lb_agent_serves_health_check_node_ports_with_the_local_endpoint_count() {
+    require_root();
+    for_each_dataplane(serves_health_check_node_ports);
+}
+
+/// kube-proxy's service health server: a LoadBalancer Service with `externalTrafficPolicy:
+/// Local` gets an HTTP answer on its `healthCheckNodePort` from every node, 200 with the
+/// node's local endpoint count while it has some, 503 once it has none, nothing once the
+/// service is gone. (The agent serves it on the address of its `--health-listen`, loopback
+/// here.)
+fn serves_health_check_node_ports(dataplane: Dataplane) {
+    let net = ServiceNet::new("hcnp", 213, 1).unwrap();
+    let data = TempDir::new("hcnp-api");
+    let api = ApiServer::start(data.path());
+    let setup = AgentSetup::new(dataplane, &net.client, &api, "hcnp");
+    // A node port of this process, so that parallel runs do not share it.
+    let port = 31000 + (std::process::id() % 1700) as u16;
+    let (code, service) = api.json(
+        "POST",
+        "/api/v1/namespaces/default/services",
+        Some(&json!({"apiVersion": "v1", "kind": "Service",
+                     "metadata": {"name": "web-local", "namespace": "default"},
+                     "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                              "healthCheckNodePort": port,
+                              "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})),
+    );
+    assert_eq!(code, 201, "{service}");
+    assert_eq!(service["spec"]["healthCheckNodePort"], port, "{service}");
+    let slice = |node: &str| {
+        let mut slice = weir_tests::agent::endpoint_slice("web-local", &[BACKEND_A]);
+        slice["endpoints"][0]["nodeName"] = json!(node);
+        slice
+    };
+    let (code, body) = api.json("POST", SLICES, Some(&slice("node-a")));
+    assert_eq!(code, 201, "{body}");
+
+    let agent = AgentProcess::start_on(&api, &setup);
+    let agent = &agent;
+    let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let answer = |expected_code: u16, expected_local: u64| {
+        move || match agent.try_get(addr, "/") {
+            Some((code, body))
+                if code == expected_code
+                    && serde_json::from_str::<Value>(&body).is_ok_and(|b| {
+                        b["localEndpoints"] == expected_local
+                            && b["service"] == json!({"namespace": "default", "name": "web-local"})
+                    }) =>
+            {
+                None
+            }
+            other => Some(format!("{other:?}")),
+        }
+    };
+    eventually("200 with one local endpoint", WAIT, answer(200, 1));
+
+    // The endpoint moves to another node: this node has none left.
+    let (code, body) = api.json(
+        "PATCH",
+        &format!("{SLICES}/web-local-1"),
+        Some(&json!({"endpoints": slice("node-b")["endpoints"]})),
+    );
+    assert_eq!(code, 200, "{body}");
+    eventually("503 with no local endpoint", WAIT, answer(503, 0));
+
+    let (code, body) = api.json("DELETE", "/api/v1/namespaces/default/services/web-local", None);
+    assert_eq!(code, 200, "{body}");
+    eventually("the port closed after the service left", WAIT, || {
+        agent.try_get(addr, "/").map(|answer| format!("{answer:?}"))
+    });
+}

@@ -5,9 +5,11 @@
 //! default-deny policy is never reachable from a peer the policy does not allow, from before
 //! its CNI ADD until after its policy is written, also when the agent is down while the pod
 //! starts. weir-cni attaches the pinned programs at ADD and rolls ADD back when it cannot.
+//! Dual-stack pods: the same over IPv6 (neighbour discovery keeps working under default deny),
+//! on the eBPF and the nftables dataplane.
 //! Privileged.
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::PathBuf,
     sync::{
@@ -30,7 +32,9 @@ use weir_tests::{
     bpffs::TestPinDir,
     cgroup::TestCgroup,
     cni::{self, Attachment},
+    dataplane::Dataplane,
     echo::{EchoServer, tcp_echo_works},
+    names,
     netns::Netns,
     privileged::require_root,
     relay::Relay,
@@ -40,6 +44,7 @@ use weir_tests::{
 const NODE: &str = "node-a";
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 209, 0, 1);
 const POD_CIDR: &str = "10.209.1.0/24";
+const POD6_CIDR: &str = "fd00:209:1::/120";
 const NS: &str = "np";
 const WAIT: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
@@ -49,10 +54,16 @@ fn pod_ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 209, 1, last)
 }
 
+fn pod_ip6(last: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x209, 1, 0, 0, 0, 0, u16::from(last))
+}
+
 /// A pod: its namespace (with an echo server on port 80) wired by weir-cni.
 struct Pod {
     name: String,
     ip: Ipv4Addr,
+    /// The pod's IPv6 address when it is dual-stack.
+    ip6: Option<Ipv6Addr>,
     container_id: String,
     ns: Netns,
     _echo: EchoServer,
@@ -113,11 +124,22 @@ impl TestNode {
     }
 
     fn start_agent(&self) -> AgentProcess {
+        self.start_agent_on(Dataplane::Ebpf)
+    }
+
+    /// The agent on `dataplane`; nftables tables go with the node namespace.
+    fn start_agent_on(&self, dataplane: Dataplane) -> AgentProcess {
+        let mut extra_args = vec!["--node-address".into(), NODE_IP.to_string()];
+        if dataplane == Dataplane::Nftables {
+            extra_args.extend(["--dataplane".into(), "nftables".into()]);
+            extra_args.extend(["--nft-table".into(), names::unique("np-svc")]);
+            extra_args.extend(["--nft-policy-table".into(), names::unique("np-pol")]);
+        }
         let options = AgentOptions {
             kubeconfig: &self.kubeconfig,
             node_name: NODE,
             netns: Some(&self.node.ns),
-            extra_args: vec!["--node-address".into(), NODE_IP.to_string()],
+            extra_args,
             wait_for: Some("weir agent: first policy sync done"),
         };
         AgentProcess::start_with(&options, &self.pins, &self.cgroup)
@@ -135,36 +157,47 @@ impl TestNode {
 
     /// The pod's namespace with its echo server listening, then weir-cni ADD (address `ip`).
     fn wire(&self, name: &str, ip: Ipv4Addr) -> Pod {
+        self.wire_with(name, ip, None)
+    }
+
+    /// [`Self::wire`], dual-stack when `ip6` is given (the echo server then listens on both).
+    fn wire_with(&self, name: &str, ip: Ipv4Addr, ip6: Option<Ipv6Addr>) -> Pod {
         let ns = Netns::new(name).expect("pod namespace");
-        let echo = EchoServer::tcp(&ns, SocketAddr::from(([0, 0, 0, 0], 80))).expect("echo");
+        let any: IpAddr = if ip6.is_some() { Ipv6Addr::UNSPECIFIED.into() } else { [0; 4].into() };
+        let echo = EchoServer::tcp(&ns, SocketAddr::new(any, 80)).expect("echo");
         let container_id = format!("{name}-{}", std::process::id());
-        let result = self
-            .node
-            .weir("ADD", Some(&Attachment::new(&container_id, &ns)), &self.cni_config(ip))
-            .unwrap();
+        let config = self.cni_config_with(ip, ip6);
+        let result =
+            self.node.weir("ADD", Some(&Attachment::new(&container_id, &ns)), &config).unwrap();
         result.result().expect("weir-cni ADD");
-        Pod { name: name.into(), ip, container_id, ns, _echo: echo }
+        Pod { name: name.into(), ip, ip6, container_id, ns, _echo: echo }
     }
 
     fn cni_config(&self, ip: Ipv4Addr) -> Value {
+        self.cni_config_with(ip, None)
+    }
+
+    fn cni_config_with(&self, ip: Ipv4Addr, ip6: Option<Ipv6Addr>) -> Value {
+        let range = |subnet: &str, ip: String| json!([{"subnet": subnet, "rangeStart": ip, "rangeEnd": ip}]);
+        let mut ranges = vec![range(POD_CIDR, ip.to_string())];
+        ranges.extend(ip6.map(|ip6| range(POD6_CIDR, ip6.to_string())));
         json!({
             "cniVersion": "1.0.0",
             "name": "np",
             "type": "weir-cni",
             "bpffsDir": self.pins.path(),
-            "ipam": {
-                "ranges": [[{"subnet": POD_CIDR, "rangeStart": ip.to_string(), "rangeEnd": ip.to_string()}]],
-                "dataDir": self.node.data_dir.path(),
-            },
+            "ipam": {"ranges": ranges, "dataDir": self.node.data_dir.path()},
         })
     }
 
-    /// What kubelet does after ADD: the pod's address in its status.
+    /// What kubelet does after ADD: the pod's addresses in its status.
     fn report_ip(&self, pod: &Pod) {
         let ip = pod.ip.to_string();
+        let mut ips = vec![json!({"ip": ip})];
+        ips.extend(pod.ip6.map(|ip6| json!({"ip": ip6.to_string()})));
         self.patch(
             &format!("/api/v1/namespaces/{NS}/pods/{}/status", pod.name),
-            json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}),
+            json!({"status": {"phase": "Running", "podIP": ip, "podIPs": ips}}),
         );
     }
 
@@ -178,6 +211,12 @@ impl TestNode {
 
     fn can_connect(&self, from: &Netns, to: &Pod) -> bool {
         tcp_echo_works(from, SocketAddr::from((to.ip, 80)), CONNECT_TIMEOUT)
+    }
+
+    /// Over IPv6, to the pod's IPv6 address.
+    fn can_connect6(&self, from: &Netns, to: &Pod) -> bool {
+        let ip6 = to.ip6.expect("a dual-stack pod");
+        tcp_echo_works(from, SocketAddr::from((ip6, 80)), CONNECT_TIMEOUT)
     }
 
     /// The policy programs' ids on a pod's host veth: (egress hook, ingress hook).
@@ -398,4 +437,88 @@ fn netpol_cni_attaches_the_pinned_programs_at_add_and_rolls_back_when_it_cannot(
         !t.node.reservations("np").unwrap().iter().any(|r| r.starts_with("badpod")),
         "the address was released"
     );
+}
+
+/// Dual-stack pods wired by weir-cni, the real agent: web takes connections on port 80 from the
+/// client only and may open none itself. Over IPv6 the client connects (web's replies pass its
+/// denied egress through conntrack), another pod is dropped, web cannot connect out; IPv4 is
+/// enforced the same way alongside. weir-cni writes permanent neighbour entries for the
+/// gateways and pods; web's are flushed under its denied egress, so its replies need neighbour
+/// discovery, which must pass.
+#[test]
+fn netpol_agent_enforces_policies_over_ipv6_on_dual_stack_pods() {
+    ipv6_policies(Dataplane::Ebpf);
+}
+
+/// [`netpol_agent_enforces_policies_over_ipv6_on_dual_stack_pods`] on the nftables dataplane.
+#[test]
+fn netpol_agent_enforces_policies_over_ipv6_on_dual_stack_pods_nftables() {
+    ipv6_policies(Dataplane::Nftables);
+}
+
+fn ipv6_policies(dataplane: Dataplane) {
+    let t = TestNode::new("np6");
+    let pod = |name: &str, labels: Value, last: u8| {
+        t.create_pod(name, labels);
+        let pod = t.wire_with(name, pod_ip(last), Some(pod_ip6(last)));
+        t.report_ip(&pod);
+        pod
+    };
+    let web = pod("web", json!({"app": "web"}), 10);
+    let client = pod("client", json!({"role": "client"}), 11);
+    let other = pod("other", json!({"role": "other"}), 12);
+    let agent = t.start_agent_on(dataplane);
+    assert!(t.can_connect6(&other.ns, &web), "no policy: IPv6 passes");
+
+    let mut policy = allow_ingress("web", json!({"app": "web"}), json!({"role": "client"}));
+    policy["spec"]["policyTypes"] = json!(["Ingress", "Egress"]);
+    t.create(POLICIES, policy);
+    eventually("only the client reaching web over IPv6", WAIT, || {
+        let (c, o) = (t.can_connect6(&client.ns, &web), t.can_connect6(&other.ns, &web));
+        (!c || o).then(|| format!("client {c}, other {o}"))
+    });
+    assert!(t.can_connect6(&other.ns, &client), "an unselected pod is not isolated");
+    assert!(!t.can_connect6(&other.ns, &web), "another peer is dropped");
+    assert!(!t.can_connect6(&web.ns, &client), "web's IPv6 egress is denied");
+    assert!(t.can_connect(&client.ns, &web) && !t.can_connect(&other.ns, &web), "IPv4 alike");
+    // The drops are counted per policy and direction, on either dataplane.
+    let (_, metrics) = agent.get(agent.metrics, "/metrics");
+    for direction in ["ingress", "egress"] {
+        let line =
+            format!("weir_policy_drops_total{{policy=\"np/web\",direction=\"{direction}\"}} ");
+        let count = metrics.lines().find_map(|l| l.strip_prefix(&line)?.parse::<u64>().ok());
+        assert!(count.is_some_and(|n| n > 0), "{direction} drops of np/web in:\n{metrics}");
+        let reason = format!("weir_datapath_events_total{{reason=\"drop_policy_{direction}\"}} ");
+        let total = metrics.lines().find_map(|l| l.strip_prefix(&reason)?.parse::<u64>().ok());
+        assert!(total.is_some_and(|n| n > 0), "{reason}in:\n{metrics}");
+    }
+    if dataplane == Dataplane::Nftables {
+        // Operators read the table with `nft list`: it parses the IPv6 sets and rules.
+        let listed = std::process::Command::new("ip")
+            .args(["netns", "exec", t.node.ns.name(), "nft", "list", "ruleset"])
+            .output()
+            .expect("running nft");
+        let text = String::from_utf8_lossy(&listed.stdout);
+        assert!(listed.status.success(), "nft list: {}", String::from_utf8_lossy(&listed.stderr));
+        assert!(text.contains("ingress-allow6") && text.contains("icmpv6 type"), "{text}");
+    }
+
+    // Web forgets its neighbours: its replies wait for neighbour discovery, sent from its
+    // global address under denied egress.
+    web.ns.ip(&["-6", "neigh", "flush", "dev", "eth0", "nud", "all"]).unwrap();
+    assert!(web.ns.ip(&["-6", "neigh", "show", "dev", "eth0"]).unwrap().trim().is_empty());
+    assert!(t.can_connect6(&client.ns, &web), "the client connects, web's replies pass");
+    let learned = web.ns.ip(&["-6", "neigh", "show", "dev", "eth0"]).unwrap();
+    assert!(
+        !learned.trim().is_empty() && !learned.contains("PERMANENT"),
+        "web resolved its gateway by neighbour discovery: {learned}"
+    );
+
+    // Deleted: web open again over IPv6.
+    let (code, reply) = t.api.json("DELETE", &format!("{POLICIES}/web"), None);
+    assert_eq!(code, 200, "{reply}");
+    eventually("web open again over IPv6", WAIT, || {
+        let (o, w) = (t.can_connect6(&other.ns, &web), t.can_connect6(&web.ns, &client));
+        (!o || !w).then(|| format!("other {o}, web out {w}"))
+    });
 }

@@ -1,27 +1,38 @@
 //! NetworkPolicy in nftables (proxy/src/policy/nft) on real connections: the truth table as
 //! network namespaces (tests/src/policy_net.rs), each node namespace enforcing its pods'
 //! compiled policy with an `NftPolicy` table, every fixed case of policy_cases.rs probed with
-//! real TCP and UDP requests on every cell and checked against the independent oracle (zero
-//! wrong cells after one retry). The differential test of issue 7: random policies (the
-//! seeded generator) and random cells, where the eBPF programs' verdict (BPF_PROG_TEST_RUN),
+//! real TCP and UDP requests on every cell, over IPv4 and over IPv6, and checked against the
+//! independent oracle (zero wrong cells after one retry). The differential test of issue 7:
+//! random policies (the seeded generator) and random cells of both families, where the eBPF
+//! programs' verdict (BPF_PROG_TEST_RUN),
 //! the nftables verdict (real packets) and the oracle must all agree. Plus: unknown pods
 //! dropped while policies exist, drops counted per policy, a reopened table. Privileged.
 use std::{net::IpAddr, time::Duration};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use weir_common::proto;
-use weir_policy::{Cluster, Compiler};
+use weir_policy::{Cluster, Compiler, Direction, Endpoint, ObjectRef, Protocol, trace};
 use weir_proxy::policy::{
     PolicyDatapath, PolicyNode,
-    nft::{NftPolicy, inspect, plan},
+    nft::{
+        NftPolicy, inspect,
+        live::{TableView, disagreement, evaluate},
+        plan,
+    },
 };
 use weir_tests::{
+    agent::relayed_kubeconfig,
+    apiserver::{ApiServer, TempDir, weir_binary},
     names,
-    policy_cases::{NODES, Rng, TruthTable, cases, node_ip, pod_ip, random_policies},
+    policy_cases::{
+        NAMESPACES, NODES, PODS, Rng, TruthTable, cases, node_ip, node_ip6, pod_ip, pod_ip6,
+        pod_node, random_policies,
+    },
     policy_ebpf::Datapath,
     policy_net::{Cell, PolicyNet, ProbeProtocol},
     policy_oracle::{Oracle, Party},
     privileged::require_root,
+    process::{code_and_text, command_in},
 };
 
 const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
@@ -57,7 +68,7 @@ impl NftCluster {
         for (node, name) in NODES.iter().enumerate() {
             let compiled = self.compilers[node].compile(&cluster, Some(name));
             let node_info = PolicyNode {
-                host_addresses: vec![node_ip(node).into()],
+                host_addresses: vec![node_ip(node).into(), node_ip6(node).into()],
                 pod_cidrs: PolicyNet::pod_cidrs(node),
                 deny_unknown: !policies.is_empty(),
             };
@@ -83,7 +94,10 @@ impl NftCluster {
 
 fn expected(table: &TruthTable, policies: &[NetworkPolicy], cells: &[Cell]) -> Vec<bool> {
     let oracle = Oracle { namespaces: &table.namespaces, pods: &table.pods, policies };
-    cells.iter().map(|c| oracle.allowed(&c.src, &c.dst, c.protocol.k8s_name(), c.port)).collect()
+    cells
+        .iter()
+        .map(|c| oracle.allowed_in(c.ipv6, &c.src, &c.dst, c.protocol.k8s_name(), c.port))
+        .collect()
 }
 
 fn describe(cell: &Cell) -> String {
@@ -92,11 +106,12 @@ fn describe(cell: &Cell) -> String {
         Party::Addr { ip, .. } => ip.to_string(),
     };
     format!(
-        "{} -> {} {}/{}",
+        "{} -> {} {}/{} ({})",
         party(&cell.src),
         party(&cell.dst),
         cell.protocol.k8s_name(),
-        cell.port
+        cell.port,
+        if cell.ipv6 { "IPv6" } else { "IPv4" }
     )
 }
 
@@ -109,7 +124,7 @@ fn assert_none_wrong(wrong: &[String], cells: usize) {
 fn fixed_cases_agree_with_the_oracle_on_real_connections() {
     let mut cluster = NftCluster::new();
     let table = TruthTable::new();
-    let cells = PolicyNet::cells();
+    let cells = [PolicyNet::cells_of(false), PolicyNet::cells_of(true)].concat();
     let (mut wrong, mut probed, mut denied) = (Vec::new(), 0, 0);
     for case in cases() {
         cluster.program(&table, &case.policies);
@@ -132,9 +147,9 @@ fn fixed_cases_agree_with_the_oracle_on_real_connections() {
     assert_none_wrong(&wrong, probed);
 }
 
-/// x/a takes connections from x/b only: other pods are dropped, the drops are counted on the
-/// counter of the policy isolating x/a, x/a's replies pass (its egress is denied too), and the
-/// node reaches its pod; the kernel holds the tuples the planner wrote.
+/// x/a takes connections from x/b only, over both families: other pods are dropped, the drops
+/// are counted on the counter of the policy isolating x/a, x/a's replies pass (its egress is
+/// denied too), and the node reaches its pod; the kernel holds the tuples the planner wrote.
 #[test]
 fn drops_are_counted_per_policy_and_replies_pass() {
     let mut cluster = NftCluster::new();
@@ -142,22 +157,32 @@ fn drops_are_counted_per_policy_and_replies_pass() {
     let policies = [weir_tests::policy_cases::a_only_from_b()];
     cluster.program(&table, &policies);
     let (a, b, c) = (pod("x", "a"), pod("x", "b"), pod("x", "c"));
-    let node1 = Party::Addr { ip: node_ip(0).into(), node: Some(NODES[0].into()) };
-    let cells = [
-        tcp(&b, &a),     // allowed; the reply leaves x/a although its egress is isolated
-        tcp(&c, &a),     // from node-2: dropped at node-1's ingress of x/a
-        tcp(&a, &b),     // x/a's egress: dropped
-        tcp(&node1, &a), // its node
-    ];
-    let got = cluster.probe(&cells, &[true, false, false, true]);
-    assert_eq!(got, [true, false, false, true]);
+    for ipv6 in [false, true] {
+        let ip = if ipv6 { node_ip6(0).into() } else { node_ip(0).into() };
+        let node1 = Party::Addr { ip, node: Some(NODES[0].into()) };
+        let cells = [
+            tcp(&b, &a, ipv6), // allowed; the reply leaves x/a although its egress is isolated
+            tcp(&c, &a, ipv6), // from node-2: dropped at node-1's ingress of x/a
+            tcp(&a, &b, ipv6), // x/a's egress: dropped
+            tcp(&node1, &a, ipv6), // its node
+        ];
+        let got = cluster.probe(&cells, &[true, false, false, true]);
+        assert_eq!(got, [true, false, false, true], "IPv6: {ipv6}");
+    }
     let counters = cluster.tables[0].drop_counters().unwrap();
-    assert!(counters.get("drop-x/a").is_some_and(|n| *n >= 2), "{counters:?}");
+    // Per direction: x/c -> x/a and x/a -> x/b, once per family.
+    for counter in ["drop-ingress-x/a", "drop-egress-x/a"] {
+        assert!(counters.get(counter).is_some_and(|n| *n >= 2), "{counters:?}");
+    }
     assert_eq!(counters.get(plan::DROP_UNKNOWN), Some(&0), "{counters:?}");
     let tuples = cluster.tables[0].allow_tuples().unwrap();
-    // x/b (identity peer) and node-1 (its node), any protocol and port.
-    assert_eq!(tuples[plan::INGRESS_ALLOW].len(), 2, "{tuples:?}");
-    assert!(tuples[plan::EGRESS_ALLOW].is_empty(), "{tuples:?}");
+    // x/b (identity peer) and node-1 (its node), any protocol and port, per family.
+    for (allow, egress) in
+        [(plan::INGRESS_ALLOW, plan::EGRESS_ALLOW), (plan::INGRESS_ALLOW6, plan::EGRESS_ALLOW6)]
+    {
+        assert_eq!(tuples[allow].len(), 2, "{tuples:?}");
+        assert!(tuples[egress].is_empty(), "{tuples:?}");
+    }
 }
 
 /// While policies exist, a pod in the node's pod ranges that the compiled policy does not know
@@ -180,23 +205,24 @@ fn unknown_pods_are_dropped_while_policies_exist() {
     // What a node runtime asks before starting x/b's containers (x/b runs on node-1).
     let b_ready = |cluster: &NftCluster| {
         let table = cluster.tables[0].table().to_string();
-        let ips = [IpAddr::from(pod_ip(0, 1))];
+        let ips = [IpAddr::from(pod_ip(0, 1)), IpAddr::from(pod_ip6(0, 1))];
         cluster.net.nodes[0].run(|| inspect::endpoints_written(&table, &ips)).unwrap().unwrap()
     };
     assert!(b_ready(&cluster), "an empty table drops nothing: ready");
     cluster.program(&early, &policies);
     assert!(!b_ready(&cluster), "policies exist and x/b has no entry yet");
-    let cells = [tcp(&a, &b), tcp(&b, &a)];
-    assert_eq!(cluster.probe(&cells, &[false, false]), [false, false], "x/b is unknown");
+    let cells = [tcp(&a, &b, false), tcp(&b, &a, false), tcp(&a, &b, true), tcp(&b, &a, true)];
+    let (all_dropped, all_pass) = ([false; 4], [true; 4]);
+    assert_eq!(cluster.probe(&cells, &all_dropped), all_dropped, "x/b is unknown");
     let counters = cluster.tables[0].drop_counters().unwrap();
-    assert!(counters[plan::DROP_UNKNOWN] >= 2, "{counters:?}");
+    assert!(counters[plan::DROP_UNKNOWN] >= 4, "{counters:?}");
     cluster.program(&full, &policies);
     assert!(b_ready(&cluster), "x/b's entry is written");
-    assert_eq!(cluster.probe(&cells, &[true, true]), [true, true], "x/b is known");
+    assert_eq!(cluster.probe(&cells, &all_pass), all_pass, "x/b is known");
     // Without policies the flag is off: unknown pods pass.
     cluster.program(&early, &[]);
     assert!(b_ready(&cluster), "no policy: nothing to wait for");
-    assert_eq!(cluster.probe(&cells, &[true, true]), [true, true], "no policy, no flag");
+    assert_eq!(cluster.probe(&cells, &all_pass), all_pass, "no policy, no flag");
     let missing = names::unique("nopol");
     let ips = [IpAddr::from(pod_ip(0, 1))];
     let no_table = cluster.net.nodes[0].run(|| inspect::endpoints_written(&missing, &ips));
@@ -214,7 +240,7 @@ fn a_reopened_table_keeps_enforcing_and_converges() {
         serde_json::json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
     )];
     cluster.program(&table, &deny);
-    let cells = [tcp(&pod("y", "a"), &pod("x", "a"))];
+    let cells = [tcp(&pod("y", "a"), &pod("x", "a"), false)];
     assert_eq!(cluster.probe(&cells, &[false]), [false]);
     // A restarted agent: the same table opened again, before any apply.
     let name = cluster.tables[0].table().to_string();
@@ -236,7 +262,7 @@ fn random_policies_and_packets_ebpf_nftables_and_oracle_agree() {
     let mut cluster = NftCluster::new();
     let mut ebpf = Datapath::new();
     let table = TruthTable::new();
-    let all = PolicyNet::cells();
+    let all = [PolicyNet::cells_of(false), PolicyNet::cells_of(true)].concat();
     let (mut wrong, mut probed, mut denied) = (Vec::new(), 0, 0);
     for seed in 0..DIFFERENTIAL_SEEDS {
         let mut rng = Rng::new(10_000 + seed);
@@ -246,17 +272,27 @@ fn random_policies_and_packets_ebpf_nftables_and_oracle_agree() {
         cluster.program(&table, &policies);
         let want = expected(&table, &policies, &cells);
         let nft = cluster.probe(&cells, &want);
-        let packets: Vec<_> = cells
-            .iter()
-            .map(|c| {
-                let protocol = match c.protocol {
-                    ProbeProtocol::Tcp => proto::TCP,
-                    ProbeProtocol::Udp => proto::UDP,
-                };
-                (&c.src, &c.dst, protocol, c.port)
-            })
-            .collect();
-        let bpf = ebpf.verdicts(&table, &policies, &packets);
+        // The eBPF verdicts per family, back in cell order.
+        let mut bpf = vec![false; cells.len()];
+        for ipv6 in [false, true] {
+            let of_family: Vec<usize> =
+                (0..cells.len()).filter(|i| cells[*i].ipv6 == ipv6).collect();
+            let packets: Vec<_> = of_family
+                .iter()
+                .map(|i| {
+                    let c = &cells[*i];
+                    let protocol = match c.protocol {
+                        ProbeProtocol::Tcp => proto::TCP,
+                        ProbeProtocol::Udp => proto::UDP,
+                    };
+                    (&c.src, &c.dst, protocol, c.port)
+                })
+                .collect();
+            let verdicts = ebpf.verdicts_in(ipv6, &table, &policies, &packets);
+            for (i, verdict) in of_family.into_iter().zip(verdicts) {
+                bpf[i] = verdict;
+            }
+        }
         probed += cells.len();
         denied += want.iter().filter(|w| !**w).count();
         for (i, cell) in cells.iter().enumerate() {
@@ -281,6 +317,120 @@ fn pod(ns: &str, name: &str) -> Party {
     Party::Pod(ns.into(), name.into())
 }
 
-fn tcp(src: &Party, dst: &Party) -> Cell {
-    Cell { src: src.clone(), dst: dst.clone(), protocol: ProbeProtocol::Tcp, port: 80 }
+fn tcp(src: &Party, dst: &Party, ipv6: bool) -> Cell {
+    Cell { src: src.clone(), dst: dst.clone(), protocol: ProbeProtocol::Tcp, port: 80, ipv6 }
+}
+
+/// `trace --live` on nftables: every fixed case programmed into the node tables, each table
+/// read back from the kernel (`TableView::read` in the node's namespace), and every pod-to-pod
+/// cell's enforced sides (TCP and UDP, ports 80 and 81, IPv4 and IPv6) evaluated as the chains
+/// do: the table agrees with the model's trace, drops included in the chain of the first
+/// isolating policy.
+#[test]
+fn live_check_reads_the_tables_and_agrees_with_the_model() {
+    let mut cluster = NftCluster::new();
+    let table = TruthTable::new();
+    let mut pods = Vec::new();
+    for (n, ns) in NAMESPACES.iter().enumerate() {
+        for (p, pod) in PODS.iter().enumerate() {
+            for ip in [IpAddr::from(pod_ip(n, p)), IpAddr::from(pod_ip6(n, p))] {
+                pods.push((ObjectRef::new(*ns, *pod), ip, pod_node(p)));
+            }
+        }
+    }
+    let (mut wrong, mut checked) = (Vec::new(), 0);
+    for case in cases() {
+        cluster.program(&table, &case.policies);
+        let model = Compiler::default().compile(
+            &Cluster::from_k8s(&table.namespaces, &table.pods, &case.policies, &table.nodes),
+            None,
+        );
+        let views: Vec<TableView> = (0..NODES.len())
+            .map(|i| {
+                let name = cluster.tables[i].table().to_string();
+                cluster.net.nodes[i].run(|| TableView::read(&name)).unwrap().unwrap()
+            })
+            .collect();
+        for (src, src_ip, src_node) in &pods {
+            for (dst, dst_ip, dst_node) in pods.iter().filter(|p| p.1.is_ipv6() == src_ip.is_ipv6())
+            {
+                for protocol in [Protocol::Tcp, Protocol::Udp] {
+                    for port in [80, 81] {
+                        // Over IPv6 the pods are named by their addresses (a pod alone stands
+                        // for its IPv4 address in `trace`).
+                        let (from, to) = if src_ip.is_ipv6() {
+                            (Endpoint::Ip(*src_ip), Endpoint::Ip(*dst_ip))
+                        } else {
+                            (Endpoint::Pod(src.clone()), Endpoint::Pod(dst.clone()))
+                        };
+                        let verdict = trace(&model, &from, &to, protocol, port).unwrap();
+                        for (node, direction, side, endpoint, peer) in [
+                            (src_node, Direction::Egress, &verdict.egress, src_ip, dst_ip),
+                            (dst_node, Direction::Ingress, &verdict.ingress, dst_ip, src_ip),
+                        ] {
+                            let live = evaluate(
+                                &views[*node],
+                                direction,
+                                *endpoint,
+                                *peer,
+                                protocol.number(),
+                                port,
+                            );
+                            checked += 1;
+                            if let Some(why) = disagreement(side, &live, direction) {
+                                wrong.push(format!(
+                                    "{}: {src} ({src_ip}) -> {dst} {protocol}/{port}: {why}",
+                                    case.name
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{} cases, {checked} sides checked", cases().len());
+    assert_none_wrong(&wrong, checked);
+}
+
+/// The real `weir policy trace --live --nft-table --node`, run in node-1's namespace against
+/// objects in the API and node-1's table: agreement (exit 3 for a denied connection, the drop
+/// chain named), and a deleted endpoint element reported as a disagreement (exit 4).
+#[test]
+fn trace_live_cli_reads_the_nftables_table() {
+    let mut cluster = NftCluster::new();
+    let table = TruthTable::new();
+    let policies = [weir_tests::policy_cases::a_only_from_b()];
+    cluster.program(&table, &policies);
+    let dir = TempDir::new("polnft-trace");
+    let server = ApiServer::start_with(dir.path(), &["--disable-controllers"]);
+    table.create_in(&server, &policies);
+    let node = &cluster.net.nodes[0];
+    let (_relay, kubeconfig) = relayed_kubeconfig(&server, node, "polnft-trace");
+    let name = cluster.tables[0].table().to_string();
+    let trace_live = |from: &str, to: &str| {
+        let mut command = command_in(node, None, &weir_binary().to_string_lossy()).unwrap();
+        command.args(["policy", "trace", "--kubeconfig"]).arg(&kubeconfig);
+        command.args(["--from", from, "--to", to, "--port", "80", "--live"]);
+        command.args(["--nft-table", &name, "--node", NODES[0]]);
+        let out = command.env_remove("NODE_NAME").output().expect("run weir policy trace");
+        code_and_text(&out)
+    };
+    let (code, text) = trace_live("x/b", "x/a");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("agrees (allowed by tuple 10.244.0.10 . "), "{text}");
+    let (code, text) = trace_live("x/c", "x/a");
+    assert_eq!(code, Some(3), "{text}");
+    assert!(text.contains("agrees (dropped in chain drop-ingress-x/a)"), "{text}");
+
+    // x/a's endpoint element gone: the table lets x/c in, the model does not.
+    let deleted = std::process::Command::new("ip")
+        .args(["netns", "exec", node.name(), "nft", "delete", "element", "inet", &name])
+        .args([plan::INGRESS_ENDPOINTS, "{ 10.244.0.10 }"])
+        .output()
+        .expect("run nft");
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    let (code, text) = trace_live("x/c", "x/a");
+    assert_eq!(code, Some(4), "{text}");
+    assert!(text.contains("DISAGREES: the model says: denied"), "{text}");
 }

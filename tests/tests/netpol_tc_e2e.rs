@@ -78,7 +78,7 @@ fn default_deny_and_allow_on_real_connections() -> Result<()> {
     ];
     let cluster = Cluster::from_k8s(&table.namespaces, &table.pods, &policies, &table.nodes);
     let compiled = Compiler::default().compile(&cluster, None);
-    let new = Lowering::default().lower(&compiled, &[node_ip(0)]);
+    let new = Lowering::default().lower(&compiled, &[std::net::IpAddr::V4(node_ip(0))]);
     maps.set_deny_unknown(true)?;
     maps.apply(&DatapathPolicy::default(), &new)?;
 

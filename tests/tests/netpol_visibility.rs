@@ -19,7 +19,8 @@ use aya::{
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use weir_common::policy::{
-    DIR_EGRESS, DIR_INGRESS, EP_INGRESS_ISOLATED, EndpointPolicy, FLOWS_MAP, POLICY_ENDPOINTS_MAP,
+    Addr, DIR_EGRESS, DIR_INGRESS, EP_INGRESS_ISOLATED, EndpointPolicy, FLOWS_MAP,
+    POLICY_ENDPOINTS_MAP, v4_mapped,
 };
 use weir_policy::{Cluster, Compiled, Compiler, Endpoint, ObjectRef, Protocol, Side, trace};
 use weir_proxy::policy::{
@@ -34,8 +35,12 @@ use weir_tests::{
     bpffs::TestPinDir,
     cgroup::TestCgroup,
     packet::Ipv4Packet,
-    policy_cases::{NAMESPACES, NODES, PODS, TruthTable, cases, node_ip, pod_ip, pod_node, policy},
+    policy_cases::{
+        NAMESPACES, NODES, PODS, TruthTable, cases, node_ip, node_ip6, pod_ip, pod_ip6, pod_node,
+        policy,
+    },
     privileged::require_root,
+    process::code_and_text,
     wait::eventually,
 };
 
@@ -57,11 +62,13 @@ fn compile(table: &TruthTable, policies: &[NetworkPolicy], node: Option<&str>) -
 }
 
 /// Every (namespace, pod) of the table with its address and node index.
-fn pods() -> Vec<(ObjectRef, Ipv4Addr, usize)> {
+/// The pods with their address of one family (the table's pods are dual-stack).
+fn pods(ipv6: bool) -> Vec<(ObjectRef, IpAddr, usize)> {
     let mut out = Vec::new();
     for (n, ns) in NAMESPACES.iter().enumerate() {
         for (p, pod) in PODS.iter().enumerate() {
-            out.push((ObjectRef::new(*ns, *pod), pod_ip(n, p), pod_node(p)));
+            let ip = if ipv6 { IpAddr::V6(pod_ip6(n, p)) } else { IpAddr::V4(pod_ip(n, p)) };
+            out.push((ObjectRef::new(*ns, *pod), ip, pod_node(p)));
         }
     }
     out
@@ -76,18 +83,18 @@ fn live_disagreements(
     name: &str,
 ) -> Vec<String> {
     let mut wrong = Vec::new();
-    for (src, src_ip, src_node) in pods() {
-        for (dst, dst_ip, dst_node) in pods() {
+    for (src, src_ip, src_node) in pods(false).into_iter().chain(pods(true)) {
+        for (dst, dst_ip, dst_node) in pods(src_ip.is_ipv6()) {
             for protocol in [Protocol::Tcp, Protocol::Udp] {
                 for port in [80, 81] {
-                    let verdict = trace(
-                        model,
-                        &Endpoint::Pod(src.clone()),
-                        &Endpoint::Pod(dst.clone()),
-                        protocol,
-                        port,
-                    )
-                    .unwrap();
+                    // Over IPv6 the pods are named by their IPv6 addresses (a pod alone
+                    // stands for its IPv4 address in `trace`).
+                    let (from, to) = if src_ip.is_ipv6() {
+                        (Endpoint::Ip(src_ip), Endpoint::Ip(dst_ip))
+                    } else {
+                        (Endpoint::Pod(src.clone()), Endpoint::Pod(dst.clone()))
+                    };
+                    let verdict = trace(model, &from, &to, protocol, port).unwrap();
                     let sides = [
                         (src_node, DIR_EGRESS, &verdict.egress, src_ip, dst_ip),
                         (dst_node, DIR_INGRESS, &verdict.ingress, dst_ip, src_ip),
@@ -111,7 +118,8 @@ fn live_disagreements(
 }
 
 /// The live evaluation of the lowered maps agrees with the model on every cell of every fixed
-/// case, on both nodes (each side checked on its pod's node, as `--live` does).
+/// case, on both nodes (each side checked on its pod's node, as `--live` does), over IPv4 and
+/// over IPv6.
 #[test]
 fn live_check_agrees_with_the_model_on_every_cell() {
     let table = TruthTable::new();
@@ -120,7 +128,8 @@ fn live_check_agrees_with_the_model_on_every_cell() {
         let model = compile(&table, &case.policies, None);
         for (node, name) in NODES.iter().enumerate() {
             let compiled = compile(&table, &case.policies, Some(name));
-            let maps: DatapathPolicy = Lowering::default().lower(&compiled, &[node_ip(node)]);
+            let host = [IpAddr::V4(node_ip(node)), IpAddr::V6(node_ip6(node))];
+            let maps: DatapathPolicy = Lowering::default().lower(&compiled, &host);
             wrong.extend(live_disagreements(&model, &maps, node, case.name));
         }
     }
@@ -147,7 +156,7 @@ impl Node {
         // The maps stay pinned (and referenced by the programs) after this handle is gone.
         let compiled = compile(&TruthTable::new(), policies, Some(NODES[0]));
         let mut lowering = Lowering::default();
-        let desired = lowering.lower(&compiled, &[node_ip(0)]);
+        let desired = lowering.lower(&compiled, &[IpAddr::V4(node_ip(0))]);
         maps.apply(&DatapathPolicy::default(), &desired).expect("write policy maps");
         Self { ebpf: loaded.ebpf, compiled, lowering, pins }
     }
@@ -197,12 +206,13 @@ fn the_agent_serves_its_flows_and_per_policy_drop_metrics() {
     let pod = Ipv4Addr::new(10, 244, 9, 9);
     let mut isolated = DatapathPolicy::default();
     isolated.endpoints.insert(
-        pod.octets(),
+        v4_mapped(pod.octets()),
         EndpointPolicy {
             flags: EP_INGRESS_ISOLATED,
             identity: 300,
             ingress_policy: 7,
             egress_policy: 0,
+            rules_key: v4_mapped(pod.octets()),
         },
     );
     maps.apply(&DatapathPolicy::default(), &isolated).expect("write an endpoint");
@@ -212,7 +222,10 @@ fn the_agent_serves_its_flows_and_per_policy_drop_metrics() {
         other => panic!("expected a flow, got {other:?}"),
     };
     assert_eq!((record.verdict, record.reason), (FlowVerdict::Dropped, FlowReason::DefaultDeny));
-    assert_eq!((record.source.ip, record.destination.ip, record.id), (XA, pod, 7));
+    assert_eq!(
+        (record.source.ip, record.destination.ip, record.id),
+        (IpAddr::V4(XA), IpAddr::V4(pod), 7)
+    );
     assert_eq!(record.node.as_deref(), Some("node-a"));
     let (code, metrics) = agent.get(agent.metrics, "/metrics");
     assert_eq!(code, 200);
@@ -258,7 +271,7 @@ fn flows_reach_subscribers_named_and_drops_are_counted_per_policy() {
     assert_eq!(record.verdict, FlowVerdict::Dropped);
     assert_eq!(record.reason, FlowReason::DefaultDeny);
     assert_eq!(record.source.pod.as_deref(), Some("x/c"));
-    assert_eq!((record.source.ip, record.source.port), (XC, Some(40002)));
+    assert_eq!((record.source.ip, record.source.port), (IpAddr::V4(XC), Some(40002)));
     assert_eq!(record.destination.pod.as_deref(), Some("x/a"));
     assert_eq!(record.policy.as_deref(), Some("x/a-from-b"));
     assert_eq!(record.node.as_deref(), Some(NODES[0]));
@@ -346,6 +359,7 @@ fn live_check_reads_pinned_maps_and_reports_corrupted_entries() {
         .ingress
     };
     let check = |from: Ipv4Addr, to: Ipv4Addr, model: &Side| {
+        let (from, to) = (IpAddr::V4(from), IpAddr::V4(to));
         let live = evaluate(&pinned, DIR_INGRESS, to, from, 6, 80).unwrap();
         disagreement(model, &live, to, from, DIR_INGRESS)
     };
@@ -354,12 +368,11 @@ fn live_check_reads_pinned_maps_and_reports_corrupted_entries() {
     let c_to_a = side(XC, XA);
     assert!(matches!(c_to_a, Side::Denied { .. }), "{c_to_a:?}");
 
-    let mut endpoints =
-        node.pins.open_hash::<[u8; 4], EndpointPolicy>(POLICY_ENDPOINTS_MAP).unwrap();
-    let entry = endpoints.get(&XA.octets(), 0).unwrap();
+    let mut endpoints = node.pins.open_hash::<Addr, EndpointPolicy>(POLICY_ENDPOINTS_MAP).unwrap();
+    let entry = endpoints.get(&v4_mapped(XA.octets()), 0).unwrap();
     assert_ne!(entry.flags & EP_INGRESS_ISOLATED, 0);
     // The isolation flag cleared: x/c gets in although the model denies it.
-    endpoints.insert(XA.octets(), EndpointPolicy { flags: 0, ..entry }, 0).unwrap();
+    endpoints.insert(v4_mapped(XA.octets()), EndpointPolicy { flags: 0, ..entry }, 0).unwrap();
     let why = check(XC, XA, &c_to_a).expect("a disagreement");
     assert!(
         why.starts_with("the model denies it")
@@ -367,7 +380,7 @@ fn live_check_reads_pinned_maps_and_reports_corrupted_entries() {
         "{why}"
     );
     // The entry deleted: no entry for the endpoint.
-    endpoints.remove(&XA.octets()).unwrap();
+    endpoints.remove(&v4_mapped(XA.octets())).unwrap();
     let why = check(XB, XA, &b_to_a).expect("a disagreement");
     assert!(
         why.starts_with("the model allows it by NetworkPolicy x/a-from-b ingress rule 0")
@@ -393,12 +406,7 @@ fn trace_live_cli_reports_agreement_and_disagreement() {
             command.arg("--pin-dir").arg(node.pins.path()).args(["--node", NODES[0]]);
         }
         let out = command.env_remove("NODE_NAME").output().expect("run weir policy trace");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), text)
+        code_and_text(&out)
     };
 
     let (code, text) = trace_live("x/b", "x/a", true);
@@ -416,10 +424,9 @@ fn trace_live_cli_reports_agreement_and_disagreement() {
     );
     assert!(text.contains("agrees (dropped (counted against policy id "), "{text}");
 
-    let mut endpoints =
-        node.pins.open_hash::<[u8; 4], EndpointPolicy>(POLICY_ENDPOINTS_MAP).unwrap();
-    let entry = endpoints.get(&XA.octets(), 0).unwrap();
-    endpoints.insert(XA.octets(), EndpointPolicy { flags: 0, ..entry }, 0).unwrap();
+    let mut endpoints = node.pins.open_hash::<Addr, EndpointPolicy>(POLICY_ENDPOINTS_MAP).unwrap();
+    let entry = endpoints.get(&v4_mapped(XA.octets()), 0).unwrap();
+    endpoints.insert(v4_mapped(XA.octets()), EndpointPolicy { flags: 0, ..entry }, 0).unwrap();
     let (code, text) = trace_live("x/c", "x/a", true);
     assert_eq!(code, Some(4), "{text}");
     assert!(
@@ -431,5 +438,10 @@ fn trace_live_cli_reports_agreement_and_disagreement() {
 
     let (code, text) = trace_live("x/c", "x/a", false);
     assert_eq!(code, Some(64), "{text}");
-    assert!(text.contains("--live needs --pin-dir DIR --node NAME, or --lab NAME"), "{text}");
+    assert!(
+        text.contains(
+            "--live needs --pin-dir DIR or --nft-table [NAME] with --node NAME, or --lab NAME"
+        ),
+        "{text}"
+    );
 }

@@ -119,3 +119,20 @@ fn restart_nftables_table_survives_and_the_new_agent_adopts_it() {
         assert_eq!(session.ping()["ok"], true);
     }
 }
+
+/// Pins of maps an earlier version used (`RETIRED_MAPS`) are removed when the object is loaded
+/// again; the current ones stay.
+#[test]
+fn restart_removes_the_pins_of_retired_maps() {
+    use std::os::fd::AsFd;
+    require_root();
+    let pins = TestPinDir::new("retired").unwrap();
+    drop(programs::load(&LoadOptions::new(pins.path())).unwrap());
+    let current = pins.path().join(weir_common::policy::POLICY_GLOBAL_MAP);
+    let map = weir_cni_plugin::bpf::obj_get(&current).unwrap();
+    let retired = pins.path().join(weir_common::policy::RETIRED_MAPS[0]);
+    weir_cni_plugin::bpf::obj_pin(map.as_fd(), &retired).unwrap();
+    drop(programs::load(&LoadOptions::new(pins.path())).unwrap());
+    assert!(!retired.exists(), "{} is still pinned", retired.display());
+    assert!(current.exists(), "{} went too", current.display());
+}

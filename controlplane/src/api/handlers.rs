@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::{
     ApiState, MAX_BODY,
     http::{Body, Query, json_response},
-    services::{self, InUse},
+    services,
     status::{ApiError, success},
     stored, table,
 };
@@ -474,23 +474,65 @@ async fn admit<'a, S: Store>(
     if resource.kind != "Service" {
         return Ok(None);
     }
-    // Held until the caller stored the object, so two creates cannot pick one address.
+    // Held until the caller stored the object and recorded it (`remember`), so two creates
+    // cannot pick one address.
     let guard = state.alloc_lock.lock().await;
-    let mut in_use = InUse::default();
-    let self_key = meta::meta_str(obj, "uid").map(String::from);
-    let all = state.store.range(&resource.prefix(), None, 0).await?;
-    for kv in &all.kvs {
-        let other: services::Held = serde_json::from_slice(&kv.value).map_err(|err| {
-            ApiError::internal(format!("stored Service {} cannot be read: {err}", kv.key))
-        })?;
-        if self_key.is_some() && other.uid() == self_key.as_deref() {
-            continue;
-        }
-        in_use.add_held(&other);
-    }
-    services::allocate(obj, old, &state.service_cidr, &in_use)
+    let key = resource.key(meta::meta_str(obj, "namespace"), name);
+    let allocations = state.allocations.lock().expect("allocations lock");
+    services::allocate(obj, old, &allocations, &key)
         .map_err(|errs| ApiError::invalid(resource, name, &errs))?;
     Ok(Some(guard))
+}
+
+/// After a stored create or update: what a Service holds now.
+fn remember<S: Store>(state: &ApiState<S>, kv: &KeyValue) {
+    if !kv.key.starts_with(SERVICES_PREFIX) {
+        return;
+    }
+    let held: services::Held = serde_json::from_slice(&kv.value).unwrap_or_default();
+    if let Err(conflict) =
+        state.allocations.lock().expect("allocations lock").record(&kv.key, &held, kv.mod_revision)
+    {
+        log::error!("service allocation: {conflict}");
+    }
+}
+
+/// After a stored delete (`kv` as the store returns it, at the deletion's revision): what a
+/// Service held is free again.
+fn forget<S: Store>(state: &ApiState<S>, kv: &KeyValue) {
+    if kv.key.starts_with(SERVICES_PREFIX) {
+        state.allocations.lock().expect("allocations lock").release(&kv.key, kv.mod_revision);
+    }
+}
+
+/// Where Services are stored (the allocations track the keys below it).
+pub(crate) const SERVICES_PREFIX: &str = "/registry/core/services/";
+
+/// Reconciles the allocations with the stored Services (at start and periodically, as
+/// kube-apiserver's repair controllers). Reads every Service once; creates do not wait for it.
+pub(crate) async fn repair_allocations<S: Store>(
+    state: &ApiState<S>,
+) -> Result<services::RepairReport, ApiError> {
+    let page = state.store.range(SERVICES_PREFIX, None, 0).await?;
+    let mut stored = Vec::with_capacity(page.kvs.len());
+    for kv in page.kvs {
+        let held: services::Held = serde_json::from_slice(&kv.value).map_err(|err| {
+            ApiError::internal(format!("stored Service {} cannot be read: {err}", kv.key))
+        })?;
+        stored.push((kv.key, held, kv.mod_revision));
+    }
+    let report = state.allocations.lock().expect("allocations lock").repair(stored, page.revision);
+    for conflict in &report.conflicts {
+        log::error!("service allocation repair: {conflict}");
+    }
+    if report.recorded + report.released > 0 {
+        log::info!(
+            "service allocation repair: {} recorded, {} released",
+            report.recorded,
+            report.released
+        );
+    }
+    Ok(report)
 }
 
 pub(crate) async fn create<S: Store>(
@@ -607,7 +649,10 @@ pub(crate) async fn create<S: Store>(
         return Ok((201, obj));
     }
     match state.store.create(&resource.key(ns, &name), encode(&obj)).await {
-        Ok(kv) => Ok((201, decode(&kv)?)),
+        Ok(kv) => {
+            remember(state, &kv);
+            Ok((201, decode(&kv)?))
+        }
         Err(StoreError::AlreadyExists { .. }) => Err(ApiError::already_exists(resource, &name)),
         Err(err) => Err(err.into()),
     }
@@ -735,6 +780,7 @@ async fn store_update<S: Store>(
     if finalized {
         return match state.store.delete(&key, Some(current.mod_revision)).await {
             Ok(kv) => {
+                forget(state, &kv);
                 cascade(state, resource, ns, &old, 0).await;
                 decode(&kv)
             }
@@ -744,7 +790,10 @@ async fn store_update<S: Store>(
         };
     }
     match state.store.update(&key, encode(&merged), Some(current.mod_revision)).await {
-        Ok(kv) => decode(&kv),
+        Ok(kv) => {
+            remember(state, &kv);
+            decode(&kv)
+        }
         Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(resource, name)),
         Err(StoreError::NotFound { .. }) => Err(ApiError::not_found(resource, name)),
         Err(err) => Err(err.into()),
@@ -897,7 +946,10 @@ pub(crate) async fn delete<S: Store>(
         };
     }
     let deleted = match state.store.delete(&key, Some(current.mod_revision)).await {
-        Ok(kv) => decode(&kv)?,
+        Ok(kv) => {
+            forget(state, &kv);
+            decode(&kv)?
+        }
         Err(StoreError::Conflict { .. }) => return Err(ApiError::conflict(resource, name)),
         Err(StoreError::NotFound { .. }) => return Err(ApiError::not_found(resource, name)),
         Err(err) => return Err(err.into()),
@@ -998,7 +1050,8 @@ async fn delete_namespace_contents<S: Store>(
         let page = state.store.range(&resource.scope_prefix(Some(ns)), None, 0).await?;
         for kv in page.kvs {
             match state.store.delete(&kv.key, None).await {
-                Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                Ok(deleted) => forget(state, &deleted),
+                Err(StoreError::NotFound { .. }) => {}
                 Err(err) => return Err(err.into()),
             }
         }
@@ -1040,7 +1093,10 @@ async fn cascade<S: Store>(
                 continue;
             }
             if let Ok(deleted) = state.store.delete(&kv.key, Some(kv.mod_revision)).await
-                && let Ok(deleted) = decode(&deleted)
+                && let Ok(deleted) = {
+                    forget(state, &deleted);
+                    decode(&deleted)
+                }
             {
                 Box::pin(cascade(state, resource, Some(ns), &deleted, depth + 1)).await;
             }

@@ -46,8 +46,12 @@ pub struct Config {
     pub service_cidr: String,
     pub bookmark_interval: Duration,
     pub max_in_flight: usize,
-    /// IPv4 CIDR that Node pod CIDRs are allocated from (one /24 per node); None disables it.
+    /// The CIDR, or IPv4,IPv6 pair, that Node pod CIDRs are allocated from (one subnet per
+    /// family per node); None disables it.
     pub cluster_cidr: Option<String>,
+    /// Per-node subnet mask sizes (kube-controller-manager's --node-cidr-mask-size-ipv4/-ipv6).
+    pub node_cidr_mask_size_ipv4: u8,
+    pub node_cidr_mask_size_ipv6: u8,
     /// Run the in-process controllers (pod CIDRs, scheduler, EndpointSlices/Endpoints).
     pub controllers: bool,
     /// Nodes that get an agent token (and `<data-dir>/nodes/NAME.kubeconfig`).
@@ -74,6 +78,8 @@ impl Config {
             max_in_flight: 400,
             watch_history: embedded::Options::default().history_limit,
             cluster_cidr: Some("10.244.0.0/16".into()),
+            node_cidr_mask_size_ipv4: crate::controllers::nodeipam::DEFAULT_NODE_MASK_IPV4,
+            node_cidr_mask_size_ipv6: crate::controllers::nodeipam::DEFAULT_NODE_MASK_IPV6,
             node_tokens: Vec::new(),
             controllers: true,
             netns_listen: Vec::new(),
@@ -89,7 +95,7 @@ pub enum ServerError {
          debugging, use 127.0.0.1:PORT"
     )]
     InsecureNotLoopback(SocketAddr),
-    #[error("--cluster-cidr {0:?} is not an IPv4 CIDR with a prefix of /24 or shorter")]
+    #[error("--cluster-cidr: {0}")]
     BadClusterCidr(String),
     #[error("--service-cidr {0:?} is not an IPv4 CIDR with a prefix between /8 and /30")]
     BadServiceCidr(String),
@@ -120,8 +126,13 @@ pub(crate) struct ApiState<S> {
     pub(crate) config: Config,
     pub(crate) service_cidr: ServiceCidr,
     pub(crate) in_flight: Semaphore,
-    /// Serializes Service creates and updates while they pick addresses.
+    /// Serializes Service creates and updates from picking addresses until they are stored
+    /// and recorded in `allocations`.
     pub(crate) alloc_lock: tokio::sync::Mutex<()>,
+    /// The ClusterIPs and NodePorts the stored Services hold. This server must be the only
+    /// writer of Services in the store (also with etcd): others' writes are picked up only by
+    /// the periodic repair.
+    pub(crate) allocations: std::sync::Mutex<services::Allocations>,
     pub(crate) server_address: String,
     /// Watch event lines shared among the watchers that send them.
     pub(crate) watch_lines: watch::SharedLines,
@@ -178,8 +189,12 @@ pub async fn start_with_store<S: Store>(
         .ok_or_else(|| ServerError::BadServiceCidr(config.service_cidr.clone()))?;
     let cluster_cidr = match &config.cluster_cidr {
         Some(cidr) => Some(
-            crate::controllers::nodeipam::ClusterCidr::parse(cidr, 24)
-                .ok_or_else(|| ServerError::BadClusterCidr(cidr.clone()))?,
+            crate::controllers::nodeipam::ClusterCidrs::parse(
+                cidr,
+                config.node_cidr_mask_size_ipv4,
+                config.node_cidr_mask_size_ipv6,
+            )
+            .map_err(ServerError::BadClusterCidr)?,
         ),
         None => None,
     };
@@ -224,10 +239,12 @@ pub async fn start_with_store<S: Store>(
         service_cidr,
         in_flight: Semaphore::new(config.max_in_flight),
         alloc_lock: tokio::sync::Mutex::new(()),
+        allocations: std::sync::Mutex::new(services::Allocations::new(service_cidr)),
         server_address: addr.to_string(),
         config: config.clone(),
         watch_lines: Default::default(),
     });
+    handlers::repair_allocations(&state).await.map_err(|e| ServerError::Bootstrap(e.message))?;
     bootstrap(&state).await?;
     if let Some(path) = &config.kubeconfig_out {
         let text = auth::kubeconfig(&format!("https://{addr}"), Some(&pki.ca_pem), &admin, "admin");
@@ -251,6 +268,7 @@ pub async fn start_with_store<S: Store>(
         netns_addrs.push((path, bound));
     }
     tasks.spawn(namespace_finalizer(state.clone()));
+    tasks.spawn(allocation_repair(state.clone()));
     if config.controllers {
         tasks.spawn(crate::controllers::run(state.clone(), cluster_cidr));
     }
@@ -284,6 +302,18 @@ async fn bootstrap<S: Store>(state: &Arc<ApiState<S>>) -> Result<(), ServerError
         .await
         .map_err(|e| ServerError::Bootstrap(e.message))?;
     Ok(())
+}
+
+/// How often the Service allocations are reconciled with the store (kube-apiserver: 3 min).
+const ALLOCATION_REPAIR: Duration = Duration::from_secs(180);
+
+async fn allocation_repair<S: Store>(state: Arc<ApiState<S>>) {
+    loop {
+        tokio::time::sleep(ALLOCATION_REPAIR).await;
+        if let Err(err) = handlers::repair_allocations(&state).await {
+            log::warn!("service allocation repair: {}", err.message);
+        }
+    }
 }
 
 async fn namespace_finalizer<S: Store>(state: Arc<ApiState<S>>) {

@@ -61,7 +61,10 @@ fn resolve_port(port: &Value, pods: &[&Value]) -> Option<i64> {
 
 /// The desired EndpointSlices (by name) and Endpoints object of one Service, or `None` when
 /// the Service has no selector.
-pub fn desired(service: &Value, pods: &[Value]) -> Option<(BTreeMap<String, Value>, Value)> {
+pub fn desired<'a>(
+    service: &Value,
+    pods: impl IntoIterator<Item = &'a Value>,
+) -> Option<(BTreeMap<String, Value>, Value)> {
     let selector = service
         .pointer("/spec/selector")
         .filter(|s| s.as_object().is_some_and(|m| !m.is_empty()))?;
@@ -70,7 +73,7 @@ pub fn desired(service: &Value, pods: &[Value]) -> Option<(BTreeMap<String, Valu
     let ns = meta::meta_str(service, "namespace")?;
     let uid = meta::meta_str(service, "uid").unwrap_or("");
     let backing: Vec<&Value> = pods
-        .iter()
+        .into_iter()
         .filter(|p| meta::meta_str(p, "namespace") == Some(ns))
         .filter(|p| selector.matches(p))
         .filter(|p| {

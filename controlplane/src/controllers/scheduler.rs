@@ -58,11 +58,11 @@ pub fn fits(pod: &Value, node: &Value) -> bool {
 /// The Node for `pod`, given the Pods already on each Node.
 pub fn choose<'a>(
     pod: &Value,
-    nodes: &'a [Value],
+    nodes: impl IntoIterator<Item = &'a Value>,
     pods_per_node: &HashMap<String, usize>,
 ) -> Option<&'a str> {
     nodes
-        .iter()
+        .into_iter()
         .filter(|n| fits(pod, n))
         .filter_map(|n| meta::meta_str(n, "name"))
         .min_by_key(|name| (pods_per_node.get(*name).copied().unwrap_or(0), name.to_string()))

@@ -132,6 +132,22 @@ pub fn parse_cidr(cidr: &str) -> Option<(IpAddr, u8)> {
     (len <= max).then_some((addr, len))
 }
 
+/// Whether `inner` lies inside `outer` and is smaller (same family), as kube-apiserver
+/// requires of an `ipBlock.except` entry.
+pub fn strict_subset(inner: (IpAddr, u8), outer: (IpAddr, u8)) -> bool {
+    let masked = |addr: IpAddr, len: u8| -> u128 {
+        let (bits, width) = match addr {
+            IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (u128::from(a), 128),
+        };
+        let host_bits = u32::from(width - len);
+        if host_bits >= 128 { 0 } else { bits >> host_bits << host_bits }
+    };
+    inner.0.is_ipv4() == outer.0.is_ipv4()
+        && inner.1 > outer.1
+        && masked(inner.0, outer.1) == masked(outer.0, outer.1)
+}
+
 fn labels_map(errs: &mut Vec<FieldError>, field: &str, value: Option<&Value>) {
     let Some(v) = value else { return };
     let Some(map) = v.as_object() else {
@@ -514,7 +530,8 @@ pub fn validate(kind: &str, obj: &Value) -> Vec<FieldError> {
                         }
                         if let Some(block) = peer.get("ipBlock") {
                             let cidr = block.get("cidr");
-                            if cidr.and_then(Value::as_str).and_then(parse_cidr).is_none() {
+                            let block_cidr = cidr.and_then(Value::as_str).and_then(parse_cidr);
+                            if block_cidr.is_none() {
                                 match cidr {
                                     None => errs.push(required(format!("{pf}.ipBlock.cidr"))),
                                     Some(c) => errs.push(invalid(
@@ -532,12 +549,23 @@ pub fn validate(kind: &str, obj: &Value) -> Vec<FieldError> {
                             .iter()
                             .enumerate()
                             {
-                                if e.as_str().and_then(parse_cidr).is_none() {
-                                    errs.push(invalid(
+                                match e.as_str().and_then(parse_cidr) {
+                                    None => errs.push(invalid(
                                         format!("{pf}.ipBlock.except[{k}]"),
                                         e,
                                         "must be a valid CIDR",
-                                    ));
+                                    )),
+                                    Some(except)
+                                        if block_cidr
+                                            .is_some_and(|outer| !strict_subset(except, outer)) =>
+                                    {
+                                        errs.push(invalid(
+                                            format!("{pf}.ipBlock.except[{k}]"),
+                                            e,
+                                            "must be a strict subset of `cidr`",
+                                        ))
+                                    }
+                                    Some(_) => {}
                                 }
                             }
                         }
@@ -655,6 +683,31 @@ mod tests {
         let bad = json!({"spec": {"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}], "policyTypes": ["Sideways"]}});
         assert_eq!(validate("NetworkPolicy", &bad).len(), 2);
         assert_eq!(validate("NetworkPolicy", &json!({"spec": {}}))[0].field, "spec.podSelector");
+        // except entries must be strictly inside cidr, in its family.
+        for (except, ok) in [
+            ("10.1.0.0/16", true),
+            ("10.0.0.0/8", false),
+            ("11.0.0.0/16", false),
+            ("fd00::/64", false),
+            ("10.255.255.255/32", true),
+        ] {
+            let policy = json!({"spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": [
+                {"ipBlock": {"cidr": "10.0.0.0/8"}},
+                {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.2.0.0/16", except]}}]}]}});
+            let errs = validate("NetworkPolicy", &policy);
+            if ok {
+                assert!(errs.is_empty(), "{except}: {errs:?}");
+            } else {
+                assert_eq!(errs.len(), 1, "{except}: {errs:?}");
+                assert_eq!(errs[0].field, "spec.egress[0].to[1].ipBlock.except[1]");
+                assert!(errs[0].message.contains("strict subset of `cidr`"), "{}", errs[0].message);
+            }
+        }
+        let v6 = json!({"spec": {"podSelector": {}, "ingress": [{"from": [
+            {"ipBlock": {"cidr": "fd00::/48", "except": ["fd00:0:0:1::/64", "fd01::/64"]}}]}]}});
+        let errs = validate("NetworkPolicy", &v6);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.ingress[0].from[0].ipBlock.except[1]");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! (Prometheus text). Both listeners serve both paths.
 use std::{convert::Infallible, path::PathBuf, sync::Arc};
 
+use weir_common::metrics::Counter;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
@@ -11,18 +13,37 @@ use tokio::net::TcpListener;
 use super::status::Status;
 use crate::{
     maps::read_counters_pinned,
-    policy::{SharedPolicyNames, drops},
+    policy::{SharedPolicyNames, drops, nft},
 };
 
+/// Where the datapath's own counters are read at scrape time.
+#[derive(Clone, Debug)]
+pub enum CounterSource {
+    /// The eBPF datapath's pinned maps in this directory.
+    Pinned(PathBuf),
+    /// The NetworkPolicy counters of this nftables table, in the agent's network namespace.
+    NftPolicy(String),
+    None,
+}
+
 /// Serves until the task is dropped. Connection errors are logged and do not stop the server.
-/// `pin_dir` holds the eBPF datapath's counters (`None`: the nftables dataplane has none).
-/// `names` names the per-policy drop counters.
+/// `names` names the eBPF datapath's per-policy drop counters.
 pub async fn serve(
     listener: TcpListener,
     status: Arc<Status>,
-    pin_dir: Option<PathBuf>,
+    counters: CounterSource,
     names: SharedPolicyNames,
 ) {
+    serve_with(listener, move |request| respond(request, &status, &counters, &names)).await
+}
+
+/// Answers every request on `listener` with `respond` (HTTP/1.1), until the task is dropped.
+/// Connection errors are logged and do not stop the server.
+pub async fn serve_with<F>(listener: TcpListener, respond: F)
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let respond = Arc::new(respond);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -31,12 +52,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let status = status.clone();
-        let pin_dir = pin_dir.clone();
-        let names = names.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = respond(&request, &status, pin_dir.as_deref(), &names);
+                let response = respond(&request);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(err) = hyper::server::conn::http1::Builder::new()
@@ -52,7 +71,7 @@ pub async fn serve(
 fn respond(
     request: &Request<Incoming>,
     status: &Status,
-    pin_dir: Option<&std::path::Path>,
+    source: &CounterSource,
     names: &SharedPolicyNames,
 ) -> Response<Full<Bytes>> {
     match request.uri().path() {
@@ -60,25 +79,40 @@ fn respond(
             Ok(message) => text(StatusCode::OK, message),
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, reason),
         },
-        "/metrics" => {
-            // Read at scrape time from the pinned map, so the counters are the datapath's own.
-            let counters = pin_dir.map_or_else(Vec::new, |pin_dir| {
-                read_counters_pinned(pin_dir).unwrap_or_else(|err| {
-                    log::warn!("metrics: reading datapath counters: {err}");
-                    Vec::new()
-                })
-            });
-            let mut body = status.metrics(&counters);
-            if let Some(pin_dir) = pin_dir {
-                match drops::read_drops_pinned(pin_dir) {
-                    Ok(drops) => body.push_str(&drops::drops_metrics(&drops, names)),
-                    Err(err) => log::warn!("metrics: reading per-policy drops: {err}"),
-                }
-            }
-            text(StatusCode::OK, body.trim_end().to_string())
-        }
+        "/metrics" => text(StatusCode::OK, metrics(status, source, names).trim_end().to_string()),
         _ => text(StatusCode::NOT_FOUND, "not found: try /healthz or /metrics".into()),
     }
+}
+
+/// The agent's metrics, with the datapath's counters read now, so they are its own.
+fn metrics(status: &Status, source: &CounterSource, names: &SharedPolicyNames) -> String {
+    let (counters, drops): (Vec<(Counter, u64)>, String) = match source {
+        CounterSource::Pinned(pin_dir) => {
+            let counters = read_counters_pinned(pin_dir).unwrap_or_else(|err| {
+                log::warn!("metrics: reading datapath counters: {err}");
+                Vec::new()
+            });
+            let drops = drops::read_drops_pinned(pin_dir)
+                .map(|drops| drops::drops_metrics(&drops, names))
+                .unwrap_or_else(|err| {
+                    log::warn!("metrics: reading per-policy drops: {err}");
+                    String::new()
+                });
+            (counters, drops)
+        }
+        CounterSource::NftPolicy(table) => match nft::inspect::drop_counters(table) {
+            Ok(counters) => {
+                let metrics = nft::inspect::drop_metrics(&counters);
+                (metrics.reasons, drops::named_drops_metrics(&metrics.policies))
+            }
+            Err(err) => {
+                log::warn!("metrics: reading the counters of nftables table {table}: {err}");
+                (Vec::new(), String::new())
+            }
+        },
+        CounterSource::None => (Vec::new(), String::new()),
+    };
+    status.metrics(&counters) + &drops
 }
 
 fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {

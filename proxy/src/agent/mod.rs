@@ -22,6 +22,7 @@
 //! exits and leaves the datapath in place (pinned maps and links), so established and new
 //! connections keep working until the next agent adopts it.
 pub mod config;
+mod healthcheck;
 mod http;
 pub mod policy;
 pub mod status;
@@ -345,7 +346,13 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // Names of the policy datapath's numbers (pods, rule ids, policy ids) for flows and
     // metrics; the policy loop publishes a new table after each lowering.
     let _flows = start_flows(&config, &mut backend, &policy_names);
-    let counters = (config.dataplane == Dataplane::Ebpf).then(|| config.pin_dir.clone());
+    let counters = match config.dataplane {
+        Dataplane::Ebpf => http::CounterSource::Pinned(config.pin_dir.clone()),
+        Dataplane::Nftables if config.policy.enabled => {
+            http::CounterSource::NftPolicy(config.nft_policy_table.clone())
+        }
+        Dataplane::Nftables => http::CounterSource::None,
+    };
     for (what, addr) in [("health", config.health_listen), ("metrics", config.metrics_listen)] {
         let listener = TcpListener::bind(addr).await.map_err(|source| AgentError::Listen {
             what,
@@ -403,6 +410,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         ready = stores.ready() => ready.map_err(|_| AgentError::WatchersStopped)?,
         _ = shutdown() => return stop(&config, backend),
     }
+    let mut health_checks =
+        healthcheck::HealthCheckServers::new(config.health_listen.ip(), status.clone());
+    // The tracker's health-check change counter the servers follow (`None`: sync them next
+    // time, after a full sync or a port that could not be bound), so that a sync that changed
+    // no health check does not visit every health-check port.
+    let mut health_checks_seen: Option<u64> = None;
     let mut first_sync = true;
     // `None` until the first sync and after a failed one: the next sync is a full one.
     let mut tracker: Option<ServiceTracker> = None;
@@ -454,6 +467,13 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     );
                 }
                 status.applied(started, report);
+                if let Some(tracker) = &tracker {
+                    let changes = tracker.health_check_changes();
+                    if full || health_checks_seen != Some(changes) {
+                        let served = health_checks.sync(&tracker.state().health_check_node_ports);
+                        health_checks_seen = served.then_some(changes);
+                    }
+                }
                 if first_sync {
                     first_sync = false;
                     // Tests and operators wait for this line: the datapath now matches the API.

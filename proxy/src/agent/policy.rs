@@ -34,7 +34,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
-use weir_cni_plugin::wiring::GATEWAY_V4;
+use weir_cni_plugin::wiring::{GATEWAY_V4, GATEWAY_V6};
 use weir_policy::{Change, Cidr, Compiled, IncrementalCompiler, ObjectKey};
 
 use super::{
@@ -387,8 +387,10 @@ impl Sync {
         let mut host_addresses = node_context(&self.config, node).addresses;
         // The node reaches its pods from the gateway address weir-cni puts on every host veth
         // (the host route to a pod has link scope, so the kernel picks that source): kubelet's
-        // probes come from it.
+        // probes come from it. Over IPv6 a node without a global address of its own uses the
+        // link-local gateway address weir-cni puts there too.
         host_addresses.push(IpAddr::V4(GATEWAY_V4));
+        host_addresses.push(IpAddr::V6(GATEWAY_V6));
         let spec = node.and_then(|n| n.spec.as_ref());
         let pod_cidrs = spec
             .and_then(|s| s.pod_cidrs.clone())

@@ -92,7 +92,7 @@ pub struct PolicySyncReport {
 }
 
 /// The outcome of one sync.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct SyncReport {
     pub duration: Duration,
     /// From the oldest change this sync applied being seen (its watch event received) to the

@@ -31,6 +31,9 @@ pub struct ServiceIndex {
     /// Frontend -> the services that render it.
     owners: HashMap<Frontend, BTreeSet<String>>,
     health_owners: BTreeMap<u16, BTreeSet<String>>,
+    /// How many times `state.health_check_node_ports` changed, so that a consumer can tell
+    /// without comparing the whole map.
+    health_check_changes: u64,
 }
 
 impl ServiceIndex {
@@ -41,6 +44,11 @@ impl ServiceIndex {
     /// The desired state of all services.
     pub fn state(&self) -> &ServiceState {
         &self.state
+    }
+
+    /// A counter that grows whenever [`ServiceState::health_check_node_ports`] changes.
+    pub fn health_check_changes(&self) -> u64 {
+        self.health_check_changes
     }
 
     /// Number of services with a state.
@@ -109,6 +117,10 @@ impl ServiceIndex {
                 self.health_owners.get(&port).and_then(|owners| owners.last()).and_then(|owner| {
                     self.by_service.get(owner)?.health_check_node_ports.get(&port)
                 });
+            if self.state.health_check_node_ports.get(&port) == winner {
+                continue;
+            }
+            self.health_check_changes += 1;
             match winner {
                 Some(check) => self.state.health_check_node_ports.insert(port, check.clone()),
                 None => self.state.health_check_node_ports.remove(&port),
@@ -130,6 +142,29 @@ mod tests {
             state.frontends.insert(frontend(ip, 80), FrontendState::cluster_ip(service, backends));
         }
         state
+    }
+
+    #[test]
+    fn the_health_check_counter_grows_only_when_health_checks_change() {
+        let mut index = ServiceIndex::new();
+        let with_check = |local_endpoints| {
+            let mut state = rendered("default/web", &[("10.96.0.1", &["10.0.0.1:80"])]);
+            let check =
+                crate::model::HealthCheck { service: "default/web".into(), local_endpoints };
+            state.health_check_node_ports.insert(32000, check);
+            state
+        };
+        index.set_service("default/web", with_check(1));
+        let first = index.health_check_changes();
+        assert_eq!(first, 1);
+        index.set_service("default/web", with_check(1));
+        index.set_service("default/other", rendered("default/other", &[("10.96.0.2", &[])]));
+        assert_eq!(index.health_check_changes(), first, "nothing of the health checks changed");
+        index.set_service("default/web", with_check(0));
+        assert_eq!(index.health_check_changes(), first + 1);
+        index.set_service("default/web", ServiceState::default());
+        assert_eq!(index.health_check_changes(), first + 2);
+        assert!(index.state().health_check_node_ports.is_empty());
     }
 
     #[test]

@@ -93,6 +93,11 @@ impl ServiceTracker {
         self.index.state()
     }
 
+    /// A counter that grows whenever the desired health-check node ports change.
+    pub fn health_check_changes(&self) -> u64 {
+        self.index.health_check_changes()
+    }
+
     /// Number of Services held.
     pub fn services(&self) -> usize {
         self.services.len()

@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, fmt::Write, path::Path};
 
 use aya::maps::{MapData, PerCpuHashMap};
 use weir_common::policy::{DIR_EGRESS, POLICY_DROPS_MAP, PolicyDropKey};
+use weir_policy::Direction;
 
 use super::names::FlowNames;
 use crate::maps::MapsError;
@@ -32,12 +33,25 @@ fn escape(label: &str) -> String {
 /// Prometheus text for the counters, policies named through `names` (`id:N` for an id the
 /// names do not know, e.g. before the first policy sync of a restarted agent).
 pub fn drops_metrics(drops: &[(PolicyDropKey, u64)], names: &dyn FlowNames) -> String {
-    let mut totals: BTreeMap<(String, &str), u64> = BTreeMap::new();
-    for (key, value) in drops {
-        let policy =
-            names.policy(key.policy).map_or(format!("id:{}", key.policy), |p| p.to_string());
-        let direction = if key.direction == DIR_EGRESS { "egress" } else { "ingress" };
-        *totals.entry((policy, direction)).or_default() += value;
+    let named: Vec<(String, Direction, u64)> = drops
+        .iter()
+        .map(|(key, value)| {
+            let policy =
+                names.policy(key.policy).map_or(format!("id:{}", key.policy), |p| p.to_string());
+            let direction =
+                if key.direction == DIR_EGRESS { Direction::Egress } else { Direction::Ingress };
+            (policy, direction, *value)
+        })
+        .collect();
+    named_drops_metrics(&named)
+}
+
+/// Prometheus text for per-policy counts (`<ns>/<name>`, direction, packets), summed per
+/// policy and direction: the eBPF counters once named, or the nftables table's counters.
+pub fn named_drops_metrics(drops: &[(String, Direction, u64)]) -> String {
+    let mut totals: BTreeMap<(&str, Direction), u64> = BTreeMap::new();
+    for (policy, direction, value) in drops {
+        *totals.entry((policy, *direction)).or_default() += value;
     }
     let mut out = String::from(
         "# HELP weir_policy_drops_total Packets dropped while a NetworkPolicy isolated the pod \
@@ -47,7 +61,7 @@ pub fn drops_metrics(drops: &[(PolicyDropKey, u64)], names: &dyn FlowNames) -> S
         let _ = writeln!(
             out,
             "weir_policy_drops_total{{policy=\"{}\",direction=\"{direction}\"}} {value}",
-            escape(&policy)
+            escape(policy)
         );
     }
     out

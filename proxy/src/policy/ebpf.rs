@@ -15,10 +15,6 @@
 //! Order within one apply (no hole): entries are written first ([`PolicyMaps::apply`] keeps
 //! its own order), and `GLOBAL_DENY_UNKNOWN` is changed last: switching it on after every
 //! known pod has its entry never drops a pod the policy knows.
-use std::net::IpAddr;
-
-use std::net::Ipv4Addr;
-
 use weir_policy::{Compiled, Delta};
 
 use super::{
@@ -40,16 +36,6 @@ pub struct EbpfPolicy {
     /// The maps hold what the lowering last gave (false at start and after an error: the
     /// next apply goes through the whole state).
     in_sync: bool,
-}
-
-fn host_v4(node: &PolicyNode) -> Vec<Ipv4Addr> {
-    node.host_addresses
-        .iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(ip) => Some(*ip),
-            IpAddr::V6(_) => None,
-        })
-        .collect()
 }
 
 fn patch<K: Ord + Clone, V: Clone>(
@@ -123,7 +109,7 @@ impl PolicyDatapath for EbpfPolicy {
         compiled: &Compiled,
         node: &PolicyNode,
     ) -> Result<PolicyApplied, PolicyDatapathError> {
-        self.lowering.rebuild(compiled, &host_v4(node));
+        self.lowering.rebuild(compiled, &node.host_addresses);
         let desired = self.lowering.desired();
         let mut ops = match self.maps.apply(&self.applied, desired) {
             Ok(ops) => ops,
@@ -148,7 +134,7 @@ impl PolicyDatapath for EbpfPolicy {
         if !self.in_sync {
             return self.apply(compiled, node);
         }
-        let changes = self.lowering.update(compiled, delta, &host_v4(node));
+        let changes = self.lowering.update(compiled, delta, &node.host_addresses);
         let mut ops = match self.maps.apply_delta(&changes) {
             Ok(ops) => ops,
             Err(err) => {

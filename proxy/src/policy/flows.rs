@@ -13,7 +13,7 @@
 //! [`FlowMessage::Flow`] per matching record, as they happen.
 use std::{
     fmt, io,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -29,12 +29,12 @@ use tokio::{
 };
 use weir_common::{
     metrics::Counter,
-    policy::{DIR_EGRESS, DIR_INGRESS, FlowEvent, VERDICT_ALLOWED, VERDICT_DROPPED},
+    policy::{Addr, DIR_EGRESS, DIR_INGRESS, FlowEvent, VERDICT_ALLOWED, VERDICT_DROPPED},
     proto,
 };
 use weir_policy::identity::IDENTITY_HOST;
 
-use super::names::FlowNames;
+use super::{lower::ip_of, names::FlowNames};
 
 /// The agent's default flow socket.
 pub const DEFAULT_FLOWS_SOCKET: &str = "/run/weir/agent-flows.sock";
@@ -106,7 +106,7 @@ impl fmt::Display for FlowReason {
 /// One side of a flow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowPeer {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// `None` for protocols without ports (ICMP...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
@@ -120,9 +120,10 @@ impl fmt::Display for FlowPeer {
         if let Some(pod) = &self.pod {
             write!(f, "{pod} ")?;
         }
-        match self.port {
-            Some(port) => write!(f, "{}:{port}", self.ip),
-            None => write!(f, "{}", self.ip),
+        match (self.port, self.ip) {
+            (Some(port), IpAddr::V6(ip)) => write!(f, "[{ip}]:{port}"),
+            (Some(port), ip) => write!(f, "{ip}:{port}"),
+            (None, ip) => write!(f, "{ip}"),
         }
     }
 }
@@ -264,19 +265,20 @@ pub fn annotate(
     node: Option<&str>,
 ) -> FlowRecord {
     let has_ports = matches!(event.proto, proto::TCP | proto::UDP | proto::SCTP);
-    let peer = |addr: [u8; 4], port: u16| {
-        let ip = Ipv4Addr::from(addr);
+    let peer = |addr: Addr, port: u16| {
+        let ip = ip_of(addr);
         FlowPeer {
             ip,
             port: has_ports.then(|| u16::from_be(port)),
-            pod: names.pod(IpAddr::V4(ip)).map(|p| p.to_string()),
+            pod: names.pod(ip).map(|p| p.to_string()),
         }
     };
     let protocol = match event.proto {
         proto::TCP => "TCP".to_string(),
         proto::UDP => "UDP".into(),
         proto::SCTP => "SCTP".into(),
-        1 => "ICMP".into(),
+        proto::ICMP => "ICMP".into(),
+        proto::ICMPV6 => "ICMPv6".into(),
         other => format!("proto {other}"),
     };
     let direction =
@@ -691,8 +693,8 @@ mod tests {
     fn event(verdict: u8, reason: Counter, id: u32) -> FlowEvent {
         FlowEvent {
             time_ns: 5,
-            saddr: [10, 244, 1, 5],
-            daddr: [10, 244, 2, 7],
+            saddr: weir_common::policy::v4_mapped([10, 244, 1, 5]),
+            daddr: weir_common::policy::v4_mapped([10, 244, 2, 7]),
             sport: 40112u16.to_be(),
             dport: 80u16.to_be(),
             proto: proto::TCP,
@@ -702,6 +704,7 @@ mod tests {
             rule_id: id,
             reason: reason as u32,
             peer_identity: 300,
+            _pad2: 0,
         }
     }
 
@@ -719,7 +722,7 @@ mod tests {
             )
         };
         assert_eq!(decode(bytes), Ok(e));
-        assert_eq!(decode(&bytes[1..]), Err(DecodeError::Size { len: 39, expected: 40 }));
+        assert_eq!(decode(&bytes[1..]), Err(DecodeError::Size { len: 63, expected: 64 }));
     }
 
     #[test]
@@ -770,6 +773,20 @@ mod tests {
         let text = annotate(&icmp, &n, NOON, None).to_text();
         assert!(text.contains("x/b 10.244.1.5 -> x/a 10.244.2.7 ICMP egress DROPPED"), "{text}");
         assert!(text.ends_with("default-deny (policy id 42)"), "{text}");
+    }
+
+    #[test]
+    fn ipv6_flows_show_ipv6_addresses_and_pods() {
+        let mut n = names();
+        n.pod_ips.insert("fd00::1:5".parse().unwrap(), ObjectRef::new("x", "b"));
+        let mut e = event(VERDICT_DROPPED, Counter::DropPolicyIngress, 3);
+        e.saddr = "fd00::1:5".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        e.daddr = "fd00::2:7".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let text = annotate(&e, &n, NOON, None).to_text();
+        assert!(text.contains("x/b [fd00::1:5]:40112 -> [fd00::2:7]:80 TCP ingress"), "{text}");
+        e.proto = proto::ICMPV6;
+        let text = annotate(&e, &n, NOON, None).to_text();
+        assert!(text.contains("x/b fd00::1:5 -> fd00::2:7 ICMPv6 ingress"), "{text}");
     }
 
     #[test]

@@ -13,10 +13,10 @@
 //! [`Lowering::lower`]: super::Lowering::lower
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
-use weir_common::policy::{EndpointPolicy, IpcacheValue, PolicyKey, PolicyValue};
+use weir_common::policy::{Addr, EndpointPolicy, IpcacheValue, PolicyKey, PolicyValue};
 use weir_policy::{
     Allow, Cidr, CidrClasses, Compiled, Delta, Direction, IpBlock, Origin, PeerMatch, PodRef,
     PolicyRef,
@@ -24,7 +24,10 @@ use weir_policy::{
 };
 
 use super::{
-    lower::{DatapathPolicy, MapDiff, allow_keys, endpoint_entry},
+    lower::{
+        DatapathPolicy, HOST_BITS, MapDiff, V4_KEY, addr, allow_keys, cidr_of, endpoint_entry,
+        ip_of, prefix_key, rules_key, touches_v4_range, v4_range_entry,
+    },
     names::Numbering,
 };
 
@@ -43,8 +46,8 @@ struct Slice {
 /// The changes of one update, per map, as the entries to write and the keys to delete.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatapathDelta {
-    pub endpoints: MapDiff<[u8; 4], EndpointPolicy>,
-    pub ipcache: MapDiff<(u32, [u8; 4]), IpcacheValue>,
+    pub endpoints: MapDiff<Addr, EndpointPolicy>,
+    pub ipcache: MapDiff<(u32, Addr), IpcacheValue>,
     pub rules: MapDiff<RuleKey, PolicyValue>,
     /// Rule ids and policy ids whose meaning changed (given, or given back).
     pub rule_ids: BTreeSet<u32>,
@@ -64,8 +67,8 @@ impl DatapathDelta {
 /// Old values of the keys an update touched (`None`: absent before).
 #[derive(Debug, Default)]
 struct Touched {
-    endpoints: BTreeMap<[u8; 4], Option<EndpointPolicy>>,
-    ipcache: BTreeMap<(u32, [u8; 4]), Option<IpcacheValue>>,
+    endpoints: BTreeMap<Addr, Option<EndpointPolicy>>,
+    ipcache: BTreeMap<(u32, Addr), Option<IpcacheValue>>,
     rules: BTreeMap<RuleKey, Option<PolicyValue>>,
 }
 
@@ -125,17 +128,23 @@ pub(crate) fn count<K: Ord + Clone>(refs: &mut BTreeMap<K, usize>, key: &K, up: 
     }
 }
 
-/// Local endpoints' IPv4 addresses and, per address, the endpoints that have it (the greatest
+/// Local endpoints' addresses and, per address, the endpoints that have it (the greatest
 /// decides the address's endpoint entry, as in the full lowering).
-#[derive(Clone, Debug, Default)]
-pub(crate) struct EndpointAddresses {
-    by_pod: BTreeMap<PodRef, Vec<Ipv4Addr>>,
-    by_ip: BTreeMap<Ipv4Addr, BTreeSet<PodRef>>,
+#[derive(Clone, Debug)]
+pub(crate) struct EndpointAddresses<A = IpAddr> {
+    by_pod: BTreeMap<PodRef, Vec<A>>,
+    by_ip: BTreeMap<A, BTreeSet<PodRef>>,
 }
 
-impl EndpointAddresses {
+impl<A> Default for EndpointAddresses<A> {
+    fn default() -> Self {
+        Self { by_pod: BTreeMap::new(), by_ip: BTreeMap::new() }
+    }
+}
+
+impl<A: Ord + Clone> EndpointAddresses<A> {
     /// Sets (`None`: removes) an endpoint's addresses; returns the old ones.
-    pub(crate) fn set(&mut self, pod: &PodRef, ips: Option<Vec<Ipv4Addr>>) -> Vec<Ipv4Addr> {
+    pub(crate) fn set(&mut self, pod: &PodRef, ips: Option<Vec<A>>) -> Vec<A> {
         let old = self.by_pod.remove(pod).unwrap_or_default();
         for ip in &old {
             if let Some(set) = self.by_ip.get_mut(ip) {
@@ -147,19 +156,19 @@ impl EndpointAddresses {
         }
         if let Some(ips) = ips {
             for ip in &ips {
-                self.by_ip.entry(*ip).or_default().insert(pod.clone());
+                self.by_ip.entry(ip.clone()).or_default().insert(pod.clone());
             }
             self.by_pod.insert(pod.clone(), ips);
         }
         old
     }
 
-    pub(crate) fn of(&self, pod: &PodRef) -> Option<&Vec<Ipv4Addr>> {
+    pub(crate) fn of(&self, pod: &PodRef) -> Option<&Vec<A>> {
         self.by_pod.get(pod)
     }
 
     /// The endpoint whose entry an address gets.
-    pub(crate) fn holder(&self, ip: &Ipv4Addr) -> Option<&PodRef> {
+    pub(crate) fn holder(&self, ip: &A) -> Option<&PodRef> {
         self.by_ip.get(ip).and_then(|pods| pods.last())
     }
 
@@ -167,7 +176,7 @@ impl EndpointAddresses {
         self.by_pod.keys()
     }
 
-    pub(crate) fn addresses(&self) -> impl Iterator<Item = &Ipv4Addr> {
+    pub(crate) fn addresses(&self) -> impl Iterator<Item = &A> {
         self.by_ip.keys()
     }
 }
@@ -182,11 +191,11 @@ pub struct IncrementalLowering {
     pub rules_by_id: BTreeMap<u32, Origin>,
     /// Policy id -> policy.
     pub policies_by_id: BTreeMap<u32, PolicyRef>,
-    host: Vec<Ipv4Addr>,
+    host: Vec<IpAddr>,
     slices: BTreeMap<SliceKey, Slice>,
     endpoints: EndpointAddresses,
-    /// Every pod's IPv4 addresses as lowered into the ipcache.
-    pod_ips: BTreeMap<PodRef, Vec<Ipv4Addr>>,
+    /// Every pod's addresses as lowered into the ipcache.
+    pod_ips: BTreeMap<PodRef, Vec<IpAddr>>,
     origin_refs: BTreeMap<Origin, usize>,
     policy_refs: BTreeMap<PolicyRef, usize>,
     prefix_refs: BTreeMap<Cidr, usize>,
@@ -218,15 +227,6 @@ impl Default for IncrementalLowering {
     }
 }
 
-fn v4(ips: &[IpAddr]) -> Vec<Ipv4Addr> {
-    ips.iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })
-        .collect()
-}
-
 fn blocks(allow: &[Allow]) -> Vec<IpBlock> {
     allow
         .iter()
@@ -251,7 +251,7 @@ impl IncrementalLowering {
     /// Takes a whole compiled state (after adoption, a failed write, or the periodic
     /// resync): an update naming every endpoint and pod, old and new. Numbers of what stays
     /// are kept.
-    pub fn rebuild(&mut self, compiled: &Compiled, host: &[Ipv4Addr]) -> DatapathDelta {
+    pub fn rebuild(&mut self, compiled: &Compiled, host: &[IpAddr]) -> DatapathDelta {
         let delta = Delta {
             pods: self.pod_ips.keys().chain(compiled.pods.keys()).cloned().collect(),
             endpoints: self.endpoints.pods().chain(compiled.endpoints.keys()).cloned().collect(),
@@ -262,14 +262,9 @@ impl IncrementalLowering {
 
     /// Brings the contents up to `compiled`, which differs from the previous update's state
     /// by `delta`; returns what changed in the maps.
-    pub fn update(
-        &mut self,
-        compiled: &Compiled,
-        delta: &Delta,
-        host: &[Ipv4Addr],
-    ) -> DatapathDelta {
+    pub fn update(&mut self, compiled: &Compiled, delta: &Delta, host: &[IpAddr]) -> DatapathDelta {
         let mut touched = Touched::default();
-        let mut refresh_ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let mut refresh_ips: BTreeSet<IpAddr> = BTreeSet::new();
         if host != self.host {
             refresh_ips.extend(self.host.iter().chain(host));
             self.host = host.to_vec();
@@ -279,7 +274,7 @@ impl IncrementalLowering {
         let mut remove: BTreeSet<SliceKey> = BTreeSet::new();
         let mut add: BTreeSet<SliceKey> = BTreeSet::new();
         let mut endpoints_touched: BTreeSet<PodRef> = BTreeSet::new();
-        let mut endpoint_ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let mut endpoint_ips: BTreeSet<IpAddr> = BTreeSet::new();
         for pod in &delta.endpoints {
             let start = (pod.clone(), Direction::Ingress, PolicyRef::new("", ""));
             remove.extend(
@@ -295,7 +290,7 @@ impl IncrementalLowering {
             endpoints_touched.insert(pod.clone());
             // The endpoint's addresses.
             let new_ips = if compiled.endpoints.contains_key(pod) {
-                compiled.pods.get(pod).map(|e| v4(&e.ips)).unwrap_or_default()
+                compiled.pods.get(pod).map(|e| e.ips.clone()).unwrap_or_default()
             } else {
                 Vec::new()
             };
@@ -409,18 +404,15 @@ impl IncrementalLowering {
             gone_prefixes.iter().chain(&new_prefixes).copied().collect();
         self.classes.change(gone_prefixes.iter().copied(), new_prefixes.iter().copied());
         let mut rekey: BTreeSet<SliceKey> = BTreeSet::new();
-        let mut ipcache_keys: BTreeSet<(u32, [u8; 4])> = BTreeSet::new();
+        let mut ipcache_keys: BTreeSet<(u32, Addr)> = BTreeSet::new();
         for prefix in &changed_prefixes {
-            let IpAddr::V4(addr) = prefix.addr() else { continue };
-            ipcache_keys.insert((u32::from(prefix.prefix_len()), addr.octets()));
+            ipcache_keys.insert(prefix_key(prefix));
+            if touches_v4_range(prefix) {
+                ipcache_keys.insert(V4_KEY);
+            }
             let range = prefix.addr()..=prefix.last();
-            refresh_ips.extend(compiled.pod_ips.range(range.clone()).filter_map(
-                |(ip, _)| match ip {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                },
-            ));
-            refresh_ips.extend(self.host.iter().filter(|h| prefix.contains_ip(IpAddr::V4(**h))));
+            refresh_ips.extend(compiled.pod_ips.range(range.clone()).map(|(ip, _)| *ip));
+            refresh_ips.extend(self.host.iter().filter(|h| prefix.contains_ip(**h)));
             for len in 0..=prefix.prefix_len() {
                 let Some(around) = Cidr::new(prefix.addr(), len) else { continue };
                 if let Some(slices) = self.slices_by_cidr.get(&around) {
@@ -435,13 +427,13 @@ impl IncrementalLowering {
             self.drop_keys(&old, &mut rule_keys);
         }
         for key in add.iter().chain(&rekey) {
-            let ips = self.endpoints.of(&key.0).cloned().unwrap_or_default();
+            let endpoint = self.endpoints.of(&key.0).and_then(|ips| rules_key(ips));
             let allow = slice_allow(compiled, key);
             let mut keys = Vec::new();
-            for ip in &ips {
+            if let Some(endpoint) = endpoint {
                 for allow in allow {
                     let rule_id = self.rule_ids.get(&allow.origin).expect("numbered");
-                    for rule_key in allow_keys(ip.octets(), key.1, allow, &self.classes) {
+                    for rule_key in allow_keys(endpoint, key.1, allow, &self.classes) {
                         keys.push((rule_key, rule_id));
                     }
                 }
@@ -467,11 +459,12 @@ impl IncrementalLowering {
         }
         for ip in endpoint_ips {
             let entry = self.endpoints.holder(&ip).map(|pod| {
-                endpoint_entry(&compiled.endpoints[pod], |p| {
+                let key = self.endpoints.of(pod).and_then(|ips| rules_key(ips));
+                endpoint_entry(&compiled.endpoints[pod], key.expect("an address has a key"), |p| {
                     self.policy_ids.get(p).expect("an isolating policy is numbered")
                 })
             });
-            set(&mut self.desired.endpoints, &mut touched.endpoints, ip.octets(), entry);
+            set(&mut self.desired.endpoints, &mut touched.endpoints, addr(ip), entry);
         }
 
         // The ipcache: every pod's addresses (of any node) and the node's.
@@ -481,12 +474,12 @@ impl IncrementalLowering {
             if let Some(entry) = compiled.pods.get(pod)
                 && entry.identity.is_some()
             {
-                let ips = v4(&entry.ips);
+                let ips = entry.ips.clone();
                 refresh_ips.extend(&ips);
                 self.pod_ips.insert(pod.clone(), ips);
             }
         }
-        ipcache_keys.extend(refresh_ips.iter().map(|ip| (32, ip.octets())));
+        ipcache_keys.extend(refresh_ips.iter().map(|ip| (HOST_BITS, addr(*ip))));
         for key in ipcache_keys {
             let value = self.ipcache_value(compiled, key);
             set(&mut self.desired.ipcache, &mut touched.ipcache, key, value);
@@ -503,28 +496,28 @@ impl IncrementalLowering {
 
     /// The value of an ipcache key as the full lowering gives it: the node's and pods'
     /// addresses (with their class) over the prefix entries.
-    fn ipcache_value(
-        &self,
-        compiled: &Compiled,
-        (bits, data): (u32, [u8; 4]),
-    ) -> Option<IpcacheValue> {
-        let ip = Ipv4Addr::from(data);
-        if bits == 32 {
+    fn ipcache_value(&self, compiled: &Compiled, key: (u32, Addr)) -> Option<IpcacheValue> {
+        let (bits, data) = key;
+        if bits == HOST_BITS {
+            let ip = ip_of(data);
             let identity = if self.host.contains(&ip) {
                 Some(IDENTITY_HOST)
             } else {
                 compiled
                     .pod_ips
-                    .get(&IpAddr::V4(ip))
+                    .get(&ip)
                     .and_then(|pod| compiled.pods.get(pod))
                     .and_then(|entry| entry.identity)
             };
             if let Some(identity) = identity {
-                let cidr_class = self.classes.class_of(IpAddr::V4(ip));
+                let cidr_class = self.classes.class_of(ip);
                 return Some(IpcacheValue { identity, cidr_class });
             }
         }
-        let prefix = Cidr::new(IpAddr::V4(ip), u8::try_from(bits).ok()?)?;
+        if key == V4_KEY {
+            return v4_range_entry(&self.classes);
+        }
+        let prefix = cidr_of(key)?;
         let class = self.classes.prefixes().get(&prefix)?;
         Some(IpcacheValue { identity: IDENTITY_WORLD, cidr_class: *class })
     }

@@ -7,11 +7,11 @@
 //! with a fresh compilation's numbers: what must agree is the decision (not isolated, own
 //! node, allowed by a rule, denied) of each side. Conntrack is not consulted (a new
 //! connection is traced).
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
 use weir_common::policy::{
-    DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointPolicy,
+    Addr, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED, EndpointPolicy,
     GLOBAL_DENY_UNKNOWN, IPCACHE_MAP, IpcacheValue, PEER_ANY, PEER_CIDR_CLASS, PEER_IDENTITY,
     POLICY_ENDPOINTS_MAP, POLICY_GLOBAL_MAP, POLICY_KEY_FULL_BITS, POLICY_MAP, PolicyGlobal,
     PolicyKey, PolicyValue,
@@ -23,15 +23,15 @@ use weir_policy::{
 
 pub use weir_common::policy::{DIR_EGRESS as EGRESS, DIR_INGRESS as INGRESS};
 
-use super::lower::DatapathPolicy;
+use super::lower::{DatapathPolicy, HOST_BITS, addr};
 use crate::maps::MapsError;
 
 /// Read access to one node's policy maps, with the kernel's lookup semantics (LPM tries
 /// answer the longest matching prefix).
 pub trait PolicyMapsView {
-    fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointPolicy>, MapsError>;
+    fn endpoint(&self, ip: IpAddr) -> Result<Option<EndpointPolicy>, MapsError>;
     /// The ipcache entry of the longest prefix containing `ip`.
-    fn ipcache(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>, MapsError>;
+    fn ipcache(&self, ip: IpAddr) -> Result<Option<IpcacheValue>, MapsError>;
     /// The policy entry of the longest prefix of `key` (a full key: protocol and port).
     fn rule(&self, key: &PolicyKey) -> Result<Option<PolicyValue>, MapsError>;
     fn deny_unknown(&self) -> Result<bool, MapsError>;
@@ -90,8 +90,8 @@ impl std::fmt::Display for LiveSide {
 pub fn evaluate(
     maps: &dyn PolicyMapsView,
     direction: u8,
-    endpoint: Ipv4Addr,
-    peer: Ipv4Addr,
+    endpoint: IpAddr,
+    peer: IpAddr,
     proto: u8,
     dport: u16,
 ) -> Result<LiveSide, MapsError> {
@@ -112,7 +112,7 @@ pub fn evaluate(
         return Ok(LiveSide::OwnNode);
     }
     let mut key = PolicyKey {
-        endpoint: endpoint.octets(),
+        endpoint: ep.rules_key,
         direction,
         peer_kind: PEER_ANY,
         _pad: [0; 2],
@@ -143,8 +143,8 @@ pub fn evaluate(
 pub fn disagreement(
     model: &Side,
     live: &LiveSide,
-    endpoint: Ipv4Addr,
-    peer: Ipv4Addr,
+    endpoint: IpAddr,
+    peer: IpAddr,
     direction: u8,
 ) -> Option<String> {
     let dir = if direction == DIR_EGRESS { "egress" } else { "ingress" };
@@ -191,8 +191,8 @@ pub fn disagreement(
 /// The policy maps pinned in a node's pin directory (opened read-only in effect: nothing is
 /// written).
 pub struct PinnedPolicyMaps {
-    endpoints: HashMap<MapData, [u8; 4], EndpointPolicy>,
-    ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    endpoints: HashMap<MapData, Addr, EndpointPolicy>,
+    ipcache: LpmTrie<MapData, Addr, IpcacheValue>,
     rules: LpmTrie<MapData, PolicyKey, PolicyValue>,
     global: Array<MapData, PolicyGlobal>,
 }
@@ -230,11 +230,11 @@ fn found<V>(
 }
 
 impl PolicyMapsView for PinnedPolicyMaps {
-    fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointPolicy>, MapsError> {
-        found(self.endpoints.get(&ip.octets(), 0), POLICY_ENDPOINTS_MAP)
+    fn endpoint(&self, ip: IpAddr) -> Result<Option<EndpointPolicy>, MapsError> {
+        found(self.endpoints.get(&addr(ip), 0), POLICY_ENDPOINTS_MAP)
     }
-    fn ipcache(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>, MapsError> {
-        found(self.ipcache.get(&Key::new(32, ip.octets()), 0), IPCACHE_MAP)
+    fn ipcache(&self, ip: IpAddr) -> Result<Option<IpcacheValue>, MapsError> {
+        found(self.ipcache.get(&Key::new(HOST_BITS, addr(ip)), 0), IPCACHE_MAP)
     }
     fn rule(&self, key: &PolicyKey) -> Result<Option<PolicyValue>, MapsError> {
         found(self.rules.get(&Key::new(POLICY_KEY_FULL_BITS, *key), 0), POLICY_MAP)
@@ -246,16 +246,16 @@ impl PolicyMapsView for PinnedPolicyMaps {
 }
 
 /// The bytes of a policy key as the LPM trie compares them.
-fn policy_key_bytes(key: &PolicyKey) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..4].copy_from_slice(&key.endpoint);
-    out[4] = key.direction;
-    out[5] = key.peer_kind;
-    out[6..8].copy_from_slice(&key._pad);
-    out[8..12].copy_from_slice(&key.peer);
-    out[12] = key.proto;
-    out[13..15].copy_from_slice(&key.port);
-    out[15] = key._pad2;
+fn policy_key_bytes(key: &PolicyKey) -> [u8; 28] {
+    let mut out = [0u8; 28];
+    out[..16].copy_from_slice(&key.endpoint);
+    out[16] = key.direction;
+    out[17] = key.peer_kind;
+    out[18..20].copy_from_slice(&key._pad);
+    out[20..24].copy_from_slice(&key.peer);
+    out[24] = key.proto;
+    out[25..27].copy_from_slice(&key.port);
+    out[27] = key._pad2;
     out
 }
 
@@ -270,14 +270,14 @@ fn prefix_matches(a: &[u8], b: &[u8], bits: u32) -> bool {
 
 /// The desired map contents read the kernel's way: what the maps hold once written.
 impl PolicyMapsView for DatapathPolicy {
-    fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<EndpointPolicy>, MapsError> {
-        Ok(self.endpoints.get(&ip.octets()).copied())
+    fn endpoint(&self, ip: IpAddr) -> Result<Option<EndpointPolicy>, MapsError> {
+        Ok(self.endpoints.get(&addr(ip)).copied())
     }
-    fn ipcache(&self, ip: Ipv4Addr) -> Result<Option<IpcacheValue>, MapsError> {
+    fn ipcache(&self, ip: IpAddr) -> Result<Option<IpcacheValue>, MapsError> {
         Ok(self
             .ipcache
             .iter()
-            .filter(|((bits, prefix), _)| prefix_matches(prefix, &ip.octets(), *bits))
+            .filter(|((bits, prefix), _)| prefix_matches(prefix, &addr(ip), *bits))
             .max_by_key(|((bits, _), _)| *bits)
             .map(|(_, value)| *value))
     }
@@ -301,25 +301,38 @@ mod tests {
 
     use super::*;
 
-    const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
-    const PEER: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 7);
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use crate::policy::lower::prefix_key;
+    use weir_common::policy::POLICY_KEY_FIXED_BITS;
+
+    const POD: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 244, 1, 5));
+    const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 244, 2, 7));
+    /// The pod's and the peer's IPv6 addresses (dual-stack).
+    const POD6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 1, 5));
+    const PEER6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 2, 7));
 
     fn isolated_pod() -> DatapathPolicy {
         let mut maps = DatapathPolicy::default();
-        maps.endpoints.insert(
-            POD.octets(),
-            EndpointPolicy {
-                flags: EP_INGRESS_ISOLATED,
-                identity: 300,
-                ingress_policy: 4,
-                egress_policy: 0,
-            },
+        let entry = EndpointPolicy {
+            flags: EP_INGRESS_ISOLATED,
+            identity: 300,
+            ingress_policy: 4,
+            egress_policy: 0,
+            rules_key: addr(POD),
+        };
+        maps.endpoints.insert(addr(POD), entry);
+        maps.endpoints.insert(addr(POD6), entry);
+        let peer = IpcacheValue { identity: 301, cidr_class: 0 };
+        maps.ipcache.insert((HOST_BITS, addr(PEER)), peer);
+        maps.ipcache.insert((HOST_BITS, addr(PEER6)), peer);
+        maps.ipcache.insert(
+            prefix_key(&"10.244.0.0/16".parse().unwrap()),
+            IpcacheValue { identity: 2, cidr_class: 9 },
         );
-        maps.ipcache.insert((32, PEER.octets()), IpcacheValue { identity: 301, cidr_class: 0 });
-        maps.ipcache.insert((16, [10, 244, 0, 0]), IpcacheValue { identity: 2, cidr_class: 9 });
         // Identity 301 may reach TCP 80-81 (one /15 port prefix).
         let key = PolicyKey {
-            endpoint: POD.octets(),
+            endpoint: addr(POD),
             direction: DIR_INGRESS,
             peer_kind: PEER_IDENTITY,
             _pad: [0; 2],
@@ -328,7 +341,8 @@ mod tests {
             port: 80u16.to_be_bytes(),
             _pad2: 0,
         };
-        maps.rules.insert((96 + 8 + 15, key), PolicyValue { rule_id: 12, _pad: 0 });
+        maps.rules
+            .insert((POLICY_KEY_FIXED_BITS + 8 + 15, key), PolicyValue { rule_id: 12, _pad: 0 });
         maps
     }
 
@@ -341,9 +355,16 @@ mod tests {
             eval(PEER, 82),
             LiveSide::Dropped { policy_id: 4, identity: 301, cidr_class: 0 }
         );
+        // The pod's IPv6 address finds the same rules, from the peer's IPv6 address.
+        let eval6 = |peer, port| evaluate(&maps, DIR_INGRESS, POD6, peer, 6, port).unwrap();
+        assert_eq!(eval6(PEER6, 80), LiveSide::Allowed { rule_id: 12, by: "the peer's identity" });
+        assert_eq!(
+            eval6("fd00::9".parse().unwrap(), 80),
+            LiveSide::Dropped { policy_id: 4, identity: 2, cidr_class: 0 }
+        );
         // Another address of 10.244/16 takes the /16's class.
         assert_eq!(
-            eval(Ipv4Addr::new(10, 244, 9, 9), 80),
+            eval("10.244.9.9".parse().unwrap(), 80),
             LiveSide::Dropped { policy_id: 4, identity: 2, cidr_class: 9 }
         );
         assert_eq!(evaluate(&maps, DIR_EGRESS, POD, PEER, 6, 80).unwrap(), LiveSide::NotIsolated);

@@ -6,7 +6,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
 };
 use weir_common::policy::{
-    EndpointPolicy, GLOBAL_DENY_UNKNOWN, IPCACHE_MAP, IpcacheValue, POLICY_ENDPOINTS_MAP,
+    Addr, EndpointPolicy, GLOBAL_DENY_UNKNOWN, IPCACHE_MAP, IpcacheValue, POLICY_ENDPOINTS_MAP,
     POLICY_GLOBAL_MAP, POLICY_MAP, PolicyGlobal, PolicyKey, PolicyValue,
 };
 
@@ -17,8 +17,8 @@ use super::{
 use crate::maps::MapsError;
 
 pub struct PolicyMaps {
-    endpoints: HashMap<MapData, [u8; 4], EndpointPolicy>,
-    ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    endpoints: HashMap<MapData, Addr, EndpointPolicy>,
+    ipcache: LpmTrie<MapData, Addr, IpcacheValue>,
     rules: LpmTrie<MapData, PolicyKey, PolicyValue>,
     global: Array<MapData, PolicyGlobal>,
 }
@@ -95,8 +95,8 @@ impl PolicyMaps {
 
     fn write(
         &mut self,
-        endpoints: &MapDiff<[u8; 4], EndpointPolicy>,
-        ipcache: &MapDiff<(u32, [u8; 4]), IpcacheValue>,
+        endpoints: &MapDiff<Addr, EndpointPolicy>,
+        ipcache: &MapDiff<(u32, Addr), IpcacheValue>,
         rules: &MapDiff<(u32, PolicyKey), PolicyValue>,
     ) -> Result<usize, MapsError> {
         for key in &endpoints.deletes {

@@ -178,3 +178,62 @@ pub fn run(rounds: u32) -> Result<Report> {
     )?;
     Ok(report)
 }
+
+/// Services per block of [`service_creates`].
+const CREATE_BLOCK: usize = 500;
+
+/// `weir-bench service-creates [--sizes N]`: N Service creates in a row from one client
+/// (controllers on, as a lab runs), timed per block of 500, to show whether a create costs
+/// more as Services accumulate. Each Service has a selector (so allocation and the endpoints
+/// controller both work) in namespace default; every tenth is a NodePort and gets a Pod
+/// that it selects. Prints one line per block and the server's RSS at the end.
+pub fn service_creates(count: usize) -> Result<()> {
+    let dir = TempDir::new("bench-service-creates");
+    let server = ApiServer::start(dir.path());
+    let addr = server.insecure_addr.context("insecure listener")?;
+    let token = server.token("admin");
+    let post = |path: &str, body: serde_json::Value| -> Result<()> {
+        super::lb_agent::post(addr, &token, path, &body).map(drop)
+    };
+    let mut block_started = Instant::now();
+    let started = block_started;
+    let mut first_block = None;
+    for i in 0..count {
+        post(
+            "/api/v1/namespaces/default/services",
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": format!("s-{i}")},
+                   "spec": {"type": if i % 10 == 0 { "NodePort" } else { "ClusterIP" },
+                            "selector": {"app": format!("a-{i}")},
+                            "ports": [{"port": 80, "protocol": "TCP"}]}}),
+        )?;
+        if i % 10 == 0 {
+            post(
+                "/api/v1/namespaces/default/pods",
+                json!({"apiVersion": "v1", "kind": "Pod",
+                       "metadata": {"name": format!("p-{i}"), "labels": {"app": format!("a-{i}")}},
+                       "spec": {"containers": [{"name": "c", "image": "x"}]}}),
+            )?;
+        }
+        if (i + 1) % CREATE_BLOCK == 0 || i + 1 == count {
+            let took = block_started.elapsed();
+            let n = i % CREATE_BLOCK + 1;
+            let per = ms(took) / n as f64;
+            let ratio = *first_block.get_or_insert(per);
+            println!(
+                "service-creates: {:>6}-{:<6} {:>8.2} s  {:>6.2} ms/create  x{:.2} of the first block",
+                i + 1 - n,
+                i + 1,
+                took.as_secs_f64(),
+                per,
+                per / ratio
+            );
+            block_started = Instant::now();
+        }
+    }
+    println!(
+        "service-creates: {count} in {:.1} s; server RSS {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        rss_mib(server.pid().context("server pid")?)?
+    );
+    Ok(())
+}

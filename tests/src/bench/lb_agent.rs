@@ -173,7 +173,8 @@ fn create_services(api: &ApiServer, services: u32) -> Result<Vec<Ipv4Addr>> {
 
 const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices";
 
-fn post(addr: SocketAddr, token: &str, path: &str, body: &Value) -> Result<Value> {
+/// A POST that must answer 201; returns the created object.
+pub(crate) fn post(addr: SocketAddr, token: &str, path: &str, body: &Value) -> Result<Value> {
     let response = http_request(
         addr,
         "POST",

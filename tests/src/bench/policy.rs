@@ -405,7 +405,7 @@ fn program(
     // minus this is the kernel writes (syscalls, netlink batch).
     let mut ebpf_plan = IncrementalLowering::default();
     let mut nft_plan = IncrementalDesired::default();
-    let host = [NODE_IP];
+    let host = [IpAddr::V4(NODE_IP)];
     ebpf_plan.rebuild(compiler.compiled(), &host);
     nft_plan.rebuild(compiler.compiled(), &policy_node(n));
     let mut change = |deleted: bool, rules: u32| -> Result<[f64; 5]> {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use weir_tests::bench::{apiserver, cni, lb, lb_agent, overlay, policy, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, policy only; --sizes: the rule counts of policy)\n       weir-bench lb-programming [--sizes N,N,...]   (service programming times only, both dataplanes; default 1000,10000)\n       weir-bench lb-agent [--sizes N]   (the real agent with N services, default 10000: RSS and endpoint change -> datapath latency, both dataplanes)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, policy only; --sizes: the rule counts of policy)\n       weir-bench lb-programming [--sizes N,N,...]   (service programming times only, both dataplanes; default 1000,10000)\n       weir-bench lb-agent [--sizes N]   (the real agent with N services, default 10000: RSS and endpoint change -> datapath latency, both dataplanes)\n       weir-bench service-creates [--sizes N]   (N Service creates in a row through the API server, default 3000, timed per 500)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -32,8 +32,10 @@ fn main() -> Result<()> {
     if quick && name != "policy" {
         bail!("--quick is only for the policy benchmark; {USAGE}");
     }
-    if sizes.is_some() && !["policy", "lb-programming", "lb-agent"].contains(&name.as_str()) {
-        bail!("--sizes is only for policy, lb-programming and lb-agent; {USAGE}");
+    if sizes.is_some()
+        && !["policy", "lb-programming", "lb-agent", "service-creates"].contains(&name.as_str())
+    {
+        bail!("--sizes is only for policy, lb-programming, lb-agent and service-creates; {USAGE}");
     }
     let reports = match name.as_str() {
         "tc-rewrite" => vec![tc_rewrite::run(rounds)?],
@@ -62,6 +64,11 @@ fn main() -> Result<()> {
             let sizes = sizes.unwrap_or_else(|| vec![10_000]);
             let [services] = sizes[..] else { bail!("lb-agent takes one size; {USAGE}") };
             return lb_agent::run(services);
+        }
+        "service-creates" => {
+            let sizes = sizes.unwrap_or_else(|| vec![3_000]);
+            let [count] = sizes[..] else { bail!("service-creates takes one size; {USAGE}") };
+            return apiserver::service_creates(count as usize);
         }
         other => bail!("unknown benchmark {other:?}; {USAGE}"),
     };

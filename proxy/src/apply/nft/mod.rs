@@ -62,7 +62,7 @@ pub struct Applied {
 pub struct NftDataplane {
     table: String,
     socket: Socket,
-    planner: Planner,
+    planner: Box<Planner>,
 }
 
 /// Checks a table name before anything is sent.
@@ -78,7 +78,8 @@ impl NftDataplane {
     pub fn open(table: &str) -> Result<Self, NftError> {
         validate_table_name(table)?;
         let socket = Socket::open().map_err(NftError::Socket)?;
-        let mut dataplane = Self { table: table.to_string(), socket, planner: Planner::new() };
+        let mut dataplane =
+            Self { table: table.to_string(), socket, planner: Box::new(Planner::new()) };
         dataplane.send(&plan::skeleton(), &[])?;
         dataplane.readopt()?;
         Ok(dataplane)
@@ -100,7 +101,7 @@ impl NftDataplane {
     /// start).
     pub fn readopt(&mut self) -> Result<(), NftError> {
         let contents = self.read_table()?;
-        self.planner = Planner::adopt(&contents);
+        *self.planner = Planner::adopt(&contents);
         Ok(())
     }
 
@@ -135,42 +136,39 @@ impl NftDataplane {
         let chains = self.socket.dump(DumpKind::Chains, &table, None).map_err(io)?;
         let rules = self.socket.dump(DumpKind::Rules, &table, None).map_err(io)?;
         let sets = self.socket.dump(DumpKind::Sets, &table, None).map_err(io)?;
-        let mut elements = Vec::new();
-        for map in [plan::SERVICE_IPS, plan::SERVICE_NODEPORTS, plan::NO_ENDPOINT_SERVICES] {
-            for dumped in self.socket.dump(DumpKind::Elements, &table, Some(map)).map_err(io)? {
-                for (key, verdict) in dumped.elements {
-                    if let Some(key @ ElementKey::Service { .. }) = netlink::parse_service_key(&key)
-                    {
-                        elements.push((
-                            map.to_string(),
-                            key,
-                            verdict.as_ref().and_then(netlink::DumpedVerdict::to_verdict),
-                        ));
-                    }
-                }
-            }
-        }
+        let mut frontends = Vec::new();
         let mut entries = Vec::new();
-        let entry_sets = plan::endpoint_maps()
-            .chain([plan::AFFINITY_ENDPOINTS.to_string(), plan::HAIRPIN_ENDPOINTS.to_string()]);
-        for set in entry_sets {
-            for dumped in self.socket.dump(DumpKind::Elements, &table, Some(&set)).map_err(io)? {
+        let set_names: Vec<String> = sets.iter().map(|s| s.name.clone()).collect();
+        let entry_sets =
+            [plan::SERVICE_ENDPOINTS, plan::AFFINITY_ENDPOINTS, plan::HAIRPIN_ENDPOINTS];
+        for set in &set_names {
+            let frontend_set = plan::is_frontend_set(set);
+            if !frontend_set && !entry_sets.contains(&set.as_str()) {
+                continue;
+            }
+            for dumped in self.socket.dump(DumpKind::Elements, &table, Some(set)).map_err(io)? {
                 let values: std::collections::HashMap<&[u8], &[u8]> =
                     dumped.values.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
                 for (key, _) in &dumped.elements {
-                    if let Some(parsed) = netlink::parse_endpoint_key(key) {
-                        let endpoint =
-                            values.get(key.as_slice()).and_then(|v| netlink::parse_endpoint(v));
-                        entries.push((parsed, endpoint));
+                    if frontend_set {
+                        if let Some(key @ ElementKey::Service { .. }) =
+                            netlink::parse_service_key(key)
+                        {
+                            frontends.push((set.clone(), key));
+                        }
+                    } else if let Some(parsed) = netlink::parse_endpoint_key(key) {
+                        let value = values.get(key.as_slice()).copied();
+                        entries.push((parsed, value.and_then(netlink::parse_endpoint)));
                     }
                 }
             }
         }
         Ok(TableContents {
             chains: chains.into_iter().map(|c| c.name).collect(),
+            services_rules: rules.iter().filter(|r| r.name == plan::SERVICES).count(),
             rule_comments: rules.into_iter().filter_map(|r| Some((r.name, r.comment?))).collect(),
-            sets: sets.into_iter().map(|s| s.name).filter(|n| !n.starts_with("__")).collect(),
-            elements,
+            sets: set_names.into_iter().filter(|n| !n.starts_with("__")).collect(),
+            frontends,
             entries,
         })
     }

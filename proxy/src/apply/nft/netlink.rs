@@ -7,14 +7,15 @@
 //! results) are host-endian, as in the kernel's `nft_regs`.
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     os::fd::AsRawFd,
     os::fd::FromRawFd,
     os::fd::OwnedFd,
 };
 
 use super::ops::{
-    AddrField, BaseChain, ElementKey, Op, PolicyTuple, RejectKind, Remember, SetKind, Stmt, Verdict,
+    AddrField, BaseChain, ElementKey, Family, Op, PolicyTuple, RejectKind, Remember, SetKind, Stmt,
+    Verdict,
 };
 
 // Netlink and nfnetlink.
@@ -33,6 +34,8 @@ pub(crate) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 pub(crate) const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFPROTO_INET: u8 = 1;
 pub(crate) const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+const IPPROTO_ICMPV6: u8 = 58;
 const AF_UNSPEC: u8 = 0;
 
 // nf_tables message types.
@@ -115,6 +118,7 @@ const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 // nft's datatype numbers (only for `nft list` to print keys nicely).
 const TYPE_INTEGER: u32 = 4;
 const TYPE_IPADDR: u32 = 7;
+const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
 const TYPE_BITS: u32 = 6;
@@ -127,6 +131,10 @@ const REG32_02: u32 = 10;
 const REG32_03: u32 = 11;
 const REG32_04: u32 = 12;
 const REG32_05: u32 = 13;
+/// The n-th 32-bit register (a 16-byte IPv6 address takes four).
+const fn reg32(n: u32) -> u32 {
+    REG32_00 + n
+}
 
 /// nft's type of a concatenation (for `nft list`): the field types, TYPE_BITS each.
 fn concat_type(types: &[u32]) -> u32 {
@@ -149,10 +157,10 @@ pub fn key_bytes(key: &ElementKey) -> Vec<u8> {
             key
         }
         ElementKey::Index(i) => i.to_ne_bytes().to_vec(),
-        ElementKey::Address(address) => address.octets().to_vec(),
-        ElementKey::AddressRange(first, _) => first.octets().to_vec(),
+        ElementKey::Address(address) => octets(address),
+        ElementKey::AddressRange(first, _) => octets(first),
         ElementKey::PolicyTuple(t) => {
-            tuple_bytes(t.endpoint, t.protocols.0, t.ports.0, t.peers.0).to_vec()
+            tuple_bytes(&t.endpoint, t.protocols.0, t.ports.0, &t.peers.0)
         }
         ElementKey::Endpoint { address, protocol, port, index } => {
             let frontend =
@@ -211,17 +219,40 @@ pub fn parse_endpoint_key(bytes: &[u8]) -> Option<ElementKey> {
     }
 }
 
-/// The policy tuple key length: endpoint . protocol . port . peer, each in a 32-bit register.
-pub const POLICY_TUPLE_KEY_LEN: usize = 16;
-/// The bytes of each field of a policy tuple (the set's concatenation description).
-const POLICY_TUPLE_FIELDS: [u32; 4] = [4, 1, 2, 4];
+/// An address's bytes (network order), 4 or 16.
+fn octets(address: &IpAddr) -> Vec<u8> {
+    match address {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
 
-fn tuple_bytes(endpoint: Ipv4Addr, protocol: u8, port: u16, peer: Ipv4Addr) -> [u8; 16] {
-    let mut key = [0u8; POLICY_TUPLE_KEY_LEN];
-    key[..4].copy_from_slice(&endpoint.octets());
-    key[4] = protocol;
-    key[8..10].copy_from_slice(&port.to_be_bytes());
-    key[12..].copy_from_slice(&peer.octets());
+/// The bytes of an address of `family`.
+fn address_len(family: Family) -> usize {
+    match family {
+        Family::V4 => 4,
+        Family::V6 => 16,
+    }
+}
+
+/// The policy tuple key length: endpoint . protocol . port . peer, each field padded to 32-bit
+/// registers (16 bytes for IPv4, 40 for IPv6).
+pub fn policy_tuple_key_len(family: Family) -> usize {
+    2 * address_len(family) + 8
+}
+
+/// The bytes of each field of a policy tuple (the set's concatenation description).
+fn policy_tuple_fields(family: Family) -> [u32; 4] {
+    let address = address_len(family) as u32;
+    [address, 1, 2, address]
+}
+
+fn tuple_bytes(endpoint: &IpAddr, protocol: u8, port: u16, peer: &IpAddr) -> Vec<u8> {
+    let mut key = octets(endpoint);
+    key.extend_from_slice(&[protocol, 0, 0, 0]);
+    key.extend_from_slice(&port.to_be_bytes());
+    key.extend_from_slice(&[0, 0]);
+    key.extend_from_slice(&octets(peer));
     key
 }
 
@@ -229,7 +260,7 @@ fn tuple_bytes(endpoint: Ipv4Addr, protocol: u8, port: u16, peer: Ipv4Addr) -> [
 fn key_end_bytes(key: &ElementKey) -> Option<Vec<u8>> {
     match key {
         ElementKey::PolicyTuple(t) => {
-            Some(tuple_bytes(t.endpoint, t.protocols.1, t.ports.1, t.peers.1).to_vec())
+            Some(tuple_bytes(&t.endpoint, t.protocols.1, t.ports.1, &t.peers.1))
         }
         _ => None,
     }
@@ -237,16 +268,22 @@ fn key_end_bytes(key: &ElementKey) -> Option<Vec<u8>> {
 
 /// The inverse of [`key_bytes`]/[`key_end_bytes`] for policy tuples.
 pub fn parse_policy_tuple(start: &[u8], end: &[u8]) -> Option<PolicyTuple> {
-    if start.len() != POLICY_TUPLE_KEY_LEN || end.len() != POLICY_TUPLE_KEY_LEN {
-        return None;
-    }
-    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
-    let port = |b: &[u8]| u16::from_be_bytes([b[8], b[9]]);
+    let family = [Family::V4, Family::V6]
+        .into_iter()
+        .find(|f| start.len() == policy_tuple_key_len(*f) && end.len() == start.len())?;
+    let n = address_len(family);
+    let addr = |b: &[u8]| -> IpAddr {
+        match family {
+            Family::V4 => <[u8; 4]>::try_from(&b[..4]).map(IpAddr::from).expect("4 bytes"),
+            Family::V6 => <[u8; 16]>::try_from(&b[..16]).map(IpAddr::from).expect("16 bytes"),
+        }
+    };
+    let port = |b: &[u8]| u16::from_be_bytes([b[n + 4], b[n + 5]]);
     (addr(start) == addr(end)).then(|| PolicyTuple {
         endpoint: addr(start),
-        protocols: (start[4], end[4]),
+        protocols: (start[n], end[n]),
         ports: (port(start), port(end)),
-        peers: (addr(&start[12..]), addr(&end[12..])),
+        peers: (addr(&start[n + 8..]), addr(&end[n + 8..])),
     })
 }
 
@@ -466,17 +503,28 @@ impl Encoder {
                             | TYPE_INET_SERVICE,
                         SERVICE_KEY_LEN as u32,
                     ),
-                    SetKind::Affinity => (NFT_SET_TIMEOUT | NFT_SET_EVAL, TYPE_IPADDR, 4),
-                    SetKind::PolicyTuples => (
-                        NFT_SET_INTERVAL | NFT_SET_CONCAT,
-                        (TYPE_IPADDR << (3 * TYPE_BITS))
-                            | (TYPE_INET_PROTOCOL << (2 * TYPE_BITS))
-                            | (TYPE_INET_SERVICE << TYPE_BITS)
-                            | TYPE_IPADDR,
-                        POLICY_TUPLE_KEY_LEN as u32,
+                    SetKind::Frontends => (
+                        0,
+                        concat_type(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+                        SERVICE_KEY_LEN as u32,
                     ),
-                    SetKind::AddressMap => (NFT_SET_MAP, TYPE_IPADDR, 4),
-                    SetKind::AddressRanges => (NFT_SET_INTERVAL, TYPE_IPADDR, 4),
+                    SetKind::Affinity => (NFT_SET_TIMEOUT | NFT_SET_EVAL, TYPE_IPADDR, 4),
+                    SetKind::PolicyTuples(family) => (
+                        NFT_SET_INTERVAL | NFT_SET_CONCAT,
+                        concat_type(&[
+                            address_type(*family),
+                            TYPE_INET_PROTOCOL,
+                            TYPE_INET_SERVICE,
+                            address_type(*family),
+                        ]),
+                        policy_tuple_key_len(*family) as u32,
+                    ),
+                    SetKind::AddressMap(family) => {
+                        (NFT_SET_MAP, address_type(*family), address_len(*family) as u32)
+                    }
+                    SetKind::AddressRanges(family) => {
+                        (NFT_SET_INTERVAL, address_type(*family), address_len(*family) as u32)
+                    }
                     SetKind::EndpointMap => (
                         NFT_SET_MAP,
                         concat_type(&[
@@ -527,12 +575,12 @@ impl Encoder {
                     } else if flags & NFT_SET_MAP != 0 {
                         b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
                     }
-                    if flags & NFT_SET_CONCAT != 0 {
+                    if let SetKind::PolicyTuples(family) = kind {
                         // The field lengths tell the kernel to use the pipapo backend (ranges
                         // in every field of a concatenation).
                         b.nest(NFTA_SET_DESC, |b| {
                             b.nest(NFTA_SET_DESC_CONCAT, |b| {
-                                for len in POLICY_TUPLE_FIELDS {
+                                for len in policy_tuple_fields(*family) {
                                     b.nest(NFTA_LIST_ELEM, |b| b.u32(NFTA_SET_FIELD_LEN, len));
                                 }
                             })
@@ -622,10 +670,14 @@ const ANON_MAP_NAME: &str = "__map%d";
 /// address space); a policy tuple is one entry with an end key.
 fn element(b: &mut Buf, key: &ElementKey, data: impl FnOnce(&mut Buf)) {
     if let ElementKey::AddressRange(first, last) = key {
-        b.nest(NFTA_LIST_ELEM, |b| b.value(NFTA_SET_ELEM_KEY, &first.octets()));
-        if let Some(after) = u32::from(*last).checked_add(1) {
+        b.nest(NFTA_LIST_ELEM, |b| b.value(NFTA_SET_ELEM_KEY, &octets(first)));
+        let after = match last {
+            IpAddr::V4(v4) => u32::from(*v4).checked_add(1).map(|a| a.to_be_bytes().to_vec()),
+            IpAddr::V6(v6) => u128::from(*v6).checked_add(1).map(|a| a.to_be_bytes().to_vec()),
+        };
+        if let Some(after) = after {
             b.nest(NFTA_LIST_ELEM, |b| {
-                b.value(NFTA_SET_ELEM_KEY, &after.to_be_bytes());
+                b.value(NFTA_SET_ELEM_KEY, &after);
                 b.u32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
             });
         }
@@ -747,6 +799,8 @@ mod ex {
     pub const META_L4PROTO: u32 = 16;
     pub const CMP_EQ: u32 = 0;
     pub const CMP_NEQ: u32 = 1;
+    pub const CMP_LTE: u32 = 3;
+    pub const CMP_GTE: u32 = 5;
     pub const CT_STATE: u32 = 0;
     pub const CT_STATE_NEW: u32 = 1 << 3;
     pub const CT_STATE_ESTABLISHED: u32 = 1 << 1;
@@ -799,11 +853,28 @@ fn bitwise(b: &mut Buf, mask: u32, xor: u32) {
     });
 }
 
-fn addr_offset(field: AddrField) -> u32 {
-    match field {
-        AddrField::Saddr => 12,
-        AddrField::Daddr => 16,
+/// nft's type of an address of `family`.
+fn address_type(family: Family) -> u32 {
+    match family {
+        Family::V4 => TYPE_IPADDR,
+        Family::V6 => TYPE_IP6ADDR,
     }
+}
+
+/// Loads the packet's `field` address into `dreg` (and the registers after it for IPv6).
+fn load_address(b: &mut Buf, dreg: u32, family: Family, field: AddrField) {
+    let offset = match (family, field) {
+        (Family::V4, AddrField::Saddr) => 12,
+        (Family::V4, AddrField::Daddr) => 16,
+        (Family::V6, AddrField::Saddr) => 8,
+        (Family::V6, AddrField::Daddr) => 24,
+    };
+    payload(b, dreg, ex::PAYLOAD_NETWORK, offset, address_len(family) as u32);
+}
+
+/// The registers an address of `family` takes.
+fn address_registers(family: Family) -> u32 {
+    address_len(family) as u32 / 4
 }
 
 fn lookup(b: &mut Buf, set: &str, set_id: Option<u32>, dreg: Option<u32>) {
@@ -838,8 +909,16 @@ fn store_mark(b: &mut Buf) {
 }
 
 fn ipv4_only(b: &mut Buf) {
+    family_only(b, Family::V4);
+}
+
+fn family_only(b: &mut Buf, family: Family) {
     meta_load(b, REG32_00, ex::META_NFPROTO);
-    cmp(b, ex::CMP_EQ, &[NFPROTO_IPV4]);
+    let proto = match family {
+        Family::V4 => NFPROTO_IPV4,
+        Family::V6 => NFPROTO_IPV6,
+    };
+    cmp(b, ex::CMP_EQ, &[proto]);
 }
 
 fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
@@ -850,6 +929,13 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
             meta_load(b, REG32_01, ex::META_L4PROTO);
             payload(b, REG32_02, ex::PAYLOAD_TRANSPORT, 2, 2);
             lookup(b, map, None, Some(REG_VERDICT));
+        }
+        Stmt::FrontendInSet { set } => {
+            ipv4_only(b);
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, 16, 4);
+            meta_load(b, REG32_01, ex::META_L4PROTO);
+            payload(b, REG32_02, ex::PAYLOAD_TRANSPORT, 2, 2);
+            lookup(b, set, None, None);
         }
         Stmt::CtStateNew => {
             b.expr("ct", |b| {
@@ -867,27 +953,37 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
             bitwise(b, ex::CT_STATE_ESTABLISHED | ex::CT_STATE_RELATED, 0);
             cmp(b, ex::CMP_NEQ, &0u32.to_ne_bytes());
         }
-        Stmt::PolicyTupleInSet { set, endpoint } => {
+        Stmt::PolicyTupleInSet { set, endpoint, family } => {
             let peer = match endpoint {
                 AddrField::Saddr => AddrField::Daddr,
                 AddrField::Daddr => AddrField::Saddr,
             };
-            ipv4_only(b);
-            payload(b, REG32_00, ex::PAYLOAD_NETWORK, addr_offset(*endpoint), 4);
-            meta_load(b, REG32_01, ex::META_L4PROTO);
-            payload(b, REG32_02, ex::PAYLOAD_TRANSPORT, 2, 2);
-            payload(b, REG32_03, ex::PAYLOAD_NETWORK, addr_offset(peer), 4);
+            // endpoint . protocol . port . peer in consecutive registers.
+            let n = address_registers(*family);
+            family_only(b, *family);
+            load_address(b, REG32_00, *family, *endpoint);
+            meta_load(b, reg32(n), ex::META_L4PROTO);
+            payload(b, reg32(n + 1), ex::PAYLOAD_TRANSPORT, 2, 2);
+            load_address(b, reg32(n + 2), *family, peer);
             lookup(b, set, None, None);
         }
-        Stmt::AddrVmap { field, map } => {
-            ipv4_only(b);
-            payload(b, REG32_00, ex::PAYLOAD_NETWORK, addr_offset(*field), 4);
+        Stmt::AddrVmap { field, map, family } => {
+            family_only(b, *family);
+            load_address(b, REG32_00, *family, *field);
             lookup(b, map, None, Some(REG_VERDICT));
         }
-        Stmt::AddrInSet { field, set } => {
-            ipv4_only(b);
-            payload(b, REG32_00, ex::PAYLOAD_NETWORK, addr_offset(*field), 4);
+        Stmt::AddrInSet { field, set, family } => {
+            family_only(b, *family);
+            load_address(b, REG32_00, *family, *field);
             lookup(b, set, None, None);
+        }
+        Stmt::Icmpv6Types(lo, hi) => {
+            family_only(b, Family::V6);
+            meta_load(b, REG32_00, ex::META_L4PROTO);
+            cmp(b, ex::CMP_EQ, &[IPPROTO_ICMPV6]);
+            payload(b, REG32_00, ex::PAYLOAD_TRANSPORT, 0, 1);
+            cmp(b, ex::CMP_GTE, &[*lo]);
+            cmp(b, ex::CMP_LTE, &[*hi]);
         }
         Stmt::CounterRef(name) => b.expr("objref", |b| {
             b.u32(ex::OBJREF_IMM_TYPE, NFT_OBJECT_COUNTER);
@@ -903,7 +999,12 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
             cmp(b, ex::CMP_EQ, &address.octets());
         }
         Stmt::SaddrInSet(set) => {
-            encode_stmt(b, &Stmt::AddrInSet { field: AddrField::Saddr, set: set.clone() }, anon)
+            let set = set.clone();
+            encode_stmt(
+                b,
+                &Stmt::AddrInSet { field: AddrField::Saddr, set, family: Family::V4 },
+                anon,
+            )
         }
         Stmt::MarkClear(bit) => {
             load_mark(b);
@@ -1467,11 +1568,12 @@ mod tests {
 
     #[test]
     fn policy_tuples_encode_as_start_and_end_keys_and_parse_back() {
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
         let tuple = PolicyTuple {
-            endpoint: Ipv4Addr::new(10, 244, 0, 10),
+            endpoint: ip("10.244.0.10"),
             protocols: (6, 6),
             ports: (80, 81),
-            peers: (Ipv4Addr::new(10, 0, 0, 0), Ipv4Addr::new(10, 255, 255, 255)),
+            peers: (ip("10.0.0.0"), ip("10.255.255.255")),
         };
         let key = ElementKey::PolicyTuple(tuple);
         let (start, end) = (key_bytes(&key), key_end_bytes(&key).unwrap());
@@ -1479,28 +1581,40 @@ mod tests {
         assert_eq!(end, [10, 244, 0, 10, 6, 0, 0, 0, 0, 81, 0, 0, 10, 255, 255, 255]);
         assert_eq!(parse_policy_tuple(&start, &end), Some(tuple));
         assert_eq!(parse_policy_tuple(&start, &end[..8]), None);
+        // IPv6: 16-byte addresses, four registers each.
+        let tuple6 = PolicyTuple {
+            endpoint: ip("fd00::a"),
+            protocols: (17, 17),
+            ports: (53, 53),
+            peers: (ip("fd00:1::"), ip("fd00:1::ffff")),
+        };
+        let key = ElementKey::PolicyTuple(tuple6);
+        let (start, end) = (key_bytes(&key), key_end_bytes(&key).unwrap());
+        assert_eq!(start.len(), 40);
+        assert_eq!(&start[16..24], [17, 0, 0, 0, 0, 53, 0, 0]);
+        assert_eq!(&end[38..], [0xff, 0xff]);
+        assert_eq!(parse_policy_tuple(&start, &end), Some(tuple6));
+        assert_eq!(parse_policy_tuple(&start, &end[..16]), None);
     }
 
     #[test]
     fn an_address_range_is_a_start_and_a_flagged_end_except_at_the_top() {
-        let elements = |key: ElementKey| {
+        let elements = |first: &str, last: &str| {
+            let key = ElementKey::AddressRange(first.parse().unwrap(), last.parse().unwrap());
             let mut encoder = Encoder::new("weir");
             encoder.op(&Op::AddSetElement { set: "r".into(), key });
             let (batch, _) = encoder.finish();
             parse_dumped(DumpKind::Elements, &messages(&batch)[1].1[4..])
         };
-        let low = elements(ElementKey::AddressRange(
-            Ipv4Addr::new(10, 0, 0, 0),
-            Ipv4Addr::new(10, 0, 0, 255),
-        ));
+        let low = elements("10.0.0.0", "10.0.0.255");
         assert_eq!(low.elements.len(), 2);
         assert_eq!(low.elements[1].0, [10, 0, 1, 0]);
         assert_eq!(low.element_ends, [(None, 0), (None, NFT_SET_ELEM_INTERVAL_END)]);
-        let top = elements(ElementKey::AddressRange(
-            Ipv4Addr::new(255, 0, 0, 0),
-            Ipv4Addr::new(255, 255, 255, 255),
-        ));
-        assert_eq!(top.elements.len(), 1);
+        assert_eq!(elements("255.0.0.0", "255.255.255.255").elements.len(), 1);
+        let low6 = elements("fd00::", "fd00::ffff");
+        assert_eq!(low6.elements[1].0, "fd00::1:0".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        let top6 = elements("ff00::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff");
+        assert_eq!(top6.elements.len(), 1);
     }
 
     #[test]

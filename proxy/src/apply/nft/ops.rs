@@ -1,6 +1,6 @@
 //! The vocabulary of the nftables backend: table objects and rule statements as plain data.
 //! The planner emits [`Op`]s; the netlink encoder turns them into messages.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 
 /// A verdict of a rule or a verdict-map element.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -28,27 +28,36 @@ pub enum Stmt {
     ServiceVmap {
         map: String,
     },
+    /// `ip daddr . meta l4proto . th dport @set`
+    FrontendInSet {
+        set: String,
+    },
     /// `ct state new`
     CtStateNew,
     /// `ct state established,related`
     CtStateEstablishedRelated,
     /// `ip daddr . meta l4proto . th dport . ip saddr @set` (endpoint = destination) or
-    /// `ip saddr . meta l4proto . th dport . ip daddr @set` (endpoint = source): a lookup into
-    /// a set of [`SetKind::PolicyTuples`].
+    /// `ip saddr . meta l4proto . th dport . ip daddr @set` (endpoint = source), `ip6` for
+    /// [`Family::V6`]: a lookup into a set of [`SetKind::PolicyTuples`] of the family.
     PolicyTupleInSet {
         set: String,
         endpoint: AddrField,
+        family: Family,
     },
-    /// `ip saddr|daddr vmap @map`
+    /// `ip|ip6 saddr|daddr vmap @map`
     AddrVmap {
         field: AddrField,
         map: String,
+        family: Family,
     },
-    /// `ip saddr|daddr @set`
+    /// `ip|ip6 saddr|daddr @set`
     AddrInSet {
         field: AddrField,
         set: String,
+        family: Family,
     },
+    /// `meta l4proto ipv6-icmp icmpv6 type LO-HI` (an IPv6 packet only).
+    Icmpv6Types(u8, u8),
     /// `counter name NAME`
     CounterRef(String),
     /// `meta l4proto P`
@@ -108,11 +117,28 @@ pub enum Stmt {
     Verdict(Verdict),
 }
 
-/// Which IPv4 address of the packet a statement reads.
+/// Which address of the packet a statement reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddrField {
     Saddr,
     Daddr,
+}
+
+/// The IP version of the packets a statement matches (an `inet` table sees both) and of the
+/// addresses a set holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(address: &IpAddr) -> Self {
+        match address {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
 }
 
 /// The ClientIP affinity map a rule updates, and the timeout of its entries.
@@ -135,15 +161,18 @@ pub struct BaseChain {
 pub enum SetKind {
     /// `type ipv4_addr . inet_proto . inet_service : verdict`
     ServiceMap,
+    /// `type ipv4_addr . inet_proto . inet_service`: frontends.
+    Frontends,
     /// `type ipv4_addr; flags dynamic, timeout` (ClientIP affinity)
     Affinity,
     /// `type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval` (policy:
-    /// endpoint . protocol . port . peer, every field a range; elements must not overlap)
-    PolicyTuples,
-    /// `type ipv4_addr : verdict`
-    AddressMap,
-    /// `type ipv4_addr; flags interval`
-    AddressRanges,
+    /// endpoint . protocol . port . peer, every field a range; elements must not overlap),
+    /// `ipv6_addr` for [`Family::V6`]
+    PolicyTuples(Family),
+    /// `type ipv4_addr : verdict` (`ipv6_addr` for [`Family::V6`])
+    AddressMap(Family),
+    /// `type ipv4_addr; flags interval` (`ipv6_addr` for [`Family::V6`])
+    AddressRanges(Family),
     /// `type ipv4_addr . inet_proto . inet_service . integer : ipv4_addr . inet_service`: a
     /// frontend's endpoint by index (the numgen result).
     EndpointMap,
@@ -183,20 +212,28 @@ pub enum ElementKey {
     /// An element of a [`SetKind::Hairpin`] set (the address twice).
     Hairpin(Ipv4Addr),
     /// An element of a [`SetKind::AddressMap`].
-    Address(Ipv4Addr),
-    /// An element of a [`SetKind::AddressRanges`]: inclusive first and last address.
-    AddressRange(Ipv4Addr, Ipv4Addr),
+    Address(IpAddr),
+    /// An element of a [`SetKind::AddressRanges`]: inclusive first and last address, of one
+    /// family.
+    AddressRange(IpAddr, IpAddr),
     /// An element of a [`SetKind::PolicyTuples`]: inclusive ranges.
     PolicyTuple(PolicyTuple),
 }
 
-/// One element of a policy tuple set: every field an inclusive range.
+/// One element of a policy tuple set: every field an inclusive range; all addresses of one
+/// family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyTuple {
-    pub endpoint: Ipv4Addr,
+    pub endpoint: IpAddr,
     pub protocols: (u8, u8),
     pub ports: (u16, u16),
-    pub peers: (Ipv4Addr, Ipv4Addr),
+    pub peers: (IpAddr, IpAddr),
+}
+
+impl PolicyTuple {
+    pub fn family(&self) -> Family {
+        Family::of(&self.endpoint)
+    }
 }
 
 /// One change to the table. Within a batch, ops run in order; the whole batch commits

@@ -1,40 +1,60 @@
 //! The pure part of the nftables backend: the table's fixed skeleton, the objects of each
 //! frontend, and the incremental diff between what is in the table and the desired state.
 //!
-//! The dispatch is kube-proxy's nftables mode (pkg/proxy/nftables): one table; the `services`
-//! chain, jumped to from the nat prerouting and output hooks, looks the packet up in two
-//! verdict maps keyed by `ip daddr . meta l4proto . th dport` (`service-ips` for cluster,
-//! load-balancer and external IPs, `service-nodeports` for the node's addresses) and goes to
-//! the frontend's `service-…` chain. Frontends without a usable endpoint are in
-//! `no-endpoint-services`, checked on the filter hooks before DNAT: reject (TCP reset or ICMP
-//! port unreachable) when the service has no endpoints, drop when its traffic policy leaves
-//! none on this node.
+//! The dispatch follows kube-proxy's nftables mode (pkg/proxy/nftables): one table; the
+//! `services` chain, jumped to from the nat prerouting and output hooks, sends a new
+//! connection to a frontend (`ip daddr . meta l4proto . th dport`: cluster, load-balancer and
+//! external IPs, and node ports on the node's addresses) to the chain that balances it.
+//! Frontends without a usable endpoint are in `no-endpoint-reject` or `no-endpoint-drop`,
+//! checked on the filter hooks before DNAT: reject (TCP reset or ICMP port unreachable) when
+//! the service has no endpoints, drop when its traffic policy leaves none on this node.
 //!
-//! Unlike kube-proxy, the endpoints are not objects of their own (an `endpoint-…` chain each
-//! and a `numgen … vmap { … }` anonymous map per service): the kernel's cost of creating a
-//! set, and of validating a table whose service chains jump through per-service maps, grows
-//! with the number of sets and chains, so a table of 10k services took a minute to load and
-//! 0.2 s per change. Here all endpoints are elements of shared maps, and a frontend's chain is
-//! one DNAT rule that reads its endpoint from the shared `service-endpoints` map:
+//! Unlike kube-proxy there is no chain per service. The cost of one change must not grow with
+//! the number of services, and the kernel makes that hard: a commit that adds a rule with a
+//! NAT or jump expression, or a verdict-map element that jumps, validates the whole table, and
+//! validation walks every element of every verdict map reachable from the base chains (a
+//! verdict map of 100k frontends: ~200 ms per change). So frontends are grouped by **class**,
+//! the shape of what must happen to their packets (endpoint count, masquerade, ClientIP
+//! affinity timeout); every class has a plain set of its frontends and one chain:
 //!
 //! ```text
-//! dnat ip to ip daddr . meta l4proto . th dport . numgen random mod N map @service-endpoints
+//! chain services {
+//!     ip daddr . meta l4proto . th dport @class-2-frontends goto class-2
+//!     ip daddr . meta l4proto . th dport @class-3-masq-frontends goto class-3-masq
+//! }
+//! chain class-3-masq {
+//!     counter comment "weir3:…"
+//!     meta mark set meta mark | 0x4000
+//!     dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 3 map @service-endpoints
+//! }
 //! ```
 //!
-//! (elements `VIP . proto . port . i : endpoint-address . endpoint-port`, i < N). Replacing an
-//! endpoint changes two elements and nothing else; only a different endpoint count rewrites
-//! the frontend's chain. ClientIP affinity is one shared dynamic map `service-affinity`
-//! (`client . VIP . proto . port : endpoint`, with the service's timeout) that the DNAT rule
-//! updates and an earlier rule reads, trusted only while the endpoint is still one of the
-//! frontend's (`affinity-endpoints`; an entry naming another endpoint is deleted, so that the
-//! client is balanced again and remembered with its new endpoint). Hairpin traffic (an endpoint reaching itself through a
-//! service) is found on nat postrouting by `ct status dnat` and `ip saddr . ip daddr` in
-//! `hairpin-endpoints` and masqueraded, as kube-proxy's per-endpoint rule does. External
-//! frontends with `externalTrafficPolicy: Cluster` mark their traffic for masquerading; the
-//! `masquerading` chain on nat postrouting does it.
+//! The endpoints are elements of the shared `service-endpoints` map (`VIP . proto . port . i :
+//! endpoint-address . endpoint-port`, i < N), so a class chain serves every frontend of its
+//! shape. A change writes set elements only (elements without verdicts trigger no
+//! validation); only a class seen for the first time writes a set, a chain and the `services`
+//! rules, and validation then walks those rules and the class chains, whose number is bounded
+//! by the distinct shapes, not by the services. A new connection costs one set lookup per
+//! class (NAT chains see only the first packet of a connection). Writing a class also binds
+//! its DNAT rule to `service-endpoints`, which makes the kernel walk that map (~40 ms at 100k
+//! services), so classes no frontend uses are kept (up to [`MAX_UNUSED_CLASSES`], all of them
+//! go when no frontend is left): a service scaling back and forth reuses its classes.
 //!
-//! Every frontend chain's first rule carries a fingerprint of its rules, so a restarted agent
-//! can read the table back ([`Planner::adopt`]) and rewrite only what differs.
+//! ClientIP affinity is one shared dynamic map `service-affinity` (`client . VIP . proto .
+//! port : endpoint`, with the class's timeout) that the DNAT rule updates and an earlier rule
+//! reads, trusted only while the endpoint is still one of the frontend's
+//! (`affinity-endpoints`; an entry naming another endpoint is deleted, so that the client is
+//! balanced again and remembered with its new endpoint). Hairpin traffic (an endpoint reaching
+//! itself through a service) is found on nat postrouting by `ct status dnat` and `ip saddr . ip
+//! daddr` in `hairpin-endpoints` and masqueraded, as kube-proxy's per-endpoint rule does.
+//! External frontends with `externalTrafficPolicy: Cluster` mark their traffic for
+//! masquerading (their class says so); the `masquerading` chain on nat postrouting does it.
+//!
+//! Every class chain's first rule carries a fingerprint of its rules, and every `services`
+//! rule the name of its class, so a restarted agent can read the table back
+//! ([`Planner::adopt`]) and rewrite only what differs. A table of the earlier shape (a chain
+//! per frontend, verdict maps of frontends, sharded endpoint maps) is converted by the first
+//! plan after adoption.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -43,28 +63,30 @@ use std::{
 use super::ops::{BaseChain, ElementKey, Op, RejectKind, Remember, SetKind, Stmt, Verdict};
 use crate::model::{Frontend, FrontendState, Protocol, ServiceState, WhenEmpty};
 
-pub const SERVICE_IPS: &str = "service-ips";
-pub const SERVICE_NODEPORTS: &str = "service-nodeports";
-pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
-/// Prefix of the endpoint maps `service-endpoints-000` … `-255`.
-pub const SERVICE_ENDPOINTS: &str = "service-endpoints-";
-/// How many endpoint maps the frontends are spread over. The kernel's cost of adding an
-/// element grows with the rules bound to its map, and binding a rule walks the map's
-/// elements: one shared map would make the load quadratic, a map per frontend makes set
-/// creation and lookup by name linear in the number of sets. A fixed number of shards keeps
-/// both small (at 100k frontends, ~400 rules and ~1,600 elements per map).
-pub const ENDPOINT_SHARDS: u32 = 256;
+pub const NO_ENDPOINT_REJECT: &str = "no-endpoint-reject";
+pub const NO_ENDPOINT_DROP: &str = "no-endpoint-drop";
+pub const SERVICE_ENDPOINTS: &str = "service-endpoints";
 pub const SERVICE_AFFINITY: &str = "service-affinity";
 pub const AFFINITY_ENDPOINTS: &str = "affinity-endpoints";
 pub const HAIRPIN_ENDPOINTS: &str = "hairpin-endpoints";
-const SERVICES: &str = "services";
+/// The class sets' names end so: `class-3-masq-frontends`.
+const CLASS_SET_SUFFIX: &str = "-frontends";
+pub(crate) const SERVICES: &str = "services";
 const ENDPOINTS_CHECK: &str = "service-endpoints-check";
 const REJECT_CHAIN: &str = "reject-chain";
 const MASQUERADING: &str = "masquerading";
 const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
 /// kube-proxy's masquerade mark bit.
 pub const MASQUERADE_MARK: u32 = 0x4000;
-const FINGERPRINT_PREFIX: &str = "weir2:";
+const FINGERPRINT_PREFIX: &str = "weir3:";
+const CLASS_PREFIX: &str = "class-";
+/// How many classes no frontend uses are kept for reuse.
+pub const MAX_UNUSED_CLASSES: usize = 32;
+/// Verdict maps of the earlier shape (elements going to per-frontend chains), deleted first
+/// when converting such a table.
+const LEGACY_VERDICT_MAPS: [&str; 3] = ["service-ips", "service-nodeports", "no-endpoint-services"];
+/// Prefix of the earlier shape's sharded endpoint maps (`service-endpoints-000` …).
+const LEGACY_ENDPOINT_SHARDS: &str = "service-endpoints-";
 
 // Netfilter hooks.
 const PREROUTING: u32 = 0;
@@ -81,13 +103,13 @@ const FILTER_PRIORITY: i32 = DNAT_PRIORITY - 10;
 /// The table's fixed skeleton, idempotent: creates what is missing and rewrites the rules of
 /// the fixed chains (in one batch, so no packet sees them empty).
 pub fn skeleton() -> Vec<Op> {
-    let mut ops = vec![Op::AddTable];
-    for set in [SERVICE_IPS, SERVICE_NODEPORTS, NO_ENDPOINT_SERVICES] {
-        ops.push(Op::AddSet { name: set.into(), kind: SetKind::ServiceMap });
+    // `services` holds one rule per class, written by the plans (the skeleton only makes sure
+    // the chain exists; its rules survive a restart).
+    let mut ops = vec![Op::AddTable, Op::AddChain { name: SERVICES.into(), base: None }];
+    for name in [NO_ENDPOINT_REJECT, NO_ENDPOINT_DROP] {
+        ops.push(Op::AddSet { name: name.into(), kind: SetKind::Frontends });
     }
-    for name in endpoint_maps() {
-        ops.push(Op::AddSet { name, kind: SetKind::EndpointMap });
-    }
+    ops.push(Op::AddSet { name: SERVICE_ENDPOINTS.into(), kind: SetKind::EndpointMap });
     ops.push(Op::AddSet { name: SERVICE_AFFINITY.into(), kind: SetKind::AffinityMap });
     ops.push(Op::AddSet { name: AFFINITY_ENDPOINTS.into(), kind: SetKind::FrontendEndpoints });
     ops.push(Op::AddSet { name: HAIRPIN_ENDPOINTS.into(), kind: SetKind::Hairpin });
@@ -116,14 +138,19 @@ pub fn skeleton() -> Vec<Op> {
             ],
         ),
         (
-            SERVICES,
+            ENDPOINTS_CHECK,
             None,
             vec![
-                vec![Stmt::ServiceVmap { map: SERVICE_IPS.into() }],
-                vec![Stmt::ServiceVmap { map: SERVICE_NODEPORTS.into() }],
+                vec![
+                    Stmt::FrontendInSet { set: NO_ENDPOINT_REJECT.into() },
+                    Stmt::Verdict(Verdict::Goto(REJECT_CHAIN.into())),
+                ],
+                vec![
+                    Stmt::FrontendInSet { set: NO_ENDPOINT_DROP.into() },
+                    Stmt::Verdict(Verdict::Drop),
+                ],
             ],
         ),
-        (ENDPOINTS_CHECK, None, vec![vec![Stmt::ServiceVmap { map: NO_ENDPOINT_SERVICES.into() }]]),
         ("nat-prerouting", base("nat", PREROUTING, DNAT_PRIORITY), vec![jump(SERVICES)]),
         ("nat-output", base("nat", OUTPUT, DNAT_PRIORITY), vec![jump(SERVICES)]),
         ("nat-postrouting", base("nat", POSTROUTING, SNAT_PRIORITY), vec![jump(MASQUERADING)]),
@@ -133,6 +160,14 @@ pub fn skeleton() -> Vec<Op> {
     ];
     fixed_chains(&mut ops, chains);
     ops
+}
+
+/// Whether a set holds frontends (a class's, or one of the no-endpoint sets): the sets whose
+/// elements [`Planner::adopt`] needs.
+pub fn is_frontend_set(name: &str) -> bool {
+    name == NO_ENDPOINT_REJECT
+        || name == NO_ENDPOINT_DROP
+        || name.strip_suffix(CLASS_SET_SUFFIX).and_then(Class::parse).is_some()
 }
 
 /// A fixed chain of a skeleton: name, hook (for base chains), rules.
@@ -160,16 +195,7 @@ fn new_to(chain: &str) -> Vec<Stmt> {
     vec![Stmt::CtStateNew, Stmt::Verdict(Verdict::Jump(chain.into()))]
 }
 
-/// `10.96.0.10/tcp/80`: the frontend part of every object name.
-fn frontend_id(frontend: &Frontend) -> String {
-    let protocol = match frontend.protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    };
-    format!("{}/{protocol}/{}", frontend.address, frontend.port)
-}
-
+/// `10.96.0.10/tcp/80`: how the earlier shape named a frontend's chain (`service-<id>`).
 fn parse_frontend_id(id: &str) -> Option<Frontend> {
     let mut parts = id.split('/');
     let address: Ipv4Addr = parts.next()?.parse().ok()?;
@@ -183,36 +209,20 @@ fn parse_frontend_id(id: &str) -> Option<Frontend> {
     parts.next().is_none().then_some(Frontend { address: IpAddr::V4(address), port, protocol })
 }
 
-/// The names of all endpoint maps.
-pub fn endpoint_maps() -> impl Iterator<Item = String> {
-    (0..ENDPOINT_SHARDS).map(|shard| format!("{SERVICE_ENDPOINTS}{shard:03}"))
+/// Whether a chain or set belongs to the earlier shapes of this table (a chain per frontend,
+/// an `endpoint-…` chain and an `affinity-…` set per endpoint, sharded endpoint maps, verdict
+/// maps of frontends).
+fn is_legacy_chain(name: &str) -> bool {
+    name.strip_prefix("service-").and_then(parse_frontend_id).is_some()
+        || name.starts_with("endpoint-")
 }
 
-/// The endpoint map of a frontend: a stable hash (FNV-1a 32 over address, protocol and port),
-/// so that a restarted agent finds the elements where an earlier one put them.
-fn endpoint_map(frontend: &Frontend) -> String {
-    let (address, protocol, port) = frontend_parts(frontend);
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in address.octets().into_iter().chain([protocol]).chain(port.to_be_bytes()) {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    format!("{SERVICE_ENDPOINTS}{:03}", hash % ENDPOINT_SHARDS)
-}
-
-fn service_chain(frontend: &Frontend) -> String {
-    format!("service-{}", frontend_id(frontend))
-}
-
-/// The objects of the earlier ruleset shape (an `endpoint-…` chain per endpoint, an
-/// `affinity-…` set per endpoint): `PREFIX<frontend>__<ip>/<port>` -> frontend. A table
-/// written by an older agent is adopted and these are removed.
-fn parse_legacy_object(name: &str, prefix: &str) -> Option<Frontend> {
-    let (frontend, backend) = name.strip_prefix(prefix)?.split_once("__")?;
-    let (ip, port) = backend.split_once('/')?;
-    ip.parse::<Ipv4Addr>().ok()?;
-    port.parse::<u16>().ok()?;
-    parse_frontend_id(frontend)
+fn is_legacy_set(name: &str) -> bool {
+    LEGACY_VERDICT_MAPS.contains(&name)
+        || name.starts_with("affinity-") && name.contains("__")
+        || name
+            .strip_prefix(LEGACY_ENDPOINT_SHARDS)
+            .is_some_and(|shard| shard.len() == 3 && shard.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn frontend_parts(frontend: &Frontend) -> (Ipv4Addr, u8, u16) {
@@ -248,85 +258,53 @@ fn frontend_of(address: Ipv4Addr, protocol: u8, port: u16) -> Option<Frontend> {
     Some(Frontend { address: IpAddr::V4(address), port, protocol: parse_protocol(protocol)? })
 }
 
-/// What one frontend renders to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Rendered {
-    backends: Vec<SocketAddrV4>,
-    affinity: Option<u32>,
+/// The shape of what happens to a frontend's new connections: what its class chain does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Class {
+    /// Endpoints (at least one).
+    count: u32,
     masquerade: bool,
-    /// The map element that sends the frontend's traffic somewhere.
-    element: (String, Verdict),
-    /// The frontend's endpoint map.
-    endpoint_map: String,
+    /// ClientIP affinity timeout, seconds.
+    affinity: Option<u32>,
 }
 
-impl Rendered {
-    fn new(frontend: &Frontend, state: &FrontendState) -> Option<Self> {
-        if !frontend.address.is_ipv4() {
-            return None;
+impl Class {
+    /// `class-3`, `class-3-masq`, `class-3-affinity-10800`, `class-3-masq-affinity-60`.
+    fn chain(&self) -> String {
+        let mut name = format!("{CLASS_PREFIX}{}", self.count);
+        if self.masquerade {
+            name.push_str("-masq");
         }
-        let backends: Vec<SocketAddrV4> = state
-            .backends
-            .iter()
-            .filter_map(|b| match b {
-                SocketAddr::V4(v4) => Some(*v4),
-                SocketAddr::V6(_) => None,
-            })
-            .collect();
-        let element = if backends.is_empty() {
-            let verdict = match state.when_empty {
-                WhenEmpty::Reject => Verdict::Goto(REJECT_CHAIN.into()),
-                WhenEmpty::Drop => Verdict::Drop,
-            };
-            (NO_ENDPOINT_SERVICES.to_string(), verdict)
-        } else {
-            let map = match state.kind {
-                crate::model::FrontendKind::NodePort => SERVICE_NODEPORTS,
-                _ => SERVICE_IPS,
-            };
-            (map.to_string(), Verdict::Goto(service_chain(frontend)))
+        if let Some(timeout) = self.affinity {
+            name.push_str(&format!("-affinity-{timeout}"));
+        }
+        name
+    }
+
+    /// The set of the class's frontends: `class-3-masq-frontends`.
+    fn set(&self) -> String {
+        format!("{}{CLASS_SET_SUFFIX}", self.chain())
+    }
+
+    fn parse(chain: &str) -> Option<Class> {
+        let rest = chain.strip_prefix(CLASS_PREFIX)?;
+        let (count, rest) = rest.split_once('-').unwrap_or((rest, ""));
+        let count: u32 = count.parse().ok().filter(|c| *c > 0)?;
+        let (masquerade, rest) = match rest.strip_prefix("masq") {
+            Some(rest) => (true, rest.strip_prefix('-').unwrap_or(rest)),
+            None => (false, rest),
         };
-        Some(Self {
-            backends,
-            affinity: state.affinity_timeout,
-            // kube-proxy masquerades external traffic unless the policy keeps it on this node
-            // (then the client address must reach the pod).
-            masquerade: state.kind.is_external() && !state.local_traffic_policy,
-            element,
-            endpoint_map: endpoint_map(frontend),
-        })
+        let affinity = match rest {
+            "" => None,
+            rest => Some(rest.strip_prefix("affinity-")?.parse().ok()?),
+        };
+        let class = Class { count, masquerade, affinity };
+        (class.chain() == chain).then_some(class)
     }
 
-    /// A stable digest of what the frontend's chain holds (FNV-1a 64 over its canonical
-    /// text): the endpoint count, not the endpoints, which are map elements.
-    fn fingerprint(&self) -> String {
-        let text = format!("{}|{:?}|{}", self.backends.len(), self.affinity, self.masquerade);
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in text.bytes() {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{FINGERPRINT_PREFIX}{hash:016x}")
-    }
-
-    fn endpoints(&self) -> BTreeMap<u32, SocketAddrV4> {
-        (0u32..).zip(self.backends.iter().copied()).collect()
-    }
-
-    fn affinity_endpoints(&self) -> BTreeSet<SocketAddrV4> {
-        if self.affinity.is_some() && !self.backends.is_empty() {
-            self.backends.iter().copied().collect()
-        } else {
-            BTreeSet::new()
-        }
-    }
-
-    /// The frontend chain's rules.
+    /// The class chain's rules; the first carries the fingerprint.
     fn rules(&self) -> Vec<Vec<Stmt>> {
         let mut rules = vec![vec![Stmt::Counter]];
-        if self.backends.is_empty() {
-            return rules;
-        }
         if self.masquerade {
             rules.push(vec![Stmt::MarkSet(MASQUERADE_MARK)]);
         }
@@ -344,51 +322,117 @@ impl Rendered {
             }]);
         }
         rules.push(vec![Stmt::DnatEndpoint {
-            endpoints: self.endpoint_map.clone(),
-            count: self.backends.len() as u32,
+            endpoints: SERVICE_ENDPOINTS.into(),
+            count: self.count,
             remember,
         }]);
         rules
+    }
+
+    /// A stable digest of the chain's rules (FNV-1a 64 over their debug text).
+    fn fingerprint(&self) -> String {
+        let text = format!("{:?}", self.rules());
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in text.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{FINGERPRINT_PREFIX}{hash:016x}")
+    }
+}
+
+/// Where a frontend's key goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// In its class's set.
+    Class(Class),
+    /// In `no-endpoint-reject` or `no-endpoint-drop`.
+    Refused(&'static str),
+}
+
+impl Placement {
+    fn set(&self) -> String {
+        match self {
+            Placement::Class(class) => class.set(),
+            Placement::Refused(set) => set.to_string(),
+        }
+    }
+}
+
+/// What one frontend renders to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rendered {
+    backends: Vec<SocketAddrV4>,
+    placement: Placement,
+}
+
+impl Rendered {
+    fn new(frontend: &Frontend, state: &FrontendState) -> Option<Self> {
+        if !frontend.address.is_ipv4() {
+            return None;
+        }
+        let backends: Vec<SocketAddrV4> = state
+            .backends
+            .iter()
+            .filter_map(|b| match b {
+                SocketAddr::V4(v4) => Some(*v4),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        let placement = if backends.is_empty() {
+            Placement::Refused(match state.when_empty {
+                WhenEmpty::Reject => NO_ENDPOINT_REJECT,
+                WhenEmpty::Drop => NO_ENDPOINT_DROP,
+            })
+        } else {
+            Placement::Class(Class {
+                count: backends.len() as u32,
+                // kube-proxy masquerades external traffic unless the policy keeps it on this
+                // node (then the client address must reach the pod).
+                masquerade: state.kind.is_external() && !state.local_traffic_policy,
+                affinity: state.affinity_timeout,
+            })
+        };
+        Some(Self { backends, placement })
+    }
+
+    fn endpoints(&self) -> BTreeMap<u32, SocketAddrV4> {
+        (0u32..).zip(self.backends.iter().copied()).collect()
+    }
+
+    fn affinity_endpoints(&self) -> BTreeSet<SocketAddrV4> {
+        match self.placement {
+            Placement::Class(Class { affinity: Some(_), .. }) => {
+                self.backends.iter().copied().collect()
+            }
+            _ => BTreeSet::new(),
+        }
     }
 }
 
 /// What the table holds for one frontend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Applied {
-    service_chain: bool,
-    /// The frontend chain's fingerprint rule; `None` when unknown (missing or foreign).
-    fingerprint: Option<String>,
+    /// The sets holding this frontend's key.
+    placements: Vec<String>,
     /// `service-endpoints` elements: index -> endpoint (`None`: the value is unknown).
     endpoints: BTreeMap<u32, Option<SocketAddrV4>>,
     /// `affinity-endpoints` elements.
     affinity_endpoints: BTreeSet<SocketAddrV4>,
-    /// Map elements with this frontend's key: (map, verdict if known).
-    elements: Vec<(String, Option<Verdict>)>,
-    /// Objects of the earlier shape to remove: `endpoint-…` chains, `affinity-…` sets.
-    legacy_chains: BTreeSet<String>,
-    legacy_sets: BTreeSet<String>,
     /// What this planner last wrote (then the fields above are exactly its rendering), and
     /// the desired state it was rendered from.
     rendered: Option<(Rendered, FrontendState)>,
 }
 
 impl Applied {
-    fn of(rendered: Rendered, source: FrontendState) -> Self {
-        Self {
-            service_chain: true,
-            fingerprint: Some(rendered.fingerprint()),
-            endpoints: rendered.endpoints().into_iter().map(|(i, e)| (i, Some(e))).collect(),
-            affinity_endpoints: rendered.affinity_endpoints(),
-            elements: vec![(rendered.element.0.clone(), Some(rendered.element.1.clone()))],
-            legacy_chains: BTreeSet::new(),
-            legacy_sets: BTreeSet::new(),
-            rendered: Some((rendered, source)),
-        }
-    }
-
     /// Endpoint addresses this frontend holds in `hairpin-endpoints`' reference counts.
     fn hairpin_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         self.endpoints.values().flatten().map(|e| *e.ip())
+    }
+
+    /// The classes whose sets hold this frontend.
+    fn classes(&self) -> impl Iterator<Item = Class> + '_ {
+        self.placements.iter().filter_map(|set| Class::parse(set.strip_suffix(CLASS_SET_SUFFIX)?))
     }
 }
 
@@ -396,11 +440,13 @@ impl Applied {
 #[derive(Clone, Debug, Default)]
 pub struct TableContents {
     pub chains: Vec<String>,
-    /// (chain, comment) of every rule that has a comment.
+    /// (chain, comment) of every rule that has a comment, in chain order.
     pub rule_comments: Vec<(String, String)>,
     pub sets: Vec<String>,
-    /// (map, key, verdict) of the elements of the three service maps.
-    pub elements: Vec<(String, ElementKey, Option<Verdict>)>,
+    /// How many rules the `services` chain has.
+    pub services_rules: usize,
+    /// The elements of the sets [`is_frontend_set`] names: (set, key).
+    pub frontends: Vec<(String, ElementKey)>,
     /// The elements of `service-endpoints` (key, endpoint), `affinity-endpoints` and
     /// `hairpin-endpoints` (key, `None`).
     pub entries: Vec<(ElementKey, Option<SocketAddrV4>)>,
@@ -420,50 +466,83 @@ pub struct Plan {
 #[derive(Debug, Default)]
 pub struct Planner {
     applied: BTreeMap<Frontend, Applied>,
+    /// The classes with a set, a chain holding exactly [`Class::rules`], and a `services`
+    /// rule.
+    classes: BTreeSet<Class>,
+    /// Class -> how many applied frontends its set holds.
+    class_users: BTreeMap<Class, usize>,
+    /// Whether the `services` rules are exactly one per class of `classes`, in order.
+    services_current: bool,
+    /// Class sets and chains found in the table that are not (or not exactly) in `classes`:
+    /// rewritten when their class is used again, removed by the next plan otherwise.
+    stray_class_sets: BTreeSet<String>,
+    stray_class_chains: BTreeSet<String>,
+    /// Objects of an earlier table shape, removed by the next plan.
+    legacy_chains: BTreeSet<String>,
+    legacy_sets: BTreeSet<String>,
     /// Endpoint address -> how many applied frontend endpoints use it.
     hairpin_refs: BTreeMap<Ipv4Addr, usize>,
     /// The elements of `hairpin-endpoints`.
     hairpin: BTreeSet<Ipv4Addr>,
     /// Addresses whose reference count went to or from zero since the last plan.
     hairpin_touched: BTreeSet<Ipv4Addr>,
+    /// Endpoint (address and port) -> how many applied frontend endpoints it is: what
+    /// [`Planner::backends`] counts, kept so that counting costs nothing per sync.
+    backend_refs: BTreeMap<SocketAddrV4, usize>,
 }
 
 impl Planner {
+    /// A planner for a table holding the skeleton only.
     pub fn new() -> Self {
-        Self::default()
+        Self { services_current: true, ..Self::default() }
     }
 
     /// A planner for a table that already holds a ruleset (a restarted agent): the objects it
     /// finds become what was applied, so the next plan rewrites only frontends that differ
     /// from the desired state and removes objects nothing wants.
     pub fn adopt(contents: &TableContents) -> Self {
-        let mut applied: BTreeMap<Frontend, Applied> = BTreeMap::new();
+        let mut planner = Planner::new();
+        let sets: BTreeSet<&str> = contents.sets.iter().map(String::as_str).collect();
         for chain in &contents.chains {
-            if let Some(frontend) = chain.strip_prefix("service-").and_then(parse_frontend_id) {
-                applied.entry(frontend).or_default().service_chain = true;
-            } else if let Some(frontend) = parse_legacy_object(chain, "endpoint-") {
-                applied.entry(frontend).or_default().legacy_chains.insert(chain.clone());
+            let Some(class) = Class::parse(chain) else { continue };
+            let fingerprint = contents
+                .rule_comments
+                .iter()
+                .find(|(c, comment)| c == chain && comment.starts_with(FINGERPRINT_PREFIX));
+            let current = fingerprint.is_some_and(|(_, f)| *f == class.fingerprint());
+            if current && sets.contains(class.set().as_str()) {
+                planner.classes.insert(class);
+            } else {
+                planner.stray_class_chains.insert(chain.clone());
             }
         }
-        for (chain, comment) in &contents.rule_comments {
-            if let Some(frontend) = chain.strip_prefix("service-").and_then(parse_frontend_id)
-                && comment.starts_with(FINGERPRINT_PREFIX)
-                && let Some(entry) = applied.get_mut(&frontend)
-            {
-                entry.fingerprint = Some(comment.clone());
-            }
-        }
-        for set in &contents.sets {
-            if let Some(frontend) = parse_legacy_object(set, "affinity-") {
-                applied.entry(frontend).or_default().legacy_sets.insert(set.clone());
-            }
-        }
-        for (map, key, verdict) in &contents.elements {
+        planner.stray_class_sets = contents
+            .sets
+            .iter()
+            .filter(|s| {
+                s.strip_suffix(CLASS_SET_SUFFIX)
+                    .and_then(Class::parse)
+                    .is_some_and(|c| !planner.classes.contains(&c))
+            })
+            .cloned()
+            .collect();
+        let dispatched: Vec<&str> = contents
+            .rule_comments
+            .iter()
+            .filter(|(chain, _)| chain == SERVICES)
+            .map(|(_, comment)| comment.as_str())
+            .collect();
+        planner.services_current = contents.services_rules == dispatched.len()
+            && dispatched == planner.services_comments();
+        planner.legacy_chains =
+            contents.chains.iter().filter(|c| is_legacy_chain(c)).cloned().collect();
+        planner.legacy_sets = contents.sets.iter().filter(|s| is_legacy_set(s)).cloned().collect();
+        let applied = &mut planner.applied;
+        for (set, key) in &contents.frontends {
             let ElementKey::Service { address, protocol, port } = *key else { continue };
             let Some(frontend) = frontend_of(address, protocol, port) else { continue };
-            applied.entry(frontend).or_default().elements.push((map.clone(), verdict.clone()));
+            applied.entry(frontend).or_default().placements.push(set.clone());
         }
-        let mut hairpin = BTreeSet::new();
         for (key, endpoint) in &contents.entries {
             match *key {
                 ElementKey::Endpoint { address, protocol, port, index } => {
@@ -477,37 +556,39 @@ impl Planner {
                     }
                 }
                 ElementKey::Hairpin(address) => {
-                    hairpin.insert(address);
+                    planner.hairpin.insert(address);
                 }
                 _ => {}
             }
         }
-        let mut hairpin_refs = BTreeMap::new();
-        for entry in applied.values() {
+        for entry in planner.applied.values() {
+            for class in entry.classes() {
+                *planner.class_users.entry(class).or_default() += 1;
+            }
             for address in entry.hairpin_addresses() {
-                *hairpin_refs.entry(address).or_default() += 1;
+                *planner.hairpin_refs.entry(address).or_default() += 1;
+            }
+            for endpoint in entry.endpoints.values().flatten() {
+                *planner.backend_refs.entry(*endpoint).or_default() += 1;
             }
         }
         // Elements nothing refers to (and references to missing elements) are fixed by the
         // next plan.
-        let hairpin_touched = hairpin
-            .symmetric_difference(&hairpin_refs.keys().copied().collect())
+        planner.hairpin_touched = planner
+            .hairpin
+            .symmetric_difference(&planner.hairpin_refs.keys().copied().collect())
             .copied()
             .collect();
-        Self { applied, hairpin_refs, hairpin, hairpin_touched }
+        planner
     }
 
     pub fn frontends(&self) -> usize {
         self.applied.len()
     }
 
-    /// Distinct backend addresses across the applied frontends.
+    /// Distinct backends (address and port) across the applied frontends.
     pub fn backends(&self) -> usize {
-        self.applied
-            .values()
-            .flat_map(|a| a.endpoints.values().flatten())
-            .collect::<BTreeSet<_>>()
-            .len()
+        self.backend_refs.len()
     }
 
     /// Diffs `desired` against what the table holds. The planner assumes the ops are all
@@ -537,6 +618,7 @@ impl Planner {
         frontends: impl IntoIterator<Item = Frontend>,
     ) -> Plan {
         let mut plan = Plan::default();
+        let mut class_ops: Vec<Op> = Vec::new();
         let mut groups: Vec<Vec<Op>> = Vec::new();
         for frontend in frontends {
             let frontend = &frontend;
@@ -545,7 +627,7 @@ impl Planner {
                     let mut ops = Vec::new();
                     remove_frontend(&mut ops, frontend, &applied);
                     groups.push(ops);
-                    self.count_hairpin(&applied, &Applied::default());
+                    self.count_users(&applied, &Applied::default());
                 }
                 continue;
             };
@@ -565,19 +647,33 @@ impl Planner {
                 *source = state.clone();
                 continue;
             }
-            let applied = self.applied.get(frontend);
-            let applied = applied.cloned().unwrap_or_default();
+            if let Placement::Class(class) = rendered.placement {
+                self.ensure_class(class, &mut class_ops);
+            }
+            let applied = self.applied.get(frontend).cloned().unwrap_or_default();
             let mut ops = Vec::new();
             update_frontend(&mut ops, frontend, &rendered, &applied);
             if !ops.is_empty() {
                 groups.push(ops);
             }
-            let now = Applied::of(rendered, state.clone());
-            self.count_hairpin(&applied, &now);
+            let now = Applied {
+                placements: vec![rendered.placement.set()],
+                endpoints: rendered.endpoints().into_iter().map(|(i, e)| (i, Some(e))).collect(),
+                affinity_endpoints: rendered.affinity_endpoints(),
+                rendered: Some((rendered, state.clone())),
+            };
+            self.count_users(&applied, &now);
             self.applied.insert(*frontend, now);
         }
-        // Hairpin addresses: new ones first (harmless before their endpoints exist), unused
-        // ones last (after nothing DNATs to them).
+        // New classes and hairpin addresses first (harmless before anything uses them), then
+        // the frontends, then what nothing uses any more.
+        if !self.services_current {
+            self.write_services(&mut class_ops);
+        }
+        if !class_ops.is_empty() {
+            plan.ops.extend(class_ops);
+            plan.groups.push(plan.ops.len());
+        }
         let touched = std::mem::take(&mut self.hairpin_touched);
         let added: Vec<Ipv4Addr> = touched
             .iter()
@@ -614,10 +710,117 @@ impl Planner {
         if !gone.is_empty() {
             plan.groups.push(plan.ops.len());
         }
+        let before = plan.ops.len();
+        self.remove_unused_classes(&mut plan.ops);
+        self.remove_legacy(&mut plan.ops);
+        if plan.ops.len() > before {
+            plan.groups.push(plan.ops.len());
+        }
         plan
     }
 
-    fn count_hairpin(&mut self, before: &Applied, after: &Applied) {
+    /// Writes `class`'s set and chain when the table lacks them (or holds other rules); the
+    /// `services` rules are rewritten at the end of the plan.
+    fn ensure_class(&mut self, class: Class, ops: &mut Vec<Op>) {
+        if self.classes.contains(&class) {
+            return;
+        }
+        let (set, chain) = (class.set(), class.chain());
+        ops.push(Op::AddSet { name: set.clone(), kind: SetKind::Frontends });
+        ops.push(Op::AddChain { name: chain.clone(), base: None });
+        ops.push(Op::FlushChain { name: chain.clone() });
+        for (index, stmts) in class.rules().into_iter().enumerate() {
+            let comment = (index == 0).then(|| class.fingerprint());
+            ops.push(Op::AddRule { chain: chain.clone(), stmts, comment });
+        }
+        self.stray_class_sets.remove(&set);
+        self.stray_class_chains.remove(&chain);
+        self.classes.insert(class);
+        self.services_current = false;
+    }
+
+    /// The comments of the `services` rules: the class each dispatches to.
+    fn services_comments(&self) -> Vec<String> {
+        self.classes.iter().map(Class::chain).collect()
+    }
+
+    /// Rewrites `services`: one rule per class, in one batch (flush, then add).
+    fn write_services(&mut self, ops: &mut Vec<Op>) {
+        ops.push(Op::FlushChain { name: SERVICES.into() });
+        for class in &self.classes {
+            ops.push(Op::AddRule {
+                chain: SERVICES.into(),
+                stmts: vec![
+                    Stmt::FrontendInSet { set: class.set() },
+                    Stmt::Verdict(Verdict::Goto(class.chain())),
+                ],
+                comment: Some(class.chain()),
+            });
+        }
+        self.services_current = true;
+    }
+
+    /// Removes the classes no frontend uses beyond [`MAX_UNUSED_CLASSES`] (all of them when
+    /// no frontend is left) and the stray class objects: the `services` rules first, then the
+    /// chains, then the sets.
+    fn remove_unused_classes(&mut self, ops: &mut Vec<Op>) {
+        let mut unused: Vec<Class> = self
+            .classes
+            .iter()
+            .filter(|class| self.class_users.get(class).is_none_or(|n| *n == 0))
+            .copied()
+            .collect();
+        let keep = if self.applied.is_empty() { 0 } else { MAX_UNUSED_CLASSES };
+        unused.truncate(unused.len().saturating_sub(keep));
+        let mut chains = std::mem::take(&mut self.stray_class_chains);
+        let mut sets = std::mem::take(&mut self.stray_class_sets);
+        for class in &unused {
+            self.classes.remove(class);
+            self.class_users.remove(class);
+            chains.insert(class.chain());
+            sets.insert(class.set());
+        }
+        if !unused.is_empty() {
+            self.write_services(ops);
+        }
+        ops.extend(chains.iter().map(|name| Op::FlushChain { name: name.clone() }));
+        ops.extend(chains.into_iter().map(|name| Op::DeleteChain { name }));
+        ops.extend(sets.into_iter().map(|name| Op::DeleteSet { name }));
+    }
+
+    /// Removes the objects of an earlier table shape: the verdict maps first (their elements
+    /// lead to the chains), then the chains' rules (they use the other sets), then the rest.
+    fn remove_legacy(&mut self, ops: &mut Vec<Op>) {
+        let sets = std::mem::take(&mut self.legacy_sets);
+        let chains = std::mem::take(&mut self.legacy_chains);
+        let (maps, others): (Vec<String>, Vec<String>) =
+            sets.into_iter().partition(|s| LEGACY_VERDICT_MAPS.contains(&s.as_str()));
+        ops.extend(maps.into_iter().map(|name| Op::DeleteSet { name }));
+        ops.extend(chains.iter().map(|name| Op::FlushChain { name: name.clone() }));
+        ops.extend(chains.into_iter().map(|name| Op::DeleteChain { name }));
+        ops.extend(others.into_iter().map(|name| Op::DeleteSet { name }));
+    }
+
+    fn count_users(&mut self, before: &Applied, after: &Applied) {
+        for endpoint in after.endpoints.values().flatten() {
+            *self.backend_refs.entry(*endpoint).or_default() += 1;
+        }
+        for endpoint in before.endpoints.values().flatten() {
+            if let Some(count) = self.backend_refs.get_mut(endpoint) {
+                *count -= 1;
+                if *count == 0 {
+                    self.backend_refs.remove(endpoint);
+                }
+            }
+        }
+        for class in after.classes() {
+            *self.class_users.entry(class).or_default() += 1;
+        }
+        for class in before.classes() {
+            if let Some(count) = self.class_users.get_mut(&class) {
+                *count = count.saturating_sub(1);
+            }
+        }
         for address in after.hairpin_addresses() {
             let count = self.hairpin_refs.entry(address).or_default();
             *count += 1;
@@ -639,12 +842,12 @@ impl Planner {
 
 fn remove_frontend(ops: &mut Vec<Op>, frontend: &Frontend, applied: &Applied) {
     let key = element_key(frontend);
-    for (set, _) in &applied.elements {
+    for set in &applied.placements {
         ops.push(Op::DeleteElement { set: set.clone(), key });
     }
     for index in applied.endpoints.keys() {
         ops.push(Op::DeleteElement {
-            set: endpoint_map(frontend),
+            set: SERVICE_ENDPOINTS.into(),
             key: endpoint_key(frontend, *index),
         });
     }
@@ -654,41 +857,15 @@ fn remove_frontend(ops: &mut Vec<Op>, frontend: &Frontend, applied: &Applied) {
             key: frontend_endpoint_key(frontend, *endpoint),
         });
     }
-    if applied.service_chain {
-        ops.push(Op::FlushChain { name: service_chain(frontend) });
-    }
-    remove_legacy(ops, applied);
-    if applied.service_chain {
-        ops.push(Op::DeleteChain { name: service_chain(frontend) });
-    }
-}
-
-/// Removes the earlier shape's objects (after the frontend chain no longer refers to them).
-fn remove_legacy(ops: &mut Vec<Op>, applied: &Applied) {
-    for chain in &applied.legacy_chains {
-        ops.push(Op::FlushChain { name: chain.clone() });
-    }
-    for chain in &applied.legacy_chains {
-        ops.push(Op::DeleteChain { name: chain.clone() });
-    }
-    for set in &applied.legacy_sets {
-        ops.push(Op::DeleteSet { name: set.clone() });
-    }
 }
 
 /// Appends the ops that turn `applied` into `rendered` (none when nothing differs).
 fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, applied: &Applied) {
     let key = element_key(frontend);
-    let service = service_chain(frontend);
-    let wanted_element = (rendered.element.0.clone(), Some(rendered.element.1.clone()));
-    let legacy = !applied.legacy_chains.is_empty() || !applied.legacy_sets.is_empty();
-    let rewrite_chain = legacy
-        || !applied.service_chain
-        || applied.fingerprint.as_ref() != Some(&rendered.fingerprint());
-
-    // 1. Elements that send traffic elsewhere go.
-    for (set, verdict) in &applied.elements {
-        if (set, verdict) != (&wanted_element.0, &wanted_element.1) {
+    let wanted = rendered.placement.set();
+    // 1. Placements that send traffic elsewhere go.
+    for set in &applied.placements {
+        if *set != wanted {
             ops.push(Op::DeleteElement { set: set.clone(), key });
         }
     }
@@ -697,7 +874,7 @@ fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, 
     for (index, endpoint) in &applied.endpoints {
         if wanted_endpoints.get(index) != endpoint.as_ref() {
             ops.push(Op::DeleteElement {
-                set: rendered.endpoint_map.clone(),
+                set: SERVICE_ENDPOINTS.into(),
                 key: endpoint_key(frontend, *index),
             });
         }
@@ -705,7 +882,7 @@ fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, 
     for (index, endpoint) in &wanted_endpoints {
         if applied.endpoints.get(index) != Some(&Some(*endpoint)) {
             ops.push(Op::AddEntry {
-                set: rendered.endpoint_map.clone(),
+                set: SERVICE_ENDPOINTS.into(),
                 key: endpoint_key(frontend, *index),
                 endpoint: Some(*endpoint),
             });
@@ -725,26 +902,9 @@ fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, 
             endpoint: None,
         });
     }
-    // 3. The frontend chain, when its rules differ.
-    if rewrite_chain {
-        if applied.service_chain {
-            ops.push(Op::FlushChain { name: service.clone() });
-        } else {
-            ops.push(Op::AddChain { name: service.clone(), base: None });
-        }
-        for (index, stmts) in rendered.rules().into_iter().enumerate() {
-            let comment = (index == 0).then(|| rendered.fingerprint());
-            ops.push(Op::AddRule { chain: service.clone(), stmts, comment });
-        }
-        remove_legacy(ops, applied);
-    }
-    // 4. The element that sends traffic here (or refuses it).
-    if !applied.elements.contains(&wanted_element) {
-        ops.push(Op::AddElement {
-            set: rendered.element.0.clone(),
-            key,
-            verdict: rendered.element.1.clone(),
-        });
+    // 3. The element that sends traffic to the class (or refuses it).
+    if !applied.placements.contains(&wanted) {
+        ops.push(Op::AddSetElement { set: wanted, key });
     }
 }
 
@@ -764,7 +924,9 @@ mod tests {
     struct FakeTable {
         chains: BTreeMap<String, Vec<Rule>>,
         sets: BTreeSet<String>,
+        /// Elements of verdict maps.
         elements: BTreeMap<(String, ElementKey), Verdict>,
+        /// Elements of plain sets (`None`) and of maps to endpoints.
         entries: BTreeMap<(String, ElementKey), Option<SocketAddrV4>>,
     }
 
@@ -786,6 +948,7 @@ mod tests {
                             Stmt::SaddrInSet(s)
                             | Stmt::UpdateSaddr { set: s, .. }
                             | Stmt::ServiceVmap { map: s }
+                            | Stmt::FrontendInSet { set: s }
                             | Stmt::HairpinInSet { set: s } => refs.push(s.clone()),
                             Stmt::DnatEndpoint { endpoints, remember, .. } => {
                                 refs.push(endpoints.clone());
@@ -801,6 +964,11 @@ mod tests {
                 }
             }
             refs
+        }
+
+        fn has(&self, set: &str, key: &ElementKey) -> bool {
+            let k = (set.to_string(), *key);
+            self.elements.contains_key(&k) || self.entries.contains_key(&k)
         }
 
         fn execute(&mut self, ops: &[Op]) {
@@ -835,19 +1003,26 @@ mod tests {
                     Op::DeleteSet { name } => {
                         assert!(!self.references().contains(name), "{name} still referenced");
                         assert!(self.sets.remove(name));
+                        self.elements.retain(|(set, _), _| set != name);
+                        self.entries.retain(|(set, _), _| set != name);
                     }
                     Op::AddElement { set, key, verdict } => {
                         assert!(self.sets.contains(set), "element in missing {set}");
                         if let Verdict::Goto(c) = verdict {
                             assert!(self.chains.contains_key(c), "element to missing {c}");
                         }
-                        let old = self.elements.insert((set.clone(), *key), verdict.clone());
-                        assert!(old.is_none(), "element {key:?} exists in {set}");
+                        assert!(!self.has(set, key), "element {key:?} exists in {set}");
+                        self.elements.insert((set.clone(), *key), verdict.clone());
                     }
                     Op::AddEntry { set, key, endpoint } => {
                         assert!(self.sets.contains(set), "element in missing {set}");
-                        let old = self.entries.insert((set.clone(), *key), *endpoint);
-                        assert!(old.is_none(), "element {key:?} exists in {set}");
+                        assert!(!self.has(set, key), "element {key:?} exists in {set}");
+                        self.entries.insert((set.clone(), *key), *endpoint);
+                    }
+                    Op::AddSetElement { set, key } => {
+                        assert!(self.sets.contains(set), "element in missing {set}");
+                        assert!(!self.has(set, key), "element {key:?} exists in {set}");
+                        self.entries.insert((set.clone(), *key), None);
                     }
                     Op::DeleteElement { set, key } => {
                         let k = (set.clone(), *key);
@@ -861,6 +1036,7 @@ mod tests {
             }
         }
 
+        /// What the backend reads back from the kernel (see `NftDataplane::read_table`).
         fn contents(&self) -> TableContents {
             TableContents {
                 chains: self.chains.keys().cloned().collect(),
@@ -872,19 +1048,29 @@ mod tests {
                     })
                     .collect(),
                 sets: self.sets.iter().cloned().collect(),
-                elements: self
-                    .elements
-                    .iter()
-                    .map(|((set, key), v)| (set.clone(), *key, Some(v.clone())))
+                services_rules: self.chains.get(SERVICES).map_or(0, Vec::len),
+                frontends: self
+                    .entries
+                    .keys()
+                    .filter(|(set, _)| is_frontend_set(set))
+                    .cloned()
                     .collect(),
-                entries: self.entries.iter().map(|((_, key), e)| (*key, *e)).collect(),
+                entries: self
+                    .entries
+                    .iter()
+                    .filter(|((set, _), _)| {
+                        [SERVICE_ENDPOINTS, AFFINITY_ENDPOINTS, HAIRPIN_ENDPOINTS]
+                            .contains(&set.as_str())
+                    })
+                    .map(|((_, key), e)| (*key, *e))
+                    .collect(),
             }
         }
 
         /// The endpoints of a frontend, by index.
         fn endpoints(&self, fe: &Frontend) -> Vec<SocketAddrV4> {
             (0..)
-                .map_while(|i| self.entries.get(&(endpoint_map(fe), endpoint_key(fe, i))))
+                .map_while(|i| self.entries.get(&(SERVICE_ENDPOINTS.into(), endpoint_key(fe, i))))
                 .map(|e| e.expect("an endpoint value"))
                 .collect()
         }
@@ -898,6 +1084,29 @@ mod tests {
                 })
                 .collect()
         }
+
+        /// The chain a frontend's packets go to: its class's, through the class's set and
+        /// the `services` rule that matches it.
+        fn class_chain(&self, fe: &Frontend) -> &[Rule] {
+            let key = element_key(fe);
+            let (set, _) = self
+                .entries
+                .keys()
+                .find(|(set, k)| *k == key && set.ends_with(CLASS_SET_SUFFIX))
+                .unwrap_or_else(|| panic!("{fe:?} is in no class set"));
+            let rule = self.chains[SERVICES]
+                .iter()
+                .find(|(stmts, _)| stmts[0] == Stmt::FrontendInSet { set: set.clone() })
+                .unwrap_or_else(|| panic!("no services rule matches {set}"));
+            let Stmt::Verdict(Verdict::Goto(chain)) = &rule.0[1] else {
+                panic!("{rule:?} goes to no chain");
+            };
+            &self.chains[chain]
+        }
+
+        fn class_chains(&self) -> BTreeSet<String> {
+            self.chains.keys().filter(|c| c.starts_with(CLASS_PREFIX)).cloned().collect()
+        }
     }
 
     fn table() -> FakeTable {
@@ -910,6 +1119,10 @@ mod tests {
         text.parse().unwrap()
     }
 
+    fn dnat(count: u32, remember: Option<Remember>) -> Vec<Stmt> {
+        vec![Stmt::DnatEndpoint { endpoints: SERVICE_ENDPOINTS.into(), count, remember }]
+    }
+
     #[test]
     fn the_skeleton_is_kube_proxys_shape_and_idempotent() {
         let mut table = table();
@@ -917,26 +1130,21 @@ mod tests {
         for chain in ["nat-prerouting", "nat-output", "nat-postrouting", "filter-output"] {
             assert_eq!(table.chains[chain].len(), 1, "{chain}");
         }
-        assert_eq!(table.chains[SERVICES].len(), 2);
-        assert_eq!(table.sets.len(), 6 + ENDPOINT_SHARDS as usize);
+        assert_eq!(table.chains[SERVICES].len(), 0);
+        assert_eq!(table.chains[ENDPOINTS_CHECK].len(), 2);
+        assert_eq!(table.sets.len(), 6);
     }
 
     #[test]
-    fn a_service_dispatches_to_its_chain_which_dnats_to_an_endpoint_of_the_shared_map() {
+    fn a_service_gets_a_class_number_whose_chain_dnats_to_an_endpoint_of_the_shared_map() {
         let mut table = table();
         let mut planner = Planner::new();
         let plan = planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]));
         table.execute(&plan.ops);
         let fe = frontend("10.96.0.1", 80);
-        assert_eq!(
-            table.elements[&(SERVICE_IPS.into(), element_key(&fe))],
-            Verdict::Goto("service-10.96.0.1/tcp/80".into())
-        );
-        let service = &table.chains["service-10.96.0.1/tcp/80"];
-        assert_eq!(
-            service.last().unwrap().0,
-            [Stmt::DnatEndpoint { endpoints: endpoint_map(&fe), count: 2, remember: None }]
-        );
+        let chain = table.class_chain(&fe);
+        assert_eq!(chain.last().unwrap().0, dnat(2, None));
+        assert_eq!(table.class_chains(), ["class-2".to_string()].into());
         assert_eq!(table.endpoints(&fe), [sa("10.0.0.1:8080"), sa("10.0.0.2:8080")]);
         assert_eq!(
             table.hairpin(),
@@ -951,7 +1159,7 @@ mod tests {
     }
 
     #[test]
-    fn one_changed_service_among_many_touches_only_its_own_objects() {
+    fn services_of_one_shape_share_a_class_and_a_change_writes_elements_only() {
         let mut table = table();
         let mut planner = Planner::new();
         let ips: Vec<String> =
@@ -959,34 +1167,52 @@ mod tests {
         let entries: Vec<(&str, u16, &[&str])> =
             ips.iter().map(|ip| (ip.as_str(), 80, &["10.0.0.1:8080"][..])).collect();
         table.execute(&planner.plan(&state(&entries)).ops);
+        assert_eq!(table.class_chains(), ["class-1".to_string()].into());
+
+        // One service gets a second endpoint: a new class (once), then elements.
         let mut changed = entries.clone();
         changed[100].2 = &["10.0.0.1:8080", "10.0.0.2:8080"];
         let plan = planner.plan(&state(&changed));
         table.execute(&plan.ops);
-        // The new address joins the hairpin set (its own group), then the frontend's group.
-        assert_eq!(plan.groups.len(), 2);
-        let touched: BTreeSet<String> = plan
+        assert_eq!(table.class_chains(), ["class-1".to_string(), "class-2".to_string()].into());
+        // Another service gets a second endpoint: the class exists, so no rule (nothing that
+        // makes the kernel validate the table), only set elements.
+        changed[200].2 = &["10.0.0.1:8080", "10.0.0.3:8080"];
+        let plan = planner.plan_changed(&state(&changed), &[frontend(&ips[200], 80)]);
+        table.execute(&plan.ops);
+        for op in &plan.ops {
+            assert!(
+                matches!(
+                    op,
+                    Op::AddSetElement { .. } | Op::AddEntry { .. } | Op::DeleteElement { .. }
+                ),
+                "{op:?}"
+            );
+        }
+        // The hairpin address, the endpoint, the frontend moved from one class set to the
+        // other (delete, add).
+        assert_eq!(plan.ops.len(), 4, "{:#?}", plan.ops);
+        let fe = frontend(&ips[200], 80);
+        assert_eq!(table.endpoints(&fe), [sa("10.0.0.1:8080"), sa("10.0.0.3:8080")]);
+        assert_eq!(table.class_chain(&fe).last().unwrap().0, dnat(2, None));
+
+        // The same count with another endpoint: two elements, nothing else.
+        changed[200].2 = &["10.0.0.1:8080", "10.0.0.4:8080"];
+        let plan = planner.plan_changed(&state(&changed), &[fe]);
+        table.execute(&plan.ops);
+        let endpoint_ops = plan
             .ops
             .iter()
-            .filter_map(|op| match op {
-                Op::FlushChain { name } | Op::AddChain { name, .. } => Some(name.clone()),
-                Op::AddRule { chain, .. } => Some(chain.clone()),
-                _ => None,
+            .filter(|op| {
+                matches!(op, Op::AddEntry { set, .. } | Op::DeleteElement { set, .. }
+                    if set == SERVICE_ENDPOINTS)
             })
-            .collect();
-        assert_eq!(touched, [format!("service-{}/tcp/80", ips[100])].into());
-        // The hairpin address, the endpoint element, the chain flushed and its two rules
-        // (fingerprint, DNAT with the new count): nothing else.
-        assert_eq!(plan.ops.len(), 5, "{:#?}", plan.ops);
-
-        // The same count with another endpoint: two elements, no rule.
-        changed[100].2 = &["10.0.0.1:8080", "10.0.0.3:8080"];
-        let plan = planner.plan(&state(&changed));
-        table.execute(&plan.ops);
-        assert!(!plan.ops.iter().any(|op| matches!(op, Op::AddRule { .. })), "{:#?}", plan.ops);
-        let fe = frontend(&ips[100], 80);
-        assert_eq!(table.endpoints(&fe), [sa("10.0.0.1:8080"), sa("10.0.0.3:8080")]);
-        assert!(!table.hairpin().contains(&"10.0.0.2".parse().unwrap()));
+            .count();
+        assert_eq!(endpoint_ops, 2, "{:#?}", plan.ops);
+        assert!(
+            !plan.ops.iter().any(|op| matches!(op, Op::AddRule { .. } | Op::AddSetElement { .. }))
+        );
+        assert!(!table.hairpin().contains(&"10.0.0.3".parse().unwrap()));
     }
 
     #[test]
@@ -1009,7 +1235,37 @@ mod tests {
         assert_eq!(table.contents().chains, empty.chains);
         assert!(table.elements.is_empty());
         assert!(table.entries.is_empty());
+        assert!(table.chains[SERVICES].is_empty());
         assert_eq!(planner.frontends(), 0);
+    }
+
+    #[test]
+    fn classes_nothing_uses_are_kept_for_reuse_up_to_a_bound() {
+        let mut table = table();
+        let mut planner = Planner::new();
+        let fe = frontend("10.96.0.1", 80);
+        let endpoints: Vec<String> = (1..=40).map(|i| format!("10.0.0.{i}:80")).collect();
+        let with = |n: usize| {
+            let list: Vec<&str> = endpoints[..n].iter().map(String::as_str).collect();
+            state(&[("10.96.0.1", 80, &list)])
+        };
+        table.execute(&planner.plan(&with(1)).ops);
+        table.execute(&planner.plan_changed(&with(2), &[fe]).ops);
+        // Back to one endpoint: class-1 is kept and reused, nothing but elements is written.
+        let plan = planner.plan_changed(&with(1), &[fe]);
+        assert!(!plan.ops.iter().any(|op| matches!(op, Op::AddRule { .. })), "{plan:#?}");
+        table.execute(&plan.ops);
+        assert_eq!(table.class_chains().len(), 2);
+        // Scaling through 40 shapes keeps at most MAX_UNUSED_CLASSES unused ones.
+        for n in 3..=40 {
+            table.execute(&planner.plan_changed(&with(n), &[fe]).ops);
+        }
+        assert_eq!(table.class_chains().len(), MAX_UNUSED_CLASSES + 1);
+        assert_eq!(table.chains[SERVICES].len(), MAX_UNUSED_CLASSES + 1);
+        assert_eq!(planner.plan(&with(40)), Plan::default());
+        // No frontend left: every class goes.
+        table.execute(&planner.plan(&ServiceState::default()).ops);
+        assert!(table.class_chains().is_empty());
     }
 
     #[test]
@@ -1019,19 +1275,15 @@ mod tests {
         let mut desired = state(&[("10.96.0.1", 80, &[]), ("10.96.0.2", 80, &[])]);
         desired.frontends.get_mut(&frontend("10.96.0.2", 80)).unwrap().when_empty = WhenEmpty::Drop;
         table.execute(&planner.plan(&desired).ops);
-        let verdict = |ip| {
-            table.elements[&(NO_ENDPOINT_SERVICES.into(), element_key(&frontend(ip, 80)))].clone()
-        };
-        assert_eq!(verdict("10.96.0.1"), Verdict::Goto(REJECT_CHAIN.into()));
-        assert_eq!(verdict("10.96.0.2"), Verdict::Drop);
-        // Endpoints appear: the reject element goes, the dispatch element comes.
+        let key = |ip| element_key(&frontend(ip, 80));
+        assert!(table.has(NO_ENDPOINT_REJECT, &key("10.96.0.1")));
+        assert!(table.has(NO_ENDPOINT_DROP, &key("10.96.0.2")));
+        assert!(table.class_chains().is_empty());
+        // Endpoints appear: the reject element goes, the class element comes.
         table.execute(&planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:80"])])).ops);
-        assert_eq!(table.elements.len(), 1);
-        assert!(
-            table
-                .elements
-                .contains_key(&(SERVICE_IPS.into(), element_key(&frontend("10.96.0.1", 80))))
-        );
+        assert!(!table.has(NO_ENDPOINT_REJECT, &key("10.96.0.1")));
+        assert!(!table.has(NO_ENDPOINT_DROP, &key("10.96.0.2")));
+        assert!(table.has("class-1-frontends", &key("10.96.0.1")));
     }
 
     #[test]
@@ -1046,29 +1298,22 @@ mod tests {
             f.affinity_timeout = Some(60);
         }
         table.execute(&planner.plan(&desired).ops);
-        assert!(table.elements.contains_key(&(SERVICE_NODEPORTS.into(), element_key(&fe))));
-        let service = &table.chains["service-10.0.9.9/tcp/30080"];
-        assert_eq!(service[1].0, [Stmt::MarkSet(MASQUERADE_MARK)]);
+        let chain = table.class_chain(&fe).to_vec();
+        assert_eq!(table.class_chains(), ["class-2-masq-affinity-60".to_string()].into());
+        assert_eq!(chain[1].0, [Stmt::MarkSet(MASQUERADE_MARK)]);
         let remember = Remember { map: SERVICE_AFFINITY.into(), timeout_seconds: 60 };
         assert_eq!(
-            service[2].0,
+            chain[2].0,
             [Stmt::ForgetRemembered {
                 remember: remember.clone(),
                 valid: AFFINITY_ENDPOINTS.into()
             }]
         );
         assert_eq!(
-            service[3].0,
+            chain[3].0,
             [Stmt::DnatRemembered { remember: remember.clone(), valid: AFFINITY_ENDPOINTS.into() }]
         );
-        assert_eq!(
-            service[4].0,
-            [Stmt::DnatEndpoint {
-                endpoints: endpoint_map(&fe),
-                count: 2,
-                remember: Some(remember)
-            }]
-        );
+        assert_eq!(chain[4].0, dnat(2, Some(remember)));
         let valid =
             |t: &FakeTable| t.entries.keys().filter(|(set, _)| set == AFFINITY_ENDPOINTS).count();
         assert_eq!(valid(&table), 2);
@@ -1080,7 +1325,22 @@ mod tests {
         desired.frontends.get_mut(&fe).unwrap().affinity_timeout = None;
         table.execute(&planner.plan(&desired).ops);
         assert_eq!(valid(&table), 0);
-        assert_eq!(table.chains["service-10.0.9.9/tcp/30080"].len(), 3);
+        assert_eq!(table.class_chain(&fe).len(), 3);
+    }
+
+    #[test]
+    fn class_names_parse_back() {
+        for class in [
+            Class { count: 3, masquerade: false, affinity: None },
+            Class { count: 1, masquerade: true, affinity: None },
+            Class { count: 12, masquerade: false, affinity: Some(10800) },
+            Class { count: 2, masquerade: true, affinity: Some(60) },
+        ] {
+            assert_eq!(Class::parse(&class.chain()), Some(class), "{}", class.chain());
+        }
+        for bad in ["class-0", "class-x", "class-3-", "class-3-affinity-", "class-3-masq-masq"] {
+            assert_eq!(Class::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -1095,13 +1355,16 @@ mod tests {
         assert_eq!((restarted.frontends(), restarted.backends()), (2, 3));
         assert_eq!(restarted.plan(&desired), Plan::default(), "a restart writes nothing");
 
-        // Damage: one service's rules and an endpoint are gone, a stray service is left over.
+        // Damage: one class's rules and an endpoint are gone, a stray service is left over.
         let fe2 = frontend("10.96.0.2", 80);
         live.execute(&[
-            Op::FlushChain { name: "service-10.96.0.2/tcp/80".into() },
-            Op::DeleteElement { set: endpoint_map(&fe2), key: endpoint_key(&fe2, 0) },
+            Op::FlushChain { name: "class-1".into() },
+            Op::DeleteElement { set: SERVICE_ENDPOINTS.into(), key: endpoint_key(&fe2, 0) },
         ]);
-        live.execute(&Planner::new().plan(&state(&[("10.96.0.9", 80, &["10.0.0.9:80"])])).ops);
+        let stray = state(&[("10.96.0.9", 80, &["10.0.0.9:80"])]);
+        live.execute(
+            &Planner::adopt(&live.contents()).plan_changed(&stray, stray.frontends.keys()).ops,
+        );
         let mut restarted = Planner::adopt(&live.contents());
         let plan = restarted.plan(&desired);
         live.execute(&plan.ops);
@@ -1109,26 +1372,27 @@ mod tests {
             !plan
                 .ops
                 .iter()
-                .any(|op| matches!(op, Op::AddRule { chain, .. } if chain.contains("10.96.0.1")))
+                .any(|op| matches!(op, Op::AddRule { chain, .. } if chain == "class-2"))
         );
         let mut fresh = table();
         fresh.execute(&Planner::new().plan(&desired).ops);
         assert_eq!(live.contents().chains, fresh.contents().chains);
-        assert_eq!(live.elements, fresh.elements);
         assert_eq!(live.entries, fresh.entries);
-        assert_eq!(
-            live.chains["service-10.96.0.2/tcp/80"],
-            fresh.chains["service-10.96.0.2/tcp/80"]
-        );
+        assert_eq!(live.chains["class-1"], fresh.chains["class-1"]);
+        assert_eq!(restarted.plan(&desired), Plan::default());
     }
 
     #[test]
     fn a_table_of_the_earlier_shape_is_converted_in_place() {
-        let mut live = table();
+        let mut live = FakeTable::default();
         let fe = frontend("10.96.0.1", 80);
+        let old_chain = "service-10.96.0.1/tcp/80";
         let old_endpoint = "endpoint-10.96.0.1/tcp/80__10.0.0.1/8080";
         let old_set = "affinity-10.96.0.1/tcp/80__10.0.0.1/8080";
+        let shard = "service-endpoints-042";
         live.execute(&[
+            Op::AddSet { name: "service-ips".into(), kind: SetKind::ServiceMap },
+            Op::AddSet { name: shard.into(), kind: SetKind::EndpointMap },
             Op::AddSet { name: old_set.into(), kind: SetKind::Affinity },
             Op::AddChain { name: old_endpoint.into(), base: None },
             Op::AddRule {
@@ -1136,18 +1400,35 @@ mod tests {
                 stmts: vec![Stmt::UpdateSaddr { set: old_set.into(), timeout_seconds: 5 }],
                 comment: None,
             },
-            Op::AddChain { name: "service-10.96.0.1/tcp/80".into(), base: None },
+            Op::AddChain { name: old_chain.into(), base: None },
             Op::AddRule {
-                chain: "service-10.96.0.1/tcp/80".into(),
+                chain: old_chain.into(),
                 stmts: vec![Stmt::NumgenVmap { targets: vec![old_endpoint.into()] }],
-                comment: Some("weir:0123456789abcdef".into()),
+                comment: Some("weir2:0123456789abcdef".into()),
+            },
+            Op::AddRule {
+                chain: old_chain.into(),
+                stmts: vec![Stmt::DnatEndpoint {
+                    endpoints: shard.into(),
+                    count: 1,
+                    remember: None,
+                }],
+                comment: None,
             },
             Op::AddElement {
-                set: SERVICE_IPS.into(),
+                set: "service-ips".into(),
                 key: element_key(&fe),
-                verdict: Verdict::Goto("service-10.96.0.1/tcp/80".into()),
+                verdict: Verdict::Goto(old_chain.into()),
             },
         ]);
+        live.execute(&[Op::AddChain { name: SERVICES.into(), base: None }]);
+        live.execute(&[Op::AddRule {
+            chain: SERVICES.into(),
+            stmts: vec![Stmt::ServiceVmap { map: "service-ips".into() }],
+            comment: None,
+        }]);
+        // The agent writes the new skeleton first.
+        live.execute(&skeleton());
         let desired = state(&[("10.96.0.1", 80, &["10.0.0.1:8080"])]);
         let mut planner = Planner::adopt(&live.contents());
         live.execute(&planner.plan(&desired).ops);
@@ -1156,10 +1437,7 @@ mod tests {
         assert_eq!(live.contents().chains, fresh.contents().chains);
         assert_eq!(live.sets, fresh.sets);
         assert_eq!(live.entries, fresh.entries);
-        assert_eq!(
-            live.chains["service-10.96.0.1/tcp/80"],
-            fresh.chains["service-10.96.0.1/tcp/80"]
-        );
+        assert_eq!(live.chains[SERVICES], fresh.chains[SERVICES]);
     }
 
     #[test]
@@ -1169,17 +1447,15 @@ mod tests {
     }
 
     #[test]
-    fn object_names_parse_back() {
-        let f = frontend("10.96.0.1", 80);
-        assert_eq!(parse_frontend_id(&frontend_id(&f)), Some(f));
-        assert_eq!(
-            parse_legacy_object("endpoint-10.96.0.1/tcp/80__10.0.0.1/8080", "endpoint-"),
-            Some(f)
-        );
-        assert_eq!(
-            "service-endpoints-check".strip_prefix("service-").and_then(parse_frontend_id),
-            None
-        );
+    fn legacy_object_names_are_recognised() {
+        assert!(is_legacy_chain("service-10.96.0.1/tcp/80"));
+        assert!(is_legacy_chain("endpoint-10.96.0.1/tcp/80__10.0.0.1/8080"));
+        assert!(!is_legacy_chain("service-endpoints-check"));
+        assert!(!is_legacy_chain("class-3"));
+        assert!(is_legacy_set("service-endpoints-255"));
+        assert!(is_legacy_set("service-ips"));
+        assert!(!is_legacy_set(SERVICE_ENDPOINTS));
+        assert!(!is_legacy_set(SERVICE_AFFINITY));
     }
 
     #[test]
@@ -1193,8 +1469,14 @@ mod tests {
                 // Now and then: the planner and the table both hold exactly the desired state.
                 if step % 20 == 19 {
                     assert_eq!(planner.plan(desired).ops, [], "seed {seed} step {step}");
+                    let distinct: BTreeSet<SocketAddrV4> =
+                        table.entries.values().flatten().copied().collect();
+                    assert_eq!(planner.backends(), distinct.len(), "seed {seed} step {step}");
                     let adopted = Planner::adopt(&table.contents()).plan(desired);
                     assert_eq!(adopted.ops, [], "seed {seed} step {step}");
+                    let mut fresh = super::tests::table();
+                    fresh.execute(&Planner::new().plan(desired).ops);
+                    assert_eq!(table.entries, fresh.entries, "seed {seed} step {step}");
                 }
             }
         }

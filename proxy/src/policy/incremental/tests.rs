@@ -4,7 +4,7 @@
 use weir_policy::{IncrementalCompiler, random::RandomChanges};
 
 use super::*;
-use crate::policy::lower::{Lowering, diff};
+use crate::policy::lower::{Lowering, diff, ip_of};
 
 fn apply<K: Ord + Clone, V: Clone>(map: &mut BTreeMap<K, V>, diff: &MapDiff<K, V>) {
     for key in &diff.deletes {
@@ -20,10 +20,12 @@ fn run(seed: u64, steps: usize, node: Option<&str>) {
     let mut compiler = IncrementalCompiler::new(node);
     let mut incremental = IncrementalLowering::default();
     let mut reference = Lowering::default();
-    // The node's addresses sit inside the random ipBlocks (10.0.0.0/29) and among the pods'.
-    let host = [Ipv4Addr::new(10, 0, 0, 3), Ipv4Addr::new(192, 168, 0, 1)];
+    // The node's addresses sit inside the random ipBlocks (10.0.0.0/29, fd00::/125) and among
+    // the pods'.
+    let host: Vec<IpAddr> =
+        ["10.0.0.3", "192.168.0.1", "fd00::3"].iter().map(|ip| ip.parse().unwrap()).collect();
     let mut written = DatapathPolicy::default();
-    let (mut with_rules, mut with_prefixes) = (0, 0);
+    let (mut with_rules, mut with_prefixes, mut with_v6) = (0, 0, 0);
     for step in 0..steps {
         let (change, what) = changes.next_change();
         compiler.apply(change);
@@ -72,9 +74,14 @@ fn run(seed: u64, steps: usize, node: Option<&str>) {
         apply(&mut written.rules, &changed.rules);
         assert!(written == expected, "{context}: the deltas do not add up to the contents");
         with_rules += usize::from(expected.rules.len() > 5);
-        with_prefixes += usize::from(expected.ipcache.keys().any(|(bits, _)| *bits < 32));
+        with_prefixes += usize::from(expected.ipcache.keys().any(|(bits, _)| *bits < 128));
+        with_v6 += usize::from(
+            expected.endpoints.keys().any(|a| ip_of(*a).is_ipv6())
+                && expected.ipcache.keys().any(|(bits, a)| *bits < 128 && ip_of(*a).is_ipv6()),
+        );
     }
     assert!(with_rules > steps / 2 && with_prefixes > steps / 4, "{with_rules} {with_prefixes}");
+    assert!(with_v6 > steps / 10, "IPv6 endpoints and prefixes in {with_v6} steps");
 }
 
 #[test]

@@ -12,14 +12,14 @@
 //! [`Desired::new`] after every change (checked over random change sequences in the tests).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use weir_policy::{Compiled, Delta, Direction, PeerMatch, PodRef, PolicyRef};
 
 use super::plan::{
-    self, Box3, Desired, allow_boxes, disjoint, endpoint_verdict, host_boxes, overlap, tuple,
-    unknown_pods, v4,
+    self, Box3, Desired, allow_boxes, disjoint, endpoint_verdict, host_boxes, line, overlap,
+    tuples, unknown_pods,
 };
 use crate::{
     apply::nft::ops::{PolicyTuple, Verdict},
@@ -51,11 +51,11 @@ pub struct IncrementalDesired {
     sides: BTreeMap<SideKey, SideState>,
     /// Identity -> the slices naming it.
     slices_by_identity: BTreeMap<u32, BTreeSet<SliceKey>>,
-    /// Identity -> address -> how many pods of it have the address.
-    addresses: BTreeMap<u32, BTreeMap<u32, usize>>,
-    /// Pod -> (identity, IPv4 addresses) as counted in `addresses`.
-    pods: BTreeMap<PodRef, (u32, Vec<u32>)>,
-    endpoints: EndpointAddresses,
+    /// Identity -> address (on the line of [`line`]) -> how many pods of it have the address.
+    addresses: BTreeMap<u32, BTreeMap<u128, usize>>,
+    /// Pod -> (identity, addresses on the line) as counted in `addresses`.
+    pods: BTreeMap<PodRef, (u32, Vec<u128>)>,
+    endpoints: EndpointAddresses<IpAddr>,
     /// Allow tuple -> how many endpoint directions give it, per set (ingress, egress).
     tuple_refs: [BTreeMap<PolicyTuple, usize>; 2],
     /// Drop chain -> how many endpoint directions go to it.
@@ -82,7 +82,7 @@ fn uncount(raw: &mut BTreeMap<Box3, usize>, b: &Box3) -> bool {
 fn endpoint_chains(endpoint: &weir_policy::EndpointPolicy) -> Vec<String> {
     plan::DIRECTIONS
         .iter()
-        .filter_map(|d| match endpoint_verdict(endpoint.direction(*d)) {
+        .filter_map(|d| match endpoint_verdict(endpoint.direction(*d), *d) {
             Verdict::Goto(chain) => Some(chain),
             _ => None,
         })
@@ -156,10 +156,9 @@ impl IncrementalDesired {
         let mut slices: BTreeSet<SliceKey> = delta.slices.clone();
         for pod in &delta.pods {
             let old = self.pods.remove(pod);
-            let new = compiled
-                .pods
-                .get(pod)
-                .and_then(|e| Some((e.identity?, v4(&e.ips).map(u32::from).collect::<Vec<u32>>())));
+            let new = compiled.pods.get(pod).and_then(|e| {
+                Some((e.identity?, e.ips.iter().map(|a| line(*a)).collect::<Vec<u128>>()))
+            });
             if old == new {
                 if let Some(old) = old {
                     self.pods.insert(pod.clone(), old);
@@ -192,12 +191,11 @@ impl IncrementalDesired {
 
         // Endpoints taken whole: their addresses and every slice, old and new.
         let mut sides: BTreeSet<SideKey> = BTreeSet::new();
-        let mut verdict_ips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let mut verdict_ips: BTreeSet<IpAddr> = BTreeSet::new();
         let mut addresses_changed = false;
         for pod in &delta.endpoints {
-            let new_ips: Vec<Ipv4Addr> = match (compiled.endpoints.get(pod), compiled.pods.get(pod))
-            {
-                (Some(_), Some(entry)) => v4(&entry.ips).collect(),
+            let new_ips: Vec<IpAddr> = match (compiled.endpoints.get(pod), compiled.pods.get(pod)) {
+                (Some(_), Some(entry)) => entry.ips.clone(),
                 _ => Vec::new(),
             };
             let old_ips = self.endpoints.of(pod).cloned().unwrap_or_default();
@@ -263,7 +261,7 @@ impl IncrementalDesired {
                     _ => None,
                 })
                 .collect();
-            let addresses = |id: u32| -> Vec<u32> {
+            let addresses = |id: u32| -> Vec<u128> {
                 self.addresses.get(&id).map(|a| a.keys().copied().collect()).unwrap_or_default()
             };
             let boxes = allow_boxes(allow, &addresses);
@@ -359,10 +357,9 @@ impl IncrementalDesired {
         }
         for ip in verdict_ips {
             for direction in plan::DIRECTIONS {
-                let verdict = self
-                    .endpoints
-                    .holder(&ip)
-                    .map(|pod| endpoint_verdict(compiled.endpoints[pod].direction(direction)));
+                let verdict = self.endpoints.holder(&ip).map(|pod| {
+                    endpoint_verdict(compiled.endpoints[pod].direction(direction), direction)
+                });
                 let endpoints = &mut self.desired.side_mut(direction).endpoints;
                 let old = match &verdict {
                     Some(v) => endpoints.insert(ip, v.clone()),
@@ -381,7 +378,7 @@ impl IncrementalDesired {
 
         // Unknown pods: the pod ranges minus the endpoints' addresses.
         if addresses_changed || unknown_changed {
-            let known: Vec<Ipv4Addr> = self.endpoints.addresses().copied().collect();
+            let known: Vec<IpAddr> = self.endpoints.addresses().copied().collect();
             let unknown = unknown_pods(&self.node, &known);
             if unknown != self.desired.unknown_pods {
                 change.old.unknown_pods =
@@ -410,7 +407,7 @@ impl IncrementalDesired {
     fn set_tuples(
         &mut self,
         direction: Direction,
-        ips: &[Ipv4Addr],
+        ips: &[IpAddr],
         old: &BTreeSet<Box3>,
         new: &BTreeSet<Box3>,
         change: &mut DesiredChange,
@@ -418,8 +415,7 @@ impl IncrementalDesired {
         let refs = &mut self.tuple_refs[side_index(direction)];
         let allow = &mut self.desired.side_mut(direction).allow;
         for ip in ips {
-            for b in old.difference(new) {
-                let t = tuple(*ip, b);
+            for t in old.difference(new).flat_map(|b| tuples(*ip, b)) {
                 if let Some(n) = refs.get_mut(&t) {
                     *n -= 1;
                     if *n == 0 {
@@ -429,8 +425,7 @@ impl IncrementalDesired {
                     }
                 }
             }
-            for b in new.difference(old) {
-                let t = tuple(*ip, b);
+            for t in new.difference(old).flat_map(|b| tuples(*ip, b)) {
                 let n = refs.entry(t).or_default();
                 *n += 1;
                 if *n == 1 {

@@ -15,6 +15,7 @@
 //! - the table is removed only by [`NftPolicy::remove`].
 pub mod incremental;
 pub mod inspect;
+pub mod live;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -68,20 +69,22 @@ impl NftPolicy {
         self.send(&[Op::DeleteTable])
     }
 
-    /// Packets dropped per counter: `drop-<namespace>/<policy>` (drops attributed to the
-    /// first policy isolating the pod's direction) and `drop-unknown` (pods the policy does
-    /// not know yet).
+    /// Packets dropped per counter: `drop-<direction>-<namespace>/<policy>` (drops attributed
+    /// to the first policy isolating the pod's direction) and `drop-unknown` (pods the policy
+    /// does not know yet).
     pub fn drop_counters(&mut self) -> Result<BTreeMap<String, u64>, NftError> {
         inspect::counters(&mut self.socket, &self.table)
             .map_err(|source| NftError::Io { table: self.table.clone(), source })
     }
 
     /// The allow tuples the kernel holds, per set ([`plan::INGRESS_ALLOW`],
-    /// [`plan::EGRESS_ALLOW`]), read back from the table (for `trace --live` and tests).
+    /// [`plan::EGRESS_ALLOW`] and their IPv6 sets), read back from the table (for tests).
     pub fn allow_tuples(&mut self) -> Result<BTreeMap<String, Vec<PolicyTuple>>, NftError> {
         let table = self.table.clone();
         let mut out = BTreeMap::new();
-        for set in [plan::INGRESS_ALLOW, plan::EGRESS_ALLOW] {
+        for set in
+            [plan::INGRESS_ALLOW, plan::EGRESS_ALLOW, plan::INGRESS_ALLOW6, plan::EGRESS_ALLOW6]
+        {
             let dumped = self
                 .socket
                 .dump(DumpKind::Elements, &table, Some(set))

@@ -11,11 +11,16 @@
 //!     ct state established,related accept
 //!     jump egress }                    # pod -> this node; output (node -> pod) is not filtered
 //! chain ingress {
+//!     icmpv6 type 130-137 return       # neighbour and multicast listener discovery
+//!     icmpv6 type 143 return
 //!     ip daddr . meta l4proto . th dport . ip saddr @ingress-allow return
-//!     ip daddr vmap @ingress-endpoints # known pod: return, isolated: goto drop-<policy>
-//!     ip daddr @unknown-pods goto drop-unknown }
-//! chain egress { the same with saddr and daddr swapped, @egress-allow, @egress-endpoints }
-//! chain drop-<ns>/<policy> { counter name "drop-<ns>/<policy>" drop }
+//!     ip6 daddr . meta l4proto . th dport . ip6 saddr @ingress-allow6 return
+//!     ip daddr vmap @ingress-endpoints # known pod: return, isolated: goto drop-ingress-<policy>
+//!     ip6 daddr vmap @ingress-endpoints6
+//!     ip daddr @unknown-pods goto drop-unknown
+//!     ip6 daddr @unknown-pods6 goto drop-unknown }
+//! chain egress { the same with saddr and daddr swapped, @egress-allow(6), @egress-endpoints(6) }
+//! chain drop-<direction>-<ns>/<policy> { counter name "drop-<direction>-<ns>/<policy>" drop }
 //! chain drop-unknown { counter name "drop-unknown" drop }
 //! ```
 //! `*-allow` hold (endpoint . protocol range . port range . peer address range) tuples of the
@@ -23,17 +28,23 @@
 //! tuple per box of the union of the endpoint's allow entries; `*-endpoints` map every local
 //! pod address to `return` (not isolated in that direction) or to the drop chain of its first
 //! isolating policy; `unknown-pods` holds the node's pod ranges minus its known pods while
-//! `deny_unknown` is set, and is empty otherwise.
+//! `deny_unknown` is set, and is empty otherwise. The sets ending in `6` hold the IPv6
+//! addresses, the others the IPv4 ones.
+//!
+//! The boxes are computed for both families at once: peer addresses lie on one line of u128,
+//! IPv6 as is and IPv4 mapped (`::ffff:a.b.c.d`, as in the eBPF maps), and IPv6 ranges leave
+//! the mapped range out, so an IPv6 ipBlock such as `::/0` never admits an IPv4 peer. An
+//! endpoint's tuples take the part of each box in its own family.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use weir_policy::{Allow, Compiled, Direction, DirectionPolicy, IpBlock, PeerMatch, PolicyRef};
 
 use crate::{
     apply::nft::{
-        ops::{AddrField, BaseChain, ElementKey, Op, PolicyTuple, SetKind, Stmt, Verdict},
+        ops::{AddrField, BaseChain, ElementKey, Family, Op, PolicyTuple, SetKind, Stmt, Verdict},
         plan::{FixedChain, fixed_chains},
     },
     policy::PolicyNode,
@@ -44,6 +55,25 @@ pub const EGRESS_ALLOW: &str = "egress-allow";
 pub const INGRESS_ENDPOINTS: &str = "ingress-endpoints";
 pub const EGRESS_ENDPOINTS: &str = "egress-endpoints";
 pub const UNKNOWN_PODS: &str = "unknown-pods";
+pub const INGRESS_ALLOW6: &str = "ingress-allow6";
+pub const EGRESS_ALLOW6: &str = "egress-allow6";
+pub const INGRESS_ENDPOINTS6: &str = "ingress-endpoints6";
+pub const EGRESS_ENDPOINTS6: &str = "egress-endpoints6";
+pub const UNKNOWN_PODS6: &str = "unknown-pods6";
+/// Every set of the table.
+pub const SETS: [&str; 10] = [
+    INGRESS_ALLOW,
+    EGRESS_ALLOW,
+    INGRESS_ENDPOINTS,
+    EGRESS_ENDPOINTS,
+    UNKNOWN_PODS,
+    INGRESS_ALLOW6,
+    EGRESS_ALLOW6,
+    INGRESS_ENDPOINTS6,
+    EGRESS_ENDPOINTS6,
+    UNKNOWN_PODS6,
+];
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 /// Chain and counter of drops of pods the policy does not know yet.
 pub const DROP_UNKNOWN: &str = "drop-unknown";
 const DROP_PREFIX: &str = "drop-";
@@ -57,20 +87,34 @@ const FILTER_PRIORITY: i32 = 0;
 /// nftables object names are at most this long.
 const MAX_NAME: usize = 255;
 
-/// The sets of one direction, by [`Direction`].
-pub(super) fn sets(direction: Direction) -> (&'static str, &'static str, AddrField) {
-    match direction {
-        Direction::Ingress => (INGRESS_ALLOW, INGRESS_ENDPOINTS, AddrField::Daddr),
-        Direction::Egress => (EGRESS_ALLOW, EGRESS_ENDPOINTS, AddrField::Saddr),
+/// The allow set, the endpoint map and the endpoint's address field of one direction and
+/// family.
+pub(super) fn sets(
+    direction: Direction,
+    family: Family,
+) -> (&'static str, &'static str, AddrField) {
+    match (direction, family) {
+        (Direction::Ingress, Family::V4) => (INGRESS_ALLOW, INGRESS_ENDPOINTS, AddrField::Daddr),
+        (Direction::Egress, Family::V4) => (EGRESS_ALLOW, EGRESS_ENDPOINTS, AddrField::Saddr),
+        (Direction::Ingress, Family::V6) => (INGRESS_ALLOW6, INGRESS_ENDPOINTS6, AddrField::Daddr),
+        (Direction::Egress, Family::V6) => (EGRESS_ALLOW6, EGRESS_ENDPOINTS6, AddrField::Saddr),
+    }
+}
+
+/// The unknown-pods set of a family.
+pub(super) fn unknown_set(family: Family) -> &'static str {
+    match family {
+        Family::V4 => UNKNOWN_PODS,
+        Family::V6 => UNKNOWN_PODS6,
     }
 }
 
 pub(super) const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Egress];
 
-/// The chain (and counter) that drops what `policy` isolates: `drop-<ns>/<name>`, shortened
-/// with a hash when longer than nftables allows.
-pub fn drop_chain(policy: &PolicyRef) -> String {
-    let name = format!("{DROP_PREFIX}{policy}");
+/// The chain (and counter) that drops what `policy` isolates in `direction`:
+/// `drop-<direction>-<ns>/<name>`, shortened with a hash when longer than nftables allows.
+pub fn drop_chain(policy: &PolicyRef, direction: Direction) -> String {
+    let name = format!("{DROP_PREFIX}{direction}-{policy}");
     if name.len() <= MAX_NAME {
         return name;
     }
@@ -86,38 +130,68 @@ pub fn drop_chain(policy: &PolicyRef) -> String {
     format!("{}~{hash:016x}", &name[..cut])
 }
 
-/// Whether a chain or counter name is a policy's drop chain (not the fixed ones).
+/// Whether a chain or counter name is a policy's drop chain (not the fixed ones; also the
+/// `drop-<ns>/<name>` chains of earlier versions, so that a rewrite removes them).
 pub fn is_policy_drop(name: &str) -> bool {
     name.starts_with(DROP_PREFIX) && name != DROP_UNKNOWN
 }
+
+/// The direction and `<ns>/<name>` of a [`drop_chain`] name (a shortened name gives its
+/// shortened policy part).
+pub fn parse_drop_chain(name: &str) -> Option<(Direction, &str)> {
+    let rest = name.strip_prefix(DROP_PREFIX)?;
+    DIRECTIONS.into_iter().find_map(|direction| {
+        let policy = rest.strip_prefix(&format!("{direction}-"))?;
+        Some((direction, policy))
+    })
+}
+
+/// The ICMPv6 types that pass without policy, as ranges: `weir_common::policy::
+/// icmpv6_link_control`.
+const ICMPV6_LINK_CONTROL: [(u8, u8); 2] = [(130, 137), (143, 143)];
 
 /// The table's fixed skeleton, idempotent: creates what is missing and rewrites the rules of
 /// the fixed chains in one batch (no packet sees them empty). Set elements are kept.
 pub fn skeleton() -> Vec<Op> {
     let mut ops = vec![Op::AddTable];
-    for direction in DIRECTIONS {
-        let (allow, endpoints, _) = sets(direction);
-        ops.push(Op::AddSet { name: allow.into(), kind: SetKind::PolicyTuples });
-        ops.push(Op::AddSet { name: endpoints.into(), kind: SetKind::AddressMap });
+    for family in FAMILIES {
+        for direction in DIRECTIONS {
+            let (allow, endpoints, _) = sets(direction, family);
+            ops.push(Op::AddSet { name: allow.into(), kind: SetKind::PolicyTuples(family) });
+            ops.push(Op::AddSet { name: endpoints.into(), kind: SetKind::AddressMap(family) });
+        }
+        let unknown = unknown_set(family).into();
+        ops.push(Op::AddSet { name: unknown, kind: SetKind::AddressRanges(family) });
     }
-    ops.push(Op::AddSet { name: UNKNOWN_PODS.into(), kind: SetKind::AddressRanges });
     ops.push(Op::AddCounter { name: DROP_UNKNOWN.into() });
     let base = |hook| Some(BaseChain { kind: "filter", hook, priority: FILTER_PRIORITY });
     let established = vec![Stmt::CtStateEstablishedRelated, Stmt::Verdict(Verdict::Accept)];
     let jump = |chain: &str| vec![Stmt::Verdict(Verdict::Jump(chain.into()))];
     let check = |direction| {
-        let (allow, endpoints, field) = sets(direction);
-        vec![
-            vec![
-                Stmt::PolicyTupleInSet { set: allow.into(), endpoint: field },
+        // ICMPv6 link control (neighbour discovery, multicast listener discovery) passes as
+        // in the eBPF datapath: without it default deny would cut a pod off its gateway.
+        let mut rules: Vec<Vec<Stmt>> = ICMPV6_LINK_CONTROL
+            .map(|(lo, hi)| vec![Stmt::Icmpv6Types(lo, hi), Stmt::Verdict(Verdict::Return)])
+            .into();
+        for family in FAMILIES {
+            let (allow, _, endpoint) = sets(direction, family);
+            rules.push(vec![
+                Stmt::PolicyTupleInSet { set: allow.into(), endpoint, family },
                 Stmt::Verdict(Verdict::Return),
-            ],
-            vec![Stmt::AddrVmap { field, map: endpoints.into() }],
-            vec![
-                Stmt::AddrInSet { field, set: UNKNOWN_PODS.into() },
+            ]);
+        }
+        for family in FAMILIES {
+            let (_, endpoints, field) = sets(direction, family);
+            rules.push(vec![Stmt::AddrVmap { field, map: endpoints.into(), family }]);
+        }
+        for family in FAMILIES {
+            let (_, _, field) = sets(direction, family);
+            rules.push(vec![
+                Stmt::AddrInSet { field, set: unknown_set(family).into(), family },
                 Stmt::Verdict(Verdict::Goto(DROP_UNKNOWN.into())),
-            ],
-        ]
+            ]);
+        }
+        rules
     };
     // In dependency order: a chain is written before the chains that jump to it.
     let chains: Vec<FixedChain> = vec![
@@ -140,7 +214,7 @@ fn drop_rule(counter: &str) -> Vec<Stmt> {
 pub struct Side {
     pub allow: BTreeSet<PolicyTuple>,
     /// Local pod address -> `Return` (not isolated) or `Goto(drop chain)`.
-    pub endpoints: BTreeMap<Ipv4Addr, Verdict>,
+    pub endpoints: BTreeMap<IpAddr, Verdict>,
 }
 
 /// The desired contents of the table's sets and drop chains.
@@ -148,8 +222,9 @@ pub struct Side {
 pub struct Desired {
     pub ingress: Side,
     pub egress: Side,
-    /// Pod ranges without a known pod (only while `deny_unknown`).
-    pub unknown_pods: BTreeSet<(Ipv4Addr, Ipv4Addr)>,
+    /// Pod ranges without a known pod (only while `deny_unknown`): first and last address, of
+    /// one family.
+    pub unknown_pods: BTreeSet<(IpAddr, IpAddr)>,
     /// Drop chains (and counters) of the policies that isolate a local pod first.
     pub drop_chains: BTreeSet<String>,
 }
@@ -178,13 +253,12 @@ impl Desired {
             + self.unknown_pods.len()
     }
 
-    /// What `compiled` (compiled for this node) asks of the table. IPv4 only: IPv6 addresses,
-    /// blocks and pod ranges are left out (IPv6 packets pass, as in the eBPF datapath).
+    /// What `compiled` (compiled for this node) asks of the table.
     pub fn new(compiled: &Compiled, node: &PolicyNode) -> Self {
-        let mut by_identity: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        let mut by_identity: BTreeMap<u32, Vec<u128>> = BTreeMap::new();
         for entry in compiled.pods.values() {
             if let Some(identity) = entry.identity {
-                by_identity.entry(identity).or_default().extend(v4(&entry.ips).map(u32::from));
+                by_identity.entry(identity).or_default().extend(entry.ips.iter().map(|a| line(*a)));
             }
         }
         let addresses = |id: u32| by_identity.get(&id).cloned().unwrap_or_default();
@@ -193,11 +267,11 @@ impl Desired {
         let mut known = Vec::new();
         for (pod, endpoint) in &compiled.endpoints {
             let Some(entry) = compiled.pods.get(pod) else { continue };
-            let addresses_of_pod: Vec<Ipv4Addr> = v4(&entry.ips).collect();
+            let addresses_of_pod = &entry.ips;
             known.extend(addresses_of_pod.iter().copied());
             for direction in DIRECTIONS {
                 let policy = endpoint.direction(direction);
-                let verdict = endpoint_verdict(policy);
+                let verdict = endpoint_verdict(policy, direction);
                 if let Verdict::Goto(chain) = &verdict {
                     desired.drop_chains.insert(chain.clone());
                 }
@@ -211,9 +285,9 @@ impl Desired {
                     Vec::new()
                 };
                 let side = desired.side_mut(direction);
-                for address in &addresses_of_pod {
+                for address in addresses_of_pod {
                     side.endpoints.insert(*address, verdict.clone());
-                    side.allow.extend(boxes.iter().map(|b| tuple(*address, b)));
+                    side.allow.extend(boxes.iter().flat_map(|b| tuples(*address, b)));
                 }
             }
         }
@@ -224,67 +298,91 @@ impl Desired {
 
 /// The `*-endpoints` verdict of an endpoint's direction: its first isolating policy's drop
 /// chain, or return when nothing isolates it.
-pub(super) fn endpoint_verdict(policy: &DirectionPolicy) -> Verdict {
+pub(super) fn endpoint_verdict(policy: &DirectionPolicy, direction: Direction) -> Verdict {
     match policy.isolated_by.first() {
         None => Verdict::Return,
-        Some(first) => Verdict::Goto(drop_chain(first)),
+        Some(first) => Verdict::Goto(drop_chain(first, direction)),
     }
 }
 
-/// The allow tuple of one box for one endpoint address.
-pub(super) fn tuple(endpoint: Ipv4Addr, b: &Box3) -> PolicyTuple {
-    PolicyTuple {
-        endpoint,
-        protocols: (b[0].0 as u8, b[0].1 as u8),
-        ports: (b[1].0 as u16, b[1].1 as u16),
-        peers: (Ipv4Addr::from(b[2].0), Ipv4Addr::from(b[2].1)),
-    }
+/// The allow tuples of one box for one endpoint address: the part of the box's peers in the
+/// endpoint's family (none, one range, or for IPv6 the two around the mapped IPv4 range).
+pub(super) fn tuples(endpoint: IpAddr, b: &Box3) -> Vec<PolicyTuple> {
+    let peers = match endpoint {
+        IpAddr::V4(_) => intersect(b[2], V4_SPACE).into_iter().collect(),
+        IpAddr::V6(_) => subtract(&[b[2]], &[V4_SPACE]),
+    };
+    peers
+        .into_iter()
+        .map(|(lo, hi)| PolicyTuple {
+            endpoint,
+            protocols: (b[0].0 as u8, b[0].1 as u8),
+            ports: (b[1].0 as u16, b[1].1 as u16),
+            peers: (off_line(lo), off_line(hi)),
+        })
+        .collect()
 }
 
 /// The node's pod ranges minus the `known` pod addresses, while `deny_unknown`.
-pub(super) fn unknown_pods(
-    node: &PolicyNode,
-    known: &[Ipv4Addr],
-) -> BTreeSet<(Ipv4Addr, Ipv4Addr)> {
+pub(super) fn unknown_pods(node: &PolicyNode, known: &[IpAddr]) -> BTreeSet<(IpAddr, IpAddr)> {
     if !node.deny_unknown {
         return BTreeSet::new();
     }
     let ranges: Vec<Range> = node
         .pod_cidrs
         .iter()
-        .filter_map(|cidr| cidr_range(cidr.addr(), cidr.prefix_len()))
+        .flat_map(|cidr| cidr_ranges(cidr.addr(), cidr.prefix_len()))
         .collect();
-    let known: Vec<Range> = known.iter().map(|a| (u32::from(*a), u32::from(*a))).collect();
+    let known: Vec<Range> = known.iter().map(|a| (line(*a), line(*a))).collect();
     subtract(&union(ranges), &union(known))
         .into_iter()
-        .map(|(lo, hi)| (Ipv4Addr::from(lo), Ipv4Addr::from(hi)))
+        .map(|(lo, hi)| (off_line(lo), off_line(hi)))
         .collect()
 }
 
-pub(super) fn v4(ips: &[IpAddr]) -> impl Iterator<Item = Ipv4Addr> + '_ {
-    ips.iter().filter_map(|ip| match ip {
-        IpAddr::V4(v4) => Some(*v4),
-        IpAddr::V6(_) => None,
-    })
-}
-
-/// An inclusive range of one field (protocol, port or address, as u32).
-type Range = (u32, u32);
+/// An inclusive range of one field (protocol, port, or address on the line of [`line`]).
+type Range = (u128, u128);
 /// A box of (protocols, ports, peers).
 pub(super) type Box3 = [Range; 3];
 
 const ALL_PROTOCOLS: Range = (0, 255);
 const ALL_PORTS: Range = (0, 65535);
-const ALL_ADDRESSES: Range = (0, u32::MAX);
+/// Every peer, of both families.
+const ALL_ADDRESSES: Range = (0, u128::MAX);
+/// The IPv4 addresses on the line: `::ffff:0.0.0.0` to `::ffff:255.255.255.255`.
+const V4_SPACE: Range = (0xffff_0000_0000, 0xffff_ffff_ffff);
 
-/// The boxes of allow entries; `addresses` gives the IPv4 addresses of an identity's pods.
-pub(super) fn allow_boxes(allow: &[Allow], addresses: &dyn Fn(u32) -> Vec<u32>) -> Vec<Box3> {
+/// An address on the line of peers: IPv6 as is, IPv4 mapped.
+pub(super) fn line(address: IpAddr) -> u128 {
+    match address {
+        IpAddr::V4(v4) => V4_SPACE.0 | u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+/// The address at a point of the line (the mapped range as IPv4).
+fn off_line(point: u128) -> IpAddr {
+    if (V4_SPACE.0..=V4_SPACE.1).contains(&point) {
+        IpAddr::V4(Ipv4Addr::from((point - V4_SPACE.0) as u32))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(point))
+    }
+}
+
+fn intersect(a: Range, b: Range) -> Option<Range> {
+    let (lo, hi) = (a.0.max(b.0), a.1.min(b.1));
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// The boxes of allow entries; `addresses` gives the addresses of an identity's pods on the
+/// line of [`line`].
+pub(super) fn allow_boxes(allow: &[Allow], addresses: &dyn Fn(u32) -> Vec<u128>) -> Vec<Box3> {
     let mut boxes = Vec::new();
     for allow in allow {
         let (protocols, ports) = match allow.protocol {
             None => (ALL_PROTOCOLS, ALL_PORTS),
             Some(protocol) => {
-                let number = u32::from(protocol.number());
+                let number = u128::from(protocol.number());
                 let ports = allow.ports.map_or(ALL_PORTS, |(lo, hi)| (lo.into(), hi.into()));
                 ((number, number), ports)
             }
@@ -303,25 +401,30 @@ pub(super) fn allow_boxes(allow: &[Allow], addresses: &dyn Fn(u32) -> Vec<u32>) 
 /// own connections leave through output, not filtered, but a node address routed through
 /// forward is the node too).
 pub(super) fn host_boxes(node: &PolicyNode) -> Vec<Box3> {
-    v4(&node.host_addresses).map(|h| [ALL_PROTOCOLS, ALL_PORTS, (h.into(), h.into())]).collect()
+    node.host_addresses.iter().map(|h| [ALL_PROTOCOLS, ALL_PORTS, (line(*h), line(*h))]).collect()
 }
 
-fn cidr_range(addr: IpAddr, len: u8) -> Option<Range> {
-    let IpAddr::V4(addr) = addr else { return None };
-    let lo = u32::from(addr);
-    let host_bits = 32 - u32::from(len);
-    let hi = if host_bits == 32 { u32::MAX } else { lo | ((1u32 << host_bits) - 1) };
-    Some((lo, hi))
+/// A CIDR on the line: one range for IPv4; for IPv6 the range minus the mapped IPv4 range
+/// (zero to two ranges).
+fn cidr_ranges(addr: IpAddr, len: u8) -> Vec<Range> {
+    let bits = if addr.is_ipv4() { 32 } else { 128 };
+    let host_bits = bits - u32::from(len.min(bits as u8));
+    let lo = line(addr) & !mask(host_bits);
+    let range = (lo, lo | mask(host_bits));
+    if addr.is_ipv4() { vec![range] } else { subtract(&[range], &[V4_SPACE]) }
 }
 
-/// An ipBlock's IPv4 addresses as disjoint ranges: its cidr minus every except.
+/// The low `bits` bits set.
+fn mask(bits: u32) -> u128 {
+    if bits >= 128 { u128::MAX } else { (1u128 << bits) - 1 }
+}
+
+/// An ipBlock's addresses as disjoint ranges on the line: its cidr minus every except.
 fn block_ranges(block: &IpBlock) -> Vec<Range> {
-    let Some(cidr) = cidr_range(block.cidr.addr(), block.cidr.prefix_len()) else {
-        return Vec::new();
-    };
+    let cidr = cidr_ranges(block.cidr.addr(), block.cidr.prefix_len());
     let excepts: Vec<Range> =
-        block.except.iter().filter_map(|e| cidr_range(e.addr(), e.prefix_len())).collect();
-    subtract(&[cidr], &union(excepts))
+        block.except.iter().flat_map(|e| cidr_ranges(e.addr(), e.prefix_len())).collect();
+    subtract(&cidr, &union(excepts))
 }
 
 /// The union of ranges as sorted, disjoint, non-adjacent ranges.
@@ -330,7 +433,9 @@ fn union(mut ranges: Vec<Range>) -> Vec<Range> {
     let mut out: Vec<Range> = Vec::with_capacity(ranges.len());
     for (lo, hi) in ranges {
         match out.last_mut() {
-            Some(last) if u64::from(lo) <= u64::from(last.1) + 1 => last.1 = last.1.max(hi),
+            Some(last) if last.1.checked_add(1).is_none_or(|after| lo <= after) => {
+                last.1 = last.1.max(hi)
+            }
             _ => out.push((lo, hi)),
         }
     }
@@ -341,18 +446,22 @@ fn union(mut ranges: Vec<Range>) -> Vec<Range> {
 fn subtract(ranges: &[Range], holes: &[Range]) -> Vec<Range> {
     let mut out = Vec::new();
     for &(lo, hi) in ranges {
-        let mut next = u64::from(lo);
+        // The first point not yet handed out or cut; `None` past the top of the line.
+        let mut next = Some(lo);
         for &(hole_lo, hole_hi) in holes {
-            if u64::from(hole_hi) < next || hole_lo > hi {
+            let Some(from) = next else { break };
+            if hole_hi < from || hole_lo > hi {
                 continue;
             }
-            if u64::from(hole_lo) > next {
-                out.push((next as u32, hole_lo - 1));
+            if hole_lo > from {
+                out.push((from, hole_lo - 1));
             }
-            next = u64::from(hole_hi) + 1;
+            next = hole_hi.checked_add(1);
         }
-        if next <= u64::from(hi) {
-            out.push((next as u32, hi));
+        if let Some(from) = next
+            && from <= hi
+        {
+            out.push((from, hi));
         }
     }
     out
@@ -420,11 +529,12 @@ fn split(boxes: &[&Box3], dim: usize) -> Vec<Vec<Range>> {
     if dim == 2 {
         return union(boxes.iter().map(|b| b[2]).collect()).into_iter().map(|r| vec![r]).collect();
     }
-    // Sweep the dimension: at each boundary boxes start (true) or end (false).
-    let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(boxes.len() * 2);
+    // Sweep the dimension: at each boundary boxes start (true) or end (false). Dimensions
+    // swept here are protocols and ports, far from the top of u128.
+    let mut events: Vec<(u128, bool, usize)> = Vec::with_capacity(boxes.len() * 2);
     for (index, b) in boxes.iter().enumerate() {
-        events.push((u64::from(b[dim].0), true, index));
-        events.push((u64::from(b[dim].1) + 1, false, index));
+        events.push((b[dim].0, true, index));
+        events.push((b[dim].1 + 1, false, index));
     }
     events.sort_unstable();
     let mut active: BTreeSet<usize> = BTreeSet::new();
@@ -444,13 +554,11 @@ fn split(boxes: &[&Box3], dim: usize) -> Vec<Vec<Range>> {
         if active.is_empty() || i == events.len() {
             continue;
         }
-        let range = (at as u32, (events[i].0 - 1) as u32);
+        let range = (at, events[i].0 - 1);
         let inside: Vec<&Box3> = active.iter().map(|a| boxes[*a]).collect();
         let sub = split(&inside, dim + 1);
         match pieces.last_mut() {
-            Some((last, last_sub)) if u64::from(last.1) + 1 == at && *last_sub == sub => {
-                last.1 = range.1
-            }
+            Some((last, last_sub)) if last.1 + 1 == at && *last_sub == sub => last.1 = range.1,
             _ => pieces.push((range, sub)),
         }
     }
@@ -487,7 +595,7 @@ pub fn diff(old: &Desired, new: &Desired) -> Vec<Op> {
 /// chains and counters found (`chains`, `counters`) that `new` does not use deleted.
 pub fn rewrite(new: &Desired, chains: &BTreeSet<String>, counters: &BTreeSet<String>) -> Vec<Op> {
     let mut ops = Vec::new();
-    for set in [INGRESS_ALLOW, EGRESS_ALLOW, INGRESS_ENDPOINTS, EGRESS_ENDPOINTS, UNKNOWN_PODS] {
+    for set in SETS {
         ops.push(Op::FlushSet { set: set.into() });
     }
     for chain in &new.drop_chains {
@@ -516,46 +624,41 @@ fn create_drop_chain(ops: &mut Vec<Op>, chain: &str, exists: bool) {
 fn element_ops(ops: &mut Vec<Op>, old: &Desired, new: &Desired) {
     let mut adds = Vec::new();
     for direction in DIRECTIONS {
-        let (allow, endpoints, _) = sets(direction);
+        let allow_set = |t: &PolicyTuple| sets(direction, t.family()).0.to_string();
+        let endpoint_set = |a: &IpAddr| sets(direction, Family::of(a)).1.to_string();
         let (old, new) = (old.side(direction), new.side(direction));
         for tuple in old.allow.difference(&new.allow) {
-            ops.push(Op::DeleteElement { set: allow.into(), key: ElementKey::PolicyTuple(*tuple) });
+            let set = allow_set(tuple);
+            ops.push(Op::DeleteElement { set, key: ElementKey::PolicyTuple(*tuple) });
         }
         for tuple in new.allow.difference(&old.allow) {
-            adds.push(Op::AddSetElement {
-                set: allow.into(),
-                key: ElementKey::PolicyTuple(*tuple),
-            });
+            let set = allow_set(tuple);
+            adds.push(Op::AddSetElement { set, key: ElementKey::PolicyTuple(*tuple) });
         }
         for (address, verdict) in &old.endpoints {
             if new.endpoints.get(address) != Some(verdict) {
-                ops.push(Op::DeleteElement {
-                    set: endpoints.into(),
-                    key: ElementKey::Address(*address),
-                });
+                let set = endpoint_set(address);
+                ops.push(Op::DeleteElement { set, key: ElementKey::Address(*address) });
             }
         }
         for (address, verdict) in &new.endpoints {
             if old.endpoints.get(address) != Some(verdict) {
                 adds.push(Op::AddElement {
-                    set: endpoints.into(),
+                    set: endpoint_set(address),
                     key: ElementKey::Address(*address),
                     verdict: verdict.clone(),
                 });
             }
         }
     }
+    let unknown_set = |a: &IpAddr| unknown_set(Family::of(a)).to_string();
     for (lo, hi) in old.unknown_pods.difference(&new.unknown_pods) {
-        ops.push(Op::DeleteElement {
-            set: UNKNOWN_PODS.into(),
-            key: ElementKey::AddressRange(*lo, *hi),
-        });
+        let set = unknown_set(lo);
+        ops.push(Op::DeleteElement { set, key: ElementKey::AddressRange(*lo, *hi) });
     }
     for (lo, hi) in new.unknown_pods.difference(&old.unknown_pods) {
-        adds.push(Op::AddSetElement {
-            set: UNKNOWN_PODS.into(),
-            key: ElementKey::AddressRange(*lo, *hi),
-        });
+        let set = unknown_set(lo);
+        adds.push(Op::AddSetElement { set, key: ElementKey::AddressRange(*lo, *hi) });
     }
     ops.extend(adds);
 }
@@ -565,7 +668,7 @@ mod tests {
     use super::*;
     use weir_policy::{Allow, Cidr, EndpointPolicy, Origin, PodRef, Protocol, compile::PodEntry};
 
-    fn ip(text: &str) -> Ipv4Addr {
+    fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
     }
 
@@ -587,9 +690,9 @@ mod tests {
         Allow { peer, protocol, ports, origin: origin("p") }
     }
 
-    /// Pods x/a (10.244.0.10, identity 300) and x/b (10.244.0.11, identity 301) on this node,
-    /// x/c (10.244.0.12, identity 302) elsewhere; x/a's ingress isolated by `policies` with
-    /// `allows`.
+    /// Pods x/a (10.244.0.10 and fd00::a, identity 300) and x/b (10.244.0.11, fd00::b,
+    /// identity 301) on this node, x/c (10.244.0.12, fd00::c, identity 302) elsewhere; x/a's
+    /// ingress isolated by `policies` with `allows`.
     fn compiled(policies: &[&str], allows: Vec<Allow>) -> Compiled {
         let mut compiled = Compiled::default();
         for (name, last, identity, local) in
@@ -597,11 +700,13 @@ mod tests {
         {
             let pod = PodRef::new("x", name);
             let address = IpAddr::V4(Ipv4Addr::new(10, 244, 0, last));
+            let address6 = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, last.into()));
             compiled.pods.insert(
                 pod.clone(),
-                PodEntry { identity: Some(identity), ips: vec![address], node: None },
+                PodEntry { identity: Some(identity), ips: vec![address, address6], node: None },
             );
             compiled.pod_ips.insert(address, pod.clone());
+            compiled.pod_ips.insert(address6, pod.clone());
             if local {
                 let mut endpoint = EndpointPolicy {
                     identity,
@@ -622,20 +727,14 @@ mod tests {
 
     fn node() -> PolicyNode {
         PolicyNode {
-            host_addresses: vec![IpAddr::V4(ip("192.168.50.1"))],
+            host_addresses: vec![ip("192.168.50.1"), ip("fd00:50::1")],
             pod_cidrs: vec![cidr("10.244.0.0/24")],
             deny_unknown: false,
         }
     }
 
     /// Whether the table's sets allow a packet into x/a, evaluated like the ingress chain.
-    fn ingress_allows(
-        desired: &Desired,
-        dst: Ipv4Addr,
-        src: Ipv4Addr,
-        proto: u8,
-        port: u16,
-    ) -> bool {
+    fn ingress_allows(desired: &Desired, dst: IpAddr, src: IpAddr, proto: u8, port: u16) -> bool {
         let in_tuple = desired.ingress.allow.iter().any(|t| {
             t.endpoint == dst
                 && (t.protocols.0..=t.protocols.1).contains(&proto)
@@ -670,15 +769,15 @@ mod tests {
                 .map(|_| {
                     let mut range = |n| {
                         let lo = next(n);
-                        (lo, lo + next(n - lo))
+                        (u128::from(lo), u128::from(lo + next(n - lo)))
                     };
                     [range(4), range(10), range(12)]
                 })
                 .collect();
             let out = disjoint(&boxes);
-            for p in 0..4 {
-                for q in 0..10 {
-                    for a in 0..12 {
+            for p in 0..4u128 {
+                for q in 0..10u128 {
+                    for a in 0..12u128 {
                         let inside = |b: &Box3| {
                             (b[0].0..=b[0].1).contains(&p)
                                 && (b[1].0..=b[1].1).contains(&q)
@@ -699,18 +798,28 @@ mod tests {
             cidr: cidr("10.0.0.0/8"),
             except: vec![cidr("10.1.0.0/16"), cidr("10.1.2.0/24")],
         };
+        let on_line = |a: &str, b: &str| (line(ip(a)), line(ip(b)));
         assert_eq!(
             block_ranges(&block),
-            [
-                (u32::from(ip("10.0.0.0")), u32::from(ip("10.0.255.255"))),
-                (u32::from(ip("10.2.0.0")), u32::from(ip("10.255.255.255")))
-            ]
+            [on_line("10.0.0.0", "10.0.255.255"), on_line("10.2.0.0", "10.255.255.255")]
         );
         assert_eq!(union(vec![(5, 9), (1, 4), (20, 30), (25, 26)]), [(1, 9), (20, 30)]);
+        assert_eq!(union(vec![(0, u128::MAX), (7, u128::MAX)]), [(0, u128::MAX)]);
         assert_eq!(
-            subtract(&[(0, u32::MAX)], &[(0, 0), (u32::MAX, u32::MAX)]),
-            [(1, u32::MAX - 1)]
+            subtract(&[(0, u128::MAX)], &[(0, 0), (u128::MAX, u128::MAX)]),
+            [(1, u128::MAX - 1)]
         );
+        // IPv6 blocks leave the mapped IPv4 range out: `::/0` admits no IPv4 peer.
+        let everything6 = IpBlock { cidr: cidr("::/0"), except: vec![cidr("fd00::/8")] };
+        assert_eq!(
+            block_ranges(&everything6),
+            [
+                (0, V4_SPACE.0 - 1),
+                (V4_SPACE.1 + 1, line(ip("fcff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"))),
+                (line(ip("fe00::")), u128::MAX)
+            ]
+        );
+        assert_eq!(block_ranges(&IpBlock { cidr: cidr("0.0.0.0/0"), except: vec![] }), [V4_SPACE]);
     }
 
     #[test]
@@ -737,17 +846,89 @@ mod tests {
         assert!(!ingress_allows(&desired, a, ip("203.0.113.9"), 132, 80));
         assert!(ingress_allows(&desired, a, ip("192.168.50.1"), 132, 80), "the node");
         assert!(ingress_allows(&desired, b, c, 132, 80), "x/b is not isolated");
-        assert_eq!(desired.ingress.endpoints[&a], Verdict::Goto("drop-x/first".into()));
+        assert_eq!(desired.ingress.endpoints[&a], Verdict::Goto("drop-ingress-x/first".into()));
         assert_eq!(desired.ingress.endpoints[&b], Verdict::Return);
         assert_eq!(desired.egress.endpoints[&a], Verdict::Return);
         assert!(!desired.ingress.endpoints.contains_key(&c), "x/c is not on this node");
-        assert_eq!(desired.drop_chains, BTreeSet::from(["drop-x/first".to_string()]));
+        assert_eq!(desired.drop_chains, BTreeSet::from(["drop-ingress-x/first".to_string()]));
         let tuples: Vec<&PolicyTuple> = desired.ingress.allow.iter().collect();
         for (i, t) in tuples.iter().enumerate() {
             for u in &tuples[i + 1..] {
                 assert!(!overlaps(t, u), "{t:?} overlaps {u:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_dual_stack_pod_gets_the_tuples_of_each_family_in_that_familys_sets() {
+        let allows = vec![
+            allow(PeerMatch::Identity(301), Some(Protocol::Tcp), Some((80, 81))),
+            allow(
+                PeerMatch::Block(IpBlock { cidr: cidr("::/0"), except: vec![cidr("fd00::c/128")] }),
+                Some(Protocol::Udp),
+                None,
+            ),
+            allow(
+                PeerMatch::Block(IpBlock { cidr: cidr("10.244.0.0/24"), except: vec![] }),
+                Some(Protocol::Tcp),
+                Some((80, 80)),
+            ),
+        ];
+        let desired = Desired::new(&compiled(&["first"], allows), &node());
+        let (a, b, c) = (ip("fd00::a"), ip("fd00::b"), ip("fd00::c"));
+        assert!(ingress_allows(&desired, a, b, 6, 81), "x/b by identity, over IPv6");
+        assert!(ingress_allows(&desired, ip("10.244.0.10"), ip("10.244.0.11"), 6, 81));
+        assert!(!ingress_allows(&desired, a, c, 6, 80), "the IPv4 block admits no IPv6 peer");
+        assert!(ingress_allows(&desired, ip("10.244.0.10"), ip("10.244.0.12"), 6, 80));
+        assert!(ingress_allows(&desired, a, ip("2001:db8::1"), 17, 53), "::/0 over UDP");
+        assert!(!ingress_allows(&desired, a, c, 17, 53), "the except");
+        assert!(!ingress_allows(&desired, a, ip("::ffff:203.0.113.9"), 17, 53), "mapped IPv4");
+        assert!(!ingress_allows(&desired, ip("10.244.0.10"), ip("203.0.113.9"), 17, 53));
+        assert!(ingress_allows(&desired, a, ip("fd00:50::1"), 132, 9), "the node, over IPv6");
+        assert_eq!(desired.ingress.endpoints[&a], Verdict::Goto("drop-ingress-x/first".into()));
+        assert_eq!(desired.ingress.endpoints[&b], Verdict::Return);
+        for t in &desired.ingress.allow {
+            assert_eq!(Family::of(&t.peers.0), t.family(), "{t:?}");
+            assert_eq!(Family::of(&t.peers.1), t.family(), "{t:?}");
+        }
+        // Each family's elements go to that family's sets.
+        let ops = diff(&Desired::default(), &desired);
+        let set_of = |family: Family| {
+            ops.iter()
+                .filter_map(|op| match op {
+                    Op::AddSetElement { set, key: ElementKey::PolicyTuple(t) } => {
+                        Some((set.as_str(), t.family()))
+                    }
+                    Op::AddElement { set, key: ElementKey::Address(a), .. } => {
+                        Some((set.as_str(), Family::of(a)))
+                    }
+                    _ => None,
+                })
+                .filter(|(_, f)| *f == family)
+                .map(|(set, _)| set)
+                .collect::<BTreeSet<&str>>()
+        };
+        assert_eq!(
+            set_of(Family::V4),
+            BTreeSet::from([INGRESS_ALLOW, INGRESS_ENDPOINTS, EGRESS_ENDPOINTS])
+        );
+        assert_eq!(
+            set_of(Family::V6),
+            BTreeSet::from([INGRESS_ALLOW6, INGRESS_ENDPOINTS6, EGRESS_ENDPOINTS6])
+        );
+    }
+
+    #[test]
+    fn the_skeleton_passes_exactly_the_icmpv6_link_control_types() {
+        let passed: Vec<u8> = ICMPV6_LINK_CONTROL.iter().flat_map(|(lo, hi)| *lo..=*hi).collect();
+        let expected: Vec<u8> =
+            (0..=255).filter(|t| weir_common::policy::icmpv6_link_control(*t)).collect();
+        assert_eq!(passed, expected);
+        let rules = skeleton()
+            .into_iter()
+            .filter(|op| matches!(op, Op::AddRule { stmts, .. } if matches!(stmts[0], Stmt::Icmpv6Types(..))))
+            .count();
+        assert_eq!(rules, 2 * ICMPV6_LINK_CONTROL.len(), "in the ingress and egress chains");
     }
 
     #[test]
@@ -760,6 +941,18 @@ mod tests {
             unknown.into_iter().collect::<Vec<_>>(),
             [(ip("10.244.0.0"), ip("10.244.0.9")), (ip("10.244.0.12"), ip("10.244.0.255"))]
         );
+        let dual =
+            PolicyNode { pod_cidrs: vec![cidr("10.244.0.0/24"), cidr("fd00::/120")], ..denying };
+        let unknown = Desired::new(&compiled, &dual).unknown_pods;
+        assert_eq!(
+            unknown.into_iter().collect::<Vec<_>>(),
+            [
+                (ip("10.244.0.0"), ip("10.244.0.9")),
+                (ip("10.244.0.12"), ip("10.244.0.255")),
+                (ip("fd00::"), ip("fd00::9")),
+                (ip("fd00::c"), ip("fd00::ff"))
+            ]
+        );
     }
 
     #[test]
@@ -767,7 +960,7 @@ mod tests {
         let rule = |i: u32| {
             allow(
                 PeerMatch::Block(IpBlock {
-                    cidr: Cidr::host(IpAddr::V4(Ipv4Addr::from(u32::from(ip("172.16.0.0")) + i))),
+                    cidr: Cidr::host(IpAddr::V4(Ipv4Addr::from(0xac10_0000 + i))),
                     except: Vec::new(),
                 }),
                 Some(Protocol::Tcp),
@@ -790,30 +983,38 @@ mod tests {
         let new = Desired::new(&compiled(&["q"], Vec::new()), &node());
         let ops = diff(&old, &new);
         let position = |wanted: &dyn Fn(&Op) -> bool| ops.iter().position(wanted).unwrap();
-        let create = position(&|op| matches!(op, Op::AddChain { name, .. } if name == "drop-x/q"));
+        let create =
+            position(&|op| matches!(op, Op::AddChain { name, .. } if name == "drop-ingress-x/q"));
         let element = position(
-            &|op| matches!(op, Op::AddElement { verdict: Verdict::Goto(c), .. } if c == "drop-x/q"),
+            &|op| matches!(op, Op::AddElement { verdict: Verdict::Goto(c), .. } if c == "drop-ingress-x/q"),
         );
-        let remove = position(&|op| matches!(op, Op::DeleteChain { name } if name == "drop-x/p"));
+        let remove =
+            position(&|op| matches!(op, Op::DeleteChain { name } if name == "drop-ingress-x/p"));
         let unlink =
             position(&|op| matches!(op, Op::DeleteElement { set, .. } if set == INGRESS_ENDPOINTS));
         assert!(create < element && unlink < remove, "{ops:#?}");
-        assert!(ops.contains(&Op::DeleteCounter { name: "drop-x/p".into() }));
+        assert!(ops.contains(&Op::DeleteCounter { name: "drop-ingress-x/p".into() }));
         // A rewrite removes stale drop chains it finds and keeps the fixed ones.
         let found: BTreeSet<String> =
-            ["drop-x/p", "drop-x/q", DROP_UNKNOWN].map(String::from).into();
+            ["drop-ingress-x/p", "drop-ingress-x/q", DROP_UNKNOWN].map(String::from).into();
         let ops = rewrite(&new, &found, &found);
-        assert!(ops.contains(&Op::DeleteChain { name: "drop-x/p".into() }));
-        assert!(!ops.iter().any(|op| matches!(op, Op::DeleteChain { name } | Op::DeleteCounter { name } if name != "drop-x/p")));
+        assert!(ops.contains(&Op::DeleteChain { name: "drop-ingress-x/p".into() }));
+        assert!(!ops.iter().any(|op| matches!(op, Op::DeleteChain { name } | Op::DeleteCounter { name } if name != "drop-ingress-x/p")));
         assert!(matches!(&ops[0], Op::FlushSet { .. }));
     }
 
     #[test]
     fn long_policy_names_are_shortened_to_valid_object_names() {
         let long = PolicyRef::new("n".repeat(63), "p".repeat(253));
-        let name = drop_chain(&long);
+        let name = drop_chain(&long, Direction::Egress);
         assert!(name.len() <= MAX_NAME && is_policy_drop(&name));
-        assert_ne!(name, drop_chain(&PolicyRef::new("n".repeat(63), "q".repeat(253))));
-        assert_eq!(drop_chain(&PolicyRef::new("x", "a")), "drop-x/a");
+        let other = PolicyRef::new("n".repeat(63), "q".repeat(253));
+        assert_ne!(name, drop_chain(&other, Direction::Egress));
+        assert_eq!(parse_drop_chain(&name).map(|(d, _)| d), Some(Direction::Egress));
+        let short = drop_chain(&PolicyRef::new("x", "a"), Direction::Ingress);
+        assert_eq!(short, "drop-ingress-x/a");
+        assert_eq!(parse_drop_chain(&short), Some((Direction::Ingress, "x/a")));
+        assert_eq!(parse_drop_chain(DROP_UNKNOWN), None);
+        assert_eq!(parse_drop_chain("drop-x/a"), None, "an earlier version's name");
     }
 }

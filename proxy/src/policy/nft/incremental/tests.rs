@@ -37,14 +37,18 @@ fn run(seed: u64, steps: usize, node_name: Option<&str>) {
     let mut incremental = IncrementalDesired::default();
     let mut written = Desired::default();
     let host = |a: u8| -> Vec<IpAddr> {
-        vec![IpAddr::from([10, 0, 0, a]), IpAddr::from([192, 168, 0, 1])]
+        vec![
+            IpAddr::from([10, 0, 0, a]),
+            IpAddr::from([192, 168, 0, 1]),
+            "fd00:1::1".parse().unwrap(),
+        ]
     };
     let mut node = PolicyNode {
         host_addresses: host(3),
-        pod_cidrs: vec!["10.0.0.0/28".parse().unwrap()],
+        pod_cidrs: vec!["10.0.0.0/28".parse().unwrap(), "fd00::/124".parse().unwrap()],
         deny_unknown: false,
     };
-    let mut isolated = 0;
+    let (mut isolated, mut isolated6) = (0, 0);
     for step in 0..steps {
         let (change, what) = changes.next_change();
         compiler.apply(change);
@@ -84,8 +88,10 @@ fn run(seed: u64, steps: usize, node_name: Option<&str>) {
         apply(&mut written, &change);
         assert!(written == expected, "{context}: the changes do not add up to the state");
         isolated += usize::from(!expected.ingress.allow.is_empty());
+        isolated6 += usize::from(expected.ingress.allow.iter().any(|t| t.endpoint.is_ipv6()));
     }
     assert!(isolated > steps / 2, "{isolated} of {steps} steps had allow tuples");
+    assert!(isolated6 > steps / 4, "{isolated6} of {steps} steps had IPv6 allow tuples");
 }
 
 #[test]
