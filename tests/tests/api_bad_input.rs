@@ -157,26 +157,46 @@ fn requests_beyond_the_in_flight_limit_get_429() {
     let server = ApiServer::start_with(dir.path(), &["--max-requests-inflight", "2"]);
     let addr = server.insecure_addr.unwrap();
     let token = server.token("admin");
-    // Two requests that hold their slot: the body they announce never fully arrives.
-    let mut held = Vec::new();
-    for _ in 0..2 {
+    // Requests that hold their slot: the body they announce never fully arrives. The server
+    // parses them asynchronously, so a probe can overtake one of them; the overtaken one is
+    // then rightly refused with 429 and no longer holds a slot. Such a request is replaced
+    // by a fresh one until both slots are held and a probe is refused (bounded).
+    let hold = || {
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
         let head = format!(
             "POST {CMS} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
         );
         stream.write_all(head.as_bytes()).unwrap();
-        held.push(stream);
-    }
-    // The server accepts them asynchronously: poll (bounded) until the third is refused.
+        stream.set_nonblocking(true).unwrap();
+        stream
+    };
+    let mut held: Vec<std::net::TcpStream> = (0..2).map(|_| hold()).collect();
     let mut status = 0;
+    let mut replaced = Vec::new();
     for _ in 0..200 {
         status = server.request("GET", CMS, "", b"").status;
         if status == 429 {
             break;
         }
+        for stream in held.iter_mut() {
+            let mut buf = [0u8; 512];
+            match stream.peek(&mut buf) {
+                Ok(n) => {
+                    replaced.push(
+                        String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("").to_string(),
+                    );
+                    *stream = hold();
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(err) => panic!("a held request failed: {err}"),
+            }
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert_eq!(status, 429);
+    assert_eq!(
+        status, 429,
+        "a third request got {status}, not 429, while two requests held their slots; held requests answered early: {replaced:?}"
+    );
     let resp = server.request("GET", CMS, "", b"");
     check_status(&resp.body, 429, "TooManyRequests");
     // Once the slots are free, requests pass again.
