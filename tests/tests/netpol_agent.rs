@@ -23,7 +23,13 @@ use std::{
 use serde_json::{Value, json};
 use weir_cni_plugin::{bpf, policy::SLOTS, wiring::host_ifname};
 use weir_proxy::{
-    policy::PolicyPrograms,
+    policy::{
+        PolicyPrograms,
+        flows::{
+            FlowClient, FlowDirection, FlowMessage, FlowReason, FlowRecord, FlowRequest,
+            FlowVerdict,
+        },
+    },
     programs::{self, LoadOptions},
 };
 use weir_tests::{
@@ -468,6 +474,15 @@ fn ipv6_policies(dataplane: Dataplane) {
     let client = pod("client", json!({"role": "client"}), 11);
     let other = pod("other", json!({"role": "other"}), 12);
     let agent = t.start_agent_on(dataplane);
+    // `weir flows` subscribers: web's drops, and web's allowed flows.
+    let subscribe = |verdict| {
+        let request = FlowRequest { pod: Some(format!("{NS}/web")), verdict: Some(verdict) };
+        let client = FlowClient::connect(&agent.flows_socket, &request).expect("subscribe");
+        client.set_timeout(Some(Duration::from_secs(10))).unwrap();
+        client
+    };
+    let (mut drops, mut allowed) =
+        (subscribe(FlowVerdict::Dropped), subscribe(FlowVerdict::Allowed));
     assert!(t.can_connect6(&other.ns, &web), "no policy: IPv6 passes");
 
     let mut policy = allow_ingress("web", json!({"app": "web"}), json!({"role": "client"}));
@@ -492,6 +507,24 @@ fn ipv6_policies(dataplane: Dataplane) {
         let total = metrics.lines().find_map(|l| l.strip_prefix(&reason)?.parse::<u64>().ok());
         assert!(total.is_some_and(|n| n > 0), "{reason}in:\n{metrics}");
     }
+    // The flow viewer saw the decisions, named, on either dataplane.
+    let web6 = IpAddr::V6(web.ip6.unwrap());
+    let pod = |p: &Option<String>, name: &str| p.as_deref() == Some(&format!("{NS}/{name}")[..]);
+    expect_flow(&mut drops, "other -> web dropped at web's ingress over IPv6", |r| {
+        r.destination.ip == web6
+            && r.direction == FlowDirection::Ingress
+            && r.reason == FlowReason::DefaultDeny
+            && r.policy.as_deref() == Some("np/web")
+            && pod(&r.source.pod, "other")
+            && pod(&r.destination.pod, "web")
+            && r.destination.port == Some(80)
+    });
+    expect_flow(&mut drops, "web -> client dropped at web's egress", |r| {
+        r.direction == FlowDirection::Egress
+            && pod(&r.source.pod, "web")
+            && pod(&r.destination.pod, "client")
+            && r.policy.as_deref() == Some("np/web")
+    });
     if dataplane == Dataplane::Nftables {
         // Operators read the table with `nft list`: it parses the IPv6 sets and rules.
         let listed = std::process::Command::new("ip")
@@ -508,6 +541,12 @@ fn ipv6_policies(dataplane: Dataplane) {
     web.ns.ip(&["-6", "neigh", "flush", "dev", "eth0", "nud", "all"]).unwrap();
     assert!(web.ns.ip(&["-6", "neigh", "show", "dev", "eth0"]).unwrap().trim().is_empty());
     assert!(t.can_connect6(&client.ns, &web), "the client connects, web's replies pass");
+    expect_flow(&mut allowed, "client -> web allowed by a rule over IPv6", |r| {
+        r.destination.ip == web6
+            && r.direction == FlowDirection::Ingress
+            && r.reason == FlowReason::Rule
+            && pod(&r.source.pod, "client")
+    });
     let learned = web.ns.ip(&["-6", "neigh", "show", "dev", "eth0"]).unwrap();
     assert!(
         !learned.trim().is_empty() && !learned.contains("PERMANENT"),
@@ -521,4 +560,18 @@ fn ipv6_policies(dataplane: Dataplane) {
         let (o, w) = (t.can_connect6(&other.ns, &web), t.can_connect6(&web.ns, &client));
         (!o || !w).then(|| format!("other {o}, web out {w}"))
     });
+}
+
+/// Reads `client` until a record matches (bounded: 1,000 records or a 10 s silence).
+fn expect_flow(client: &mut FlowClient, what: &str, matches: impl Fn(&FlowRecord) -> bool) {
+    let mut seen = Vec::new();
+    for _ in 0..1000 {
+        match client.next_message() {
+            Ok(FlowMessage::Flow(record)) if matches(&record) => return,
+            Ok(FlowMessage::Flow(record)) => seen.push(record.to_text()),
+            Ok(other) => seen.push(format!("{other:?}")),
+            Err(err) => panic!("no flow record of {what} ({err}); seen:\n{}", seen.join("\n")),
+        }
+    }
+    panic!("no flow record of {what} in 1,000 records");
 }

@@ -254,7 +254,14 @@ fn flows_reach_subscribers_named_and_drops_are_counted_per_policy() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let tasks = runtime
-        .block_on(async { flows::start(ring, names.clone(), Some(NODES[0].into()), &socket) })
+        .block_on(async {
+            flows::start(
+                flows::FlowSource::Ring(ring),
+                names.clone(),
+                Some(NODES[0].into()),
+                &socket,
+            )
+        })
         .expect("serve flows");
 
     let request = FlowRequest { pod: Some("x/a".into()), verdict: Some(FlowVerdict::Dropped) };

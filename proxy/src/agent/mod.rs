@@ -59,7 +59,9 @@ use crate::{
     model::{self, Change, Frontend, NodeContext, ServiceTracker},
     policy::{
         EbpfPolicy, PolicyDatapath, PolicyDatapathError, PolicyMaps, PolicyPrograms,
-        SharedPolicyNames, flows,
+        SharedPolicyNames,
+        flows::{self, FlowSource},
+        nft::{nflog::NflogSocket, plan::FLOW_LOG_GROUP},
     },
     programs::{self, LoadOptions},
     system,
@@ -286,6 +288,7 @@ struct PolicyBackend {
 fn policy_datapath(
     config: &AgentConfig,
     ebpf: Option<EbpfPolicyParts>,
+    names: &SharedPolicyNames,
 ) -> Result<Option<PolicyBackend>, PolicyDatapathError> {
     match (config.dataplane, ebpf) {
         (Dataplane::Ebpf, Some(mut parts)) => {
@@ -310,7 +313,8 @@ fn policy_datapath(
             if !config.policy.enabled {
                 return Ok(None);
             }
-            let table = crate::policy::nft::NftPolicy::open(&config.nft_policy_table)?;
+            let table = crate::policy::nft::NftPolicy::open(&config.nft_policy_table)?
+                .with_names(names.clone());
             log::info!("NetworkPolicy: nftables table inet {}", table.table());
             Ok(Some(PolicyBackend { datapath: Box::new(table), programs: None }))
         }
@@ -366,7 +370,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         tokio::spawn(http::serve(listener, status.clone(), counters.clone(), policy_names.clone()));
     }
 
-    let _policy = match policy_datapath(&config, ebpf_policy) {
+    let _policy = match policy_datapath(&config, ebpf_policy, &policy_names) {
         Ok(Some(backend)) => Some(AbortOnDrop(policy::start(
             &client,
             &config,
@@ -521,20 +525,38 @@ fn changed_objects(stores: &Stores, pending: &Pending) -> Vec<Change> {
     services.chain(slices).collect()
 }
 
-/// Serves `weir flows` on the flow socket from the eBPF datapath's ring buffer. Visibility is
-/// not worth stopping the datapath for: a failure is logged and the agent goes on without it.
+/// Serves `weir flows` on the flow socket from the eBPF datapath's ring buffer, or from the
+/// nftables policy table's log group. Visibility is not worth stopping the datapath for: a
+/// failure is logged and the agent goes on without it.
 fn start_flows(
     config: &AgentConfig,
     backend: &mut Backend,
     names: &SharedPolicyNames,
 ) -> AbortOnDrop {
-    let Backend::Ebpf(ebpf) = backend else { return AbortOnDrop(Vec::new()) };
-    let Some(ring) = ebpf.flows.take() else {
-        log::warn!("flows: the eBPF object has no flow ring buffer; `weir flows` is unavailable");
-        return AbortOnDrop(Vec::new());
+    let source = match backend {
+        Backend::Ebpf(ebpf) => match ebpf.flows.take() {
+            Some(ring) => FlowSource::Ring(ring),
+            None => {
+                log::warn!(
+                    "flows: the eBPF object has no flow ring buffer; `weir flows` is unavailable"
+                );
+                return AbortOnDrop(Vec::new());
+            }
+        },
+        Backend::Nftables(_) if !config.policy.enabled => return AbortOnDrop(Vec::new()),
+        Backend::Nftables(_) => match NflogSocket::bind(FLOW_LOG_GROUP) {
+            Ok(socket) => FlowSource::Nflog(socket),
+            Err(err) => {
+                log::error!(
+                    "flows: cannot listen on nfnetlink_log group {FLOW_LOG_GROUP} ({err}; another \
+                     agent in this network namespace?); `weir flows` is unavailable on this node"
+                );
+                return AbortOnDrop(Vec::new());
+            }
+        },
     };
     let names = Arc::new(names.clone());
-    match flows::start(ring, names, Some(config.node_name.clone()), &config.flows_socket) {
+    match flows::start(source, names, Some(config.node_name.clone()), &config.flows_socket) {
         Ok(tasks) => {
             log::info!("flows: serving `weir flows` on {}", config.flows_socket.display());
             AbortOnDrop(tasks)

@@ -1,7 +1,8 @@
 //! The flow viewer's server side: the agent reads the policy programs' ring buffer
-//! (`weir_flows_v1`, one [`FlowEvent`] per drop and per new allowed flow), names what the
-//! numbers stand for ([`FlowNames`]) and streams the records to any number of subscribers on a
-//! unix socket (`weir flows`).
+//! (`weir_flows_v2`, one [`FlowEvent`] per drop and per new allowed flow) or, on nftables, the
+//! policy table's log group ([`super::nft::nflog`]), names what the numbers stand for
+//! ([`FlowNames`]) and streams the records to any number of subscribers on a unix socket
+//! (`weir flows`).
 //!
 //! Only one reader may consume a BPF ring buffer, so the agent owns it and fans out through a
 //! bounded broadcast channel: a subscriber that falls behind loses the oldest records and is
@@ -174,6 +175,10 @@ impl FlowRecord {
         };
         let why = match (self.reason, &self.rule, &self.policy) {
             (FlowReason::Rule, Some(rule), _) => format!("by {rule}"),
+            // The nftables dataplane does not say which rule (its sets carry no rule ids).
+            (FlowReason::Rule, None, _) if self.id == 0 => {
+                "by a rule (`weir policy trace` names it)".into()
+            }
             (FlowReason::Rule, None, _) => format!("by rule id {} (name not known yet)", self.id),
             (FlowReason::DefaultDeny, _, Some(policy)) => {
                 format!("default-deny (NetworkPolicy {policy})")
@@ -256,6 +261,18 @@ pub fn decode(bytes: &[u8]) -> Result<FlowEvent, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<FlowEvent>()) })
 }
 
+/// TCP, UDP, SCTP, ICMP, ICMPv6 or `proto N`.
+pub fn protocol_name(protocol: u8) -> String {
+    match protocol {
+        proto::TCP => "TCP".to_string(),
+        proto::UDP => "UDP".into(),
+        proto::SCTP => "SCTP".into(),
+        proto::ICMP => "ICMP".into(),
+        proto::ICMPV6 => "ICMPv6".into(),
+        other => format!("proto {other}"),
+    }
+}
+
 /// Names an event. `unix_ns` is the event's wall-clock time ([`BootClock`]), `node` the
 /// reporting node.
 pub fn annotate(
@@ -273,14 +290,7 @@ pub fn annotate(
             pod: names.pod(ip).map(|p| p.to_string()),
         }
     };
-    let protocol = match event.proto {
-        proto::TCP => "TCP".to_string(),
-        proto::UDP => "UDP".into(),
-        proto::SCTP => "SCTP".into(),
-        proto::ICMP => "ICMP".into(),
-        proto::ICMPV6 => "ICMPv6".into(),
-        other => format!("proto {other}"),
-    };
+    let protocol = protocol_name(event.proto);
     let direction =
         if event.direction == DIR_EGRESS { FlowDirection::Egress } else { FlowDirection::Ingress };
     let (verdict, reason, rule, policy) = match event.verdict {
@@ -481,17 +491,31 @@ pub fn bind(path: &Path) -> Result<UnixListener, FlowsError> {
     UnixListener::bind(path).map_err(|source| FlowsError::Bind { path: path.to_path_buf(), source })
 }
 
-/// The agent's flow viewer: reads `ring` and serves subscribers on `socket`. The tasks run
+/// Where a dataplane's flow events come from.
+pub enum FlowSource {
+    /// The eBPF policy programs' ring buffer.
+    Ring(RingBuf<MapData>),
+    /// The nftables policy table's log group.
+    Nflog(super::nft::nflog::NflogSocket),
+}
+
+/// The agent's flow viewer: reads `source` and serves subscribers on `socket`. The tasks run
 /// until their handles are aborted.
 pub fn start(
-    ring: RingBuf<MapData>,
+    source: FlowSource,
     names: Arc<dyn FlowNames + Send + Sync>,
     node: Option<String>,
     socket: &Path,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, FlowsError> {
     let listener = bind(socket)?;
     let hub = FlowHub::new(node, SUBSCRIBER_BUFFER);
-    Ok(vec![tokio::spawn(read_ring(ring, names, hub.clone())), tokio::spawn(serve(listener, hub))])
+    let reader = match source {
+        FlowSource::Ring(ring) => tokio::spawn(read_ring(ring, names, hub.clone())),
+        FlowSource::Nflog(socket) => {
+            tokio::spawn(super::nft::nflog::read(socket, names, hub.clone()))
+        }
+    };
+    Ok(vec![reader, tokio::spawn(serve(listener, hub))])
 }
 
 /// Serves subscribers until the task is aborted.

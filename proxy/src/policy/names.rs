@@ -126,13 +126,26 @@ impl SharedPolicyNames {
         rule_ids: &BTreeSet<u32>,
         policy_ids: &BTreeSet<u32>,
     ) {
-        fn copy<K: Ord + Clone, V: Clone>(to: &mut BTreeMap<K, V>, from: &BTreeMap<K, V>, key: &K) {
-            match from.get(key) {
-                Some(value) => to.insert(key.clone(), value.clone()),
-                None => to.remove(key),
-            };
-        }
         let mut names = self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        names.copy_pods(compiled, delta);
+        for id in rule_ids {
+            copy(&mut names.rules_by_id, numbering.rules_by_id, id);
+        }
+        for id in policy_ids {
+            copy(&mut names.policies_by_id, numbering.policies_by_id, id);
+        }
+    }
+
+    /// Publishes the pods and identities `delta` names (a datapath without numeric ids).
+    pub fn publish_pods(&self, compiled: &Compiled, delta: &Delta) {
+        self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()).copy_pods(compiled, delta);
+    }
+}
+
+impl PolicyNames {
+    /// Copies the pods and identities `delta` names from `compiled`; a new generation.
+    fn copy_pods(&mut self, compiled: &Compiled, delta: &Delta) {
+        let names = self;
         for pod in &delta.pods {
             let old = names.pods.get(pod).map(|e| e.ips.clone()).unwrap_or_default();
             let new = compiled.pods.get(pod).map(|e| e.ips.clone()).unwrap_or_default();
@@ -144,12 +157,14 @@ impl SharedPolicyNames {
         for identity in &delta.identities {
             copy(&mut names.identities, &compiled.identities, identity);
         }
-        for id in rule_ids {
-            copy(&mut names.rules_by_id, numbering.rules_by_id, id);
-        }
-        for id in policy_ids {
-            copy(&mut names.policies_by_id, numbering.policies_by_id, id);
-        }
         names.generation += 1;
     }
+}
+
+/// Makes `to[key]` what `from[key]` is (present or absent).
+fn copy<K: Ord + Clone, V: Clone>(to: &mut BTreeMap<K, V>, from: &BTreeMap<K, V>, key: &K) {
+    match from.get(key) {
+        Some(value) => to.insert(key.clone(), value.clone()),
+        None => to.remove(key),
+    };
 }

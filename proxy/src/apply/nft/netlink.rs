@@ -29,6 +29,9 @@ pub(crate) const NLM_F_APPEND: u16 = 0x800;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLA_F_NESTED: u16 = 0x8000;
+/// Bytes of each logged packet sent to the log group: an IPv6 header, a few extension headers
+/// and the ports.
+const LOG_SNAPLEN: u32 = 128;
 pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub(crate) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 pub(crate) const NFNL_MSG_BATCH_END: u16 = 0x11;
@@ -789,6 +792,9 @@ mod ex {
     pub const DYNSET_TIMEOUT: u16 = 6;
     pub const OBJREF_IMM_TYPE: u16 = 1;
     pub const OBJREF_IMM_NAME: u16 = 2;
+    pub const LOG_GROUP: u16 = 1;
+    pub const LOG_PREFIX: u16 = 2;
+    pub const LOG_SNAPLEN: u16 = 3;
     pub const REJECT_TYPE: u16 = 1;
     pub const REJECT_ICMP_CODE: u16 = 2;
 
@@ -988,6 +994,12 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
         Stmt::CounterRef(name) => b.expr("objref", |b| {
             b.u32(ex::OBJREF_IMM_TYPE, NFT_OBJECT_COUNTER);
             b.str(ex::OBJREF_IMM_NAME, name);
+        }),
+        Stmt::Log { group, prefix } => b.expr("log", |b| {
+            b.attr(ex::LOG_GROUP, &group.to_be_bytes());
+            b.str(ex::LOG_PREFIX, prefix);
+            // The network and transport headers are all a reader needs.
+            b.u32(ex::LOG_SNAPLEN, LOG_SNAPLEN);
         }),
         Stmt::L4Proto(proto) => {
             meta_load(b, REG32_00, ex::META_L4PROTO);

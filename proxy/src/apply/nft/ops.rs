@@ -21,6 +21,9 @@ pub enum RejectKind {
     PortUnreachable,
 }
 
+/// The longest `log prefix` the kernel takes (`NF_LOG_PREFIXLEN` less the NUL).
+pub const MAX_LOG_PREFIX: usize = 127;
+
 /// One statement of a rule; a rule is the conjunction of its statements, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stmt {
@@ -60,6 +63,13 @@ pub enum Stmt {
     Icmpv6Types(u8, u8),
     /// `counter name NAME`
     CounterRef(String),
+    /// `log group GROUP prefix "PREFIX"`: the packet's headers to the nfnetlink_log group
+    /// (nothing happens when no process listens on it). The prefix is at most
+    /// [`MAX_LOG_PREFIX`] bytes.
+    Log {
+        group: u16,
+        prefix: String,
+    },
     /// `meta l4proto P`
     L4Proto(u8),
     /// `ip saddr A`

@@ -16,6 +16,7 @@
 pub mod incremental;
 pub mod inspect;
 pub mod live;
+pub mod nflog;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,7 +29,7 @@ use crate::{
         ops::{Op, PolicyTuple},
         validate_table_name,
     },
-    policy::{PolicyApplied, PolicyDatapath, PolicyDatapathError, PolicyNode},
+    policy::{PolicyApplied, PolicyDatapath, PolicyDatapathError, PolicyNode, SharedPolicyNames},
 };
 use weir_policy::{Compiled, Delta};
 
@@ -43,6 +44,8 @@ pub struct NftPolicy {
     state: IncrementalDesired,
     /// The sets hold `state` (false when just opened, or after a refused batch).
     in_sync: bool,
+    /// Where the pods of each applied state are published (flow records name them).
+    names: Option<SharedPolicyNames>,
 }
 
 impl NftPolicy {
@@ -55,6 +58,7 @@ impl NftPolicy {
             socket,
             state: IncrementalDesired::default(),
             in_sync: false,
+            names: None,
         };
         policy.send(&plan::skeleton())?;
         Ok(policy)
@@ -62,6 +66,12 @@ impl NftPolicy {
 
     pub fn table(&self) -> &str {
         &self.table
+    }
+
+    /// Publishes the pods of every applied state to `names` (the agent's flow viewer).
+    pub fn with_names(mut self, names: SharedPolicyNames) -> Self {
+        self.names = Some(names);
+        self
     }
 
     /// Deletes the whole table (an agent asked to clean up on exit).
@@ -178,7 +188,11 @@ impl PolicyDatapath for NftPolicy {
         compiled: &Compiled,
         node: &PolicyNode,
     ) -> Result<PolicyApplied, PolicyDatapathError> {
-        Ok(self.apply_policy(compiled, node)?)
+        let applied = self.apply_policy(compiled, node)?;
+        if let Some(names) = &self.names {
+            names.publish(compiled, None);
+        }
+        Ok(applied)
     }
 
     fn apply_delta(
@@ -187,6 +201,10 @@ impl PolicyDatapath for NftPolicy {
         delta: &Delta,
         node: &PolicyNode,
     ) -> Result<PolicyApplied, PolicyDatapathError> {
-        Ok(self.apply_policy_delta(compiled, delta, node)?)
+        let applied = self.apply_policy_delta(compiled, delta, node)?;
+        if let Some(names) = &self.names {
+            names.publish_pods(compiled, delta);
+        }
+        Ok(applied)
     }
 }

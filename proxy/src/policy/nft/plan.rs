@@ -44,7 +44,10 @@ use weir_policy::{Allow, Compiled, Direction, DirectionPolicy, IpBlock, PeerMatc
 
 use crate::{
     apply::nft::{
-        ops::{AddrField, BaseChain, ElementKey, Family, Op, PolicyTuple, SetKind, Stmt, Verdict},
+        ops::{
+            AddrField, BaseChain, ElementKey, Family, MAX_LOG_PREFIX, Op, PolicyTuple, SetKind,
+            Stmt, Verdict,
+        },
         plan::{FixedChain, fixed_chains},
     },
     policy::PolicyNode,
@@ -114,8 +117,12 @@ pub(super) const DIRECTIONS: [Direction; 2] = [Direction::Ingress, Direction::Eg
 /// The chain (and counter) that drops what `policy` isolates in `direction`:
 /// `drop-<direction>-<ns>/<name>`, shortened with a hash when longer than nftables allows.
 pub fn drop_chain(policy: &PolicyRef, direction: Direction) -> String {
-    let name = format!("{DROP_PREFIX}{direction}-{policy}");
-    if name.len() <= MAX_NAME {
+    shorten(format!("{DROP_PREFIX}{direction}-{policy}"), MAX_NAME)
+}
+
+/// `name` if it has at most `max` bytes, else its start and a hash of the whole, `max` bytes.
+fn shorten(name: String, max: usize) -> String {
+    if name.len() <= max {
         return name;
     }
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -123,11 +130,31 @@ pub fn drop_chain(policy: &PolicyRef, direction: Direction) -> String {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    let mut cut = MAX_NAME - 17;
+    let mut cut = max - 17;
     while !name.is_char_boundary(cut) {
         cut -= 1;
     }
     format!("{}~{hash:016x}", &name[..cut])
+}
+
+/// The nfnetlink_log group the table logs its decisions to (`weir flows` on nftables): the
+/// packets dropped by a policy or as not ready, and the first packet of every flow an allow
+/// tuple admits. Nothing is logged while no process listens on the group.
+pub const FLOW_LOG_GROUP: u16 = 2917;
+/// Log prefix of a packet admitted by an allow tuple of a direction: `allow-<direction>`.
+pub const LOG_ALLOW_PREFIX: &str = "allow-";
+/// Log prefix of a packet dropped as not ready (a pod the policy does not know yet):
+/// `not-ready-<direction>`.
+pub const LOG_NOT_READY_PREFIX: &str = "not-ready-";
+
+/// The log prefix of a drop chain's packets: the chain's name, shortened to what the kernel
+/// takes.
+pub fn drop_log_prefix(chain: &str) -> String {
+    shorten(chain.to_string(), MAX_LOG_PREFIX)
+}
+
+fn log(prefix: String) -> Stmt {
+    Stmt::Log { group: FLOW_LOG_GROUP, prefix }
 }
 
 /// Whether a chain or counter name is a policy's drop chain (not the fixed ones; also the
@@ -177,6 +204,7 @@ pub fn skeleton() -> Vec<Op> {
             let (allow, _, endpoint) = sets(direction, family);
             rules.push(vec![
                 Stmt::PolicyTupleInSet { set: allow.into(), endpoint, family },
+                log(format!("{LOG_ALLOW_PREFIX}{direction}")),
                 Stmt::Verdict(Verdict::Return),
             ]);
         }
@@ -188,6 +216,7 @@ pub fn skeleton() -> Vec<Op> {
             let (_, _, field) = sets(direction, family);
             rules.push(vec![
                 Stmt::AddrInSet { field, set: unknown_set(family).into(), family },
+                log(format!("{LOG_NOT_READY_PREFIX}{direction}")),
                 Stmt::Verdict(Verdict::Goto(DROP_UNKNOWN.into())),
             ]);
         }
@@ -195,7 +224,7 @@ pub fn skeleton() -> Vec<Op> {
     };
     // In dependency order: a chain is written before the chains that jump to it.
     let chains: Vec<FixedChain> = vec![
-        (DROP_UNKNOWN, None, vec![drop_rule(DROP_UNKNOWN)]),
+        (DROP_UNKNOWN, None, vec![drop_rule(DROP_UNKNOWN, None)]),
         (INGRESS, None, check(Direction::Ingress)),
         (EGRESS, None, check(Direction::Egress)),
         ("forward", base(FORWARD), vec![established.clone(), jump(EGRESS), jump(INGRESS)]),
@@ -205,8 +234,12 @@ pub fn skeleton() -> Vec<Op> {
     ops
 }
 
-fn drop_rule(counter: &str) -> Vec<Stmt> {
-    vec![Stmt::CounterRef(counter.into()), Stmt::Verdict(Verdict::Drop)]
+/// `counter name COUNTER drop`, logged with `prefix` when given.
+fn drop_rule(counter: &str, prefix: Option<String>) -> Vec<Stmt> {
+    let mut rule = vec![Stmt::CounterRef(counter.into())];
+    rule.extend(prefix.map(log));
+    rule.push(Stmt::Verdict(Verdict::Drop));
+    rule
 }
 
 /// What the table holds for one direction.
@@ -618,7 +651,8 @@ fn create_drop_chain(ops: &mut Vec<Op>, chain: &str, exists: bool) {
     if exists {
         ops.push(Op::FlushChain { name: chain.into() });
     }
-    ops.push(Op::AddRule { chain: chain.into(), stmts: drop_rule(chain), comment: None });
+    let stmts = drop_rule(chain, Some(drop_log_prefix(chain)));
+    ops.push(Op::AddRule { chain: chain.into(), stmts, comment: None });
 }
 
 fn element_ops(ops: &mut Vec<Op>, old: &Desired, new: &Desired) {
