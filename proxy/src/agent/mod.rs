@@ -434,12 +434,15 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 (backend.sync_changed(tracker.state(), &changed), false)
             }
             _ => {
+                // The old tracker goes first, so that two never coexist at the peak.
+                drop(tracker.take());
                 let node = node_context(&config, node_object(&stores, &config).as_deref());
                 let rebuilt =
                     ServiceTracker::rebuild(node, stores.services.state(), stores.slices.state());
                 let result = backend.sync(rebuilt.state());
                 tracker = Some(rebuilt);
                 next_full = started + config::FULL_RESYNC_PERIOD;
+                release_free_memory();
                 (result, true)
             }
         };
@@ -565,6 +568,17 @@ fn start_flows(
             log::error!("flows: {}; `weir flows` is unavailable on this node", error_chain(&err));
             AbortOnDrop(Vec::new())
         }
+    }
+}
+
+/// Gives the heap's free pages back to the kernel. A full sync (the first one, re-lists, the
+/// periodic one) frees what the lists and the old state took; the allocator would otherwise
+/// keep those pages resident for good.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only returns unused pages of glibc's heap to the kernel.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -156,7 +156,8 @@ where
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let stream = reflector(writer, watcher(api, config).default_backoff());
+    let stream =
+        reflector(writer, watcher(api, config).default_backoff().modify(strip_bookkeeping));
     let task = tokio::spawn(async move {
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
@@ -167,4 +168,40 @@ where
         }
     });
     (reader, task)
+}
+
+/// The annotation `kubectl apply` keeps a copy of the whole object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops what no part of the agent reads and what can be large, before the object is stored
+/// (kube-proxy's informers do the same): `managedFields` and kubectl's last-applied copy.
+fn strip_bookkeeping<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_objects_lose_managed_fields_and_the_last_applied_copy() {
+        let mut service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "default",
+                "annotations": {LAST_APPLIED: "{...}", "keep": "me"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            },
+            "spec": {"clusterIP": "10.96.0.10"},
+        }))
+        .unwrap();
+        strip_bookkeeping(&mut service);
+        assert!(service.metadata.managed_fields.is_none());
+        let annotations = service.metadata.annotations.unwrap();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["keep"]);
+        assert_eq!(service.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+    }
 }

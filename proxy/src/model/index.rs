@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use super::{Frontend, NodeContext, ServiceState};
+use super::{Frontend, FrontendState, HealthCheck, NodeContext, ServiceState, keyset::KeySet};
 
 /// The desired state of one service (`namespace/name` as in [`super::FrontendState::service`])
 /// with `slices` its EndpointSlices: what [`super::build`] would give for it alone.
@@ -23,14 +23,50 @@ pub fn build_service(
     super::build(std::iter::once(service), slices.iter().copied(), node)
 }
 
+/// What one service renders to, sorted by key, in exactly the room it needs (a `BTreeMap`
+/// per service allocated a node for eleven frontends: most of the index's memory at 10k
+/// services of one frontend each).
+#[derive(Debug, Default)]
+struct Rendered {
+    frontends: Box<[(Frontend, FrontendState)]>,
+    health_check_node_ports: Box<[(u16, HealthCheck)]>,
+}
+
+impl Rendered {
+    fn new(state: ServiceState) -> Self {
+        Self {
+            frontends: state.frontends.into_iter().collect(),
+            health_check_node_ports: state.health_check_node_ports.into_iter().collect(),
+        }
+    }
+
+    fn frontend(&self, frontend: &Frontend) -> Option<&FrontendState> {
+        let at = self.frontends.binary_search_by(|(f, _)| f.cmp(frontend)).ok()?;
+        Some(&self.frontends[at].1)
+    }
+
+    fn health_check(&self, port: u16) -> Option<&HealthCheck> {
+        let at = self.health_check_node_ports.binary_search_by_key(&port, |(p, _)| *p).ok()?;
+        Some(&self.health_check_node_ports[at].1)
+    }
+
+    fn frontend_keys(&self) -> impl Iterator<Item = &Frontend> {
+        self.frontends.iter().map(|(f, _)| f)
+    }
+
+    fn ports(&self) -> impl Iterator<Item = u16> {
+        self.health_check_node_ports.iter().map(|(p, _)| *p)
+    }
+}
+
 /// The combined desired state and, per service, what it renders to.
 #[derive(Debug, Default)]
 pub struct ServiceIndex {
     state: ServiceState,
-    by_service: HashMap<String, ServiceState>,
+    by_service: HashMap<String, Rendered>,
     /// Frontend -> the services that render it.
-    owners: HashMap<Frontend, BTreeSet<String>>,
-    health_owners: BTreeMap<u16, BTreeSet<String>>,
+    owners: HashMap<Frontend, KeySet>,
+    health_owners: BTreeMap<u16, KeySet>,
     /// How many times `state.health_check_node_ports` changed, so that a consumer can tell
     /// without comparing the whole map.
     health_check_changes: u64,
@@ -60,16 +96,12 @@ impl ServiceIndex {
     /// [`build_service`]; empty when the service is gone) and returns the frontends whose
     /// desired state changed, sorted. Cost: that of the service's own frontends.
     pub fn set_service(&mut self, service: &str, rendered: ServiceState) -> Vec<Frontend> {
+        let rendered = Rendered::new(rendered);
         let old = self.by_service.remove(service).unwrap_or_default();
         let touched: BTreeSet<Frontend> =
-            old.frontends.keys().chain(rendered.frontends.keys()).copied().collect();
-        let ports: BTreeSet<u16> = old
-            .health_check_node_ports
-            .keys()
-            .chain(rendered.health_check_node_ports.keys())
-            .copied()
-            .collect();
-        for frontend in old.frontends.keys() {
+            old.frontend_keys().chain(rendered.frontend_keys()).copied().collect();
+        let ports: BTreeSet<u16> = old.ports().chain(rendered.ports()).collect();
+        for frontend in old.frontend_keys() {
             if let Some(owners) = self.owners.get_mut(frontend) {
                 owners.remove(service);
                 if owners.is_empty() {
@@ -77,19 +109,19 @@ impl ServiceIndex {
                 }
             }
         }
-        for port in old.health_check_node_ports.keys() {
-            if let Some(owners) = self.health_owners.get_mut(port) {
+        for port in old.ports() {
+            if let Some(owners) = self.health_owners.get_mut(&port) {
                 owners.remove(service);
                 if owners.is_empty() {
-                    self.health_owners.remove(port);
+                    self.health_owners.remove(&port);
                 }
             }
         }
-        for frontend in rendered.frontends.keys() {
-            self.owners.entry(*frontend).or_default().insert(service.to_string());
+        for frontend in rendered.frontend_keys() {
+            self.owners.entry(*frontend).or_default().insert(service);
         }
-        for port in rendered.health_check_node_ports.keys() {
-            self.health_owners.entry(*port).or_default().insert(service.to_string());
+        for port in rendered.ports() {
+            self.health_owners.entry(port).or_default().insert(service);
         }
         if !rendered.frontends.is_empty() || !rendered.health_check_node_ports.is_empty() {
             self.by_service.insert(service.to_string(), rendered);
@@ -100,8 +132,8 @@ impl ServiceIndex {
             let winner = self
                 .owners
                 .get(&frontend)
-                .and_then(|owners| owners.first())
-                .and_then(|owner| self.by_service.get(owner)?.frontends.get(&frontend));
+                .and_then(KeySet::first)
+                .and_then(|owner| self.by_service.get(owner)?.frontend(&frontend));
             let current = self.state.frontends.get(&frontend);
             if current == winner {
                 continue;
@@ -113,10 +145,11 @@ impl ServiceIndex {
             changed.push(frontend);
         }
         for port in ports {
-            let winner =
-                self.health_owners.get(&port).and_then(|owners| owners.last()).and_then(|owner| {
-                    self.by_service.get(owner)?.health_check_node_ports.get(&port)
-                });
+            let winner = self
+                .health_owners
+                .get(&port)
+                .and_then(KeySet::last)
+                .and_then(|owner| self.by_service.get(owner)?.health_check(port));
             if self.state.health_check_node_ports.get(&port) == winner {
                 continue;
             }

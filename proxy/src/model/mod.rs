@@ -20,6 +20,7 @@
 //!   10800).
 mod endpoints;
 mod index;
+mod keyset;
 mod services;
 mod tracker;
 

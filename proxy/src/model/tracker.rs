@@ -21,7 +21,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::api::ObjectMeta;
 
 use super::{
-    Frontend, NodeContext, ServiceIndex, ServiceState, build_service, endpoints::SERVICE_NAME_LABEL,
+    Frontend, NodeContext, ServiceIndex, ServiceState, build_service,
+    endpoints::SERVICE_NAME_LABEL, keyset::KeySet,
 };
 
 /// One object that changed: its `namespace/name` and its current version (`None`: deleted).
@@ -54,7 +55,7 @@ pub struct ServiceTracker {
     /// Slice key -> (owning service key, slice). Slices without an owner are not kept.
     slices: HashMap<String, (String, Arc<EndpointSlice>)>,
     /// Service key -> its slices' keys (the service itself may not exist).
-    slices_by_service: HashMap<String, BTreeSet<String>>,
+    slices_by_service: HashMap<String, KeySet>,
     index: ServiceIndex,
 }
 
@@ -134,10 +135,7 @@ impl ServiceTracker {
                     if let Some(slice) = object
                         && let Some(owner) = slice_owner(&slice)
                     {
-                        self.slices_by_service
-                            .entry(owner.clone())
-                            .or_default()
-                            .insert(key.clone());
+                        self.slices_by_service.entry(owner.clone()).or_default().insert(&key);
                         self.slices.insert(key, (owner.clone(), slice));
                         dirty.insert(owner);
                     }
@@ -159,7 +157,7 @@ impl ServiceTracker {
             .slices_by_service
             .get(service)
             .into_iter()
-            .flatten()
+            .flat_map(KeySet::iter)
             .filter_map(|key| self.slices.get(key).map(|(_, slice)| slice.as_ref()))
             .collect();
         build_service(object, &slices, &self.node)
