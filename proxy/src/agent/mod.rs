@@ -14,7 +14,7 @@
 //! changed; the loop feeds their current versions from the stores into the model
 //! ([`ServiceTracker`], which re-renders only their services) and plans and writes only the
 //! frontends that changed (`plan_changed`), so one change costs the same at 10 services and at
-//! 100k. A watcher re-list, a change of this Node, the periodic resync
+//! 100k. A watcher re-list, a change of this Node's addresses, the periodic resync
 //! ([`config::FULL_RESYNC_PERIOD`]) and the first sync rebuild the model from the stores and
 //! write by a full diff, which also repairs anything an incremental step could have missed. A
 //! failed write is retried after a resync: a new planner adopts what the maps really hold, and
@@ -633,7 +633,9 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<Client,
 }
 
 /// This node's name and the addresses node ports are served on (its Node object's internal and
-/// external IPs, plus any given on the command line).
+/// external IPs, plus any given on the command line). It reads only the Node's
+/// `status.addresses`: `watch::NodeChanges` rebuilds the services when those change, and only
+/// then.
 fn node_context(config: &AgentConfig, node: Option<&Node>) -> NodeContext {
     let mut addresses: Vec<IpAddr> = config.node_addresses.clone();
     for address in node

@@ -14,7 +14,7 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, NodeAddress, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -100,15 +100,57 @@ pub fn start(
             move |event| log_event(&changes, event, |p| &mut p.slices)
         });
     let node_only = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let filter = Mutex::new(NodeChanges::default());
     let (nodes, nodes_task) =
-        watch_keyed(Api::<Node>::all(client.clone()), node_only, move |event| match event {
-            // The node's addresses decide every node-port frontend: rebuild everything.
-            watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone => {
-                changes.mark(|p| p.full = true)
+        watch_keyed(Api::<Node>::all(client.clone()), node_only, move |event| {
+            let mut filter = filter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if filter.rebuilds(event) {
+                changes.mark(|p| p.full = true);
             }
-            watcher::Event::Init | watcher::Event::InitApply(_) => {}
         });
     (Stores { services, slices, nodes }, vec![services_task, slices_task, nodes_task])
+}
+
+/// Which events of this node's Node rebuild the services. The node's addresses decide every
+/// node-port frontend: a change of them rebuilds everything. Other changes to the Node
+/// (annotations such as the VTEP this agent publishes, labels, the kubelet's status
+/// heartbeats) leave the services as they are.
+#[derive(Debug, Default)]
+struct NodeChanges {
+    /// The addresses of the last Node seen (`None`: none seen since the last re-list).
+    seen: Option<Vec<NodeAddress>>,
+}
+
+impl NodeChanges {
+    fn rebuilds(&mut self, event: &watcher::Event<Node>) -> bool {
+        match event {
+            watcher::Event::Apply(node) => {
+                let addresses = node_addresses(node);
+                let changed = self.seen.as_ref() != Some(&addresses);
+                self.seen = Some(addresses);
+                changed
+            }
+            watcher::Event::Delete(_) => {
+                self.seen = None;
+                true
+            }
+            // A re-list: what it finds is the new reference, and its end rebuilds.
+            watcher::Event::Init => {
+                self.seen = None;
+                false
+            }
+            watcher::Event::InitApply(node) => {
+                self.seen = Some(node_addresses(node));
+                false
+            }
+            watcher::Event::InitDone => true,
+        }
+    }
+}
+
+/// What of a Node the service model reads (`status.addresses`, see `node_context`).
+fn node_addresses(node: &Node) -> Vec<NodeAddress> {
+    node.status.as_ref().and_then(|s| s.addresses.clone()).unwrap_or_default()
 }
 
 /// Logs one Service or EndpointSlice event into the key set `keys` picks. The store applied
@@ -186,6 +228,31 @@ fn strip_bookkeeping<K: Resource>(object: &mut K) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_address_changes_of_the_node_rebuild_the_services() {
+        let node = |annotation: &str, address: &str| -> Node {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "n1", "annotations": {"weir.dev/vtep-mac": annotation}},
+                "status": {"addresses": [{"type": "InternalIP", "address": address}]},
+            }))
+            .unwrap()
+        };
+        let mut changes = NodeChanges::default();
+        let events = [
+            (watcher::Event::Init, false),
+            (watcher::Event::InitApply(node("", "10.0.0.1")), false),
+            (watcher::Event::InitDone, true),
+            (watcher::Event::Apply(node("aa:bb", "10.0.0.1")), false),
+            (watcher::Event::Apply(node("aa:bb", "10.0.0.2")), true),
+            (watcher::Event::Apply(node("aa:bb", "10.0.0.2")), false),
+            (watcher::Event::Delete(node("aa:bb", "10.0.0.2")), true),
+            (watcher::Event::Apply(node("aa:bb", "10.0.0.2")), true),
+        ];
+        for (i, (event, rebuilds)) in events.into_iter().enumerate() {
+            assert_eq!(changes.rebuilds(&event), rebuilds, "event {i}");
+        }
+    }
 
     #[test]
     fn stored_objects_lose_managed_fields_and_the_last_applied_copy() {
