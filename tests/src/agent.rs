@@ -189,7 +189,8 @@ impl AgentProcess {
             .arg("--flows-socket")
             .arg(&flows_socket)
             .args(["--health-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
+            // WEIR_TEST_AGENT_LOG (a RUST_LOG filter) shows more of what the agent does.
+            .env("RUST_LOG", std::env::var("WEIR_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

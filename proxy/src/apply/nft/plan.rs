@@ -419,9 +419,10 @@ struct Applied {
     endpoints: BTreeMap<u32, Option<SocketAddrV4>>,
     /// `affinity-endpoints` elements.
     affinity_endpoints: BTreeSet<SocketAddrV4>,
-    /// What this planner last wrote (then the fields above are exactly its rendering), and
-    /// the desired state it was rendered from.
-    rendered: Option<(Rendered, FrontendState)>,
+    /// What this planner last wrote (then the fields above are exactly its rendering). A
+    /// desired state is rendered again to compare (cheap), rather than kept: a copy of every
+    /// frontend's state was megabytes at 10k services.
+    rendered: Option<Rendered>,
 }
 
 impl Applied {
@@ -631,20 +632,12 @@ impl Planner {
                 }
                 continue;
             };
-            let applied = self.applied.get_mut(frontend);
-            let known = applied.as_ref().and_then(|a| a.rendered.as_ref());
-            if known.is_some_and(|(_, source)| source == state) {
-                continue;
-            }
             let Some(rendered) = Rendered::new(frontend, state) else {
                 plan.skipped += 1;
                 continue;
             };
-            if let Some(applied) = applied
-                && let Some((known, source)) = &mut applied.rendered
-                && *known == rendered
-            {
-                *source = state.clone();
+            let known = self.applied.get(frontend).and_then(|a| a.rendered.as_ref());
+            if known == Some(&rendered) {
                 continue;
             }
             if let Placement::Class(class) = rendered.placement {
@@ -660,7 +653,7 @@ impl Planner {
                 placements: vec![rendered.placement.set()],
                 endpoints: rendered.endpoints().into_iter().map(|(i, e)| (i, Some(e))).collect(),
                 affinity_endpoints: rendered.affinity_endpoints(),
-                rendered: Some((rendered, state.clone())),
+                rendered: Some(rendered),
             };
             self.count_users(&applied, &now);
             self.applied.insert(*frontend, now);
