@@ -8,7 +8,10 @@
 //! change, or a failed write ([`Pending::full`]). Every logged change wakes the loop.
 use std::{
     collections::BTreeSet,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Instant,
 };
 
@@ -92,23 +95,42 @@ pub fn start(
     let (services, services_task) =
         watch_keyed(Api::<Service>::all(client.clone()), watcher::Config::default(), {
             let changes = changes.clone();
-            move |event| log_event(&changes, event, |p| &mut p.services)
+            after_first_list(move |event| log_event(&changes, event, |p| &mut p.services))
         });
     let (slices, slices_task) =
         watch_keyed(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), {
             let changes = changes.clone();
-            move |event| log_event(&changes, event, |p| &mut p.slices)
+            after_first_list(move |event| log_event(&changes, event, |p| &mut p.slices))
         });
     let node_only = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let filter = Mutex::new(NodeChanges::default());
-    let (nodes, nodes_task) =
-        watch_keyed(Api::<Node>::all(client.clone()), node_only, move |event| {
+    let (nodes, nodes_task) = watch_keyed(
+        Api::<Node>::all(client.clone()),
+        node_only,
+        after_first_list(move |event| {
             let mut filter = filter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if filter.rebuilds(event) {
                 changes.mark(|p| p.full = true);
             }
-        });
+        }),
+    );
     (Stores { services, slices, nodes }, vec![services_task, slices_task, nodes_task])
+}
+
+/// Passes on every event but the end of the watcher's first list. The agent's first sync is a
+/// full one anyway and starts once every store holds its initial list; the end-of-list mark
+/// can reach the change log just after that sync took it, which made the next sync (the first
+/// change after start) a second full one. The ends of later lists (re-lists) pass.
+fn after_first_list<K>(
+    on_event: impl Fn(&watcher::Event<K>) + Send + 'static,
+) -> impl Fn(&watcher::Event<K>) + Send + 'static {
+    let listed = AtomicBool::new(false);
+    move |event| {
+        if matches!(event, watcher::Event::InitDone) && !listed.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        on_event(event)
+    }
 }
 
 /// Which events of this node's Node rebuild the services. The node's addresses decide every
@@ -252,6 +274,26 @@ mod tests {
         for (i, (event, rebuilds)) in events.into_iter().enumerate() {
             assert_eq!(changes.rebuilds(&event), rebuilds, "event {i}");
         }
+    }
+
+    #[test]
+    fn the_end_of_the_first_list_is_not_passed_on() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let on_event = after_first_list({
+            let seen = seen.clone();
+            move |event: &watcher::Event<Node>| {
+                seen.lock().unwrap().push(matches!(event, watcher::Event::InitDone))
+            }
+        });
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitDone,
+            watcher::Event::Init,
+            watcher::Event::InitDone,
+        ] {
+            on_event(&event);
+        }
+        assert_eq!(*seen.lock().unwrap(), [false, false, true], "Init, Init, the re-list's end");
     }
 
     #[test]

@@ -13,14 +13,15 @@
 //! chain ingress {
 //!     icmpv6 type 130-137 return       # neighbour and multicast listener discovery
 //!     icmpv6 type 143 return
-//!     ip daddr . meta l4proto . th dport . ip saddr @ingress-allow return
-//!     ip6 daddr . meta l4proto . th dport . ip6 saddr @ingress-allow6 return
+//!     ip daddr . meta l4proto . th dport . ip saddr @ingress-allow log group 2917 prefix "allow-ingress" return
+//!     ip6 daddr . meta l4proto . th dport . ip6 saddr @ingress-allow6 log ... return
 //!     ip daddr vmap @ingress-endpoints # known pod: return, isolated: goto drop-ingress-<policy>
 //!     ip6 daddr vmap @ingress-endpoints6
-//!     ip daddr @unknown-pods goto drop-unknown
-//!     ip6 daddr @unknown-pods6 goto drop-unknown }
+//!     ip daddr @unknown-pods log group 2917 prefix "not-ready-ingress" goto drop-unknown
+//!     ip6 daddr @unknown-pods6 log ... goto drop-unknown }
 //! chain egress { the same with saddr and daddr swapped, @egress-allow(6), @egress-endpoints(6) }
-//! chain drop-<direction>-<ns>/<policy> { counter name "drop-<direction>-<ns>/<policy>" drop }
+//! chain drop-<direction>-<ns>/<policy> {
+//!     counter name "drop-<direction>-<ns>/<policy>" log group 2917 prefix "<the chain's name>" drop }
 //! chain drop-unknown { counter name "drop-unknown" drop }
 //! ```
 //! `*-allow` hold (endpoint . protocol range . port range . peer address range) tuples of the
@@ -29,7 +30,8 @@
 //! pod address to `return` (not isolated in that direction) or to the drop chain of its first
 //! isolating policy; `unknown-pods` holds the node's pod ranges minus its known pods while
 //! `deny_unknown` is set, and is empty otherwise. The sets ending in `6` hold the IPv6
-//! addresses, the others the IPv4 ones.
+//! addresses, the others the IPv4 ones. The `log` statements feed `weir flows`
+//! ([`super::nflog`], [`FLOW_LOG_GROUP`]).
 //!
 //! The boxes are computed for both families at once: peer addresses lie on one line of u128,
 //! IPv6 as is and IPv4 mapped (`::ffff:a.b.c.d`, as in the eBPF maps), and IPv6 ranges leave
