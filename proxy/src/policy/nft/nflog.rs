@@ -140,7 +140,8 @@ impl NflogSocket {
             return Err(io::Error::last_os_error());
         }
         let mut buf = vec![0u8; 8192];
-        for _ in 0..16 {
+        // Logged packets may come first (traffic is logged from the bind on): skip them.
+        for _ in 0..1024 {
             let len = self.recv(&mut buf)?;
             if let Some(status) = ack_status(&buf[..len], seq) {
                 return if status == 0 {
@@ -285,6 +286,9 @@ pub fn parse_headers(packet: &[u8]) -> Option<Headers> {
     match packet.first()? >> 4 {
         4 => {
             let header_len = usize::from(packet[0] & 0x0f) * 4;
+            if header_len < 20 {
+                return None;
+            }
             let fragment_offset = u16::from_be_bytes(packet.get(6..8)?.try_into().ok()?) & 0x1fff;
             let protocol = *packet.get(9)?;
             let source: [u8; 4] = packet.get(12..16)?.try_into().ok()?;

@@ -114,6 +114,9 @@ fn headers_of_both_families() {
     assert_eq!((later.protocol, later.ports), (UDP, None));
     // ICMPv6 has no ports.
     assert_eq!(parse_headers(&ipv6(58, &[], &[128, 0, 0, 0])).unwrap().ports, None);
+    let mut bad_length = ipv4_tcp([10, 0, 0, 1], [10, 0, 0, 2], 1234, 80);
+    bad_length[0] = 0x42;
+    assert_eq!(parse_headers(&bad_length), None, "a header length under 20 bytes");
     for short in [&[][..], &[0x45, 0, 0], &[0x60; 20], &[0x10; 40]] {
         assert_eq!(parse_headers(short), None);
     }
