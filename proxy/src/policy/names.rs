@@ -145,19 +145,18 @@ impl SharedPolicyNames {
 impl PolicyNames {
     /// Copies the pods and identities `delta` names from `compiled`; a new generation.
     fn copy_pods(&mut self, compiled: &Compiled, delta: &Delta) {
-        let names = self;
         for pod in &delta.pods {
-            let old = names.pods.get(pod).map(|e| e.ips.clone()).unwrap_or_default();
+            let old = self.pods.get(pod).map(|e| e.ips.clone()).unwrap_or_default();
             let new = compiled.pods.get(pod).map(|e| e.ips.clone()).unwrap_or_default();
             for ip in old.iter().chain(&new) {
-                copy(&mut names.pod_ips, &compiled.pod_ips, ip);
+                copy(&mut self.pod_ips, &compiled.pod_ips, ip);
             }
-            copy(&mut names.pods, &compiled.pods, pod);
+            copy(&mut self.pods, &compiled.pods, pod);
         }
         for identity in &delta.identities {
-            copy(&mut names.identities, &compiled.identities, identity);
+            copy(&mut self.identities, &compiled.identities, identity);
         }
-        names.generation += 1;
+        self.generation += 1;
     }
 }
 

@@ -318,7 +318,13 @@ impl Buf {
     }
 
     /// Starts a message; returns its offset for [`Buf::end_msg`].
-    fn begin_msg(&mut self, msg_type: u16, flags: u16, family: u8, res_id: u16) -> usize {
+    pub(crate) fn begin_msg(
+        &mut self,
+        msg_type: u16,
+        flags: u16,
+        family: u8,
+        res_id: u16,
+    ) -> usize {
         self.align();
         let start = self.bytes.len();
         self.last = Some(start);
@@ -333,13 +339,13 @@ impl Buf {
         start
     }
 
-    fn end_msg(&mut self, start: usize) {
+    pub(crate) fn end_msg(&mut self, start: usize) {
         self.align();
         let len = (self.bytes.len() - start) as u32;
         self.bytes[start..start + 4].copy_from_slice(&len.to_ne_bytes());
     }
 
-    fn attr(&mut self, kind: u16, payload: &[u8]) {
+    pub(crate) fn attr(&mut self, kind: u16, payload: &[u8]) {
         self.align();
         let len = (4 + payload.len()) as u16;
         self.bytes.extend_from_slice(&len.to_ne_bytes());
@@ -1343,7 +1349,18 @@ const SOCKET_BUFFER: i32 = 64 << 20;
 /// Dumps interrupted by a concurrent change (NLM_F_DUMP_INTR) are retried this many times.
 const DUMP_RETRIES: usize = 5;
 
+impl AsRawFd for Socket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 impl Socket {
+    /// The first `len` bytes of the last datagram [`Socket::recv`] received.
+    pub(crate) fn received(&self, len: usize) -> &[u8] {
+        &self.buffer[..len.min(self.buffer.len())]
+    }
+
     pub fn open() -> io::Result<Self> {
         // SAFETY: plain socket(2); the descriptor is owned right away.
         let fd = unsafe {
@@ -1394,7 +1411,7 @@ impl Socket {
         Ok(Self { fd, buffer: vec![0; 1 << 20] })
     }
 
-    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn send(&self, bytes: &[u8]) -> io::Result<()> {
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
         // SAFETY: sendto with a buffer we own and a valid sockaddr_nl for the kernel (pid 0).
@@ -1414,8 +1431,9 @@ impl Socket {
         Ok(())
     }
 
-    /// Receives one datagram; `Ok(None)` when nothing is queued and `dont_wait`.
-    fn recv(&mut self, dont_wait: bool) -> io::Result<Option<usize>> {
+    /// Receives one datagram into [`Socket::received`]; `Ok(None)` when nothing is queued and
+    /// `dont_wait`.
+    pub(crate) fn recv(&mut self, dont_wait: bool) -> io::Result<Option<usize>> {
         let flags = if dont_wait { libc::MSG_DONTWAIT } else { 0 };
         // SAFETY: recv into our own buffer of the given length.
         let n = unsafe {
@@ -1534,13 +1552,15 @@ impl Socket {
     }
 }
 
-struct Header {
-    kind: u16,
-    flags: u16,
-    seq: u32,
+/// The header fields of a netlink message that the readers here look at.
+pub(crate) struct Header {
+    pub(crate) kind: u16,
+    pub(crate) flags: u16,
+    pub(crate) seq: u32,
 }
 
-fn messages(mut bytes: &[u8]) -> Vec<(Header, &[u8])> {
+/// The messages of a datagram: header and payload.
+pub(crate) fn messages(mut bytes: &[u8]) -> Vec<(Header, &[u8])> {
     let mut out = Vec::new();
     while bytes.len() >= 16 {
         let len = u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;

@@ -12,7 +12,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, RawFd},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -20,6 +20,7 @@ use std::{
 use weir_policy::Direction;
 
 use super::plan::{self, LOG_ALLOW_PREFIX, LOG_NOT_READY_PREFIX};
+use crate::apply::nft::netlink::{Buf, Socket, attrs, messages};
 use crate::policy::{
     flows::{
         FlowDirection, FlowHub, FlowPeer, FlowReason, FlowRecord, FlowVerdict, protocol_name,
@@ -28,7 +29,6 @@ use crate::policy::{
     names::FlowNames,
 };
 
-const NETLINK_NETFILTER: libc::c_int = 12;
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
@@ -41,23 +41,23 @@ const NFULA_PREFIX: u16 = 10;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLMSG_ERROR: u16 = 2;
-const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 /// Bytes of each logged packet copied to the socket (the rule's snap length is the same).
 const COPY_RANGE: u32 = 128;
-/// The socket's receive buffer: room for some thousands of logged packets in a burst.
-const RECEIVE_BUFFER: libc::c_int = 4 << 20;
+/// Datagrams read while waiting for a config acknowledgement: logged packets may come first
+/// (traffic is logged from the bind on).
+const ACK_WAIT_DATAGRAMS: usize = 1024;
 
-/// A socket bound to an nfnetlink_log group of this network namespace. Closing it unbinds.
-#[derive(Debug)]
+/// A netfilter netlink socket ([`Socket`], the one the nftables code uses) bound to an
+/// nfnetlink_log group of this network namespace. Closing it unbinds.
 pub struct NflogSocket {
-    fd: OwnedFd,
+    socket: Socket,
     group: u16,
 }
 
 impl AsRawFd for NflogSocket {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.socket.as_raw_fd()
     }
 }
 
@@ -65,85 +65,20 @@ impl NflogSocket {
     /// Binds `group` in the calling thread's network namespace, asking for the packets'
     /// headers. Fails with `EBUSY` when another socket has the group (another agent).
     pub fn bind(group: u16) -> io::Result<Self> {
-        // SAFETY: plain socket(2); the descriptor is owned at once.
-        let raw = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER)
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: raw is a new descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: a zeroed sockaddr_nl is valid; pid 0 lets the kernel pick.
-        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: address is a valid sockaddr_nl of the given size.
-        let bound = unsafe {
-            libc::bind(
-                raw,
-                (&raw const address).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if bound < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let socket = Self { fd, group };
-        socket.set_option(libc::SO_RCVBUF, RECEIVE_BUFFER)?;
-        // A lost acknowledgement must not hang the agent's start.
-        let timeout = libc::timeval { tv_sec: 2, tv_usec: 0 };
-        // SAFETY: timeout is a valid timeval of the given size.
-        let set = unsafe {
-            libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if set < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        socket.configure(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND], 1)?;
+        let mut socket = Self { socket: Socket::open()?, group };
+        socket.configure(NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND])?;
         let mut mode = COPY_RANGE.to_be_bytes().to_vec();
         mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
-        socket.configure(NFULA_CFG_MODE, &mode, 2)?;
+        socket.configure(NFULA_CFG_MODE, &mode)?;
         Ok(socket)
     }
 
-    pub fn group(&self) -> u16 {
-        self.group
-    }
-
-    fn set_option(&self, option: libc::c_int, value: libc::c_int) -> io::Result<()> {
-        // SAFETY: value is a valid c_int of the given size.
-        let set = unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&raw const value).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if set < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    }
-
     /// Sends one config message with one attribute and waits for its acknowledgement.
-    fn configure(&self, kind: u16, value: &[u8], seq: u32) -> io::Result<()> {
-        let message = config_message(self.group, kind, value, seq);
-        // SAFETY: message is a valid buffer of its length.
-        let sent =
-            unsafe { libc::send(self.fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; 8192];
-        // Logged packets may come first (traffic is logged from the bind on): skip them.
-        for _ in 0..1024 {
-            let len = self.recv(&mut buf)?;
-            if let Some(status) = ack_status(&buf[..len], seq) {
+    fn configure(&mut self, kind: u16, value: &[u8]) -> io::Result<()> {
+        self.socket.send(&config_message(self.group, kind, value))?;
+        for _ in 0..ACK_WAIT_DATAGRAMS {
+            let Some(len) = self.socket.recv(false)? else { continue };
+            if let Some(status) = ack_status(self.socket.received(len), CONFIG_SEQ) {
                 return if status == 0 {
                     Ok(())
                 } else {
@@ -154,77 +89,37 @@ impl NflogSocket {
         Err(io::Error::other("no acknowledgement from nfnetlink_log"))
     }
 
-    /// Reads one datagram (several messages); `WouldBlock` on a non-blocking socket without
-    /// data, `ENOBUFS` after the kernel dropped messages for want of room.
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: buf is a valid writable buffer of its length.
-        let len = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if len < 0 { Err(io::Error::last_os_error()) } else { Ok(len as usize) }
-    }
-
-    pub fn set_nonblocking(&self) -> io::Result<()> {
-        // SAFETY: fcntl on a descriptor this socket owns.
-        let flags = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_GETFL) };
-        // SAFETY: as above.
-        if flags < 0
-            || unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }
-                < 0
-        {
-            return Err(io::Error::last_os_error());
+    /// Reads the queued datagrams without waiting and hands each to `each`; `ENOBUFS` after
+    /// the kernel dropped messages for want of room.
+    fn drain(&mut self, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+        while let Some(len) = self.socket.recv(true)? {
+            each(self.socket.received(len));
         }
         Ok(())
     }
 }
 
-fn config_message(group: u16, kind: u16, value: &[u8], seq: u32) -> Vec<u8> {
-    let attr_len = 4 + value.len();
-    let len = NLMSG_HDRLEN + NFGENMSG_LEN + attr_len.next_multiple_of(4);
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
-    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: AF_UNSPEC, version 0, the group in network order.
-    m.extend_from_slice(&[0, 0]);
-    m.extend_from_slice(&group.to_be_bytes());
-    m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(value);
-    m.resize(len, 0);
-    m
+/// The sequence number of a config message (each is sent alone and acknowledged first).
+const CONFIG_SEQ: u32 = 1;
+
+fn config_message(group: u16, kind: u16, value: &[u8]) -> Vec<u8> {
+    let mut buf = Buf::default();
+    let start = buf.begin_msg(
+        (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG,
+        NLM_F_REQUEST | NLM_F_ACK,
+        libc::AF_UNSPEC as u8,
+        group,
+    );
+    buf.attr(kind, value);
+    buf.end_msg(start);
+    buf.bytes
 }
 
 /// The error code of the acknowledgement of `seq` in `buf` (0: success), if there is one.
 fn ack_status(buf: &[u8], seq: u32) -> Option<i32> {
-    messages(buf).find_map(|(kind, msg_seq, payload)| {
-        (kind == NLMSG_ERROR && msg_seq == seq && payload.len() >= 4)
+    messages(buf).into_iter().find_map(|(header, payload)| {
+        (header.kind == NLMSG_ERROR && header.seq == seq && payload.len() >= 4)
             .then(|| i32::from_ne_bytes(payload[..4].try_into().unwrap_or_default()))
-    })
-}
-
-/// The netlink messages of a datagram: (type, sequence, payload after the header).
-fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        let header = buf.get(at..at + NLMSG_HDRLEN)?;
-        let len = u32::from_ne_bytes(header[0..4].try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(header[4..6].try_into().ok()?);
-        let seq = u32::from_ne_bytes(header[8..12].try_into().ok()?);
-        let payload = buf.get(at + NLMSG_HDRLEN..at + len.max(NLMSG_HDRLEN))?;
-        at += len.max(NLMSG_HDRLEN).next_multiple_of(4);
-        Some((kind, seq, payload))
-    })
-}
-
-/// The attributes of a payload: (type without flags, value).
-fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = u16::from_ne_bytes(buf.get(0..2)?.try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(buf.get(2..4)?.try_into().ok()?) & 0x3fff;
-        let value = buf.get(4..len.max(4))?;
-        buf = buf.get(len.max(4).next_multiple_of(4)..).unwrap_or_default();
-        Some((kind, value))
     })
 }
 
@@ -240,10 +135,11 @@ pub struct LoggedPacket {
 /// The logged packets of one datagram; other messages are skipped.
 pub fn parse_datagram(buf: &[u8]) -> Vec<LoggedPacket> {
     messages(buf)
-        .filter(|(kind, ..)| *kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET)
-        .filter_map(|(_, _, payload)| {
+        .into_iter()
+        .filter(|(header, _)| header.kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET)
+        .filter_map(|(_, payload)| {
             let mut packet = LoggedPacket { prefix: String::new(), payload: Vec::new() };
-            for (kind, value) in attributes(payload.get(NFGENMSG_LEN..)?) {
+            for (kind, value) in attrs(payload.get(NFGENMSG_LEN..)?) {
                 match kind {
                     NFULA_PREFIX => {
                         let text = value.split(|b| *b == 0).next().unwrap_or_default();
@@ -391,12 +287,6 @@ pub fn record(
 
 /// Reads the socket until the task is aborted, publishing named records to `hub`.
 pub async fn read(socket: NflogSocket, names: Arc<dyn FlowNames + Send + Sync>, hub: FlowHub) {
-    if let Err(err) = socket.set_nonblocking() {
-        log::error!(
-            "flows: cannot poll the nfnetlink_log socket: {err}; `weir flows` gets nothing"
-        );
-        return;
-    }
     // SAFETY: the socket owns its descriptor and keeps it open for as long as the AsyncFd
     // (which owns the socket) lives.
     let registered = unsafe {
@@ -411,41 +301,32 @@ pub async fn read(socket: NflogSocket, names: Arc<dyn FlowNames + Send + Sync>, 
             return;
         }
     };
-    let mut buf = vec![0u8; 1 << 16];
     let mut lost_bursts = 0u64;
     loop {
         let Ok(mut guard) = fd.readable_mut().await else { return };
-        loop {
-            match guard.get_inner().recv(&mut buf) {
-                Ok(len) => {
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .unwrap_or(Duration::ZERO)
-                        .as_nanos() as u64;
-                    for packet in parse_datagram(&buf[..len]) {
-                        if let Some(record) = record(&packet, names.as_ref(), hub.node(), now) {
-                            hub.publish(record);
-                        }
-                    }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_nanos()
+            as u64;
+        let drained = guard.get_inner_mut().drain(|datagram| {
+            for packet in parse_datagram(datagram) {
+                if let Some(record) = record(&packet, names.as_ref(), hub.node(), now) {
+                    hub.publish(record);
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    guard.clear_ready();
-                    break;
-                }
-                Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => {
-                    lost_bursts += 1;
-                    if lost_bursts.is_power_of_two() {
-                        log::warn!(
-                            "flows: the kernel dropped logged packets for want of room ({lost_bursts} times so far): some flows are missing from `weir flows`"
-                        );
-                    }
-                }
-                Err(err) => {
-                    log::error!(
-                        "flows: reading the nfnetlink_log socket: {err}; `weir flows` stops"
+            }
+        });
+        match drained {
+            Ok(()) => guard.clear_ready(),
+            Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => {
+                lost_bursts += 1;
+                if lost_bursts.is_power_of_two() {
+                    log::warn!(
+                        "flows: the kernel dropped logged packets for want of room \
+                         ({lost_bursts} times so far): some flows are missing from `weir flows`"
                     );
-                    return;
                 }
+            }
+            Err(err) => {
+                log::error!("flows: reading the nfnetlink_log socket: {err}; `weir flows` stops");
+                return;
             }
         }
     }

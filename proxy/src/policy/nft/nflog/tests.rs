@@ -11,7 +11,7 @@ fn packet_message(attributes: &[(u16, &[u8])]) -> Vec<u8> {
         body.extend_from_slice(value);
         body.resize(body.len().next_multiple_of(4), 0);
     }
-    let len = NLMSG_HDRLEN + body.len();
+    let len = 16 + body.len();
     let mut m = Vec::new();
     m.extend_from_slice(&(len as u32).to_ne_bytes());
     m.extend_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET).to_ne_bytes());
@@ -41,7 +41,7 @@ fn ipv6(next: u8, extension: &[u8], transport: &[u8]) -> Vec<u8> {
 
 #[test]
 fn config_messages_bind_the_group_in_network_order() {
-    let m = config_message(2917, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND], 1);
+    let m = config_message(2917, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND]);
     assert_eq!(m.len(), 16 + 4 + 8);
     assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize, m.len());
     assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), (4 << 8) | 1);
