@@ -292,8 +292,7 @@ fn probes_flip_ready_and_restart() {
     lab.wait_pod("tcp", "restarted by the HTTP probe", WAIT, |p| {
         status_of(p)["restartCount"].as_u64() >= Some(1)
     });
-    let (_, events) = lab.api.json("GET", "/api/v1/namespaces/default/events", None);
-    assert!(events.to_string().contains("Unhealthy"), "no Unhealthy event: {events}");
+    wait_event(&lab, "Unhealthy");
     lab.delete_pod("probed");
     lab.delete_pod("tcp");
     lab.assert_clean();
@@ -433,10 +432,19 @@ fn cni_failure_is_reported_and_retried() {
         !std::path::Path::new("/run/netns").join(netns_of(&lab, &pod)).exists(),
         "half-made sandbox left"
     );
-    let (_, events) = lab.api.json("GET", "/api/v1/namespaces/default/events", None);
-    assert!(events.to_string().contains("FailedCreatePodSandBox"), "{events}");
+    wait_event(&lab, "FailedCreatePodSandBox");
     std::fs::remove_file(&broken).unwrap();
     lab.wait_running("wait");
     lab.delete_pod("wait");
     lab.assert_clean();
+}
+
+/// Waits for an event with `reason` in the default namespace. The runtime posts events on
+/// their own task, so one may land after the pod status that follows it.
+fn wait_event(lab: &LabNode, reason: &str) {
+    weir_tests::wait::eventually(&format!("a {reason} event"), WAIT, || {
+        let (_, events) = lab.api.json("GET", "/api/v1/namespaces/default/events", None);
+        let text = events.to_string();
+        if text.contains(reason) { None } else { Some(text) }
+    });
 }
