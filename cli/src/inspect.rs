@@ -33,11 +33,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let maps = ServiceMaps::open_pinned(&pin_dir).with_context(|| {
         format!("no weir datapath pinned in {} (is the agent running here?)", pin_dir.display())
     })?;
-    let rows = inspect::service_rows(
-        &maps.service_entries(),
-        &maps.backend_entries(),
-        &maps.rev_nat_entries(),
-    );
+    let rows = inspect::all_service_rows(&maps);
     match output {
         Output::Table => println!("{}", inspect::service_table(&rows)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),

@@ -12,20 +12,19 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use weir_common::{
     conntrack::{CT_FORWARD, CT_REPLY, CtKey4, CtValue4},
-    lb::{AffinityKey4, AffinityValue4, Backend, ServiceKey, ServiceValue, service_flags},
+    lb::{
+        AffinityKey4, AffinityValue4, Backend, Backend6, ServiceKey, ServiceKey6, ServiceValue,
+        affinity_scope, service_flags,
+    },
     metrics::Counter,
 };
 
 use crate::{
-    maps::{AFFINITY4, BACKENDS, CT4, REV_NAT, SERVICES},
+    maps::{AFFINITY4, BACKENDS, BACKENDS6, CT4, REV_NAT, SERVICES, SERVICES6},
     metrics::count,
     nat::{End, rewrite4},
     packet::{Flow4, parse_flow4},
 };
-
-/// Affinity key scopes: the socket layer keys clients by netns cookie, the tc path by address.
-pub const AFFINITY_SCOPE_SOCKET: u32 = 0;
-pub const AFFINITY_SCOPE_TC: u32 = 1;
 
 pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(flow) = parse_flow4(ctx) else {
@@ -48,11 +47,11 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
     let backend = match tracked_backend(&forward_key) {
         Some(backend) => backend,
         None => {
-            let (backend_id, backend) = select_with_affinity(
+            let (backend_id, backend) = select_with_affinity::<V4>(
                 &frontend,
                 &service,
                 u64::from(flow.saddr),
-                AFFINITY_SCOPE_TC,
+                affinity_scope::TC,
             )?;
             let entry = CtValue4 {
                 backend_id,
@@ -129,55 +128,105 @@ fn tracked_backend(key: &CtKey4) -> Option<Backend> {
     unsafe { BACKENDS.get(&entry.backend_id) }.copied()
 }
 
+/// The service maps of one address family, as backend selection reads them.
+pub trait ServiceMaps {
+    type Key: Copy;
+    type Backend: Copy;
+    /// The entry of `slot` of the service `key` names (a slot or, for 0, the master).
+    fn slot(key: &Self::Key, slot: u16) -> Option<ServiceValue>;
+    fn backend(id: u32) -> Option<Self::Backend>;
+}
+
+/// `weir_svc_v1` and `weir_backend_v1`.
+pub struct V4;
+
+impl ServiceMaps for V4 {
+    type Key = ServiceKey;
+    type Backend = Backend;
+
+    #[inline(always)]
+    fn slot(key: &ServiceKey, slot: u16) -> Option<ServiceValue> {
+        // SAFETY: read-only lookup, value copied out.
+        unsafe { SERVICES.get(&key.with_slot(slot)) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend> {
+        // SAFETY: read-only lookup, value copied out.
+        unsafe { BACKENDS.get(&id) }.copied()
+    }
+}
+
+/// `weir_svc6_v1` and `weir_backend6_v1`.
+pub struct V6;
+
+impl ServiceMaps for V6 {
+    type Key = ServiceKey6;
+    type Backend = Backend6;
+
+    #[inline(always)]
+    fn slot(key: &ServiceKey6, slot: u16) -> Option<ServiceValue> {
+        // SAFETY: read-only lookup, value copied out.
+        unsafe { SERVICES6.get(&key.with_slot(slot)) }.copied()
+    }
+
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Backend6> {
+        // SAFETY: read-only lookup, value copied out.
+        unsafe { BACKENDS6.get(&id) }.copied()
+    }
+}
+
 /// Picks a backend for a new flow: a random slot in `1..=count`; returns the backend ID, the
 /// backend and its slot.
 #[inline(always)]
-pub fn select_backend(frontend: &ServiceKey, count: u16) -> Result<(u32, Backend, u16), Counter> {
+pub fn select_backend<M: ServiceMaps>(
+    frontend: &M::Key,
+    count: u16,
+) -> Result<(u32, M::Backend, u16), Counter> {
     if count == 0 {
         return Err(Counter::DropNoBackend);
     }
     // SAFETY: bpf_get_prandom_u32 has no preconditions.
     let random = unsafe { bpf_get_prandom_u32() };
     let slot = (random % count as u32) as u16 + 1;
-    // SAFETY: read-only lookups, values copied out.
-    let backend_id = unsafe { SERVICES.get(&frontend.with_slot(slot)) }
-        .map(|slot| slot.backend_id)
-        .ok_or(Counter::DropNoBackend)?;
-    let backend = unsafe { BACKENDS.get(&backend_id) }.copied().ok_or(Counter::DropNoBackend)?;
+    let backend_id =
+        M::slot(frontend, slot).map(|slot| slot.backend_id).ok_or(Counter::DropNoBackend)?;
+    let backend = M::backend(backend_id).ok_or(Counter::DropNoBackend)?;
     Ok((backend_id, backend, slot))
 }
 
 /// Backend choice with ClientIP session affinity when the service asks for it: the client's
 /// remembered backend while it is fresh and still in its slot, else a new random choice that
-/// is remembered.
+/// is remembered. `scope` is one of [`affinity_scope`].
 #[inline(always)]
-pub fn select_with_affinity(
-    frontend: &ServiceKey,
+pub fn select_with_affinity<M: ServiceMaps>(
+    frontend: &M::Key,
     service: &ServiceValue,
     client: u64,
     scope: u32,
-) -> Result<(u32, Backend), Counter> {
+) -> Result<(u32, M::Backend), Counter> {
     if service.flags & service_flags::AFFINITY == 0 {
-        let (id, backend, _) = select_backend(frontend, service.count)?;
+        let (id, backend, _) = select_backend::<M>(frontend, service.count)?;
         return Ok((id, backend));
     }
     let key = AffinityKey4 { client, rev_nat_index: service.rev_nat_index, scope };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(service.backend_id) * 1_000_000_000;
-    // SAFETY: read-only lookups, values copied out.
+    // SAFETY: read-only lookup, value copied out.
     if let Some(remembered) = unsafe { AFFINITY4.get(&key) }.copied()
         && now.saturating_sub(remembered.last_used_ns) <= timeout_ns
-        && unsafe { SERVICES.get(&frontend.with_slot(remembered.slot)) }
+        && M::slot(frontend, remembered.slot)
             .is_some_and(|slot| slot.backend_id == remembered.backend_id)
         && remembered.slot <= service.count
-        && let Some(backend) = unsafe { BACKENDS.get(&remembered.backend_id) }.copied()
+        && let Some(backend) = M::backend(remembered.backend_id)
     {
         let refreshed = AffinityValue4 { last_used_ns: now, ..remembered };
         let _ = AFFINITY4.insert(&key, &refreshed, 0);
         return Ok((remembered.backend_id, backend));
     }
-    let (id, backend, slot) = select_backend(frontend, service.count)?;
+    let (id, backend, slot) = select_backend::<M>(frontend, service.count)?;
     let chosen = AffinityValue4 { last_used_ns: now, backend_id: id, slot, _pad: 0 };
     let _ = AFFINITY4.insert(&key, &chosen, 0);
     Ok((id, backend))

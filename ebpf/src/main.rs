@@ -60,25 +60,49 @@ pub fn tc_noop(_ctx: TcContext) -> i32 {
 /// cgroup connect4: TCP and connected-UDP sockets to a service frontend get a backend.
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock_verdict(sock_lb::translate(&ctx))
+    sock_verdict(sock_lb::translate4(&ctx))
 }
 
 /// cgroup sendmsg4: datagrams of unconnected UDP sockets to a service frontend go to a backend.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock_verdict(sock_lb::translate(&ctx))
+    sock_verdict(sock_lb::translate4(&ctx))
 }
 
 /// cgroup recvmsg4: datagrams from a backend appear to come from the frontend.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock_lb::reverse(&ctx)
+    sock_lb::reverse4(&ctx)
 }
 
 /// cgroup getpeername4: a connected socket's peer is the frontend it connected to.
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock_lb::reverse(&ctx)
+    sock_lb::reverse4(&ctx)
+}
+
+/// cgroup connect6: IPv6 TCP and connected-UDP sockets to a service frontend get a backend.
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock_lb::translate6(&ctx))
+}
+
+/// cgroup sendmsg6: datagrams of unconnected IPv6 UDP sockets to a frontend go to a backend.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_verdict(sock_lb::translate6(&ctx))
+}
+
+/// cgroup recvmsg6: IPv6 datagrams from a backend appear to come from the frontend.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock_lb::reverse6(&ctx)
+}
+
+/// cgroup getpeername6: a connected IPv6 socket's peer is the frontend it connected to.
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock_lb::reverse6(&ctx)
 }
 
 #[inline(always)]

@@ -8,8 +8,9 @@ use aya_ebpf::{
 use weir_common::{
     conntrack::{CtKey4, CtValue4, DEFAULT_CT4_ENTRIES},
     lb::{
-        AffinityKey4, AffinityValue4, Backend, DEFAULT_AFFINITY4_ENTRIES, DEFAULT_BACKEND_ENTRIES,
-        DEFAULT_REV_NAT_ENTRIES, DEFAULT_SERVICE_ENTRIES, RevNat, ServiceKey, ServiceValue,
+        AffinityKey4, AffinityValue4, Backend, Backend6, DEFAULT_AFFINITY4_ENTRIES,
+        DEFAULT_BACKEND_ENTRIES, DEFAULT_REV_NAT_ENTRIES, DEFAULT_SERVICE_ENTRIES, RevNat, RevNat6,
+        ServiceKey, ServiceKey6, ServiceValue,
     },
     metrics::COUNTER_COUNT,
     policy::{
@@ -17,7 +18,7 @@ use weir_common::{
         DEFAULT_POLICY_ENDPOINTS, DEFAULT_POLICY_ENTRIES, EndpointPolicy, FLOWS_BYTES,
         IpcacheValue, PolicyCtKey, PolicyDropKey, PolicyGlobal, PolicyKey, PolicyValue,
     },
-    sock::{DEFAULT_SOCK_REV4_ENTRIES, SockRevKey4},
+    sock::{DEFAULT_SOCK_REV4_ENTRIES, SockRevKey4, SockRevKey6},
 };
 
 #[map(name = "weir_svc_v1")]
@@ -30,6 +31,16 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_BACKEND_ENT
 #[map(name = "weir_rev_nat_v1")]
 pub static REV_NAT: HashMap<u32, RevNat> = HashMap::pinned(DEFAULT_REV_NAT_ENTRIES, 0);
 
+#[map(name = "weir_svc6_v1")]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> =
+    HashMap::pinned(DEFAULT_SERVICE_ENTRIES, 0);
+
+#[map(name = "weir_backend6_v1")]
+pub static BACKENDS6: HashMap<u32, Backend6> = HashMap::pinned(DEFAULT_BACKEND_ENTRIES, 0);
+
+#[map(name = "weir_rev_nat6_v1")]
+pub static REV_NAT6: HashMap<u32, RevNat6> = HashMap::pinned(DEFAULT_REV_NAT_ENTRIES, 0);
+
 #[map(name = "weir_ct4_v1")]
 pub static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::pinned(DEFAULT_CT4_ENTRIES, 0);
 
@@ -38,6 +49,10 @@ pub static METRICS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 
 #[map(name = "weir_sock_rev4_v1")]
 pub static SOCK_REV4: LruHashMap<SockRevKey4, RevNat> =
+    LruHashMap::pinned(DEFAULT_SOCK_REV4_ENTRIES, 0);
+
+#[map(name = "weir_sock_rev6_v1")]
+pub static SOCK_REV6: LruHashMap<SockRevKey6, RevNat6> =
     LruHashMap::pinned(DEFAULT_SOCK_REV4_ENTRIES, 0);
 
 #[map(name = "weir_affinity4_v1")]

@@ -1,10 +1,15 @@
 //! `weir inspect`: what the live datapath holds, read from the pinned maps (no agent needed).
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::collections::HashMap;
 
 use serde::Serialize;
 use weir_common::{
-    lb::{Backend, RevNat, ServiceKey, ServiceValue, service_flags},
+    lb::{ServiceValue, service_flags},
     proto,
+};
+
+use crate::{
+    family::{Family, V4, V6},
+    maps::ServiceMaps,
 };
 
 /// One service frontend as the maps hold it.
@@ -23,32 +28,29 @@ pub struct ServiceRow {
     pub affinity_timeout: Option<u32>,
 }
 
-/// Rows, sorted by frontend, from the three service maps' entries.
-pub fn service_rows(
-    services: &[(ServiceKey, ServiceValue)],
-    backends: &[(u32, Backend)],
-    rev_nat: &[(u32, RevNat)],
+/// Rows, sorted by frontend, from one family's three service maps' entries.
+pub fn service_rows<F: Family>(
+    services: &[(F::Key, ServiceValue)],
+    backends: &[(u32, F::Backend)],
+    rev_nat: &[(u32, F::RevNat)],
 ) -> Vec<ServiceRow> {
-    let backends: HashMap<u32, Backend> = backends.iter().copied().collect();
-    let rev_nat: HashMap<u32, RevNat> = rev_nat.iter().copied().collect();
-    let slots: HashMap<ServiceKey, u32> = services
+    let backends: HashMap<u32, F::Backend> = backends.iter().copied().collect();
+    let rev_nat: HashMap<u32, F::RevNat> = rev_nat.iter().copied().collect();
+    let slots: HashMap<F::Key, u32> = services
         .iter()
-        .filter(|(k, _)| k.backend_slot != 0)
+        .filter(|(k, _)| F::key_parts(k).3 != 0)
         .map(|(k, v)| (*k, v.backend_id))
         .collect();
-    let mut rows: Vec<(ServiceKey, ServiceRow)> = services
+    // Sorted by (address, port, protocol).
+    let mut rows: Vec<(_, ServiceRow)> = services
         .iter()
-        .filter(|(key, _)| key.backend_slot == 0)
+        .filter(|(key, _)| F::key_parts(key).3 == 0)
         .map(|(key, master)| {
+            let (address, port, proto, _) = F::key_parts(key);
             let backends = (1..=master.count)
                 .map(|slot| {
-                    match slots
-                        .get(&key.with_slot(slot))
-                        .and_then(|id| backends.get(id).map(|b| (id, b)))
-                    {
-                        Some((_, b)) => {
-                            format!("{}:{}", Ipv4Addr::from(b.address_octets()), b.port_host())
-                        }
+                    match slots.get(&F::with_slot(*key, slot)).and_then(|id| backends.get(id)) {
+                        Some(b) => socket::<F>(F::backend_parts(b)),
                         None => format!("<missing slot {slot}>"),
                     }
                 })
@@ -61,26 +63,42 @@ pub fn service_rows(
                 "reject"
             };
             let row = ServiceRow {
-                frontend: format!(
-                    "{}:{}",
-                    Ipv4Addr::from(key.address.to_ne_bytes()),
-                    u16::from_be(key.port)
-                ),
-                protocol: protocol_name(key.proto).to_string(),
+                frontend: socket::<F>((address, port)),
+                protocol: protocol_name(proto).to_string(),
                 backends,
                 when_empty: when_empty.to_string(),
                 rev_nat_index: master.rev_nat_index,
                 affinity_timeout: (master.flags & service_flags::AFFINITY != 0)
                     .then_some(master.backend_id),
-                reverse_nat: rev_nat.get(&master.rev_nat_index).map(|r| {
-                    format!("{}:{}", Ipv4Addr::from(r.address.to_ne_bytes()), u16::from_be(r.port))
-                }),
+                reverse_nat: rev_nat
+                    .get(&master.rev_nat_index)
+                    .map(|r| socket::<F>(F::rev_nat_parts(r))),
             };
-            (*key, row)
+            ((address, port, proto), row)
         })
         .collect();
-    rows.sort_by_key(|(key, _)| (u32::from_be(key.address), u16::from_be(key.port), key.proto));
+    rows.sort_by_key(|(key, _)| *key);
     rows.into_iter().map(|(_, row)| row).collect()
+}
+
+/// Rows of both families' maps: IPv4 first, then IPv6.
+pub fn all_service_rows(maps: &ServiceMaps) -> Vec<ServiceRow> {
+    let mut rows = service_rows::<V4>(
+        &maps.v4.service_entries(),
+        &maps.v4.backend_entries(),
+        &maps.v4.rev_nat_entries(),
+    );
+    rows.extend(service_rows::<V6>(
+        &maps.v6.service_entries(),
+        &maps.v6.backend_entries(),
+        &maps.v6.rev_nat_entries(),
+    ));
+    rows
+}
+
+/// `ip:port`, or `[ip]:port` for IPv6.
+fn socket<F: Family>((address, port): (F::Addr, u16)) -> String {
+    std::net::SocketAddr::new(address.into(), port).to_string()
 }
 
 /// The rows as an aligned text table.
@@ -123,6 +141,8 @@ fn protocol_name(number: u8) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use weir_common::lb::{Backend, Backend6, RevNat, ServiceKey, ServiceKey6};
+
     use super::*;
 
     #[test]
@@ -140,7 +160,7 @@ mod tests {
             (8, Backend::new([10, 0, 0, 2], 8080, proto::TCP)),
         ];
         let rev_nat = [(1, RevNat::new([10, 96, 0, 10], 80))];
-        let rows = service_rows(&services, &backends, &rev_nat);
+        let rows = service_rows::<V4>(&services, &backends, &rev_nat);
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].frontend, "10.96.0.2:53", "sorted by address");
         assert_eq!(rows[0].when_empty, "drop");
@@ -152,5 +172,19 @@ mod tests {
             table.contains("10.96.0.10:80  TCP    10.0.0.1:8080,10.0.0.2:8080  balance"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn ipv6_rows_bracket_their_addresses() {
+        let vip: std::net::Ipv6Addr = "fd00:96::a".parse().unwrap();
+        let backend: std::net::Ipv6Addr = "fd00:10::2".parse().unwrap();
+        let key = ServiceKey6::new(vip.octets(), 80, proto::TCP, 0);
+        let services =
+            [(key, ServiceValue::master(1, 1, 0)), (key.with_slot(1), ServiceValue::slot(1))];
+        let backends = [(1, Backend6::new(backend.octets(), 8080, proto::TCP))];
+        let rows = service_rows::<V6>(&services, &backends, &[]);
+        assert_eq!(rows[0].frontend, "[fd00:96::a]:80");
+        assert_eq!(rows[0].backends, ["[fd00:10::2]:8080"]);
+        assert_eq!(rows[0].reverse_nat, None);
     }
 }

@@ -9,9 +9,11 @@ use aya::{
 use thiserror::Error;
 use weir_common::{
     conntrack::{CT4_MAP, CtKey4, CtValue4},
-    lb::{BACKEND_MAP, Backend, REV_NAT_MAP, RevNat, SERVICE_MAP, ServiceKey, ServiceValue},
+    lb::{Backend, RevNat, ServiceKey, ServiceValue},
     metrics::{Counter, METRICS_MAP},
 };
+
+use crate::family::{Family, V4, V6};
 
 #[derive(Debug, Error)]
 pub enum MapsError {
@@ -45,7 +47,7 @@ pub enum MapsError {
     TooManyBackends { address: Ipv4Addr, port: u16, count: usize, max: usize },
 }
 
-/// A service frontend with its backends, in host terms.
+/// An IPv4 service frontend with its backends, in host terms.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
     pub address: Ipv4Addr,
@@ -57,47 +59,42 @@ pub struct ServiceEntry {
     pub backends: Vec<(u32, Backend)>,
 }
 
-/// The service maps of a loaded object, opened for writing.
+/// One address family's three service maps (`weir_svc_v1`, `weir_backend_v1`,
+/// `weir_rev_nat_v1`, or their IPv6 twins), opened for writing.
+pub struct FamilyMaps<F: Family> {
+    services: HashMap<MapData, F::Key, ServiceValue>,
+    backends: HashMap<MapData, u32, F::Backend>,
+    rev_nat: HashMap<MapData, u32, F::RevNat>,
+}
+
+/// The service maps of both families and the tc path's conntrack map (IPv4).
 pub struct ServiceMaps {
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, u32, Backend>,
-    rev_nat: HashMap<MapData, u32, RevNat>,
+    pub v4: FamilyMaps<V4>,
+    pub v6: FamilyMaps<V6>,
     conntrack: HashMap<MapData, CtKey4, CtValue4>,
 }
 
 impl ServiceMaps {
     /// Opens the service maps pinned in `pin_dir` (for inspection; nothing is loaded).
     pub fn open_pinned(pin_dir: &std::path::Path) -> Result<Self, MapsError> {
-        fn open<K: aya::Pod, V: aya::Pod>(
-            pin_dir: &std::path::Path,
-            name: &'static str,
-        ) -> Result<HashMap<MapData, K, V>, MapsError> {
-            let path = pin_dir.join(name);
-            let data = MapData::from_pin(&path)
-                .map_err(|source| MapsError::OpenPinned { path, source })?;
-            HashMap::try_from(aya::maps::Map::HashMap(data))
-                .map_err(|source| MapsError::Layout { name, source })
-        }
         Ok(Self {
-            services: open(pin_dir, SERVICE_MAP)?,
-            backends: open(pin_dir, BACKEND_MAP)?,
-            rev_nat: open(pin_dir, REV_NAT_MAP)?,
-            conntrack: open(pin_dir, CT4_MAP)?,
+            v4: FamilyMaps::open_pinned(pin_dir)?,
+            v6: FamilyMaps::open_pinned(pin_dir)?,
+            conntrack: open_pinned_hash(pin_dir, CT4_MAP)?,
         })
     }
 
     /// Takes the service maps out of `ebpf` (the programs keep using them).
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         Ok(Self {
-            services: take_hash(ebpf, SERVICE_MAP)?,
-            backends: take_hash(ebpf, BACKEND_MAP)?,
-            rev_nat: take_hash(ebpf, REV_NAT_MAP)?,
+            v4: FamilyMaps::take(ebpf)?,
+            v6: FamilyMaps::take(ebpf)?,
             conntrack: take_hash(ebpf, CT4_MAP)?,
         })
     }
 
-    /// Writes one service: backends first, then slots, then the master entry, so a program
-    /// never follows a slot to a backend that is not there yet.
+    /// Writes one IPv4 service: backends first, then slots, then the master entry, so a
+    /// program never follows a slot to a backend that is not there yet.
     pub fn upsert(&mut self, service: &ServiceEntry) -> Result<(), MapsError> {
         let count =
             u16::try_from(service.backends.len()).map_err(|_| MapsError::TooManyBackends {
@@ -107,75 +104,18 @@ impl ServiceMaps {
                 max: usize::from(u16::MAX),
             })?;
         let key = ServiceKey::new(service.address.octets(), service.port, service.proto, 0);
+        let maps = &mut self.v4;
         for (id, backend) in &service.backends {
-            self.backends
-                .insert(id, backend, 0)
-                .map_err(|source| MapsError::Write { name: BACKEND_MAP, source })?;
+            maps.put_backend(*id, *backend)?;
         }
         for (slot, (id, _)) in (1..=count).zip(&service.backends) {
-            self.services
-                .insert(key.with_slot(slot), ServiceValue::slot(*id), 0)
-                .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })?;
+            maps.put_slot(key.with_slot(slot), *id)?;
         }
-        self.rev_nat
-            .insert(service.rev_nat_index, RevNat::new(service.address.octets(), service.port), 0)
-            .map_err(|source| MapsError::Write { name: REV_NAT_MAP, source })?;
-        self.services
-            .insert(key, ServiceValue::master(count, service.rev_nat_index, 0), 0)
-            .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })?;
-        Ok(())
-    }
-}
-
-/// Single-entry operations, used by the incremental applier (`crate::apply`).
-impl ServiceMaps {
-    pub fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapsError> {
-        self.backends
-            .insert(id, backend, 0)
-            .map_err(|source| MapsError::Write { name: BACKEND_MAP, source })
-    }
-
-    pub fn put_slot(&mut self, key: ServiceKey, backend_id: u32) -> Result<(), MapsError> {
-        self.services
-            .insert(key, ServiceValue::slot(backend_id), 0)
-            .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })
-    }
-
-    pub fn put_master(
-        &mut self,
-        key: ServiceKey,
-        count: u16,
-        rev_nat_index: u32,
-        flags: u8,
-        affinity_timeout: u32,
-    ) -> Result<(), MapsError> {
-        let value = ServiceValue {
-            backend_id: affinity_timeout,
-            ..ServiceValue::master(count, rev_nat_index, flags)
-        };
-        self.services
-            .insert(key.master(), value, 0)
-            .map_err(|source| MapsError::Write { name: SERVICE_MAP, source })
-    }
-
-    pub fn put_rev_nat(&mut self, index: u32, frontend: RevNat) -> Result<(), MapsError> {
-        self.rev_nat
-            .insert(index, frontend, 0)
-            .map_err(|source| MapsError::Write { name: REV_NAT_MAP, source })
-    }
-
-    pub fn delete_service_entry(&mut self, key: ServiceKey) -> Result<(), MapsError> {
-        self.services.remove(&key).map_err(|source| MapsError::Delete { name: SERVICE_MAP, source })
-    }
-
-    pub fn delete_rev_nat(&mut self, index: u32) -> Result<(), MapsError> {
-        self.rev_nat
-            .remove(&index)
-            .map_err(|source| MapsError::Delete { name: REV_NAT_MAP, source })
-    }
-
-    pub fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
-        self.backends.remove(&id).map_err(|source| MapsError::Delete { name: BACKEND_MAP, source })
+        maps.put_rev_nat(
+            service.rev_nat_index,
+            RevNat::new(service.address.octets(), service.port),
+        )?;
+        maps.put_master(key, count, service.rev_nat_index, 0, 0)
     }
 
     /// Deletes the conntrack entries (both directions) of UDP flows that a service
@@ -209,25 +149,116 @@ impl ServiceMaps {
         Ok(deleted)
     }
 
+    /// Number of entries in the six service maps (for tests and benchmarks).
+    pub fn entry_count(&self) -> usize {
+        self.v4.entry_count() + self.v6.entry_count()
+    }
+}
+
+impl<F: Family> FamilyMaps<F> {
+    fn open_pinned(pin_dir: &std::path::Path) -> Result<Self, MapsError> {
+        Ok(Self {
+            services: open_pinned_hash(pin_dir, F::SERVICE_MAP)?,
+            backends: open_pinned_hash(pin_dir, F::BACKEND_MAP)?,
+            rev_nat: open_pinned_hash(pin_dir, F::REV_NAT_MAP)?,
+        })
+    }
+
+    fn take(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Ok(Self {
+            services: take_hash(ebpf, F::SERVICE_MAP)?,
+            backends: take_hash(ebpf, F::BACKEND_MAP)?,
+            rev_nat: take_hash(ebpf, F::REV_NAT_MAP)?,
+        })
+    }
+
+    pub fn put_backend(&mut self, id: u32, backend: F::Backend) -> Result<(), MapsError> {
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(|source| MapsError::Write { name: F::BACKEND_MAP, source })
+    }
+
+    pub fn put_slot(&mut self, key: F::Key, backend_id: u32) -> Result<(), MapsError> {
+        self.services
+            .insert(key, ServiceValue::slot(backend_id), 0)
+            .map_err(|source| MapsError::Write { name: F::SERVICE_MAP, source })
+    }
+
+    pub fn put_master(
+        &mut self,
+        key: F::Key,
+        count: u16,
+        rev_nat_index: u32,
+        flags: u8,
+        affinity_timeout: u32,
+    ) -> Result<(), MapsError> {
+        let value = ServiceValue {
+            backend_id: affinity_timeout,
+            ..ServiceValue::master(count, rev_nat_index, flags)
+        };
+        self.services
+            .insert(F::with_slot(key, 0), value, 0)
+            .map_err(|source| MapsError::Write { name: F::SERVICE_MAP, source })
+    }
+
+    pub fn put_rev_nat(&mut self, index: u32, frontend: F::RevNat) -> Result<(), MapsError> {
+        self.rev_nat
+            .insert(index, frontend, 0)
+            .map_err(|source| MapsError::Write { name: F::REV_NAT_MAP, source })
+    }
+
+    pub fn delete_service_entry(&mut self, key: F::Key) -> Result<(), MapsError> {
+        self.services
+            .remove(&key)
+            .map_err(|source| MapsError::Delete { name: F::SERVICE_MAP, source })
+    }
+
+    pub fn delete_rev_nat(&mut self, index: u32) -> Result<(), MapsError> {
+        self.rev_nat
+            .remove(&index)
+            .map_err(|source| MapsError::Delete { name: F::REV_NAT_MAP, source })
+    }
+
+    pub fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        self.backends
+            .remove(&id)
+            .map_err(|source| MapsError::Delete { name: F::BACKEND_MAP, source })
+    }
+
     /// The entry of `key` (a master or a slot), if the map holds one.
-    pub fn service_entry(&self, key: ServiceKey) -> Option<ServiceValue> {
+    pub fn service_entry(&self, key: F::Key) -> Option<ServiceValue> {
         self.services.get(&key, 0).ok()
     }
 
-    /// Every entry of `weir_svc_v1` (for inspection and tests).
-    pub fn service_entries(&self) -> Vec<(ServiceKey, ServiceValue)> {
+    /// Every entry of the service map (for inspection and tests).
+    pub fn service_entries(&self) -> Vec<(F::Key, ServiceValue)> {
         self.services.iter().filter_map(Result::ok).collect()
     }
 
-    /// Every entry of `weir_backend_v1`.
-    pub fn backend_entries(&self) -> Vec<(u32, Backend)> {
+    /// Every entry of the backend map.
+    pub fn backend_entries(&self) -> Vec<(u32, F::Backend)> {
         self.backends.iter().filter_map(Result::ok).collect()
     }
 
-    /// Every entry of `weir_rev_nat_v1`.
-    pub fn rev_nat_entries(&self) -> Vec<(u32, RevNat)> {
+    /// Every entry of the reverse-NAT map.
+    pub fn rev_nat_entries(&self) -> Vec<(u32, F::RevNat)> {
         self.rev_nat.iter().filter_map(Result::ok).collect()
     }
+
+    /// Number of entries in the three maps.
+    pub fn entry_count(&self) -> usize {
+        self.services.keys().count() + self.backends.keys().count() + self.rev_nat.keys().count()
+    }
+}
+
+fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &std::path::Path,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, MapsError> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::OpenPinned { path, source })?;
+    HashMap::try_from(aya::maps::Map::HashMap(data))
+        .map_err(|source| MapsError::Layout { name, source })
 }
 
 fn take_hash<K: aya::Pod, V: aya::Pod>(

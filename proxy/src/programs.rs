@@ -37,13 +37,26 @@ pub const TC_POLICY_INGRESS: &str = "tc_pol_ingress";
 pub const CLASSIFIERS: [&str; 5] =
     [TC_LB4_FORWARD, TC_LB4_REVERSE, TC_NOOP, TC_POLICY_EGRESS, TC_POLICY_INGRESS];
 
-/// cgroup programs of the socket-level load balancer (IPv4), attached together to a cgroup by
-/// [`attach_socket_lb`].
+/// cgroup programs of the socket-level load balancer (IPv4 and IPv6), attached together to a
+/// cgroup by [`attach_socket_lb`].
 pub const SOCK_CONNECT4: &str = "sock_connect4";
 pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
 pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
 pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
-pub const SOCKET_LB: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
+pub const SOCK_CONNECT6: &str = "sock_connect6";
+pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
+pub const SOCKET_LB: [&str; 8] = [
+    SOCK_CONNECT4,
+    SOCK_SENDMSG4,
+    SOCK_RECVMSG4,
+    SOCK_GETPEERNAME4,
+    SOCK_CONNECT6,
+    SOCK_SENDMSG6,
+    SOCK_RECVMSG6,
+    SOCK_GETPEERNAME6,
+];
 
 #[derive(Debug, Error)]
 pub enum LoadError {
@@ -116,7 +129,8 @@ impl LoadOptions {
 
 /// Map capacities. The defaults are at least Cilium's (64k service entries and backends,
 /// 512k conntrack entries). `services` counts entries, and a frontend takes one entry plus one
-/// per backend slot: 100k services with 4 backends each need 500k.
+/// per backend slot: 100k services with 4 backends each need 500k. The IPv6 maps get the same
+/// capacities as their IPv4 twins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub services: u32,
@@ -166,6 +180,10 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
         .map_max_entries(weir_common::lb::REV_NAT_MAP, sizes.rev_nat)
         .map_max_entries(weir_common::conntrack::CT4_MAP, sizes.conntrack)
         .map_max_entries(weir_common::sock::SOCK_REV4_MAP, sizes.socket_rev_nat)
+        .map_max_entries(weir_common::lb::SERVICE6_MAP, sizes.services)
+        .map_max_entries(weir_common::lb::BACKEND6_MAP, sizes.backends)
+        .map_max_entries(weir_common::lb::REV_NAT6_MAP, sizes.rev_nat)
+        .map_max_entries(weir_common::sock::SOCK_REV6_MAP, sizes.socket_rev_nat)
         .override_global(aya_log::LEVEL, &level, true)
         .load(OBJECT)
         .map_err(LoadError::Load)?;

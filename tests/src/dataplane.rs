@@ -11,7 +11,7 @@ use std::fmt;
 
 use anyhow::{Context, Result};
 use weir_proxy::{
-    apply::{ebpf::MapWriter, nft::NftDataplane, plan::Planner},
+    apply::{ebpf::MapWriter, nft::NftDataplane, plan::ServicePlanner},
     maps::ServiceMaps,
     model::ServiceState,
     programs::{self, LoadOptions},
@@ -60,7 +60,7 @@ pub fn table_name(role: &str) -> String {
 
 struct EbpfInner {
     writer: MapWriter,
-    planner: Planner,
+    planner: ServicePlanner,
     _loaded: programs::Loaded,
     _pins: TestPinDir,
 }
@@ -91,7 +91,7 @@ impl TestDatapath {
                     dataplane,
                     inner: Inner::Ebpf(Box::new(EbpfInner {
                         writer,
-                        planner: Planner::new(),
+                        planner: ServicePlanner::new(),
                         _loaded: loaded,
                         _pins: pins,
                     })),
@@ -126,7 +126,7 @@ impl TestDatapath {
             Inner::Ebpf(ebpf) => {
                 let plan = ebpf.planner.plan(state);
                 ebpf.writer.apply(&plan)?;
-                Ok(plan.ops.len())
+                Ok(plan.len())
             }
             Inner::Nftables { table, .. } => {
                 Ok(table.as_mut().expect("open until drop").apply(state)?.ops)
@@ -138,12 +138,7 @@ impl TestDatapath {
     /// entries; nftables: frontends found in the table). 0 when everything was removed.
     pub fn live_entries(&mut self) -> Result<usize> {
         match &mut self.inner {
-            Inner::Ebpf(ebpf) => {
-                let maps = ebpf.writer.maps();
-                Ok(maps.service_entries().len()
-                    + maps.backend_entries().len()
-                    + maps.rev_nat_entries().len())
-            }
+            Inner::Ebpf(ebpf) => Ok(ebpf.writer.maps().entry_count()),
             Inner::Nftables { table, .. } => {
                 let table = table.as_mut().expect("open until drop");
                 table.readopt()?;

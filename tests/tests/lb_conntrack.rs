@@ -10,7 +10,7 @@ use aya::{
 };
 use weir_common::conntrack::{CT4_MAP, CtKey4, CtValue4};
 use weir_proxy::{
-    apply::{ebpf::MapWriter, plan::Planner},
+    apply::{ebpf::MapWriter, plan::ServicePlanner},
     maps::ServiceMaps,
     model::{Frontend, FrontendState, Protocol, ServiceState},
     programs::{self, LoadOptions, TC_LB4_FORWARD},
@@ -77,10 +77,11 @@ fn lb_conntrack_flushes_udp_flows_of_removed_backends_only() {
     let pins = TestPinDir::new("ct").unwrap();
     let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
     let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
-    let mut planner = Planner::new();
+    let mut planner = ServicePlanner::new();
     writer.apply(&planner.plan(&desired(&[A, B]))).unwrap();
     let backend_of: std::collections::HashMap<u32, Ipv4Addr> = writer
         .maps()
+        .v4
         .backend_entries()
         .into_iter()
         .map(|(id, b)| (id, Ipv4Addr::from(b.address_octets())))

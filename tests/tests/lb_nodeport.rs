@@ -11,7 +11,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::json;
 use weir_common::metrics::Counter;
 use weir_proxy::{
-    apply::{ebpf::MapWriter, plan::Planner},
+    apply::{ebpf::MapWriter, plan::ServicePlanner},
     maps::{ServiceMaps, read_counters},
     model::{self, NodeContext},
     programs::{self, Attached, LoadOptions},
@@ -78,7 +78,7 @@ fn from_outside_the_node(dataplane: Dataplane) {
             let pins = TestPinDir::new("nodeport").unwrap();
             let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
             let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
-            writer.execute(&Planner::new().plan(&desired).ops).unwrap();
+            writer.execute(&ServicePlanner::new().plan(&desired)).unwrap();
             let interface = uplink.b.clone();
             let attached =
                 node.run(|| programs::attach_tc_lb(&mut loaded.ebpf, &interface, None)).unwrap();

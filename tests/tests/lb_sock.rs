@@ -1,13 +1,17 @@
-//! Socket-level load balancing end to end: processes in a cgroup with weir's connect4,
-//! sendmsg4, recvmsg4 and getpeername4 programs reach service VIPs that no route knows, over
-//! real TCP and UDP sockets, and see the VIP as their peer. Processes outside the cgroup are
-//! not affected (the negative control that proves the programs do the work).
-use std::net::{Ipv4Addr, SocketAddr};
+//! Socket-level load balancing end to end: processes in a cgroup with weir's connect4/6,
+//! sendmsg4/6, recvmsg4/6 and getpeername4/6 programs reach service VIPs that no route knows,
+//! over real TCP and UDP sockets of both families, and see the VIP as their peer. Processes
+//! outside the cgroup are not affected (the negative control that proves the programs do the
+//! work). The IPv6 cases write their services through the planner and map writer the agent
+//! uses.
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde_json::Value;
 use weir_common::{lb::Backend, metrics::Counter, proto};
 use weir_proxy::{
+    apply::{ebpf::MapWriter, plan::ServicePlanner},
     maps::{ServiceEntry, ServiceMaps, read_counters},
+    model::{Frontend, FrontendState, Protocol, ServiceState},
     programs::{self, LoadOptions},
 };
 use weir_tests::{
@@ -147,4 +151,103 @@ fn lb_sock_hairpin_a_pod_reaches_itself_through_its_service() {
     let (backend, client) = parse_reply(result["reply"].as_str().unwrap()).unwrap();
     assert_eq!((backend.ip(), client.ip()), (pod_ip.into(), pod_ip.into()), "{result}");
     assert_eq!(result["peer"], format!("{vip}:80"), "the pod still sees its service's VIP");
+}
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, 0, 1);
+const SERVERS6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, 0, 2),
+    Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, 0, 3),
+];
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x20);
+const VIP6_AFFINITY: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x22);
+const VIP6_NO_BACKENDS: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x21);
+
+/// An IPv6 client and two IPv6 backends (TCP 8080, UDP 5353 each), with services written
+/// through [`ServicePlanner`]: VIP6 (TCP 80, UDP 53) over both backends, VIP6_AFFINITY (TCP 80)
+/// with ClientIP affinity, VIP6_NO_BACKENDS (TCP 80) without endpoints.
+fn setup6() -> Setup {
+    require_root();
+    let client = Netns::new("sock6c").unwrap();
+    let server = Netns::new("sock6s").unwrap();
+    let veth = Veth::between(&client, &server).unwrap();
+    client.ip(&["addr", "add", &format!("{CLIENT6}/64"), "dev", &veth.a, "nodad"]).unwrap();
+    let mut servers = Vec::new();
+    for backend in SERVERS6 {
+        server.ip(&["addr", "add", &format!("{backend}/64"), "dev", &veth.b, "nodad"]).unwrap();
+        servers.push(EchoServer::tcp(&server, (backend, 8080).into()).unwrap());
+        servers.push(EchoServer::udp(&server, (backend, 5353).into()).unwrap());
+    }
+    let cgroup = TestCgroup::new("socklb6").unwrap();
+    let pins = TestPinDir::new("sock6").unwrap();
+    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+    let mut desired = ServiceState::default();
+    let backends = |port: u16| SERVERS6.iter().map(|ip| SocketAddr::from((*ip, port))).collect();
+    let mut add = |vip: Ipv6Addr, port: u16, protocol: Protocol, state: FrontendState| {
+        desired.frontends.insert(Frontend { address: vip.into(), port, protocol }, state);
+    };
+    add(VIP6, 80, Protocol::Tcp, FrontendState::cluster_ip("default/web", backends(8080)));
+    add(VIP6, 53, Protocol::Udp, FrontendState::cluster_ip("default/dns", backends(5353)));
+    add(
+        VIP6_AFFINITY,
+        80,
+        Protocol::Tcp,
+        FrontendState {
+            affinity_timeout: Some(600),
+            ..FrontendState::cluster_ip("default/sticky", backends(8080))
+        },
+    );
+    add(VIP6_NO_BACKENDS, 80, Protocol::Tcp, FrontendState::cluster_ip("default/none", vec![]));
+    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+    let plan = ServicePlanner::new().plan(&desired);
+    assert!(plan.v4.ops.is_empty(), "IPv6 services write no IPv4 entry: {:?}", plan.v4);
+    writer.apply(&plan).unwrap();
+    programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), None).unwrap();
+    Setup { client, cgroup, ebpf: loaded.ebpf, _pins: pins, _servers: servers, _server: server }
+}
+
+#[test]
+fn lb_sock_ipv6_tcp_and_udp_reach_backends_and_report_the_vip_as_peer() {
+    let setup = setup6();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let result = probe(&setup, true, "tcp", (VIP6, 80).into());
+        assert_eq!(result["ok"], true, "{result}");
+        let (backend, client_seen) = parse_reply(result["reply"].as_str().unwrap()).unwrap();
+        assert_eq!(client_seen.ip(), CLIENT6, "the client address is preserved");
+        assert_eq!(result["peer"], "[fd00:96::20]:80", "getpeername() reports the VIP");
+        seen.insert(backend);
+    }
+    let both: std::collections::BTreeSet<SocketAddr> =
+        SERVERS6.iter().map(|ip| SocketAddr::from((*ip, 8080))).collect();
+    assert_eq!(seen, both, "20 connections reach both backends");
+    for mode in ["udp", "udp-connected"] {
+        let result = probe(&setup, true, mode, (VIP6, 53).into());
+        assert_eq!(result["ok"], true, "{mode}: {result}");
+        let (backend, _) = parse_reply(result["reply"].as_str().unwrap()).unwrap();
+        assert_eq!(backend.port(), 5353, "{mode}");
+        assert_eq!(result["peer"], "[fd00:96::20]:53", "{mode}: the reply comes from the VIP");
+    }
+    assert!(counter(&setup, Counter::SockReverseTranslated) >= 22);
+}
+
+#[test]
+fn lb_sock_ipv6_affinity_pins_the_client_and_an_empty_service_is_refused() {
+    let setup = setup6();
+    let backends: std::collections::BTreeSet<SocketAddr> = (0..10)
+        .map(|_| {
+            let result = probe(&setup, true, "tcp", (VIP6_AFFINITY, 80).into());
+            assert_eq!(result["ok"], true, "{result}");
+            parse_reply(result["reply"].as_str().unwrap()).unwrap().0
+        })
+        .collect();
+    assert_eq!(backends.len(), 1, "ClientIP affinity keeps one backend: {backends:?}");
+
+    let refused = probe(&setup, true, "tcp", (VIP6_NO_BACKENDS, 80).into());
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(refused["kind"], "PermissionDenied", "an immediate error: {refused}");
+    assert_eq!(counter(&setup, Counter::SockRejectNoBackend), 1);
+
+    // Outside the cgroup nothing translates the VIP.
+    let outside = probe(&setup, false, "tcp", (VIP6, 80).into());
+    assert_eq!(outside["ok"], false, "the VIP only works through the programs: {outside}");
 }

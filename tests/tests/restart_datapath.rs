@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use weir_proxy::{
-    apply::{ebpf::MapWriter, nft::NftDataplane, plan::Planner},
+    apply::{ebpf::MapWriter, nft::NftDataplane, plan::ServicePlanner},
     maps::ServiceMaps,
     model::{Frontend, FrontendState, Protocol, ServiceState},
     programs::{self, Attached, LoadOptions},
@@ -51,9 +51,9 @@ fn restart_connections_survive_and_the_new_agent_adopts_the_pins() {
     {
         let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
         let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
-        writer.execute(&Planner::new().plan(&desired(&[BACKEND_A, BACKEND_B])).ops).unwrap();
+        writer.execute(&ServicePlanner::new().plan(&desired(&[BACKEND_A, BACKEND_B]))).unwrap();
         let attached = programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), Some(&links));
-        assert_eq!(attached.unwrap(), Attached { attached: 4, adopted: 0 });
+        assert_eq!(attached.unwrap(), Attached { attached: 8, adopted: 0 });
     }
     let mut sessions: Vec<Session> =
         (0..SESSIONS).map(|_| Session::open(client, Some(&cgroup), VIP)).collect();
@@ -69,12 +69,12 @@ fn restart_connections_survive_and_the_new_agent_adopts_the_pins() {
     let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
     let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
     let mut planner = writer.adopting_planner();
-    assert!(planner.plan(&desired(&[BACKEND_A, BACKEND_B])).ops.is_empty());
+    assert!(planner.plan(&desired(&[BACKEND_A, BACKEND_B])).is_empty());
     let attached = programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), Some(&links));
-    assert_eq!(attached.unwrap(), Attached { attached: 0, adopted: 4 });
+    assert_eq!(attached.unwrap(), Attached { attached: 0, adopted: 8 });
 
     // Its change reaches the programs the first agent attached: only A is used now.
-    writer.execute(&planner.plan(&desired(&[BACKEND_A])).ops).unwrap();
+    writer.execute(&planner.plan(&desired(&[BACKEND_A]))).unwrap();
     let after = spread(client, Some(&cgroup), VIP, 50);
     assert_eq!(after["ok"], true, "{after}");
     assert_eq!(after["backends"].as_object().unwrap().len(), 1, "{after}");

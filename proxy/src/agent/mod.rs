@@ -53,7 +53,7 @@ use crate::{
     apply::{
         ebpf::MapWriter,
         nft::{NftDataplane, NftError},
-        plan::Planner,
+        plan::ServicePlanner,
     },
     maps::{MapsError, ServiceMaps},
     model::{self, Change, Frontend, NodeContext, ServiceTracker},
@@ -124,7 +124,7 @@ struct EbpfBackend {
     writer: MapWriter,
     /// The policy programs' flow ring buffer, until the flow viewer takes it.
     flows: Option<aya::maps::RingBuf<aya::maps::MapData>>,
-    planner: Planner,
+    planner: ServicePlanner,
     /// The loaded object and its attachments live as long as the agent.
     _loaded: programs::Loaded,
 }
@@ -148,7 +148,7 @@ impl Backend {
             Backend::Ebpf(ebpf) => {
                 let plan = ebpf.planner.plan(desired);
                 let flushed = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
-                Ok(Synced { ops: plan.ops.len(), skipped: plan.skipped, flushed })
+                Ok(Synced { ops: plan.len(), skipped: 0, flushed })
             }
             Backend::Nftables(table) => {
                 let applied = table.apply(desired).map_err(|err| error_chain(&err))?;
@@ -167,7 +167,7 @@ impl Backend {
             Backend::Ebpf(ebpf) => {
                 let plan = ebpf.planner.plan_changed(desired, changed);
                 let flushed = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
-                Ok(Synced { ops: plan.ops.len(), skipped: plan.skipped, flushed })
+                Ok(Synced { ops: plan.len(), skipped: 0, flushed })
             }
             Backend::Nftables(table) => {
                 let applied =

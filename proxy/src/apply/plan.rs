@@ -1,43 +1,40 @@
-//! The pure diff from desired service state to map operations.
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-};
+//! The pure diff from desired service state to map operations, per address family
+//! ([`Planner<F>`]) and for both ([`ServicePlanner`]).
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use std::collections::HashSet;
+use weir_common::lb::{ServiceValue, service_flags};
 
-use weir_common::lb::{Backend, RevNat, ServiceKey, ServiceValue, service_flags};
-
+pub use crate::family::{Family, V4, V6};
 use crate::model::{Frontend, FrontendState, Protocol, ServiceState, WhenEmpty};
 
-/// One write or delete on the service maps.
+/// One write or delete on one family's service maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MapOp {
+pub enum MapOp<F: Family = V4> {
     PutBackend {
         id: u32,
-        backend: Backend,
+        backend: F::Backend,
     },
     PutSlot {
-        key: ServiceKey,
+        key: F::Key,
         backend_id: u32,
     },
     PutRevNat {
         index: u32,
-        frontend: RevNat,
+        frontend: F::RevNat,
     },
     /// `affinity_timeout` (seconds) is stored in the master's `backend_id` with flag AFFINITY.
     PutMaster {
-        key: ServiceKey,
+        key: F::Key,
         count: u16,
         rev_nat_index: u32,
         flags: u8,
         affinity_timeout: u32,
     },
     DeleteMaster {
-        key: ServiceKey,
+        key: F::Key,
     },
     DeleteSlot {
-        key: ServiceKey,
+        key: F::Key,
     },
     DeleteRevNat {
         index: u32,
@@ -47,12 +44,10 @@ pub enum MapOp {
     },
 }
 
-/// The operations for one step, and what the step left out.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    pub ops: Vec<MapOp>,
-    /// Frontends the eBPF datapath cannot serve yet (IPv6, or IPv4 with IPv6 backends only).
-    pub skipped: usize,
+/// The operations for one step on one family's maps, and what the step left out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan<F: Family = V4> {
+    pub ops: Vec<MapOp<F>>,
     /// Frontends with more backends than a service can hold; only the first 65,535 are used.
     pub truncated: usize,
     /// (rev-NAT index, backend ID) of UDP frontends whose backend went away: their conntrack
@@ -60,36 +55,57 @@ pub struct Plan {
     pub stale_udp_flows: Vec<(u32, u32)>,
 }
 
+impl<F: Family> Default for Plan<F> {
+    fn default() -> Self {
+        Self { ops: Vec::new(), truncated: 0, stale_udp_flows: Vec::new() }
+    }
+}
+
 /// What was applied for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Applied {
+struct Applied<F: Family> {
     rev_nat_index: u32,
-    backends: Vec<BackendKey>,
+    backends: Vec<BackendKey<F>>,
     flags: u8,
     affinity_timeout: u32,
     /// Adopted from maps whose entries for this frontend were incomplete: rewrite it.
     dirty: bool,
 }
 
-type BackendKey = (SocketAddrV4Key, Protocol);
-type SocketAddrV4Key = (Ipv4Addr, u16);
+/// A backend: (address, port) and protocol.
+type BackendKey<F> = ((<F as Family>::Addr, u16), Protocol);
 
-/// Remembers what has been applied and plans the next step.
-#[derive(Debug, Default)]
-pub struct Planner {
-    applied: BTreeMap<Frontend, Applied>,
-    backend_ids: HashMap<BackendKey, (u32, usize)>,
+/// Remembers what has been applied to one family's maps and plans the next step. Frontends of
+/// the other family are not its business: it ignores them.
+#[derive(Debug)]
+pub struct Planner<F: Family = V4> {
+    applied: BTreeMap<Frontend, Applied<F>>,
+    backend_ids: HashMap<BackendKey<F>, (u32, usize)>,
     free_backend_ids: Vec<u32>,
     next_backend_id: u32,
     free_rev_nat: Vec<u32>,
     next_rev_nat: u32,
     /// Deletes of orphaned entries found at adoption, emitted by the next plan.
-    cleanup: Vec<MapOp>,
+    cleanup: Vec<MapOp<F>>,
 }
 
-impl Planner {
+impl<F: Family> Default for Planner<F> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<F: Family> Planner<F> {
     pub fn new() -> Self {
-        Self { next_backend_id: 1, next_rev_nat: 1, ..Self::default() }
+        Self {
+            applied: BTreeMap::new(),
+            backend_ids: HashMap::new(),
+            free_backend_ids: Vec::new(),
+            next_backend_id: 1,
+            free_rev_nat: Vec::new(),
+            next_rev_nat: 1,
+            cleanup: Vec::new(),
+        }
     }
 
     /// A planner for maps that already hold entries (a restarted agent adopting pinned maps):
@@ -98,22 +114,22 @@ impl Planner {
     /// master's count, slots without a master, backends and reverse-NAT entries nothing refers
     /// to) are deleted by the next plan; a frontend whose slots are incomplete is rewritten.
     pub fn adopt(
-        services: &[(ServiceKey, ServiceValue)],
-        backends: &[(u32, Backend)],
-        rev_nat: &[(u32, RevNat)],
+        services: &[(F::Key, ServiceValue)],
+        backends: &[(u32, F::Backend)],
+        rev_nat: &[(u32, F::RevNat)],
     ) -> Self {
         let mut planner = Self::new();
-        let backend_by_id: HashMap<u32, Backend> = backends.iter().copied().collect();
-        let masters: HashMap<ServiceKey, ServiceValue> =
-            services.iter().filter(|(k, _)| k.backend_slot == 0).copied().collect();
-        let slots: HashMap<ServiceKey, u32> = services
+        let backend_by_id: HashMap<u32, F::Backend> = backends.iter().copied().collect();
+        let masters: HashMap<F::Key, ServiceValue> =
+            services.iter().filter(|(k, _)| F::key_parts(k).3 == 0).copied().collect();
+        let slots: HashMap<F::Key, u32> = services
             .iter()
-            .filter(|(k, _)| k.backend_slot != 0)
+            .filter(|(k, _)| F::key_parts(k).3 != 0)
             .map(|(k, v)| (*k, v.backend_id))
             .collect();
         let mut used_rev_nat = HashSet::new();
         for (key, master) in &masters {
-            let Some(frontend) = frontend_of(key) else {
+            let Some(frontend) = frontend_of::<F>(key) else {
                 planner.cleanup.push(MapOp::DeleteMaster { key: *key });
                 continue;
             };
@@ -129,15 +145,9 @@ impl Planner {
                 dirty: false,
             };
             for slot in 1..=master.count {
-                let backend = slots.get(&key.with_slot(slot)).and_then(|id| {
+                let backend = slots.get(&F::with_slot(*key, slot)).and_then(|id| {
                     let backend = backend_by_id.get(id)?;
-                    Some((
-                        *id,
-                        (
-                            (Ipv4Addr::from(backend.address_octets()), backend.port_host()),
-                            frontend.protocol,
-                        ),
-                    ))
+                    Some((*id, (F::backend_parts(backend), frontend.protocol)))
                 });
                 match backend {
                     Some((id, backend_key)) => {
@@ -152,7 +162,8 @@ impl Planner {
             planner.applied.insert(frontend, applied);
         }
         for key in slots.keys() {
-            let live = masters.get(&key.master()).is_some_and(|m| key.backend_slot <= m.count);
+            let live =
+                masters.get(&F::with_slot(*key, 0)).is_some_and(|m| F::key_parts(key).3 <= m.count);
             if !live {
                 planner.cleanup.push(MapOp::DeleteSlot { key: *key });
             }
@@ -187,7 +198,7 @@ impl Planner {
     /// assumes they are all executed; after a failed execution, start over with a new planner
     /// on emptied maps (the agent's full resync). Cost: every frontend of `desired` is
     /// compared; [`Planner::plan_changed`] compares only the ones a change touched.
-    pub fn plan(&mut self, desired: &ServiceState) -> Plan {
+    pub fn plan(&mut self, desired: &ServiceState) -> Plan<F> {
         let frontends: Vec<Frontend> = desired.frontends_and_removed(self.applied.keys()).collect();
         self.plan_frontends(desired, frontends)
     }
@@ -200,7 +211,7 @@ impl Planner {
         &mut self,
         desired: &ServiceState,
         changed: impl IntoIterator<Item = &'a Frontend>,
-    ) -> Plan {
+    ) -> Plan<F> {
         self.plan_frontends(desired, changed.into_iter().copied())
     }
 
@@ -208,9 +219,9 @@ impl Planner {
         &mut self,
         desired: &ServiceState,
         frontends: impl IntoIterator<Item = Frontend>,
-    ) -> Plan {
+    ) -> Plan<F> {
         let mut plan = Plan { ops: std::mem::take(&mut self.cleanup), ..Plan::default() };
-        let mut wanted: BTreeMap<Frontend, (Vec<BackendKey>, u8, u32)> = BTreeMap::new();
+        let mut wanted: BTreeMap<Frontend, (Vec<BackendKey<F>>, u8, u32)> = BTreeMap::new();
         let mut removed = Vec::new();
         for frontend in frontends {
             let Some(state) = desired.frontends.get(&frontend) else {
@@ -219,15 +230,12 @@ impl Planner {
                 }
                 continue;
             };
-            match ipv4_frontend(&frontend, state) {
-                Some((backends, truncated)) => {
-                    plan.truncated += usize::from(truncated);
-                    wanted.insert(
-                        frontend,
-                        (backends, flags(state), state.affinity_timeout.unwrap_or(0)),
-                    );
-                }
-                None => plan.skipped += 1,
+            if let Some((backends, truncated)) = family_backends::<F>(&frontend, state) {
+                plan.truncated += usize::from(truncated);
+                wanted.insert(
+                    frontend,
+                    (backends, flags(state), state.affinity_timeout.unwrap_or(0)),
+                );
             }
         }
         removed.sort();
@@ -241,10 +249,10 @@ impl Planner {
         // Removed frontends: master first, so programs stop finding the service at once.
         for frontend in removed {
             let applied = self.applied.remove(&frontend).expect("listed above");
-            let key = service_key(&frontend);
+            let key = service_key::<F>(&frontend);
             plan.ops.push(MapOp::DeleteMaster { key });
             for slot in 1..=applied.backends.len() as u16 {
-                plan.ops.push(MapOp::DeleteSlot { key: key.with_slot(slot) });
+                plan.ops.push(MapOp::DeleteSlot { key: F::with_slot(key, slot) });
             }
             plan.ops.push(MapOp::DeleteRevNat { index: applied.rev_nat_index });
             freed_rev_nat.push(applied.rev_nat_index);
@@ -270,17 +278,13 @@ impl Planner {
             {
                 continue;
             }
-            let key = service_key(&frontend);
+            let key = service_key::<F>(&frontend);
             let (rev_nat_index, old_backends) = match previous {
                 Some(previous) => (previous.rev_nat_index, previous.backends.clone()),
                 None => {
                     let index = self.allocate_rev_nat();
-                    let Frontend { address, port, .. } = frontend;
-                    let IpAddr::V4(address) = address else { unreachable!("IPv4 only") };
-                    plan.ops.push(MapOp::PutRevNat {
-                        index,
-                        frontend: RevNat::new(address.octets(), port),
-                    });
+                    let (address, port, _, _) = F::key_parts(&key);
+                    plan.ops.push(MapOp::PutRevNat { index, frontend: F::rev_nat(address, port) });
                     (index, Vec::new())
                 }
             };
@@ -291,13 +295,13 @@ impl Planner {
                     let ((address, port), protocol) = *backend;
                     plan.ops.push(MapOp::PutBackend {
                         id,
-                        backend: Backend::new(address.octets(), port, protocol.number()),
+                        backend: F::backend(address, port, protocol.number()),
                     });
                 }
                 ids.push(id);
             }
             for (slot, id) in (1u16..).zip(&ids) {
-                plan.ops.push(MapOp::PutSlot { key: key.with_slot(slot), backend_id: *id });
+                plan.ops.push(MapOp::PutSlot { key: F::with_slot(key, slot), backend_id: *id });
             }
             plan.ops.push(MapOp::PutMaster {
                 key,
@@ -307,7 +311,7 @@ impl Planner {
                 affinity_timeout,
             });
             for slot in (ids.len() + 1)..=old_backends.len() {
-                plan.ops.push(MapOp::DeleteSlot { key: key.with_slot(slot as u16) });
+                plan.ops.push(MapOp::DeleteSlot { key: F::with_slot(key, slot as u16) });
             }
             if frontend.protocol == Protocol::Udp {
                 for gone in old_backends.iter().filter(|b| !backends.contains(b)) {
@@ -331,7 +335,7 @@ impl Planner {
         plan
     }
 
-    fn acquire_backend(&mut self, backend: &BackendKey) -> (u32, bool) {
+    fn acquire_backend(&mut self, backend: &BackendKey<F>) -> (u32, bool) {
         if let Some((id, refs)) = self.backend_ids.get_mut(backend) {
             *refs += 1;
             return (*id, false);
@@ -345,7 +349,7 @@ impl Planner {
         (id, true)
     }
 
-    fn release_backend(&mut self, backend: &BackendKey, deletes: &mut Vec<u32>) {
+    fn release_backend(&mut self, backend: &BackendKey<F>, deletes: &mut Vec<u32>) {
         if let Some((id, refs)) = self.backend_ids.get_mut(backend) {
             *refs -= 1;
             if *refs == 0 {
@@ -364,19 +368,17 @@ impl Planner {
     }
 }
 
-/// The IPv4 backends of an IPv4 frontend (capped at the slot limit), or `None` when the
-/// frontend is not IPv4.
-fn ipv4_frontend(frontend: &Frontend, state: &FrontendState) -> Option<(Vec<BackendKey>, bool)> {
-    if !frontend.address.is_ipv4() {
-        return None;
-    }
-    let mut backends: Vec<BackendKey> = state
+/// The backends of `frontend`'s family (capped at the slot limit, and whether the cap cut
+/// some), or `None` when the frontend is of the other family.
+fn family_backends<F: Family>(
+    frontend: &Frontend,
+    state: &FrontendState,
+) -> Option<(Vec<BackendKey<F>>, bool)> {
+    F::addr(frontend.address)?;
+    let mut backends: Vec<BackendKey<F>> = state
         .backends
         .iter()
-        .filter_map(|backend| match backend {
-            SocketAddr::V4(v4) => Some(((*v4.ip(), v4.port()), frontend.protocol)),
-            SocketAddr::V6(_) => None,
-        })
+        .filter_map(|backend| Some((F::socket(backend)?, frontend.protocol)))
         .collect();
     let truncated = backends.len() > usize::from(u16::MAX);
     backends.truncate(usize::from(u16::MAX));
@@ -395,27 +397,92 @@ fn flags(state: &FrontendState) -> u8 {
 }
 
 /// The frontend a service key names, if its protocol is one the model knows.
-fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
-    let protocol = match key.proto {
+fn frontend_of<F: Family>(key: &F::Key) -> Option<Frontend> {
+    let (address, port, proto, _) = F::key_parts(key);
+    let protocol = match proto {
         weir_common::proto::TCP => Protocol::Tcp,
         weir_common::proto::UDP => Protocol::Udp,
         weir_common::proto::SCTP => Protocol::Sctp,
         _ => return None,
     };
-    Some(Frontend {
-        address: IpAddr::V4(Ipv4Addr::from(key.address.to_ne_bytes())),
-        port: u16::from_be(key.port),
-        protocol,
-    })
+    Some(Frontend { address: address.into(), port, protocol })
 }
 
-fn service_key(frontend: &Frontend) -> ServiceKey {
-    let IpAddr::V4(address) = frontend.address else { unreachable!("IPv4 only") };
-    ServiceKey::new(address.octets(), frontend.port, frontend.protocol.number(), 0)
+/// The master key of a frontend of family `F` (the planner only keys its own family's).
+fn service_key<F: Family>(frontend: &Frontend) -> F::Key {
+    let address = F::addr(frontend.address).expect("a frontend of the planner's family");
+    F::key(address, frontend.port, frontend.protocol.number(), 0)
+}
+
+/// Both families' planners: what the agent and tests drive. Each family's frontends go to its
+/// own maps; a frontend's backends of the other family are left out (a Service's EndpointSlices
+/// are per family, so a dual-stack Service's frontends each balance over their own family).
+#[derive(Debug, Default)]
+pub struct ServicePlanner {
+    pub v4: Planner<V4>,
+    pub v6: Planner<V6>,
+}
+
+/// One step on both families' maps.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub v4: Plan<V4>,
+    pub v6: Plan<V6>,
+}
+
+impl ServicePlan {
+    /// Number of map operations.
+    pub fn len(&self) -> usize {
+        self.v4.ops.len() + self.v6.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Frontends whose backends were cut at the slot limit.
+    pub fn truncated(&self) -> usize {
+        self.v4.truncated + self.v6.truncated
+    }
+}
+
+impl ServicePlanner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// [`Planner::plan`] for both families.
+    pub fn plan(&mut self, desired: &ServiceState) -> ServicePlan {
+        ServicePlan { v4: self.v4.plan(desired), v6: self.v6.plan(desired) }
+    }
+
+    /// [`Planner::plan_changed`] for both families.
+    pub fn plan_changed<'a>(
+        &mut self,
+        desired: &ServiceState,
+        changed: impl IntoIterator<Item = &'a Frontend> + Clone,
+    ) -> ServicePlan {
+        ServicePlan {
+            v4: self.v4.plan_changed(desired, changed.clone()),
+            v6: self.v6.plan_changed(desired, changed),
+        }
+    }
+
+    /// Number of frontends currently applied.
+    pub fn frontends(&self) -> usize {
+        self.v4.frontends() + self.v6.frontends()
+    }
+
+    /// Number of distinct backends currently applied.
+    pub fn backends(&self) -> usize {
+        self.v4.backends() + self.v6.backends()
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use weir_common::lb::{Backend, Backend6, RevNat, ServiceKey};
+
     use super::*;
     use crate::model::testing::state;
 
@@ -425,7 +492,7 @@ mod tests {
 
     #[test]
     fn a_new_frontend_writes_backends_slots_rev_nat_then_master() {
-        let mut planner = Planner::new();
+        let mut planner = Planner::<V4>::new();
         let plan = planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]));
         let kinds: Vec<&str> = plan
             .ops
@@ -444,7 +511,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_state_plans_nothing() {
-        let mut planner = Planner::new();
+        let mut planner = Planner::<V4>::new();
         let desired = state(&[("10.96.0.1", 80, &["10.0.0.1:8080"])]);
         planner.plan(&desired);
         assert_eq!(planner.plan(&desired), Plan::default());
@@ -452,7 +519,7 @@ mod tests {
 
     #[test]
     fn one_changed_service_among_many_touches_only_that_service() {
-        let mut planner = Planner::new();
+        let mut planner = Planner::<V4>::new();
         let ips: Vec<String> =
             (0..1000).map(|i| format!("10.96.{}.{}", i / 250, i % 250 + 1)).collect();
         let entries: Vec<(&str, u16, &[&str])> =
@@ -467,7 +534,7 @@ mod tests {
 
     #[test]
     fn shrinking_rewrites_the_master_before_deleting_slots_and_unused_backends() {
-        let mut planner = Planner::new();
+        let mut planner = Planner::<V4>::new();
         planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]));
         let plan = planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080"])]));
         let master = plan.ops.iter().position(|op| matches!(op, MapOp::PutMaster { count: 1, .. }));
@@ -478,7 +545,7 @@ mod tests {
 
     #[test]
     fn removing_everything_deletes_every_entry_it_wrote() {
-        let mut planner = Planner::new();
+        let mut planner = Planner::<V4>::new();
         let first = planner.plan(&state(&[
             ("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"]),
             ("10.96.0.2", 80, &["10.0.0.2:8080"]),
@@ -500,7 +567,7 @@ mod tests {
 
     #[test]
     fn a_backend_shared_by_two_services_lives_until_both_let_go() {
-        let mut planner = Planner::new();
+        let mut planner = Planner::<V4>::new();
         planner.plan(&state(&[
             ("10.96.0.1", 80, &["10.0.0.1:8080"]),
             ("10.96.0.2", 80, &["10.0.0.1:8080"]),
@@ -514,7 +581,7 @@ mod tests {
 
     #[test]
     fn ids_freed_by_a_plan_are_not_reused_within_it() {
-        let mut planner = Planner::new();
+        let mut planner = Planner::<V4>::new();
         planner.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:8080"])]));
         let plan = planner.plan(&state(&[("10.96.0.2", 80, &["10.0.0.9:8080"])]));
         assert!(plan.ops.contains(&MapOp::DeleteBackend { id: 1 }));
@@ -594,7 +661,7 @@ mod tests {
             ("10.96.0.2", 53, &["10.0.0.2:8080"]),
         ]);
         let mut maps = FakeMaps::default();
-        maps.execute(&Planner::new().plan(&desired).ops);
+        maps.execute(&Planner::<V4>::new().plan(&desired).ops);
 
         let mut restarted = maps.adopt();
         assert_eq!((restarted.frontends(), restarted.backends()), (2, 2));
@@ -617,7 +684,7 @@ mod tests {
     fn adoption_cleans_up_what_a_crash_mid_plan_left() {
         let desired = state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]);
         let mut maps = FakeMaps::default();
-        maps.execute(&Planner::new().plan(&desired).ops);
+        maps.execute(&Planner::<V4>::new().plan(&desired).ops);
         // A crashed agent left: a slot beyond the count, a backend and a rev-NAT entry that
         // nothing refers to, and a slot of a service whose master it had already deleted.
         let key = ServiceKey::new([10, 96, 0, 1], 80, 6, 0);
@@ -638,7 +705,7 @@ mod tests {
     fn an_adopted_frontend_with_a_missing_slot_is_rewritten() {
         let desired = state(&[("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]);
         let mut maps = FakeMaps::default();
-        maps.execute(&Planner::new().plan(&desired).ops);
+        maps.execute(&Planner::<V4>::new().plan(&desired).ops);
         maps.execute(&[MapOp::DeleteSlot { key: ServiceKey::new([10, 96, 0, 1], 80, 6, 2) }]);
         let mut restarted = maps.adopt();
         let plan = restarted.plan(&desired);
@@ -656,7 +723,7 @@ mod tests {
         let mut desired = state(&[("10.96.0.1", 80, &["10.0.0.1:8080"])]);
         desired.frontends.values_mut().next().unwrap().affinity_timeout = Some(60);
         let mut maps = FakeMaps::default();
-        let plan = Planner::new().plan(&desired);
+        let plan = Planner::<V4>::new().plan(&desired);
         assert!(plan.ops.iter().any(|op| matches!(
             op,
             MapOp::PutMaster { flags: service_flags::AFFINITY, affinity_timeout: 60, .. }
@@ -677,30 +744,67 @@ mod tests {
             s.frontends.insert(Frontend { protocol: Protocol::Udp, ..frontend }, value);
             s
         };
-        let mut planner = Planner::new();
+        let mut planner = Planner::<V4>::new();
         planner.plan(&udp(&["10.0.0.1:53", "10.0.0.2:53"]));
         let plan = planner.plan(&udp(&["10.0.0.2:53"]));
         assert_eq!(plan.stale_udp_flows, [(1, 1)], "backend 1 of service 1");
         let plan = planner.plan(&ServiceState::default());
         assert_eq!(plan.stale_udp_flows, [(1, 2)], "a removed service flushes its flows too");
         // TCP flows are not flushed (kube-proxy clears UDP only).
-        let mut tcp = Planner::new();
+        let mut tcp = Planner::<V4>::new();
         tcp.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:80"])]));
         assert!(tcp.plan(&ServiceState::default()).stale_udp_flows.is_empty());
     }
 
     #[test]
-    fn ipv6_frontends_are_skipped_and_counted() {
-        let mut planner = Planner::new();
-        let plan = planner.plan(&state(&[("fd00::1", 80, &["[fd00::2]:8080"])]));
-        assert_eq!((plan.ops.len(), plan.skipped), (0, 1));
+    fn each_family_goes_to_its_own_maps_with_its_own_backends() {
+        let desired = state(&[
+            ("10.96.0.1", 80, &["10.0.0.1:8080", "[fd00::2]:8080"]),
+            ("fd00:96::1", 80, &["[fd00::2]:8080", "10.0.0.1:8080", "[fd00::3]:8080"]),
+        ]);
+        let mut planner = ServicePlanner::new();
+        let plan = planner.plan(&desired);
+        assert!(plan.v4.ops.contains(&MapOp::PutMaster {
+            key: ServiceKey::new([10, 96, 0, 1], 80, 6, 0),
+            count: 1,
+            rev_nat_index: 1,
+            flags: 0,
+            affinity_timeout: 0,
+        }));
+        let v6_backends: Vec<Backend6> = plan
+            .v6
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::PutBackend { backend, .. } => Some(*backend),
+                _ => None,
+            })
+            .collect();
+        let fd00 = |last: u8| {
+            let mut octets = [0; 16];
+            octets[..2].copy_from_slice(&[0xfd, 0]);
+            octets[15] = last;
+            octets
+        };
+        assert_eq!(v6_backends, [Backend6::new(fd00(2), 8080, 6), Backend6::new(fd00(3), 8080, 6)]);
+        assert!(
+            plan.v6
+                .ops
+                .iter()
+                .any(|op| matches!(op, MapOp::PutMaster { count: 2, rev_nat_index: 1, .. }))
+        );
+        assert_eq!((planner.v4.frontends(), planner.v6.frontends()), (1, 1));
+        assert!(planner.plan(&desired).is_empty());
+        let gone = planner.plan(&ServiceState::default());
+        assert_eq!(gone.v6.ops.len(), 1 + 2 + 1 + 2, "master, slots, rev-NAT, backends");
+        assert_eq!((planner.frontends(), planner.backends()), (0, 0));
     }
 
     #[test]
     fn empty_by_policy_is_flagged() {
         let mut desired = state(&[("10.96.0.1", 80, &[])]);
         desired.frontends.values_mut().next().unwrap().when_empty = WhenEmpty::Drop;
-        let plan = Planner::new().plan(&desired);
+        let plan = Planner::<V4>::new().plan(&desired);
         assert!(plan.ops.iter().any(|op| matches!(
             op,
             MapOp::PutMaster { count: 0, flags: service_flags::EMPTY_BY_POLICY, .. }
@@ -736,8 +840,8 @@ mod tests {
             let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
             index.set_service(&format!("default/s{i}"), service_state("", &ip, &["10.0.0.1:80"]));
         }
-        let mut planner = Planner::new();
-        let mut full = Planner::new();
+        let mut planner = Planner::<V4>::new();
+        let mut full = Planner::<V4>::new();
         planner.plan(index.state());
         full.plan(index.state());
 
@@ -748,7 +852,7 @@ mod tests {
         );
         assert_eq!(changed, [frontend("10.96.2.1", 80)]);
         let plan = planner.plan_changed(index.state(), &changed);
-        let key = service_key(&frontend("10.96.2.1", 80));
+        let key = service_key::<V4>(&frontend("10.96.2.1", 80));
         assert_eq!(touched_frontends(&plan), [(key.address, key.port)].into());
         // Exactly what a full diff of the whole state gives.
         assert_eq!(plan, full.plan(index.state()));
@@ -765,7 +869,7 @@ mod tests {
     #[test]
     fn random_incremental_changes_end_in_the_state_a_full_plan_gives() {
         for seed in 1..=25u64 {
-            let (mut planner, mut maps) = (Planner::new(), FakeMaps::default());
+            let (mut planner, mut maps) = (Planner::<V4>::new(), FakeMaps::default());
             for (step, (desired, changed)) in
                 crate::model::random::sequence(seed, 120).iter().enumerate()
             {

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Result, ensure};
 use weir_proxy::{
-    apply::{ebpf::MapWriter, nft::NftDataplane, plan::Planner},
+    apply::{ebpf::MapWriter, nft::NftDataplane, plan::ServicePlanner},
     maps::ServiceMaps,
     model::{Frontend, FrontendState, Protocol, ServiceIndex, ServiceState},
     programs::{self, LoadOptions, MapSizes},
@@ -157,19 +157,19 @@ fn ebpf_programming(
     };
     let mut loaded = programs::load(&LoadOptions { sizes, ..LoadOptions::new(pins.path()) })?;
     let writer = std::cell::RefCell::new(MapWriter::new(ServiceMaps::take(&mut loaded.ebpf)?));
-    let planner = std::cell::RefCell::new(Planner::new());
+    let planner = std::cell::RefCell::new(ServicePlanner::new());
     let programming = measure_programming(
         n,
         backend,
         |state| {
             let plan = planner.borrow_mut().plan(state);
-            writer.borrow_mut().execute(&plan.ops)?;
-            Ok(plan.ops.len())
+            writer.borrow_mut().execute(&plan)?;
+            Ok(plan.len())
         },
         |state, changed| {
             let plan = planner.borrow_mut().plan_changed(state, changed);
-            writer.borrow_mut().execute(&plan.ops)?;
-            Ok(plan.ops.len())
+            writer.borrow_mut().execute(&plan)?;
+            Ok(plan.len())
         },
     )?;
     Ok((loaded, programming))

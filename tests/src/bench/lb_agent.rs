@@ -239,7 +239,7 @@ fn change_endpoints(
     let Some(maps) = maps else { return Ok(None) };
     let key = ServiceKey::new(vips[index as usize].octets(), 80, weir_common::proto::TCP, 0);
     loop {
-        if maps.service_entry(key).is_some_and(|master| master.count == count) {
+        if maps.v4.service_entry(key).is_some_and(|master| master.count == count) {
             return Ok(Some(sent.elapsed()));
         }
         if sent.elapsed() > CHANGE_WAIT {

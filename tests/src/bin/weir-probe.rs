@@ -181,7 +181,8 @@ fn session(target: SocketAddr) -> ExitCode {
 }
 
 fn udp(target: SocketAddr, timeout: Duration, connected: bool) -> Probe {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let any: SocketAddr = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
+    let socket = UdpSocket::bind(any)?;
     socket.set_read_timeout(Some(timeout))?;
     let mut buf = [0u8; 512];
     let (n, from) = if connected {
