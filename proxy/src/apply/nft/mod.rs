@@ -139,11 +139,9 @@ impl NftDataplane {
         let mut frontends = Vec::new();
         let mut entries = Vec::new();
         let set_names: Vec<String> = sets.iter().map(|s| s.name.clone()).collect();
-        let entry_sets =
-            [plan::SERVICE_ENDPOINTS, plan::AFFINITY_ENDPOINTS, plan::HAIRPIN_ENDPOINTS];
         for set in &set_names {
             let frontend_set = plan::is_frontend_set(set);
-            if !frontend_set && !entry_sets.contains(&set.as_str()) {
+            if !frontend_set && !plan::is_entry_set(set) {
                 continue;
             }
             for dumped in self.socket.dump(DumpKind::Elements, &table, Some(set)).map_err(io)? {

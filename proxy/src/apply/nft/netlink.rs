@@ -7,7 +7,7 @@
 //! results) are host-endian, as in the kernel's `nft_regs`.
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
     os::fd::FromRawFd,
     os::fd::OwnedFd,
@@ -131,9 +131,6 @@ const REG_VERDICT: u32 = 0;
 const REG32_00: u32 = 8;
 const REG32_01: u32 = 9;
 const REG32_02: u32 = 10;
-const REG32_03: u32 = 11;
-const REG32_04: u32 = 12;
-const REG32_05: u32 = 13;
 /// The n-th 32-bit register (a 16-byte IPv6 address takes four).
 const fn reg32(n: u32) -> u32 {
     REG32_00 + n
@@ -144,21 +141,28 @@ fn concat_type(types: &[u32]) -> u32 {
     types.iter().fold(0, |acc, t| (acc << TYPE_BITS) | t)
 }
 
-/// The ClusterIP/NodePort key length: ipv4_addr . inet_proto . inet_service, each padded to a
-/// 32-bit register.
+/// The ClusterIP/NodePort key length of IPv4: ipv4_addr . inet_proto . inet_service, each
+/// padded to a 32-bit register.
 pub const SERVICE_KEY_LEN: usize = 12;
+
+/// The frontend key length of `family` (`ipv6_addr . inet_proto . inet_service`: 24 bytes).
+pub fn service_key_len(family: Family) -> usize {
+    address_len(family) + 8
+}
+
+/// `address . protocol . port`, each padded to a 32-bit register.
+fn service_bytes(address: &IpAddr, protocol: u8, port: u16) -> Vec<u8> {
+    let mut key = octets(address);
+    key.extend_from_slice(&[protocol, 0, 0, 0]);
+    key.extend_from_slice(&port.to_be_bytes());
+    key.extend_from_slice(&[0, 0]);
+    key
+}
 
 /// Encodes a [`ElementKey`] the way the registers hold it.
 pub fn key_bytes(key: &ElementKey) -> Vec<u8> {
     match key {
-        ElementKey::Service { address, protocol, port } => {
-            let mut key = Vec::with_capacity(SERVICE_KEY_LEN);
-            key.extend_from_slice(&address.octets());
-            key.extend_from_slice(&[*protocol, 0, 0, 0]);
-            key.extend_from_slice(&port.to_be_bytes());
-            key.extend_from_slice(&[0, 0]);
-            key
-        }
+        ElementKey::Service { address, protocol, port } => service_bytes(address, *protocol, *port),
         ElementKey::Index(i) => i.to_ne_bytes().to_vec(),
         ElementKey::Address(address) => octets(address),
         ElementKey::AddressRange(first, _) => octets(first),
@@ -166,60 +170,72 @@ pub fn key_bytes(key: &ElementKey) -> Vec<u8> {
             tuple_bytes(&t.endpoint, t.protocols.0, t.ports.0, &t.peers.0)
         }
         ElementKey::Endpoint { address, protocol, port, index } => {
-            let frontend =
-                ElementKey::Service { address: *address, protocol: *protocol, port: *port };
-            [key_bytes(&frontend), index.to_ne_bytes().to_vec()].concat()
+            [service_bytes(address, *protocol, *port), index.to_ne_bytes().to_vec()].concat()
         }
         ElementKey::FrontendEndpoint { address, protocol, port, endpoint } => {
-            let frontend =
-                ElementKey::Service { address: *address, protocol: *protocol, port: *port };
-            [key_bytes(&frontend), endpoint_bytes(endpoint).to_vec()].concat()
+            [service_bytes(address, *protocol, *port), endpoint_bytes(endpoint)].concat()
         }
-        ElementKey::Hairpin(address) => [address.octets(), address.octets()].concat(),
+        ElementKey::Hairpin(address) => [octets(address), octets(address)].concat(),
     }
 }
 
-/// An endpoint as registers hold it for `dnat`: `ipv4_addr . inet_service`, each padded to a
-/// 32-bit register.
-pub fn endpoint_bytes(endpoint: &SocketAddrV4) -> [u8; 8] {
-    let [a, b, c, d] = endpoint.ip().octets();
-    let [p, q] = endpoint.port().to_be_bytes();
-    [a, b, c, d, p, q, 0, 0]
+/// An endpoint as registers hold it for `dnat`: `ipv4_addr . inet_service` (8 bytes) or
+/// `ipv6_addr . inet_service` (20), each field padded to a 32-bit register.
+pub fn endpoint_bytes(endpoint: &SocketAddr) -> Vec<u8> {
+    let mut bytes = octets(&endpoint.ip());
+    bytes.extend_from_slice(&endpoint.port().to_be_bytes());
+    bytes.extend_from_slice(&[0, 0]);
+    bytes
 }
 
 /// The inverse of [`endpoint_bytes`].
-pub fn parse_endpoint(bytes: &[u8]) -> Option<SocketAddrV4> {
-    let bytes: [u8; 8] = bytes.try_into().ok()?;
-    Some(SocketAddrV4::new(
-        Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]),
-        u16::from_be_bytes([bytes[4], bytes[5]]),
-    ))
+pub fn parse_endpoint(bytes: &[u8]) -> Option<SocketAddr> {
+    let (address, port) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
+    Some(SocketAddr::new(parse_address(address)?, u16::from_be_bytes([port[0], port[1]])))
 }
 
-/// The inverse of [`key_bytes`] for the keys of the endpoint map, the frontend-endpoint set
-/// and the hairpin set.
-pub fn parse_endpoint_key(bytes: &[u8]) -> Option<ElementKey> {
-    let frontend = || parse_service_key(bytes.get(..SERVICE_KEY_LEN)?);
-    match bytes.len() {
-        8 if bytes[..4] == bytes[4..] => {
-            Some(ElementKey::Hairpin(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])))
-        }
-        16 => {
-            let Some(ElementKey::Service { address, protocol, port }) = frontend() else {
-                return None;
-            };
-            let index = u32::from_ne_bytes(bytes[12..16].try_into().ok()?);
-            Some(ElementKey::Endpoint { address, protocol, port, index })
-        }
-        20 => {
-            let Some(ElementKey::Service { address, protocol, port }) = frontend() else {
-                return None;
-            };
-            let endpoint = parse_endpoint(&bytes[12..20])?;
-            Some(ElementKey::FrontendEndpoint { address, protocol, port, endpoint })
-        }
-        _ => None,
+/// An address from its 4 or 16 bytes.
+fn parse_address(bytes: &[u8]) -> Option<IpAddr> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        return Some(Ipv4Addr::from(v4).into());
     }
+    <[u8; 16]>::try_from(bytes).ok().map(|v6| Ipv6Addr::from(v6).into())
+}
+
+/// The inverse of [`key_bytes`] for the keys of the endpoint maps, the frontend-endpoint sets
+/// and the hairpin sets of both families (their lengths differ: 16, 20 and 8 bytes for IPv4,
+/// 28, 44 and 32 for IPv6).
+pub fn parse_endpoint_key(bytes: &[u8]) -> Option<ElementKey> {
+    let family = match bytes.len() {
+        8 | 16 | 20 => Family::V4,
+        28 | 32 | 44 => Family::V6,
+        _ => return None,
+    };
+    let (n, key_len) = (address_len(family), service_key_len(family));
+    if bytes.len() == 2 * n {
+        let (source, destination) = bytes.split_at(n);
+        if source != destination {
+            return None;
+        }
+        return parse_address(source).map(ElementKey::Hairpin);
+    }
+    let Some(ElementKey::Service { address, protocol, port }) =
+        parse_service_key(&bytes[..key_len])
+    else {
+        return None;
+    };
+    let rest = &bytes[key_len..];
+    if rest.len() == 4 {
+        let index = u32::from_ne_bytes(rest.try_into().ok()?);
+        return Some(ElementKey::Endpoint { address, protocol, port, index });
+    }
+    let endpoint = parse_endpoint(rest)?;
+    (Family::of(&endpoint.ip()) == family).then_some(ElementKey::FrontendEndpoint {
+        address,
+        protocol,
+        port,
+        endpoint,
+    })
 }
 
 /// An address's bytes (network order), 4 or 16.
@@ -236,6 +252,11 @@ fn address_len(family: Family) -> usize {
         Family::V4 => 4,
         Family::V6 => 16,
     }
+}
+
+/// The bytes of an endpoint (address . port) of `family`: see [`endpoint_bytes`].
+fn endpoint_len(family: Family) -> usize {
+    address_len(family) + 4
 }
 
 /// The policy tuple key length: endpoint . protocol . port . peer, each field padded to 32-bit
@@ -290,15 +311,16 @@ pub fn parse_policy_tuple(start: &[u8], end: &[u8]) -> Option<PolicyTuple> {
     })
 }
 
-/// The inverse of [`key_bytes`] for service keys.
+/// The inverse of [`key_bytes`] for service keys (12 bytes for IPv4, 24 for IPv6).
 pub fn parse_service_key(bytes: &[u8]) -> Option<ElementKey> {
-    if bytes.len() != SERVICE_KEY_LEN {
-        return None;
-    }
+    let n = [Family::V4, Family::V6]
+        .into_iter()
+        .find(|f| bytes.len() == service_key_len(*f))
+        .map(address_len)?;
     Some(ElementKey::Service {
-        address: Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]),
-        protocol: bytes[4],
-        port: u16::from_be_bytes([bytes[8], bytes[9]]),
+        address: parse_address(&bytes[..n])?,
+        protocol: bytes[n],
+        port: u16::from_be_bytes([bytes[n + 4], bytes[n + 5]]),
     })
 }
 
@@ -512,10 +534,14 @@ impl Encoder {
                             | TYPE_INET_SERVICE,
                         SERVICE_KEY_LEN as u32,
                     ),
-                    SetKind::Frontends => (
+                    SetKind::Frontends(family) => (
                         0,
-                        concat_type(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
-                        SERVICE_KEY_LEN as u32,
+                        concat_type(&[
+                            address_type(*family),
+                            TYPE_INET_PROTOCOL,
+                            TYPE_INET_SERVICE,
+                        ]),
+                        service_key_len(*family) as u32,
                     ),
                     SetKind::Affinity => (NFT_SET_TIMEOUT | NFT_SET_EVAL, TYPE_IPADDR, 4),
                     SetKind::PolicyTuples(family) => (
@@ -534,40 +560,47 @@ impl Encoder {
                     SetKind::AddressRanges(family) => {
                         (NFT_SET_INTERVAL, address_type(*family), address_len(*family) as u32)
                     }
-                    SetKind::EndpointMap => (
+                    SetKind::EndpointMap(family) => (
                         NFT_SET_MAP,
                         concat_type(&[
-                            TYPE_IPADDR,
+                            address_type(*family),
                             TYPE_INET_PROTOCOL,
                             TYPE_INET_SERVICE,
                             TYPE_INTEGER,
                         ]),
-                        16,
+                        service_key_len(*family) as u32 + 4,
                     ),
-                    SetKind::AffinityMap => (
+                    SetKind::AffinityMap(family) => (
                         NFT_SET_MAP | NFT_SET_TIMEOUT | NFT_SET_EVAL,
                         concat_type(&[
-                            TYPE_IPADDR,
-                            TYPE_IPADDR,
+                            address_type(*family),
+                            address_type(*family),
                             TYPE_INET_PROTOCOL,
                             TYPE_INET_SERVICE,
                         ]),
-                        16,
+                        (address_len(*family) + service_key_len(*family)) as u32,
                     ),
-                    SetKind::FrontendEndpoints => (
+                    SetKind::FrontendEndpoints(family) => (
                         0,
                         concat_type(&[
-                            TYPE_IPADDR,
+                            address_type(*family),
                             TYPE_INET_PROTOCOL,
                             TYPE_INET_SERVICE,
-                            TYPE_IPADDR,
+                            address_type(*family),
                             TYPE_INET_SERVICE,
                         ]),
-                        20,
+                        (service_key_len(*family) + endpoint_len(*family)) as u32,
                     ),
-                    SetKind::Hairpin => (0, (TYPE_IPADDR << TYPE_BITS) | TYPE_IPADDR, 8),
+                    SetKind::Hairpin(family) => (
+                        0,
+                        concat_type(&[address_type(*family), address_type(*family)]),
+                        2 * address_len(*family) as u32,
+                    ),
                 };
-                let endpoint_data = matches!(kind, SetKind::EndpointMap | SetKind::AffinityMap);
+                let endpoint_data = match kind {
+                    SetKind::EndpointMap(family) | SetKind::AffinityMap(family) => Some(*family),
+                    _ => None,
+                };
                 // The kernel requires a batch-local set ID on every new set.
                 let id = self.next_set_id;
                 self.next_set_id += 1;
@@ -578,9 +611,12 @@ impl Encoder {
                     b.u32(NFTA_SET_FLAGS, flags);
                     b.u32(NFTA_SET_KEY_TYPE, key_type);
                     b.u32(NFTA_SET_KEY_LEN, key_len);
-                    if endpoint_data {
-                        b.u32(NFTA_SET_DATA_TYPE, (TYPE_IPADDR << TYPE_BITS) | TYPE_INET_SERVICE);
-                        b.u32(NFTA_SET_DATA_LEN, 8);
+                    if let Some(family) = endpoint_data {
+                        b.u32(
+                            NFTA_SET_DATA_TYPE,
+                            concat_type(&[address_type(family), TYPE_INET_SERVICE]),
+                        );
+                        b.u32(NFTA_SET_DATA_LEN, endpoint_len(family) as u32);
                     } else if flags & NFT_SET_MAP != 0 {
                         b.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
                     }
@@ -924,13 +960,16 @@ fn ipv4_only(b: &mut Buf) {
     family_only(b, Family::V4);
 }
 
-fn family_only(b: &mut Buf, family: Family) {
-    meta_load(b, REG32_00, ex::META_NFPROTO);
-    let proto = match family {
+fn nfproto(family: Family) -> u8 {
+    match family {
         Family::V4 => NFPROTO_IPV4,
         Family::V6 => NFPROTO_IPV6,
-    };
-    cmp(b, ex::CMP_EQ, &[proto]);
+    }
+}
+
+fn family_only(b: &mut Buf, family: Family) {
+    meta_load(b, REG32_00, ex::META_NFPROTO);
+    cmp(b, ex::CMP_EQ, &[nfproto(family)]);
 }
 
 fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
@@ -942,11 +981,12 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
             payload(b, REG32_02, ex::PAYLOAD_TRANSPORT, 2, 2);
             lookup(b, map, None, Some(REG_VERDICT));
         }
-        Stmt::FrontendInSet { set } => {
-            ipv4_only(b);
-            payload(b, REG32_00, ex::PAYLOAD_NETWORK, 16, 4);
-            meta_load(b, REG32_01, ex::META_L4PROTO);
-            payload(b, REG32_02, ex::PAYLOAD_TRANSPORT, 2, 2);
+        Stmt::FrontendInSet { set, family } => {
+            let n = address_registers(*family);
+            family_only(b, *family);
+            load_address(b, REG32_00, *family, AddrField::Daddr);
+            meta_load(b, reg32(n), ex::META_L4PROTO);
+            payload(b, reg32(n + 1), ex::PAYLOAD_TRANSPORT, 2, 2);
             lookup(b, set, None, None);
         }
         Stmt::CtStateNew => {
@@ -1072,35 +1112,36 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
             });
             lookup(b, ANON_MAP_NAME, Some(id), Some(REG_VERDICT));
         }
-        Stmt::DnatEndpoint { endpoints, count, remember } => {
-            // R0 ip saddr . R1 ip daddr . R2 l4proto . R3 th dport . R4 numgen: the endpoint
-            // map's key is R1..R4, the affinity key R0..R3; the endpoint lands in R4, R5.
-            frontend_registers(b, remember.is_some());
+        Stmt::DnatEndpoint { endpoints, count, remember, family } => {
+            // saddr . daddr . l4proto . th dport . numgen (IPv4: R0 . R1 . R2 . R3 . R4): the
+            // endpoint map's key starts at daddr, the affinity key at saddr; the endpoint
+            // lands where numgen was (IPv4: R4, R5).
+            let r = FrontendRegisters::load(b, *family, remember.is_some());
             b.expr("numgen", |b| {
-                b.u32(ex::NG_DREG, REG32_04);
+                b.u32(ex::NG_DREG, r.endpoint);
                 b.u32(ex::NG_MODULUS, *count);
                 b.u32(ex::NG_TYPE, ex::NG_RANDOM);
             });
-            lookup_from(b, endpoints, REG32_01, Some(REG32_04));
+            lookup_from(b, endpoints, r.daddr, Some(r.endpoint));
             if let Some(remember) = remember {
-                remember_endpoint(b, remember);
+                remember_endpoint(b, remember, &r);
             }
-            dnat_registers(b, REG32_04, REG32_05);
+            dnat_registers(b, &r);
         }
-        Stmt::DnatRemembered { remember, valid } => {
-            frontend_registers(b, true);
-            lookup_from(b, &remember.map, REG32_00, Some(REG32_04));
-            // R1..R5: ip daddr . l4proto . th dport . endpoint address . endpoint port.
-            lookup_from(b, valid, REG32_01, None);
-            remember_endpoint(b, remember);
-            dnat_registers(b, REG32_04, REG32_05);
+        Stmt::DnatRemembered { remember, valid, family } => {
+            let r = FrontendRegisters::load(b, *family, true);
+            lookup_from(b, &remember.map, REG32_00, Some(r.endpoint));
+            // daddr . l4proto . th dport . endpoint address . endpoint port, consecutive.
+            lookup_from(b, valid, r.daddr, None);
+            remember_endpoint(b, remember, &r);
+            dnat_registers(b, &r);
         }
-        Stmt::ForgetRemembered { remember, valid } => {
-            frontend_registers(b, true);
-            lookup_from(b, &remember.map, REG32_00, Some(REG32_04));
+        Stmt::ForgetRemembered { remember, valid, family } => {
+            let r = FrontendRegisters::load(b, *family, true);
+            lookup_from(b, &remember.map, REG32_00, Some(r.endpoint));
             b.expr("lookup", |b| {
                 b.str(ex::LOOKUP_SET, valid);
-                b.u32(ex::LOOKUP_SREG, REG32_01);
+                b.u32(ex::LOOKUP_SREG, r.daddr);
                 b.u32(ex::LOOKUP_FLAGS, ex::LOOKUP_F_INV);
             });
             b.expr("dynset", |b| {
@@ -1108,18 +1149,23 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
                 b.u32(ex::DYNSET_OP, ex::DYNSET_OP_DELETE);
                 b.u32(ex::DYNSET_SREG_KEY, REG32_00);
                 // The kernel wants the data register of a map's dynset, even to delete.
-                b.u32(ex::DYNSET_SREG_DATA, REG32_04);
+                b.u32(ex::DYNSET_SREG_DATA, r.endpoint);
             });
         }
-        Stmt::HairpinInSet { set } => {
+        Stmt::HairpinInSet { set, family } => {
             b.expr("ct", |b| {
                 b.u32(ex::CT_DREG, REG32_00);
                 b.u32(ex::CT_KEY, ex::CT_STATUS);
             });
             bitwise(b, ex::CT_STATUS_DST_NAT, 0);
             cmp(b, ex::CMP_NEQ, &0u32.to_ne_bytes());
-            ipv4_only(b);
-            payload(b, REG32_00, ex::PAYLOAD_NETWORK, 12, 8);
+            family_only(b, *family);
+            // `saddr . daddr` in one load: the addresses are adjacent in both headers.
+            let (offset, len) = match family {
+                Family::V4 => (12, 8),
+                Family::V6 => (8, 32),
+            };
+            payload(b, REG32_00, ex::PAYLOAD_NETWORK, offset, len);
             lookup(b, set, None, None);
         }
         Stmt::Reject(kind) => b.expr("reject", |b| match kind {
@@ -1139,16 +1185,32 @@ fn encode_stmt(b: &mut Buf, stmt: &Stmt, anon: &mut impl Iterator<Item = u32>) {
     }
 }
 
-/// Loads (`ip saddr` into R0 when `with_source`,) `ip daddr` into R1, `meta l4proto` into R2
-/// and `th dport` into R3.
-fn frontend_registers(b: &mut Buf, with_source: bool) {
-    ipv4_only(b);
-    if with_source {
-        payload(b, REG32_00, ex::PAYLOAD_NETWORK, 12, 4);
+/// Where the DNAT statements keep a packet's frontend and its endpoint: the source address
+/// from R0, then the destination address, `meta l4proto`, `th dport`, and the endpoint address
+/// and port (IPv4: R0, R1, R2, R3, R4, R5; IPv6, four registers an address: R0, R4, R8, R9,
+/// R10, R14).
+struct FrontendRegisters {
+    family: Family,
+    daddr: u32,
+    endpoint: u32,
+    endpoint_port: u32,
+}
+
+impl FrontendRegisters {
+    /// Checks the packet's family and loads (the source address when `with_source`,) the
+    /// destination address, `meta l4proto` and `th dport`.
+    fn load(b: &mut Buf, family: Family, with_source: bool) -> Self {
+        let n = address_registers(family);
+        let daddr = reg32(n);
+        family_only(b, family);
+        if with_source {
+            load_address(b, REG32_00, family, AddrField::Saddr);
+        }
+        load_address(b, daddr, family, AddrField::Daddr);
+        meta_load(b, reg32(2 * n), ex::META_L4PROTO);
+        payload(b, reg32(2 * n + 1), ex::PAYLOAD_TRANSPORT, 2, 2);
+        Self { family, daddr, endpoint: reg32(2 * n + 2), endpoint_port: reg32(3 * n + 2) }
     }
-    payload(b, REG32_01, ex::PAYLOAD_NETWORK, 16, 4);
-    meta_load(b, REG32_02, ex::META_L4PROTO);
-    payload(b, REG32_03, ex::PAYLOAD_TRANSPORT, 2, 2);
 }
 
 fn lookup_from(b: &mut Buf, set: &str, sreg: u32, dreg: Option<u32>) {
@@ -1161,23 +1223,24 @@ fn lookup_from(b: &mut Buf, set: &str, sreg: u32, dreg: Option<u32>) {
     });
 }
 
-/// `update @map { R0..R3 timeout Ns : R4 . R5 }`.
-fn remember_endpoint(b: &mut Buf, remember: &Remember) {
+/// `update @map { saddr . daddr . l4proto . th dport timeout Ns : endpoint }`.
+fn remember_endpoint(b: &mut Buf, remember: &Remember, r: &FrontendRegisters) {
     b.expr("dynset", |b| {
         b.str(ex::DYNSET_SET_NAME, &remember.map);
         b.u32(ex::DYNSET_OP, ex::DYNSET_OP_UPDATE);
         b.u32(ex::DYNSET_SREG_KEY, REG32_00);
-        b.u32(ex::DYNSET_SREG_DATA, REG32_04);
+        b.u32(ex::DYNSET_SREG_DATA, r.endpoint);
         b.attr(ex::DYNSET_TIMEOUT, &(u64::from(remember.timeout_seconds) * 1000).to_be_bytes());
     });
 }
 
-fn dnat_registers(b: &mut Buf, address: u32, port: u32) {
+/// `dnat ip to` (`ip6`) the endpoint the registers hold.
+fn dnat_registers(b: &mut Buf, r: &FrontendRegisters) {
     b.expr("nat", |b| {
         b.u32(ex::NAT_TYPE, ex::NAT_DNAT);
-        b.u32(ex::NAT_FAMILY, u32::from(NFPROTO_IPV4));
-        b.u32(ex::NAT_REG_ADDR_MIN, address);
-        b.u32(ex::NAT_REG_PROTO_MIN, port);
+        b.u32(ex::NAT_FAMILY, u32::from(nfproto(r.family)));
+        b.u32(ex::NAT_REG_ADDR_MIN, r.endpoint);
+        b.u32(ex::NAT_REG_PROTO_MIN, r.endpoint_port);
         b.u32(ex::NAT_FLAGS, ex::NAT_RANGE_MAP_IPS | ex::NAT_RANGE_PROTO_SPECIFIED);
     });
 }
@@ -1590,12 +1653,128 @@ mod tests {
 
     #[test]
     fn service_keys_pad_each_field_to_a_register_and_parse_back() {
-        let key =
-            ElementKey::Service { address: Ipv4Addr::new(10, 96, 0, 10), protocol: 6, port: 8080 };
+        let address = IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10));
+        let key = ElementKey::Service { address, protocol: 6, port: 8080 };
         let bytes = key_bytes(&key);
         assert_eq!(bytes, [10, 96, 0, 10, 6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
         assert_eq!(parse_service_key(&bytes), Some(key));
         assert_eq!(parse_service_key(&bytes[..8]), None);
+        // IPv6: the address takes four registers.
+        let address: IpAddr = "fd00:96::a".parse().unwrap();
+        let key6 = ElementKey::Service { address, protocol: 17, port: 53 };
+        let bytes = key_bytes(&key6);
+        assert_eq!(bytes.len(), service_key_len(Family::V6));
+        assert_eq!(&bytes[16..], [17, 0, 0, 0, 0, 53, 0, 0]);
+        assert_eq!(parse_service_key(&bytes), Some(key6));
+    }
+
+    #[test]
+    fn endpoint_keys_and_values_of_both_families_parse_back() {
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap() };
+        let sa = |text: &str| -> SocketAddr { text.parse().unwrap() };
+        for (frontend, endpoint) in
+            [(ip("10.96.0.1"), sa("10.0.0.1:8080")), (ip("fd00:96::1"), sa("[fd00::1]:8080"))]
+        {
+            let keys = [
+                ElementKey::Endpoint { address: frontend, protocol: 6, port: 80, index: 7 },
+                ElementKey::FrontendEndpoint { address: frontend, protocol: 6, port: 80, endpoint },
+                ElementKey::Hairpin(endpoint.ip()),
+            ];
+            for key in keys {
+                assert_eq!(parse_endpoint_key(&key_bytes(&key)), Some(key), "{key:?}");
+            }
+            let value = endpoint_bytes(&endpoint);
+            assert_eq!(value.len(), endpoint_len(Family::of(&frontend)));
+            assert_eq!(parse_endpoint(&value), Some(endpoint));
+        }
+        // A frontend of one family with an endpoint of the other is no key of ours.
+        let mixed = [
+            key_bytes(&ElementKey::Service { address: ip("fd00::1"), protocol: 6, port: 1 }),
+            vec![0; 8],
+        ]
+        .concat();
+        assert_eq!(parse_endpoint_key(&mixed), None);
+        // Nor is a pair of different addresses in a hairpin set.
+        assert_eq!(parse_endpoint_key(&[1, 2, 3, 4, 1, 2, 3, 5]), None);
+    }
+
+    /// An expression of a rule: its name and its attributes.
+    type Expr = (String, Vec<(u16, Vec<u8>)>);
+
+    /// The expressions of a rule of `stmt` alone.
+    fn rule_exprs(stmt: Stmt) -> Vec<Expr> {
+        let mut encoder = Encoder::new("weir");
+        encoder.op(&Op::AddRule { chain: "c".into(), stmts: vec![stmt], comment: None });
+        let (batch, _) = encoder.finish();
+        let msgs = messages(&batch);
+        let rule = attrs(&msgs[1].1[4..]);
+        let exprs = attr(&rule, NFTA_RULE_EXPRESSIONS).unwrap();
+        attrs(exprs)
+            .into_iter()
+            .map(|(_, e)| {
+                let e = attrs(e);
+                let name = attr(&e, NFTA_EXPR_NAME).map(string).unwrap();
+                let data = attr(&e, NFTA_EXPR_DATA).map(attrs).unwrap_or_default();
+                (name, data.into_iter().map(|(k, v)| (k, v.to_vec())).collect())
+            })
+            .collect()
+    }
+
+    fn u32_attr(attrs: &[(u16, Vec<u8>)], kind: u16) -> u32 {
+        let value = &attrs.iter().find(|(k, _)| *k == kind).unwrap().1;
+        u32::from_be_bytes(value[..4].try_into().unwrap())
+    }
+
+    #[test]
+    fn an_ipv6_dnat_keeps_its_registers_within_the_sixteen() {
+        let remember = Remember { map: "a".into(), timeout_seconds: 60 };
+        let exprs = rule_exprs(Stmt::DnatEndpoint {
+            endpoints: "e".into(),
+            count: 3,
+            remember: Some(remember),
+            family: Family::V6,
+        });
+        let names: Vec<&str> = exprs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "meta", "cmp", "payload", "payload", "meta", "payload", "numgen", "lookup",
+                "dynset", "nat"
+            ]
+        );
+        // nfproto ipv6; saddr at R0 (16 bytes), daddr at R4, l4proto R8, dport R9.
+        assert_eq!(exprs[1].1.iter().find(|(k, _)| *k == ex::CMP_DATA).unwrap().1[4], NFPROTO_IPV6);
+        assert_eq!(u32_attr(&exprs[2].1, ex::PAYLOAD_OFFSET), 8);
+        assert_eq!(u32_attr(&exprs[2].1, ex::PAYLOAD_LEN), 16);
+        assert_eq!(u32_attr(&exprs[3].1, ex::PAYLOAD_DREG), reg32(4));
+        assert_eq!(u32_attr(&exprs[3].1, ex::PAYLOAD_OFFSET), 24);
+        assert_eq!(u32_attr(&exprs[4].1, ex::META_DREG), reg32(8));
+        assert_eq!(u32_attr(&exprs[5].1, ex::PAYLOAD_DREG), reg32(9));
+        // numgen and the endpoint at R10; the endpoint's 20 bytes end at R14.
+        assert_eq!(u32_attr(&exprs[6].1, ex::NG_DREG), reg32(10));
+        assert_eq!(u32_attr(&exprs[7].1, ex::LOOKUP_SREG), reg32(4));
+        assert_eq!(u32_attr(&exprs[7].1, ex::LOOKUP_DREG), reg32(10));
+        assert_eq!(u32_attr(&exprs[8].1, ex::DYNSET_SREG_DATA), reg32(10));
+        let nat = &exprs[9].1;
+        assert_eq!(u32_attr(nat, ex::NAT_FAMILY), u32::from(NFPROTO_IPV6));
+        assert_eq!(u32_attr(nat, ex::NAT_REG_ADDR_MIN), reg32(10));
+        assert_eq!(u32_attr(nat, ex::NAT_REG_PROTO_MIN), reg32(14));
+    }
+
+    #[test]
+    fn an_ipv4_dnat_is_encoded_as_before() {
+        let exprs = rule_exprs(Stmt::DnatEndpoint {
+            endpoints: "e".into(),
+            count: 2,
+            remember: None,
+            family: Family::V4,
+        });
+        // nfproto, daddr R1, l4proto R2, dport R3, numgen R4, lookup R1 -> R4, nat R4 . R5.
+        assert_eq!(u32_attr(&exprs[2].1, ex::PAYLOAD_DREG), reg32(1));
+        assert_eq!(u32_attr(&exprs[5].1, ex::NG_DREG), reg32(4));
+        assert_eq!(u32_attr(&exprs[6].1, ex::LOOKUP_SREG), reg32(1));
+        assert_eq!(u32_attr(&exprs[7].1, ex::NAT_FAMILY), u32::from(NFPROTO_IPV4));
+        assert_eq!(u32_attr(&exprs[7].1, ex::NAT_REG_PROTO_MIN), reg32(5));
     }
 
     #[test]

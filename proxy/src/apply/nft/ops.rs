@@ -1,6 +1,6 @@
 //! The vocabulary of the nftables backend: table objects and rule statements as plain data.
 //! The planner emits [`Op`]s; the netlink encoder turns them into messages.
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// A verdict of a rule or a verdict-map element.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -31,9 +31,11 @@ pub enum Stmt {
     ServiceVmap {
         map: String,
     },
-    /// `ip daddr . meta l4proto . th dport @set`
+    /// `ip daddr . meta l4proto . th dport @set` (`ip6 daddr` for [`Family::V6`]; a packet of
+    /// the other family does not match).
     FrontendInSet {
         set: String,
+        family: Family,
     },
     /// `ct state new`
     CtStateNew,
@@ -97,11 +99,13 @@ pub enum Stmt {
     },
     /// `dnat ip to ip daddr . meta l4proto . th dport . numgen random mod COUNT map @endpoints`,
     /// with `remember`: also `update @map { ip saddr . ip daddr . meta l4proto . th dport
-    /// timeout Ns : <the chosen endpoint> }` (ClientIP affinity).
+    /// timeout Ns : <the chosen endpoint> }` (ClientIP affinity). `ip6` and `dnat ip6` for
+    /// [`Family::V6`]; every statement below matches only packets of its `family`.
     DnatEndpoint {
         endpoints: String,
         count: u32,
         remember: Option<Remember>,
+        family: Family,
     },
     /// ClientIP affinity hit: `ip saddr . ip daddr . meta l4proto . th dport` found in
     /// `remember.map`, its endpoint still in `valid` (`ip daddr . meta l4proto . th dport .
@@ -109,6 +113,7 @@ pub enum Stmt {
     DnatRemembered {
         remember: Remember,
         valid: String,
+        family: Family,
     },
     /// ClientIP affinity to an endpoint the frontend no longer has: the entry of `ip saddr .
     /// ip daddr . meta l4proto . th dport` in `remember.map` whose endpoint is not in `valid`
@@ -116,11 +121,13 @@ pub enum Stmt {
     ForgetRemembered {
         remember: Remember,
         valid: String,
+        family: Family,
     },
     /// `ct status dnat` and `ip saddr . ip daddr @set` (a hairpin connection: an endpoint
     /// reaching itself through a service).
     HairpinInSet {
         set: String,
+        family: Family,
     },
     Reject(RejectKind),
     Counter,
@@ -171,8 +178,9 @@ pub struct BaseChain {
 pub enum SetKind {
     /// `type ipv4_addr . inet_proto . inet_service : verdict`
     ServiceMap,
-    /// `type ipv4_addr . inet_proto . inet_service`: frontends.
-    Frontends,
+    /// `type ipv4_addr . inet_proto . inet_service`: frontends (`ipv6_addr` for
+    /// [`Family::V6`], as in every kind below that takes a family).
+    Frontends(Family),
     /// `type ipv4_addr; flags dynamic, timeout` (ClientIP affinity)
     Affinity,
     /// `type ipv4_addr . inet_proto . inet_service . ipv4_addr; flags interval` (policy:
@@ -185,42 +193,43 @@ pub enum SetKind {
     AddressRanges(Family),
     /// `type ipv4_addr . inet_proto . inet_service . integer : ipv4_addr . inet_service`: a
     /// frontend's endpoint by index (the numgen result).
-    EndpointMap,
+    EndpointMap(Family),
     /// `type ipv4_addr . ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service;
     /// flags dynamic, timeout`: the endpoint a client was sent to (ClientIP affinity).
-    AffinityMap,
+    AffinityMap(Family),
     /// `type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service`: the endpoints
     /// of the affinity frontends.
-    FrontendEndpoints,
+    FrontendEndpoints(Family),
     /// `type ipv4_addr . ipv4_addr`: endpoint addresses, as source and destination.
-    Hairpin,
+    Hairpin(Family),
 }
 
-/// The key of a set element.
+/// The key of a set element. The addresses of one key are of one family, the family of the
+/// set it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ElementKey {
     Service {
-        address: Ipv4Addr,
+        address: IpAddr,
         protocol: u8,
         port: u16,
     },
     Index(u32),
     /// An element of an [`SetKind::EndpointMap`].
     Endpoint {
-        address: Ipv4Addr,
+        address: IpAddr,
         protocol: u8,
         port: u16,
         index: u32,
     },
     /// An element of a [`SetKind::FrontendEndpoints`] set.
     FrontendEndpoint {
-        address: Ipv4Addr,
+        address: IpAddr,
         protocol: u8,
         port: u16,
-        endpoint: SocketAddrV4,
+        endpoint: SocketAddr,
     },
     /// An element of a [`SetKind::Hairpin`] set (the address twice).
-    Hairpin(Ipv4Addr),
+    Hairpin(IpAddr),
     /// An element of a [`SetKind::AddressMap`].
     Address(IpAddr),
     /// An element of a [`SetKind::AddressRanges`]: inclusive first and last address, of one
@@ -307,6 +316,6 @@ pub enum Op {
     AddEntry {
         set: String,
         key: ElementKey,
-        endpoint: Option<SocketAddrV4>,
+        endpoint: Option<SocketAddr>,
     },
 }

@@ -57,10 +57,10 @@
 //! plan after adoption.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
-use super::ops::{BaseChain, ElementKey, Op, RejectKind, Remember, SetKind, Stmt, Verdict};
+use super::ops::{BaseChain, ElementKey, Family, Op, RejectKind, Remember, SetKind, Stmt, Verdict};
 use crate::model::{Frontend, FrontendState, Protocol, ServiceState, WhenEmpty};
 
 pub const NO_ENDPOINT_REJECT: &str = "no-endpoint-reject";
@@ -69,6 +69,50 @@ pub const SERVICE_ENDPOINTS: &str = "service-endpoints";
 pub const SERVICE_AFFINITY: &str = "service-affinity";
 pub const AFFINITY_ENDPOINTS: &str = "affinity-endpoints";
 pub const HAIRPIN_ENDPOINTS: &str = "hairpin-endpoints";
+/// The IPv6 twins of the shared sets (and of the class chains and sets) end so:
+/// `service-endpoints-v6`, `class-3-masq-v6`.
+const V6_SUFFIX: &str = "-v6";
+
+/// The shared sets of one address family: a set's key has one address type, so IPv6
+/// frontends have their own (the same names with [`V6_SUFFIX`]), matched by `ip6` statements
+/// of the same chains.
+#[derive(Debug)]
+pub struct FamilySets {
+    pub no_endpoint_reject: &'static str,
+    pub no_endpoint_drop: &'static str,
+    pub endpoints: &'static str,
+    pub affinity: &'static str,
+    pub affinity_endpoints: &'static str,
+    pub hairpin: &'static str,
+}
+
+static V4_SETS: FamilySets = FamilySets {
+    no_endpoint_reject: NO_ENDPOINT_REJECT,
+    no_endpoint_drop: NO_ENDPOINT_DROP,
+    endpoints: SERVICE_ENDPOINTS,
+    affinity: SERVICE_AFFINITY,
+    affinity_endpoints: AFFINITY_ENDPOINTS,
+    hairpin: HAIRPIN_ENDPOINTS,
+};
+
+static V6_SETS: FamilySets = FamilySets {
+    no_endpoint_reject: "no-endpoint-reject-v6",
+    no_endpoint_drop: "no-endpoint-drop-v6",
+    endpoints: "service-endpoints-v6",
+    affinity: "service-affinity-v6",
+    affinity_endpoints: "affinity-endpoints-v6",
+    hairpin: "hairpin-endpoints-v6",
+};
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// The shared sets of `family`.
+pub fn family_sets(family: Family) -> &'static FamilySets {
+    match family {
+        Family::V4 => &V4_SETS,
+        Family::V6 => &V6_SETS,
+    }
+}
 /// The class sets' names end so: `class-3-masq-frontends`.
 const CLASS_SET_SUFFIX: &str = "-frontends";
 pub(crate) const SERVICES: &str = "services";
@@ -105,31 +149,56 @@ const FILTER_PRIORITY: i32 = DNAT_PRIORITY - 10;
 pub fn skeleton() -> Vec<Op> {
     // `services` holds one rule per class, written by the plans (the skeleton only makes sure
     // the chain exists; its rules survive a restart).
+    // Sets the table lacks are created, for both families (an older table of IPv4 sets only
+    // gains the IPv6 ones).
     let mut ops = vec![Op::AddTable, Op::AddChain { name: SERVICES.into(), base: None }];
-    for name in [NO_ENDPOINT_REJECT, NO_ENDPOINT_DROP] {
-        ops.push(Op::AddSet { name: name.into(), kind: SetKind::Frontends });
+    for family in FAMILIES {
+        let sets = family_sets(family);
+        for (name, kind) in [
+            (sets.no_endpoint_reject, SetKind::Frontends(family)),
+            (sets.no_endpoint_drop, SetKind::Frontends(family)),
+            (sets.endpoints, SetKind::EndpointMap(family)),
+            (sets.affinity, SetKind::AffinityMap(family)),
+            (sets.affinity_endpoints, SetKind::FrontendEndpoints(family)),
+            (sets.hairpin, SetKind::Hairpin(family)),
+        ] {
+            ops.push(Op::AddSet { name: name.into(), kind });
+        }
     }
-    ops.push(Op::AddSet { name: SERVICE_ENDPOINTS.into(), kind: SetKind::EndpointMap });
-    ops.push(Op::AddSet { name: SERVICE_AFFINITY.into(), kind: SetKind::AffinityMap });
-    ops.push(Op::AddSet { name: AFFINITY_ENDPOINTS.into(), kind: SetKind::FrontendEndpoints });
-    ops.push(Op::AddSet { name: HAIRPIN_ENDPOINTS.into(), kind: SetKind::Hairpin });
     let base = |kind, hook, priority| Some(BaseChain { kind, hook, priority });
+    let mut masquerading: Vec<Vec<Stmt>> = FAMILIES
+        .map(|family| {
+            let set = family_sets(family).hairpin.into();
+            vec![Stmt::HairpinInSet { set, family }, Stmt::MarkSet(MASQUERADE_MARK)]
+        })
+        .into();
+    masquerading.extend([
+        vec![Stmt::MarkClear(MASQUERADE_MARK), Stmt::Verdict(Verdict::Return)],
+        vec![Stmt::MarkToggle(MASQUERADE_MARK)],
+        vec![Stmt::Masquerade],
+    ]);
+    let endpoints_check: Vec<Vec<Stmt>> = FAMILIES
+        .into_iter()
+        .flat_map(|family| {
+            let sets = family_sets(family);
+            [
+                vec![
+                    Stmt::FrontendInSet { set: sets.no_endpoint_reject.into(), family },
+                    Stmt::Verdict(Verdict::Goto(REJECT_CHAIN.into())),
+                ],
+                vec![
+                    Stmt::FrontendInSet { set: sets.no_endpoint_drop.into(), family },
+                    Stmt::Verdict(Verdict::Drop),
+                ],
+            ]
+        })
+        .collect();
     let chains: Vec<FixedChain> = vec![
         (MARK_FOR_MASQUERADE, None, vec![vec![Stmt::MarkSet(MASQUERADE_MARK)]]),
+        (MASQUERADING, None, masquerading),
         (
-            MASQUERADING,
-            None,
-            vec![
-                vec![
-                    Stmt::HairpinInSet { set: HAIRPIN_ENDPOINTS.into() },
-                    Stmt::MarkSet(MASQUERADE_MARK),
-                ],
-                vec![Stmt::MarkClear(MASQUERADE_MARK), Stmt::Verdict(Verdict::Return)],
-                vec![Stmt::MarkToggle(MASQUERADE_MARK)],
-                vec![Stmt::Masquerade],
-            ],
-        ),
-        (
+            // In an inet table both rejects answer in the packet's family (ICMPv6 port
+            // unreachable for IPv6).
             REJECT_CHAIN,
             None,
             vec![
@@ -137,20 +206,7 @@ pub fn skeleton() -> Vec<Op> {
                 vec![Stmt::Reject(RejectKind::PortUnreachable)],
             ],
         ),
-        (
-            ENDPOINTS_CHECK,
-            None,
-            vec![
-                vec![
-                    Stmt::FrontendInSet { set: NO_ENDPOINT_REJECT.into() },
-                    Stmt::Verdict(Verdict::Goto(REJECT_CHAIN.into())),
-                ],
-                vec![
-                    Stmt::FrontendInSet { set: NO_ENDPOINT_DROP.into() },
-                    Stmt::Verdict(Verdict::Drop),
-                ],
-            ],
-        ),
+        (ENDPOINTS_CHECK, None, endpoints_check),
         ("nat-prerouting", base("nat", PREROUTING, DNAT_PRIORITY), vec![jump(SERVICES)]),
         ("nat-output", base("nat", OUTPUT, DNAT_PRIORITY), vec![jump(SERVICES)]),
         ("nat-postrouting", base("nat", POSTROUTING, SNAT_PRIORITY), vec![jump(MASQUERADING)]),
@@ -165,9 +221,21 @@ pub fn skeleton() -> Vec<Op> {
 /// Whether a set holds frontends (a class's, or one of the no-endpoint sets): the sets whose
 /// elements [`Planner::adopt`] needs.
 pub fn is_frontend_set(name: &str) -> bool {
-    name == NO_ENDPOINT_REJECT
-        || name == NO_ENDPOINT_DROP
+    FAMILIES
+        .iter()
+        .map(|f| family_sets(*f))
+        .any(|sets| name == sets.no_endpoint_reject || name == sets.no_endpoint_drop)
         || name.strip_suffix(CLASS_SET_SUFFIX).and_then(Class::parse).is_some()
+}
+
+/// Whether a set holds endpoint elements (`service-endpoints`, `affinity-endpoints`,
+/// `hairpin-endpoints`, of either family): the other sets whose elements [`Planner::adopt`]
+/// needs.
+pub fn is_entry_set(name: &str) -> bool {
+    FAMILIES
+        .iter()
+        .map(|f| family_sets(*f))
+        .any(|sets| [sets.endpoints, sets.affinity_endpoints, sets.hairpin].contains(&name))
 }
 
 /// A fixed chain of a skeleton: name, hook (for base chains), rules.
@@ -225,9 +293,12 @@ fn is_legacy_set(name: &str) -> bool {
             .is_some_and(|shard| shard.len() == 3 && shard.bytes().all(|b| b.is_ascii_digit()))
 }
 
-fn frontend_parts(frontend: &Frontend) -> (Ipv4Addr, u8, u16) {
-    let IpAddr::V4(address) = frontend.address else { unreachable!("IPv4 frontends only") };
-    (address, frontend.protocol.number(), frontend.port)
+fn frontend_parts(frontend: &Frontend) -> (IpAddr, u8, u16) {
+    (frontend.address, frontend.protocol.number(), frontend.port)
+}
+
+fn family_of(frontend: &Frontend) -> Family {
+    Family::of(&frontend.address)
 }
 
 fn element_key(frontend: &Frontend) -> ElementKey {
@@ -240,7 +311,7 @@ fn endpoint_key(frontend: &Frontend, index: u32) -> ElementKey {
     ElementKey::Endpoint { address, protocol, port, index }
 }
 
-fn frontend_endpoint_key(frontend: &Frontend, endpoint: SocketAddrV4) -> ElementKey {
+fn frontend_endpoint_key(frontend: &Frontend, endpoint: SocketAddr) -> ElementKey {
     let (address, protocol, port) = frontend_parts(frontend);
     ElementKey::FrontendEndpoint { address, protocol, port, endpoint }
 }
@@ -254,13 +325,16 @@ fn parse_protocol(number: u8) -> Option<Protocol> {
     }
 }
 
-fn frontend_of(address: Ipv4Addr, protocol: u8, port: u16) -> Option<Frontend> {
-    Some(Frontend { address: IpAddr::V4(address), port, protocol: parse_protocol(protocol)? })
+fn frontend_of(address: IpAddr, protocol: u8, port: u16) -> Option<Frontend> {
+    Some(Frontend { address, port, protocol: parse_protocol(protocol)? })
 }
 
 /// The shape of what happens to a frontend's new connections: what its class chain does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct Class {
+    /// The family of its frontends and endpoints (first: the IPv4 classes' `services` rules
+    /// come first).
+    family: Family,
     /// Endpoints (at least one).
     count: u32,
     masquerade: bool,
@@ -269,7 +343,8 @@ struct Class {
 }
 
 impl Class {
-    /// `class-3`, `class-3-masq`, `class-3-affinity-10800`, `class-3-masq-affinity-60`.
+    /// `class-3`, `class-3-masq`, `class-3-affinity-10800`, `class-3-masq-affinity-60`;
+    /// IPv6: `class-3-v6`, `class-3-masq-affinity-60-v6`.
     fn chain(&self) -> String {
         let mut name = format!("{CLASS_PREFIX}{}", self.count);
         if self.masquerade {
@@ -277,6 +352,9 @@ impl Class {
         }
         if let Some(timeout) = self.affinity {
             name.push_str(&format!("-affinity-{timeout}"));
+        }
+        if self.family == Family::V6 {
+            name.push_str(V6_SUFFIX);
         }
         name
     }
@@ -287,7 +365,11 @@ impl Class {
     }
 
     fn parse(chain: &str) -> Option<Class> {
-        let rest = chain.strip_prefix(CLASS_PREFIX)?;
+        let (family, rest) = match chain.strip_suffix(V6_SUFFIX) {
+            Some(rest) => (Family::V6, rest),
+            None => (Family::V4, chain),
+        };
+        let rest = rest.strip_prefix(CLASS_PREFIX)?;
         let (count, rest) = rest.split_once('-').unwrap_or((rest, ""));
         let count: u32 = count.parse().ok().filter(|c| *c > 0)?;
         let (masquerade, rest) = match rest.strip_prefix("masq") {
@@ -298,33 +380,34 @@ impl Class {
             "" => None,
             rest => Some(rest.strip_prefix("affinity-")?.parse().ok()?),
         };
-        let class = Class { count, masquerade, affinity };
+        let class = Class { family, count, masquerade, affinity };
         (class.chain() == chain).then_some(class)
     }
 
     /// The class chain's rules; the first carries the fingerprint.
     fn rules(&self) -> Vec<Vec<Stmt>> {
+        let (family, sets) = (self.family, family_sets(self.family));
         let mut rules = vec![vec![Stmt::Counter]];
         if self.masquerade {
             rules.push(vec![Stmt::MarkSet(MASQUERADE_MARK)]);
         }
         let remember = self
             .affinity
-            .map(|timeout_seconds| Remember { map: SERVICE_AFFINITY.into(), timeout_seconds });
+            .map(|timeout_seconds| Remember { map: sets.affinity.into(), timeout_seconds });
         if let Some(remember) = &remember {
+            let valid = sets.affinity_endpoints.to_string();
             rules.push(vec![Stmt::ForgetRemembered {
                 remember: remember.clone(),
-                valid: AFFINITY_ENDPOINTS.into(),
+                valid: valid.clone(),
+                family,
             }]);
-            rules.push(vec![Stmt::DnatRemembered {
-                remember: remember.clone(),
-                valid: AFFINITY_ENDPOINTS.into(),
-            }]);
+            rules.push(vec![Stmt::DnatRemembered { remember: remember.clone(), valid, family }]);
         }
         rules.push(vec![Stmt::DnatEndpoint {
-            endpoints: SERVICE_ENDPOINTS.into(),
+            endpoints: sets.endpoints.into(),
             count: self.count,
             remember,
+            family,
         }]);
         rules
     }
@@ -362,30 +445,33 @@ impl Placement {
 /// What one frontend renders to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Rendered {
-    backends: Vec<SocketAddrV4>,
+    /// The endpoints of the frontend's family.
+    backends: Vec<SocketAddr>,
     placement: Placement,
 }
 
 impl Rendered {
-    fn new(frontend: &Frontend, state: &FrontendState) -> Option<Self> {
-        if !frontend.address.is_ipv4() {
-            return None;
-        }
-        let backends: Vec<SocketAddrV4> = state
-            .backends
-            .iter()
-            .filter_map(|b| match b {
-                SocketAddr::V4(v4) => Some(*v4),
-                SocketAddr::V6(_) => None,
-            })
-            .collect();
+    fn new(frontend: &Frontend, state: &FrontendState) -> Self {
+        let family = family_of(frontend);
+        // The model gives each frontend of a dual-stack service the endpoints of both
+        // families; a frontend balances to those of its own (kube-proxy runs one proxier per
+        // family).
+        let backends: Vec<SocketAddr> =
+            state.backends.iter().filter(|b| Family::of(&b.ip()) == family).copied().collect();
         let placement = if backends.is_empty() {
-            Placement::Refused(match state.when_empty {
-                WhenEmpty::Reject => NO_ENDPOINT_REJECT,
-                WhenEmpty::Drop => NO_ENDPOINT_DROP,
+            // Endpoints of the other family only: the service has none of this family, which
+            // kube-proxy's proxier of this family rejects. (The model's choice between reject
+            // and drop looks at the endpoints of both families.)
+            let when_empty =
+                if state.backends.is_empty() { state.when_empty } else { WhenEmpty::Reject };
+            let sets = family_sets(family);
+            Placement::Refused(match when_empty {
+                WhenEmpty::Reject => sets.no_endpoint_reject,
+                WhenEmpty::Drop => sets.no_endpoint_drop,
             })
         } else {
             Placement::Class(Class {
+                family,
                 count: backends.len() as u32,
                 // kube-proxy masquerades external traffic unless the policy keeps it on this
                 // node (then the client address must reach the pod).
@@ -393,14 +479,14 @@ impl Rendered {
                 affinity: state.affinity_timeout,
             })
         };
-        Some(Self { backends, placement })
+        Self { backends, placement }
     }
 
-    fn endpoints(&self) -> BTreeMap<u32, SocketAddrV4> {
+    fn endpoints(&self) -> BTreeMap<u32, SocketAddr> {
         (0u32..).zip(self.backends.iter().copied()).collect()
     }
 
-    fn affinity_endpoints(&self) -> BTreeSet<SocketAddrV4> {
+    fn affinity_endpoints(&self) -> BTreeSet<SocketAddr> {
         match self.placement {
             Placement::Class(Class { affinity: Some(_), .. }) => {
                 self.backends.iter().copied().collect()
@@ -416,9 +502,9 @@ struct Applied {
     /// The sets holding this frontend's key.
     placements: Vec<String>,
     /// `service-endpoints` elements: index -> endpoint (`None`: the value is unknown).
-    endpoints: BTreeMap<u32, Option<SocketAddrV4>>,
+    endpoints: BTreeMap<u32, Option<SocketAddr>>,
     /// `affinity-endpoints` elements.
-    affinity_endpoints: BTreeSet<SocketAddrV4>,
+    affinity_endpoints: BTreeSet<SocketAddr>,
     /// What this planner last wrote (then the fields above are exactly its rendering). A
     /// desired state is rendered again to compare (cheap), rather than kept: a copy of every
     /// frontend's state was megabytes at 10k services.
@@ -427,8 +513,8 @@ struct Applied {
 
 impl Applied {
     /// Endpoint addresses this frontend holds in `hairpin-endpoints`' reference counts.
-    fn hairpin_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        self.endpoints.values().flatten().map(|e| *e.ip())
+    fn hairpin_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.endpoints.values().flatten().map(|e| e.ip())
     }
 
     /// The classes whose sets hold this frontend.
@@ -448,9 +534,9 @@ pub struct TableContents {
     pub services_rules: usize,
     /// The elements of the sets [`is_frontend_set`] names: (set, key).
     pub frontends: Vec<(String, ElementKey)>,
-    /// The elements of `service-endpoints` (key, endpoint), `affinity-endpoints` and
-    /// `hairpin-endpoints` (key, `None`).
-    pub entries: Vec<(ElementKey, Option<SocketAddrV4>)>,
+    /// The elements of the sets [`is_entry_set`] names: `service-endpoints` (key, endpoint),
+    /// `affinity-endpoints` and `hairpin-endpoints` (key, `None`).
+    pub entries: Vec<(ElementKey, Option<SocketAddr>)>,
 }
 
 /// The ops of one step. `groups` are the op indexes where one frontend's changes end: a batch
@@ -459,7 +545,8 @@ pub struct TableContents {
 pub struct Plan {
     pub ops: Vec<Op>,
     pub groups: Vec<usize>,
-    /// Frontends this backend cannot serve yet (IPv6).
+    /// Frontends this backend cannot serve: none (it serves both families); the agent reports
+    /// the eBPF planner's count and this one alike.
     pub skipped: usize,
 }
 
@@ -482,14 +569,14 @@ pub struct Planner {
     legacy_chains: BTreeSet<String>,
     legacy_sets: BTreeSet<String>,
     /// Endpoint address -> how many applied frontend endpoints use it.
-    hairpin_refs: BTreeMap<Ipv4Addr, usize>,
-    /// The elements of `hairpin-endpoints`.
-    hairpin: BTreeSet<Ipv4Addr>,
+    hairpin_refs: BTreeMap<IpAddr, usize>,
+    /// The elements of `hairpin-endpoints` (and of its IPv6 twin).
+    hairpin: BTreeSet<IpAddr>,
     /// Addresses whose reference count went to or from zero since the last plan.
-    hairpin_touched: BTreeSet<Ipv4Addr>,
+    hairpin_touched: BTreeSet<IpAddr>,
     /// Endpoint (address and port) -> how many applied frontend endpoints it is: what
     /// [`Planner::backends`] counts, kept so that counting costs nothing per sync.
-    backend_refs: BTreeMap<SocketAddrV4, usize>,
+    backend_refs: BTreeMap<SocketAddr, usize>,
 }
 
 impl Planner {
@@ -632,10 +719,7 @@ impl Planner {
                 }
                 continue;
             };
-            let Some(rendered) = Rendered::new(frontend, state) else {
-                plan.skipped += 1;
-                continue;
-            };
+            let rendered = Rendered::new(frontend, state);
             let known = self.applied.get(frontend).and_then(|a| a.rendered.as_ref());
             if known == Some(&rendered) {
                 continue;
@@ -668,19 +752,19 @@ impl Planner {
             plan.groups.push(plan.ops.len());
         }
         let touched = std::mem::take(&mut self.hairpin_touched);
-        let added: Vec<Ipv4Addr> = touched
+        let added: Vec<IpAddr> = touched
             .iter()
             .filter(|a| self.hairpin_refs.contains_key(a) && !self.hairpin.contains(a))
             .copied()
             .collect();
-        let gone: Vec<Ipv4Addr> = touched
+        let gone: Vec<IpAddr> = touched
             .iter()
             .filter(|a| !self.hairpin_refs.contains_key(a) && self.hairpin.contains(a))
             .copied()
             .collect();
         for address in &added {
             plan.ops.push(Op::AddEntry {
-                set: HAIRPIN_ENDPOINTS.into(),
+                set: family_sets(Family::of(address)).hairpin.into(),
                 key: ElementKey::Hairpin(*address),
                 endpoint: None,
             });
@@ -695,7 +779,7 @@ impl Planner {
         }
         for address in &gone {
             plan.ops.push(Op::DeleteElement {
-                set: HAIRPIN_ENDPOINTS.into(),
+                set: family_sets(Family::of(address)).hairpin.into(),
                 key: ElementKey::Hairpin(*address),
             });
             self.hairpin.remove(address);
@@ -719,7 +803,7 @@ impl Planner {
             return;
         }
         let (set, chain) = (class.set(), class.chain());
-        ops.push(Op::AddSet { name: set.clone(), kind: SetKind::Frontends });
+        ops.push(Op::AddSet { name: set.clone(), kind: SetKind::Frontends(class.family) });
         ops.push(Op::AddChain { name: chain.clone(), base: None });
         ops.push(Op::FlushChain { name: chain.clone() });
         for (index, stmts) in class.rules().into_iter().enumerate() {
@@ -744,7 +828,7 @@ impl Planner {
             ops.push(Op::AddRule {
                 chain: SERVICES.into(),
                 stmts: vec![
-                    Stmt::FrontendInSet { set: class.set() },
+                    Stmt::FrontendInSet { set: class.set(), family: class.family },
                     Stmt::Verdict(Verdict::Goto(class.chain())),
                 ],
                 comment: Some(class.chain()),
@@ -834,19 +918,19 @@ impl Planner {
 }
 
 fn remove_frontend(ops: &mut Vec<Op>, frontend: &Frontend, applied: &Applied) {
-    let key = element_key(frontend);
+    let (key, sets) = (element_key(frontend), family_sets(family_of(frontend)));
     for set in &applied.placements {
         ops.push(Op::DeleteElement { set: set.clone(), key });
     }
     for index in applied.endpoints.keys() {
         ops.push(Op::DeleteElement {
-            set: SERVICE_ENDPOINTS.into(),
+            set: sets.endpoints.into(),
             key: endpoint_key(frontend, *index),
         });
     }
     for endpoint in &applied.affinity_endpoints {
         ops.push(Op::DeleteElement {
-            set: AFFINITY_ENDPOINTS.into(),
+            set: sets.affinity_endpoints.into(),
             key: frontend_endpoint_key(frontend, *endpoint),
         });
     }
@@ -854,7 +938,7 @@ fn remove_frontend(ops: &mut Vec<Op>, frontend: &Frontend, applied: &Applied) {
 
 /// Appends the ops that turn `applied` into `rendered` (none when nothing differs).
 fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, applied: &Applied) {
-    let key = element_key(frontend);
+    let (key, sets) = (element_key(frontend), family_sets(family_of(frontend)));
     let wanted = rendered.placement.set();
     // 1. Placements that send traffic elsewhere go.
     for set in &applied.placements {
@@ -867,7 +951,7 @@ fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, 
     for (index, endpoint) in &applied.endpoints {
         if wanted_endpoints.get(index) != endpoint.as_ref() {
             ops.push(Op::DeleteElement {
-                set: SERVICE_ENDPOINTS.into(),
+                set: sets.endpoints.into(),
                 key: endpoint_key(frontend, *index),
             });
         }
@@ -875,7 +959,7 @@ fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, 
     for (index, endpoint) in &wanted_endpoints {
         if applied.endpoints.get(index) != Some(&Some(*endpoint)) {
             ops.push(Op::AddEntry {
-                set: SERVICE_ENDPOINTS.into(),
+                set: sets.endpoints.into(),
                 key: endpoint_key(frontend, *index),
                 endpoint: Some(*endpoint),
             });
@@ -884,13 +968,13 @@ fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, 
     let wanted_valid = rendered.affinity_endpoints();
     for endpoint in applied.affinity_endpoints.difference(&wanted_valid) {
         ops.push(Op::DeleteElement {
-            set: AFFINITY_ENDPOINTS.into(),
+            set: sets.affinity_endpoints.into(),
             key: frontend_endpoint_key(frontend, *endpoint),
         });
     }
     for endpoint in wanted_valid.difference(&applied.affinity_endpoints) {
         ops.push(Op::AddEntry {
-            set: AFFINITY_ENDPOINTS.into(),
+            set: sets.affinity_endpoints.into(),
             key: frontend_endpoint_key(frontend, *endpoint),
             endpoint: None,
         });
@@ -920,7 +1004,7 @@ mod tests {
         /// Elements of verdict maps.
         elements: BTreeMap<(String, ElementKey), Verdict>,
         /// Elements of plain sets (`None`) and of maps to endpoints.
-        entries: BTreeMap<(String, ElementKey), Option<SocketAddrV4>>,
+        entries: BTreeMap<(String, ElementKey), Option<SocketAddr>>,
     }
 
     impl FakeTable {
@@ -941,14 +1025,14 @@ mod tests {
                             Stmt::SaddrInSet(s)
                             | Stmt::UpdateSaddr { set: s, .. }
                             | Stmt::ServiceVmap { map: s }
-                            | Stmt::FrontendInSet { set: s }
-                            | Stmt::HairpinInSet { set: s } => refs.push(s.clone()),
+                            | Stmt::FrontendInSet { set: s, .. }
+                            | Stmt::HairpinInSet { set: s, .. } => refs.push(s.clone()),
                             Stmt::DnatEndpoint { endpoints, remember, .. } => {
                                 refs.push(endpoints.clone());
                                 refs.extend(remember.iter().map(|r| r.map.clone()));
                             }
-                            Stmt::DnatRemembered { remember, valid }
-                            | Stmt::ForgetRemembered { remember, valid } => {
+                            Stmt::DnatRemembered { remember, valid, .. }
+                            | Stmt::ForgetRemembered { remember, valid, .. } => {
                                 refs.extend([remember.map.clone(), valid.clone()])
                             }
                             _ => {}
@@ -1051,28 +1135,30 @@ mod tests {
                 entries: self
                     .entries
                     .iter()
-                    .filter(|((set, _), _)| {
-                        [SERVICE_ENDPOINTS, AFFINITY_ENDPOINTS, HAIRPIN_ENDPOINTS]
-                            .contains(&set.as_str())
-                    })
+                    .filter(|((set, _), _)| is_entry_set(set))
                     .map(|((_, key), e)| (*key, *e))
                     .collect(),
             }
         }
 
         /// The endpoints of a frontend, by index.
-        fn endpoints(&self, fe: &Frontend) -> Vec<SocketAddrV4> {
+        fn endpoints(&self, fe: &Frontend) -> Vec<SocketAddr> {
+            let set = family_sets(family_of(fe)).endpoints;
             (0..)
-                .map_while(|i| self.entries.get(&(SERVICE_ENDPOINTS.into(), endpoint_key(fe, i))))
+                .map_while(|i| self.entries.get(&(set.into(), endpoint_key(fe, i))))
                 .map(|e| e.expect("an endpoint value"))
                 .collect()
         }
 
-        fn hairpin(&self) -> BTreeSet<Ipv4Addr> {
+        /// The elements of the hairpin sets, checking each is in its family's.
+        fn hairpin(&self) -> BTreeSet<IpAddr> {
             self.entries
                 .keys()
-                .filter_map(|(_, k)| match k {
-                    ElementKey::Hairpin(a) => Some(*a),
+                .filter_map(|(set, k)| match k {
+                    ElementKey::Hairpin(a) => {
+                        assert_eq!(set, family_sets(Family::of(a)).hairpin);
+                        Some(*a)
+                    }
                     _ => None,
                 })
                 .collect()
@@ -1089,7 +1175,9 @@ mod tests {
                 .unwrap_or_else(|| panic!("{fe:?} is in no class set"));
             let rule = self.chains[SERVICES]
                 .iter()
-                .find(|(stmts, _)| stmts[0] == Stmt::FrontendInSet { set: set.clone() })
+                .find(|(stmts, _)| {
+                    stmts[0] == Stmt::FrontendInSet { set: set.clone(), family: family_of(fe) }
+                })
                 .unwrap_or_else(|| panic!("no services rule matches {set}"));
             let Stmt::Verdict(Verdict::Goto(chain)) = &rule.0[1] else {
                 panic!("{rule:?} goes to no chain");
@@ -1108,12 +1196,17 @@ mod tests {
         table
     }
 
-    fn sa(text: &str) -> SocketAddrV4 {
+    fn sa(text: &str) -> SocketAddr {
         text.parse().unwrap()
     }
 
     fn dnat(count: u32, remember: Option<Remember>) -> Vec<Stmt> {
-        vec![Stmt::DnatEndpoint { endpoints: SERVICE_ENDPOINTS.into(), count, remember }]
+        dnat_in(Family::V4, count, remember)
+    }
+
+    fn dnat_in(family: Family, count: u32, remember: Option<Remember>) -> Vec<Stmt> {
+        let endpoints = family_sets(family).endpoints.into();
+        vec![Stmt::DnatEndpoint { endpoints, count, remember, family }]
     }
 
     #[test]
@@ -1124,8 +1217,9 @@ mod tests {
             assert_eq!(table.chains[chain].len(), 1, "{chain}");
         }
         assert_eq!(table.chains[SERVICES].len(), 0);
-        assert_eq!(table.chains[ENDPOINTS_CHECK].len(), 2);
-        assert_eq!(table.sets.len(), 6);
+        // Reject and drop, for each family; six shared sets for each.
+        assert_eq!(table.chains[ENDPOINTS_CHECK].len(), 4);
+        assert_eq!(table.sets.len(), 12);
     }
 
     #[test]
@@ -1295,16 +1389,15 @@ mod tests {
         assert_eq!(table.class_chains(), ["class-2-masq-affinity-60".to_string()].into());
         assert_eq!(chain[1].0, [Stmt::MarkSet(MASQUERADE_MARK)]);
         let remember = Remember { map: SERVICE_AFFINITY.into(), timeout_seconds: 60 };
+        let valid = AFFINITY_ENDPOINTS.to_string();
+        let family = Family::V4;
         assert_eq!(
             chain[2].0,
-            [Stmt::ForgetRemembered {
-                remember: remember.clone(),
-                valid: AFFINITY_ENDPOINTS.into()
-            }]
+            [Stmt::ForgetRemembered { remember: remember.clone(), valid: valid.clone(), family }]
         );
         assert_eq!(
             chain[3].0,
-            [Stmt::DnatRemembered { remember: remember.clone(), valid: AFFINITY_ENDPOINTS.into() }]
+            [Stmt::DnatRemembered { remember: remember.clone(), valid, family }]
         );
         assert_eq!(chain[4].0, dnat(2, Some(remember)));
         let valid =
@@ -1323,15 +1416,30 @@ mod tests {
 
     #[test]
     fn class_names_parse_back() {
-        for class in [
-            Class { count: 3, masquerade: false, affinity: None },
-            Class { count: 1, masquerade: true, affinity: None },
-            Class { count: 12, masquerade: false, affinity: Some(10800) },
-            Class { count: 2, masquerade: true, affinity: Some(60) },
-        ] {
-            assert_eq!(Class::parse(&class.chain()), Some(class), "{}", class.chain());
+        for family in FAMILIES {
+            for class in [
+                Class { family, count: 3, masquerade: false, affinity: None },
+                Class { family, count: 1, masquerade: true, affinity: None },
+                Class { family, count: 12, masquerade: false, affinity: Some(10800) },
+                Class { family, count: 2, masquerade: true, affinity: Some(60) },
+            ] {
+                assert_eq!(Class::parse(&class.chain()), Some(class), "{}", class.chain());
+            }
         }
-        for bad in ["class-0", "class-x", "class-3-", "class-3-affinity-", "class-3-masq-masq"] {
+        assert_eq!(
+            Class::parse("class-2-masq-affinity-60-v6"),
+            Some(Class { family: Family::V6, count: 2, masquerade: true, affinity: Some(60) })
+        );
+        for bad in [
+            "class-0",
+            "class-x",
+            "class-3-",
+            "class-3-affinity-",
+            "class-3-masq-masq",
+            "class-3-v6-v6",
+            "class-v6",
+            "class-3-v6-masq",
+        ] {
             assert_eq!(Class::parse(bad), None, "{bad}");
         }
     }
@@ -1385,7 +1493,7 @@ mod tests {
         let shard = "service-endpoints-042";
         live.execute(&[
             Op::AddSet { name: "service-ips".into(), kind: SetKind::ServiceMap },
-            Op::AddSet { name: shard.into(), kind: SetKind::EndpointMap },
+            Op::AddSet { name: shard.into(), kind: SetKind::EndpointMap(Family::V4) },
             Op::AddSet { name: old_set.into(), kind: SetKind::Affinity },
             Op::AddChain { name: old_endpoint.into(), base: None },
             Op::AddRule {
@@ -1405,6 +1513,7 @@ mod tests {
                     endpoints: shard.into(),
                     count: 1,
                     remember: None,
+                    family: Family::V4,
                 }],
                 comment: None,
             },
@@ -1433,10 +1542,247 @@ mod tests {
         assert_eq!(live.chains[SERVICES], fresh.chains[SERVICES]);
     }
 
+    const V6_SERVICE_SETS: [&str; 3] =
+        ["service-endpoints-v6", "affinity-endpoints-v6", "hairpin-endpoints-v6"];
+
+    /// The elements of the IPv6 shared sets and classes.
+    fn v6_elements(table: &FakeTable) -> usize {
+        table
+            .entries
+            .keys()
+            .filter(|(set, _)| V6_SERVICE_SETS.contains(&set.as_str()) || set.contains("-v6"))
+            .count()
+    }
+
     #[test]
-    fn ipv6_frontends_are_skipped_and_counted() {
-        let plan = Planner::new().plan(&state(&[("fd00::1", 80, &["[fd00::2]:8080"])]));
-        assert_eq!((plan.ops.len(), plan.skipped), (0, 1));
+    fn ipv6_frontends_render_into_the_ip6_twins_of_the_shared_sets() {
+        let mut table = table();
+        let mut planner = Planner::new();
+        let desired = state(&[("fd00:96::1", 80, &["[fd00::2]:8080", "[fd00::3]:8080"])]);
+        let plan = planner.plan(&desired);
+        assert_eq!(plan.skipped, 0);
+        table.execute(&plan.ops);
+        let fe = frontend("fd00:96::1", 80);
+        assert_eq!(table.class_chains(), ["class-2-v6".to_string()].into());
+        assert!(table.has("class-2-v6-frontends", &element_key(&fe)));
+        let chain = table.class_chain(&fe);
+        assert_eq!(chain.last().unwrap().0, dnat_in(Family::V6, 2, None));
+        assert_eq!(table.endpoints(&fe), [sa("[fd00::2]:8080"), sa("[fd00::3]:8080")]);
+        assert_eq!(
+            table.hairpin(),
+            ["fd00::2".parse().unwrap(), "fd00::3".parse().unwrap()].into()
+        );
+        // The IPv4 sets hold nothing of it; the `services` rule matches `ip6 daddr`.
+        assert!(
+            !table
+                .entries
+                .keys()
+                .any(|(set, _)| [SERVICE_ENDPOINTS, HAIRPIN_ENDPOINTS].contains(&set.as_str()))
+        );
+        assert_eq!(
+            table.chains[SERVICES][0].0[0],
+            Stmt::FrontendInSet { set: "class-2-v6-frontends".into(), family: Family::V6 }
+        );
+        assert_eq!(planner.backends(), 2);
+        assert_eq!(planner.plan(&desired), Plan::default());
+    }
+
+    #[test]
+    fn a_dual_stack_service_balances_each_family_to_its_own_endpoints() {
+        let mut table = table();
+        let mut planner = Planner::new();
+        // The model gives both frontends the endpoints of both families.
+        let endpoints: &[&str] = &["10.0.0.1:8080", "[fd00::1]:8080", "[fd00::2]:8080"];
+        let desired = state(&[("10.96.0.1", 80, endpoints), ("fd00:96::1", 80, endpoints)]);
+        table.execute(&planner.plan(&desired).ops);
+        let (v4, v6) = (frontend("10.96.0.1", 80), frontend("fd00:96::1", 80));
+        assert_eq!(table.endpoints(&v4), [sa("10.0.0.1:8080")]);
+        assert_eq!(table.endpoints(&v6), [sa("[fd00::1]:8080"), sa("[fd00::2]:8080")]);
+        assert_eq!(table.class_chain(&v4).last().unwrap().0, dnat_in(Family::V4, 1, None));
+        assert_eq!(table.class_chain(&v6).last().unwrap().0, dnat_in(Family::V6, 2, None));
+        // One `services` rule per class, the IPv4 ones first.
+        let comments: Vec<_> =
+            table.chains[SERVICES].iter().map(|(_, c)| c.clone().unwrap()).collect();
+        assert_eq!(comments, ["class-1", "class-2-v6"]);
+        assert_eq!(planner.backends(), 3);
+
+        // The IPv6 endpoints go: the IPv6 frontend rejects (the service has no endpoint of
+        // its family), the IPv4 one is untouched.
+        let only_v4 =
+            state(&[("10.96.0.1", 80, &endpoints[..1]), ("fd00:96::1", 80, &endpoints[..1])]);
+        let plan = planner.plan(&only_v4);
+        assert!(
+            plan.ops.iter().all(|op| !matches!(op, Op::AddEntry { set, .. } | Op::DeleteElement { set, .. } if set == SERVICE_ENDPOINTS)),
+            "{plan:#?}"
+        );
+        table.execute(&plan.ops);
+        assert!(table.has("no-endpoint-reject-v6", &element_key(&v6)));
+        assert!(table.endpoints(&v6).is_empty());
+        assert_eq!(table.endpoints(&v4), [sa("10.0.0.1:8080")]);
+        assert!(table.hairpin().iter().all(IpAddr::is_ipv4));
+    }
+
+    #[test]
+    fn an_ipv6_endpoint_change_writes_elements_only_and_removal_leaves_nothing() {
+        let mut table = table();
+        let empty = table.contents();
+        let mut planner = Planner::new();
+        let ips: Vec<String> = (1..=20).map(|i| format!("fd00:96::{i:x}")).collect();
+        let two: &[&str] = &["[fd00::1]:8080", "[fd00::2]:8080"];
+        let entries: Vec<(&str, u16, &[&str])> =
+            ips.iter().map(|ip| (ip.as_str(), 80, two)).collect();
+        table.execute(&planner.plan(&state(&entries)).ops);
+        assert_eq!(table.class_chains(), ["class-2-v6".to_string()].into());
+
+        // One endpoint of one service changes: its endpoint element is replaced, the new
+        // address joins the hairpin set; nothing that makes the kernel validate the table.
+        let mut changed = entries.clone();
+        changed[5].2 = &["[fd00::1]:8080", "[fd00::3]:8080"];
+        let fe = frontend(&ips[5], 80);
+        let plan = planner.plan_changed(&state(&changed), &[fe]);
+        table.execute(&plan.ops);
+        assert!(
+            plan.ops.iter().all(|op| matches!(op, Op::AddEntry { .. } | Op::DeleteElement { .. })),
+            "{plan:#?}"
+        );
+        // Delete and add the endpoint, add the hairpin address.
+        assert_eq!(plan.ops.len(), 3, "{:#?}", plan.ops);
+        assert_eq!(table.endpoints(&fe), [sa("[fd00::1]:8080"), sa("[fd00::3]:8080")]);
+        assert!(table.hairpin().contains(&"fd00::3".parse::<IpAddr>().unwrap()));
+
+        // An endpoint goes from every service, then every service goes.
+        let one: Vec<(&str, u16, &[&str])> =
+            ips.iter().map(|ip| (ip.as_str(), 80, &two[..1])).collect();
+        table.execute(&planner.plan(&state(&one)).ops);
+        assert_eq!(table.endpoints(&fe), [sa("[fd00::1]:8080")]);
+        assert_eq!(table.hairpin(), ["fd00::1".parse().unwrap()].into());
+        table.execute(&planner.plan(&ServiceState::default()).ops);
+        assert_eq!(table.contents().chains, empty.chains);
+        assert_eq!(v6_elements(&table), 0);
+        assert!(table.entries.is_empty());
+        assert_eq!(planner.frontends(), 0);
+    }
+
+    #[test]
+    fn ipv6_frontends_without_endpoints_reject_or_drop_in_their_own_sets() {
+        let mut table = table();
+        let mut planner = Planner::new();
+        let mut desired = state(&[("fd00:96::1", 80, &[]), ("fd00:96::2", 80, &[])]);
+        {
+            let dropped = desired.frontends.get_mut(&frontend("fd00:96::2", 80)).unwrap();
+            dropped.when_empty = WhenEmpty::Drop;
+            dropped.local_traffic_policy = true;
+        }
+        table.execute(&planner.plan(&desired).ops);
+        let key = |ip| element_key(&frontend(ip, 80));
+        assert!(table.has("no-endpoint-reject-v6", &key("fd00:96::1")));
+        assert!(table.has("no-endpoint-drop-v6", &key("fd00:96::2")));
+        assert!(!table.entries.keys().any(|(set, _)| set == NO_ENDPOINT_REJECT));
+        // The skeleton checks both families' sets before DNAT.
+        let check = &table.chains[ENDPOINTS_CHECK];
+        assert!(check.iter().any(|(stmts, _)| stmts[0]
+            == Stmt::FrontendInSet { set: "no-endpoint-reject-v6".into(), family: Family::V6 }
+            && stmts[1] == Stmt::Verdict(Verdict::Goto(REJECT_CHAIN.into()))));
+        assert!(check.iter().any(|(stmts, _)| stmts[0]
+            == Stmt::FrontendInSet { set: "no-endpoint-drop-v6".into(), family: Family::V6 }
+            && stmts[1] == Stmt::Verdict(Verdict::Drop)));
+    }
+
+    #[test]
+    fn ipv6_affinity_and_masquerade_use_the_ipv6_maps() {
+        let mut table = table();
+        let mut planner = Planner::new();
+        let mut desired = state(&[("fd00:9::9", 30080, &["[fd00::1]:8080", "[fd00::2]:8080"])]);
+        let fe = frontend("fd00:9::9", 30080);
+        {
+            let f = desired.frontends.get_mut(&fe).unwrap();
+            f.kind = FrontendKind::NodePort;
+            f.affinity_timeout = Some(60);
+        }
+        table.execute(&planner.plan(&desired).ops);
+        assert_eq!(table.class_chains(), ["class-2-masq-affinity-60-v6".to_string()].into());
+        let chain = table.class_chain(&fe).to_vec();
+        assert_eq!(chain[1].0, [Stmt::MarkSet(MASQUERADE_MARK)]);
+        let remember = Remember { map: "service-affinity-v6".into(), timeout_seconds: 60 };
+        let (valid, family) = ("affinity-endpoints-v6".to_string(), Family::V6);
+        assert_eq!(
+            chain[2].0,
+            [Stmt::ForgetRemembered { remember: remember.clone(), valid: valid.clone(), family }]
+        );
+        assert_eq!(
+            chain[3].0,
+            [Stmt::DnatRemembered { remember: remember.clone(), valid, family }]
+        );
+        assert_eq!(chain[4].0, dnat_in(Family::V6, 2, Some(remember)));
+        let valid = |t: &FakeTable| {
+            t.entries.keys().filter(|(set, _)| set == "affinity-endpoints-v6").count()
+        };
+        assert_eq!(valid(&table), 2);
+        desired.frontends.get_mut(&fe).unwrap().backends = vec![sa("[fd00::1]:8080")];
+        table.execute(&planner.plan(&desired).ops);
+        assert_eq!(valid(&table), 1);
+        // Hairpin traffic of either family is masqueraded.
+        assert!(table.chains[MASQUERADING].iter().any(|(stmts, _)| stmts[0]
+            == Stmt::HairpinInSet { set: "hairpin-endpoints-v6".into(), family: Family::V6 }));
+    }
+
+    #[test]
+    fn a_table_written_before_ipv6_gains_its_sets_and_keeps_its_services() {
+        // An IPv4-only table of the previous version: its skeleton lacked the IPv6 sets, and
+        // its class chains carry fingerprints of rules without a family.
+        let desired = state(&[
+            ("10.96.0.1", 80, &["10.0.0.1:8080", "10.0.0.2:8080"]),
+            ("10.96.0.2", 80, &["10.0.0.3:8080"]),
+        ]);
+        let mut live = table();
+        live.execute(&Planner::new().plan(&desired).ops);
+        for set in V6_SERVICE_SETS.iter().chain(&["no-endpoint-reject-v6", "no-endpoint-drop-v6"]) {
+            live.sets.remove(*set);
+        }
+        live.sets.remove("service-affinity-v6");
+        for rules in live.chains.values_mut() {
+            for (_, comment) in rules.iter_mut() {
+                if comment.as_deref().is_some_and(|c| c.starts_with(FINGERPRINT_PREFIX)) {
+                    *comment = Some(format!("{FINGERPRINT_PREFIX}0123456789abcdef"));
+                }
+            }
+        }
+        // The agent writes the skeleton, adopts, plans.
+        live.execute(&skeleton());
+        let mut planner = Planner::adopt(&live.contents());
+        assert_eq!(planner.frontends(), 2);
+        let plan = planner.plan(&desired);
+        // The class chains are rewritten once; no frontend element is.
+        assert!(
+            !plan.ops.iter().any(|op| matches!(op, Op::AddEntry { .. } | Op::AddSetElement { .. })),
+            "{plan:#?}"
+        );
+        live.execute(&plan.ops);
+        let mut fresh = table();
+        fresh.execute(&Planner::new().plan(&desired).ops);
+        assert_eq!(live.sets, fresh.sets);
+        assert_eq!(live.chains, fresh.chains);
+        assert_eq!(live.entries, fresh.entries);
+        assert_eq!(Planner::adopt(&live.contents()).plan(&desired), Plan::default());
+        // IPv6 services can be added now.
+        let dual =
+            state(&[("10.96.0.1", 80, &["10.0.0.1:8080"]), ("fd00:96::1", 80, &["[fd00::1]:80"])]);
+        live.execute(&planner.plan(&dual).ops);
+        assert_eq!(live.endpoints(&frontend("fd00:96::1", 80)), [sa("[fd00::1]:80")]);
+    }
+
+    #[test]
+    fn an_adopting_planner_reads_ipv6_frontends_back() {
+        let desired = state(&[
+            ("10.96.0.1", 80, &["10.0.0.1:8080", "[fd00::1]:8080"]),
+            ("fd00:96::1", 80, &["10.0.0.1:8080", "[fd00::1]:8080", "[fd00::2]:8080"]),
+            ("fd00:96::2", 80, &[]),
+        ]);
+        let mut live = table();
+        live.execute(&Planner::new().plan(&desired).ops);
+        let mut restarted = Planner::adopt(&live.contents());
+        assert_eq!((restarted.frontends(), restarted.backends()), (3, 3));
+        assert_eq!(restarted.plan(&desired), Plan::default(), "a restart writes nothing");
     }
 
     #[test]
@@ -1451,18 +1797,45 @@ mod tests {
         assert!(!is_legacy_set(SERVICE_AFFINITY));
     }
 
+    /// `state` made dual-stack: every frontend gets an IPv6 twin (`10.96.a.b` ->
+    /// `fd00:96::a:b`), every endpoint one too (`10.0.0.x` -> `fd00::x`), and every frontend
+    /// the endpoints of both families, as the model gives them.
+    fn dual_stack(state: &ServiceState, changed: &[Frontend]) -> (ServiceState, Vec<Frontend>) {
+        let twin = |address: IpAddr| -> IpAddr {
+            let IpAddr::V4(v4) = address else { return address };
+            let [_, _, a, b] = v4.octets();
+            std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, u16::from(a), u16::from(b)).into()
+        };
+        let twin_frontend = |f: &Frontend| Frontend { address: twin(f.address), ..*f };
+        let mut out = ServiceState::default();
+        for (frontend, fs) in &state.frontends {
+            let mut fs = fs.clone();
+            let twins: Vec<SocketAddr> =
+                fs.backends.iter().map(|b| SocketAddr::new(twin(b.ip()), b.port())).collect();
+            fs.backends.extend(twins);
+            out.frontends.insert(twin_frontend(frontend), fs.clone());
+            out.frontends.insert(*frontend, fs);
+        }
+        let changed = changed.iter().flat_map(|f| [*f, twin_frontend(f)]).collect();
+        (out, changed)
+    }
+
     #[test]
     fn random_incremental_changes_end_in_the_state_a_full_plan_gives() {
-        for seed in 1..=25u64 {
+        for (seed, dual) in (1..=25u64).map(|s| (s, s % 2 == 0)) {
             let (mut planner, mut table) = (Planner::new(), table());
-            for (step, (desired, changed)) in
-                crate::model::random::sequence(seed, 120).iter().enumerate()
-            {
+            let sequence = crate::model::random::sequence(seed, 120);
+            let sequence: Vec<(ServiceState, Vec<Frontend>)> = if dual {
+                sequence.iter().map(|(s, c)| dual_stack(s, c)).collect()
+            } else {
+                sequence
+            };
+            for (step, (desired, changed)) in sequence.iter().enumerate() {
                 table.execute(&planner.plan_changed(desired, changed).ops);
                 // Now and then: the planner and the table both hold exactly the desired state.
                 if step % 20 == 19 {
                     assert_eq!(planner.plan(desired).ops, [], "seed {seed} step {step}");
-                    let distinct: BTreeSet<SocketAddrV4> =
+                    let distinct: BTreeSet<SocketAddr> =
                         table.entries.values().flatten().copied().collect();
                     assert_eq!(planner.backends(), distinct.len(), "seed {seed} step {step}");
                     let adopted = Planner::adopt(&table.contents()).plan(desired);
