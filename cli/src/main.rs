@@ -58,7 +58,8 @@ struct ApiserverArgs {
     /// Plain HTTP for debugging; loopback addresses only. Still needs a bearer token.
     #[arg(long)]
     insecure_listen: Option<SocketAddr>,
-    /// IPv4 CIDR that Service ClusterIPs are allocated from.
+    /// CIDR that Service ClusterIPs are allocated from (IPv4 /8-/30 or IPv6 /64-/126), or an
+    /// IPv4,IPv6 pair for dual-stack Services (the primary family first).
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: String,
     /// Changes kept for watches to resume from; a watch from an older resourceVersion gets

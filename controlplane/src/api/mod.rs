@@ -31,7 +31,7 @@ mod table;
 mod watch;
 
 use http::{Body, Query, error_response, json_response, text_response};
-pub use services::ServiceCidr;
+pub use services::{ServiceCidr, ServiceCidrs};
 use status::ApiError;
 
 /// Request bodies larger than this are refused with 413 (kube-apiserver's limit).
@@ -43,6 +43,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub insecure_listen: Option<SocketAddr>,
     pub kubeconfig_out: Option<PathBuf>,
+    /// The CIDR, or pair of one IPv4 and one IPv6 CIDR (the primary family first), that
+    /// Service ClusterIPs are allocated from.
     pub service_cidr: String,
     pub bookmark_interval: Duration,
     pub max_in_flight: usize,
@@ -97,7 +99,7 @@ pub enum ServerError {
     InsecureNotLoopback(SocketAddr),
     #[error("--cluster-cidr: {0}")]
     BadClusterCidr(String),
-    #[error("--service-cidr {0:?} is not an IPv4 CIDR with a prefix between /8 and /30")]
+    #[error("--service-cidr: {0}")]
     BadServiceCidr(String),
     #[error("binding {addr} failed: {source}; is another server using it?")]
     Bind {
@@ -124,7 +126,6 @@ pub(crate) struct ApiState<S> {
     pub(crate) store: S,
     pub(crate) tokens: Tokens,
     pub(crate) config: Config,
-    pub(crate) service_cidr: ServiceCidr,
     pub(crate) in_flight: Semaphore,
     /// Serializes Service creates and updates from picking addresses until they are stored
     /// and recorded in `allocations`.
@@ -185,8 +186,8 @@ pub async fn start_with_store<S: Store>(
     {
         return Err(ServerError::InsecureNotLoopback(addr));
     }
-    let service_cidr = ServiceCidr::parse(&config.service_cidr)
-        .ok_or_else(|| ServerError::BadServiceCidr(config.service_cidr.clone()))?;
+    let service_cidrs =
+        ServiceCidrs::parse(&config.service_cidr).map_err(ServerError::BadServiceCidr)?;
     let cluster_cidr = match &config.cluster_cidr {
         Some(cidr) => Some(
             crate::controllers::nodeipam::ClusterCidrs::parse(
@@ -236,10 +237,9 @@ pub async fn start_with_store<S: Store>(
     let state = Arc::new(ApiState {
         store,
         tokens,
-        service_cidr,
         in_flight: Semaphore::new(config.max_in_flight),
         alloc_lock: tokio::sync::Mutex::new(()),
-        allocations: std::sync::Mutex::new(services::Allocations::new(service_cidr)),
+        allocations: std::sync::Mutex::new(services::Allocations::new(service_cidrs)),
         server_address: addr.to_string(),
         config: config.clone(),
         watch_lines: Default::default(),
@@ -293,10 +293,12 @@ async fn bootstrap<S: Store>(state: &Arc<ApiState<S>>) -> Result<(), ServerError
             .map_err(|e| ServerError::Bootstrap(e.message))?;
     }
     let svc = resources::find("", "v1", "services").expect("services are served");
+    // Single-stack on the primary family, as kube-apiserver's.
+    let address = state.allocations.lock().expect("allocations lock").cidrs().primary().first();
     let kubernetes = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"component": "apiserver", "provider": "kubernetes"}},
-        "spec": {"clusterIP": state.service_cidr.first().to_string(), "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}
+        "spec": {"clusterIP": address.to_string(), "ipFamilyPolicy": "SingleStack", "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}
     });
     handlers::create_if_missing(state, svc, Some("default"), kubernetes)
         .await

@@ -2,6 +2,11 @@
 //! endpointslice and endpoints controllers would write, simplified to one slice per Service
 //! and address family.
 //!
+//! Families: a slice (possibly empty, as the real controller's placeholder) for each of the
+//! Service's `ipFamilies`, holding each Pod's address of that family from `status.podIPs`.
+//! A Service stored without `ipFamilies` gets its clusterIP's family, or both when headless.
+//! The Endpoints object holds one address per Pod, of the Service's primary family.
+//!
 //! A Pod backs a Service when it is in the Service's namespace, matches its selector, has an
 //! IP, and is not Succeeded or Failed. `ready` and `serving` follow the Pod's Ready condition;
 //! a Pod with a deletionTimestamp is `terminating` (and not ready). Ports: the Service's ports
@@ -41,6 +46,34 @@ fn pod_ips(pod: &Value) -> Vec<String> {
         ips.insert(0, ip.to_string());
     }
     ips
+}
+
+/// The Service's `ipFamilies`, primary first.
+fn listed_families(service: &Value) -> Vec<&'static str> {
+    service
+        .pointer("/spec/ipFamilies")
+        .and_then(Value::as_array)
+        .map(|fs| {
+            fs.iter()
+                .filter_map(|f| match f.as_str() {
+                    Some("IPv4") => Some("IPv4"),
+                    Some("IPv6") => Some("IPv6"),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The families of a Service stored without `ipFamilies` (kube's getAddressTypesForService):
+/// its clusterIP's, or both when it has none.
+fn legacy_families(service: &Value) -> Vec<&'static str> {
+    match service.pointer("/spec/clusterIP").and_then(Value::as_str) {
+        Some(ip) if !ip.is_empty() && ip != "None" => {
+            vec![if ip.contains(':') { "IPv6" } else { "IPv4" }]
+        }
+        _ => vec!["IPv4", "IPv6"],
+    }
 }
 
 fn resolve_port(port: &Value, pods: &[&Value]) -> Option<i64> {
@@ -103,12 +136,21 @@ pub fn desired<'a>(
     let mut slices = BTreeMap::new();
     let mut ready_addresses = Vec::new();
     let mut not_ready_addresses = Vec::new();
-    for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+    let listed = listed_families(service);
+    let legacy = listed.is_empty();
+    let families = if legacy { legacy_families(service) } else { listed };
+    // A Service without families and without a clusterIP: each Pod's Endpoints address is of
+    // the family of its `podIP` (kube's endpoints controller).
+    let headless_legacy = legacy && families.len() == 2;
+    for (i, family) in families.iter().enumerate() {
+        let v6 = *family == "IPv6";
         let mut endpoints = Vec::new();
         for pod in &backing {
-            let Some(ip) = pod_ips(pod).into_iter().find(|ip| ip.contains(':') == v6) else {
+            let ips = pod_ips(pod);
+            let Some(ip) = ips.iter().find(|ip| ip.contains(':') == v6).cloned() else {
                 continue;
             };
+            let in_endpoints = if headless_legacy { ips[0] == ip } else { i == 0 };
             let terminating = meta::meta_str(pod, "deletionTimestamp").is_some();
             let ready = pod_ready(pod) && !terminating;
             let mut endpoint = json!({
@@ -120,16 +162,12 @@ pub fn desired<'a>(
                 endpoint["nodeName"] = json!(node);
             }
             let address = json!({"ip": ip, "nodeName": pod.pointer("/spec/nodeName"), "targetRef": endpoint["targetRef"].clone()});
-            if ready {
+            if in_endpoints && ready {
                 ready_addresses.push(address)
-            } else if !terminating {
+            } else if in_endpoints && !terminating {
                 not_ready_addresses.push(address)
             }
             endpoints.push(endpoint);
-        }
-        // An IPv4 slice always exists (possibly empty), like the real controller's placeholder.
-        if endpoints.is_empty() && v6 {
-            continue;
         }
         let slice_name = format!("{name}-{}", family.to_ascii_lowercase());
         slices.insert(
@@ -188,7 +226,13 @@ mod tests {
     }
 
     fn service() -> Value {
-        json!({"metadata": {"name": "web", "namespace": "ns", "uid": "svc-uid"}, "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
+        json!({"metadata": {"name": "web", "namespace": "ns", "uid": "svc-uid"}, "spec": {"selector": {"app": "web"}, "ipFamilies": ["IPv4", "IPv6"], "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}})
+    }
+
+    fn dual_stack_pod(name: &str, ips: &[&str]) -> Value {
+        let mut p = pod(name, json!({"app": "web"}), Some(ips[0]), true);
+        p["status"]["podIPs"] = json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
+        p
     }
 
     #[test]
@@ -223,7 +267,8 @@ mod tests {
         assert_eq!(slices["web-ipv6"]["endpoints"][0]["addresses"], json!(["fd00::1"]));
         assert_eq!(v4["metadata"]["labels"][SERVICE_NAME_LABEL], "web");
         assert_eq!(v4["metadata"]["ownerReferences"][0]["uid"], "svc-uid");
-        assert_eq!(endpoints["subsets"][0]["addresses"].as_array().unwrap().len(), 2);
+        // The Endpoints object is of the primary family only.
+        assert_eq!(endpoints["subsets"][0]["addresses"].as_array().unwrap().len(), 1);
         assert_eq!(endpoints["subsets"][0]["notReadyAddresses"].as_array().unwrap().len(), 1);
     }
 
@@ -233,8 +278,54 @@ mod tests {
         svc["spec"]["selector"] = json!({});
         assert!(desired(&svc, &[]).is_none());
         let (slices, endpoints) = desired(&service(), &[]).unwrap();
-        assert_eq!(slices.len(), 1);
+        assert_eq!(slices.len(), 2);
         assert_eq!(slices["web-ipv4"]["endpoints"], json!([]));
+        assert_eq!(slices["web-ipv6"]["endpoints"], json!([]));
         assert_eq!(endpoints["subsets"], json!([]));
+    }
+
+    #[test]
+    fn slices_follow_the_service_families_and_endpoints_its_primary_one() {
+        let pods = [
+            dual_stack_pod("a", &["10.0.0.1", "fd00::1"]),
+            dual_stack_pod("b", &["10.0.0.2"]),
+            dual_stack_pod("c", &["fd00::3"]),
+        ];
+        let addresses = |slice: &Value| -> Vec<String> {
+            let endpoints = slice["endpoints"].as_array().unwrap();
+            endpoints.iter().map(|e| e["addresses"][0].as_str().unwrap().to_string()).collect()
+        };
+        let endpoint_ips = |endpoints: &Value| -> Vec<String> {
+            let subset = endpoints["subsets"][0]["addresses"].as_array().unwrap();
+            subset.iter().map(|a| a["ip"].as_str().unwrap().to_string()).collect()
+        };
+        let with = |spec: Value| {
+            let mut svc = service();
+            svc["spec"].as_object_mut().unwrap().remove("ipFamilies");
+            for (k, v) in spec.as_object().unwrap() {
+                svc["spec"][k] = v.clone();
+            }
+            desired(&svc, &pods).unwrap()
+        };
+        let (slices, endpoints) = with(json!({"ipFamilies": ["IPv4"]}));
+        assert_eq!(slices.keys().collect::<Vec<_>>(), ["web-ipv4"]);
+        assert_eq!(addresses(&slices["web-ipv4"]), ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(endpoint_ips(&endpoints), ["10.0.0.1", "10.0.0.2"]);
+        let (slices, endpoints) = with(json!({"ipFamilies": ["IPv6"]}));
+        assert_eq!(slices.keys().collect::<Vec<_>>(), ["web-ipv6"]);
+        assert_eq!(slices["web-ipv6"]["addressType"], "IPv6");
+        assert_eq!(addresses(&slices["web-ipv6"]), ["fd00::1", "fd00::3"]);
+        assert_eq!(endpoint_ips(&endpoints), ["fd00::1", "fd00::3"]);
+        let (slices, endpoints) = with(json!({"ipFamilies": ["IPv6", "IPv4"]}));
+        assert_eq!(addresses(&slices["web-ipv4"]), ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(addresses(&slices["web-ipv6"]), ["fd00::1", "fd00::3"]);
+        assert_eq!(endpoint_ips(&endpoints), ["fd00::1", "fd00::3"]);
+        // Stored without families: the clusterIP's family, or both for headless (Endpoints
+        // then by each Pod's podIP).
+        let (slices, _) = with(json!({"clusterIP": "10.96.0.9"}));
+        assert_eq!(slices.keys().collect::<Vec<_>>(), ["web-ipv4"]);
+        let (slices, endpoints) = with(json!({"clusterIP": "None"}));
+        assert_eq!(slices.len(), 2);
+        assert_eq!(endpoint_ips(&endpoints), ["10.0.0.1", "10.0.0.2", "fd00::3"]);
     }
 }

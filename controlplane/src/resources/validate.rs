@@ -15,7 +15,7 @@ pub struct FieldError {
     pub message: String,
 }
 
-fn required(field: impl Into<String>) -> FieldError {
+pub(crate) fn required(field: impl Into<String>) -> FieldError {
     FieldError {
         reason: "FieldValueRequired",
         field: field.into(),
@@ -23,7 +23,11 @@ fn required(field: impl Into<String>) -> FieldError {
     }
 }
 
-fn invalid(field: impl Into<String>, value: &Value, why: impl std::fmt::Display) -> FieldError {
+pub(crate) fn invalid(
+    field: impl Into<String>,
+    value: &Value,
+    why: impl std::fmt::Display,
+) -> FieldError {
     FieldError {
         reason: "FieldValueInvalid",
         field: field.into(),
@@ -31,7 +35,7 @@ fn invalid(field: impl Into<String>, value: &Value, why: impl std::fmt::Display)
     }
 }
 
-fn duplicate(field: impl Into<String>, value: &str) -> FieldError {
+pub(crate) fn duplicate(field: impl Into<String>, value: &str) -> FieldError {
     FieldError {
         reason: "FieldValueDuplicate",
         field: field.into(),
@@ -39,7 +43,15 @@ fn duplicate(field: impl Into<String>, value: &str) -> FieldError {
     }
 }
 
-fn unsupported(field: impl Into<String>, value: &Value, allowed: &[&str]) -> FieldError {
+pub(crate) fn forbidden(field: impl Into<String>, why: &str) -> FieldError {
+    FieldError {
+        reason: "FieldValueForbidden",
+        field: field.into(),
+        message: format!("Forbidden: {why}"),
+    }
+}
+
+pub(crate) fn unsupported(field: impl Into<String>, value: &Value, allowed: &[&str]) -> FieldError {
     FieldError {
         reason: "FieldValueNotSupported",
         field: field.into(),
