@@ -58,6 +58,17 @@ impl Netns {
         ip(&full)
     }
 
+    /// What `nft list ruleset` prints in this namespace (how operators read weir's tables);
+    /// panics when nft fails, e.g. cannot parse what weir wrote.
+    pub fn nft_ruleset(&self) -> String {
+        let listed = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "list", "ruleset"])
+            .output()
+            .expect("running nft");
+        assert!(listed.status.success(), "nft list: {}", String::from_utf8_lossy(&listed.stderr));
+        String::from_utf8_lossy(&listed.stdout).into_owned()
+    }
+
     /// Runs `f` on a new thread that has entered this namespace; returns its result and
     /// re-raises its panic. The thread ends afterwards, so no other code ever runs in it.
     pub fn run<F, R>(&self, f: F) -> Result<R>

@@ -6,9 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{Value, json};
-use weir_proxy::model::{
-    self, Frontend, FrontendState, NodeContext, Protocol, ServiceState, WhenEmpty,
-};
+use weir_proxy::model::{self, NodeContext};
 use weir_tests::{
     dataplane::{Dataplane, TestDatapath, for_each_dataplane},
     privileged::require_root,
@@ -96,40 +94,14 @@ fn lb_apply_services_without_endpoints_are_refused_or_dropped() {
     for_each_dataplane(|dataplane| {
         let net = ServiceNet::new("noep", 211, 1).unwrap();
         let mut datapath = TestDatapath::new(dataplane, &net.client, "noep").unwrap();
-        let mut state = ServiceState::default();
-        for (vip, protocol, when_empty) in [
-            (REFUSED, Protocol::Tcp, WhenEmpty::Reject),
-            (REFUSED, Protocol::Udp, WhenEmpty::Reject),
-            (DROPPED, Protocol::Tcp, WhenEmpty::Drop),
-        ] {
-            state.frontends.insert(
-                Frontend { address: IpAddr::V4(vip), port: 80, protocol },
-                FrontendState { when_empty, ..FrontendState::cluster_ip("default/empty", vec![]) },
-            );
-        }
-        datapath.apply(&state).unwrap();
-        let cgroup = datapath.cgroup();
-        let tcp = probe::run(&net.client, cgroup, &["tcp", &format!("{REFUSED}:80")]);
-        assert_eq!(tcp["ok"], false, "{tcp}");
-        let expected = match dataplane {
-            Dataplane::Ebpf => "PermissionDenied",
-            Dataplane::Nftables => "ConnectionRefused",
-        };
-        assert_eq!(tcp["kind"], expected, "an immediate refusal, not a timeout: {tcp}");
-        if dataplane == Dataplane::Nftables {
-            let udp = probe::run(&net.client, cgroup, &["udp-connected", &format!("{REFUSED}:80")]);
-            // The reject in the output hook fails the send itself (EPERM), before the ICMP
-            // port unreachable it generates could; either way an immediate refusal.
-            assert!(
-                udp["kind"] == "PermissionDenied" || udp["kind"] == "ConnectionRefused",
-                "refused, not a timeout: {udp}"
-            );
-            let dropped = probe::run(
-                &net.client,
-                cgroup,
-                &["tcp", &format!("{DROPPED}:80"), "--timeout-ms", "500"],
-            );
-            assert_eq!(dropped["kind"], "TimedOut", "dropped, not refused: {dropped}");
-        }
+        let (refused, dropped) = (IpAddr::V4(REFUSED), IpAddr::V4(DROPPED));
+        datapath.apply(&probe::no_endpoint_state(refused, dropped)).unwrap();
+        probe::assert_refused_or_dropped(
+            dataplane,
+            &net.client,
+            datapath.cgroup(),
+            refused,
+            dropped,
+        );
     });
 }

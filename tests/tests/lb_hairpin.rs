@@ -46,12 +46,7 @@ fn lb_hairpin_a_pod_reaches_itself_through_its_service_on_nftables() {
     assert_eq!(result["peer"], format!("{VIP}:80"), "the pod sees its service's address");
 
     // Operators read the table with `nft list`: it parses what weir wrote.
-    let listed = std::process::Command::new("ip")
-        .args(["netns", "exec", node.name(), "nft", "list", "ruleset"])
-        .output()
-        .unwrap();
-    let ruleset = String::from_utf8_lossy(&listed.stdout);
-    assert!(listed.status.success(), "nft list: {}", String::from_utf8_lossy(&listed.stderr));
+    let ruleset = node.nft_ruleset();
     assert!(
         ruleset.contains("dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 1 map"),
         "{ruleset}"

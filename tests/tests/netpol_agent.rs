@@ -527,12 +527,7 @@ fn ipv6_policies(dataplane: Dataplane) {
     });
     if dataplane == Dataplane::Nftables {
         // Operators read the table with `nft list`: it parses the IPv6 sets and rules.
-        let listed = std::process::Command::new("ip")
-            .args(["netns", "exec", t.node.ns.name(), "nft", "list", "ruleset"])
-            .output()
-            .expect("running nft");
-        let text = String::from_utf8_lossy(&listed.stdout);
-        assert!(listed.status.success(), "nft list: {}", String::from_utf8_lossy(&listed.stderr));
+        let text = t.node.ns.nft_ruleset();
         assert!(text.contains("ingress-allow6") && text.contains("icmpv6 type"), "{text}");
     }
 

@@ -1375,43 +1375,57 @@ mod tests {
 
     #[test]
     fn affinity_remembers_in_a_shared_map_and_external_cluster_traffic_is_masqueraded() {
-        let mut table = table();
-        let mut planner = Planner::new();
-        let mut desired = state(&[("10.0.9.9", 30080, &["10.0.0.1:8080", "10.0.0.2:8080"])]);
-        let fe = frontend("10.0.9.9", 30080);
-        {
-            let f = desired.frontends.get_mut(&fe).unwrap();
-            f.kind = FrontendKind::NodePort;
-            f.affinity_timeout = Some(60);
+        for (vip, endpoints, suffix) in [
+            ("10.0.9.9", ["10.0.0.1:8080", "10.0.0.2:8080"], ""),
+            ("fd00:9::9", ["[fd00::1]:8080", "[fd00::2]:8080"], "-v6"),
+        ] {
+            let mut table = table();
+            let mut planner = Planner::new();
+            let mut desired = state(&[(vip, 30080, &endpoints)]);
+            let fe = frontend(vip, 30080);
+            let (family, sets) = (family_of(&fe), family_sets(family_of(&fe)));
+            {
+                let f = desired.frontends.get_mut(&fe).unwrap();
+                f.kind = FrontendKind::NodePort;
+                f.affinity_timeout = Some(60);
+            }
+            table.execute(&planner.plan(&desired).ops);
+            let chain = table.class_chain(&fe).to_vec();
+            let class = format!("class-2-masq-affinity-60{suffix}");
+            assert_eq!(table.class_chains(), [class].into());
+            assert_eq!(chain[1].0, [Stmt::MarkSet(MASQUERADE_MARK)]);
+            let remember = Remember { map: sets.affinity.into(), timeout_seconds: 60 };
+            let valid = sets.affinity_endpoints.to_string();
+            assert_eq!(
+                chain[2].0,
+                [Stmt::ForgetRemembered {
+                    remember: remember.clone(),
+                    valid: valid.clone(),
+                    family
+                }]
+            );
+            assert_eq!(
+                chain[3].0,
+                [Stmt::DnatRemembered { remember: remember.clone(), valid, family }]
+            );
+            assert_eq!(chain[4].0, dnat_in(family, 2, Some(remember)));
+            let valid = |t: &FakeTable| {
+                t.entries.keys().filter(|(set, _)| set == sets.affinity_endpoints).count()
+            };
+            assert_eq!(valid(&table), 2);
+            // An endpoint goes: a client remembered with it is no longer sent there.
+            desired.frontends.get_mut(&fe).unwrap().backends = vec![sa(endpoints[0])];
+            table.execute(&planner.plan(&desired).ops);
+            assert_eq!(valid(&table), 1);
+            // Affinity off: no affinity rule nor elements.
+            desired.frontends.get_mut(&fe).unwrap().affinity_timeout = None;
+            table.execute(&planner.plan(&desired).ops);
+            assert_eq!(valid(&table), 0);
+            assert_eq!(table.class_chain(&fe).len(), 3);
+            // Hairpin traffic of the family is masqueraded.
+            let hairpin = Stmt::HairpinInSet { set: sets.hairpin.into(), family };
+            assert!(table.chains[MASQUERADING].iter().any(|(stmts, _)| stmts[0] == hairpin));
         }
-        table.execute(&planner.plan(&desired).ops);
-        let chain = table.class_chain(&fe).to_vec();
-        assert_eq!(table.class_chains(), ["class-2-masq-affinity-60".to_string()].into());
-        assert_eq!(chain[1].0, [Stmt::MarkSet(MASQUERADE_MARK)]);
-        let remember = Remember { map: SERVICE_AFFINITY.into(), timeout_seconds: 60 };
-        let valid = AFFINITY_ENDPOINTS.to_string();
-        let family = Family::V4;
-        assert_eq!(
-            chain[2].0,
-            [Stmt::ForgetRemembered { remember: remember.clone(), valid: valid.clone(), family }]
-        );
-        assert_eq!(
-            chain[3].0,
-            [Stmt::DnatRemembered { remember: remember.clone(), valid, family }]
-        );
-        assert_eq!(chain[4].0, dnat(2, Some(remember)));
-        let valid =
-            |t: &FakeTable| t.entries.keys().filter(|(set, _)| set == AFFINITY_ENDPOINTS).count();
-        assert_eq!(valid(&table), 2);
-        // An endpoint goes: a client remembered with it is no longer sent there.
-        desired.frontends.get_mut(&fe).unwrap().backends = vec![([10, 0, 0, 1], 8080).into()];
-        table.execute(&planner.plan(&desired).ops);
-        assert_eq!(valid(&table), 1);
-        // Affinity off: no affinity rule nor elements.
-        desired.frontends.get_mut(&fe).unwrap().affinity_timeout = None;
-        table.execute(&planner.plan(&desired).ops);
-        assert_eq!(valid(&table), 0);
-        assert_eq!(table.class_chain(&fe).len(), 3);
     }
 
     #[test]
@@ -1686,44 +1700,6 @@ mod tests {
         assert!(check.iter().any(|(stmts, _)| stmts[0]
             == Stmt::FrontendInSet { set: "no-endpoint-drop-v6".into(), family: Family::V6 }
             && stmts[1] == Stmt::Verdict(Verdict::Drop)));
-    }
-
-    #[test]
-    fn ipv6_affinity_and_masquerade_use_the_ipv6_maps() {
-        let mut table = table();
-        let mut planner = Planner::new();
-        let mut desired = state(&[("fd00:9::9", 30080, &["[fd00::1]:8080", "[fd00::2]:8080"])]);
-        let fe = frontend("fd00:9::9", 30080);
-        {
-            let f = desired.frontends.get_mut(&fe).unwrap();
-            f.kind = FrontendKind::NodePort;
-            f.affinity_timeout = Some(60);
-        }
-        table.execute(&planner.plan(&desired).ops);
-        assert_eq!(table.class_chains(), ["class-2-masq-affinity-60-v6".to_string()].into());
-        let chain = table.class_chain(&fe).to_vec();
-        assert_eq!(chain[1].0, [Stmt::MarkSet(MASQUERADE_MARK)]);
-        let remember = Remember { map: "service-affinity-v6".into(), timeout_seconds: 60 };
-        let (valid, family) = ("affinity-endpoints-v6".to_string(), Family::V6);
-        assert_eq!(
-            chain[2].0,
-            [Stmt::ForgetRemembered { remember: remember.clone(), valid: valid.clone(), family }]
-        );
-        assert_eq!(
-            chain[3].0,
-            [Stmt::DnatRemembered { remember: remember.clone(), valid, family }]
-        );
-        assert_eq!(chain[4].0, dnat_in(Family::V6, 2, Some(remember)));
-        let valid = |t: &FakeTable| {
-            t.entries.keys().filter(|(set, _)| set == "affinity-endpoints-v6").count()
-        };
-        assert_eq!(valid(&table), 2);
-        desired.frontends.get_mut(&fe).unwrap().backends = vec![sa("[fd00::1]:8080")];
-        table.execute(&planner.plan(&desired).ops);
-        assert_eq!(valid(&table), 1);
-        // Hairpin traffic of either family is masqueraded.
-        assert!(table.chains[MASQUERADING].iter().any(|(stmts, _)| stmts[0]
-            == Stmt::HairpinInSet { set: "hairpin-endpoints-v6".into(), family: Family::V6 }));
     }
 
     #[test]
