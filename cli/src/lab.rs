@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use weir_lab::{Dataplane, LabSpec, Overlay, plan, up::Binaries};
+use weir_lab::{Dataplane, IpFamily, LabSpec, Overlay, plan, up::Binaries};
 
 #[derive(Args)]
 pub struct LabArgs {
@@ -36,6 +36,10 @@ enum LabAction {
         /// Pod traffic between nodes: vxlan or native (routes over the underlay).
         #[arg(long, default_value = "vxlan")]
         overlay: Overlay,
+        /// Address families of nodes, pods and Services: ipv4, or dual (IPv4 and IPv6, IPv4
+        /// primary), as kind's ipFamily.
+        #[arg(long, default_value = "ipv4")]
+        ip_family: IpFamily,
         /// Directory holding weir-cni [default: next to this weir binary].
         #[arg(long)]
         cni_bin_dir: Option<PathBuf>,
@@ -57,8 +61,8 @@ const EXIT_BAD_ARGS: u8 = 64;
 
 pub fn run(args: LabArgs) -> Result<ExitCode> {
     match args.action {
-        LabAction::Up { at, nodes, dataplane, overlay, cni_bin_dir } => {
-            let spec = LabSpec { name: at.name.clone(), nodes, dataplane, overlay };
+        LabAction::Up { at, nodes, dataplane, overlay, ip_family, cni_bin_dir } => {
+            let spec = LabSpec { name: at.name.clone(), nodes, dataplane, overlay, ip_family };
             let Some(lab) = lab_plan(spec, at.state_dir, false)? else {
                 return Ok(ExitCode::from(EXIT_BAD_ARGS));
             };
@@ -99,6 +103,7 @@ fn default_spec(name: &str) -> LabSpec {
         nodes: 1,
         dataplane: Dataplane::Ebpf,
         overlay: Overlay::Vxlan,
+        ip_family: IpFamily::Ipv4,
     }
 }
 

@@ -15,9 +15,10 @@ pub struct NodeArgs {
     /// This node's name (its Node object; pods with spec.nodeName = NAME run here).
     #[arg(long)]
     node_name: String,
-    /// The node's address (Node InternalIP, pods' hostIP).
-    #[arg(long)]
-    node_ip: IpAddr,
+    /// The node's address (Node InternalIP, pods' hostIP); `IPv4,IPv6` for a dual-stack node
+    /// (the first is the primary), as kubelet's `--node-ip`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    node_ip: Vec<IpAddr>,
     /// Kubelet API listener (plain HTTP); default <node-ip>:10250.
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -73,10 +74,13 @@ const EXIT_BAD_CONFIG: u8 = 64;
 
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let config = weir_node::Config {
-        listen: args.listen.unwrap_or(SocketAddr::new(args.node_ip, 10250)),
+        listen: args.listen.unwrap_or(SocketAddr::new(
+            args.node_ip.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            10250,
+        )),
         kubeconfig: args.kubeconfig,
         node_name: args.node_name,
-        node_ip: args.node_ip,
+        node_ips: args.node_ip,
         state_dir: args.state_dir,
         cni_bin_dir: args.cni_bin_dir,
         cni_conf_dir: args.cni_conf_dir,

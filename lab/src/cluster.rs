@@ -45,13 +45,14 @@ where
 }
 
 /// Creates the Node objects (the node runtimes keep their status) and returns each node's pod
-/// CIDR once the API server's node IPAM controller assigned it.
+/// CIDRs (one per family of the lab) once the API server's node IPAM controller assigned them.
 pub async fn register_nodes(
     client: &Client,
     plan: &LabPlan,
     timeout: Duration,
-) -> Result<Vec<String>> {
+) -> Result<Vec<Vec<String>>> {
     let nodes: Api<Node> = Api::all(client.clone());
+    let families = if plan.spec.ip_family == plan::IpFamily::Dual { 2 } else { 1 };
     for node in &plan.nodes {
         let object: Node = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1",
@@ -66,10 +67,7 @@ pub async fn register_nodes(
                 }
             },
             "status": {
-                "addresses": [
-                    {"type": "InternalIP", "address": node.address.to_string()},
-                    {"type": "Hostname", "address": node.name},
-                ]
+                "addresses": node_addresses(node),
             }
         }))?;
         match nodes.create(&PostParams::default(), &object).await {
@@ -80,12 +78,27 @@ pub async fn register_nodes(
     }
     let mut cidrs = Vec::new();
     for node in &plan.nodes {
-        let cidr = poll(timeout, || async { nodes.get(&node.name).await.ok()?.spec?.pod_cidr })
-            .await
-            .with_context(|| format!("Node {} got no pod CIDR within {timeout:?}", node.name))?;
+        let cidr = poll(timeout, || async {
+            let spec = nodes.get(&node.name).await.ok()?.spec?;
+            let all = spec.pod_cidrs.or(spec.pod_cidr.map(|c| vec![c]))?;
+            (all.len() >= families).then_some(all)
+        })
+        .await
+        .with_context(|| {
+            format!("Node {} got no pod CIDR of each family within {timeout:?}", node.name)
+        })?;
         cidrs.push(cidr);
     }
     Ok(cidrs)
+}
+
+/// A node's status.addresses: its InternalIPs (IPv4 first) and its name.
+fn node_addresses(node: &plan::NodePlan) -> serde_json::Value {
+    let mut addresses = vec![serde_json::json!({"type": "InternalIP", "address": node.address})];
+    addresses
+        .extend(node.address6.map(|a| serde_json::json!({"type": "InternalIP", "address": a})));
+    addresses.push(serde_json::json!({"type": "Hostname", "address": node.name}));
+    addresses.into()
 }
 
 pub fn node_ready(node: &Node) -> bool {

@@ -13,7 +13,7 @@ pub mod state;
 pub mod status;
 pub mod up;
 
-pub use plan::{Dataplane, LabSpec, Overlay};
+pub use plan::{Dataplane, IpFamily, LabSpec, Overlay};
 
 /// Where a lab keeps its files when no state directory is given.
 pub fn default_state_dir(name: &str) -> std::path::PathBuf {

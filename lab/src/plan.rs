@@ -7,7 +7,7 @@
 //! `/sys/fs/bpf/<lab>`.
 use std::{
     fmt,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -26,6 +26,36 @@ pub enum Dataplane {
 pub enum Overlay {
     Vxlan,
     Native,
+}
+
+/// The address families of pods, services and nodes (kind's `ipFamily`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    #[default]
+    Ipv4,
+    /// IPv4 and IPv6: nodes, pods and Services get an address of each family (IPv4 primary).
+    Dual,
+}
+
+impl FromStr for IpFamily {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ipv4" => Ok(IpFamily::Ipv4),
+            "dual" => Ok(IpFamily::Dual),
+            other => Err(format!("unknown IP family {other:?}: use ipv4 or dual")),
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Dual => "dual",
+        })
+    }
 }
 
 impl FromStr for Dataplane {
@@ -75,6 +105,9 @@ pub struct LabSpec {
     pub nodes: u8,
     pub dataplane: Dataplane,
     pub overlay: Overlay,
+    /// Labs recorded before dual-stack existed are IPv4.
+    #[serde(default)]
+    pub ip_family: IpFamily,
 }
 
 /// Most worker nodes a lab may have (the underlay is a /24 and each node gets a /24 pod CIDR).
@@ -85,6 +118,12 @@ pub const UNDERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 pub const UNDERLAY_PREFIX: u8 = 24;
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The IPv6 networks of a dual-stack lab (kind's defaults): a /64 pod CIDR per node from the
+/// cluster /56, ClusterIPs from a /112, the underlay in a /64 with the same host numbers.
+pub const CLUSTER_CIDR6: &str = "fd00:10:244::/56";
+pub const SERVICE_CIDR6: &str = "fd00:10:96::/112";
+pub const UNDERLAY_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x30, 0, 0, 0, 0, 1);
+pub const UNDERLAY_PREFIX6: u8 = 64;
 /// kube-dns's ClusterIP: the usual `.10` of the service CIDR.
 pub const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
@@ -130,6 +169,8 @@ pub struct NodePlan {
     pub pod_netns_prefix: String,
     /// The node's eth0 address on the underlay.
     pub address: Ipv4Addr,
+    /// Its IPv6 underlay address, in a dual-stack lab.
+    pub address6: Option<Ipv6Addr>,
     /// The underlay-side end of the node's eth0 veth (inside the underlay namespace).
     pub underlay_port: String,
     /// The node's cgroup, relative to the cgroup2 mount (`<lab>/<node>`): the agent attaches
@@ -205,6 +246,20 @@ impl LabPlan {
     pub fn apiserver_underlay(&self) -> SocketAddr {
         SocketAddrV4::new(UNDERLAY_GATEWAY, APISERVER_UNDERLAY_PORT).into()
     }
+    /// `--cluster-cidr` of the API server (its node IPAM): one CIDR per family.
+    pub fn cluster_cidrs(&self) -> String {
+        match self.spec.ip_family {
+            IpFamily::Ipv4 => CLUSTER_CIDR.to_string(),
+            IpFamily::Dual => format!("{CLUSTER_CIDR},{CLUSTER_CIDR6}"),
+        }
+    }
+    /// `--service-cidr` of the API server: one CIDR per family.
+    pub fn service_cidrs(&self) -> String {
+        match self.spec.ip_family {
+            IpFamily::Ipv4 => SERVICE_CIDR.to_string(),
+            IpFamily::Dual => format!("{SERVICE_CIDR},{SERVICE_CIDR6}"),
+        }
+    }
 }
 
 /// Prefix of the network namespaces of lab `name`.
@@ -230,9 +285,15 @@ pub fn plan(spec: &LabSpec, state_dir: &Path) -> LabPlan {
             let name = node_name(lab, i);
             let netns = format!("{lab}.{}", short_node(i));
             let [a, b, c, _] = UNDERLAY_GATEWAY.octets();
+            let host = 2 + i as u16;
             NodePlan {
                 pod_netns_prefix: format!("{netns}."),
-                address: Ipv4Addr::new(a, b, c, 2 + i as u8),
+                address: Ipv4Addr::new(a, b, c, host as u8),
+                address6: (spec.ip_family == IpFamily::Dual).then(|| {
+                    let mut segments = UNDERLAY_GATEWAY6.segments();
+                    segments[7] = host;
+                    Ipv6Addr::from(segments)
+                }),
                 underlay_port: format!("node{i}"),
                 cgroup: cgroup.join(short_node(i)),
                 pin_dir: pin_root.join(short_node(i)),
@@ -256,8 +317,10 @@ fn short_node(index: usize) -> String {
     format!("worker{}", index + 1)
 }
 
-/// The CNI network configuration list for a node with `pod_cidr`.
-pub fn cni_conflist(plan: &LabPlan, node: &NodePlan, pod_cidr: &str) -> serde_json::Value {
+/// The CNI network configuration list for a node with `pod_cidrs` (one range per family).
+pub fn cni_conflist(plan: &LabPlan, node: &NodePlan, pod_cidrs: &[String]) -> serde_json::Value {
+    let ranges: Vec<serde_json::Value> =
+        pod_cidrs.iter().map(|cidr| serde_json::json!([{ "subnet": cidr }])).collect();
     serde_json::json!({
         "cniVersion": "1.1.0",
         "name": "weir",
@@ -270,7 +333,7 @@ pub fn cni_conflist(plan: &LabPlan, node: &NodePlan, pod_cidr: &str) -> serde_js
                 "search": [format!("svc.{CLUSTER_DOMAIN}"), CLUSTER_DOMAIN.to_string()],
             },
             "ipam": {
-                "ranges": [[{ "subnet": pod_cidr }]],
+                "ranges": ranges,
                 "dataDir": node.dir.join("ipam"),
             }
         }]
@@ -282,7 +345,13 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, nodes: u8) -> LabSpec {
-        LabSpec { name: name.into(), nodes, dataplane: Dataplane::Ebpf, overlay: Overlay::Vxlan }
+        LabSpec {
+            name: name.into(),
+            nodes,
+            dataplane: Dataplane::Ebpf,
+            overlay: Overlay::Vxlan,
+            ip_family: IpFamily::Ipv4,
+        }
     }
 
     #[test]
@@ -326,9 +395,32 @@ mod tests {
         assert_eq!(NodePlan::pod_mtu(Overlay::Vxlan), 1450);
         assert_eq!(NodePlan::pod_mtu(Overlay::Native), 1500);
         let plan = plan(&spec("weir", 1), Path::new("/s"));
-        let conf = cni_conflist(&plan, &plan.nodes[0], "10.244.1.0/24");
+        let conf = cni_conflist(&plan, &plan.nodes[0], &["10.244.1.0/24".into()]);
         assert_eq!(conf["plugins"][0]["mtu"], 1450);
         assert_eq!(conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"], "10.244.1.0/24");
         assert_eq!(conf["plugins"][0]["bpffsDir"], "/sys/fs/bpf/weir/worker1");
+    }
+
+    #[test]
+    fn a_dual_stack_lab_has_a_network_of_each_family() {
+        let single = plan(&spec("weir", 2), Path::new("/s"));
+        assert_eq!(single.nodes[1].address6, None);
+        assert_eq!(
+            (single.cluster_cidrs().as_str(), single.service_cidrs().as_str()),
+            (CLUSTER_CIDR, SERVICE_CIDR)
+        );
+        let dual = plan(&LabSpec { ip_family: IpFamily::Dual, ..spec("weir", 2) }, Path::new("/s"));
+        assert_eq!(dual.nodes[1].address6, Some("fd00:172:30::3".parse().unwrap()));
+        assert_eq!(dual.cluster_cidrs(), "10.244.0.0/16,fd00:10:244::/56");
+        assert_eq!(dual.service_cidrs(), "10.96.0.0/12,fd00:10:96::/112");
+        let cidrs = ["10.244.1.0/24".to_string(), "fd00:10:244:1::/64".to_string()];
+        let conf = cni_conflist(&dual, &dual.nodes[0], &cidrs);
+        assert_eq!(conf["plugins"][0]["ipam"]["ranges"][1][0]["subnet"], "fd00:10:244:1::/64");
+        // A lab recorded before dual-stack existed reads back as IPv4.
+        let old: LabSpec = serde_json::from_value(serde_json::json!({
+            "name": "weir", "nodes": 1, "dataplane": "ebpf", "overlay": "vxlan"
+        }))
+        .unwrap();
+        assert_eq!(old.ip_family, IpFamily::Ipv4);
     }
 }

@@ -72,12 +72,13 @@ pub fn up(plan: &LabPlan, bins: &Binaries) -> Result<()> {
     }
     let spec = &plan.spec;
     println!(
-        "lab: creating {:?} ({} node{}, dataplane {}, overlay {})",
+        "lab: creating {:?} ({} node{}, dataplane {}, overlay {}, IP family {})",
         spec.name,
         spec.nodes,
         if spec.nodes == 1 { "" } else { "s" },
         spec.dataplane,
-        spec.overlay
+        spec.overlay,
+        spec.ip_family
     );
     let mut record = LabState {
         spec: spec.clone(),
@@ -178,6 +179,13 @@ fn topology(plan: &LabPlan) -> Result<()> {
         format!("addr add {}/{} dev br0", plan::UNDERLAY_GATEWAY, plan::UNDERLAY_PREFIX),
         "link set br0 up".to_string(),
     ];
+    if plan.spec.ip_family == plan::IpFamily::Dual {
+        batch.push(format!(
+            "addr add {}/{} dev br0 nodad",
+            plan::UNDERLAY_GATEWAY6,
+            plan::UNDERLAY_PREFIX6
+        ));
+    }
     for node in &plan.nodes {
         let port = &node.underlay_port;
         batch.push(format!(
@@ -197,6 +205,14 @@ fn topology(plan: &LabPlan) -> Result<()> {
             ],
         )?;
         host::sysctl_in(&node.netns, "net/ipv4/ip_forward", "1")?;
+        if let Some(address6) = node.address6 {
+            // nodad: the addresses are usable at once (no duplicate detection on a lab bridge).
+            host::ip_batch(
+                &node.netns,
+                &[format!("addr add {address6}/{} dev eth0 nodad", plan::UNDERLAY_PREFIX6)],
+            )?;
+            host::sysctl_in(&node.netns, "net/ipv6/conf/all/forwarding", "1")?;
+        }
     }
     Ok(())
 }
@@ -226,9 +242,9 @@ fn start_apiserver(
         "--node-netns".into(),
         host::netns_path(&plan.underlay_netns).display().to_string(),
         "--service-cidr".into(),
-        plan::SERVICE_CIDR.into(),
+        plan.service_cidrs(),
         "--cluster-cidr".into(),
-        plan::CLUSTER_CIDR.into(),
+        plan.cluster_cidrs(),
         "--node-tokens".into(),
         nodes.join(","),
     ];
@@ -263,7 +279,7 @@ fn start_apiserver(
 
 /// The node's kubeconfig (the API server's node token, reached over the underlay) and its CNI
 /// config list.
-fn write_node_files(plan: &LabPlan, node: &NodePlan, pod_cidr: &str) -> Result<()> {
+fn write_node_files(plan: &LabPlan, node: &NodePlan, pod_cidrs: &[String]) -> Result<()> {
     let issued = plan.apiserver_dir().join("nodes").join(format!("{}.kubeconfig", node.name));
     let text =
         fs::read_to_string(&issued).with_context(|| format!("reading {}", issued.display()))?;
@@ -274,7 +290,7 @@ fn write_node_files(plan: &LabPlan, node: &NodePlan, pod_cidr: &str) -> Result<(
         cluster["cluster"]["server"] = server.clone().into();
     }
     fs::write(node.kubeconfig(), serde_json::to_vec_pretty(&config)?)?;
-    let conflist = plan::cni_conflist(plan, node, pod_cidr);
+    let conflist = plan::cni_conflist(plan, node, pod_cidrs);
     fs::write(node.cni_conf_dir().join("10-weir.conflist"), serde_json::to_vec_pretty(&conflist)?)?;
     Ok(())
 }
@@ -313,7 +329,7 @@ fn start_node(
         "--overlay".into(),
         plan.spec.overlay.to_string(),
         "--cluster-cidr".into(),
-        plan::CLUSTER_CIDR.into(),
+        plan.cluster_cidrs(),
         "--masquerade".into(),
         "true".into(),
         "--flows-socket".into(),
@@ -326,7 +342,7 @@ fn start_node(
         "--node-name".into(),
         node.name.clone(),
         "--node-ip".into(),
-        address,
+        node.address6.map_or(address.clone(), |v6| format!("{address},{v6}")),
         "--listen".into(),
         node.runtime_listen().to_string(),
         "--state-dir".into(),

@@ -40,7 +40,9 @@ pub mod web;
 pub struct Config {
     pub kubeconfig: PathBuf,
     pub node_name: String,
-    pub node_ip: IpAddr,
+    /// The node's addresses (InternalIPs, pods' hostIPs): one, or one per family with the
+    /// primary first, as kubelet's `--node-ip`.
+    pub node_ips: Vec<IpAddr>,
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
     pub cni_bin_dir: PathBuf,
@@ -65,11 +67,29 @@ pub enum ConfigError {
     Kubeconfig(PathBuf),
     #[error("--node-name must be a DNS subdomain: got {0:?}")]
     NodeName(String),
+    #[error(
+        "--node-ip {0}: give one address, or two of different families (IPv4,IPv6) for a \
+         dual-stack node"
+    )]
+    NodeIps(String),
 }
 
 impl Config {
+    /// The primary node address (Node status.addresses' first InternalIP, pods' hostIP).
+    pub fn node_ip(&self) -> IpAddr {
+        self.node_ips[0]
+    }
+
     /// Checks what can be checked before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let ips = &self.node_ips;
+        if ips.is_empty()
+            || ips.len() > 2
+            || (ips.len() == 2 && ips[0].is_ipv4() == ips[1].is_ipv4())
+        {
+            let text: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+            return Err(ConfigError::NodeIps(text.join(",")));
+        }
         let p = &self.netns_prefix;
         if p.is_empty()
             || p.len() > 40

@@ -18,11 +18,14 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 fn status(config: &Config, port: u16, since: &str) -> Value {
     let now = Timestamp::now().to_string();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut addresses: Vec<Value> = config
+        .node_ips
+        .iter()
+        .map(|ip| json!({"type": "InternalIP", "address": ip.to_string()}))
+        .collect();
+    addresses.push(json!({"type": "Hostname", "address": config.node_name}));
     json!({"status": {
-        "addresses": [
-            {"type": "InternalIP", "address": config.node_ip.to_string()},
-            {"type": "Hostname", "address": config.node_name},
-        ],
+        "addresses": addresses,
         "conditions": [{
             "type": "Ready", "status": "True", "reason": "KubeletReady",
             "message": "weir node runtime is posting ready status",

@@ -537,7 +537,7 @@ impl Worker {
             ("PATH".to_string(), PATH_ENV.to_string()),
             ("HOSTNAME".to_string(), self.hostname()),
         ];
-        let host_ip = self.shared.config.node_ip.to_string();
+        let host_ip = self.shared.config.node_ip().to_string();
         for var in ctr.spec.env.iter().flatten() {
             let value = if let Some(v) = &var.value {
                 Some(v.clone())
@@ -1017,11 +1017,12 @@ impl Worker {
             self.condition("Ready", all_ready),
             self.condition("PodScheduled", true),
         ];
-        let host_ip = self.shared.config.node_ip.to_string();
+        let host_ips: Vec<Value> =
+            self.shared.config.node_ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
         let mut status = json!({
             "phase": phase,
-            "hostIP": host_ip,
-            "hostIPs": [{"ip": host_ip}],
+            "hostIP": self.shared.config.node_ip().to_string(),
+            "hostIPs": host_ips,
             "startTime": self.start_time,
             "conditions": conditions,
             "containerStatuses": statuses,

@@ -22,15 +22,25 @@ pub fn page(pod: &str, namespace: &str, local: SocketAddr, client: SocketAddr) -
 pub async fn serve(ports: &[u16], pod: String, namespace: String) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for port in ports {
-        let listener = tokio::net::TcpListener::bind(("0.0.0.0", *port))
-            .await
-            .map_err(|e| anyhow::anyhow!("binding port {port}: {e}"))?;
-        println!("weir builtin web: listening on 0.0.0.0:{port}");
+        // `[::]` takes both families (IPv4 clients appear as IPv4-mapped addresses, shown in
+        // their IPv4 form); `0.0.0.0` where the pod has no IPv6.
+        let listener = match tokio::net::TcpListener::bind(("::", *port)).await {
+            Ok(listener) => listener,
+            Err(_) => tokio::net::TcpListener::bind(("0.0.0.0", *port))
+                .await
+                .map_err(|e| anyhow::anyhow!("binding port {port}: {e}"))?,
+        };
+        let bound = listener.local_addr()?;
+        println!("weir builtin web: listening on {bound}");
         let (pod, namespace) = (pod.clone(), namespace.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let Ok((stream, client)) = listener.accept().await else { continue };
-                let local = stream.local_addr().unwrap_or(client);
+                let canonical = |a: std::net::SocketAddr| {
+                    std::net::SocketAddr::new(a.ip().to_canonical(), a.port())
+                };
+                let client = canonical(client);
+                let local = stream.local_addr().map(canonical).unwrap_or(client);
                 let (pod, namespace) = (pod.clone(), namespace.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {

@@ -23,10 +23,16 @@ pub struct Lab {
 impl Lab {
     /// `weir lab up --nodes N --dataplane D --overlay O`; panics with up's output on failure.
     pub fn up(nodes: u8, dataplane: &str, overlay: &str) -> Lab {
+        Self::up_with(nodes, dataplane, overlay, &[])
+    }
+
+    /// [`Lab::up`] with more flags of `weir lab up` (e.g. `--ip-family dual`).
+    pub fn up_with(nodes: u8, dataplane: &str, overlay: &str, flags: &[&str]) -> Lab {
         let name = names::unique("lab");
         let state = TempDir::new("labstate");
         let out = lab_command(&name, state.path(), "up")
             .args(["--nodes", &nodes.to_string(), "--dataplane", dataplane, "--overlay", overlay])
+            .args(flags)
             .output()
             .expect("running weir lab up");
         let kubeconfig = state.path().join("kubeconfig");

@@ -1,7 +1,9 @@
 //! Pod networking in a `weir lab`, as a learner sees it: pods on one node and across nodes by
 //! IP, a ClusterIP service with backends on both nodes, a NodePort on every node's address
 //! from the underlay, and services by DNS name (short, namespaced, FQDN) — for both overlays
-//! and both dataplanes.
+//! and both dataplanes. A dual-stack lab (`--ip-family dual`) does the same over IPv6: pods
+//! with an address of each family, across nodes, and a PreferDualStack Service's IPv6
+//! ClusterIP and AAAA record.
 use std::{collections::BTreeSet, process::Output, time::Duration};
 
 use weir_tests::{lab::Lab, privileged::require_root, wait::eventually};
@@ -28,6 +30,78 @@ fn vxlan_overlay_with_the_nftables_dataplane() {
 fn native_routing_with_the_ebpf_dataplane() {
     require_root();
     check_networking(&Lab::up(2, "ebpf", "native"));
+}
+
+#[test]
+fn dual_stack_vxlan_with_the_ebpf_dataplane() {
+    require_root();
+    check_dual_stack(&Lab::up_with(2, "ebpf", "vxlan", &["--ip-family", "dual"]));
+}
+
+#[test]
+fn dual_stack_native_with_the_nftables_dataplane() {
+    require_root();
+    check_dual_stack(&Lab::up_with(2, "nftables", "native", &["--ip-family", "dual"]));
+}
+
+fn check_dual_stack(lab: &Lab) {
+    let (node1, node2) = (lab.node_name(1), lab.node_name(2));
+    lab.apply(&server("web-1", &node1));
+    lab.apply(&server("web-2", &node2));
+    lab.apply(&format!(
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"client"}},
+        "spec":{{"nodeName":"{node1}","containers":[{{"name":"client","image":"busybox","command":["sleep","3600"]}}]}}}}"#
+    ));
+    lab.apply(
+        r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web"},
+        "spec":{"ipFamilyPolicy":"PreferDualStack","selector":{"app":"web"},"ports":[{"port":80,"targetPort":80}]}}"#,
+    );
+    for pod in ["pod/web-1", "pod/web-2", "pod/client"] {
+        lab.wait_ready(pod);
+    }
+    let ips = |pod: &str| -> Vec<String> {
+        let text = lab.kubectl.ok(&["get", "pod", pod, "-o", "jsonpath={.status.podIPs[*].ip}"]);
+        text.split_whitespace().map(str::to_string).collect()
+    };
+    let client_ips = ips("client");
+    assert_eq!(
+        client_ips.len(),
+        2,
+        "a dual-stack pod has an address of each family: {client_ips:?}"
+    );
+    assert!(
+        client_ips[0].contains('.') && client_ips[1].contains(':'),
+        "IPv4 first: {client_ips:?}"
+    );
+    let wget = |url: &str| lab.exec("client", &["wget", "-qO-", "-T", "2", url]);
+
+    // Same node and across nodes over IPv6: the page names the pod and the client's IPv6.
+    for pod in ["web-1", "web-2"] {
+        let v6 = ips(pod).into_iter().find(|ip| ip.contains(':')).expect("an IPv6 pod IP");
+        let page = stdout(&wget(&format!("http://[{v6}]/")));
+        assert!(page.contains(pod), "client -> [{v6}] ({pod}): {page:?}");
+        assert!(page.contains(&client_ips[1]), "the server saw the client's IPv6: {page:?}");
+    }
+
+    // The Service got one ClusterIP per family; its IPv6 one balances over both nodes.
+    let cluster_ips =
+        lab.kubectl.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIPs[*]}"]);
+    let cluster_ips: Vec<&str> = cluster_ips.split_whitespace().collect();
+    assert_eq!(cluster_ips.len(), 2, "PreferDualStack on a dual-stack cluster: {cluster_ips:?}");
+    let v6_vip = cluster_ips[1];
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let page = stdout(&wget(&format!("http://[{v6_vip}]/")));
+        seen.extend(["web-1", "web-2"].into_iter().filter(|p| page.contains(p)));
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "IPv6 ClusterIP {v6_vip} reached only {seen:?}");
+
+    // Cluster DNS answers AAAA with the IPv6 ClusterIP.
+    let lookup = lab.exec("client", &["nslookup", "-type=AAAA", "web.default.svc.cluster.local"]);
+    assert!(stdout(&lookup).contains(v6_vip), "AAAA of web: {lookup:?}");
 }
 
 fn server(name: &str, node: &str) -> String {
