@@ -2,8 +2,8 @@
 //! IP, a ClusterIP service with backends on both nodes, a NodePort on every node's address
 //! from the underlay, and services by DNS name (short, namespaced, FQDN) — for both overlays
 //! and both dataplanes. A dual-stack lab (`--ip-family dual`) does the same over IPv6: pods
-//! with an address of each family, across nodes, and a PreferDualStack Service's IPv6
-//! ClusterIP and AAAA record.
+//! with an address of each family, across nodes, a PreferDualStack Service's IPv6 ClusterIP
+//! and AAAA record, and a NetworkPolicy enforced on both families.
 use std::{collections::BTreeSet, process::Output, time::Duration};
 
 use weir_tests::{lab::Lab, privileged::require_root, wait::eventually};
@@ -102,6 +102,28 @@ fn check_dual_stack(lab: &Lab) {
     // Cluster DNS answers AAAA with the IPv6 ClusterIP.
     let lookup = lab.exec("client", &["nslookup", "-type=AAAA", "web.default.svc.cluster.local"]);
     assert!(stdout(&lookup).contains(v6_vip), "AAAA of web: {lookup:?}");
+
+    // NetworkPolicy holds for IPv6 as for IPv4: only pods labelled access=true reach web.
+    lab.apply(
+        r#"{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"web-allow-access"},
+        "spec":{"podSelector":{"matchLabels":{"app":"web"}},
+        "ingress":[{"from":[{"podSelector":{"matchLabels":{"access":"true"}}}]}]}}"#,
+    );
+    let web2 = ips("web-2");
+    let reaches = |ip: &str| {
+        let url =
+            if ip.contains(':') { format!("http://[{ip}]/") } else { format!("http://{ip}/") };
+        stdout(&wget(&url)).contains("web-2")
+    };
+    eventually("the policy blocks the unlabelled client", Duration::from_secs(10), || {
+        let open: Vec<&String> = web2.iter().filter(|ip| reaches(ip)).collect();
+        (!open.is_empty()).then(|| format!("still reachable: {open:?}"))
+    });
+    lab.kubectl.ok(&["label", "pod", "client", "access=true"]);
+    eventually("the labelled client is let in", Duration::from_secs(10), || {
+        let closed: Vec<&String> = web2.iter().filter(|ip| !reaches(ip)).collect();
+        (!closed.is_empty()).then(|| format!("still blocked: {closed:?}"))
+    });
 }
 
 fn server(name: &str, node: &str) -> String {
