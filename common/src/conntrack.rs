@@ -1,4 +1,5 @@
-//! Connection tracking for translated flows (IPv4).
+//! Connection tracking for translated flows: `weir_ct4_v1` (IPv4) and `weir_ct6_v1` (IPv6, the
+//! same shape with 16-byte addresses and the same [`CtValue4`] values).
 //!
 //! `weir_ct4_v1` is an LRU hash of [`CtKey4`] -> [`CtValue4`]. A translated flow has two entries:
 //! - forward (`CT_FORWARD`): the tuple as the client sent it (client -> VIP); it pins the chosen
@@ -11,6 +12,7 @@
 use crate::impl_pod;
 
 pub const CT4_MAP: &str = "weir_ct4_v1";
+pub const CT6_MAP: &str = "weir_ct6_v1";
 
 /// Default capacity (Cilium's default for its TCP table).
 pub const DEFAULT_CT4_ENTRIES: u32 = 524_288;
@@ -49,4 +51,18 @@ pub struct CtValue4 {
 }
 const _: () = assert!(core::mem::size_of::<CtValue4>() == 16);
 
-impl_pod!(CtKey4, CtValue4);
+/// Key of `weir_ct6_v1`: [`CtKey4`] with IPv6 addresses (network byte order, as on the wire).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
+
+impl_pod!(CtKey4, CtValue4, CtKey6);

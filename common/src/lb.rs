@@ -114,6 +114,9 @@ pub mod affinity_scope {
     pub const TC: u32 = 1;
     /// IPv6 services at the socket layer (client: netns cookie).
     pub const SOCKET6: u32 = 2;
+    /// IPv6 services on the tc path (client: its IPv6 address folded to 64 bits; two clients
+    /// whose folds collide share one remembered backend, which stays a backend of the service).
+    pub const TC6: u32 = 3;
 }
 pub const DEFAULT_AFFINITY4_ENTRIES: u32 = 65_536;
 

@@ -1,4 +1,5 @@
-//! Service translation (DNAT to a backend) and reverse translation of replies.
+//! Service translation (DNAT to a backend) and reverse translation of replies, for IPv4
+//! (`weir_ct4_v1`) and IPv6 (`weir_ct6_v1`) packets.
 //!
 //! Forward: a packet whose (daddr, dport, proto) is a service frontend goes to a backend. A
 //! tracked flow keeps its backend while that backend exists; a new flow picks a slot at random
@@ -11,7 +12,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use weir_common::{
-    conntrack::{CT_FORWARD, CT_REPLY, CtKey4, CtValue4},
+    conntrack::{CT_FORWARD, CT_REPLY, CtKey4, CtKey6, CtValue4},
     lb::{
         AffinityKey4, AffinityValue4, Backend, Backend6, ServiceKey, ServiceKey6, ServiceValue,
         affinity_scope, service_flags,
@@ -20,14 +21,17 @@ use weir_common::{
 };
 
 use crate::{
-    maps::{AFFINITY4, BACKENDS, BACKENDS6, CT4, REV_NAT, SERVICES, SERVICES6},
+    maps::{AFFINITY4, BACKENDS, BACKENDS6, CT4, CT6, REV_NAT, REV_NAT6, SERVICES, SERVICES6},
     metrics::count,
-    nat::{End, rewrite4},
-    packet::{Flow4, parse_flow4},
+    nat::{End, rewrite4, rewrite6},
+    packet::{Flow4, Flow6, parse_flow4, parse_flow6},
 };
 
 pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(flow) = parse_flow4(ctx) else {
+        if let Some(flow) = parse_flow6(ctx) {
+            return forward6(ctx, &flow);
+        }
         count(Counter::PassedUnparsed);
         return Ok(TC_ACT_OK);
     };
@@ -90,6 +94,9 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
 
 pub fn try_reverse(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(flow) = parse_flow4(ctx) else {
+        if let Some(flow) = parse_flow6(ctx) {
+            return reverse6(ctx, &flow);
+        }
         count(Counter::PassedUnparsed);
         return Ok(TC_ACT_OK);
     };
@@ -105,6 +112,85 @@ pub fn try_reverse(ctx: &TcContext) -> Result<i32, Counter> {
     rewrite4(ctx, &flow, End::Source, frontend.address, frontend.port)?;
     count(Counter::ReverseTranslated);
     Ok(TC_ACT_OK)
+}
+
+/// [`try_forward`] for an IPv6 packet.
+#[inline(always)]
+fn forward6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
+    let frontend = ServiceKey6 {
+        address: flow.daddr,
+        port: flow.dport,
+        backend_slot: 0,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: the map value is only read, and copied out before any other map call.
+    let Some(service) = (unsafe { SERVICES6.get(&frontend) }).copied() else {
+        return Ok(TC_ACT_OK);
+    };
+    let forward_key = ct_key6(flow, CT_FORWARD);
+    // SAFETY: read-only lookups, values copied out.
+    let tracked = unsafe { CT6.get(&forward_key) }
+        .copied()
+        .and_then(|entry| unsafe { BACKENDS6.get(&entry.backend_id) }.copied());
+    let backend = match tracked {
+        Some(backend) => backend,
+        None => {
+            let [a, b, c, d] = flow.saddr;
+            let client = (u64::from(a ^ c) << 32) | u64::from(b ^ d);
+            let (backend_id, backend) =
+                select_with_affinity::<V6>(&frontend, &service, client, affinity_scope::TC6)?;
+            let entry = CtValue4 {
+                backend_id,
+                rev_nat_index: service.rev_nat_index,
+                flags: 0,
+                _pad: [0; 7],
+            };
+            let reply_key = CtKey6 {
+                saddr: backend.address,
+                daddr: flow.saddr,
+                sport: backend.port,
+                dport: flow.sport,
+                proto: flow.proto,
+                direction: CT_REPLY,
+                _pad: [0; 2],
+            };
+            let _ = CT6.insert(&reply_key, &entry, 0);
+            let _ = CT6.insert(&forward_key, &entry, 0);
+            backend
+        }
+    };
+    rewrite6(ctx, flow, End::Destination, backend.address, backend.port)?;
+    count(Counter::Translated);
+    Ok(TC_ACT_OK)
+}
+
+/// [`try_reverse`] for an IPv6 packet.
+#[inline(always)]
+fn reverse6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
+    // SAFETY: read-only lookups, values copied out.
+    let Some(entry) = (unsafe { CT6.get(&ct_key6(flow, CT_REPLY)) }).copied() else {
+        return Ok(TC_ACT_OK);
+    };
+    let Some(frontend) = (unsafe { REV_NAT6.get(&entry.rev_nat_index) }).copied() else {
+        return Ok(TC_ACT_OK);
+    };
+    rewrite6(ctx, flow, End::Source, frontend.address, frontend.port)?;
+    count(Counter::ReverseTranslated);
+    Ok(TC_ACT_OK)
+}
+
+#[inline(always)]
+fn ct_key6(flow: &Flow6, direction: u8) -> CtKey6 {
+    CtKey6 {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        sport: flow.sport,
+        dport: flow.dport,
+        proto: flow.proto,
+        direction,
+        _pad: [0; 2],
+    }
 }
 
 #[inline(always)]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use weir_common::{
-    conntrack::{CtKey4, CtValue4, DEFAULT_CT4_ENTRIES},
+    conntrack::{CtKey4, CtKey6, CtValue4, DEFAULT_CT4_ENTRIES},
     lb::{
         AffinityKey4, AffinityValue4, Backend, Backend6, DEFAULT_AFFINITY4_ENTRIES,
         DEFAULT_BACKEND_ENTRIES, DEFAULT_REV_NAT_ENTRIES, DEFAULT_SERVICE_ENTRIES, RevNat, RevNat6,
@@ -43,6 +43,9 @@ pub static REV_NAT6: HashMap<u32, RevNat6> = HashMap::pinned(DEFAULT_REV_NAT_ENT
 
 #[map(name = "weir_ct4_v1")]
 pub static CT4: LruHashMap<CtKey4, CtValue4> = LruHashMap::pinned(DEFAULT_CT4_ENTRIES, 0);
+
+#[map(name = "weir_ct6_v1")]
+pub static CT6: LruHashMap<CtKey6, CtValue4> = LruHashMap::pinned(DEFAULT_CT4_ENTRIES, 0);
 
 #[map(name = "weir_metrics_v1")]
 pub static METRICS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);

@@ -1,5 +1,5 @@
-//! Parsing of Ethernet + IPv4 + TCP/UDP headers into the flow tuple the load balancer needs,
-//! and of IPv4 or IPv6 packets for the policy check.
+//! Parsing of Ethernet + IPv4 or IPv6 + TCP/UDP headers into the flow tuple the load balancer
+//! needs, and of IPv4 or IPv6 packets for the policy check.
 //!
 //! Headers are read with direct packet access (bounds-checked against `data_end`, as the
 //! verifier requires), which costs no helper call per field. When the headers are not in the
@@ -39,6 +39,56 @@ impl Flow4 {
     pub fn l4_csum_off(&self) -> usize {
         if self.proto == proto::TCP { self.l4_off + 16 } else { self.l4_off + 6 }
     }
+}
+
+/// An IPv6 flow as seen in one packet ([`Flow4`] with 16-byte addresses as on the wire).
+pub struct Flow6 {
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub l4_off: usize,
+}
+
+impl Flow6 {
+    /// Offset of the L4 checksum field.
+    pub fn l4_csum_off(&self) -> usize {
+        if self.proto == proto::TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+    }
+}
+
+pub const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+pub const IP6_DST_OFF: usize = ETH_HLEN + 24;
+
+/// Parses an IPv6 TCP or UDP packet whose L4 header follows the fixed header. `None` for
+/// anything else, including packets with extension headers (they pass untranslated; fragments
+/// carry a fragment header, so they are among them).
+#[inline(always)]
+pub fn parse_flow6(ctx: &TcContext) -> Option<Flow6> {
+    if read::<u16>(ctx, 12)? != ETH_P_IPV6_BE {
+        return None;
+    }
+    let version: u8 = read(ctx, ETH_HLEN)?;
+    if version >> 4 != 6 {
+        return None;
+    }
+    let proto: u8 = read(ctx, ETH_HLEN + 6)?;
+    if proto != proto::TCP && proto != proto::UDP {
+        return None;
+    }
+    let l4_off = ETH_HLEN + IPV6_HLEN;
+    let ports: [u16; 2] = read(ctx, l4_off)?;
+    let flow = Flow6 {
+        saddr: read(ctx, IP6_SRC_OFF)?,
+        daddr: read(ctx, IP6_DST_OFF)?,
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        l4_off,
+    };
+    read::<u16>(ctx, flow.l4_csum_off())?;
+    Some(flow)
 }
 
 /// A pointer to a `T` at `offset`, if the linear packet data holds all of it.

@@ -8,7 +8,7 @@ use aya::{
 };
 use thiserror::Error;
 use weir_common::{
-    conntrack::{CT4_MAP, CtKey4, CtValue4},
+    conntrack::{CT4_MAP, CT6_MAP, CtKey4, CtKey6, CtValue4},
     lb::{Backend, RevNat, ServiceKey, ServiceValue},
     metrics::{Counter, METRICS_MAP},
 };
@@ -67,11 +67,12 @@ pub struct FamilyMaps<F: Family> {
     rev_nat: HashMap<MapData, u32, F::RevNat>,
 }
 
-/// The service maps of both families and the tc path's conntrack map (IPv4).
+/// The service maps of both families and the tc path's conntrack maps.
 pub struct ServiceMaps {
     pub v4: FamilyMaps<V4>,
     pub v6: FamilyMaps<V6>,
     conntrack: HashMap<MapData, CtKey4, CtValue4>,
+    conntrack6: HashMap<MapData, CtKey6, CtValue4>,
 }
 
 impl ServiceMaps {
@@ -81,6 +82,7 @@ impl ServiceMaps {
             v4: FamilyMaps::open_pinned(pin_dir)?,
             v6: FamilyMaps::open_pinned(pin_dir)?,
             conntrack: open_pinned_hash(pin_dir, CT4_MAP)?,
+            conntrack6: open_pinned_hash(pin_dir, CT6_MAP)?,
         })
     }
 
@@ -90,6 +92,7 @@ impl ServiceMaps {
             v4: FamilyMaps::take(ebpf)?,
             v6: FamilyMaps::take(ebpf)?,
             conntrack: take_hash(ebpf, CT4_MAP)?,
+            conntrack6: take_hash(ebpf, CT6_MAP)?,
         })
     }
 
@@ -121,32 +124,15 @@ impl ServiceMaps {
     /// Deletes the conntrack entries (both directions) of UDP flows that a service
     /// (`rev_nat_index`) sent to a backend it no longer has, so those flows pick a live backend
     /// with their next datagram, as kube-proxy's conntrack flush does. Other flows are left
-    /// alone. Returns how many entries were deleted.
-    pub fn flush_udp_flows(&mut self, flows: &[(u32, u32)]) -> Result<usize, MapsError> {
-        if flows.is_empty() {
-            return Ok(0);
-        }
-        let stale: std::collections::HashSet<(u32, u32)> = flows.iter().copied().collect();
-        let doomed: Vec<CtKey4> = self
-            .conntrack
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, value)| {
-                key.proto == weir_common::proto::UDP
-                    && stale.contains(&(value.rev_nat_index, value.backend_id))
-            })
-            .map(|(key, _)| key)
-            .collect();
-        let mut deleted = 0;
-        for key in &doomed {
-            match self.conntrack.remove(key) {
-                Ok(()) => deleted += 1,
-                // Evicted by the LRU meanwhile: already gone.
-                Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(MapsError::Delete { name: CT4_MAP, source }),
-            }
-        }
-        Ok(deleted)
+    /// alone. `v4` and `v6` are each family's (rev-NAT index, backend ID) pairs. Returns how
+    /// many entries were deleted.
+    pub fn flush_udp_flows(
+        &mut self,
+        v4: &[(u32, u32)],
+        v6: &[(u32, u32)],
+    ) -> Result<usize, MapsError> {
+        Ok(flush_udp(&mut self.conntrack, CT4_MAP, v4, |k| k.proto)?
+            + flush_udp(&mut self.conntrack6, CT6_MAP, v6, |k| k.proto)?)
     }
 
     /// Number of entries in the six service maps (for tests and benchmarks).
@@ -249,6 +235,38 @@ impl<F: Family> FamilyMaps<F> {
     pub fn entry_count(&self) -> usize {
         self.services.keys().count() + self.backends.keys().count() + self.rev_nat.keys().count()
     }
+}
+
+/// [`ServiceMaps::flush_udp_flows`] on one conntrack map.
+fn flush_udp<K: aya::Pod>(
+    conntrack: &mut HashMap<MapData, K, CtValue4>,
+    name: &'static str,
+    flows: &[(u32, u32)],
+    proto_of: impl Fn(&K) -> u8,
+) -> Result<usize, MapsError> {
+    if flows.is_empty() {
+        return Ok(0);
+    }
+    let stale: std::collections::HashSet<(u32, u32)> = flows.iter().copied().collect();
+    let doomed: Vec<K> = conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, value)| {
+            proto_of(key) == weir_common::proto::UDP
+                && stale.contains(&(value.rev_nat_index, value.backend_id))
+        })
+        .map(|(key, _)| key)
+        .collect();
+    let mut deleted = 0;
+    for key in &doomed {
+        match conntrack.remove(key) {
+            Ok(()) => deleted += 1,
+            // Evicted by the LRU meanwhile: already gone.
+            Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(MapsError::Delete { name, source }),
+        }
+    }
+    Ok(deleted)
 }
 
 fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(

@@ -179,6 +179,7 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
         .map_max_entries(weir_common::lb::BACKEND_MAP, sizes.backends)
         .map_max_entries(weir_common::lb::REV_NAT_MAP, sizes.rev_nat)
         .map_max_entries(weir_common::conntrack::CT4_MAP, sizes.conntrack)
+        .map_max_entries(weir_common::conntrack::CT6_MAP, sizes.conntrack)
         .map_max_entries(weir_common::sock::SOCK_REV4_MAP, sizes.socket_rev_nat)
         .map_max_entries(weir_common::lb::SERVICE6_MAP, sizes.services)
         .map_max_entries(weir_common::lb::BACKEND6_MAP, sizes.backends)

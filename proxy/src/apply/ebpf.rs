@@ -23,11 +23,10 @@ impl MapWriter {
     }
 
     /// Executes a whole plan: its ops, then the flush of conntrack entries of UDP flows whose
-    /// backend went away (the tc path tracks IPv4 flows only). Returns the number of conntrack
-    /// entries flushed.
+    /// backend went away. Returns the number of conntrack entries flushed.
     pub fn apply(&mut self, plan: &ServicePlan) -> Result<usize, MapsError> {
         self.execute(plan)?;
-        self.maps.flush_udp_flows(&plan.v4.stale_udp_flows)
+        self.maps.flush_udp_flows(&plan.v4.stale_udp_flows, &plan.v6.stale_udp_flows)
     }
 
     pub fn maps(&self) -> &ServiceMaps {
