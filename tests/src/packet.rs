@@ -141,6 +141,37 @@ pub fn l4_checksum_ok(p: &[u8]) -> bool {
     stored == l4_checksum(p)
 }
 
+/// The TCP/UDP checksum of an IPv6 packet without extension headers (the checksum field
+/// zeroed), over the IPv6 pseudo-header and the segment.
+fn l4_checksum6(p: &[u8]) -> u16 {
+    let ip = &p[ETH_HLEN..ETH_HLEN + 40];
+    let proto = ip[6];
+    let mut segment = p[ETH_HLEN + 40..].to_vec();
+    let off = if proto == proto::TCP { 16 } else { 6 };
+    segment[off] = 0;
+    segment[off + 1] = 0;
+    let mut pseudo = Vec::with_capacity(40);
+    pseudo.extend_from_slice(&ip[8..40]);
+    pseudo.extend_from_slice(&(segment.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
+    let partial = u32::from(!checksum(&pseudo, 0));
+    let csum = checksum(&segment, partial);
+    if proto == proto::UDP && csum == 0 { 0xffff } else { csum }
+}
+
+/// Writes a correct TCP/UDP checksum into an IPv6 packet without extension headers.
+pub fn fill_l4_checksum6(p: &mut [u8]) {
+    let off = ETH_HLEN + 40 + if p[ETH_HLEN + 6] == proto::TCP { 16 } else { 6 };
+    let csum = l4_checksum6(p);
+    p[off..off + 2].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// True when the TCP/UDP checksum of an IPv6 packet without extension headers is valid.
+pub fn l4_checksum6_ok(p: &[u8]) -> bool {
+    let off = ETH_HLEN + 40 + if p[ETH_HLEN + 6] == proto::TCP { 16 } else { 6 };
+    u16::from_be_bytes([p[off], p[off + 1]]) == l4_checksum6(p)
+}
+
 /// Sets the UDP checksum to 0 ("no checksum").
 pub fn clear_udp_checksum(p: &mut [u8]) {
     let off = l4_csum_offset(proto::UDP);

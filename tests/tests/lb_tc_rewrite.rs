@@ -1,7 +1,7 @@
 //! BPF unit tests of the tc load balancer (ebpf/src/lb.rs, nat.rs, packet.rs): packets built in
 //! Rust, run through the loaded programs with BPF_PROG_TEST_RUN, and the verdict, rewritten
 //! headers, checksums and map side effects checked. Privileged: they load eBPF.
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::{
     Ebpf,
@@ -14,12 +14,17 @@ use weir_common::{
     proto,
 };
 use weir_proxy::{
+    apply::{ebpf::MapWriter, plan::ServicePlanner},
     maps::{ServiceEntry, ServiceMaps, read_counters},
+    model::{Frontend, FrontendState, Protocol, ServiceState},
     programs::{self, LoadOptions, TC_LB4_FORWARD, TC_LB4_REVERSE},
 };
 use weir_tests::{
     bpffs::TestPinDir,
-    packet::{Ipv4Packet, clear_udp_checksum, ipv4_checksum_ok, l4_checksum_ok},
+    packet::{
+        Ipv4Packet, Ipv6Packet, clear_udp_checksum, fill_l4_checksum6, ipv4_checksum_ok,
+        l4_checksum_ok, l4_checksum6_ok,
+    },
     privileged::require_root,
 };
 
@@ -220,4 +225,50 @@ fn lb_tc_service_without_backends_drops_and_counts() {
         run(&ebpf, TC_LB4_FORWARD, &Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80).build());
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(counter(&ebpf, Counter::DropNoBackend), 1);
+}
+
+#[test]
+fn lb_tc_ipv6_hit_and_reply_are_rewritten_with_valid_checksums() {
+    require_root();
+    let client: Ipv6Addr = "fd00::1".parse().unwrap();
+    let vip: Ipv6Addr = "fd00:96::a".parse().unwrap();
+    let backend: Ipv6Addr = "fd00:1:2:3::4".parse().unwrap();
+    let pins = TestPinDir::new("rewrite6").unwrap();
+    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+    let mut desired = ServiceState::default();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        desired.frontends.insert(
+            Frontend { address: vip.into(), port: 80, protocol },
+            FrontendState::cluster_ip("default/web", vec![(backend, 8080).into()]),
+        );
+    }
+    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+    writer.execute(&ServicePlanner::new().plan(&desired)).unwrap();
+
+    for proto in [proto::TCP, proto::UDP] {
+        let mut request = Ipv6Packet::new(client, 40_000, vip, 80, proto).build();
+        fill_l4_checksum6(&mut request);
+        let (verdict, out) = run(&loaded.ebpf, TC_LB4_FORWARD, &request);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(&out[38..54], &backend.octets(), "destination is the backend");
+        assert_eq!(&out[56..58], &8080u16.to_be_bytes(), "destination port");
+        assert_eq!(&out[22..38], &client.octets(), "source untouched");
+        assert!(l4_checksum6_ok(&out), "L4 checksum after DNAT (proto {proto})");
+
+        let mut reply = Ipv6Packet::new(backend, 8080, client, 40_000, proto).build();
+        fill_l4_checksum6(&mut reply);
+        let (verdict, out) = run(&loaded.ebpf, TC_LB4_REVERSE, &reply);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(&out[22..38], &vip.octets(), "the reply comes from the VIP");
+        assert_eq!(&out[54..56], &80u16.to_be_bytes(), "from the service port");
+        assert!(l4_checksum6_ok(&out), "L4 checksum after reverse NAT (proto {proto})");
+    }
+    assert_eq!(counter(&loaded.ebpf, Counter::Translated), 2);
+    assert_eq!(counter(&loaded.ebpf, Counter::ReverseTranslated), 2);
+
+    // An IPv6 packet to an address that is no frontend passes untouched.
+    let mut other = Ipv6Packet::new(client, 40_001, backend, 80, proto::TCP).build();
+    fill_l4_checksum6(&mut other);
+    let (verdict, out) = run(&loaded.ebpf, TC_LB4_FORWARD, &other);
+    assert_eq!((verdict, out), (TC_ACT_OK, other));
 }
