@@ -8,7 +8,7 @@ use weir_proxy::{
         config::{AgentConfig, Dataplane},
         policy::{DenyUnknown, PolicyConfig},
     },
-    routing::{self, RoutingConfig, model::Ipv4Cidr, model::Overlay},
+    routing::{self, RoutingConfig, model::IpCidr, model::Overlay},
 };
 
 #[derive(clap::Args)]
@@ -48,13 +48,14 @@ pub struct AgentArgs {
     /// native (a route via each node's address; nodes on one L2 segment), or none.
     #[arg(long, default_value = "none")]
     overlay: Overlay,
-    /// The pod network of the whole cluster (e.g. 10.244.0.0/16); needed for --masquerade.
-    #[arg(long)]
-    cluster_cidr: Option<Ipv4Cidr>,
-    /// SNAT pod traffic from --cluster-cidr to outside it to the node's address.
+    /// The pod network of the whole cluster (e.g. 10.244.0.0/16), or an IPv4,IPv6 pair for
+    /// dual stack (10.244.0.0/16,fd00:10:244::/56); needed for --masquerade.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<IpCidr>,
+    /// SNAT pod traffic from --cluster-cidr to outside it to the node's address (per family).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     masquerade: bool,
-    /// nftables table (family ip) the masquerade rule lives in.
+    /// nftables table (family ip, and ip6 for an IPv6 cluster CIDR) of the masquerade rules.
     #[arg(long, default_value = routing::DEFAULT_NAT_TABLE)]
     nft_table_nat: String,
     /// Interface node-to-node traffic leaves by (default: the one holding the node's address).
@@ -134,7 +135,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         forward_ebpf_logs: args.forward_ebpf_logs,
         routing: RoutingConfig {
             overlay: args.overlay,
-            cluster_cidr: args.cluster_cidr,
+            cluster_cidrs: args.cluster_cidr,
             masquerade: args.masquerade,
             nat_table: args.nft_table_nat,
             uplink: args.overlay_uplink,

@@ -512,6 +512,16 @@ impl Socket {
 
     /// The addresses of interface `index` as `(ip, prefix)`.
     pub fn addresses(&mut self, index: u32) -> io::Result<Vec<(IpAddr, u8)>> {
+        Ok(self
+            .all_addresses()?
+            .into_iter()
+            .filter(|(i, _, _)| *i == index)
+            .map(|(_, ip, prefix)| (ip, prefix))
+            .collect())
+    }
+
+    /// Every address of the namespace, IPv4 and IPv6, as `(ifindex, ip, prefix)`.
+    pub fn all_addresses(&mut self) -> io::Result<Vec<(u32, IpAddr, u8)>> {
         let answers = self.dump(|| {
             let mut msg = Msg::new(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP);
             msg.raw(&[0u8; 8]);
@@ -519,10 +529,11 @@ impl Socket {
         })?;
         let mut out = Vec::new();
         for (_, p) in answers.iter().filter(|(k, _)| *k == RTM_NEWADDR) {
-            if p.len() < 8 || u32::from_ne_bytes(p[4..8].try_into().unwrap()) != index {
+            if p.len() < 8 {
                 continue;
             }
             let (fam, prefix) = (p[0], p[1]);
+            let index = u32::from_ne_bytes(p[4..8].try_into().unwrap());
             let mut local = None;
             let mut address = None;
             for (kind, data) in attrs(&p[8..]) {
@@ -533,7 +544,7 @@ impl Socket {
                 }
             }
             if let Some(ip) = local.or(address) {
-                out.push((ip, prefix));
+                out.push((index, ip, prefix));
             }
         }
         Ok(out)

@@ -1,9 +1,10 @@
 //! `weir agent --overlay vxlan` on a two-node cluster of namespaces (weir_tests::overlay):
 //! pods reach each other across nodes through `weir.vxlan` (VNI 1, UDP 8472, learning off),
 //! the pod MTU accounts for the encapsulation, each agent publishes its VTEP on its Node, and
-//! the common scenario (masquerade, repair, restarts, node deletion) holds.
+//! the common scenario (masquerade, repair, restarts, node deletion) holds. On a dual-stack
+//! cluster IPv6 pod traffic rides the same device over the same IPv4 underlay.
 use weir_tests::{
-    overlay::{Cluster, scenario},
+    overlay::{Cluster, scenario, scenario_dual_stack},
     privileged::require_root,
 };
 
@@ -29,8 +30,9 @@ fn check_vxlan(cluster: &Cluster) {
         let pod_link = cluster.pod(i).ip(&["link", "show", "eth0"]).unwrap();
         assert!(pod_link.contains("mtu 1450"), "pod MTU from the node state file: {pod_link}");
 
-        // Flannel's scheme: <podCIDR network>/32 on the device; per remote node an on-link
-        // route via the remote network address, its neighbour entry and its FDB entry.
+        // Flannel's scheme: <podCIDR network>/32 (/128 for IPv6) on the device; per remote
+        // node and family an on-link route via the remote network address and its neighbour
+        // entry; one FDB entry per remote node, to its IPv4 address.
         let (code, remote) = cluster.api("GET", &format!("/api/v1/nodes/{}", other.name), None);
         assert_eq!(code, 200, "{remote}");
         let mac =
@@ -39,28 +41,34 @@ fn check_vxlan(cluster: &Cluster) {
             remote["metadata"]["annotations"]["weir.dev/vtep-ip"],
             other.address.to_string()
         );
-        let cidr = remote["spec"]["podCIDR"].as_str().unwrap();
-        let network = cidr.split('/').next().unwrap();
         let routes = cluster.weir_routes(i);
-        assert!(
-            routes.contains(&format!("{cidr} via {network} dev weir.vxlan"))
-                && routes.contains("onlink"),
-            "{routes}"
-        );
         let neigh = node.cni.ns.ip(&["neigh", "show", "dev", "weir.vxlan"]).unwrap();
-        assert!(neigh.contains(&format!("{network} lladdr {mac} PERMANENT")), "{neigh}");
+        for cidr in cluster.pod_cidrs(1 - i) {
+            let network = cidr.split('/').next().unwrap();
+            let route = routes.lines().find(|l| l.starts_with(&format!("{cidr} via {network} ")));
+            assert!(
+                route.is_some_and(|r| r.contains("dev weir.vxlan") && r.contains("onlink")),
+                "{cidr} in {routes}"
+            );
+            assert!(neigh.contains(&format!("{network} lladdr {mac} PERMANENT")), "{neigh}");
+        }
         let fdb = std::process::Command::new("bridge")
             .args(["-n", node.cni.ns.name(), "fdb", "show", "dev", "weir.vxlan"])
             .output()
             .unwrap();
         let fdb = String::from_utf8_lossy(&fdb.stdout);
         assert!(fdb.contains(&format!("{mac} dst {} self permanent", other.address)), "{fdb}");
-        let own = node.cni.ns.ip(&["-4", "addr", "show", "dev", "weir.vxlan"]).unwrap();
-        let (code, me) = cluster.api("GET", &format!("/api/v1/nodes/{}", node.name), None);
-        assert_eq!(code, 200);
-        let own_network =
-            me["spec"]["podCIDR"].as_str().unwrap().split('/').next().unwrap().to_string();
-        assert!(own.contains(&format!("inet {own_network}/32")), "{own}");
+        assert_eq!(fdb.lines().filter(|l| l.contains(mac)).count(), 1, "one VTEP: {fdb}");
+        let own = node.cni.ns.ip(&["addr", "show", "dev", "weir.vxlan"]).unwrap();
+        for cidr in cluster.pod_cidrs(i) {
+            let (network, _) = cidr.split_once('/').unwrap();
+            let want = if cidr.contains(':') {
+                format!("inet6 {network}/128")
+            } else {
+                format!("inet {network}/32")
+            };
+            assert!(own.contains(&want), "{want} in {own}");
+        }
     }
 }
 
@@ -68,4 +76,10 @@ fn check_vxlan(cluster: &Cluster) {
 fn overlay_vxlan_pods_reach_each_other_across_nodes() {
     require_root();
     scenario("vxlan", 61, check_vxlan);
+}
+
+#[test]
+fn overlay_vxlan_dual_stack_pods_reach_each_other_over_ipv6() {
+    require_root();
+    scenario_dual_stack("vxlan", 65, check_vxlan);
 }

@@ -90,6 +90,11 @@ pub enum ConfigError {
     SameListenAddress(SocketAddr),
     #[error("--masquerade true needs --cluster-cidr (the pod network, e.g. 10.244.0.0/16)")]
     MasqueradeWithoutClusterCidr,
+    #[error(
+        "--cluster-cidr {0} has two CIDRs of one family; give one, or one IPv4 and one IPv6 \
+         (e.g. 10.244.0.0/16,fd00:10:244::/56)"
+    )]
+    ClusterCidrFamilies(String),
     #[error("--nft-table-nat {0:?} is not a valid table name (1 to 255 bytes of [A-Za-z0-9_-])")]
     BadNatTable(String),
     #[error(
@@ -116,8 +121,13 @@ impl AgentConfig {
             return Err(ConfigError::BadUplink(bad.clone()));
         }
         let routing = &self.routing;
-        if routing.masquerade && routing.cluster_cidr.is_none() {
+        if routing.masquerade && routing.cluster_cidrs.is_empty() {
             return Err(ConfigError::MasqueradeWithoutClusterCidr);
+        }
+        let cidrs = &routing.cluster_cidrs;
+        if cidrs.len() > 2 || (cidrs.len() == 2 && cidrs[0].is_ipv6() == cidrs[1].is_ipv6()) {
+            let text: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+            return Err(ConfigError::ClusterCidrFamilies(text.join(",")));
         }
         let table = &routing.nat_table;
         if table.is_empty()
@@ -216,8 +226,13 @@ mod tests {
         let mut c = config();
         c.routing.masquerade = true;
         assert_eq!(c.validate(), Err(ConfigError::MasqueradeWithoutClusterCidr));
-        c.routing.cluster_cidr = Some("10.244.0.0/16".parse().unwrap());
+        c.routing.cluster_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
         assert_eq!(c.validate(), Ok(()));
+        c.routing.cluster_cidrs.push("fd00:10:244::/56".parse().unwrap());
+        assert_eq!(c.validate(), Ok(()));
+        c.routing.cluster_cidrs[0] = "fd00:10:245::/56".parse().unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::ClusterCidrFamilies(_))));
+        c.routing.cluster_cidrs.remove(0);
         c.routing.nat_table = "weir nat".into();
         assert!(matches!(c.validate(), Err(ConfigError::BadNatTable(_))));
         let mut c = config();

@@ -1,6 +1,7 @@
 //! Thin rtnetlink adapter for node routing: the VXLAN device, routes marked with weir's
 //! protocol number, permanent neighbours and VXLAN forwarding entries. Built on the generic
 //! netlink plumbing of `weir_cni_plugin::netlink`; works in the calling thread's namespace.
+//! Addresses, routes and neighbours are IPv4 or IPv6 alike (the family follows the address).
 use std::{
     io,
     net::{IpAddr, Ipv4Addr},
@@ -9,9 +10,9 @@ use std::{
 use weir_cni_plugin::netlink::{
     IFA_ADDRESS, IFA_LOCAL, IFF_UP, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_LINKINFO,
     IFLA_MTU, Link, Msg, NDA_DST, NDA_LLADDR, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST, NUD_PERMANENT, RT_TABLE_MAIN, RTA_DST, RTA_GATEWAY, RTA_OIF, RTM_GETADDR,
-    RTM_NEWADDR, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWROUTE, RTN_UNICAST, RTNH_F_ONLINK, Socket,
-    attrs, ifinfomsg,
+    NLM_F_REQUEST, NUD_PERMANENT, RT_TABLE_MAIN, RTA_DST, RTA_GATEWAY, RTA_OIF, RTM_NEWLINK,
+    RTM_NEWNEIGH, RTM_NEWROUTE, RTN_UNICAST, RTNH_F_ONLINK, Socket, attrs, family, ifinfomsg,
+    octets, parse_ip,
 };
 
 /// Routes weir makes carry this `rtm_protocol` (`ip route show proto 87`), so the reconciler
@@ -34,6 +35,7 @@ const IFLA_VXLAN_PORT: u16 = 15;
 const NTF_SELF: u8 = 0x02;
 
 const AF_INET: u8 = libc::AF_INET as u8;
+const AF_INET6: u8 = libc::AF_INET6 as u8;
 const AF_BRIDGE: u8 = libc::AF_BRIDGE as u8;
 
 /// The parameters weir sets on its VXLAN device.
@@ -46,20 +48,20 @@ pub struct VxlanParams {
     pub learning: bool,
 }
 
-/// A main-table IPv4 route with weir's protocol number.
+/// A main-table route with weir's protocol number; `gateway` is of `dst`'s family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KernelRoute {
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub prefix: u8,
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
     pub onlink: bool,
 }
 
-/// A permanent IPv4 neighbour or a VXLAN forwarding entry of one interface.
+/// A permanent neighbour or a VXLAN forwarding entry of one interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KernelNeighbour {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub mac: [u8; 6],
 }
 
@@ -136,73 +138,30 @@ pub fn set_link(sock: &mut Socket, index: u32, mtu: u32) -> io::Result<()> {
     sock.request(msg)
 }
 
-/// Every IPv4 address of the namespace as `(ifindex, ip, prefix)`.
-pub fn addresses(sock: &mut Socket) -> io::Result<Vec<(u32, Ipv4Addr, u8)>> {
-    let answers = sock.dump(|| {
-        let mut msg = Msg::new(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP);
-        msg.raw(&[AF_INET, 0, 0, 0, 0, 0, 0, 0]);
-        msg
-    })?;
-    let mut out = Vec::new();
-    for (_, p) in answers.iter().filter(|(k, _)| *k == RTM_NEWADDR) {
-        if p.len() < 8 || p[0] != AF_INET {
-            continue;
-        }
-        let (prefix, index) = (p[1], u32_of(&p[4..8]).unwrap_or(0));
-        let mut local = None;
-        let mut address = None;
-        for (kind, data) in attrs(&p[8..]) {
-            match kind {
-                IFA_LOCAL => local = ipv4(data),
-                IFA_ADDRESS => address = ipv4(data),
-                _ => {}
-            }
-        }
-        if let Some(ip) = local.or(address) {
-            out.push((index, ip, prefix));
-        }
-    }
-    Ok(out)
-}
-
-fn address_msg(kind: u16, flags: u16, index: u32, ip: Ipv4Addr, prefix: u8) -> Msg {
-    let mut msg = Msg::new(kind, flags);
+pub fn delete_address(sock: &mut Socket, index: u32, ip: IpAddr, prefix: u8) -> io::Result<()> {
+    let mut msg = Msg::new(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK);
     let mut ifa = [0u8; 8];
-    ifa[0] = AF_INET;
+    ifa[0] = family(&ip);
     ifa[1] = prefix;
     ifa[4..8].copy_from_slice(&index.to_ne_bytes());
     msg.raw(&ifa);
-    msg.attr(IFA_LOCAL, &ip.octets()).attr(IFA_ADDRESS, &ip.octets());
-    msg
+    msg.attr(IFA_LOCAL, &octets(&ip)).attr(IFA_ADDRESS, &octets(&ip));
+    sock.request(msg)
 }
 
-pub fn add_address(sock: &mut Socket, index: u32, ip: Ipv4Addr, prefix: u8) -> io::Result<()> {
-    let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-    sock.request(address_msg(RTM_NEWADDR, flags, index, ip, prefix))
-}
-
-pub fn delete_address(sock: &mut Socket, index: u32, ip: Ipv4Addr, prefix: u8) -> io::Result<()> {
-    sock.request(address_msg(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, index, ip, prefix))
-}
-
-/// The main table's IPv4 routes with weir's protocol number.
+/// The main table's IPv4 and IPv6 routes with weir's protocol number.
 pub fn routes(sock: &mut Socket) -> io::Result<Vec<KernelRoute>> {
-    let routes = sock.routes(AF_INET)?;
+    let mut routes = sock.routes(AF_INET)?;
+    routes.extend(sock.routes(AF_INET6)?);
     Ok(routes
         .into_iter()
         .filter(|r| r.protocol == ROUTE_PROTOCOL)
-        .filter_map(|r| {
-            let (IpAddr::V4(dst), gateway) = (r.dst, r.gateway) else { return None };
-            Some(KernelRoute {
-                dst,
-                prefix: r.prefix,
-                gateway: match gateway {
-                    Some(IpAddr::V4(gw)) => Some(gw),
-                    _ => None,
-                },
-                oif: r.oif,
-                onlink: r.flags & RTNH_F_ONLINK != 0,
-            })
+        .map(|r| KernelRoute {
+            dst: r.dst,
+            prefix: r.prefix,
+            gateway: r.gateway,
+            oif: r.oif,
+            onlink: r.flags & RTNH_F_ONLINK != 0,
         })
         .collect())
 }
@@ -210,7 +169,7 @@ pub fn routes(sock: &mut Socket) -> io::Result<Vec<KernelRoute>> {
 fn route_msg(kind: u16, flags: u16, route: &KernelRoute) -> Msg {
     let mut msg = Msg::new(kind, flags);
     let mut rtm = [0u8; 12];
-    rtm[0] = AF_INET;
+    rtm[0] = family(&route.dst);
     rtm[1] = route.prefix;
     rtm[4] = RT_TABLE_MAIN;
     rtm[5] = ROUTE_PROTOCOL;
@@ -219,9 +178,9 @@ fn route_msg(kind: u16, flags: u16, route: &KernelRoute) -> Msg {
     let rtm_flags = if route.onlink { RTNH_F_ONLINK } else { 0 };
     rtm[8..12].copy_from_slice(&rtm_flags.to_ne_bytes());
     msg.raw(&rtm);
-    msg.attr(RTA_DST, &route.dst.octets());
+    msg.attr(RTA_DST, &octets(&route.dst));
     if let Some(gateway) = route.gateway {
-        msg.attr(RTA_GATEWAY, &gateway.octets());
+        msg.attr(RTA_GATEWAY, &octets(&gateway));
     }
     if let Some(oif) = route.oif {
         msg.attr(RTA_OIF, &oif.to_ne_bytes());
@@ -239,8 +198,8 @@ pub fn delete_route(sock: &mut Socket, route: &KernelRoute) -> io::Result<()> {
     sock.request(route_msg(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, route))
 }
 
-/// Permanent IPv4 neighbours (`family` AF_INET) or forwarding entries with a destination
-/// (`AF_BRIDGE`) of interface `index`.
+/// Permanent neighbours (`family` AF_INET or AF_INET6) or forwarding entries with a
+/// destination (`AF_BRIDGE`) of interface `index`.
 fn neighbours_of(sock: &mut Socket, family: u8, index: u32) -> io::Result<Vec<KernelNeighbour>> {
     let answers = sock.dump(|| {
         let mut msg = Msg::new(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP);
@@ -253,13 +212,14 @@ fn neighbours_of(sock: &mut Socket, family: u8, index: u32) -> io::Result<Vec<Ke
             continue;
         }
         let state = u16::from_ne_bytes([p[8], p[9]]);
-        if family == AF_INET && state & NUD_PERMANENT == 0 {
+        if family != AF_BRIDGE && state & NUD_PERMANENT == 0 {
             continue;
         }
         let (mut ip, mut mac) = (None, None);
         for (kind, data) in attrs(&p[12..]) {
             match kind {
-                NDA_DST => ip = ipv4(data),
+                // A VXLAN forwarding entry's destination is an IPv4 or IPv6 underlay address.
+                NDA_DST => ip = parse_ip(if data.len() == 16 { AF_INET6 } else { AF_INET }, data),
                 NDA_LLADDR => mac = <[u8; 6]>::try_from(data).ok(),
                 _ => {}
             }
@@ -271,8 +231,11 @@ fn neighbours_of(sock: &mut Socket, family: u8, index: u32) -> io::Result<Vec<Ke
     Ok(out)
 }
 
+/// Permanent IPv4 and IPv6 neighbours of `index`.
 pub fn neighbours(sock: &mut Socket, index: u32) -> io::Result<Vec<KernelNeighbour>> {
-    neighbours_of(sock, AF_INET, index)
+    let mut out = neighbours_of(sock, AF_INET, index)?;
+    out.extend(neighbours_of(sock, AF_INET6, index)?);
+    Ok(out)
 }
 
 /// VXLAN forwarding entries of `index` as (dst underlay address, MAC).
@@ -280,29 +243,31 @@ pub fn fdb(sock: &mut Socket, index: u32) -> io::Result<Vec<KernelNeighbour>> {
     neighbours_of(sock, AF_BRIDGE, index)
 }
 
-fn neighbour_msg(kind: u16, flags: u16, family: u8, index: u32, entry: &KernelNeighbour) -> Msg {
+/// `bridge`: a VXLAN forwarding entry (family AF_BRIDGE); otherwise a neighbour of the
+/// entry's address family.
+fn neighbour_msg(kind: u16, flags: u16, bridge: bool, index: u32, entry: &KernelNeighbour) -> Msg {
     let mut msg = Msg::new(kind, flags);
-    let ntf = if family == AF_BRIDGE { NTF_SELF } else { 0 };
-    msg.raw(&ndmsg(family, index, NUD_PERMANENT, ntf));
-    msg.attr(NDA_DST, &entry.ip.octets()).attr(NDA_LLADDR, &entry.mac);
+    let (fam, ntf) = if bridge { (AF_BRIDGE, NTF_SELF) } else { (family(&entry.ip), 0) };
+    msg.raw(&ndmsg(fam, index, NUD_PERMANENT, ntf));
+    msg.attr(NDA_DST, &octets(&entry.ip)).attr(NDA_LLADDR, &entry.mac);
     msg
 }
 
 pub fn replace_neighbour(sock: &mut Socket, index: u32, entry: &KernelNeighbour) -> io::Result<()> {
     let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-    sock.request(neighbour_msg(RTM_NEWNEIGH, flags, AF_INET, index, entry))
+    sock.request(neighbour_msg(RTM_NEWNEIGH, flags, false, index, entry))
 }
 
 pub fn delete_neighbour(sock: &mut Socket, index: u32, entry: &KernelNeighbour) -> io::Result<()> {
-    sock.request(neighbour_msg(RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, AF_INET, index, entry))
+    sock.request(neighbour_msg(RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, false, index, entry))
 }
 
 /// `bridge fdb replace <mac> dev <index> dst <ip> self permanent`.
 pub fn replace_fdb(sock: &mut Socket, index: u32, entry: &KernelNeighbour) -> io::Result<()> {
     let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-    sock.request(neighbour_msg(RTM_NEWNEIGH, flags, AF_BRIDGE, index, entry))
+    sock.request(neighbour_msg(RTM_NEWNEIGH, flags, true, index, entry))
 }
 
 pub fn delete_fdb(sock: &mut Socket, index: u32, entry: &KernelNeighbour) -> io::Result<()> {
-    sock.request(neighbour_msg(RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, AF_BRIDGE, index, entry))
+    sock.request(neighbour_msg(RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, true, index, entry))
 }

@@ -15,6 +15,7 @@ pub mod nat;
 pub mod reconcile;
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -31,11 +32,12 @@ use tokio::sync::Notify;
 use weir_cni_plugin::netlink::Socket;
 
 use self::{
-    model::{Desired, Ipv4Cidr, Overlay, VTEP_IP_ANNOTATION, VTEP_MAC_ANNOTATION, format_mac},
+    model::{Desired, IpCidr, Overlay, VTEP_IP_ANNOTATION, VTEP_MAC_ANNOTATION, format_mac},
     reconcile::Outcome,
 };
 
-/// Default name of the masquerade table (`table ip weir_nat`).
+/// Default name of the masquerade tables (`table ip weir_nat`, and `table ip6 weir_nat` with
+/// an IPv6 cluster CIDR).
 pub const DEFAULT_NAT_TABLE: &str = "weir_nat";
 /// Default period of the repairing resync.
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(10);
@@ -44,10 +46,10 @@ pub const DEFAULT_RESYNC: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoutingConfig {
     pub overlay: Overlay,
-    /// The pod network (all nodes' pod CIDRs); needed for masquerade.
-    pub cluster_cidr: Option<Ipv4Cidr>,
+    /// The pod network (all nodes' pod CIDRs), at most one per family; needed for masquerade.
+    pub cluster_cidrs: Vec<IpCidr>,
     pub masquerade: bool,
-    /// Name of the nftables table (family ip) holding the masquerade rule.
+    /// Name of the nftables tables (family ip, and ip6) holding the masquerade rules.
     pub nat_table: String,
     /// The interface node-to-node traffic uses; default: the one holding the node's address.
     pub uplink: Option<String>,
@@ -60,7 +62,7 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
             overlay: Overlay::None,
-            cluster_cidr: None,
+            cluster_cidrs: Vec::new(),
             masquerade: false,
             nat_table: DEFAULT_NAT_TABLE.into(),
             uplink: None,
@@ -77,6 +79,9 @@ impl RoutingConfig {
     }
 }
 
+/// The masquerade tables written: cluster CIDR -> the local pod CIDR its table was written for.
+type NatWritten = BTreeMap<IpCidr, Option<IpCidr>>;
+
 /// One pass: the desired state and the kernel reconciled to it (on a blocking thread).
 struct Pass {
     desired: Desired,
@@ -92,18 +97,13 @@ pub async fn run(
     node_name: String,
     node_addresses: Vec<IpAddr>,
 ) {
-    let fallback = node_addresses.iter().find_map(|ip| match ip {
-        IpAddr::V4(v4) => Some(*v4),
-        IpAddr::V6(_) => None,
-    });
     if nodes.wait_until_ready().await.is_err() {
         log::error!("routing: the Node watcher stopped before its first list");
         return;
     }
     // What was last logged: a state is logged when it changes, not on every resync.
     let mut last_logged = String::new();
-    // The local pod CIDR the masquerade table was last written for (None: not written).
-    let mut nat_written: Option<Option<Ipv4Cidr>> = None;
+    let mut nat_written = NatWritten::new();
     let mut state_written: Option<String> = None;
     let mut first = true;
     loop {
@@ -112,12 +112,11 @@ pub async fn run(
             snapshot.iter().map(AsRef::as_ref),
             &node_name,
             config.overlay,
-            fallback,
+            &node_addresses,
         );
         let pass = {
-            let config = config.clone();
-            tokio::task::spawn_blocking(move || reconcile_pass(&config, desired, &mut nat_written))
-                .await
+            let (config, written) = (config.clone(), nat_written.clone());
+            tokio::task::spawn_blocking(move || reconcile_pass(&config, desired, written)).await
         };
         match pass {
             Ok((pass, written)) => {
@@ -180,41 +179,40 @@ pub async fn run(
 fn reconcile_pass(
     config: &RoutingConfig,
     desired: Desired,
-    nat_written: &mut Option<Option<Ipv4Cidr>>,
-) -> (Pass, Option<Option<Ipv4Cidr>>) {
-    let mut nat_ok = *nat_written;
-    if config.masquerade
-        && let Some(cidr) = &config.cluster_cidr
-    {
+    mut nat_written: NatWritten,
+) -> (Pass, NatWritten) {
+    for v6 in [false, true] {
+        let family = if v6 { "ip6" } else { "ip" };
+        let table = &config.nat_table;
+        let cluster = config.cluster_cidrs.iter().find(|c| c.is_ipv6() == v6);
+        let Some(cidr) = cluster.filter(|_| config.masquerade) else {
+            // Masquerade (of this family) switched off since a previous run: its table goes.
+            match nat::delete_table(table, v6) {
+                Ok(true) => log::info!("routing: deleted table {family} {table} (masquerade off)"),
+                Ok(false) => {}
+                Err(err) => log::error!("routing: deleting table {family} {table}: {err}"),
+            }
+            continue;
+        };
         // Written once per agent start and local pod CIDR (neither changes while it runs), and
         // again when someone deleted the table.
-        let local = desired.local_pod_cidr;
+        let local = desired.local_pod_cidr(v6);
         let present =
-            nat_ok == Some(local) && nat::table_exists(&config.nat_table).unwrap_or(false);
-        if !present {
-            match nat::write_masquerade(&config.nat_table, cidr, local.as_ref()) {
-                Ok(()) => {
-                    log::info!(
-                        "routing: masquerading {cidr} -> outside (and outside -> pods of other nodes) in table ip {}",
-                        config.nat_table
-                    );
-                    nat_ok = Some(local);
-                }
-                Err(err) => {
-                    log::error!("routing: writing table ip {}: {err}", config.nat_table);
-                    nat_ok = None;
-                }
-            }
+            nat_written.get(cidr) == Some(&local) && nat::table_exists(table, v6).unwrap_or(false);
+        if present {
+            continue;
         }
-    }
-    if !config.masquerade {
-        // Masquerade switched off since a previous run: its table goes.
-        match nat::delete_table(&config.nat_table) {
-            Ok(true) => {
-                log::info!("routing: deleted table ip {} (masquerade off)", config.nat_table)
+        match nat::write_masquerade(table, cidr, local.as_ref()) {
+            Ok(()) => {
+                log::info!(
+                    "routing: masquerading {cidr} -> outside (and outside -> pods of other nodes) in table {family} {table}"
+                );
+                nat_written.insert(*cidr, local);
             }
-            Ok(false) => {}
-            Err(err) => log::error!("routing: deleting table ip {}: {err}", config.nat_table),
+            Err(err) => {
+                log::error!("routing: writing table {family} {table}: {err}");
+                nat_written.remove(cidr);
+            }
         }
     }
     let outcome = match Socket::open() {
@@ -225,9 +223,9 @@ fn reconcile_pass(
         Err(err) => Err(format!("opening a netlink socket: {err}")),
     };
     if config.overlay == Overlay::Vxlan || config.overlay == Overlay::Native {
-        enable_forwarding();
+        enable_forwarding(desired.routes.iter().any(|r| r.dst.is_ipv6()));
     }
-    (Pass { desired, outcome }, nat_ok)
+    (Pass { desired, outcome }, nat_written)
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -240,13 +238,19 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// Pods on other nodes are reached through this node: IPv4 forwarding must be on.
-fn enable_forwarding() {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(PATH).is_ok_and(|v| v.trim() != "1")
-        && let Err(err) = std::fs::write(PATH, "1")
-    {
-        log::error!("routing: enabling IPv4 forwarding: {err}");
+/// Pods on other nodes are reached through this node: IPv4 forwarding must be on, and IPv6
+/// forwarding when IPv6 pod CIDRs are routed (in this network namespace only).
+fn enable_forwarding(v6: bool) {
+    let mut knobs = vec![("IPv4", "/proc/sys/net/ipv4/ip_forward")];
+    if v6 {
+        knobs.push(("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding"));
+    }
+    for (family, path) in knobs {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() != "1")
+            && let Err(err) = std::fs::write(path, "1")
+        {
+            log::error!("routing: enabling {family} forwarding: {err}");
+        }
     }
 }
 
@@ -260,7 +264,7 @@ fn log_outcome(config: &RoutingConfig, desired: &Desired, outcome: &Outcome) {
         outcome.changes
     );
     for (node, why) in &desired.skipped {
-        log::warn!("routing: node {node} not routed: {why}");
+        log::warn!("routing: node {node}: {why}");
     }
     for failure in &outcome.failed {
         log::error!("routing: {failure}");
@@ -296,9 +300,10 @@ async fn publish_vtep(
     }
 }
 
-/// The node state file weir-cni reads (docs/cni.md): this node's pod CIDR and pod MTU.
+/// The node state file weir-cni reads (docs/cni.md): this node's pod CIDRs (one range set per
+/// family for its IPAM) and pod MTU.
 fn node_state(desired: &Desired, mtu: u32) -> String {
-    let cidrs: Vec<String> = desired.local_pod_cidr.iter().map(ToString::to_string).collect();
+    let cidrs: Vec<String> = desired.local_pod_cidrs.iter().map(ToString::to_string).collect();
     serde_json::json!({
         "version": 1,
         "podCIDRs": cidrs,
@@ -318,16 +323,19 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// Removes the routing state weir made in this namespace (the `--cleanup` path): the VXLAN
-/// device, weir's routes and the masquerade table. Returns what was removed, for the log.
+/// device, weir's routes and the masquerade tables. Returns what was removed, for the log.
 pub fn cleanup(nat_table: &str) -> Result<String, String> {
     let mut sock = Socket::open().map_err(|e| format!("opening a netlink socket: {e}"))?;
     let removed = reconcile::remove_all(&mut sock).map_err(|e| e.to_string())?;
-    let table = nat::delete_table(nat_table)
-        .map_err(|e| format!("deleting nftables table ip {nat_table}: {e}"))?;
-    Ok(format!(
-        "removed {removed} routes/devices{}",
-        if table { format!(" and table ip {nat_table}") } else { String::new() }
-    ))
+    let mut text = format!("removed {removed} routes/devices");
+    for (v6, family) in [(false, "ip"), (true, "ip6")] {
+        if nat::delete_table(nat_table, v6)
+            .map_err(|e| format!("deleting nftables table {family} {nat_table}: {e}"))?
+        {
+            text.push_str(&format!(" and table {family} {nat_table}"));
+        }
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -337,7 +345,7 @@ mod tests {
     #[test]
     fn node_state_is_what_weir_cni_reads() {
         let desired = Desired {
-            local_pod_cidr: Some("10.244.3.0/24".parse().unwrap()),
+            local_pod_cidrs: vec!["10.244.3.0/24".parse().unwrap()],
             ..Desired::default()
         };
         let v: serde_json::Value = serde_json::from_str(&node_state(&desired, 1450)).unwrap();
@@ -345,6 +353,15 @@ mod tests {
             v,
             serde_json::json!({"version": 1, "podCIDRs": ["10.244.3.0/24"], "ready": true, "mtu": 1450})
         );
+        let dual = Desired {
+            local_pod_cidrs: vec![
+                "10.244.3.0/24".parse().unwrap(),
+                "fd00:10:244:3::/64".parse().unwrap(),
+            ],
+            ..Desired::default()
+        };
+        let v: serde_json::Value = serde_json::from_str(&node_state(&dual, 1450)).unwrap();
+        assert_eq!(v["podCIDRs"], serde_json::json!(["10.244.3.0/24", "fd00:10:244:3::/64"]));
         let v: serde_json::Value =
             serde_json::from_str(&node_state(&Desired::default(), 1500)).unwrap();
         assert_eq!(v["ready"], false);

@@ -2,10 +2,14 @@
 //! owns: routes with [`ROUTE_PROTOCOL`], and everything on `weir.vxlan`) against the desired
 //! state, removes stale entries and adds missing ones. Idempotent: a second run with the same
 //! input changes nothing. Synchronous; runs in the calling thread's network namespace.
-use std::{collections::BTreeSet, io, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    io,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use thiserror::Error;
-use weir_cni_plugin::netlink::{Link, Socket};
+use weir_cni_plugin::netlink::{Link, RT_SCOPE_UNIVERSE, Socket};
 
 use super::{
     kernel::{self, KernelNeighbour, KernelRoute, ROUTE_PROTOCOL, VxlanParams},
@@ -76,10 +80,10 @@ pub fn reconcile(
             .find(|l| l.name == name)
             .ok_or_else(|| ReconcileError::UplinkMissing(name.to_string()))?,
         None => {
-            let addresses = kernel::addresses(sock).map_err(nl("listing addresses"))?;
+            let addresses = sock.all_addresses().map_err(nl("listing addresses"))?;
             let index = addresses
                 .iter()
-                .find(|(_, ip, _)| *ip == local)
+                .find(|(_, ip, _)| *ip == IpAddr::V4(local))
                 .map(|(index, _, _)| *index)
                 .ok_or(ReconcileError::NoUplink(local))?;
             links.iter().find(|l| l.index == index).ok_or(ReconcileError::NoUplink(local))?
@@ -160,30 +164,34 @@ fn ensure_vxlan(
     Ok(link)
 }
 
-/// The device holds exactly `<local pod CIDR network>/32` (Flannel's scheme: traffic the node
-/// itself sends to remote pods gets a source address that remote nodes route back).
+/// Each local pod CIDR's network address as a host route, IPv4 first.
+fn vxlan_addresses(desired: &Desired) -> Vec<(IpAddr, u8)> {
+    desired.local_pod_cidrs.iter().map(|c| (c.network, c.host_prefix())).collect()
+}
+
+/// The device holds exactly `<local pod CIDR network>/32`, and `/128` for an IPv6 pod CIDR
+/// (Flannel's scheme: traffic the node itself sends to remote pods gets a source address that
+/// remote nodes route back). The kernel's own IPv6 link-local address is left alone.
 fn ensure_vxlan_address(
     sock: &mut Socket,
     index: u32,
     desired: &Desired,
     out: &mut Outcome,
 ) -> Result<(), ReconcileError> {
-    let want = desired.local_pod_cidr.map(|c| (c.network, 32u8));
-    let have: Vec<(Ipv4Addr, u8)> = kernel::addresses(sock)
+    let want = vxlan_addresses(desired);
+    let have: Vec<(IpAddr, u8)> = sock
+        .addresses(index)
         .map_err(nl("listing addresses"))?
         .into_iter()
-        .filter(|(i, _, _)| *i == index)
-        .map(|(_, ip, prefix)| (ip, prefix))
+        .filter(|(ip, _)| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
         .collect();
-    for &(ip, prefix) in have.iter().filter(|a| Some(**a) != want) {
+    for &(ip, prefix) in have.iter().filter(|a| !want.contains(a)) {
         kernel::delete_address(sock, index, ip, prefix)
             .map_err(nl(format!("removing {ip}/{prefix} from weir.vxlan")))?;
         out.changes += 1;
     }
-    if let Some((ip, prefix)) = want
-        && !have.contains(&(ip, prefix))
-    {
-        kernel::add_address(sock, index, ip, prefix)
+    for &(ip, prefix) in want.iter().filter(|a| !have.contains(a)) {
+        sock.add_address(index, ip, prefix, RT_SCOPE_UNIVERSE)
             .map_err(nl(format!("adding {ip}/{prefix} to weir.vxlan")))?;
         out.changes += 1;
     }
@@ -225,7 +233,7 @@ fn sync_neighbours(
     out: &mut Outcome,
 ) -> Result<(), ReconcileError> {
     let want: BTreeSet<KernelNeighbour> =
-        desired.fdb.iter().map(|f| KernelNeighbour { ip: f.dst, mac: f.mac }).collect();
+        desired.fdb.iter().map(|f| KernelNeighbour { ip: IpAddr::V4(f.dst), mac: f.mac }).collect();
     let have: BTreeSet<KernelNeighbour> =
         kernel::fdb(sock, index).map_err(nl("listing weir.vxlan's fdb"))?.into_iter().collect();
     sync_set(
@@ -253,14 +261,10 @@ fn sync_neighbours(
     )
 }
 
-fn sync_routes(
-    sock: &mut Socket,
-    desired: &Desired,
-    uplink: u32,
-    vxlan: Option<u32>,
-    out: &mut Outcome,
-) -> Result<(), ReconcileError> {
-    let want: BTreeSet<KernelRoute> = desired
+/// The kernel routes of `desired` (both families): on-link through `weir.vxlan` (index
+/// `vxlan`, none when there is no device) or via a gateway on the uplink.
+fn kernel_routes(desired: &Desired, uplink: u32, vxlan: Option<u32>) -> BTreeSet<KernelRoute> {
+    desired
         .routes
         .iter()
         .filter_map(|r| {
@@ -276,7 +280,17 @@ fn sync_routes(
                 onlink,
             })
         })
-        .collect();
+        .collect()
+}
+
+fn sync_routes(
+    sock: &mut Socket,
+    desired: &Desired,
+    uplink: u32,
+    vxlan: Option<u32>,
+    out: &mut Outcome,
+) -> Result<(), ReconcileError> {
+    let want = kernel_routes(desired, uplink, vxlan);
     let have: BTreeSet<KernelRoute> =
         kernel::routes(sock).map_err(nl("listing routes"))?.into_iter().collect();
     for stale in have.difference(&want) {
@@ -291,7 +305,18 @@ fn sync_routes(
         out.changes += 1;
     }
     for missing in want.difference(&have) {
-        match kernel::replace_route(sock, missing) {
+        let mut result = kernel::replace_route(sock, missing);
+        // IPv6 refuses an on-link gateway that the old route of this destination reaches
+        // through another device (a switch from native routing to VXLAN): delete, then add.
+        if result.is_err()
+            && let Some(old) =
+                have.iter().find(|h| (h.dst, h.prefix) == (missing.dst, missing.prefix))
+            && ignore_missing(kernel::delete_route(sock, old)).is_ok()
+        {
+            out.changes += 1;
+            result = kernel::replace_route(sock, missing);
+        }
+        match result {
             Ok(()) => out.changes += 1,
             // One bad route (e.g. a native gateway not on this segment) must not block others.
             Err(err) => out.failed.push(format!(
@@ -316,4 +341,91 @@ pub fn remove_all(sock: &mut Socket) -> Result<usize, ReconcileError> {
         removed += 1;
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    use super::*;
+    use crate::routing::model::{VTEP_MAC_ANNOTATION, desired};
+
+    fn node(name: &str, cidrs: [&str; 2], ips: [&str; 2], mac: &str) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations: Some([(VTEP_MAC_ANNOTATION.to_string(), mac.to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec {
+                pod_cidrs: Some(cidrs.map(String::from).to_vec()),
+                ..NodeSpec::default()
+            }),
+            status: Some(NodeStatus {
+                addresses: Some(
+                    ips.map(|ip| NodeAddress { type_: "InternalIP".into(), address: ip.into() })
+                        .to_vec(),
+                ),
+                ..NodeStatus::default()
+            }),
+        }
+    }
+
+    fn dual_stack() -> Vec<Node> {
+        vec![
+            node(
+                "a",
+                ["10.244.0.0/24", "fd00:10:244::/64"],
+                ["10.0.0.1", "fd00::1"],
+                "02:00:00:00:00:0a",
+            ),
+            node(
+                "b",
+                ["10.244.1.0/24", "fd00:10:244:1::/64"],
+                ["10.0.0.2", "fd00::2"],
+                "02:00:00:00:00:0b",
+            ),
+        ]
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn vxlan_routes_of_both_families_are_on_link_through_the_device() {
+        let d = desired(&dual_stack(), "a", Overlay::Vxlan, &[]);
+        let routes: Vec<KernelRoute> = kernel_routes(&d, 2, Some(7)).into_iter().collect();
+        let onlink = |dst: &str, prefix| KernelRoute {
+            dst: ip(dst),
+            prefix,
+            gateway: Some(ip(dst)),
+            oif: Some(7),
+            onlink: true,
+        };
+        assert_eq!(routes, [onlink("10.244.1.0", 24), onlink("fd00:10:244:1::", 64)]);
+        assert_eq!(vxlan_addresses(&d), [(ip("10.244.0.0"), 32), (ip("fd00:10:244::"), 128)]);
+        // No device (yet): no VXLAN routes rather than routes through the wrong interface.
+        assert!(kernel_routes(&d, 2, None).is_empty());
+    }
+
+    #[test]
+    fn native_routes_of_both_families_go_via_the_remote_address_of_that_family() {
+        let d = desired(&dual_stack(), "b", Overlay::Native, &[]);
+        let routes: Vec<KernelRoute> = kernel_routes(&d, 2, None).into_iter().collect();
+        let via = |dst: &str, prefix, gateway: &str| KernelRoute {
+            dst: ip(dst),
+            prefix,
+            gateway: Some(ip(gateway)),
+            oif: Some(2),
+            onlink: false,
+        };
+        assert_eq!(
+            routes,
+            [via("10.244.0.0", 24, "10.0.0.1"), via("fd00:10:244::", 64, "fd00::1")]
+        );
+    }
 }
