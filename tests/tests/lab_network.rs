@@ -45,20 +45,7 @@ fn dual_stack_native_with_the_nftables_dataplane() {
 }
 
 fn check_dual_stack(lab: &Lab) {
-    let (node1, node2) = (lab.node_name(1), lab.node_name(2));
-    lab.apply(&server("web-1", &node1));
-    lab.apply(&server("web-2", &node2));
-    lab.apply(&format!(
-        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"client"}},
-        "spec":{{"nodeName":"{node1}","containers":[{{"name":"client","image":"busybox","command":["sleep","3600"]}}]}}}}"#
-    ));
-    lab.apply(
-        r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web"},
-        "spec":{"ipFamilyPolicy":"PreferDualStack","selector":{"app":"web"},"ports":[{"port":80,"targetPort":80}]}}"#,
-    );
-    for pod in ["pod/web-1", "pod/web-2", "pod/client"] {
-        lab.wait_ready(pod);
-    }
+    deploy(lab, r#""ipFamilyPolicy":"PreferDualStack""#);
     let ips = |pod: &str| -> Vec<String> {
         let text = lab.kubectl.ok(&["get", "pod", pod, "-o", "jsonpath={.status.podIPs[*].ip}"]);
         text.split_whitespace().map(str::to_string).collect()
@@ -89,14 +76,7 @@ fn check_dual_stack(lab: &Lab) {
     let cluster_ips: Vec<&str> = cluster_ips.split_whitespace().collect();
     assert_eq!(cluster_ips.len(), 2, "PreferDualStack on a dual-stack cluster: {cluster_ips:?}");
     let v6_vip = cluster_ips[1];
-    let mut seen = BTreeSet::new();
-    for _ in 0..40 {
-        let page = stdout(&wget(&format!("http://[{v6_vip}]/")));
-        seen.extend(["web-1", "web-2"].into_iter().filter(|p| page.contains(p)));
-        if seen.len() == 2 {
-            break;
-        }
-    }
+    let seen = web_pods_reached(lab, &format!("http://[{v6_vip}]/"));
     assert_eq!(seen.len(), 2, "IPv6 ClusterIP {v6_vip} reached only {seen:?}");
 
     // Cluster DNS answers AAAA with the IPv6 ClusterIP.
@@ -126,6 +106,40 @@ fn check_dual_stack(lab: &Lab) {
     });
 }
 
+/// Pods web-1 (node 1) and web-2 (node 2) serving the page, a busybox `client` on node 1, and
+/// Service `web` over both web pods, with `fields` (JSON members) added to its spec.
+/// Returns the two node names once every pod is Ready.
+fn deploy(lab: &Lab, fields: &str) -> (String, String) {
+    let (node1, node2) = (lab.node_name(1), lab.node_name(2));
+    lab.apply(&server("web-1", &node1));
+    lab.apply(&server("web-2", &node2));
+    lab.apply(&format!(
+        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"client"}},
+        "spec":{{"nodeName":"{node1}","containers":[{{"name":"client","image":"busybox","command":["sleep","3600"]}}]}}}}"#
+    ));
+    lab.apply(&format!(
+        r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"web"}},
+        "spec":{{{fields},"selector":{{"app":"web"}},"ports":[{{"port":80,"targetPort":80}}]}}}}"#
+    ));
+    for pod in ["pod/web-1", "pod/web-2", "pod/client"] {
+        lab.wait_ready(pod);
+    }
+    (node1, node2)
+}
+
+/// The web pods that answered `url` from the client, in at most 40 tries.
+fn web_pods_reached(lab: &Lab, url: &str) -> BTreeSet<&'static str> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let page = stdout(&lab.exec("client", &["wget", "-qO-", "-T", "2", url]));
+        seen.extend(["web-1", "web-2"].into_iter().filter(|p| page.contains(p)));
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    seen
+}
+
 fn server(name: &str, node: &str) -> String {
     format!(
         r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","labels":{{"app":"web"}}}},
@@ -138,20 +152,7 @@ fn stdout(out: &Output) -> String {
 }
 
 fn check_networking(lab: &Lab) {
-    let (node1, node2) = (lab.node_name(1), lab.node_name(2));
-    lab.apply(&server("web-1", &node1));
-    lab.apply(&server("web-2", &node2));
-    lab.apply(&format!(
-        r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"client"}},
-        "spec":{{"nodeName":"{node1}","containers":[{{"name":"client","image":"busybox","command":["sleep","3600"]}}]}}}}"#
-    ));
-    lab.apply(
-        r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web"},
-        "spec":{"type":"NodePort","selector":{"app":"web"},"ports":[{"port":80,"targetPort":80}]}}"#,
-    );
-    for pod in ["pod/web-1", "pod/web-2", "pod/client"] {
-        lab.wait_ready(pod);
-    }
+    let (node1, node2) = deploy(lab, r#""type":"NodePort""#);
     let ip = |pod: &str| lab.kubectl.ok(&["get", "pod", pod, "-o", "jsonpath={.status.podIP}"]);
     let wget = |url: &str| lab.exec("client", &["wget", "-qO-", "-T", "2", url]);
 
@@ -163,14 +164,7 @@ fn check_networking(lab: &Lab) {
 
     // ClusterIP with one backend per node: both answer (bounded tries).
     let cluster_ip = lab.kubectl.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
-    let mut seen = BTreeSet::new();
-    for _ in 0..40 {
-        let page = stdout(&wget(&format!("http://{cluster_ip}/")));
-        seen.extend(["web-1", "web-2"].into_iter().filter(|p| page.contains(p)));
-        if seen.len() == 2 {
-            break;
-        }
-    }
+    let seen = web_pods_reached(lab, &format!("http://{cluster_ip}/"));
     assert_eq!(seen.len(), 2, "ClusterIP {cluster_ip} reached only {seen:?}");
 
     // DNS: short, namespaced and fully qualified names.

@@ -5,7 +5,7 @@
 //! keeps the client address for a local pod) and nftables (the table in the node's namespace,
 //! kube-proxy's semantics: `externalTrafficPolicy: Cluster` traffic is masqueraded, `Local`
 //! traffic keeps the client's address). The same over IPv6 (the eBPF tc path's IPv6 half).
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::json;
@@ -56,18 +56,8 @@ fn lb_nodeport_from_outside_the_node_reaches_the_pod_and_replies_from_the_node_p
 }
 
 fn from_outside_the_node(dataplane: Dataplane) {
-    let external = Netns::new("npext").unwrap();
-    let node = Netns::new("npnode").unwrap();
-    let pod = Netns::new("nppod").unwrap();
-    let uplink = Veth::between(&external, &node).unwrap();
-    let pod_link = Veth::between(&node, &pod).unwrap();
-    external.ip(&["addr", "add", &format!("{EXTERNAL}/24"), "dev", &uplink.a]).unwrap();
-    node.ip(&["addr", "add", &format!("{NODE}/24"), "dev", &uplink.b]).unwrap();
-    node.ip(&["addr", "add", &format!("{NODE_POD_SIDE}/24"), "dev", &pod_link.a]).unwrap();
-    pod.ip(&["addr", "add", &format!("{POD}/24"), "dev", &pod_link.b]).unwrap();
-    pod.ip(&["route", "add", "default", "via", &NODE_POD_SIDE.to_string()]).unwrap();
-    node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")).unwrap().unwrap();
-    let _backend = EchoServer::tcp(&pod, (POD, 8080).into()).unwrap();
+    let net = NodePortNet::new("np", [EXTERNAL, NODE, NODE_POD_SIDE, POD].map(IpAddr::from));
+    let (external, node) = (&net.external, &net.node);
 
     let (service, slice) = objects();
     let context = NodeContext { name: "node-a".into(), addresses: vec![NODE.into()] };
@@ -75,30 +65,17 @@ fn from_outside_the_node(dataplane: Dataplane) {
     let target = format!("{NODE}:{NODE_PORT}");
     match dataplane {
         Dataplane::Ebpf => {
-            let pins = TestPinDir::new("nodeport").unwrap();
-            let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
-            let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
-            writer.execute(&ServicePlanner::new().plan(&desired)).unwrap();
-            let interface = uplink.b.clone();
-            let attached =
-                node.run(|| programs::attach_tc_lb(&mut loaded.ebpf, &interface, None)).unwrap();
-            assert_eq!(attached.unwrap(), Attached { attached: 2, adopted: 0 });
-
-            let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
+            let (ebpf, _pins) = net.ebpf_on_uplink(&desired);
+            let result = probe::run(external, None, &["tcp", &target, "--timeout-ms", "3000"]);
             assert_eq!(result["ok"], true, "{result}");
             assert_pod_saw(&result, EXTERNAL, "the pod saw the external client's address");
             assert_eq!(result["peer"], target, "{result}");
-            let counters = read_counters(&loaded.ebpf).unwrap();
-            let count = |which| counters.iter().find(|(c, _)| *c == which).unwrap().1;
-            assert!(
-                count(Counter::Translated) >= 3 && count(Counter::ReverseTranslated) >= 2,
-                "{counters:?}"
-            );
+            assert_translated(&ebpf);
         }
         Dataplane::Nftables => {
-            let mut datapath = TestDatapath::new(dataplane, &node, "nodeport").unwrap();
+            let mut datapath = TestDatapath::new(dataplane, node, "nodeport").unwrap();
             datapath.apply(&desired).unwrap();
-            let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
+            let result = probe::run(external, None, &["tcp", &target, "--timeout-ms", "3000"]);
             assert_eq!(result["ok"], true, "{result}");
             assert_pod_saw(&result, NODE_POD_SIDE, "masqueraded (kube-proxy's Cluster policy)");
             assert_eq!(result["peer"], target, "{result}");
@@ -109,10 +86,76 @@ fn from_outside_the_node(dataplane: Dataplane) {
             let mut local_slice = slice.clone();
             local_slice.endpoints[0].node_name = Some("node-a".into());
             datapath.apply(&model::build([&local], [&local_slice], &context)).unwrap();
-            let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
+            let result = probe::run(external, None, &["tcp", &target, "--timeout-ms", "3000"]);
             assert_pod_saw(&result, EXTERNAL, "Local policy: the client address is kept");
         }
     }
+}
+
+/// An external client, a forwarding node and a pod behind it with an echo server on
+/// `pod:8080`, all of one family. `addresses`: external client, node uplink, node's pod side,
+/// pod.
+struct NodePortNet {
+    _backend: EchoServer,
+    external: Netns,
+    node: Netns,
+    uplink: String,
+    _pod: Netns,
+}
+
+impl NodePortNet {
+    fn new(role: &str, addresses: [IpAddr; 4]) -> Self {
+        let [external_ip, node_ip, node_pod_side, pod_ip] = addresses;
+        let external = Netns::new(&format!("{role}ext")).unwrap();
+        let node = Netns::new(&format!("{role}node")).unwrap();
+        let pod = Netns::new(&format!("{role}pod")).unwrap();
+        let uplink = Veth::between(&external, &node).unwrap();
+        let pod_link = Veth::between(&node, &pod).unwrap();
+        let v6 = pod_ip.is_ipv6();
+        let add = |ns: &Netns, addr: IpAddr, dev: &str| {
+            let address = format!("{addr}/{}", if v6 { 64 } else { 24 });
+            // nodad: IPv6 addresses usable at once.
+            let nodad: &[&str] = if v6 { &["nodad"] } else { &[] };
+            ns.ip(&[&["addr", "add", &address, "dev", dev][..], nodad].concat()).unwrap();
+        };
+        add(&external, external_ip, &uplink.a);
+        add(&node, node_ip, &uplink.b);
+        add(&node, node_pod_side, &pod_link.a);
+        add(&pod, pod_ip, &pod_link.b);
+        let family = if v6 { "-6" } else { "-4" };
+        pod.ip(&[family, "route", "add", "default", "via", &node_pod_side.to_string()]).unwrap();
+        let forwarding = if v6 {
+            "/proc/sys/net/ipv6/conf/all/forwarding"
+        } else {
+            "/proc/sys/net/ipv4/ip_forward"
+        };
+        node.run(|| std::fs::write(forwarding, "1")).unwrap().unwrap();
+        let backend = EchoServer::tcp(&pod, (pod_ip, 8080).into()).unwrap();
+        Self { _backend: backend, external, node, uplink: uplink.b.clone(), _pod: pod }
+    }
+
+    /// Loads the eBPF object with `desired` in its maps and attaches the tc load balancer to
+    /// the node's uplink.
+    fn ebpf_on_uplink(&self, desired: &model::ServiceState) -> (aya::Ebpf, TestPinDir) {
+        let pins = TestPinDir::new("nodeport").unwrap();
+        let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+        let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+        writer.execute(&ServicePlanner::new().plan(desired)).unwrap();
+        let attached =
+            self.node.run(|| programs::attach_tc_lb(&mut loaded.ebpf, &self.uplink, None)).unwrap();
+        assert_eq!(attached.unwrap(), Attached { attached: 2, adopted: 0 });
+        (loaded.ebpf, pins)
+    }
+}
+
+/// The tc programs translated the connection's packets and reverse-translated the replies.
+fn assert_translated(ebpf: &aya::Ebpf) {
+    let counters = read_counters(ebpf).unwrap();
+    let count = |which| counters.iter().find(|(c, _)| *c == which).unwrap().1;
+    assert!(
+        count(Counter::Translated) >= 3 && count(Counter::ReverseTranslated) >= 2,
+        "{counters:?}"
+    );
 }
 
 /// Asserts that `result` is the pod's answer to a connection it saw coming from `source`.
@@ -136,23 +179,8 @@ const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x206, 1, 0, 0, 0, 0, 2);
 fn lb_nodeport_over_ipv6_from_outside_the_node_reaches_the_pod() {
     require_root();
     for_each_dataplane(|dataplane| {
-        let external = Netns::new("np6ext").unwrap();
-        let node = Netns::new("np6node").unwrap();
-        let pod = Netns::new("np6pod").unwrap();
-        let uplink = Veth::between(&external, &node).unwrap();
-        let pod_link = Veth::between(&node, &pod).unwrap();
-        let add = |ns: &Netns, addr: Ipv6Addr, dev: &str| {
-            ns.ip(&["addr", "add", &format!("{addr}/64"), "dev", dev, "nodad"]).unwrap();
-        };
-        add(&external, EXTERNAL6, &uplink.a);
-        add(&node, NODE6, &uplink.b);
-        add(&node, NODE_POD_SIDE6, &pod_link.a);
-        add(&pod, POD6, &pod_link.b);
-        pod.ip(&["-6", "route", "add", "default", "via", &NODE_POD_SIDE6.to_string()]).unwrap();
-        node.run(|| std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1"))
-            .unwrap()
-            .unwrap();
-        let _backend = EchoServer::tcp(&pod, (POD6, 8080).into()).unwrap();
+        let addresses = [EXTERNAL6, NODE6, NODE_POD_SIDE6, POD6].map(IpAddr::from);
+        let net = NodePortNet::new("np6", addresses);
 
         let (mut service, mut slice) = objects();
         let spec = service.spec.as_mut().unwrap();
@@ -170,7 +198,7 @@ fn lb_nodeport_over_ipv6_from_outside_the_node_reaches_the_pod() {
         let expected = format!("pong from [{POD6}]:8080 to [{EXTERNAL6}]:");
 
         let check = || {
-            let result = probe::run(&external, None, &["tcp", &target, "--timeout-ms", "3000"]);
+            let result = probe::run(&net.external, None, &["tcp", &target, "--timeout-ms", "3000"]);
             assert_eq!(result["ok"], true, "{dataplane:?}: {result}");
             assert!(
                 result["reply"].as_str().is_some_and(|r| r.starts_with(&expected)),
@@ -180,24 +208,12 @@ fn lb_nodeport_over_ipv6_from_outside_the_node_reaches_the_pod() {
         };
         match dataplane {
             Dataplane::Ebpf => {
-                let pins = TestPinDir::new("nodeport6").unwrap();
-                let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
-                let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
-                writer.execute(&ServicePlanner::new().plan(&desired)).unwrap();
-                let interface = uplink.b.clone();
-                node.run(|| programs::attach_tc_lb(&mut loaded.ebpf, &interface, None))
-                    .unwrap()
-                    .unwrap();
+                let (ebpf, _pins) = net.ebpf_on_uplink(&desired);
                 check();
-                let counters = read_counters(&loaded.ebpf).unwrap();
-                let count = |which| counters.iter().find(|(c, _)| *c == which).unwrap().1;
-                assert!(
-                    count(Counter::Translated) >= 3 && count(Counter::ReverseTranslated) >= 2,
-                    "{counters:?}"
-                );
+                assert_translated(&ebpf);
             }
             Dataplane::Nftables => {
-                let mut datapath = TestDatapath::new(dataplane, &node, "nodeport6").unwrap();
+                let mut datapath = TestDatapath::new(dataplane, &net.node, "nodeport6").unwrap();
                 datapath.apply(&desired).unwrap();
                 check();
             }
