@@ -496,30 +496,78 @@ impl Rendered {
     }
 }
 
-/// What the table holds for one frontend.
+/// What the table holds for one frontend: what this planner last wrote, whose elements it
+/// derives when asked, or what was read back from a table. Only the rendering is kept for
+/// written frontends: a desired state is rendered again to compare (cheap), and keeping each
+/// frontend's state, or its elements beside the rendering, cost megabytes at 10k services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Applied {
+    rendered: Option<Rendered>,
+    /// The elements found in a table (adopted frontends only; `None` when `rendered` is set).
+    found: Option<Box<Found>>,
+}
+
+/// The elements of one frontend found in a table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Found {
     /// The sets holding this frontend's key.
     placements: Vec<String>,
     /// `service-endpoints` elements: index -> endpoint (`None`: the value is unknown).
     endpoints: BTreeMap<u32, Option<SocketAddr>>,
     /// `affinity-endpoints` elements.
     affinity_endpoints: BTreeSet<SocketAddr>,
-    /// What this planner last wrote (then the fields above are exactly its rendering). A
-    /// desired state is rendered again to compare (cheap), rather than kept: a copy of every
-    /// frontend's state was megabytes at 10k services.
-    rendered: Option<Rendered>,
 }
 
 impl Applied {
-    /// Endpoint addresses this frontend holds in `hairpin-endpoints`' reference counts.
-    fn hairpin_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.endpoints.values().flatten().map(|e| e.ip())
+    fn written(rendered: Rendered) -> Self {
+        Self { rendered: Some(rendered), found: None }
+    }
+
+    fn found_mut(&mut self) -> &mut Found {
+        self.found.get_or_insert_with(Box::default)
+    }
+
+    /// The sets holding this frontend's key.
+    fn placements(&self) -> Vec<String> {
+        match (&self.rendered, &self.found) {
+            (Some(rendered), _) => vec![rendered.placement.set()],
+            (None, Some(found)) => found.placements.clone(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// `service-endpoints` elements: index -> endpoint (`None`: the value is unknown).
+    fn endpoints(&self) -> BTreeMap<u32, Option<SocketAddr>> {
+        match (&self.rendered, &self.found) {
+            (Some(rendered), _) => {
+                rendered.endpoints().into_iter().map(|(i, e)| (i, Some(e))).collect()
+            }
+            (None, Some(found)) => found.endpoints.clone(),
+            (None, None) => BTreeMap::new(),
+        }
+    }
+
+    /// `affinity-endpoints` elements.
+    fn affinity_endpoints(&self) -> BTreeSet<SocketAddr> {
+        match (&self.rendered, &self.found) {
+            (Some(rendered), _) => rendered.affinity_endpoints(),
+            (None, Some(found)) => found.affinity_endpoints.clone(),
+            (None, None) => BTreeSet::new(),
+        }
+    }
+
+    /// The endpoints this frontend holds (for reference counts of backends and hairpin
+    /// addresses).
+    fn known_endpoints(&self) -> Vec<SocketAddr> {
+        self.endpoints().into_values().flatten().collect()
     }
 
     /// The classes whose sets hold this frontend.
-    fn classes(&self) -> impl Iterator<Item = Class> + '_ {
-        self.placements.iter().filter_map(|set| Class::parse(set.strip_suffix(CLASS_SET_SUFFIX)?))
+    fn classes(&self) -> Vec<Class> {
+        self.placements()
+            .iter()
+            .filter_map(|set| Class::parse(set.strip_suffix(CLASS_SET_SUFFIX)?))
+            .collect()
     }
 }
 
@@ -629,18 +677,20 @@ impl Planner {
         for (set, key) in &contents.frontends {
             let ElementKey::Service { address, protocol, port } = *key else { continue };
             let Some(frontend) = frontend_of(address, protocol, port) else { continue };
-            applied.entry(frontend).or_default().placements.push(set.clone());
+            applied.entry(frontend).or_default().found_mut().placements.push(set.clone());
         }
         for (key, endpoint) in &contents.entries {
             match *key {
                 ElementKey::Endpoint { address, protocol, port, index } => {
                     if let Some(frontend) = frontend_of(address, protocol, port) {
-                        applied.entry(frontend).or_default().endpoints.insert(index, *endpoint);
+                        let found = applied.entry(frontend).or_default().found_mut();
+                        found.endpoints.insert(index, *endpoint);
                     }
                 }
                 ElementKey::FrontendEndpoint { address, protocol, port, endpoint } => {
                     if let Some(frontend) = frontend_of(address, protocol, port) {
-                        applied.entry(frontend).or_default().affinity_endpoints.insert(endpoint);
+                        let found = applied.entry(frontend).or_default().found_mut();
+                        found.affinity_endpoints.insert(endpoint);
                     }
                 }
                 ElementKey::Hairpin(address) => {
@@ -653,11 +703,9 @@ impl Planner {
             for class in entry.classes() {
                 *planner.class_users.entry(class).or_default() += 1;
             }
-            for address in entry.hairpin_addresses() {
-                *planner.hairpin_refs.entry(address).or_default() += 1;
-            }
-            for endpoint in entry.endpoints.values().flatten() {
-                *planner.backend_refs.entry(*endpoint).or_default() += 1;
+            for endpoint in entry.known_endpoints() {
+                *planner.hairpin_refs.entry(endpoint.ip()).or_default() += 1;
+                *planner.backend_refs.entry(endpoint).or_default() += 1;
             }
         }
         // Elements nothing refers to (and references to missing elements) are fixed by the
@@ -733,12 +781,7 @@ impl Planner {
             if !ops.is_empty() {
                 groups.push(ops);
             }
-            let now = Applied {
-                placements: vec![rendered.placement.set()],
-                endpoints: rendered.endpoints().into_iter().map(|(i, e)| (i, Some(e))).collect(),
-                affinity_endpoints: rendered.affinity_endpoints(),
-                rendered: Some(rendered),
-            };
+            let now = Applied::written(rendered);
             self.count_users(&applied, &now);
             self.applied.insert(*frontend, now);
         }
@@ -879,10 +922,12 @@ impl Planner {
     }
 
     fn count_users(&mut self, before: &Applied, after: &Applied) {
-        for endpoint in after.endpoints.values().flatten() {
+        let (after_endpoints, before_endpoints) =
+            (after.known_endpoints(), before.known_endpoints());
+        for endpoint in &after_endpoints {
             *self.backend_refs.entry(*endpoint).or_default() += 1;
         }
-        for endpoint in before.endpoints.values().flatten() {
+        for endpoint in &before_endpoints {
             if let Some(count) = self.backend_refs.get_mut(endpoint) {
                 *count -= 1;
                 if *count == 0 {
@@ -898,14 +943,14 @@ impl Planner {
                 *count = count.saturating_sub(1);
             }
         }
-        for address in after.hairpin_addresses() {
+        for address in after_endpoints.iter().map(SocketAddr::ip) {
             let count = self.hairpin_refs.entry(address).or_default();
             *count += 1;
             if *count == 1 {
                 self.hairpin_touched.insert(address);
             }
         }
-        for address in before.hairpin_addresses() {
+        for address in before_endpoints.iter().map(SocketAddr::ip) {
             if let Some(count) = self.hairpin_refs.get_mut(&address) {
                 *count -= 1;
                 if *count == 0 {
@@ -919,16 +964,16 @@ impl Planner {
 
 fn remove_frontend(ops: &mut Vec<Op>, frontend: &Frontend, applied: &Applied) {
     let (key, sets) = (element_key(frontend), family_sets(family_of(frontend)));
-    for set in &applied.placements {
-        ops.push(Op::DeleteElement { set: set.clone(), key });
+    for set in applied.placements() {
+        ops.push(Op::DeleteElement { set, key });
     }
-    for index in applied.endpoints.keys() {
+    for index in applied.endpoints().keys() {
         ops.push(Op::DeleteElement {
             set: sets.endpoints.into(),
             key: endpoint_key(frontend, *index),
         });
     }
-    for endpoint in &applied.affinity_endpoints {
+    for endpoint in &applied.affinity_endpoints() {
         ops.push(Op::DeleteElement {
             set: sets.affinity_endpoints.into(),
             key: frontend_endpoint_key(frontend, *endpoint),
@@ -940,15 +985,17 @@ fn remove_frontend(ops: &mut Vec<Op>, frontend: &Frontend, applied: &Applied) {
 fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, applied: &Applied) {
     let (key, sets) = (element_key(frontend), family_sets(family_of(frontend)));
     let wanted = rendered.placement.set();
+    let placements = applied.placements();
     // 1. Placements that send traffic elsewhere go.
-    for set in &applied.placements {
+    for set in &placements {
         if *set != wanted {
             ops.push(Op::DeleteElement { set: set.clone(), key });
         }
     }
     // 2. Endpoints, by index: a changed one is deleted and added again (in the same batch).
     let wanted_endpoints = rendered.endpoints();
-    for (index, endpoint) in &applied.endpoints {
+    let applied_endpoints = applied.endpoints();
+    for (index, endpoint) in &applied_endpoints {
         if wanted_endpoints.get(index) != endpoint.as_ref() {
             ops.push(Op::DeleteElement {
                 set: sets.endpoints.into(),
@@ -957,7 +1004,7 @@ fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, 
         }
     }
     for (index, endpoint) in &wanted_endpoints {
-        if applied.endpoints.get(index) != Some(&Some(*endpoint)) {
+        if applied_endpoints.get(index) != Some(&Some(*endpoint)) {
             ops.push(Op::AddEntry {
                 set: sets.endpoints.into(),
                 key: endpoint_key(frontend, *index),
@@ -966,13 +1013,14 @@ fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, 
         }
     }
     let wanted_valid = rendered.affinity_endpoints();
-    for endpoint in applied.affinity_endpoints.difference(&wanted_valid) {
+    let applied_valid = applied.affinity_endpoints();
+    for endpoint in applied_valid.difference(&wanted_valid) {
         ops.push(Op::DeleteElement {
             set: sets.affinity_endpoints.into(),
             key: frontend_endpoint_key(frontend, *endpoint),
         });
     }
-    for endpoint in wanted_valid.difference(&applied.affinity_endpoints) {
+    for endpoint in wanted_valid.difference(&applied_valid) {
         ops.push(Op::AddEntry {
             set: sets.affinity_endpoints.into(),
             key: frontend_endpoint_key(frontend, *endpoint),
@@ -980,7 +1028,7 @@ fn update_frontend(ops: &mut Vec<Op>, frontend: &Frontend, rendered: &Rendered, 
         });
     }
     // 3. The element that sends traffic to the class (or refuses it).
-    if !applied.placements.contains(&wanted) {
+    if !placements.contains(&wanted) {
         ops.push(Op::AddSetElement { set: wanted, key });
     }
 }
