@@ -20,13 +20,15 @@ pub const DEFAULT_CT4_ENTRIES: u32 = 524_288;
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
 
+/// Key of the conntrack maps; `A` is the address as on the wire (`u32` for IPv4, `[u32; 4]`
+/// for IPv6).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CtKey4 {
+pub struct CtKey<A> {
     /// Source address as seen in the packet, network byte order.
-    pub saddr: u32,
+    pub saddr: A,
     /// Destination address as seen in the packet, network byte order.
-    pub daddr: u32,
+    pub daddr: A,
     /// Source port, network byte order.
     pub sport: u16,
     /// Destination port, network byte order.
@@ -36,7 +38,13 @@ pub struct CtKey4 {
     pub direction: u8,
     pub _pad: [u8; 2],
 }
+
+/// Key of `weir_ct4_v1`.
+pub type CtKey4 = CtKey<u32>;
+/// Key of `weir_ct6_v1`.
+pub type CtKey6 = CtKey<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<CtKey4>() == 16);
+const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,19 +58,5 @@ pub struct CtValue4 {
     pub _pad: [u8; 7],
 }
 const _: () = assert!(core::mem::size_of::<CtValue4>() == 16);
-
-/// Key of `weir_ct6_v1`: [`CtKey4`] with IPv6 addresses (network byte order, as on the wire).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CtKey6 {
-    pub saddr: [u32; 4],
-    pub daddr: [u32; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub direction: u8,
-    pub _pad: [u8; 2],
-}
-const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
 
 impl_pod!(CtKey4, CtValue4, CtKey6);

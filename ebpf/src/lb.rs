@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use weir_common::{
-    conntrack::{CT_FORWARD, CT_REPLY, CtKey4, CtKey6, CtValue4},
+    conntrack::{CT_FORWARD, CT_REPLY, CtKey, CtKey4, CtValue4},
     lb::{
         AffinityKey4, AffinityValue4, Backend, Backend6, ServiceKey, ServiceKey6, ServiceValue,
         affinity_scope, service_flags,
@@ -24,7 +24,7 @@ use crate::{
     maps::{AFFINITY4, BACKENDS, BACKENDS6, CT4, CT6, REV_NAT, REV_NAT6, SERVICES, SERVICES6},
     metrics::count,
     nat::{End, rewrite4, rewrite6},
-    packet::{Flow4, Flow6, parse_flow4, parse_flow6},
+    packet::{Flow, Flow6, parse_flow4, parse_flow6},
 };
 
 pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
@@ -57,21 +57,8 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
                 u64::from(flow.saddr),
                 affinity_scope::TC,
             )?;
-            let entry = CtValue4 {
-                backend_id,
-                rev_nat_index: service.rev_nat_index,
-                flags: 0,
-                _pad: [0; 7],
-            };
-            let reply_key = CtKey4 {
-                saddr: backend.address,
-                daddr: flow.saddr,
-                sport: backend.port,
-                dport: flow.sport,
-                proto: flow.proto,
-                direction: CT_REPLY,
-                _pad: [0; 2],
-            };
+            let entry = ct_entry(backend_id, service.rev_nat_index);
+            let reply_key = reply_key(&flow, backend.address, backend.port);
             // The reply entry goes in first, so a tracked flow always has one. An insert can
             // only fail under memory pressure; the packet is still translated, and the next
             // packet of the flow, untracked, retries.
@@ -128,7 +115,7 @@ fn forward6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
     let Some(service) = (unsafe { SERVICES6.get(&frontend) }).copied() else {
         return Ok(TC_ACT_OK);
     };
-    let forward_key = ct_key6(flow, CT_FORWARD);
+    let forward_key = ct_key(flow, CT_FORWARD);
     // SAFETY: read-only lookups, values copied out.
     let tracked = unsafe { CT6.get(&forward_key) }
         .copied()
@@ -140,21 +127,8 @@ fn forward6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
             let client = (u64::from(a ^ c) << 32) | u64::from(b ^ d);
             let (backend_id, backend) =
                 select_with_affinity::<V6>(&frontend, &service, client, affinity_scope::TC6)?;
-            let entry = CtValue4 {
-                backend_id,
-                rev_nat_index: service.rev_nat_index,
-                flags: 0,
-                _pad: [0; 7],
-            };
-            let reply_key = CtKey6 {
-                saddr: backend.address,
-                daddr: flow.saddr,
-                sport: backend.port,
-                dport: flow.sport,
-                proto: flow.proto,
-                direction: CT_REPLY,
-                _pad: [0; 2],
-            };
+            let entry = ct_entry(backend_id, service.rev_nat_index);
+            let reply_key = reply_key(flow, backend.address, backend.port);
             let _ = CT6.insert(&reply_key, &entry, 0);
             let _ = CT6.insert(&forward_key, &entry, 0);
             backend
@@ -169,7 +143,7 @@ fn forward6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
 #[inline(always)]
 fn reverse6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
     // SAFETY: read-only lookups, values copied out.
-    let Some(entry) = (unsafe { CT6.get(&ct_key6(flow, CT_REPLY)) }).copied() else {
+    let Some(entry) = (unsafe { CT6.get(&ct_key(flow, CT_REPLY)) }).copied() else {
         return Ok(TC_ACT_OK);
     };
     let Some(frontend) = (unsafe { REV_NAT6.get(&entry.rev_nat_index) }).copied() else {
@@ -180,9 +154,10 @@ fn reverse6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
     Ok(TC_ACT_OK)
 }
 
+/// The conntrack key of `flow` in `direction`.
 #[inline(always)]
-fn ct_key6(flow: &Flow6, direction: u8) -> CtKey6 {
-    CtKey6 {
+fn ct_key<A: Copy>(flow: &Flow<A>, direction: u8) -> CtKey<A> {
+    CtKey {
         saddr: flow.saddr,
         daddr: flow.daddr,
         sport: flow.sport,
@@ -193,17 +168,24 @@ fn ct_key6(flow: &Flow6, direction: u8) -> CtKey6 {
     }
 }
 
+/// The key of the replies of `flow` once it goes to backend `address:port`.
 #[inline(always)]
-fn ct_key(flow: &Flow4, direction: u8) -> CtKey4 {
-    CtKey4 {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
+fn reply_key<A: Copy>(flow: &Flow<A>, address: A, port: u16) -> CtKey<A> {
+    CtKey {
+        saddr: address,
+        daddr: flow.saddr,
+        sport: port,
+        dport: flow.sport,
         proto: flow.proto,
-        direction,
+        direction: CT_REPLY,
         _pad: [0; 2],
     }
+}
+
+/// A conntrack entry of a flow sent to `backend_id` of the service `rev_nat_index` names.
+#[inline(always)]
+fn ct_entry(backend_id: u32, rev_nat_index: u32) -> CtValue4 {
+    CtValue4 { backend_id, rev_nat_index, flags: 0, _pad: [0; 7] }
 }
 
 /// The backend a tracked flow uses, if the flow is tracked and its backend still exists.

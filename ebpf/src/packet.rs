@@ -22,11 +22,11 @@ pub const IP_DST_OFF: usize = ETH_HLEN + 16;
 /// More-fragments flag and fragment offset (host order).
 const IP_MF_AND_OFFSET: u16 = 0x3fff;
 
-/// An IPv4 flow as seen in one packet, with the offsets needed to rewrite it.
-/// Addresses and ports are in network byte order, as on the wire.
-pub struct Flow4 {
-    pub saddr: u32,
-    pub daddr: u32,
+/// A flow as seen in one packet, with the offsets needed to rewrite it. Addresses (`u32` for
+/// IPv4, `[u32; 4]` for IPv6) and ports are in network byte order, as on the wire.
+pub struct Flow<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -34,28 +34,41 @@ pub struct Flow4 {
     pub l4_off: usize,
 }
 
-impl Flow4 {
+pub type Flow4 = Flow<u32>;
+pub type Flow6 = Flow<[u32; 4]>;
+
+impl<A> Flow<A> {
     /// Offset of the L4 checksum field.
     pub fn l4_csum_off(&self) -> usize {
         if self.proto == proto::TCP { self.l4_off + 16 } else { self.l4_off + 6 }
     }
 }
 
-/// An IPv6 flow as seen in one packet ([`Flow4`] with 16-byte addresses as on the wire).
-pub struct Flow6 {
-    pub saddr: [u32; 4],
-    pub daddr: [u32; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub l4_off: usize,
-}
-
-impl Flow6 {
-    /// Offset of the L4 checksum field.
-    pub fn l4_csum_off(&self) -> usize {
-        if self.proto == proto::TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+/// The flow of a TCP or UDP packet whose IP header (addresses at `saddr_off` and `daddr_off`)
+/// carries `proto` and whose L4 header starts at `l4_off`; `None` for another protocol or when
+/// the ports or the checksum a rewrite updates are not inside the packet.
+#[inline(always)]
+fn parse_l4<A: Copy>(
+    ctx: &TcContext,
+    proto: u8,
+    saddr_off: usize,
+    daddr_off: usize,
+    l4_off: usize,
+) -> Option<Flow<A>> {
+    if proto != proto::TCP && proto != proto::UDP {
+        return None;
     }
+    let ports: [u16; 2] = read(ctx, l4_off)?;
+    let flow = Flow {
+        saddr: read(ctx, saddr_off)?,
+        daddr: read(ctx, daddr_off)?,
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        l4_off,
+    };
+    read::<u16>(ctx, flow.l4_csum_off())?;
+    Some(flow)
 }
 
 pub const IP6_SRC_OFF: usize = ETH_HLEN + 8;
@@ -74,21 +87,7 @@ pub fn parse_flow6(ctx: &TcContext) -> Option<Flow6> {
         return None;
     }
     let proto: u8 = read(ctx, ETH_HLEN + 6)?;
-    if proto != proto::TCP && proto != proto::UDP {
-        return None;
-    }
-    let l4_off = ETH_HLEN + IPV6_HLEN;
-    let ports: [u16; 2] = read(ctx, l4_off)?;
-    let flow = Flow6 {
-        saddr: read(ctx, IP6_SRC_OFF)?,
-        daddr: read(ctx, IP6_DST_OFF)?,
-        sport: ports[0],
-        dport: ports[1],
-        proto,
-        l4_off,
-    };
-    read::<u16>(ctx, flow.l4_csum_off())?;
-    Some(flow)
+    parse_l4(ctx, proto, IP6_SRC_OFF, IP6_DST_OFF, ETH_HLEN + IPV6_HLEN)
 }
 
 /// A pointer to a `T` at `offset`, if the linear packet data holds all of it.
@@ -155,22 +154,7 @@ pub fn parse_flow4(ctx: &TcContext) -> Option<Flow4> {
         return None;
     }
     let proto: u8 = read(ctx, ETH_HLEN + 9)?;
-    if proto != proto::TCP && proto != proto::UDP {
-        return None;
-    }
-    let l4_off = ETH_HLEN + ihl;
-    let ports: [u16; 2] = read(ctx, l4_off)?;
-    let flow = Flow4 {
-        saddr: read(ctx, IP_SRC_OFF)?,
-        daddr: read(ctx, IP_DST_OFF)?,
-        sport: ports[0],
-        dport: ports[1],
-        proto,
-        l4_off,
-    };
-    // The checksum a rewrite updates must be inside the packet too.
-    read::<u16>(ctx, flow.l4_csum_off())?;
-    Some(flow)
+    parse_l4(ctx, proto, IP_SRC_OFF, IP_DST_OFF, ETH_HLEN + ihl)
 }
 
 /// A packet as the policy check sees it, IPv4 or IPv6: addresses in the 16-byte form of the

@@ -111,16 +111,21 @@ pub fn checksum(data: &[u8], initial: u32) -> u16 {
 /// field zeroed (what a correct sender writes).
 fn l4_checksum(p: &[u8]) -> u16 {
     let ip = &p[ETH_HLEN..ETH_HLEN + IPV4_HLEN];
-    let proto = ip[9];
-    let mut segment = p[ETH_HLEN + IPV4_HLEN..].to_vec();
-    let off = l4_csum_offset(proto) - ETH_HLEN - IPV4_HLEN;
-    segment[off] = 0;
-    segment[off + 1] = 0;
+    let (proto, segment) = (ip[9], &p[ETH_HLEN + IPV4_HLEN..]);
     let mut pseudo = Vec::with_capacity(12);
     pseudo.extend_from_slice(&ip[12..20]);
     pseudo.extend_from_slice(&[0, proto]);
     pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
-    let partial = u32::from(!checksum(&pseudo, 0));
+    segment_checksum(&pseudo, segment, proto)
+}
+
+/// The TCP/UDP checksum of `segment` (its checksum field taken as zero) after `pseudo`.
+fn segment_checksum(pseudo: &[u8], segment: &[u8], proto: u8) -> u16 {
+    let mut segment = segment.to_vec();
+    let off = if proto == proto::TCP { 16 } else { 6 };
+    segment[off] = 0;
+    segment[off + 1] = 0;
+    let partial = u32::from(!checksum(pseudo, 0));
     let csum = checksum(&segment, partial);
     if proto == proto::UDP && csum == 0 { 0xffff } else { csum }
 }
@@ -145,30 +150,29 @@ pub fn l4_checksum_ok(p: &[u8]) -> bool {
 /// zeroed), over the IPv6 pseudo-header and the segment.
 fn l4_checksum6(p: &[u8]) -> u16 {
     let ip = &p[ETH_HLEN..ETH_HLEN + 40];
-    let proto = ip[6];
-    let mut segment = p[ETH_HLEN + 40..].to_vec();
-    let off = if proto == proto::TCP { 16 } else { 6 };
-    segment[off] = 0;
-    segment[off + 1] = 0;
+    let (proto, segment) = (ip[6], &p[ETH_HLEN + 40..]);
     let mut pseudo = Vec::with_capacity(40);
     pseudo.extend_from_slice(&ip[8..40]);
     pseudo.extend_from_slice(&(segment.len() as u32).to_be_bytes());
     pseudo.extend_from_slice(&[0, 0, 0, proto]);
-    let partial = u32::from(!checksum(&pseudo, 0));
-    let csum = checksum(&segment, partial);
-    if proto == proto::UDP && csum == 0 { 0xffff } else { csum }
+    segment_checksum(&pseudo, segment, proto)
+}
+
+/// Offset of the TCP/UDP checksum of an IPv6 packet without extension headers.
+fn l4_csum_offset6(p: &[u8]) -> usize {
+    ETH_HLEN + 40 + if p[ETH_HLEN + 6] == proto::TCP { 16 } else { 6 }
 }
 
 /// Writes a correct TCP/UDP checksum into an IPv6 packet without extension headers.
 pub fn fill_l4_checksum6(p: &mut [u8]) {
-    let off = ETH_HLEN + 40 + if p[ETH_HLEN + 6] == proto::TCP { 16 } else { 6 };
+    let off = l4_csum_offset6(p);
     let csum = l4_checksum6(p);
     p[off..off + 2].copy_from_slice(&csum.to_be_bytes());
 }
 
 /// True when the TCP/UDP checksum of an IPv6 packet without extension headers is valid.
 pub fn l4_checksum6_ok(p: &[u8]) -> bool {
-    let off = ETH_HLEN + 40 + if p[ETH_HLEN + 6] == proto::TCP { 16 } else { 6 };
+    let off = l4_csum_offset6(p);
     u16::from_be_bytes([p[off], p[off + 1]]) == l4_checksum6(p)
 }
 
