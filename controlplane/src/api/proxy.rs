@@ -61,11 +61,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// only container.
 pub fn container_for(pod: &Value, requested: Option<&str>) -> Result<String, ApiError> {
     let name = meta::meta_str(pod, "name").unwrap_or("");
-    let names: Vec<&str> = pod
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .map(|cs| cs.iter().filter_map(|c| c.get("name").and_then(Value::as_str)).collect())
-        .unwrap_or_default();
+    let names_of = |field: &str| -> Vec<&str> {
+        pod.pointer(field)
+            .and_then(Value::as_array)
+            .map(|cs| cs.iter().filter_map(|c| c.get("name").and_then(Value::as_str)).collect())
+            .unwrap_or_default()
+    };
+    let names = names_of("/spec/containers");
+    // Init containers have logs (and exec) too; they are never the default.
+    let init_names = names_of("/spec/initContainers");
     let annotated = pod
         .pointer("/metadata/annotations")
         .and_then(|a| a.get(DEFAULT_CONTAINER_ANNOTATION))
@@ -81,10 +85,15 @@ pub fn container_for(pod: &Value, requested: Option<&str>) -> Result<String, Api
             )));
         }
     };
-    if !names.contains(&chosen) {
+    if !names.contains(&chosen) && !init_names.contains(&chosen) {
         return Err(ApiError::bad_request(format!(
-            "container {chosen} is not valid for pod {name}; its containers are: [{}]",
-            names.join(" ")
+            "container {chosen} is not valid for pod {name}; its containers are: [{}]{}",
+            names.join(" "),
+            if init_names.is_empty() {
+                String::new()
+            } else {
+                format!(" and its init containers: [{}]", init_names.join(" "))
+            }
         )));
     }
     Ok(chosen.to_string())
@@ -288,6 +297,12 @@ mod tests {
         let mut annotated = two.clone();
         annotated["metadata"]["annotations"] = json!({DEFAULT_CONTAINER_ANNOTATION: "b"});
         assert_eq!(container_for(&annotated, None).unwrap(), "b");
+        let init = json!({"metadata": {"name": "p"},
+                          "spec": {"containers": [{"name": "a"}], "initContainers": [{"name": "i"}]}});
+        assert_eq!(container_for(&init, None).unwrap(), "a");
+        assert_eq!(container_for(&init, Some("i")).unwrap(), "i");
+        let err = container_for(&init, Some("x")).unwrap_err();
+        assert!(err.message.contains("init containers: [i]"), "{}", err.message);
     }
 
     #[test]

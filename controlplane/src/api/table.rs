@@ -226,7 +226,12 @@ fn template_cells(obj: &Value) -> [Value; 3] {
 
 /// Pod READY, STATUS and RESTARTS as kube-apiserver computes them (printPod).
 fn pod_cells(pod: &Value, name: Value, age: Value, now: i64) -> Vec<Value> {
-    let total = array_at(pod, "/spec/containers").len();
+    let init_specs = array_at(pod, "/spec/initContainers");
+    // Init containers with `restartPolicy: Always` (sidecars) count as containers.
+    let is_sidecar =
+        |name: &str| init_specs.iter().any(|c| c["name"] == name && c["restartPolicy"] == "Always");
+    let total = array_at(pod, "/spec/containers").len()
+        + init_specs.iter().filter(|c| c["restartPolicy"] == "Always").count();
     let mut reason = match str_at(pod, "/status/reason") {
         "" => str_at(pod, "/status/phase").to_string(),
         r => r.to_string(),
@@ -234,27 +239,79 @@ fn pod_cells(pod: &Value, name: Value, age: Value, now: i64) -> Vec<Value> {
     let mut ready = 0;
     let mut restarts = 0;
     let mut last_restart: Option<i64> = None;
-    let mut has_running = false;
-    // Walked from the last container to the first, as kube-apiserver does: the first
-    // container with a waiting or terminated reason decides STATUS.
-    for c in array_at(pod, "/status/containerStatuses").iter().rev() {
+    let mut sidecar_restarts = 0;
+    let mut sidecar_last_restart: Option<i64> = None;
+    let latest = |at: Option<i64>, c: &Value| match meta::parse_rfc3339(str_at(
+        c,
+        "/lastState/terminated/finishedAt",
+    )) {
+        Some(finished) => Some(at.map_or(finished, |l: i64| l.max(finished))),
+        None => at,
+    };
+    // The first init container that has not completed (nor, for a sidecar, started) decides
+    // STATUS while the pod initializes, as in kube-apiserver's printPod.
+    let mut initializing = false;
+    let init_statuses = array_at(pod, "/status/initContainerStatuses");
+    for (i, c) in init_statuses.iter().enumerate() {
         restarts += int_at(c, "/restartCount");
-        if let Some(finished) = meta::parse_rfc3339(str_at(c, "/lastState/terminated/finishedAt")) {
-            last_restart = Some(last_restart.map_or(finished, |l| l.max(finished)));
+        last_restart = latest(last_restart, c);
+        let sidecar = is_sidecar(str_at(c, "/name"));
+        if sidecar {
+            sidecar_restarts += int_at(c, "/restartCount");
+            sidecar_last_restart = latest(sidecar_last_restart, c);
         }
-        let waiting = str_at(c, "/state/waiting/reason");
         let terminated = c.pointer("/state/terminated");
-        if !waiting.is_empty() {
-            reason = waiting.to_string();
-        } else if let Some(t) = terminated {
-            reason = match (str_at(t, "/reason"), int_at(t, "/signal")) {
-                ("", 0) => format!("ExitCode:{}", int_at(t, "/exitCode")),
-                ("", signal) => format!("Signal:{signal}"),
-                (r, _) => r.to_string(),
-            };
-        } else if c.get("ready") == Some(&json!(true)) && c.pointer("/state/running").is_some() {
-            has_running = true;
-            ready += 1;
+        let waiting = str_at(c, "/state/waiting/reason");
+        if terminated.is_some_and(|t| int_at(t, "/exitCode") == 0) {
+            continue;
+        }
+        if sidecar && c.get("started") == Some(&json!(true)) {
+            if c.get("ready") == Some(&json!(true)) {
+                ready += 1;
+            }
+            continue;
+        }
+        reason = if let Some(t) = terminated {
+            match (str_at(t, "/reason"), int_at(t, "/signal")) {
+                ("", 0) => format!("Init:ExitCode:{}", int_at(t, "/exitCode")),
+                ("", signal) => format!("Init:Signal:{signal}"),
+                (r, _) => format!("Init:{r}"),
+            }
+        } else if !waiting.is_empty() && waiting != "PodInitializing" {
+            format!("Init:{waiting}")
+        } else {
+            format!("Init:{i}/{}", init_specs.len())
+        };
+        initializing = true;
+        break;
+    }
+    let initialized = array_at(pod, "/status/conditions")
+        .iter()
+        .any(|c| c["type"] == "Initialized" && c["status"] == "True");
+    let mut has_running = false;
+    if !initializing || initialized {
+        restarts = sidecar_restarts;
+        last_restart = sidecar_last_restart;
+        // Walked from the last container to the first, as kube-apiserver does: the first
+        // container with a waiting or terminated reason decides STATUS.
+        for c in array_at(pod, "/status/containerStatuses").iter().rev() {
+            restarts += int_at(c, "/restartCount");
+            last_restart = latest(last_restart, c);
+            let waiting = str_at(c, "/state/waiting/reason");
+            let terminated = c.pointer("/state/terminated");
+            if !waiting.is_empty() {
+                reason = waiting.to_string();
+            } else if let Some(t) = terminated {
+                reason = match (str_at(t, "/reason"), int_at(t, "/signal")) {
+                    ("", 0) => format!("ExitCode:{}", int_at(t, "/exitCode")),
+                    ("", signal) => format!("Signal:{signal}"),
+                    (r, _) => r.to_string(),
+                };
+            } else if c.get("ready") == Some(&json!(true)) && c.pointer("/state/running").is_some()
+            {
+                has_running = true;
+                ready += 1;
+            }
         }
     }
     if reason == "Completed" && has_running {
@@ -618,6 +675,106 @@ mod tests {
         gated["spec"]["readinessGates"] = json!([{"conditionType": "x"}, {"conditionType": "y"}]);
         gated["status"]["conditions"] = json!([{"type": "x", "status": "True"}]);
         assert_eq!(row("Pod", gated)[8], "1/2");
+    }
+
+    #[test]
+    fn pods_with_init_containers_show_init_progress_as_kube_apiserver() {
+        let running = json!({"running": {"startedAt": ts(100)}});
+        let waiting = |reason: &str| json!({"waiting": {"reason": reason}});
+        let completed = json!({"terminated": {"exitCode": 0, "reason": "Completed"}});
+        let init_pod = |inits: Vec<Value>, apps: Vec<Value>, initialized: bool| {
+            let mut p = pod(apps);
+            p["spec"]["initContainers"] = json!([{"name": "i1"}, {"name": "i2"}]);
+            p["status"]["phase"] = json!("Pending");
+            p["status"]["initContainerStatuses"] = json!(inits);
+            p["status"]["conditions"] = json!([{"type": "Initialized",
+                "status": if initialized { "True" } else { "False" }}]);
+            p
+        };
+        let apps = || {
+            vec![
+                container("a", false, waiting("PodInitializing"), 0, json!({})),
+                container("b", false, waiting("PodInitializing"), 0, json!({})),
+            ]
+        };
+        let first = init_pod(
+            vec![
+                container("i1", false, running.clone(), 0, json!({})),
+                container("i2", false, waiting("PodInitializing"), 0, json!({})),
+            ],
+            apps(),
+            false,
+        );
+        assert_eq!(row("Pod", first)[1..4], ["0/2", "Init:0/2", "0"]);
+        let second = init_pod(
+            vec![
+                container("i1", true, completed.clone(), 0, json!({})),
+                container("i2", false, running.clone(), 0, json!({})),
+            ],
+            apps(),
+            false,
+        );
+        assert_eq!(row("Pod", second)[2], "Init:1/2");
+        let looping = init_pod(
+            vec![
+                container(
+                    "i1",
+                    false,
+                    waiting("CrashLoopBackOff"),
+                    3,
+                    json!({"terminated": {"exitCode": 1, "reason": "Error", "finishedAt": ts(30)}}),
+                ),
+                container("i2", false, waiting("PodInitializing"), 0, json!({})),
+            ],
+            apps(),
+            false,
+        );
+        assert_eq!(row("Pod", looping)[2..4], ["Init:CrashLoopBackOff", "3 (30s ago)"]);
+        let failed = init_pod(
+            vec![
+                container(
+                    "i1",
+                    false,
+                    json!({"terminated": {"exitCode": 3, "reason": "Error"}}),
+                    0,
+                    json!({}),
+                ),
+                container("i2", false, waiting("PodInitializing"), 0, json!({})),
+            ],
+            apps(),
+            false,
+        );
+        assert_eq!(row("Pod", failed)[2], "Init:Error");
+        let done = || {
+            vec![
+                container("i1", true, completed.clone(), 2, json!({})),
+                container("i2", true, completed.clone(), 0, json!({})),
+            ]
+        };
+        // Initialized, app containers not started yet; init restarts no longer count.
+        assert_eq!(row("Pod", init_pod(done(), apps(), true))[2..4], ["PodInitializing", "0"]);
+        let mut up = init_pod(
+            done(),
+            vec![
+                container("a", true, running.clone(), 0, json!({})),
+                container("b", true, running.clone(), 0, json!({})),
+            ],
+            true,
+        );
+        up["status"]["phase"] = json!("Running");
+        assert_eq!(row("Pod", up)[1..4], ["2/2", "Running", "0"]);
+        // A started sidecar counts as a container, and the next init container runs.
+        let mut sidecar = init_pod(
+            vec![
+                container("i1", true, running.clone(), 1, json!({})),
+                container("i2", false, running.clone(), 0, json!({})),
+            ],
+            apps(),
+            false,
+        );
+        sidecar["spec"]["initContainers"][0]["restartPolicy"] = json!("Always");
+        sidecar["status"]["initContainerStatuses"][0]["started"] = json!(true);
+        assert_eq!(row("Pod", sidecar)[1..4], ["1/3", "Init:1/2", "1"]);
     }
 
     #[test]
