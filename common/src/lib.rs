@@ -18,6 +18,7 @@ pub mod endpoint;
 pub mod lb;
 pub mod metrics;
 pub mod policy;
+pub mod sctp;
 pub mod sock;
 
 /// IP protocol numbers as they appear in the IPv4 `protocol` field.

@@ -1,4 +1,4 @@
-//! Parsing of Ethernet + IPv4 or IPv6 + TCP/UDP headers into the flow tuple the load balancer
+//! Parsing of Ethernet + IPv4 or IPv6 + TCP/UDP/SCTP headers into the flow tuple the load balancer
 //! needs, and of IPv4 or IPv6 packets for the policy check.
 //!
 //! Headers are read with direct packet access (bounds-checked against `data_end`, as the
@@ -14,7 +14,8 @@ use weir_common::{
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IPV4_MIN_HLEN: usize = 20;
-/// The longest header stack parsed: Ethernet, IPv4 with options, TCP up to its checksum.
+/// The longest header stack parsed: Ethernet, IPv4 with options, TCP up to its checksum (SCTP's
+/// ends earlier).
 const MAX_PARSED_LEN: usize = ETH_HLEN + 60 + 18;
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
@@ -32,21 +33,28 @@ pub struct Flow<A> {
     pub proto: u8,
     /// Offset of the L4 header from the start of the packet.
     pub l4_off: usize,
+    /// Length of the L4 header and payload, from the IP header (SCTP's checksum covers them).
+    pub l4_len: u16,
 }
 
 pub type Flow4 = Flow<u32>;
 pub type Flow6 = Flow<[u32; 4]>;
 
 impl<A> Flow<A> {
-    /// Offset of the L4 checksum field.
+    /// Offset of the L4 checksum field (16 bits for TCP and UDP, 32 for SCTP).
     pub fn l4_csum_off(&self) -> usize {
-        if self.proto == proto::TCP { self.l4_off + 16 } else { self.l4_off + 6 }
+        match self.proto {
+            proto::TCP => self.l4_off + 16,
+            proto::SCTP => self.l4_off + weir_common::sctp::CHECKSUM_OFFSET,
+            _ => self.l4_off + 6,
+        }
     }
 }
 
-/// The flow of a TCP or UDP packet whose IP header (addresses at `saddr_off` and `daddr_off`)
-/// carries `proto` and whose L4 header starts at `l4_off`; `None` for another protocol or when
-/// the ports or the checksum a rewrite updates are not inside the packet.
+/// The flow of a TCP, UDP or SCTP packet whose IP header (addresses at `saddr_off` and
+/// `daddr_off`) carries `proto` and whose L4 header of `l4_len` bytes starts at `l4_off`;
+/// `None` for another protocol or when the ports or the checksum a rewrite updates are not
+/// inside the packet.
 #[inline(always)]
 fn parse_l4<A: Copy>(
     ctx: &TcContext,
@@ -54,8 +62,9 @@ fn parse_l4<A: Copy>(
     saddr_off: usize,
     daddr_off: usize,
     l4_off: usize,
+    l4_len: u16,
 ) -> Option<Flow<A>> {
-    if proto != proto::TCP && proto != proto::UDP {
+    if !has_ports(proto) {
         return None;
     }
     let ports: [u16; 2] = read(ctx, l4_off)?;
@@ -66,15 +75,20 @@ fn parse_l4<A: Copy>(
         dport: ports[1],
         proto,
         l4_off,
+        l4_len,
     };
-    read::<u16>(ctx, flow.l4_csum_off())?;
+    if proto == proto::SCTP {
+        read::<u32>(ctx, flow.l4_csum_off())?;
+    } else {
+        read::<u16>(ctx, flow.l4_csum_off())?;
+    }
     Some(flow)
 }
 
 pub const IP6_SRC_OFF: usize = ETH_HLEN + 8;
 pub const IP6_DST_OFF: usize = ETH_HLEN + 24;
 
-/// Parses an IPv6 TCP or UDP packet whose L4 header follows the fixed header. `None` for
+/// Parses an IPv6 TCP, UDP or SCTP packet whose L4 header follows the fixed header. `None` for
 /// anything else, including packets with extension headers (they pass untranslated; fragments
 /// carry a fragment header, so they are among them).
 #[inline(always)]
@@ -87,7 +101,8 @@ pub fn parse_flow6(ctx: &TcContext) -> Option<Flow6> {
         return None;
     }
     let proto: u8 = read(ctx, ETH_HLEN + 6)?;
-    parse_l4(ctx, proto, IP6_SRC_OFF, IP6_DST_OFF, ETH_HLEN + IPV6_HLEN)
+    let payload_len = u16::from_be(read::<u16>(ctx, ETH_HLEN + 4)?);
+    parse_l4(ctx, proto, IP6_SRC_OFF, IP6_DST_OFF, ETH_HLEN + IPV6_HLEN, payload_len)
 }
 
 /// A pointer to a `T` at `offset`, if the linear packet data holds all of it.
@@ -143,7 +158,7 @@ fn ipv4_header_len(ctx: &TcContext) -> Option<usize> {
     Some(ihl)
 }
 
-/// Parses an IPv4 TCP or UDP packet. `None` for anything else: other ethertypes, other
+/// Parses an IPv4 TCP, UDP or SCTP packet. `None` for anything else: other ethertypes, other
 /// protocols, non-first fragments (no ports), or a packet too short for its headers.
 #[inline(always)]
 pub fn parse_flow4(ctx: &TcContext) -> Option<Flow4> {
@@ -154,7 +169,8 @@ pub fn parse_flow4(ctx: &TcContext) -> Option<Flow4> {
         return None;
     }
     let proto: u8 = read(ctx, ETH_HLEN + 9)?;
-    parse_l4(ctx, proto, IP_SRC_OFF, IP_DST_OFF, ETH_HLEN + ihl)
+    let l4_len = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?).checked_sub(ihl as u16)?;
+    parse_l4(ctx, proto, IP_SRC_OFF, IP_DST_OFF, ETH_HLEN + ihl, l4_len)
 }
 
 /// A packet as the policy check sees it, IPv4 or IPv6: addresses in the 16-byte form of the

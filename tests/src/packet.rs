@@ -1,5 +1,5 @@
-//! Building and checking Ethernet + IPv4 + TCP/UDP packets for BPF_PROG_TEST_RUN tests (and
-//! IPv6 packets for the policy programs).
+//! Building and checking Ethernet + IPv4 + TCP/UDP/SCTP packets for BPF_PROG_TEST_RUN tests
+//! (and IPv6 packets for the policy programs), and SCTP segments for raw sockets.
 //!
 //! The builder writes correct IPv4 and L4 checksums; the checkers recompute them from scratch,
 //! so a test can prove that a program's incremental checksum updates are right.
@@ -17,7 +17,7 @@ pub struct Ipv4Packet {
     pub dst: Ipv4Addr,
     pub sport: u16,
     pub dport: u16,
-    /// [`proto::TCP`] or [`proto::UDP`].
+    /// [`proto::TCP`], [`proto::UDP`] or [`proto::SCTP`] (the payload is then the chunks).
     pub proto: u8,
     pub payload: Vec<u8>,
 }
@@ -31,8 +31,13 @@ impl Ipv4Packet {
         Self { src, dst, sport, dport, proto: proto::UDP, payload: b"hello".to_vec() }
     }
 
+    /// An SCTP packet carrying an INIT chunk.
+    pub fn sctp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Self { src, dst, sport, dport, proto: proto::SCTP, payload: sctp_init_chunk(0x0102_0304) }
+    }
+
     fn l4_header_len(&self) -> usize {
-        if self.proto == proto::TCP { 20 } else { 8 }
+        l4_header_len(self.proto)
     }
 
     /// The packet on the wire, with valid checksums.
@@ -60,6 +65,8 @@ impl Ipv4Packet {
             p.extend_from_slice(&[0x50, 0x02]); // data offset 5, SYN
             p.extend_from_slice(&64240u16.to_be_bytes());
             p.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+        } else if self.proto == proto::SCTP {
+            p.extend_from_slice(&[0; 8]); // verification tag (0 for an INIT), checksum
         } else {
             p.extend_from_slice(&(l4_len as u16).to_be_bytes());
             p.extend_from_slice(&[0, 0]);
@@ -67,9 +74,13 @@ impl Ipv4Packet {
         p.extend_from_slice(&self.payload);
         let ip_csum = checksum(&p[ETH_HLEN..ETH_HLEN + IPV4_HLEN], 0);
         p[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&ip_csum.to_be_bytes());
-        let off = l4_csum_offset(self.proto);
-        let l4_csum = l4_checksum(&p);
-        p[off..off + 2].copy_from_slice(&l4_csum.to_be_bytes());
+        if self.proto == proto::SCTP {
+            fill_sctp_checksum(&mut p[ETH_HLEN + IPV4_HLEN..]);
+        } else {
+            let off = l4_csum_offset(self.proto);
+            let l4_csum = l4_checksum(&p);
+            p[off..off + 2].copy_from_slice(&l4_csum.to_be_bytes());
+        }
         p
     }
 
@@ -78,7 +89,7 @@ impl Ipv4Packet {
         let ip = p.get(ETH_HLEN..ETH_HLEN + IPV4_HLEN)?;
         let proto = ip[9];
         let l4 = p.get(ETH_HLEN + IPV4_HLEN..)?;
-        let header = if proto == proto::TCP { 20 } else { 8 };
+        let header = l4_header_len(proto);
         Some(Self {
             src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
             dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
@@ -90,8 +101,64 @@ impl Ipv4Packet {
     }
 }
 
+fn l4_header_len(proto: u8) -> usize {
+    match proto {
+        proto::TCP => 20,
+        proto::SCTP => 12,
+        _ => 8,
+    }
+}
+
 fn l4_csum_offset(proto: u8) -> usize {
     ETH_HLEN + IPV4_HLEN + if proto == proto::TCP { 16 } else { 6 }
+}
+
+/// SCTP's CRC32c of `segment` (common header and chunks) with its checksum field taken as
+/// zero, bit by bit from the definition (RFC 9260, appendix A), independent of the datapath's
+/// incremental update.
+pub fn sctp_checksum(segment: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for (i, &byte) in segment.iter().enumerate() {
+        crc ^= u32::from(if (8..12).contains(&i) { 0 } else { byte });
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// Writes a correct checksum into an SCTP segment (stored little-endian, as the kernel does).
+pub fn fill_sctp_checksum(segment: &mut [u8]) {
+    let crc = sctp_checksum(segment);
+    segment[8..12].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// True when an SCTP segment's checksum is valid.
+pub fn sctp_checksum_ok(segment: &[u8]) -> bool {
+    segment.len() >= 12 && segment[8..12] == sctp_checksum(segment).to_le_bytes()
+}
+
+/// An SCTP INIT chunk (RFC 9260, 3.3.2) with initiate tag `tag` and no parameters.
+pub fn sctp_init_chunk(tag: u32) -> Vec<u8> {
+    let mut chunk = vec![1, 0];
+    chunk.extend_from_slice(&20u16.to_be_bytes());
+    chunk.extend_from_slice(&tag.to_be_bytes());
+    chunk.extend_from_slice(&65_535u32.to_be_bytes()); // advertised receiver window
+    chunk.extend_from_slice(&[0, 10, 0, 10]); // outbound and inbound streams
+    chunk.extend_from_slice(&tag.wrapping_add(1).to_be_bytes()); // initial TSN
+    chunk
+}
+
+/// An SCTP segment: common header with a valid checksum, then `chunks`.
+pub fn sctp_segment(sport: u16, dport: u16, verification_tag: u32, chunks: &[u8]) -> Vec<u8> {
+    let mut segment = Vec::with_capacity(12 + chunks.len());
+    segment.extend_from_slice(&sport.to_be_bytes());
+    segment.extend_from_slice(&dport.to_be_bytes());
+    segment.extend_from_slice(&verification_tag.to_be_bytes());
+    segment.extend_from_slice(&[0; 4]);
+    segment.extend_from_slice(chunks);
+    fill_sctp_checksum(&mut segment);
+    segment
 }
 
 /// The Internet checksum (RFC 1071) of `data`, starting from the partial sum `initial`.
@@ -135,9 +202,13 @@ pub fn ipv4_checksum_ok(p: &[u8]) -> bool {
     checksum(&p[ETH_HLEN..ETH_HLEN + IPV4_HLEN], 0) == 0
 }
 
-/// True when the TCP/UDP checksum is valid (a UDP checksum of 0 means "none" and is valid).
+/// True when the TCP/UDP/SCTP checksum is valid (a UDP checksum of 0 means "none" and is
+/// valid).
 pub fn l4_checksum_ok(p: &[u8]) -> bool {
     let proto = p[ETH_HLEN + 9];
+    if proto == proto::SCTP {
+        return sctp_checksum_ok(&p[ETH_HLEN + IPV4_HLEN..]);
+    }
     let off = l4_csum_offset(proto);
     let stored = u16::from_be_bytes([p[off], p[off + 1]]);
     if proto == proto::UDP && stored == 0 {
@@ -163,15 +234,21 @@ fn l4_csum_offset6(p: &[u8]) -> usize {
     ETH_HLEN + 40 + if p[ETH_HLEN + 6] == proto::TCP { 16 } else { 6 }
 }
 
-/// Writes a correct TCP/UDP checksum into an IPv6 packet without extension headers.
+/// Writes a correct TCP/UDP/SCTP checksum into an IPv6 packet without extension headers.
 pub fn fill_l4_checksum6(p: &mut [u8]) {
+    if p[ETH_HLEN + 6] == proto::SCTP {
+        return fill_sctp_checksum(&mut p[ETH_HLEN + 40..]);
+    }
     let off = l4_csum_offset6(p);
     let csum = l4_checksum6(p);
     p[off..off + 2].copy_from_slice(&csum.to_be_bytes());
 }
 
-/// True when the TCP/UDP checksum of an IPv6 packet without extension headers is valid.
+/// True when the TCP/UDP/SCTP checksum of an IPv6 packet without extension headers is valid.
 pub fn l4_checksum6_ok(p: &[u8]) -> bool {
+    if p[ETH_HLEN + 6] == proto::SCTP {
+        return sctp_checksum_ok(&p[ETH_HLEN + 40..]);
+    }
     let off = l4_csum_offset6(p);
     u16::from_be_bytes([p[off], p[off + 1]]) == l4_checksum6(p)
 }
@@ -191,7 +268,12 @@ mod tests {
     fn built_packets_have_valid_checksums_and_round_trip() {
         let a = Ipv4Addr::new(10, 0, 0, 1);
         let b = Ipv4Addr::new(10, 96, 0, 10);
-        for pkt in [Ipv4Packet::tcp(a, 40000, b, 80), Ipv4Packet::udp(a, 40000, b, 53)] {
+        let packets = [
+            Ipv4Packet::tcp(a, 40000, b, 80),
+            Ipv4Packet::udp(a, 40000, b, 53),
+            Ipv4Packet::sctp(a, 40000, b, 38412),
+        ];
+        for pkt in packets {
             let wire = pkt.build();
             assert!(ipv4_checksum_ok(&wire));
             assert!(l4_checksum_ok(&wire));
@@ -205,6 +287,15 @@ mod tests {
         let mut wire = pkt.build();
         wire[ETH_HLEN + 19] ^= 1; // last octet of the destination address
         assert!(!ipv4_checksum_ok(&wire));
+        assert!(!l4_checksum_ok(&wire));
+
+        // SCTP's checksum covers no address, but every byte of the segment.
+        let mut wire =
+            Ipv4Packet::sctp(Ipv4Addr::new(10, 0, 0, 1), 1, Ipv4Addr::new(10, 0, 0, 2), 2).build();
+        assert!(l4_checksum_ok(&wire));
+        wire[ETH_HLEN + 19] ^= 1;
+        assert!(l4_checksum_ok(&wire));
+        *wire.last_mut().unwrap() ^= 1;
         assert!(!l4_checksum_ok(&wire));
     }
 }

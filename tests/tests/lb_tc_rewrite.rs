@@ -200,6 +200,41 @@ fn lb_tc_reply_is_reverse_translated_to_the_vip() {
     assert_eq!(out, untracked);
 }
 
+/// SCTP has no pseudo-header: the address rewrite leaves its CRC32c alone, the port rewrite
+/// updates it incrementally (weir_common::sctp); the result must equal a CRC computed from
+/// scratch, for a short INIT and for a packet near the MTU, in both directions.
+#[test]
+fn lb_tc_sctp_hit_and_reply_keep_a_valid_crc32c() {
+    let (ebpf, pins) = setup(proto::SCTP, 1);
+    for (sport, payload_len) in [(40_000u16, 0usize), (40_001, 1_400)] {
+        let mut request = Ipv4Packet::sctp(CLIENT, sport, VIP, 80);
+        request.payload.extend((0..payload_len).map(|i| (i * 7) as u8));
+        let (verdict, out) = run(&ebpf, TC_LB4_FORWARD, &request.build());
+        assert_eq!(verdict, TC_ACT_OK);
+        let rewritten = Ipv4Packet::parse(&out).expect("parse output");
+        assert_eq!((rewritten.dst, rewritten.dport), (BACKENDS[0], 8080));
+        assert_eq!(rewritten.payload, request.payload, "chunks untouched");
+        assert!(ipv4_checksum_ok(&out), "IPv4 header checksum");
+        assert!(l4_checksum_ok(&out), "SCTP CRC32c after DNAT ({payload_len} bytes of payload)");
+        let forward = ct_entry(&pins, ct_key(&request, CT_FORWARD)).expect("forward entry");
+        assert_eq!(forward.rev_nat_index, 7);
+
+        let mut reply = Ipv4Packet::sctp(BACKENDS[0], 8080, CLIENT, sport);
+        reply.payload.extend((0..payload_len).map(|i| (i * 3) as u8));
+        let (verdict, out) = run(&ebpf, TC_LB4_REVERSE, &reply.build());
+        assert_eq!(verdict, TC_ACT_OK);
+        let rewritten = Ipv4Packet::parse(&out).unwrap();
+        assert_eq!((rewritten.src, rewritten.sport), (VIP, 80), "the reply comes from the VIP");
+        assert!(ipv4_checksum_ok(&out) && l4_checksum_ok(&out), "CRC32c after reverse NAT");
+    }
+    assert_eq!(counter(&ebpf, Counter::Translated), 2);
+    assert_eq!(counter(&ebpf, Counter::ReverseTranslated), 2);
+
+    // A TCP packet to the SCTP frontend's address and port is no hit.
+    let tcp = Ipv4Packet::tcp(CLIENT, 40_002, VIP, 80).build();
+    assert_eq!(run(&ebpf, TC_LB4_FORWARD, &tcp), (TC_ACT_OK, tcp));
+}
+
 #[test]
 fn lb_tc_flow_keeps_its_backend_and_new_flows_spread() {
     let (ebpf, _pins) = setup(proto::TCP, 3);
@@ -229,6 +264,7 @@ fn lb_tc_service_without_backends_drops_and_counts() {
 
 #[test]
 fn lb_tc_ipv6_hit_and_reply_are_rewritten_with_valid_checksums() {
+    // TCP, UDP and SCTP (whose CRC32c covers no pseudo-header).
     require_root();
     let client: Ipv6Addr = "fd00::1".parse().unwrap();
     let vip: Ipv6Addr = "fd00:96::a".parse().unwrap();
@@ -236,7 +272,7 @@ fn lb_tc_ipv6_hit_and_reply_are_rewritten_with_valid_checksums() {
     let pins = TestPinDir::new("rewrite6").unwrap();
     let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
     let mut desired = ServiceState::default();
-    for protocol in [Protocol::Tcp, Protocol::Udp] {
+    for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
         desired.frontends.insert(
             Frontend { address: vip.into(), port: 80, protocol },
             FrontendState::cluster_ip("default/web", vec![(backend, 8080).into()]),
@@ -245,7 +281,7 @@ fn lb_tc_ipv6_hit_and_reply_are_rewritten_with_valid_checksums() {
     let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
     writer.execute(&ServicePlanner::new().plan(&desired)).unwrap();
 
-    for proto in [proto::TCP, proto::UDP] {
+    for proto in [proto::TCP, proto::UDP, proto::SCTP] {
         let mut request = Ipv6Packet::new(client, 40_000, vip, 80, proto).build();
         fill_l4_checksum6(&mut request);
         let (verdict, out) = run(&loaded.ebpf, TC_LB4_FORWARD, &request);
@@ -263,8 +299,8 @@ fn lb_tc_ipv6_hit_and_reply_are_rewritten_with_valid_checksums() {
         assert_eq!(&out[54..56], &80u16.to_be_bytes(), "from the service port");
         assert!(l4_checksum6_ok(&out), "L4 checksum after reverse NAT (proto {proto})");
     }
-    assert_eq!(counter(&loaded.ebpf, Counter::Translated), 2);
-    assert_eq!(counter(&loaded.ebpf, Counter::ReverseTranslated), 2);
+    assert_eq!(counter(&loaded.ebpf, Counter::Translated), 3);
+    assert_eq!(counter(&loaded.ebpf, Counter::ReverseTranslated), 3);
 
     // An IPv6 packet to an address that is no frontend passes untouched.
     let mut other = Ipv6Packet::new(client, 40_001, backend, 80, proto::TCP).build();
