@@ -35,5 +35,6 @@ pub mod reachability;
 pub mod relay;
 pub mod routed;
 pub mod scenarios;
+pub mod sctp;
 pub mod topology;
 pub mod wait;

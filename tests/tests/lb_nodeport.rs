@@ -22,7 +22,7 @@ use weir_tests::{
     echo::EchoServer,
     netns::{Netns, Veth},
     privileged::require_root,
-    probe,
+    probe, sctp,
 };
 
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(10, 206, 0, 1);
@@ -100,7 +100,7 @@ struct NodePortNet {
     external: Netns,
     node: Netns,
     uplink: String,
-    _pod: Netns,
+    pod: Netns,
 }
 
 impl NodePortNet {
@@ -131,7 +131,7 @@ impl NodePortNet {
         };
         node.run(|| std::fs::write(forwarding, "1")).unwrap().unwrap();
         let backend = EchoServer::tcp(&pod, (pod_ip, 8080).into()).unwrap();
-        Self { _backend: backend, external, node, uplink: uplink.b.clone(), _pod: pod }
+        Self { _backend: backend, external, node, uplink: uplink.b.clone(), pod }
     }
 
     /// Loads the eBPF object with `desired` in its maps and attaches the tc load balancer to
@@ -219,4 +219,77 @@ fn lb_nodeport_over_ipv6_from_outside_the_node_reaches_the_pod() {
             }
         }
     });
+}
+
+/// SCTP NodePort from outside the node, IPv4 and IPv6, on both dataplanes: an INIT to
+/// NODE:nodePort reaches the pod's port 8080 and the INIT-ACK comes back from the node port,
+/// with a valid CRC32c at both ends (the eBPF tc path rewrites the ports and updates the CRC;
+/// on nftables the kernel's NAT does). This kernel has no SCTP stack, so both ends speak over
+/// raw sockets (tests/src/sctp.rs).
+#[test]
+fn lb_nodeport_sctp_from_outside_the_node_reaches_the_pod_with_valid_checksums() {
+    require_root();
+    let families = [
+        ("sc", [EXTERNAL, NODE, NODE_POD_SIDE, POD].map(IpAddr::from)),
+        ("sc6", [EXTERNAL6, NODE6, NODE_POD_SIDE6, POD6].map(IpAddr::from)),
+    ];
+    for_each_dataplane(|dataplane| {
+        for (role, addresses) in families {
+            let [external, node, node_pod_side, pod] = addresses;
+            let net = NodePortNet::new(role, addresses);
+            let responder = sctp::Responder::start(&net.pod, pod.is_ipv6()).unwrap();
+
+            let (mut service, mut slice) = objects();
+            let spec = service.spec.as_mut().unwrap();
+            spec.ports.as_mut().unwrap()[0].protocol = Some("SCTP".into());
+            slice.ports.as_mut().unwrap()[0].protocol = Some("SCTP".into());
+            slice.endpoints[0].addresses = vec![pod.to_string()];
+            if pod.is_ipv6() {
+                spec.cluster_ip = Some("fd00:96::3:1".into());
+                spec.cluster_ips = Some(vec!["fd00:96::3:1".into()]);
+                spec.ip_families = Some(vec!["IPv6".into()]);
+                slice.address_type = "IPv6".into();
+            }
+            let context = NodeContext { name: "node-a".into(), addresses: vec![node] };
+            let desired = model::build([&service], [&slice], &context);
+            let target = std::net::SocketAddr::new(node, NODE_PORT);
+            let timeout = std::time::Duration::from_secs(3);
+
+            // eBPF keeps the client's address; nftables masquerades (Cluster policy).
+            let (_ebpf, _datapath, source) = match dataplane {
+                Dataplane::Ebpf => (Some(net.ebpf_on_uplink(&desired)), None, external),
+                Dataplane::Nftables => {
+                    let mut datapath = TestDatapath::new(dataplane, &net.node, role).unwrap();
+                    datapath.apply(&desired).unwrap();
+                    (None, Some(datapath), node_pod_side)
+                }
+            };
+            let exchange = sctp::exchange(&net.external, target, 40_000, timeout)
+                .unwrap_or_else(|e| panic!("{dataplane:?} {target}: {e:#}"));
+            assert_eq!(
+                exchange.reply_from, target,
+                "{dataplane:?}: the INIT-ACK comes from the node port"
+            );
+            assert!(exchange.checksum_ok, "{dataplane:?}: the INIT-ACK's CRC32c after reverse NAT");
+
+            let seen = responder.seen();
+            let init = seen.iter().find(|r| r.chunk_type == 1).expect("the pod saw the INIT");
+            assert_eq!(init.to_port, 8080, "{dataplane:?}: translated to the target port");
+            assert_eq!(init.from.ip(), source, "{dataplane:?}: {seen:?}");
+            assert!(init.checksum_ok, "{dataplane:?}: the INIT's CRC32c after DNAT");
+            if let Some((ebpf, _)) = &_ebpf {
+                assert_translated_once(ebpf);
+            }
+        }
+    });
+}
+
+/// The tc programs translated one packet each way.
+fn assert_translated_once(ebpf: &aya::Ebpf) {
+    let counters = read_counters(ebpf).unwrap();
+    let count = |which| counters.iter().find(|(c, _)| *c == which).unwrap().1;
+    assert!(
+        count(Counter::Translated) >= 1 && count(Counter::ReverseTranslated) >= 1,
+        "{counters:?}"
+    );
 }
