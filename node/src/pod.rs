@@ -4,6 +4,13 @@
 //!
 //! The task gets the latest Pod through a watch channel; the sender being dropped means the
 //! pod vanished from the API (deleted with grace 0): teardown without the API.
+//!
+//! Init containers run as kubelet runs them: once the sandbox is ready, one at a time in
+//! order, each to successful completion, before any app container starts. A failed one is
+//! restarted with the crash-loop backoff unless `restartPolicy` is Never (then the pod fails).
+//! An init container with `restartPolicy: Always` is a sidecar: the next one starts once it
+//! has started, it keeps running (restarted when it exits) next to the app containers, and it
+//! is stopped after them.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -14,7 +21,7 @@ use std::{
 
 use bytes::Bytes;
 use k8s_openapi::{
-    api::core::v1::{Container, Event, EventSource, ObjectReference, Pod},
+    api::core::v1::{Container, ContainerStatus, Event, EventSource, ObjectReference, Pod},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
     jiff::Timestamp,
 };
@@ -81,6 +88,17 @@ struct ProbeState {
     failures: u32,
 }
 
+/// What a container is to its pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// `spec.initContainers[]`: runs to completion, in order, before the app containers.
+    Init,
+    /// `spec.initContainers[]` with `restartPolicy: Always` (a native sidecar).
+    Sidecar,
+    /// `spec.containers[]`.
+    App,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ProbeKind {
     Startup = 0,
@@ -90,6 +108,13 @@ enum ProbeKind {
 
 struct Ctr {
     spec: Container,
+    role: Role,
+    /// An init container that exited 0: it never runs again in this sandbox.
+    completed: bool,
+    /// A sidecar that has started once: the init containers after it may run.
+    sidecar_started: bool,
+    /// A sidecar the runtime stopped because the pod finished (it is not restarted).
+    stopping: bool,
     launch: Result<Launch, String>,
     shared: Arc<ContainerShared>,
     restart_count: u32,
@@ -140,6 +165,8 @@ pub struct Worker {
     last_status: Option<Value>,
     transitions: HashMap<&'static str, (bool, String)>,
     pod_shared: Arc<PodShared>,
+    /// Every init container has completed (sidecars: started) once; stays true.
+    initialized: bool,
 }
 
 /// Runs a pod until it is gone (see the module docs).
@@ -201,13 +228,23 @@ impl Worker {
         let netns_name = rules::netns_name(&config.netns_prefix, &uid);
         let paths = PodPaths::new(&config.state_dir, &config.cgroup, &netns_name, &uid);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let previous: HashMap<String, i32> = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .map(|cs| cs.iter().map(|c| (c.name.clone(), c.restart_count)).collect())
-            .unwrap_or_default();
+        let status = pod.status.clone().unwrap_or_default();
+        let previous: HashMap<String, ContainerStatus> = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+            .map(|c| (c.name.clone(), c.clone()))
+            .collect();
         let adopted = sandbox::read_record(&paths.record()).filter(|r| r.cni_result.is_some());
+        // An adopted sandbox keeps its initialization: completed init containers never run
+        // again in it (a new sandbox runs them all again, as kubelet does).
+        let was_initialized = adopted.is_some()
+            && status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Initialized" && c.status == "True");
         let spec = pod.spec.clone().unwrap_or_default();
         let pod_shared = Arc::new(PodShared {
             uid: uid.clone(),
@@ -216,8 +253,21 @@ impl Worker {
             dir: paths.dir.clone(),
             containers: Default::default(),
         });
+        let has_init = spec.init_containers.as_ref().is_some_and(|i| !i.is_empty());
+        // As kubelet reports them, containers not started yet wait in PodInitializing when
+        // the pod has init containers.
+        let first_wait = if has_init { "PodInitializing" } else { "ContainerCreating" };
+        let init = spec.init_containers.into_iter().flatten().map(|c| {
+            let role = if c.restart_policy.as_deref() == Some("Always") {
+                Role::Sidecar
+            } else {
+                Role::Init
+            };
+            (c, role)
+        });
+        let apps = spec.containers.into_iter().map(|c| (c, Role::App));
         let mut ctrs = Vec::new();
-        for c in spec.containers {
+        for (c, role) in init.chain(apps) {
             let ports: Vec<u16> = c
                 .ports
                 .iter()
@@ -240,21 +290,40 @@ impl Worker {
                 c.tty.unwrap_or(false),
             ));
             pod_shared.containers.lock().unwrap().insert(c.name.clone(), shared_c.clone());
+            let before = previous.get(&c.name);
+            let completed = role == Role::Init
+                && adopted.is_some()
+                && (was_initialized || before.and_then(completed_state).is_some());
             // An adopted pod's containers were killed by the restarted runtime: their next run
-            // is a restart.
-            let restart_count = match (previous.get(&c.name), &adopted) {
-                (Some(n), Some(_)) => *n as u32 + 1,
-                (Some(n), None) => *n as u32,
+            // is a restart. A completed init container keeps its count and its state.
+            let restart_count = match (before, &adopted) {
+                (Some(s), Some(_)) if !completed => s.restart_count as u32 + 1,
+                (Some(s), _) => s.restart_count as u32,
                 _ => 0,
+            };
+            let state = if completed {
+                before.and_then(completed_state).unwrap_or_else(|| CState::Terminated {
+                    code: 0,
+                    reason: "Completed".into(),
+                    message: None,
+                    started_at: now(),
+                    finished_at: now(),
+                })
+            } else {
+                CState::Waiting { reason: first_wait.into(), message: None }
             };
             ctrs.push(Ctr {
                 spec: c,
+                role,
+                completed,
+                sidecar_started: false,
+                stopping: false,
                 launch,
                 shared: shared_c,
                 restart_count,
                 consecutive: 0,
-                ever_started: false,
-                state: CState::Waiting { reason: "ContainerCreating".into(), message: None },
+                ever_started: completed,
+                state,
                 last_terminated: None,
                 pid: None,
                 started: Instant::now(),
@@ -267,6 +336,7 @@ impl Worker {
                 image_event_sent: false,
             });
         }
+        let initialized = !has_init || was_initialized;
         shared.pods.lock().unwrap().insert((namespace.clone(), name.clone()), pod_shared.clone());
         let start_time = pod
             .status
@@ -302,6 +372,7 @@ impl Worker {
             last_status: None,
             transitions: HashMap::new(),
             pod_shared,
+            initialized,
         }
     }
 
@@ -344,10 +415,123 @@ impl Worker {
                 }
             }
         }
+        if !self.initialized {
+            if !self.run_init().await {
+                self.stop_sidecars_when_finished();
+                self.schedule_probes();
+                return;
+            }
+            self.initialized = true;
+            // Initialized, app containers not started yet: what kubectl shows as
+            // PodInitializing.
+            self.report().await;
+        }
+        self.stop_sidecars_when_finished();
         for idx in 0..self.ctrs.len() {
-            self.ensure_container(idx).await;
+            match self.ctrs[idx].role {
+                Role::Init => {}
+                Role::Sidecar if self.ctrs[idx].stopping => {}
+                Role::Sidecar | Role::App => self.ensure_container(idx).await,
+            }
         }
         self.schedule_probes();
+    }
+
+    /// Advances the init containers in order: sidecars are kept running and must have started
+    /// once, the first init container that has not completed is run (or restarted). Returns
+    /// whether all of them are done.
+    async fn run_init(&mut self) -> bool {
+        for idx in 0..self.ctrs.len() {
+            match self.ctrs[idx].role {
+                Role::App => {}
+                Role::Init if self.ctrs[idx].completed => {}
+                Role::Init => {
+                    self.ensure_container(idx).await;
+                    return false;
+                }
+                Role::Sidecar => {
+                    if self.ctrs[idx].stopping {
+                        return false;
+                    }
+                    self.ensure_container(idx).await;
+                    let ctr = &mut self.ctrs[idx];
+                    if ctr.pid.is_some() && ctr.startup_done {
+                        ctr.sidecar_started = true;
+                    }
+                    if !ctr.sidecar_started {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether the pod is done: an init container failed under `restartPolicy: Never`, or
+    /// every app container has exited for good.
+    fn finished(&self) -> bool {
+        let policy = self.pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
+        if self.init_failed() {
+            return true;
+        }
+        self.initialized
+            && self.ctrs.iter().filter(|c| c.role == Role::App).all(|c| match &c.state {
+                CState::Terminated { code, .. } => !rules::should_restart(policy.as_deref(), *code),
+                _ => false,
+            })
+    }
+
+    /// An init container failed and `restartPolicy: Never` keeps it failed: the pod fails.
+    fn init_failed(&self) -> bool {
+        let policy = self.pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref());
+        policy == Some("Never")
+            && self.ctrs.iter().any(|c| {
+                c.role == Role::Init
+                    && !c.completed
+                    && matches!(c.state, CState::Terminated { code, .. } if code != 0)
+            })
+    }
+
+    /// Once the pod is done its sidecars are stopped (SIGTERM, then SIGKILL after the grace
+    /// period) and not restarted, as kubelet does.
+    fn stop_sidecars_when_finished(&mut self) {
+        if !self.finished() {
+            return;
+        }
+        let grace = rules::grace_period(
+            None,
+            self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds),
+        );
+        for idx in 0..self.ctrs.len() {
+            let ctr = &mut self.ctrs[idx];
+            if ctr.role != Role::Sidecar || ctr.stopping {
+                continue;
+            }
+            ctr.stopping = true;
+            ctr.backoff_until = None;
+            let Some(pid) = ctr.pid else { continue };
+            let name = ctr.spec.name.clone();
+            self.event("Normal", "Killing", &format!("Stopping container {name}"), Some(&name));
+            tokio::spawn(async move {
+                spawn::signal_group(pid, libc::SIGTERM);
+                tokio::time::sleep(grace).await;
+                spawn::signal_group(pid, libc::SIGKILL);
+            });
+        }
+    }
+
+    /// The restart policy of one container: the pod's for app containers; init containers
+    /// are restarted on failure unless the pod's is Never; sidecars always (until the pod is
+    /// done).
+    fn restart_policy(&self, idx: usize) -> Option<String> {
+        let pod = self.pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
+        match self.ctrs[idx].role {
+            Role::App => pod,
+            Role::Init if pod.as_deref() == Some("Never") => pod,
+            Role::Init => Some("OnFailure".into()),
+            Role::Sidecar if self.ctrs[idx].stopping => Some("Never".into()),
+            Role::Sidecar => Some("Always".into()),
+        }
     }
 
     /// While NetworkPolicies exist, the node's datapath drops a new pod's packets until the
@@ -473,7 +657,7 @@ impl Worker {
     }
 
     async fn ensure_container(&mut self, idx: usize) {
-        let policy = self.pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
+        let policy = self.restart_policy(idx);
         let ctr = &mut self.ctrs[idx];
         if let Err(message) = &ctr.launch {
             let message = message.clone();
@@ -632,7 +816,7 @@ impl Worker {
         ctr.ever_started = true;
         ctr.started = Instant::now();
         ctr.ready = false;
-        ctr.startup_done = ctr.spec.startup_probe.is_none();
+        ctr.startup_done = ctr.role == Role::Init || ctr.spec.startup_probe.is_none();
         ctr.probes = Default::default();
         ctr.killed_reason = None;
         *ctr.shared.env.lock().unwrap() = env;
@@ -773,6 +957,13 @@ impl Worker {
                     (None, 0) => "Completed".to_string(),
                     (None, _) => "Error".to_string(),
                 };
+                ctr.completed |= ctr.role == Role::Init && code == 0 && ctr.killed_reason.is_none();
+                log::debug!(
+                    "pod {}/{}: container {} exited with {code}",
+                    self.namespace,
+                    self.name,
+                    ctr.spec.name
+                );
                 ctr.state = CState::Terminated {
                     code,
                     reason,
@@ -795,6 +986,10 @@ impl Worker {
         for idx in 0..self.ctrs.len() {
             let ctr = &mut self.ctrs[idx];
             let Some(pid) = ctr.pid else { continue };
+            // kubelet runs no probes on init containers (sidecars have theirs).
+            if ctr.role == Role::Init {
+                continue;
+            }
             let probes = [
                 (ProbeKind::Startup, ctr.spec.startup_probe.clone()),
                 (ProbeKind::Readiness, ctr.spec.readiness_probe.clone()),
@@ -959,20 +1154,62 @@ impl Worker {
                "lastProbeTime": null})
     }
 
+    /// Whether a container counts as ready: running, started, and ready by its readiness
+    /// probe; a completed init container is ready, as kubelet reports it.
+    fn is_ready(ctr: &Ctr) -> bool {
+        match ctr.role {
+            Role::Init => ctr.completed,
+            Role::Sidecar | Role::App => {
+                ctr.pid.is_some()
+                    && ctr.startup_done
+                    && (ctr.spec.readiness_probe.is_none() || ctr.ready)
+            }
+        }
+    }
+
+    fn container_status(&self, ctr: &Ctr) -> Value {
+        let mut state = state_json(&ctr.state);
+        if self.sandbox.is_none()
+            && let Some(message) = &self.sandbox_error
+        {
+            state = json!({"waiting": {"reason": "ContainerCreating", "message": message}});
+        }
+        let image = ctr.spec.image.clone().unwrap_or_default();
+        let mut status = json!({
+            "name": ctr.spec.name,
+            "image": image,
+            "imageID": format!("weir-lab://{image}"),
+            "ready": Self::is_ready(ctr),
+            "started": ctr.pid.is_some() && ctr.startup_done,
+            "restartCount": ctr.restart_count,
+            "state": state,
+            "lastState": ctr.last_terminated.as_ref().map(state_json).unwrap_or_else(|| json!({})),
+        });
+        if ctr.ever_started {
+            status["containerID"] =
+                json!(format!("weir://{}/{}/{}", self.uid, ctr.spec.name, ctr.restart_count));
+        }
+        status
+    }
+
     fn status(&mut self) -> Value {
         let sandbox_up = self.sandbox.is_some();
         let policy = self.pod.spec.as_ref().and_then(|s| s.restart_policy.clone());
-        let mut statuses = Vec::new();
-        let mut all_ready = !self.ctrs.is_empty();
-        let mut any_unstarted = false;
+        let apps = || self.ctrs.iter().filter(|c| c.role == Role::App);
+        let statuses: Vec<Value> = apps().map(|c| self.container_status(c)).collect();
+        let init_statuses: Vec<Value> = self
+            .ctrs
+            .iter()
+            .filter(|c| c.role != Role::App)
+            .map(|c| self.container_status(c))
+            .collect();
+        // Sidecars count for the pod's readiness, as in kubelet.
+        let all_ready = apps().next().is_some()
+            && self.ctrs.iter().filter(|c| c.role != Role::Init).all(Self::is_ready);
+        let any_unstarted = apps().any(|c| !c.ever_started);
         let mut all_done = true;
         let mut any_failed = false;
-        for ctr in &self.ctrs {
-            let ready = ctr.pid.is_some()
-                && ctr.startup_done
-                && (ctr.spec.readiness_probe.is_none() || ctr.ready);
-            all_ready &= ready;
-            any_unstarted |= !ctr.ever_started;
+        for ctr in apps() {
             match &ctr.state {
                 CState::Terminated { code, .. } => {
                     if rules::should_restart(policy.as_deref(), *code) {
@@ -982,37 +1219,36 @@ impl Worker {
                 }
                 _ => all_done = false,
             }
-            let mut state = state_json(&ctr.state);
-            if !sandbox_up && let Some(message) = &self.sandbox_error {
-                state = json!({"waiting": {"reason": "ContainerCreating", "message": message}});
-            }
-            let image = ctr.spec.image.clone().unwrap_or_default();
-            let mut status = json!({
-                "name": ctr.spec.name,
-                "image": image,
-                "imageID": format!("weir-lab://{image}"),
-                "ready": ready,
-                "started": ctr.pid.is_some() && ctr.startup_done,
-                "restartCount": ctr.restart_count,
-                "state": state,
-                "lastState": ctr.last_terminated.as_ref().map(state_json).unwrap_or_else(|| json!({})),
-            });
-            if ctr.ever_started {
-                status["containerID"] =
-                    json!(format!("weir://{}/{}/{}", self.uid, ctr.spec.name, ctr.restart_count));
-            }
-            statuses.push(status);
         }
-        let phase = if !sandbox_up || any_unstarted {
+        let phase = if self.init_failed() {
+            "Failed"
+        } else if !sandbox_up || !self.initialized || any_unstarted {
             "Pending"
         } else if all_done {
             if any_failed { "Failed" } else { "Succeeded" }
         } else {
             "Running"
         };
+        let incomplete: Vec<&str> = self
+            .ctrs
+            .iter()
+            .filter(|c| match c.role {
+                Role::Init => !c.completed,
+                Role::Sidecar => !c.sidecar_started,
+                Role::App => false,
+            })
+            .map(|c| c.spec.name.as_str())
+            .collect();
+        let incomplete = format!("containers with incomplete status: [{}]", incomplete.join(" "));
+        let initialized = self.initialized;
+        let mut initialized_condition = self.condition("Initialized", initialized);
+        if !initialized {
+            initialized_condition["reason"] = json!("ContainersNotInitialized");
+            initialized_condition["message"] = json!(incomplete);
+        }
         let conditions = vec![
             self.condition("PodReadyToStartContainers", sandbox_up),
-            self.condition("Initialized", true),
+            initialized_condition,
             self.condition("ContainersReady", all_ready),
             self.condition("Ready", all_ready),
             self.condition("PodScheduled", true),
@@ -1028,6 +1264,9 @@ impl Worker {
             "containerStatuses": statuses,
             "qosClass": "BestEffort",
         });
+        if !init_statuses.is_empty() {
+            status["initContainerStatuses"] = json!(init_statuses);
+        }
         if let Some(sandbox) = &self.sandbox
             && let Some(ip) = sandbox.ips.first()
         {
@@ -1070,7 +1309,11 @@ impl Worker {
                 name: Some(self.name.clone()),
                 namespace: Some(self.namespace.clone()),
                 uid: Some(self.uid.clone()),
-                field_path: container.map(|c| format!("spec.containers{{{c}}}")),
+                field_path: container.map(|c| {
+                    let init = self.ctrs.iter().any(|x| x.spec.name == c && x.role != Role::App);
+                    let list = if init { "initContainers" } else { "containers" };
+                    format!("spec.{list}{{{c}}}")
+                }),
                 ..Default::default()
             },
             reason: Some(reason.into()),
@@ -1096,12 +1339,16 @@ impl Worker {
         });
     }
 
-    /// Stops the containers (SIGTERM, `grace`, SIGKILL) and removes the sandbox.
+    /// Stops the containers (SIGTERM, `grace`, SIGKILL) and removes the sandbox. Sidecars are
+    /// stopped after the other containers have exited (within the same grace period), as
+    /// kubelet does.
     async fn teardown(&mut self, grace: Duration) {
-        let running: Vec<u32> = self.ctrs.iter().filter_map(|c| c.pid).collect();
-        if !running.is_empty() && !grace.is_zero() {
-            for ctr in &self.ctrs {
-                if ctr.pid.is_some() {
+        let deadline = tokio::time::Instant::now() + grace;
+        if !grace.is_zero() {
+            for sidecars in [false, true] {
+                let stopping = |c: &Ctr| (c.role == Role::Sidecar) == sidecars && c.pid.is_some();
+                let mut pids = Vec::new();
+                for ctr in self.ctrs.iter().filter(|c| stopping(c)) {
                     let name = ctr.spec.name.clone();
                     self.event(
                         "Normal",
@@ -1109,16 +1356,17 @@ impl Worker {
                         &format!("Stopping container {name}"),
                         Some(&name),
                     );
+                    pids.extend(ctr.pid);
                 }
-            }
-            for pid in &running {
-                spawn::signal_group(*pid, libc::SIGTERM);
-            }
-            let deadline = tokio::time::Instant::now() + grace;
-            while self.ctrs.iter().any(|c| c.pid.is_some()) {
-                match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
-                    Ok(Some(event)) => self.handle(event),
-                    _ => break,
+                // Sidecars in reverse order of their start.
+                for pid in pids.iter().rev() {
+                    spawn::signal_group(*pid, libc::SIGTERM);
+                }
+                while self.ctrs.iter().any(stopping) {
+                    match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
+                        Ok(Some(event)) => self.handle(event),
+                        _ => break,
+                    }
                 }
             }
         }
@@ -1230,6 +1478,18 @@ fn state_json(state: &CState) -> Value {
             }})
         }
     }
+}
+
+/// The state of a run that exited 0, from a container's reported status.
+fn completed_state(status: &ContainerStatus) -> Option<CState> {
+    let t = status.state.as_ref()?.terminated.as_ref()?;
+    (t.exit_code == 0).then(|| CState::Terminated {
+        code: 0,
+        reason: t.reason.clone().unwrap_or_else(|| "Completed".into()),
+        message: t.message.clone(),
+        started_at: t.started_at.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+        finished_at: t.finished_at.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+    })
 }
 
 /// A started container process.
