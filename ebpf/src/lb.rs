@@ -5,6 +5,10 @@
 //! tracked flow keeps its backend while that backend exists; a new flow picks a slot at random
 //! in `1..=count`. Both directions of the flow are recorded in `weir_ct4_v1`.
 //! Reverse: a packet matching a reply entry gets the frontend address and port as its source.
+//!
+//! The uplink programs translate every protocol; at a pod's veth only SCTP is translated
+//! ([`forward_sctp_from_pod`], [`reverse_sctp_to_pod`]): the socket hooks translate TCP and
+//! UDP before a packet exists, and the kernel runs no such hook for SCTP.
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
@@ -18,23 +22,93 @@ use weir_common::{
         affinity_scope, service_flags,
     },
     metrics::Counter,
+    proto,
 };
 
 use crate::{
     maps::{AFFINITY4, BACKENDS, BACKENDS6, CT4, CT6, REV_NAT, REV_NAT6, SERVICES, SERVICES6},
     metrics::count,
     nat::{End, rewrite4, rewrite6},
-    packet::{Flow, Flow6, parse_flow4, parse_flow6},
+    packet::{Flow, Flow4, Flow6, ip_protocol, parse_flow4, parse_flow6},
 };
 
 pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
-    let Some(flow) = parse_flow4(ctx) else {
-        if let Some(flow) = parse_flow6(ctx) {
-            return forward6(ctx, &flow);
+    match ip_protocol(ctx) {
+        Some((false, _)) => forward_packet4(ctx),
+        Some((true, _)) => forward_packet6(ctx),
+        None => {
+            count(Counter::PassedUnparsed);
+            Ok(TC_ACT_OK)
         }
-        count(Counter::PassedUnparsed);
-        return Ok(TC_ACT_OK);
-    };
+    }
+}
+
+pub fn try_reverse(ctx: &TcContext) -> Result<i32, Counter> {
+    match ip_protocol(ctx) {
+        Some((false, _)) => reverse_packet4(ctx),
+        Some((true, _)) => reverse_packet6(ctx),
+        None => {
+            count(Counter::PassedUnparsed);
+            Ok(TC_ACT_OK)
+        }
+    }
+}
+
+/// [`try_forward`] for the SCTP packets a pod sends (its veth's tc ingress); other packets
+/// pass untouched, after one read of their protocol.
+#[inline(always)]
+pub fn forward_sctp_from_pod(ctx: &TcContext) -> Result<(), Counter> {
+    match ip_protocol(ctx) {
+        Some((false, proto::SCTP)) => forward_packet4(ctx).map(|_| ()),
+        Some((true, proto::SCTP)) => forward_packet6(ctx).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
+/// [`try_reverse`] for the SCTP packets going to a pod (its veth's tc egress).
+#[inline(always)]
+pub fn reverse_sctp_to_pod(ctx: &TcContext) -> Result<(), Counter> {
+    match ip_protocol(ctx) {
+        Some((false, proto::SCTP)) => reverse_packet4(ctx).map(|_| ()),
+        Some((true, proto::SCTP)) => reverse_packet6(ctx).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
+// One function per family and direction, not inlined: each has its own stack frame, which
+// keeps every program's chain of calls within the verifier's 512 bytes of stack.
+
+#[inline(never)]
+fn forward_packet4(ctx: &TcContext) -> Result<i32, Counter> {
+    parse_flow4(ctx).map_or_else(passed_unparsed, |flow| forward4(ctx, &flow))
+}
+
+#[inline(never)]
+fn forward_packet6(ctx: &TcContext) -> Result<i32, Counter> {
+    parse_flow6(ctx).map_or_else(passed_unparsed, |flow| forward6(ctx, &flow))
+}
+
+#[inline(never)]
+fn reverse_packet4(ctx: &TcContext) -> Result<i32, Counter> {
+    parse_flow4(ctx).map_or_else(passed_unparsed, |flow| reverse4(ctx, &flow))
+}
+
+#[inline(never)]
+fn reverse_packet6(ctx: &TcContext) -> Result<i32, Counter> {
+    parse_flow6(ctx).map_or_else(passed_unparsed, |flow| reverse6(ctx, &flow))
+}
+
+/// A packet without a flow the load balancer can translate (a fragment, a protocol without
+/// ports, a truncated header) passes as it is, counted.
+#[inline(always)]
+fn passed_unparsed() -> Result<i32, Counter> {
+    count(Counter::PassedUnparsed);
+    Ok(TC_ACT_OK)
+}
+
+/// [`try_forward`] for an IPv4 packet.
+#[inline(always)]
+fn forward4(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
     let frontend = ServiceKey {
         address: flow.daddr,
         port: flow.dport,
@@ -47,7 +121,7 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
         return Ok(TC_ACT_OK);
     };
 
-    let forward_key = ct_key(&flow, CT_FORWARD);
+    let forward_key = ct_key(flow, CT_FORWARD);
     let backend = match tracked_backend(&forward_key) {
         Some(backend) => backend,
         None => {
@@ -58,7 +132,7 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
                 affinity_scope::TC,
             )?;
             let entry = ct_entry(backend_id, service.rev_nat_index);
-            let reply_key = reply_key(&flow, backend.address, backend.port);
+            let reply_key = reply_key(flow, backend.address, backend.port);
             // The reply entry goes in first, so a tracked flow always has one. An insert can
             // only fail under memory pressure; the packet is still translated, and the next
             // packet of the flow, untracked, retries.
@@ -68,7 +142,7 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
         }
     };
 
-    rewrite4(ctx, &flow, End::Destination, backend.address, backend.port)?;
+    rewrite4(ctx, flow, End::Destination, backend.address, backend.port)?;
     debug!(
         ctx,
         "lb4: translated to {:i}:{}",
@@ -79,15 +153,10 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
     Ok(TC_ACT_OK)
 }
 
-pub fn try_reverse(ctx: &TcContext) -> Result<i32, Counter> {
-    let Some(flow) = parse_flow4(ctx) else {
-        if let Some(flow) = parse_flow6(ctx) {
-            return reverse6(ctx, &flow);
-        }
-        count(Counter::PassedUnparsed);
-        return Ok(TC_ACT_OK);
-    };
-    let key = ct_key(&flow, CT_REPLY);
+/// [`try_reverse`] for an IPv4 packet.
+#[inline(always)]
+fn reverse4(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
+    let key = ct_key(flow, CT_REPLY);
     // SAFETY: read-only lookups, values copied out.
     let Some(entry) = (unsafe { CT4.get(&key) }).copied() else {
         return Ok(TC_ACT_OK);
@@ -96,7 +165,7 @@ pub fn try_reverse(ctx: &TcContext) -> Result<i32, Counter> {
         // The service is gone; the reply passes as it is and the client resets the flow.
         return Ok(TC_ACT_OK);
     };
-    rewrite4(ctx, &flow, End::Source, frontend.address, frontend.port)?;
+    rewrite4(ctx, flow, End::Source, frontend.address, frontend.port)?;
     count(Counter::ReverseTranslated);
     Ok(TC_ACT_OK)
 }
@@ -266,8 +335,9 @@ pub fn select_backend<M: ServiceMaps>(
 
 /// Backend choice with ClientIP session affinity when the service asks for it: the client's
 /// remembered backend while it is fresh and still in its slot, else a new random choice that
-/// is remembered. `scope` is one of [`affinity_scope`].
-#[inline(always)]
+/// is remembered. `scope` is one of [`affinity_scope`]. Not inlined: its own stack frame keeps
+/// the programs that call it within the verifier's 512 bytes per chain of calls.
+#[inline(never)]
 pub fn select_with_affinity<M: ServiceMaps>(
     frontend: &M::Key,
     service: &ServiceValue,

@@ -39,15 +39,26 @@ pub fn tc_lb4_rev(ctx: TcContext) -> i32 {
 }
 
 /// NetworkPolicy, the pod's egress: attached to the tc ingress of the pod's host-side veth.
+/// SCTP to a service frontend is translated first (no socket hook sees SCTP), so the policy
+/// judges the backend the packet goes to.
 #[classifier]
 pub fn tc_pol_egress(ctx: TcContext) -> i32 {
+    if let Err(reason) = lb::forward_sctp_from_pod(&ctx) {
+        metrics::count(reason);
+        return TC_ACT_SHOT;
+    }
     verdict(policy::try_check(&ctx, weir_common::policy::DIR_EGRESS))
 }
 
 /// NetworkPolicy, the pod's ingress: attached to the tc egress of the pod's host-side veth.
+/// An allowed SCTP reply from a service's backend then gets the frontend as its source.
 #[classifier]
 pub fn tc_pol_ingress(ctx: TcContext) -> i32 {
-    verdict(policy::try_check(&ctx, weir_common::policy::DIR_INGRESS))
+    let action = verdict(policy::try_check(&ctx, weir_common::policy::DIR_INGRESS));
+    if action != TC_ACT_OK {
+        return action;
+    }
+    verdict(lb::reverse_sctp_to_pod(&ctx).map(|()| TC_ACT_OK))
 }
 
 /// Does nothing and passes the packet: the baseline that `cargo xtask bench tc-rewrite` measures

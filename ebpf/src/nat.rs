@@ -19,8 +19,10 @@ pub enum End {
     Destination,
 }
 
-/// Rewrites the source or destination address and port of `flow` in the packet.
-#[inline(always)]
+/// Rewrites the source or destination address and port of `flow` in the packet. Not inlined
+/// (nor is [`rewrite6`]): their own stack frames keep the callers' within the verifier's
+/// limits.
+#[inline(never)]
 pub fn rewrite4(
     ctx: &TcContext,
     flow: &Flow4,
@@ -51,7 +53,7 @@ pub fn rewrite4(
 
 /// [`rewrite4`] for IPv6: each changed 32-bit word of the address updates the L4 checksum
 /// (its pseudo-header covers the addresses).
-#[inline(always)]
+#[inline(never)]
 pub fn rewrite6(
     ctx: &TcContext,
     flow: &Flow6,
