@@ -18,6 +18,8 @@ pub enum Counter {
     /// header); it passed untouched.
     PassedUnparsed = 2,
     /// Drop: the service exists but has no backend (or its slot points at a missing backend).
+    /// On the per-packet path the packet is answered with an ICMP port unreachable unless a
+    /// traffic policy emptied the frontend.
     DropNoBackend = 3,
     /// Drop: a rewrite of packet bytes or checksums failed in the kernel helper.
     DropRewriteFailed = 4,

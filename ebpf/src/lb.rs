@@ -30,12 +30,17 @@ use crate::{
     metrics::count,
     nat::{End, rewrite4, rewrite6},
     packet::{Flow, Flow4, Flow6, ip_protocol, parse_flow4, parse_flow6},
+    reject,
 };
 
 pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
     match ip_protocol(ctx) {
-        Some((false, _)) => forward_packet4(ctx),
-        Some((true, _)) => forward_packet6(ctx),
+        Some((false, _)) => {
+            Ok(reject_if_needed(ctx, forward_packet4(ctx)?, reject::port_unreachable4))
+        }
+        Some((true, _)) => {
+            Ok(reject_if_needed(ctx, forward_packet6(ctx)?, reject::port_unreachable6))
+        }
         None => {
             count(Counter::PassedUnparsed);
             Ok(TC_ACT_OK)
@@ -55,13 +60,18 @@ pub fn try_reverse(ctx: &TcContext) -> Result<i32, Counter> {
 }
 
 /// [`try_forward`] for the SCTP packets a pod sends (its veth's tc ingress); other packets
-/// pass untouched, after one read of their protocol.
+/// pass untouched, after one read of their protocol. `TC_ACT_OK` lets the policy check go on;
+/// another action (a rejection sent back) ends the program.
 #[inline(always)]
-pub fn forward_sctp_from_pod(ctx: &TcContext) -> Result<(), Counter> {
+pub fn forward_sctp_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     match ip_protocol(ctx) {
-        Some((false, proto::SCTP)) => forward_packet4(ctx).map(|_| ()),
-        Some((true, proto::SCTP)) => forward_packet6(ctx).map(|_| ()),
-        _ => Ok(()),
+        Some((false, proto::SCTP)) => {
+            Ok(reject_if_needed(ctx, forward_packet4(ctx)?, reject::port_unreachable4))
+        }
+        Some((true, proto::SCTP)) => {
+            Ok(reject_if_needed(ctx, forward_packet6(ctx)?, reject::port_unreachable6))
+        }
+        _ => Ok(TC_ACT_OK),
     }
 }
 
@@ -120,6 +130,9 @@ fn forward4(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
     let Some(service) = (unsafe { SERVICES.get(&frontend) }).copied() else {
         return Ok(TC_ACT_OK);
     };
+    if service.count == 0 {
+        return refuse(&service);
+    }
 
     let forward_key = ct_key(flow, CT_FORWARD);
     let backend = match tracked_backend(&forward_key) {
@@ -184,6 +197,9 @@ fn forward6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
     let Some(service) = (unsafe { SERVICES6.get(&frontend) }).copied() else {
         return Ok(TC_ACT_OK);
     };
+    if service.count == 0 {
+        return refuse(&service);
+    }
     let forward_key = ct_key(flow, CT_FORWARD);
     // SAFETY: read-only lookups, values copied out.
     let tracked = unsafe { CT6.get(&forward_key) }
@@ -221,6 +237,28 @@ fn reverse6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
     rewrite6(ctx, flow, End::Source, frontend.address, frontend.port)?;
     count(Counter::ReverseTranslated);
     Ok(TC_ACT_OK)
+}
+
+/// A packet to a frontend without backends: dropped when a traffic policy left it without
+/// (kube-proxy drops those: the service has endpoints on other nodes), otherwise
+/// [`NEEDS_REJECT`].
+#[inline(always)]
+fn refuse(service: &ServiceValue) -> Result<i32, Counter> {
+    if service.flags & service_flags::EMPTY_BY_POLICY != 0 {
+        return Err(Counter::DropNoBackend);
+    }
+    Ok(NEEDS_REJECT)
+}
+
+/// What a forward path returns for a packet to be rejected: the caller turns it into the ICMP
+/// error (`reject`) in a call of its own, so that the reply's stack frame never adds to the
+/// forward path's. Never a tc verdict.
+const NEEDS_REJECT: i32 = i32::MIN;
+
+/// `action` of a forward path, with [`NEEDS_REJECT`] carried out by `reject`.
+#[inline(always)]
+fn reject_if_needed(ctx: &TcContext, action: i32, reject: fn(&TcContext) -> i32) -> i32 {
+    if action == NEEDS_REJECT { reject(ctx) } else { action }
 }
 
 /// The conntrack key of `flow` in `direction`.

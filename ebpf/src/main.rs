@@ -14,6 +14,7 @@ mod metrics;
 mod nat;
 mod packet;
 mod policy;
+mod reject;
 mod sock_lb;
 
 use aya_ebpf::{
@@ -43,11 +44,10 @@ pub fn tc_lb4_rev(ctx: TcContext) -> i32 {
 /// judges the backend the packet goes to.
 #[classifier]
 pub fn tc_pol_egress(ctx: TcContext) -> i32 {
-    if let Err(reason) = lb::forward_sctp_from_pod(&ctx) {
-        metrics::count(reason);
-        return TC_ACT_SHOT;
+    match verdict(lb::forward_sctp_from_pod(&ctx)) {
+        TC_ACT_OK => verdict(policy::try_check(&ctx, weir_common::policy::DIR_EGRESS)),
+        rejected_or_dropped => rejected_or_dropped,
     }
-    verdict(policy::try_check(&ctx, weir_common::policy::DIR_EGRESS))
 }
 
 /// NetworkPolicy, the pod's ingress: attached to the tc egress of the pod's host-side veth.

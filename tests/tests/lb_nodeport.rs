@@ -293,3 +293,47 @@ fn assert_translated_once(ebpf: &aya::Ebpf) {
         "{counters:?}"
     );
 }
+
+/// A NodePort whose service has no endpoints refuses connections from outside the node at
+/// once (kube-proxy's reject: ICMP port unreachable, which the client's TCP turns into
+/// "connection refused"), over IPv4 and IPv6, on both dataplanes; on eBPF the tc program
+/// writes the ICMP error itself and sends it back out of the uplink.
+#[test]
+fn lb_nodeport_without_endpoints_refuses_at_once_from_outside_the_node() {
+    require_root();
+    let families = [
+        ("ne", [EXTERNAL, NODE, NODE_POD_SIDE, POD].map(IpAddr::from)),
+        ("ne6", [EXTERNAL6, NODE6, NODE_POD_SIDE6, POD6].map(IpAddr::from)),
+    ];
+    for_each_dataplane(|dataplane| {
+        for (role, addresses) in families {
+            let [_, node, _, _] = addresses;
+            let net = NodePortNet::new(role, addresses);
+            let (mut service, mut slice) = objects();
+            slice.endpoints.clear();
+            if node.is_ipv6() {
+                let spec = service.spec.as_mut().unwrap();
+                spec.cluster_ip = Some("fd00:96::3:1".into());
+                spec.cluster_ips = Some(vec!["fd00:96::3:1".into()]);
+                spec.ip_families = Some(vec!["IPv6".into()]);
+                slice.address_type = "IPv6".into();
+            }
+            let context = NodeContext { name: "node-a".into(), addresses: vec![node] };
+            let desired = model::build([&service], [&slice], &context);
+            let target = std::net::SocketAddr::new(node, NODE_PORT).to_string();
+
+            let _datapath = match dataplane {
+                Dataplane::Ebpf => Box::new(net.ebpf_on_uplink(&desired)) as Box<dyn std::any::Any>,
+                Dataplane::Nftables => {
+                    let mut datapath = TestDatapath::new(dataplane, &net.node, role).unwrap();
+                    datapath.apply(&desired).unwrap();
+                    Box::new(datapath)
+                }
+            };
+            // A timeout would say "TimedOut" after 3 s; a refusal comes back at once.
+            let result = probe::run(&net.external, None, &["tcp", &target, "--timeout-ms", "3000"]);
+            assert_eq!(result["ok"], false, "{dataplane:?} {target}: {result}");
+            assert_eq!(result["kind"], "ConnectionRefused", "{dataplane:?} {target}: {result}");
+        }
+    });
+}

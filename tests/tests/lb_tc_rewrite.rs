@@ -1,7 +1,7 @@
 //! BPF unit tests of the tc load balancer (ebpf/src/lb.rs, nat.rs, packet.rs): packets built in
 //! Rust, run through the loaded programs with BPF_PROG_TEST_RUN, and the verdict, rewritten
 //! headers, checksums and map side effects checked. Privileged: they load eBPF.
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::{
     Ebpf,
@@ -16,13 +16,13 @@ use weir_common::{
 use weir_proxy::{
     apply::{ebpf::MapWriter, plan::ServicePlanner},
     maps::{ServiceEntry, ServiceMaps, read_counters},
-    model::{Frontend, FrontendState, Protocol, ServiceState},
+    model::{Frontend, FrontendState, Protocol, ServiceState, WhenEmpty},
     programs::{self, LoadOptions, TC_LB4_FORWARD, TC_LB4_REVERSE},
 };
 use weir_tests::{
     bpffs::TestPinDir,
     packet::{
-        Ipv4Packet, Ipv6Packet, clear_udp_checksum, fill_l4_checksum6, ipv4_checksum_ok,
+        Ipv4Packet, Ipv6Packet, checksum, clear_udp_checksum, fill_l4_checksum6, ipv4_checksum_ok,
         l4_checksum_ok, l4_checksum6_ok,
     },
     privileged::require_root,
@@ -30,6 +30,7 @@ use weir_tests::{
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BACKENDS: [Ipv4Addr; 3] =
@@ -253,13 +254,60 @@ fn lb_tc_flow_keeps_its_backend_and_new_flows_spread() {
     assert_eq!(seen.len(), 3, "200 new flows over 3 backends reach all of them: {seen:?}");
 }
 
+/// A frontend without backends answers with an ICMP port unreachable from the frontend,
+/// sent back out of the interface (TC_ACT_REDIRECT), as kube-proxy's reject does; when a
+/// traffic policy emptied it (the service has endpoints elsewhere) the packet is dropped.
 #[test]
-fn lb_tc_service_without_backends_drops_and_counts() {
-    let (ebpf, _pins) = setup(proto::TCP, 0);
-    let (verdict, _) =
-        run(&ebpf, TC_LB4_FORWARD, &Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80).build());
-    assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(counter(&ebpf, Counter::DropNoBackend), 1);
+fn lb_tc_service_without_backends_rejects_with_icmp_and_drops_when_emptied_by_policy() {
+    require_root();
+    let client6: Ipv6Addr = "fd00::1".parse().unwrap();
+    let vip6: Ipv6Addr = "fd00:96::a".parse().unwrap();
+    let pins = TestPinDir::new("reject").unwrap();
+    let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+    let mut desired = ServiceState::default();
+    for (address, port, when_empty) in [
+        (IpAddr::from(VIP), 80, WhenEmpty::Reject),
+        (IpAddr::from(vip6), 80, WhenEmpty::Reject),
+        (IpAddr::from(VIP), 81, WhenEmpty::Drop),
+    ] {
+        let mut state = FrontendState::cluster_ip("default/web", vec![]);
+        state.when_empty = when_empty;
+        desired.frontends.insert(Frontend { address, port, protocol: Protocol::Tcp }, state);
+    }
+    let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+    writer.execute(&ServicePlanner::new().plan(&desired)).unwrap();
+    let ebpf = &loaded.ebpf;
+
+    let request = Ipv4Packet::tcp(CLIENT, 40_000, VIP, 80).build();
+    let (verdict, out) = run(ebpf, TC_LB4_FORWARD, &request);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((&out[..6], &out[6..12]), (&request[6..12], &request[..6]), "MACs swapped");
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    assert_eq!(out[14 + 9], 1, "ICMP");
+    assert_eq!((&out[26..30], &out[30..34]), (&VIP.octets()[..], &CLIENT.octets()[..]));
+    assert!(ipv4_checksum_ok(&out), "IPv4 header checksum");
+    assert_eq!((out[34], out[35]), (3, 3), "destination unreachable, port unreachable");
+    assert_eq!(checksum(&out[34..], 0), 0, "ICMP checksum");
+    assert_eq!(&out[42..], &request[14..14 + 28], "quotes the IP header and 8 bytes");
+
+    let mut request6 = Ipv6Packet::new(client6, 40_000, vip6, 80, proto::TCP).build();
+    fill_l4_checksum6(&mut request6);
+    let (verdict, out) = run(ebpf, TC_LB4_FORWARD, &request6);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 14 + 40 + 8 + 48);
+    assert_eq!(out[14 + 6], 58, "ICMPv6");
+    assert_eq!((&out[22..38], &out[38..54]), (&vip6.octets()[..], &client6.octets()[..]));
+    assert_eq!((out[54], out[55]), (1, 4), "destination unreachable, port unreachable");
+    let mut pseudo = out[22..54].to_vec();
+    pseudo.extend_from_slice(&56u32.to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&out[54..]);
+    assert_eq!(checksum(&pseudo, 0), 0, "ICMPv6 checksum over the pseudo-header");
+    assert_eq!(&out[62..], &request6[14..14 + 48]);
+
+    let (verdict, _) = run(ebpf, TC_LB4_FORWARD, &Ipv4Packet::tcp(CLIENT, 40_001, VIP, 81).build());
+    assert_eq!(verdict, TC_ACT_SHOT, "emptied by a traffic policy: dropped");
+    assert_eq!(counter(ebpf, Counter::DropNoBackend), 3);
 }
 
 #[test]
