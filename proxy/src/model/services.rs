@@ -9,7 +9,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use super::{
     Frontend, FrontendKind, FrontendState, HealthCheck, NodeContext, Protocol, ServiceState,
     WhenEmpty,
-    endpoints::{self, SERVICE_NAME_LABEL},
+    endpoints::{self, Endpoint, SERVICE_NAME_LABEL},
 };
 
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
@@ -108,13 +108,20 @@ fn add_service(
         let Ok(port_number) = u16::try_from(port.port) else { continue };
         let port_name = port.name.clone().unwrap_or_default();
         let endpoints = endpoints::collect(own_slices, &port_name, protocol, &node.name);
-        let cluster = endpoints::usable(&endpoints, false);
-        let local = endpoints::usable(&endpoints, true);
-        local_endpoint_ips.extend(local.iter().map(SocketAddr::ip));
-        let when_empty = if cluster.is_empty() { WhenEmpty::Reject } else { WhenEmpty::Drop };
+        // kube-proxy runs one proxier per family, each seeing only its family's endpoints: a
+        // frontend balances over its own family's, and with none it rejects when its family
+        // has no endpoint at all and drops when a traffic policy excluded them.
+        let [v4, v6] = [true, false].map(|ipv4| {
+            let family: Vec<Endpoint> =
+                endpoints.iter().filter(|e| e.address.is_ipv4() == ipv4).copied().collect();
+            (endpoints::usable(&family, false), endpoints::usable(&family, true))
+        });
+        local_endpoint_ips.extend(v4.1.iter().chain(&v6.1).map(SocketAddr::ip));
 
         let mut add = |address: IpAddr, port: u16, kind: FrontendKind| {
             let local_only = if kind.is_external() { external_local } else { internal_local };
+            let (cluster, local) = if address.is_ipv4() { &v4 } else { &v6 };
+            let when_empty = if cluster.is_empty() { WhenEmpty::Reject } else { WhenEmpty::Drop };
             let backends = if local_only { local.clone() } else { cluster.clone() };
             state.frontends.entry(Frontend { address, port, protocol }).or_insert_with(|| {
                 FrontendState {
@@ -320,6 +327,38 @@ mod tests {
         let f = &state.frontends[&frontend("10.96.0.10", 80)];
         assert!(f.backends.is_empty());
         assert_eq!(f.when_empty, WhenEmpty::Drop);
+    }
+
+    /// Each family is its own proxier, as in kube-proxy: the IPv6 frontend of a dual-stack
+    /// service falls back to IPv6 terminating endpoints although IPv4 ones are ready, and
+    /// rejects (not drops) when the service has no IPv6 endpoint at all.
+    #[test]
+    fn each_family_chooses_among_its_own_endpoints() {
+        let spec = json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+                          "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                          "internalTrafficPolicy": "Local",
+                          "ports": [{"name": "http", "port": 80}]});
+        let mut v6 = slice("b", &[("fd00::1:1", NODE, false, true, true)]);
+        v6.address_type = "IPv6".into();
+        let v4 = slice("a", &[("10.0.1.1", NODE, true, true, false)]);
+        let state = build(&[service(spec.clone())], &[v4.clone(), v6], &node());
+        assert_eq!(
+            state.frontends[&frontend("10.96.0.10", 80)].backends,
+            addrs(&["10.0.1.1:8080"])
+        );
+        assert_eq!(
+            state.frontends[&frontend("fd00::10", 80)].backends,
+            addrs(&["[fd00::1:1]:8080"])
+        );
+
+        // IPv4 endpoints only, on another node: IPv4 is emptied by the policy (drop), IPv6
+        // has nothing at all (reject).
+        let elsewhere = slice("a", &[("10.0.2.1", "b", true, true, false)]);
+        let state = build(&[service(spec)], &[elsewhere], &node());
+        assert_eq!(state.frontends[&frontend("10.96.0.10", 80)].when_empty, WhenEmpty::Drop);
+        let f = &state.frontends[&frontend("fd00::10", 80)];
+        assert!(f.backends.is_empty());
+        assert_eq!(f.when_empty, WhenEmpty::Reject);
     }
 
     #[test]
