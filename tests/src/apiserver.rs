@@ -251,7 +251,17 @@ impl Drop for ApiServer {
 
 pub struct HttpResponse {
     pub status: u16,
+    /// Header names in lower case, with their values, in the order received.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The values of every header named `name` (any case).
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v.as_str()).collect()
+    }
 }
 
 /// One HTTP/1.1 request (Connection: close); reads the whole response, bounded by 30 s.
@@ -306,7 +316,13 @@ fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
     if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         body = dechunk(&body);
     }
-    Some(HttpResponse { status, body })
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some(HttpResponse { status, headers, body })
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {

@@ -1,11 +1,13 @@
 //! The resource verbs: get, list, watch (see `watch.rs`), create, update, patch, delete,
-//! deletecollection, the status and binding subresources, and server-side dry run.
+//! deletecollection, the status and binding subresources, server-side dry run and field
+//! validation (`fieldValidation`: unknown and duplicate fields of create, update and patch
+//! bodies are dropped with a warning, refused, or dropped silently).
 //!
 //! Objects are stored as JSON without `metadata.resourceVersion`; on the way out the store's
 //! mod revision becomes the resourceVersion. Writes check the resourceVersion a client sends
 //! against the stored one (409 Conflict when stale) and use the store's compare-and-swap, so
 //! concurrent writers cannot lose updates.
-use std::sync::Arc;
+use std::{collections::HashSet, sync::Arc};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -15,14 +17,16 @@ use serde_json::{Value, json};
 
 use super::{
     ApiState, MAX_BODY,
-    http::{Body, Query, json_response},
+    http::{Body, Query, json_response, with_warnings},
     services,
     status::{ApiError, success},
     stored, table,
 };
 use crate::{
     resources::{
-        self, RESOURCES, Resource, SYSTEM_NAMESPACES, meta,
+        self, RESOURCES, Resource, SYSTEM_NAMESPACES,
+        fields::{self, FieldValidation},
+        meta,
         patch::{self, PatchError},
         selector::{FieldSelector, LabelSelector, supported_fields},
         validate,
@@ -69,9 +73,19 @@ pub(crate) async fn resource_request<S: Store>(
         ([], &Method::GET) => list(&state, resource, ns, &query, wants_table).await,
         ([], &Method::POST) => {
             require_namespace(resource, ns)?;
-            let body = read_json(req).await?;
+            let mode = query.field_validation()?;
+            let (mut body, duplicates) = read_json(req).await?;
+            check_type(resource, &body)?;
+            let warnings = check_fields(
+                &resource.api_version(),
+                resource.kind,
+                &mut body,
+                duplicates,
+                &HashSet::new(),
+                mode,
+            )?;
             let (code, obj) = create(&state, resource, ns, body, query.dry_run()).await?;
-            Ok(json_response(code, &obj))
+            Ok(with_warnings(json_response(code, &obj), &warnings))
         }
         ([], &Method::DELETE) => {
             require_namespace(resource, ns)?;
@@ -119,8 +133,12 @@ pub(crate) async fn resource_request<S: Store>(
             Ok(json_response(code, &obj))
         }
         ([name, sub], &Method::POST) if sub == "binding" && resource.kind == "Pod" => {
-            let body = read_json(req).await?;
-            bind(&state, resource, ns, name, body, query.dry_run()).await
+            let mode = query.field_validation()?;
+            let (mut body, duplicates) = read_json(req).await?;
+            let warnings =
+                check_fields("v1", "Binding", &mut body, duplicates, &HashSet::new(), mode)?;
+            let response = bind(&state, resource, ns, name, body, query.dry_run()).await?;
+            Ok(with_warnings(response, &warnings))
         }
         ([name, sub], &Method::GET | &Method::POST)
             if resource.kind == "Pod"
@@ -184,21 +202,56 @@ fn header_value(req: &Request<Incoming>, name: header::HeaderName) -> String {
     req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
 }
 
-async fn read_json(req: Request<Incoming>) -> Result<Value, ApiError> {
+/// The body as JSON and the paths of the keys it repeats within an object (none for
+/// protobuf, which has no repeated keys).
+async fn read_json(req: Request<Incoming>) -> Result<(Value, Vec<String>), ApiError> {
     let content_type = header_value(&req, header::CONTENT_TYPE);
     if content_type.split(';').next().unwrap_or("").trim() == "application/vnd.kubernetes.protobuf"
     {
         // kubectl's typed commands (`kubectl create deployment|service|…`) send protobuf.
         let body = read_body(req).await?;
-        return resources::protobuf::to_json(&body).map_err(|err| match err {
+        let obj = resources::protobuf::to_json(&body).map_err(|err| match err {
             resources::protobuf::ProtobufError::Unsupported(_) => {
                 ApiError::new(415, "UnsupportedMediaType", err.to_string())
             }
             other => ApiError::bad_request(other.to_string()),
-        });
+        })?;
+        return Ok((obj, Vec::new()));
     }
     require_json(&content_type)?;
-    parse_json(&read_body(req).await?)
+    let body = read_body(req).await?;
+    Ok((parse_json(&body)?, fields::duplicate_fields(&body)))
+}
+
+/// Applies `fieldValidation` to a body of `api_version`/`kind`: the fields the kind does not
+/// have are dropped (but those in `kept`, which the stored object already had); under Strict
+/// they, or keys the body repeats, refuse the request as kube-apiserver's strict decoder does;
+/// under Warn each is one warning for the response.
+fn check_fields(
+    api_version: &str,
+    kind: &str,
+    obj: &mut Value,
+    duplicates: Vec<String>,
+    kept: &HashSet<String>,
+    mode: FieldValidation,
+) -> Result<Vec<String>, ApiError> {
+    let unknown = fields::take_unknown_fields(api_version, kind, obj, kept);
+    let problems: Vec<String> = duplicates
+        .iter()
+        .map(|path| format!("duplicate field {path:?}"))
+        .chain(unknown.iter().map(|path| format!("unknown field {path:?}")))
+        .collect();
+    match mode {
+        FieldValidation::Strict if !problems.is_empty() => {
+            let version = api_version.rsplit('/').next().unwrap_or(api_version);
+            Err(ApiError::bad_request(format!(
+                "{kind} in version {version:?} cannot be handled as a {kind}: strict decoding error: {}",
+                problems.join(", ")
+            )))
+        }
+        FieldValidation::Ignore => Ok(Vec::new()),
+        _ => Ok(problems),
+    }
 }
 
 /// The stored object as clients see it.
@@ -818,12 +871,19 @@ async fn write_request<S: Store>(
     content_type: &str,
 ) -> Result<Response<Body>, ApiError> {
     let is_patch = req.method() == Method::PATCH;
+    let mode = query.field_validation()?;
     let body = read_body(req).await?;
     let dry_run = query.dry_run();
     let key = resource.key(ns, name);
+    let api_version = resource.api_version();
     if !is_patch {
         require_json(content_type)?;
-        let new = parse_json(&body)?;
+        let mut new = parse_json(&body)?;
+        check_type(resource, &new)?;
+        let duplicates = fields::duplicate_fields(&body);
+        let no_kept = HashSet::new();
+        let warnings =
+            check_fields(&api_version, resource.kind, &mut new, duplicates, &no_kept, mode)?;
         let current =
             state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
         if let Some(rv) = body_resource_version(&new)
@@ -832,15 +892,25 @@ async fn write_request<S: Store>(
             return Err(ApiError::conflict(resource, name));
         }
         let obj = store_update(state, resource, ns, name, &current, new, part, dry_run).await?;
-        return Ok(json_response(200, &obj));
+        return Ok(with_warnings(json_response(200, &obj), &warnings));
     }
     let media = content_type.split(';').next().unwrap_or("").trim();
     let patch_doc = parse_json(&body)?;
+    let duplicates = fields::duplicate_fields(&body);
     // Concurrent writers may move the object between our read and our swap: retry a few times.
     for _ in 0..5 {
         let current =
             state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
         let mut obj = decode(&current)?;
+        // Unknown fields stored before validation existed are not this patch's doing.
+        let kept: HashSet<String> = fields::take_unknown_fields(
+            &api_version,
+            resource.kind,
+            &mut obj.clone(),
+            &HashSet::new(),
+        )
+        .into_iter()
+        .collect();
         let result = match media {
             "application/merge-patch+json" => {
                 patch::merge_patch(&mut obj, &patch_doc);
@@ -859,6 +929,8 @@ async fn write_request<S: Store>(
             }
             Err(err) => return Err(ApiError::new(422, "Invalid", err.to_string())),
         }
+        let warnings =
+            check_fields(&api_version, resource.kind, &mut obj, duplicates.clone(), &kept, mode)?;
         if let Some(rv) = body_resource_version(&obj)
             && rv != current.mod_revision
         {
@@ -868,7 +940,7 @@ async fn write_request<S: Store>(
             Err(err) if err.reason == "Conflict" && body_resource_version(&patch_doc).is_none() => {
                 continue;
             }
-            other => return other.map(|obj| json_response(200, &obj)),
+            other => return other.map(|obj| with_warnings(json_response(200, &obj), &warnings)),
         }
     }
     Err(ApiError::conflict(resource, name))
@@ -1171,7 +1243,9 @@ async fn scale_request<S: Store>(
     if method == Method::GET {
         return Ok(json_response(200, &to_scale(&obj)));
     }
-    let body = parse_json(&read_body(req).await?)?;
+    let mode = query.field_validation()?;
+    let raw = read_body(req).await?;
+    let body = parse_json(&raw)?;
     let mut scale = to_scale(&obj);
     if method == Method::PUT {
         if let Some(rv) = body_resource_version(&body)
@@ -1195,6 +1269,9 @@ async fn scale_request<S: Store>(
         };
         result.map_err(|err| ApiError::new(422, "Invalid", err.to_string()))?;
     }
+    let duplicates = fields::duplicate_fields(&raw);
+    let warnings =
+        check_fields("autoscaling/v1", "Scale", &mut scale, duplicates, &HashSet::new(), mode)?;
     let replicas =
         scale.pointer("/spec/replicas").and_then(Value::as_i64).filter(|r| *r >= 0).ok_or_else(
             || {
@@ -1214,7 +1291,7 @@ async fn scale_request<S: Store>(
     let stored =
         store_update(state, resource, ns, name, &current, updated, Part::Main, query.dry_run())
             .await?;
-    Ok(json_response(200, &to_scale(&stored)))
+    Ok(with_warnings(json_response(200, &to_scale(&stored)), &warnings))
 }
 
 /// POST pods/NAME/binding: sets spec.nodeName once (409 when already bound).

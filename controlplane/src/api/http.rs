@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::status::ApiError;
+use crate::resources::fields::FieldValidation;
 
 /// A response body: a complete buffer, or chunks streamed from a channel (watches, where the
 /// end of the stream is a normal end; lists, where an error aborts the transfer).
@@ -48,6 +49,23 @@ pub fn json_response(code: u16, value: &Value) -> Response<Body> {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::Full(Some(Bytes::from(body))))
         .expect("static headers are valid")
+}
+
+/// Adds one `Warning: 299 - "text"` header per warning (RFC 7234), which kubectl prints as
+/// `Warning: text`. Characters a header cannot carry become '?'.
+pub fn with_warnings(mut response: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for warning in warnings {
+        let text: String = warning
+            .chars()
+            .map(|c| if c == ' ' || c.is_ascii_graphic() { c } else { '?' })
+            .collect::<String>()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
+        if let Ok(value) = header::HeaderValue::from_str(&format!("299 - \"{text}\"")) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
 }
 
 pub fn text_response(code: u16, text: &str) -> Response<Body> {
@@ -118,6 +136,11 @@ impl Query {
 
     pub fn dry_run(&self) -> bool {
         self.get("dryRun") == Some("All")
+    }
+
+    /// The `fieldValidation` of a create, update or patch (400 for a value kube does not know).
+    pub fn field_validation(&self) -> Result<FieldValidation, ApiError> {
+        FieldValidation::parse(self.get("fieldValidation")).map_err(ApiError::bad_request)
     }
 }
 

@@ -1,6 +1,8 @@
 //! The resource types the API server serves and the pure rules about them: the registry of
 //! kinds (group, version, plural, scope, subresources), object metadata helpers, names,
-//! selectors, patches and per-kind validation and defaulting. Nothing here does I/O.
+//! selectors, patches, unknown and duplicate fields, and per-kind validation and defaulting.
+//! Nothing here does I/O.
+pub mod fields;
 pub mod meta;
 pub mod patch;
 pub mod protobuf;

@@ -10,6 +10,7 @@
 //! …); embedded structs (`json:",inline"`, e.g. a Volume's source) are flattened; Time,
 //! IntOrString, Quantity and RawExtension take their JSON forms. Unknown field numbers are
 //! skipped, as protobuf requires. Kinds without a table are refused (the caller answers 415).
+//! The same tables tell field validation which fields each kind has (`fields.rs`).
 use base64::Engine;
 use serde_json::{Map, Value, json};
 
