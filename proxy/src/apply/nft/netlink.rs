@@ -498,15 +498,15 @@ impl Encoder {
     pub fn op(&mut self, op: &Op) {
         self.messages += 1;
         self.first_seqs.push(self.buf.seq + 1);
-        let table = self.table.clone();
+        let table = self.table.as_str();
         let b = &mut self.buf;
         match op {
             Op::AddTable => {
-                b.nft_msg(NFT_MSG_NEWTABLE, NLM_F_CREATE, |b| b.str(NFTA_TABLE_NAME, &table))
+                b.nft_msg(NFT_MSG_NEWTABLE, NLM_F_CREATE, |b| b.str(NFTA_TABLE_NAME, table))
             }
-            Op::DeleteTable => b.nft_msg(NFT_MSG_DELTABLE, 0, |b| b.str(NFTA_TABLE_NAME, &table)),
+            Op::DeleteTable => b.nft_msg(NFT_MSG_DELTABLE, 0, |b| b.str(NFTA_TABLE_NAME, table)),
             Op::AddChain { name, base } => b.nft_msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE, |b| {
-                b.str(NFTA_CHAIN_TABLE, &table);
+                b.str(NFTA_CHAIN_TABLE, table);
                 b.str(NFTA_CHAIN_NAME, name);
                 if let Some(BaseChain { kind, hook, priority }) = base {
                     b.nest(NFTA_CHAIN_HOOK, |b| {
@@ -518,11 +518,11 @@ impl Encoder {
                 }
             }),
             Op::FlushChain { name } => b.nft_msg(NFT_MSG_DELRULE, 0, |b| {
-                b.str(NFTA_RULE_TABLE, &table);
+                b.str(NFTA_RULE_TABLE, table);
                 b.str(NFTA_RULE_CHAIN, name);
             }),
             Op::DeleteChain { name } => b.nft_msg(NFT_MSG_DELCHAIN, 0, |b| {
-                b.str(NFTA_CHAIN_TABLE, &table);
+                b.str(NFTA_CHAIN_TABLE, table);
                 b.str(NFTA_CHAIN_NAME, name);
             }),
             Op::AddSet { name, kind } => {
@@ -605,7 +605,7 @@ impl Encoder {
                 let id = self.next_set_id;
                 self.next_set_id += 1;
                 b.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE, |b| {
-                    b.str(NFTA_SET_TABLE, &table);
+                    b.str(NFTA_SET_TABLE, table);
                     b.str(NFTA_SET_NAME, name);
                     b.u32(NFTA_SET_ID, id);
                     b.u32(NFTA_SET_FLAGS, flags);
@@ -634,29 +634,29 @@ impl Encoder {
                 })
             }
             Op::DeleteSet { name } => b.nft_msg(NFT_MSG_DELSET, 0, |b| {
-                b.str(NFTA_SET_TABLE, &table);
+                b.str(NFTA_SET_TABLE, table);
                 b.str(NFTA_SET_NAME, name);
             }),
             Op::AddElement { set, key, verdict } => {
-                new_element(b, &table, set, key, |b| b.verdict(NFTA_SET_ELEM_DATA, verdict))
+                new_element(b, table, set, key, |b| b.verdict(NFTA_SET_ELEM_DATA, verdict))
             }
-            Op::AddEntry { set, key, endpoint } => new_element(b, &table, set, key, |b| {
+            Op::AddEntry { set, key, endpoint } => new_element(b, table, set, key, |b| {
                 if let Some(endpoint) = endpoint {
                     b.value(NFTA_SET_ELEM_DATA, &endpoint_bytes(endpoint));
                 }
             }),
-            Op::AddSetElement { set, key } => new_element(b, &table, set, key, |_| {}),
+            Op::AddSetElement { set, key } => new_element(b, table, set, key, |_| {}),
             Op::DeleteElement { set, key } => b.nft_msg(NFT_MSG_DELSETELEM, 0, |b| {
-                b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
+                b.str(NFTA_SET_ELEM_LIST_TABLE, table);
                 b.str(NFTA_SET_ELEM_LIST_SET, set);
                 b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| element(b, key, |_| {}));
             }),
             Op::FlushSet { set } => b.nft_msg(NFT_MSG_DELSETELEM, 0, |b| {
-                b.str(NFTA_SET_ELEM_LIST_TABLE, &table);
+                b.str(NFTA_SET_ELEM_LIST_TABLE, table);
                 b.str(NFTA_SET_ELEM_LIST_SET, set);
             }),
             Op::AddCounter { name } => b.nft_msg(NFT_MSG_NEWOBJ, NLM_F_CREATE, |b| {
-                b.str(NFTA_OBJ_TABLE, &table);
+                b.str(NFTA_OBJ_TABLE, table);
                 b.str(NFTA_OBJ_NAME, name);
                 b.u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
                 b.nest(NFTA_OBJ_DATA, |b| {
@@ -665,7 +665,7 @@ impl Encoder {
                 });
             }),
             Op::DeleteCounter { name } => b.nft_msg(NFT_MSG_DELOBJ, 0, |b| {
-                b.str(NFTA_OBJ_TABLE, &table);
+                b.str(NFTA_OBJ_TABLE, table);
                 b.str(NFTA_OBJ_NAME, name);
                 b.u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
             }),
@@ -678,12 +678,12 @@ impl Encoder {
                         let id = self.next_set_id;
                         self.next_set_id += 1;
                         anon_ids.push(id);
-                        anonymous_map(b, &table, id, targets);
+                        anonymous_map(b, table, id, targets);
                     }
                 }
                 let mut anon = anon_ids.into_iter();
                 b.nft_msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, |b| {
-                    b.str(NFTA_RULE_TABLE, &table);
+                    b.str(NFTA_RULE_TABLE, table);
                     b.str(NFTA_RULE_CHAIN, chain);
                     b.nest(NFTA_RULE_EXPRESSIONS, |b| {
                         for stmt in stmts {

@@ -57,7 +57,8 @@
 //! plan after adoption.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    ops::RangeInclusive,
 };
 
 use super::ops::{BaseChain, ElementKey, Family, Op, RejectKind, Remember, SetKind, Stmt, Verdict};
@@ -442,11 +443,49 @@ impl Placement {
     }
 }
 
+/// The endpoints of one frontend, all of its family, in the compact form the planner keeps
+/// for every frontend (6 bytes an IPv4 endpoint, instead of 32 as a `SocketAddr`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Endpoints {
+    V4(Box<[SocketAddrV4]>),
+    V6(Box<[SocketAddrV6]>),
+}
+
+impl Endpoints {
+    /// The endpoints of `backends` that are of `family`, in order.
+    fn of_family(family: Family, backends: &[SocketAddr]) -> Self {
+        let v4 = |b: &SocketAddr| if let SocketAddr::V4(b) = b { Some(*b) } else { None };
+        let v6 = |b: &SocketAddr| if let SocketAddr::V6(b) = b { Some(*b) } else { None };
+        match family {
+            Family::V4 => Endpoints::V4(backends.iter().filter_map(v4).collect()),
+            Family::V6 => Endpoints::V6(backends.iter().filter_map(v6).collect()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Endpoints::V4(endpoints) => endpoints.len(),
+            Endpoints::V6(endpoints) => endpoints.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        (0..self.len()).map(move |index| match self {
+            Endpoints::V4(endpoints) => SocketAddr::V4(endpoints[index]),
+            Endpoints::V6(endpoints) => SocketAddr::V6(endpoints[index]),
+        })
+    }
+}
+
 /// What one frontend renders to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Rendered {
     /// The endpoints of the frontend's family.
-    backends: Vec<SocketAddr>,
+    backends: Endpoints,
     placement: Placement,
 }
 
@@ -456,8 +495,7 @@ impl Rendered {
         // The model gives each frontend of a dual-stack service the endpoints of both
         // families; a frontend balances to those of its own (kube-proxy runs one proxier per
         // family).
-        let backends: Vec<SocketAddr> =
-            state.backends.iter().filter(|b| Family::of(&b.ip()) == family).copied().collect();
+        let backends = Endpoints::of_family(family, &state.backends);
         let placement = if backends.is_empty() {
             // Endpoints of the other family only: the service has none of this family, which
             // kube-proxy's proxier of this family rejects. (The model's choice between reject
@@ -483,14 +521,12 @@ impl Rendered {
     }
 
     fn endpoints(&self) -> BTreeMap<u32, SocketAddr> {
-        (0u32..).zip(self.backends.iter().copied()).collect()
+        (0u32..).zip(self.backends.iter()).collect()
     }
 
     fn affinity_endpoints(&self) -> BTreeSet<SocketAddr> {
         match self.placement {
-            Placement::Class(Class { affinity: Some(_), .. }) => {
-                self.backends.iter().copied().collect()
-            }
+            Placement::Class(Class { affinity: Some(_), .. }) => self.backends.iter().collect(),
             _ => BTreeSet::new(),
         }
     }
@@ -616,15 +652,85 @@ pub struct Planner {
     /// Objects of an earlier table shape, removed by the next plan.
     legacy_chains: BTreeSet<String>,
     legacy_sets: BTreeSet<String>,
-    /// Endpoint address -> how many applied frontend endpoints use it.
-    hairpin_refs: BTreeMap<IpAddr, usize>,
-    /// The elements of `hairpin-endpoints` (and of its IPv6 twin).
-    hairpin: BTreeSet<IpAddr>,
-    /// Addresses whose reference count went to or from zero since the last plan.
-    hairpin_touched: BTreeSet<IpAddr>,
     /// Endpoint (address and port) -> how many applied frontend endpoints it is: what
-    /// [`Planner::backends`] counts, kept so that counting costs nothing per sync.
-    backend_refs: BTreeMap<SocketAddr, usize>,
+    /// [`Planner::backends`] counts, kept so that counting costs nothing per sync; an address
+    /// with an endpoint here is an element of `hairpin-endpoints` (or of its IPv6 twin).
+    backend_refs: EndpointRefs,
+    /// Addresses whose last endpoint left, or whose first came, since the last plan (or whose
+    /// element an adopted table has or lacks wrongly), with whether the table holds their
+    /// `hairpin-endpoints` element: the next plan adds or deletes the element.
+    hairpin_touched: BTreeMap<IpAddr, bool>,
+}
+
+/// Reference counts of endpoints, per family in compact keys (an IPv4 endpoint in 6 bytes, not
+/// the 32 of a `SocketAddr`: 40k endpoints at 10k services), ordered by address so that
+/// whether an address has any endpoint is one range lookup.
+#[derive(Debug, Default)]
+struct EndpointRefs {
+    v4: BTreeMap<SocketAddrV4, u32>,
+    v6: BTreeMap<SocketAddrV6, u32>,
+}
+
+impl EndpointRefs {
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    /// Counts one more use of `endpoint`; true when its address had no endpoint before.
+    fn add(&mut self, endpoint: SocketAddr) -> bool {
+        match endpoint {
+            SocketAddr::V4(e) => add_ref(&mut self.v4, e, v4_range(*e.ip())),
+            SocketAddr::V6(e) => add_ref(&mut self.v6, e, v6_range(*e.ip())),
+        }
+    }
+
+    /// Counts one use of `endpoint` less; true when its address has no endpoint left.
+    fn remove(&mut self, endpoint: SocketAddr) -> bool {
+        match endpoint {
+            SocketAddr::V4(e) => remove_ref(&mut self.v4, e, v4_range(*e.ip())),
+            SocketAddr::V6(e) => remove_ref(&mut self.v6, e, v6_range(*e.ip())),
+        }
+    }
+
+    /// Whether any endpoint of `address` is counted.
+    fn has_address(&self, address: IpAddr) -> bool {
+        match address {
+            IpAddr::V4(a) => self.v4.range(v4_range(a)).next().is_some(),
+            IpAddr::V6(a) => self.v6.range(v6_range(a)).next().is_some(),
+        }
+    }
+
+    /// The distinct addresses of the counted endpoints.
+    fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let v4 = self.v4.keys().map(|e| IpAddr::V4(*e.ip()));
+        let v6 = self.v6.keys().map(|e| IpAddr::V6(*e.ip()));
+        let mut last = None;
+        v4.chain(v6).filter(move |a| last.replace(*a) != Some(*a))
+    }
+}
+
+fn v4_range(address: Ipv4Addr) -> RangeInclusive<SocketAddrV4> {
+    SocketAddrV4::new(address, 0)..=SocketAddrV4::new(address, u16::MAX)
+}
+
+fn v6_range(address: Ipv6Addr) -> RangeInclusive<SocketAddrV6> {
+    SocketAddrV6::new(address, 0, 0, 0)..=SocketAddrV6::new(address, u16::MAX, u32::MAX, u32::MAX)
+}
+
+fn add_ref<K: Ord>(refs: &mut BTreeMap<K, u32>, key: K, address: RangeInclusive<K>) -> bool {
+    let first = refs.range(address).next().is_none();
+    *refs.entry(key).or_default() += 1;
+    first
+}
+
+fn remove_ref<K: Ord>(refs: &mut BTreeMap<K, u32>, key: K, address: RangeInclusive<K>) -> bool {
+    let Some(count) = refs.get_mut(&key) else { return false };
+    *count -= 1;
+    if *count > 0 {
+        return false;
+    }
+    refs.remove(&key);
+    refs.range(address).next().is_none()
 }
 
 impl Planner {
@@ -674,6 +780,7 @@ impl Planner {
             contents.chains.iter().filter(|c| is_legacy_chain(c)).cloned().collect();
         planner.legacy_sets = contents.sets.iter().filter(|s| is_legacy_set(s)).cloned().collect();
         let applied = &mut planner.applied;
+        let mut hairpin = BTreeSet::new();
         for (set, key) in &contents.frontends {
             let ElementKey::Service { address, protocol, port } = *key else { continue };
             let Some(frontend) = frontend_of(address, protocol, port) else { continue };
@@ -694,7 +801,7 @@ impl Planner {
                     }
                 }
                 ElementKey::Hairpin(address) => {
-                    planner.hairpin.insert(address);
+                    hairpin.insert(address);
                 }
                 _ => {}
             }
@@ -704,16 +811,15 @@ impl Planner {
                 *planner.class_users.entry(class).or_default() += 1;
             }
             for endpoint in entry.known_endpoints() {
-                *planner.hairpin_refs.entry(endpoint.ip()).or_default() += 1;
-                *planner.backend_refs.entry(endpoint).or_default() += 1;
+                planner.backend_refs.add(endpoint);
             }
         }
         // Elements nothing refers to (and references to missing elements) are fixed by the
         // next plan.
-        planner.hairpin_touched = planner
-            .hairpin
-            .symmetric_difference(&planner.hairpin_refs.keys().copied().collect())
-            .copied()
+        let referred: BTreeSet<IpAddr> = planner.backend_refs.addresses().collect();
+        planner.hairpin_touched = hairpin
+            .symmetric_difference(&referred)
+            .map(|address| (*address, hairpin.contains(address)))
             .collect();
         planner
     }
@@ -755,14 +861,16 @@ impl Planner {
     ) -> Plan {
         let mut plan = Plan::default();
         let mut class_ops: Vec<Op> = Vec::new();
-        let mut groups: Vec<Vec<Op>> = Vec::new();
+        // The frontends' ops in one vector (not one per frontend: at the first sync that is
+        // 10k short-lived allocations among the long-lived ones the planner makes meanwhile,
+        // which keeps pages resident after they are freed), and where each frontend's ops end.
+        let (mut frontend_ops, mut frontend_groups) = (Vec::new(), Vec::new());
         for frontend in frontends {
             let frontend = &frontend;
             let Some(state) = desired.frontends.get(frontend) else {
                 if let Some(applied) = self.applied.remove(frontend) {
-                    let mut ops = Vec::new();
-                    remove_frontend(&mut ops, frontend, &applied);
-                    groups.push(ops);
+                    remove_frontend(&mut frontend_ops, frontend, &applied);
+                    frontend_groups.push(frontend_ops.len());
                     self.count_users(&applied, &Applied::default());
                 }
                 continue;
@@ -775,11 +883,11 @@ impl Planner {
             if let Placement::Class(class) = rendered.placement {
                 self.ensure_class(class, &mut class_ops);
             }
-            let applied = self.applied.get(frontend).cloned().unwrap_or_default();
-            let mut ops = Vec::new();
-            update_frontend(&mut ops, frontend, &rendered, &applied);
-            if !ops.is_empty() {
-                groups.push(ops);
+            let applied = self.applied.remove(frontend).unwrap_or_default();
+            let before = frontend_ops.len();
+            update_frontend(&mut frontend_ops, frontend, &rendered, &applied);
+            if frontend_ops.len() > before {
+                frontend_groups.push(frontend_ops.len());
             }
             let now = Applied::written(rendered);
             self.count_users(&applied, &now);
@@ -795,37 +903,29 @@ impl Planner {
             plan.groups.push(plan.ops.len());
         }
         let touched = std::mem::take(&mut self.hairpin_touched);
-        let added: Vec<IpAddr> = touched
-            .iter()
-            .filter(|a| self.hairpin_refs.contains_key(a) && !self.hairpin.contains(a))
-            .copied()
-            .collect();
-        let gone: Vec<IpAddr> = touched
-            .iter()
-            .filter(|a| !self.hairpin_refs.contains_key(a) && self.hairpin.contains(a))
-            .copied()
-            .collect();
+        let wanted = |(address, in_table): (&IpAddr, &bool)| {
+            (self.backend_refs.has_address(*address) != *in_table).then_some(*address)
+        };
+        let (added, gone): (Vec<IpAddr>, Vec<IpAddr>) =
+            touched.iter().filter_map(wanted).partition(|a| !touched[a]);
         for address in &added {
             plan.ops.push(Op::AddEntry {
                 set: family_sets(Family::of(address)).hairpin.into(),
                 key: ElementKey::Hairpin(*address),
                 endpoint: None,
             });
-            self.hairpin.insert(*address);
         }
         if !added.is_empty() {
             plan.groups.push(plan.ops.len());
         }
-        for ops in groups {
-            plan.ops.extend(ops);
-            plan.groups.push(plan.ops.len());
-        }
+        let offset = plan.ops.len();
+        plan.groups.extend(frontend_groups.into_iter().map(|end| offset + end));
+        plan.ops.append(&mut frontend_ops);
         for address in &gone {
             plan.ops.push(Op::DeleteElement {
                 set: family_sets(Family::of(address)).hairpin.into(),
                 key: ElementKey::Hairpin(*address),
             });
-            self.hairpin.remove(address);
         }
         if !gone.is_empty() {
             plan.groups.push(plan.ops.len());
@@ -922,17 +1022,16 @@ impl Planner {
     }
 
     fn count_users(&mut self, before: &Applied, after: &Applied) {
-        let (after_endpoints, before_endpoints) =
-            (after.known_endpoints(), before.known_endpoints());
-        for endpoint in &after_endpoints {
-            *self.backend_refs.entry(*endpoint).or_default() += 1;
+        // An address whose first endpoint comes was not in `hairpin-endpoints`; one whose
+        // last endpoint leaves was (unless a change earlier since the last plan says else).
+        for endpoint in after.known_endpoints() {
+            if self.backend_refs.add(endpoint) {
+                self.hairpin_touched.entry(endpoint.ip()).or_insert(false);
+            }
         }
-        for endpoint in &before_endpoints {
-            if let Some(count) = self.backend_refs.get_mut(endpoint) {
-                *count -= 1;
-                if *count == 0 {
-                    self.backend_refs.remove(endpoint);
-                }
+        for endpoint in before.known_endpoints() {
+            if self.backend_refs.remove(endpoint) {
+                self.hairpin_touched.entry(endpoint.ip()).or_insert(true);
             }
         }
         for class in after.classes() {
@@ -941,22 +1040,6 @@ impl Planner {
         for class in before.classes() {
             if let Some(count) = self.class_users.get_mut(&class) {
                 *count = count.saturating_sub(1);
-            }
-        }
-        for address in after_endpoints.iter().map(SocketAddr::ip) {
-            let count = self.hairpin_refs.entry(address).or_default();
-            *count += 1;
-            if *count == 1 {
-                self.hairpin_touched.insert(address);
-            }
-        }
-        for address in before_endpoints.iter().map(SocketAddr::ip) {
-            if let Some(count) = self.hairpin_refs.get_mut(&address) {
-                *count -= 1;
-                if *count == 0 {
-                    self.hairpin_refs.remove(&address);
-                    self.hairpin_touched.insert(address);
-                }
             }
         }
     }
@@ -1807,6 +1890,29 @@ mod tests {
         let mut restarted = Planner::adopt(&live.contents());
         assert_eq!((restarted.frontends(), restarted.backends()), (3, 3));
         assert_eq!(restarted.plan(&desired), Plan::default(), "a restart writes nothing");
+    }
+
+    #[test]
+    fn endpoint_refs_track_addresses_across_ports_and_families() {
+        let mut refs = EndpointRefs::default();
+        assert!(refs.add(sa("10.0.0.1:80")), "first endpoint of its address");
+        assert!(!refs.add(sa("10.0.0.1:443")), "second port of the same address");
+        assert!(!refs.add(sa("10.0.0.1:80")), "the same endpoint again");
+        assert!(refs.add(sa("[fd00::1]:80")));
+        assert!(refs.add(sa("10.0.0.2:80")));
+        assert_eq!(refs.len(), 4);
+        assert_eq!(
+            refs.addresses().collect::<Vec<_>>(),
+            ["10.0.0.1", "10.0.0.2", "fd00::1"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+        assert!(!refs.remove(sa("10.0.0.1:80")));
+        assert!(!refs.remove(sa("10.0.0.1:80")), "port 443 is left");
+        assert!(refs.has_address("10.0.0.1".parse().unwrap()));
+        assert!(refs.remove(sa("10.0.0.1:443")), "the address's last endpoint");
+        assert!(!refs.has_address("10.0.0.1".parse().unwrap()));
+        assert!(!refs.remove(sa("10.0.0.1:443")), "not counted any more");
+        assert!(refs.remove(sa("[fd00::1]:80")));
+        assert_eq!(refs.len(), 1);
     }
 
     #[test]
