@@ -70,23 +70,37 @@ for path in glob.glob(OPENAPI + "/**/*.rs", recursive=True):
         openapi_names.setdefault(name.lower(), set()).add(name)
 
 
-def json_name(snake):
+def json_name(snake, message):
     snake = snake.removeprefix("r#")
     candidates = openapi_names.get(snake.replace("_", "").lower(), set())
     if len(candidates) == 1:
         return next(iter(candidates))
+    # Spelled differently in different types (DaemonEndpoint's `Port`, everyone else's
+    # `port`): the spelling of this message's own k8s-openapi type.
+    own = [c for c in sorted(candidates) if has_json_key(message, c)]
+    if len(own) == 1:
+        return own[0]
     parts = snake.split("_")
     return parts[0] + "".join(p[:1].upper() + p[1:] for p in parts[1:])
 
 
-def is_json_key(message, key):
-    """Whether k8s-openapi's type for `message` has the JSON key (true when unknown)."""
+def openapi_file(message):
+    """The k8s-openapi source of `message`, or None."""
     module, name = message.rsplit("::", 1)
     snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
     path = os.path.join(OPENAPI, module.replace("::", "/"), snake + ".rs")
-    if not os.path.exists(path):
-        return True
-    return f'"{key}" => Field::Key_' in open(path).read()
+    return path if os.path.exists(path) else None
+
+
+def has_json_key(message, key):
+    """Whether k8s-openapi's type for `message` is known and has the JSON key."""
+    path = openapi_file(message)
+    return path is not None and f'"{key}" => Field::Key_' in open(path).read()
+
+
+def is_json_key(message, key):
+    """Whether k8s-openapi's type for `message` has the JSON key (true when unknown)."""
+    return openapi_file(message) is None or has_json_key(message, key)
 
 
 def module_of(path):
@@ -154,7 +168,7 @@ def visit(name):
                 ty = ("Msg", target)
         else:
             sys.exit(f"unhandled prost kind {attr} in {name}")
-        name_json = json_name(snake)
+        name_json = json_name(snake, name)
         if isinstance(ty, tuple) and shape == "One" and not is_json_key(name, name_json) \
                 and name_json not in NEWER_THAN_OPENAPI:
             shape = "Inline"  # Go embeds it with `json:",inline"`

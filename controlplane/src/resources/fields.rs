@@ -272,6 +272,21 @@ mod tests {
         assert_eq!(found, Vec::<String>::new());
     }
 
+    /// Kubernetes spells this one field with a capital (`DaemonEndpoint.Port`); the node
+    /// runtime's Node status carries it, and losing it breaks logs and exec through the API
+    /// server.
+    #[test]
+    fn the_kubelet_endpoint_port_is_known() {
+        let node = json!({"metadata": {"name": "n"},
+            "status": {"daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}}}});
+        let (found, obj) = unknown("v1", "Node", node);
+        assert_eq!(found, Vec::<String>::new());
+        assert_eq!(
+            obj.pointer("/status/daemonEndpoints/kubeletEndpoint/Port"),
+            Some(&json!(10250))
+        );
+    }
+
     #[test]
     fn kept_paths_stay_and_unknown_kinds_are_left_alone() {
         let mut obj = json!({"spec": {"old": 1, "new": 2}});

@@ -360,7 +360,7 @@ pub(super) static MESSAGES: &[Message] = &[
     },
     Message {
         name: "DaemonEndpoint",
-        fields: &[Field { tag: 1, json: "port", ty: Ty::I32, shape: Shape::One, keep_zero: true }],
+        fields: &[Field { tag: 1, json: "Port", ty: Ty::I32, shape: Shape::One, keep_zero: true }],
     },
     Message {
         name: "NodeSystemInfo",
