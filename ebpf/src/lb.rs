@@ -29,18 +29,14 @@ use crate::{
     maps::{AFFINITY4, BACKENDS, BACKENDS6, CT4, CT6, REV_NAT, REV_NAT6, SERVICES, SERVICES6},
     metrics::count,
     nat::{End, rewrite4, rewrite6},
-    packet::{Flow, Flow4, Flow6, ip_protocol, parse_flow4, parse_flow6},
+    packet::{Flow, Flow4, Flow6, carries_ipv6, ip_protocol, parse_ipv4_flow, parse_ipv6_flow},
     reject,
 };
 
 pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
-    match ip_protocol(ctx) {
-        Some((false, _)) => {
-            Ok(reject_if_needed(ctx, forward_packet4(ctx)?, reject::port_unreachable4))
-        }
-        Some((true, _)) => {
-            Ok(reject_if_needed(ctx, forward_packet6(ctx)?, reject::port_unreachable6))
-        }
+    match carries_ipv6(ctx) {
+        Some(false) => Ok(reject_if_needed(ctx, forward_packet4(ctx)?, reject::port_unreachable4)),
+        Some(true) => Ok(reject_if_needed(ctx, forward_packet6(ctx)?, reject::port_unreachable6)),
         None => {
             count(Counter::PassedUnparsed);
             Ok(TC_ACT_OK)
@@ -49,9 +45,9 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
 }
 
 pub fn try_reverse(ctx: &TcContext) -> Result<i32, Counter> {
-    match ip_protocol(ctx) {
-        Some((false, _)) => reverse_packet4(ctx),
-        Some((true, _)) => reverse_packet6(ctx),
+    match carries_ipv6(ctx) {
+        Some(false) => reverse_packet4(ctx),
+        Some(true) => reverse_packet6(ctx),
         None => {
             count(Counter::PassedUnparsed);
             Ok(TC_ACT_OK)
@@ -91,22 +87,22 @@ pub fn reverse_sctp_to_pod(ctx: &TcContext) -> Result<(), Counter> {
 
 #[inline(always)]
 fn forward_packet4(ctx: &TcContext) -> Result<i32, Counter> {
-    parse_flow4(ctx).map_or_else(passed_unparsed, |flow| forward4(ctx, &flow))
+    parse_ipv4_flow(ctx).map_or_else(passed_unparsed, |flow| forward4(ctx, &flow))
 }
 
 #[inline(never)]
 fn forward_packet6(ctx: &TcContext) -> Result<i32, Counter> {
-    parse_flow6(ctx).map_or_else(passed_unparsed, |flow| forward6(ctx, &flow))
+    parse_ipv6_flow(ctx).map_or_else(passed_unparsed, |flow| forward6(ctx, &flow))
 }
 
 #[inline(always)]
 fn reverse_packet4(ctx: &TcContext) -> Result<i32, Counter> {
-    parse_flow4(ctx).map_or_else(passed_unparsed, |flow| reverse4(ctx, &flow))
+    parse_ipv4_flow(ctx).map_or_else(passed_unparsed, |flow| reverse4(ctx, &flow))
 }
 
 #[inline(never)]
 fn reverse_packet6(ctx: &TcContext) -> Result<i32, Counter> {
-    parse_flow6(ctx).map_or_else(passed_unparsed, |flow| reverse6(ctx, &flow))
+    parse_ipv6_flow(ctx).map_or_else(passed_unparsed, |flow| reverse6(ctx, &flow))
 }
 
 /// [`forward_packet4`] in a frame of its own, for the policy program (whose own frame is

@@ -33,7 +33,8 @@ pub struct Flow<A> {
     pub proto: u8,
     /// Offset of the L4 header from the start of the packet.
     pub l4_off: usize,
-    /// Length of the L4 header and payload, from the IP header (SCTP's checksum covers them).
+    /// SCTP only (0 otherwise): the length of the L4 header and payload, from the IP header
+    /// (SCTP's checksum covers them).
     pub l4_len: u16,
 }
 
@@ -99,6 +100,17 @@ pub fn ip_protocol(ctx: &TcContext) -> Option<(bool, u8)> {
     }
 }
 
+/// Whether an Ethernet frame carries IPv6 (`Some(true)`) or IPv4 (`Some(false)`); `None` for
+/// another ethertype. One read: the load balancer's first question.
+#[inline(always)]
+pub fn carries_ipv6(ctx: &TcContext) -> Option<bool> {
+    match read::<u16>(ctx, 12)? {
+        ETH_P_IP_BE => Some(false),
+        ETH_P_IPV6_BE => Some(true),
+        _ => None,
+    }
+}
+
 /// Parses an IPv6 TCP, UDP or SCTP packet whose L4 header follows the fixed header. `None` for
 /// anything else, including packets with extension headers (they pass untranslated; fragments
 /// carry a fragment header, so they are among them).
@@ -107,13 +119,21 @@ pub fn parse_flow6(ctx: &TcContext) -> Option<Flow6> {
     if read::<u16>(ctx, 12)? != ETH_P_IPV6_BE {
         return None;
     }
+    parse_ipv6_flow(ctx)
+}
+
+/// [`parse_flow6`] of a frame known to carry IPv6 ([`carries_ipv6`]).
+#[inline(always)]
+pub fn parse_ipv6_flow(ctx: &TcContext) -> Option<Flow6> {
     let version: u8 = read(ctx, ETH_HLEN)?;
     if version >> 4 != 6 {
         return None;
     }
     let proto: u8 = read(ctx, ETH_HLEN + 6)?;
-    let payload_len = u16::from_be(read::<u16>(ctx, ETH_HLEN + 4)?);
-    parse_l4(ctx, proto, IP6_SRC_OFF, IP6_DST_OFF, ETH_HLEN + IPV6_HLEN, payload_len)
+    // Only SCTP's checksum update needs the length; the others skip the read.
+    let l4_len =
+        if proto == proto::SCTP { u16::from_be(read::<u16>(ctx, ETH_HLEN + 4)?) } else { 0 };
+    parse_l4(ctx, proto, IP6_SRC_OFF, IP6_DST_OFF, ETH_HLEN + IPV6_HLEN, l4_len)
 }
 
 /// A pointer to a `T` at `offset`, if the linear packet data holds all of it.
@@ -158,6 +178,12 @@ fn ipv4_header_len(ctx: &TcContext) -> Option<usize> {
     if read::<u16>(ctx, 12)? != ETH_P_IP_BE {
         return None;
     }
+    ipv4_header_len_of_ip(ctx)
+}
+
+/// [`ipv4_header_len`] of a frame known to carry IPv4.
+#[inline(always)]
+fn ipv4_header_len_of_ip(ctx: &TcContext) -> Option<usize> {
     let version_ihl: u8 = read(ctx, ETH_HLEN)?;
     if version_ihl >> 4 != 4 {
         return None;
@@ -173,14 +199,28 @@ fn ipv4_header_len(ctx: &TcContext) -> Option<usize> {
 /// protocols, non-first fragments (no ports), or a packet too short for its headers.
 #[inline(always)]
 pub fn parse_flow4(ctx: &TcContext) -> Option<Flow4> {
-    let ihl = ipv4_header_len(ctx)?;
+    if read::<u16>(ctx, 12)? != ETH_P_IP_BE {
+        return None;
+    }
+    parse_ipv4_flow(ctx)
+}
+
+/// [`parse_flow4`] of a frame known to carry IPv4 ([`carries_ipv6`]).
+#[inline(always)]
+pub fn parse_ipv4_flow(ctx: &TcContext) -> Option<Flow4> {
+    let ihl = ipv4_header_len_of_ip(ctx)?;
     if u16::from_be(read::<u16>(ctx, ETH_HLEN + 6)?) & IP_MF_AND_OFFSET != 0 {
         // Fragments carry no (or partial) L4 headers; translating them needs fragment
         // tracking, which the datapath does not do yet.
         return None;
     }
     let proto: u8 = read(ctx, ETH_HLEN + 9)?;
-    let l4_len = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?).checked_sub(ihl as u16)?;
+    // Only SCTP's checksum update needs the length; the others skip the read.
+    let l4_len = if proto == proto::SCTP {
+        u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?).checked_sub(ihl as u16)?
+    } else {
+        0
+    };
     parse_l4(ctx, proto, IP_SRC_OFF, IP_DST_OFF, ETH_HLEN + ihl, l4_len)
 }
 
