@@ -492,14 +492,14 @@ struct Rendered {
 impl Rendered {
     fn new(frontend: &Frontend, state: &FrontendState) -> Self {
         let family = family_of(frontend);
-        // The model gives each frontend of a dual-stack service the endpoints of both
-        // families; a frontend balances to those of its own (kube-proxy runs one proxier per
-        // family).
+        // A frontend balances to endpoints of its own family only (kube-proxy runs one
+        // proxier per family). The model already gives it only those, and chooses between
+        // reject and drop per family; the filter keeps a state built otherwise (by hand, in
+        // tests) from mixing families.
         let backends = Endpoints::of_family(family, &state.backends);
         let placement = if backends.is_empty() {
-            // Endpoints of the other family only: the service has none of this family, which
-            // kube-proxy's proxier of this family rejects. (The model's choice between reject
-            // and drop looks at the endpoints of both families.)
+            // Endpoints of the other family only: this family has none, which kube-proxy's
+            // proxier of this family rejects.
             let when_empty =
                 if state.backends.is_empty() { state.when_empty } else { WhenEmpty::Reject };
             let sets = family_sets(family);
@@ -1736,7 +1736,7 @@ mod tests {
     fn a_dual_stack_service_balances_each_family_to_its_own_endpoints() {
         let mut table = table();
         let mut planner = Planner::new();
-        // The model gives both frontends the endpoints of both families.
+        // A state whose frontends list the endpoints of both families (built by hand).
         let endpoints: &[&str] = &["10.0.0.1:8080", "[fd00::1]:8080", "[fd00::2]:8080"];
         let desired = state(&[("10.96.0.1", 80, endpoints), ("fd00:96::1", 80, endpoints)]);
         table.execute(&planner.plan(&desired).ops);
@@ -1929,7 +1929,7 @@ mod tests {
 
     /// `state` made dual-stack: every frontend gets an IPv6 twin (`10.96.a.b` ->
     /// `fd00:96::a:b`), every endpoint one too (`10.0.0.x` -> `fd00::x`), and every frontend
-    /// the endpoints of both families, as the model gives them.
+    /// the endpoints of both families (a mixed state, which the planner must sort out).
     fn dual_stack(state: &ServiceState, changed: &[Frontend]) -> (ServiceState, Vec<Frontend>) {
         let twin = |address: IpAddr| -> IpAddr {
             let IpAddr::V4(v4) = address else { return address };
