@@ -49,6 +49,29 @@ fn objects() -> (Service, EndpointSlice) {
     (service, slice)
 }
 
+/// [`objects`] with the endpoint at `pod`; an IPv6 Service and slice when `pod` is IPv6.
+fn objects_for(pod: IpAddr) -> (Service, EndpointSlice) {
+    let (mut service, mut slice) = objects();
+    slice.endpoints[0].addresses = vec![pod.to_string()];
+    if pod.is_ipv6() {
+        let spec = service.spec.as_mut().unwrap();
+        spec.cluster_ip = Some("fd00:96::3:1".into());
+        spec.cluster_ips = Some(vec!["fd00:96::3:1".into()]);
+        spec.ip_families = Some(vec!["IPv6".into()]);
+        slice.address_type = "IPv6".into();
+    }
+    (service, slice)
+}
+
+/// The addresses of a [`NodePortNet`] per family (external client, node uplink, node's pod
+/// side, pod), each with a namespace role made from `role`.
+fn both_families(role: &str) -> [(String, [IpAddr; 4]); 2] {
+    [
+        (role.to_string(), [EXTERNAL, NODE, NODE_POD_SIDE, POD].map(IpAddr::from)),
+        (format!("{role}6"), [EXTERNAL6, NODE6, NODE_POD_SIDE6, POD6].map(IpAddr::from)),
+    ]
+}
+
 #[test]
 fn lb_nodeport_from_outside_the_node_reaches_the_pod_and_replies_from_the_node_port() {
     require_root();
@@ -134,6 +157,25 @@ impl NodePortNet {
         Self { _backend: backend, external, node, uplink: uplink.b.clone(), pod }
     }
 
+    /// `desired` on `dataplane` in the node: the eBPF object and its pins
+    /// (`(aya::Ebpf, TestPinDir)`, see [`Self::ebpf_on_uplink`]) or a [`TestDatapath`]; kept
+    /// alive by the caller.
+    fn datapath(
+        &self,
+        dataplane: Dataplane,
+        desired: &model::ServiceState,
+        role: &str,
+    ) -> Box<dyn std::any::Any> {
+        match dataplane {
+            Dataplane::Ebpf => Box::new(self.ebpf_on_uplink(desired)),
+            Dataplane::Nftables => {
+                let mut datapath = TestDatapath::new(dataplane, &self.node, role).unwrap();
+                datapath.apply(desired).unwrap();
+                Box::new(datapath)
+            }
+        }
+    }
+
     /// Loads the eBPF object with `desired` in its maps and attaches the tc load balancer to
     /// the node's uplink.
     fn ebpf_on_uplink(&self, desired: &model::ServiceState) -> (aya::Ebpf, TestPinDir) {
@@ -182,13 +224,8 @@ fn lb_nodeport_over_ipv6_from_outside_the_node_reaches_the_pod() {
         let addresses = [EXTERNAL6, NODE6, NODE_POD_SIDE6, POD6].map(IpAddr::from);
         let net = NodePortNet::new("np6", addresses);
 
-        let (mut service, mut slice) = objects();
+        let (mut service, mut slice) = objects_for(POD6.into());
         let spec = service.spec.as_mut().unwrap();
-        spec.cluster_ip = Some("fd00:96::3:1".into());
-        spec.cluster_ips = Some(vec!["fd00:96::3:1".into()]);
-        spec.ip_families = Some(vec!["IPv6".into()]);
-        slice.address_type = "IPv6".into();
-        slice.endpoints[0].addresses = vec![POD6.to_string()];
         // `Local`: the pod must see the external client's own address on both dataplanes.
         spec.external_traffic_policy = Some("Local".into());
         slice.endpoints[0].node_name = Some("node-a".into());
@@ -206,17 +243,10 @@ fn lb_nodeport_over_ipv6_from_outside_the_node_reaches_the_pod() {
             );
             assert_eq!(result["peer"], target, "{dataplane:?}: replies come from the node port");
         };
-        match dataplane {
-            Dataplane::Ebpf => {
-                let (ebpf, _pins) = net.ebpf_on_uplink(&desired);
-                check();
-                assert_translated(&ebpf);
-            }
-            Dataplane::Nftables => {
-                let mut datapath = TestDatapath::new(dataplane, &net.node, "nodeport6").unwrap();
-                datapath.apply(&desired).unwrap();
-                check();
-            }
+        let datapath = net.datapath(dataplane, &desired, "nodeport6");
+        check();
+        if let Some((ebpf, _)) = datapath.downcast_ref::<(aya::Ebpf, TestPinDir)>() {
+            assert_translated(ebpf);
         }
     });
 }
@@ -229,41 +259,24 @@ fn lb_nodeport_over_ipv6_from_outside_the_node_reaches_the_pod() {
 #[test]
 fn lb_nodeport_sctp_from_outside_the_node_reaches_the_pod_with_valid_checksums() {
     require_root();
-    let families = [
-        ("sc", [EXTERNAL, NODE, NODE_POD_SIDE, POD].map(IpAddr::from)),
-        ("sc6", [EXTERNAL6, NODE6, NODE_POD_SIDE6, POD6].map(IpAddr::from)),
-    ];
     for_each_dataplane(|dataplane| {
-        for (role, addresses) in families {
+        for (role, addresses) in both_families("sc") {
             let [external, node, node_pod_side, pod] = addresses;
-            let net = NodePortNet::new(role, addresses);
+            let net = NodePortNet::new(&role, addresses);
             let responder = sctp::Responder::start(&net.pod, pod.is_ipv6()).unwrap();
 
-            let (mut service, mut slice) = objects();
-            let spec = service.spec.as_mut().unwrap();
-            spec.ports.as_mut().unwrap()[0].protocol = Some("SCTP".into());
+            let (mut service, mut slice) = objects_for(pod);
+            service.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol =
+                Some("SCTP".into());
             slice.ports.as_mut().unwrap()[0].protocol = Some("SCTP".into());
-            slice.endpoints[0].addresses = vec![pod.to_string()];
-            if pod.is_ipv6() {
-                spec.cluster_ip = Some("fd00:96::3:1".into());
-                spec.cluster_ips = Some(vec!["fd00:96::3:1".into()]);
-                spec.ip_families = Some(vec!["IPv6".into()]);
-                slice.address_type = "IPv6".into();
-            }
             let context = NodeContext { name: "node-a".into(), addresses: vec![node] };
             let desired = model::build([&service], [&slice], &context);
             let target = std::net::SocketAddr::new(node, NODE_PORT);
             let timeout = std::time::Duration::from_secs(3);
 
             // eBPF keeps the client's address; nftables masquerades (Cluster policy).
-            let (_ebpf, _datapath, source) = match dataplane {
-                Dataplane::Ebpf => (Some(net.ebpf_on_uplink(&desired)), None, external),
-                Dataplane::Nftables => {
-                    let mut datapath = TestDatapath::new(dataplane, &net.node, role).unwrap();
-                    datapath.apply(&desired).unwrap();
-                    (None, Some(datapath), node_pod_side)
-                }
-            };
+            let datapath = net.datapath(dataplane, &desired, &role);
+            let source = if dataplane == Dataplane::Ebpf { external } else { node_pod_side };
             let exchange = sctp::exchange(&net.external, target, 40_000, timeout)
                 .unwrap_or_else(|e| panic!("{dataplane:?} {target}: {e:#}"));
             assert_eq!(
@@ -277,7 +290,7 @@ fn lb_nodeport_sctp_from_outside_the_node_reaches_the_pod_with_valid_checksums()
             assert_eq!(init.to_port, 8080, "{dataplane:?}: translated to the target port");
             assert_eq!(init.from.ip(), source, "{dataplane:?}: {seen:?}");
             assert!(init.checksum_ok, "{dataplane:?}: the INIT's CRC32c after DNAT");
-            if let Some((ebpf, _)) = &_ebpf {
+            if let Some((ebpf, _)) = datapath.downcast_ref::<(aya::Ebpf, TestPinDir)>() {
                 assert_translated_once(ebpf);
             }
         }
@@ -301,35 +314,17 @@ fn assert_translated_once(ebpf: &aya::Ebpf) {
 #[test]
 fn lb_nodeport_without_endpoints_refuses_at_once_from_outside_the_node() {
     require_root();
-    let families = [
-        ("ne", [EXTERNAL, NODE, NODE_POD_SIDE, POD].map(IpAddr::from)),
-        ("ne6", [EXTERNAL6, NODE6, NODE_POD_SIDE6, POD6].map(IpAddr::from)),
-    ];
     for_each_dataplane(|dataplane| {
-        for (role, addresses) in families {
-            let [_, node, _, _] = addresses;
-            let net = NodePortNet::new(role, addresses);
-            let (mut service, mut slice) = objects();
+        for (role, addresses) in both_families("ne") {
+            let [_, node, _, pod] = addresses;
+            let net = NodePortNet::new(&role, addresses);
+            let (service, mut slice) = objects_for(pod);
             slice.endpoints.clear();
-            if node.is_ipv6() {
-                let spec = service.spec.as_mut().unwrap();
-                spec.cluster_ip = Some("fd00:96::3:1".into());
-                spec.cluster_ips = Some(vec!["fd00:96::3:1".into()]);
-                spec.ip_families = Some(vec!["IPv6".into()]);
-                slice.address_type = "IPv6".into();
-            }
             let context = NodeContext { name: "node-a".into(), addresses: vec![node] };
             let desired = model::build([&service], [&slice], &context);
             let target = std::net::SocketAddr::new(node, NODE_PORT).to_string();
 
-            let _datapath = match dataplane {
-                Dataplane::Ebpf => Box::new(net.ebpf_on_uplink(&desired)) as Box<dyn std::any::Any>,
-                Dataplane::Nftables => {
-                    let mut datapath = TestDatapath::new(dataplane, &net.node, role).unwrap();
-                    datapath.apply(&desired).unwrap();
-                    Box::new(datapath)
-                }
-            };
+            let _datapath = net.datapath(dataplane, &desired, &role);
             // A timeout would say "TimedOut" after 3 s; a refusal comes back at once.
             let result = probe::run(&net.external, None, &["tcp", &target, "--timeout-ms", "3000"]);
             assert_eq!(result["ok"], false, "{dataplane:?} {target}: {result}");
