@@ -13,7 +13,7 @@ use weir_common::{
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-const IPV4_MIN_HLEN: usize = 20;
+pub const IPV4_MIN_HLEN: usize = 20;
 /// The longest header stack parsed: Ethernet, IPv4 with options, TCP up to its checksum (SCTP's
 /// ends earlier).
 const MAX_PARSED_LEN: usize = ETH_HLEN + 60 + 18;
@@ -241,7 +241,7 @@ pub struct PolicyPacket {
 }
 
 const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
-const IPV6_HLEN: usize = 40;
+pub const IPV6_HLEN: usize = 40;
 /// Extension headers walked before giving up (Cilium walks 4 too).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 const NEXTHDR_HOP: u8 = 0;

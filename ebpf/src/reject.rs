@@ -10,27 +10,23 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use weir_common::metrics::Counter;
+use weir_common::{metrics::Counter, proto};
 
 use crate::{
     metrics::count,
-    packet::{ETH_HLEN, parse_flow4, parse_flow6},
+    packet::{ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, parse_flow4, parse_flow6},
 };
 
-const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
 const ICMP_HLEN: usize = 8;
 /// What an ICMP error quotes: the IP header and 8 bytes of what follows.
-const QUOTE4: usize = IPV4_HLEN + 8;
+const QUOTE4: usize = IPV4_MIN_HLEN + 8;
 const QUOTE6: usize = IPV6_HLEN + 8;
-const REPLY4_LEN: usize = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + QUOTE4;
+const REPLY4_LEN: usize = ETH_HLEN + IPV4_MIN_HLEN + ICMP_HLEN + QUOTE4;
 const REPLY6_LEN: usize = ETH_HLEN + IPV6_HLEN + ICMP_HLEN + QUOTE6;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
-const PROTO_ICMP: u8 = 1;
-const PROTO_ICMPV6: u8 = 58;
 
 /// Turns the IPv4 packet into an ICMP port unreachable back to its sender; `TC_ACT_SHOT`
 /// when it cannot. Counted as [`Counter::DropNoBackend`] either way. (A plain `i32`: the
@@ -53,7 +49,7 @@ pub fn port_unreachable6(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn reply4(ctx: &TcContext) -> Result<i32, Counter> {
     let flow = parse_flow4(ctx).ok_or(Counter::DropNoBackend)?;
-    if flow.l4_off != ETH_HLEN + IPV4_HLEN {
+    if flow.l4_off != ETH_HLEN + IPV4_MIN_HLEN {
         return Err(Counter::DropNoBackend);
     }
     let quote: [u8; QUOTE4] = ctx.load(ETH_HLEN).map_err(|_| Counter::DropNoBackend)?;
@@ -61,18 +57,18 @@ fn reply4(ctx: &TcContext) -> Result<i32, Counter> {
     resize(ctx, REPLY4_LEN)?;
     write_ethernet(ctx, &macs, 0x0800)?;
 
-    let mut ip = [0u8; IPV4_HLEN];
+    let mut ip = [0u8; IPV4_MIN_HLEN];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&((REPLY4_LEN - ETH_HLEN) as u16).to_be_bytes());
     ip[8] = 64;
-    ip[9] = PROTO_ICMP;
+    ip[9] = proto::ICMP;
     // The frontend answers: its address is the packet's destination.
     ip[12..16].copy_from_slice(&flow.daddr.to_ne_bytes());
     ip[16..20].copy_from_slice(&flow.saddr.to_ne_bytes());
     let csum = fold(sum(&ip, 0));
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     store(ctx, ETH_HLEN, &ip)?;
-    write_icmp(ctx, ETH_HLEN + IPV4_HLEN, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &quote, 0)
+    write_icmp(ctx, ETH_HLEN + IPV4_MIN_HLEN, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, &quote, 0)
 }
 
 #[inline(always)]
@@ -88,7 +84,7 @@ fn reply6(ctx: &TcContext) -> Result<i32, Counter> {
 
     let payload_len = (ICMP_HLEN + QUOTE6) as u16;
     let [len_high, len_low] = payload_len.to_be_bytes();
-    store(ctx, ETH_HLEN, &[0x60, 0, 0, 0, len_high, len_low, PROTO_ICMPV6, 64])?;
+    store(ctx, ETH_HLEN, &[0x60, 0, 0, 0, len_high, len_low, proto::ICMPV6, 64])?;
     // The frontend answers: its address is the packet's destination.
     store(ctx, ETH_HLEN + 8, &flow.daddr)?;
     store(ctx, ETH_HLEN + 24, &flow.saddr)?;
@@ -96,7 +92,7 @@ fn reply6(ctx: &TcContext) -> Result<i32, Counter> {
     let pseudo = sum_address(&flow.daddr)
         + sum_address(&flow.saddr)
         + u32::from(payload_len)
-        + u32::from(PROTO_ICMPV6);
+        + u32::from(proto::ICMPV6);
     write_icmp(ctx, ETH_HLEN + IPV6_HLEN, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, &quote, pseudo)
 }
 
