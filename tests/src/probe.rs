@@ -35,7 +35,8 @@ pub fn run(netns: &Netns, cgroup: Option<&TestCgroup>, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("weir-probe printed no JSON ({e}): {output:?}"))
 }
 
-/// `COUNT` sequential TCP connections to `target`; `{"ok", "backends": {addr: n}, "failures"}`.
+/// `COUNT` sequential TCP connections to `target`; `{"ok", "backends": {addr: n}, "failures",
+/// "elapsed_us"}` (the connections' own time, without the probe's start).
 pub fn spread(netns: &Netns, cgroup: Option<&TestCgroup>, target: &str, count: u32) -> Value {
     run(netns, cgroup, &["tcp-spread", target, &count.to_string()])
 }
@@ -94,7 +95,8 @@ pub fn assert_refused_or_dropped(
     }
 }
 
-/// A long-lived TCP connection held by a `weir-probe tcp-session` process; killed on drop.
+/// A long-lived TCP connection (or connected UDP socket) held by a `weir-probe tcp-session`
+/// (`udp-session`) process; killed on drop.
 pub struct Session {
     child: Child,
     stdin: ChildStdin,
@@ -104,9 +106,18 @@ pub struct Session {
 impl Session {
     /// Connects to `target` from `netns` (and `cgroup`); panics if the connection fails.
     pub fn open(netns: &Netns, cgroup: Option<&TestCgroup>, target: &str) -> Session {
+        Self::start(netns, cgroup, "tcp-session", target)
+    }
+
+    /// A UDP socket connected to `target` from `netns` (and `cgroup`).
+    pub fn udp(netns: &Netns, cgroup: Option<&TestCgroup>, target: &str) -> Session {
+        Self::start(netns, cgroup, "udp-session", target)
+    }
+
+    fn start(netns: &Netns, cgroup: Option<&TestCgroup>, mode: &str, target: &str) -> Session {
         let mut child = command_in(netns, cgroup, &binary().to_string_lossy())
             .expect("preparing weir-probe")
-            .args(["tcp-session", target])
+            .args([mode, target])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -41,6 +41,22 @@ impl ServiceNet {
     /// `net` picks the /24 (10.<net>.0.0) and the /64 (fd00:<net>::); `backends` is how many
     /// backends to start.
     pub fn new(role: &str, net: u8, backends: u8) -> Result<Self> {
+        Self::with_servers(role, net, backends, EchoServer::tcp)
+    }
+
+    /// As [`ServiceNet::new`], with servers that answer one connection at a time in their own
+    /// thread ([`EchoServer::tcp_serial`]): for benchmarks of sequential connections, which
+    /// should measure the network path, not a thread started per connection.
+    pub fn serial(role: &str, net: u8, backends: u8) -> Result<Self> {
+        Self::with_servers(role, net, backends, EchoServer::tcp_serial)
+    }
+
+    fn with_servers(
+        role: &str,
+        net: u8,
+        backends: u8,
+        server_on: fn(&Netns, std::net::SocketAddr) -> Result<EchoServer>,
+    ) -> Result<Self> {
         let client = Netns::new(&format!("{role}c"))?;
         let server = Netns::new(&format!("{role}s"))?;
         let veth = Veth::between(&client, &server)?;
@@ -57,9 +73,9 @@ impl ServiceNet {
             let ip6 = ipv6(net, host);
             server.ip(&["addr", "add", &format!("{ip}/24"), "dev", &veth.b])?;
             server.ip(&["addr", "add", &format!("{ip6}/64"), "dev", &veth.b, "nodad"])?;
-            servers.push(EchoServer::tcp(&server, (ip, BACKEND_PORT).into())?);
+            servers.push(server_on(&server, (ip, BACKEND_PORT).into())?);
             servers.push(
-                EchoServer::tcp(&server, (ip6, BACKEND_PORT).into())
+                server_on(&server, (ip6, BACKEND_PORT).into())
                     .with_context(|| format!("echo server on [{ip6}]:{BACKEND_PORT}"))?,
             );
             addresses.push(ip);

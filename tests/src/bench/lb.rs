@@ -1,28 +1,32 @@
 //! `cargo xtask bench lb`: connect/request/close rate through a ClusterIP served by the
 //! socket-level load balancer, at N = 1, 1k, 10k and 100k services (4 endpoints each), against
-//! the same connections made straight to the pod IP by a process outside the load balancer's
-//! cgroup (no program on its path at all: the physical limit).
+//! two baselines, each its own report:
+//! - `lb`: the same connections made straight to the pod IP by a process outside the load
+//!   balancer's cgroup (no program on its path at all: the physical limit);
+//! - `lb-nftables`: the same connections through the same ClusterIP served by the nftables
+//!   dataplane (kube-proxy's nftables mode's shape), programmed with the same N services in a
+//!   twin client namespace of its own, so that neither side's packets meet the other's hooks
+//!   or conntrack.
 //!
-//! Each N is its own phase: a fresh datapath is loaded and programmed with N - 1 filler
-//! services plus the measured one, then candidate and baseline alternate for the given rounds.
-//! Figures are `conn_per_s_n<N>` (candidate: through the VIP; baseline: direct). The ratio
-//! between phases (ours at 100k over ours at 1) is in the printed summary and the JSON's
-//! `cross_phase` field.
+//! Each N is its own phase: fresh datapaths are loaded and programmed with N - 1 filler
+//! services plus the measured one, then candidate and baseline alternate for the given rounds
+//! (first against direct, then against nftables). Figures are `conn_per_s_n<N>`. The ratios
+//! between phases (at 100k over at 1, per dataplane) are printed at the end.
 //!
 //! Each phase also prints the programming figures of both dataplanes (no API server: planner
 //! and map or netlink writes): the load of N services, and one service changed with N in
 //! place, planned per service ([`ServiceIndex`] + `plan_changed`) and by a full diff.
 //! `weir-bench lb-programming [--sizes N,...]` prints only those.
 //!
-//! Not measured here: connection rates through the nftables dataplane (not yet anywhere), and
-//! the agent's event-to-datapath latency and RSS (`weir-bench lb-agent`, [`super::lb_agent`]).
+//! Not measured here: the agent's event-to-datapath latency and RSS (`weir-bench lb-agent`,
+//! [`super::lb_agent`]).
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use weir_proxy::{
     apply::{ebpf::MapWriter, nft::NftDataplane, plan::ServicePlanner},
     maps::ServiceMaps,
@@ -41,78 +45,125 @@ use crate::{
     topology::{BACKEND_PORT, ServiceNet},
 };
 
-const SIZES: [u32; 4] = [1, 1_000, 10_000, 100_000];
-const CONNECTIONS: u32 = 2_000;
+const CONNECTIONS: u32 = 5_000;
 const ENDPOINTS_PER_SERVICE: u32 = 4;
 /// Single-service changes measured per phase and way of planning (the median is reported);
 /// even, so that the last one restores the state the connections are measured against.
 const CHANGES: usize = 20;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
-pub fn run(rounds: u32) -> Result<Report> {
+/// One report's figures over all phases.
+type Phases = BTreeMap<&'static str, FigureReport>;
+
+/// The service counts measured when none are given.
+pub const SIZES: [u32; 4] = [1, 1_000, 10_000, 100_000];
+
+/// Runs every phase in `sizes`; returns the `lb` report (socket LB against direct) and the
+/// `lb-nftables` one (socket LB against the nftables dataplane).
+pub fn run(sizes: &[u32], rounds: u32) -> Result<Vec<Report>> {
     require_root();
-    let net = ServiceNet::new("benchlb", 207, 1)?;
-    let backend = net.backends[0];
-    // Tens of thousands of short connections from one address to one backend port: reuse
-    // TIME_WAIT ports and widen the ephemeral range, in the client's own namespace only.
-    net.client.run(|| -> std::io::Result<()> {
-        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
-        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535")
-    })??;
-    let mut figures = BTreeMap::new();
-    for n in SIZES {
-        let phase = phase(&net, backend, n, rounds)?;
-        figures.extend(phase.figures);
+    // Two twin networks: the socket LB's client and the nftables table's client each have
+    // their own namespace and echo servers.
+    let net = ServiceNet::serial("benchlb", 207, 1)?;
+    let nft_net = ServiceNet::serial("benchlbn", 208, 1)?;
+    for client in [&net.client, &nft_net.client] {
+        // Tens of thousands of short connections from one address to one backend port: reuse
+        // TIME_WAIT ports and widen the ephemeral range, in the clients' own namespaces only.
+        client.run(|| -> std::io::Result<()> {
+            std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+            std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535")
+        })??;
     }
-    let rate = |n: u32| figures.get(figure_name(n)).map(|f: &FigureReport| f.candidate_median);
-    let cross = match (rate(100_000), rate(1)) {
-        (Some(big), Some(one)) => big / one,
-        _ => f64::NAN,
+    let (mut direct, mut nft) = (BTreeMap::new(), BTreeMap::new());
+    for &n in sizes {
+        ensure!(n >= 1, "a phase needs at least the measured service (got n = 0)");
+        let (against_direct, against_nft) = phase(&net, &nft_net, n, rounds)?;
+        direct.extend(against_direct.figures);
+        nft.extend(against_nft.figures);
+    }
+    // Ours at the largest N over ours at the smallest: raw, and normalised by each phase's
+    // baseline. Phases run minutes apart and the client's TIME_WAIT table fills as they go
+    // (hundreds of thousands of connections from one address to one port), which slows every
+    // side alike; the normalised ratio cancels that drift.
+    let cross = |figures: &Phases, side: fn(&FigureReport) -> f64| {
+        let (first, last) = (sizes.iter().min()?, sizes.iter().max()?);
+        let figure = |n: u32| figures.get(figure_name(n)).map(side);
+        Some((*first, *last, figure(*last)? / figure(*first)?))
     };
-    println!("bench lb: ours at 100k services / ours at 1 service: {cross:.3}x");
-    Ok(Report {
-        name: "lb".into(),
+    let summaries = [
+        ("socket LB", cross(&direct, |f| f.candidate_median)),
+        ("socket LB, normalised by direct", cross(&direct, |f| f.ratio_median)),
+        ("nftables", cross(&nft, |f| f.baseline_median)),
+    ];
+    for (what, summary) in summaries {
+        if let Some((first, last, ratio)) = summary {
+            println!("bench lb: {what}: at {last} services / at {first}: {ratio:.3}x");
+        }
+    }
+    let report = |name: &str, baseline: &str, figures| Report {
+        name: name.into(),
         candidate: "socket LB through the ClusterIP".into(),
-        baseline: "direct to the pod IP, no program".into(),
+        baseline: baseline.into(),
         unit: "TCP connect+request+close per second".into(),
         rounds,
         figures,
-    })
+    };
+    Ok(vec![
+        report("lb", "direct to the pod IP, no program", direct),
+        report("lb-nftables", "nftables dataplane through the ClusterIP", nft),
+    ])
 }
 
+/// `conn_per_s_n<N>`; a figure name lives as long as the report (sizes are few).
 fn figure_name(n: u32) -> &'static str {
     match n {
         1 => "conn_per_s_n1",
         1_000 => "conn_per_s_n1000",
         10_000 => "conn_per_s_n10000",
-        _ => "conn_per_s_n100000",
+        100_000 => "conn_per_s_n100000",
+        other => Box::leak(format!("conn_per_s_n{other}").into_boxed_str()),
     }
 }
 
-fn phase(net: &ServiceNet, backend: Ipv4Addr, n: u32, rounds: u32) -> Result<Report> {
+fn phase(net: &ServiceNet, nft_net: &ServiceNet, n: u32, rounds: u32) -> Result<(Report, Report)> {
+    let backend = net.backends[0];
     let pins = TestPinDir::new("benchlb")?;
     let cgroup = TestCgroup::new("benchlb")?;
     let (mut loaded, programming) = ebpf_programming(&pins, n, backend)?;
     programming.print("ebpf");
-    nft_programming(n, backend)?.print("nftables");
     programs::attach_socket_lb(&mut loaded.ebpf, cgroup.dir(), None)?;
+    // The nftables table stays in the twin client's namespace for this phase's rounds.
+    let (nft_table, nft_programming) =
+        nft_programming_in(&nft_net.client, &table_name("benchlb"), n, nft_net.backends[0])?;
+    nft_programming.print("nftables");
 
     let vip = format!("{VIP}:80");
     let direct = format!("{backend}:{BACKEND_PORT}");
-    let measure = |cgroup: Option<&TestCgroup>, target: &str| -> Result<Figures> {
-        let started = Instant::now();
-        let result = probe::spread(&net.client, cgroup, target, CONNECTIONS);
-        let elapsed = started.elapsed().as_secs_f64();
+    let measure = |client: &Netns, cgroup: Option<&TestCgroup>, target: &str| -> Result<Figures> {
+        let result = probe::spread(client, cgroup, target, CONNECTIONS);
         ensure!(result["ok"] == true, "connections failed: {result}");
-        Ok(Figures::from([(figure_name(n), f64::from(CONNECTIONS) / elapsed)]))
+        // The probe's own clock: starting a process and moving it into a cgroup (an RCU wait
+        // of several ms, paid by the socket LB's side only) are not the path being measured.
+        let elapsed_us = result["elapsed_us"].as_f64().context("tcp-spread without elapsed_us")?;
+        Ok(Figures::from([(figure_name(n), f64::from(CONNECTIONS) / (elapsed_us / 1e6))]))
     };
-    interleave(
+    let socket_lb = || measure(&net.client, Some(&cgroup), &vip);
+    let against_direct = interleave(
         "lb",
         Sides { candidate_label: "vip", baseline_label: "direct", unit: "conn/s" },
         rounds,
-        || measure(Some(&cgroup), &vip),
-        || measure(None, &direct),
-    )
+        socket_lb,
+        || measure(&net.client, None, &direct),
+    )?;
+    let against_nft = interleave(
+        "lb-nftables",
+        Sides { candidate_label: "socket LB", baseline_label: "nftables", unit: "conn/s" },
+        rounds,
+        socket_lb,
+        || measure(&nft_net.client, None, &vip),
+    );
+    nft_table.remove_table()?;
+    Ok((against_direct, against_nft?))
 }
 
 /// The measured service (VIP:80 -> the echo backend) and `n - 1` fillers with
@@ -276,16 +327,36 @@ fn median_duration(mut values: Vec<Duration>) -> Duration {
 pub fn nft_programming(n: u32, backend: Ipv4Addr) -> Result<Programming> {
     require_root();
     let netns = Netns::new("benchnft")?;
-    let table = table_name("benchnft");
-    let dataplane = std::cell::RefCell::new(netns.run(|| NftDataplane::open(&table))??);
+    let (dataplane, programming) = nft_programming_in(&netns, &table_name("benchnft"), n, backend)?;
+    dataplane.remove_table()?;
+    Ok(programming)
+}
+
+/// Programs `n` services into the new nftables table `table` in `netns` and returns it, holding
+/// them, with the programming figures. The caller removes the table.
+fn nft_programming_in(
+    netns: &Netns,
+    table: &str,
+    n: u32,
+    backend: Ipv4Addr,
+) -> Result<(NftDataplane, Programming)> {
+    let dataplane = std::cell::RefCell::new(netns.run(|| NftDataplane::open(table))??);
     let programming = measure_programming(
         n,
         backend,
         |state| Ok(dataplane.borrow_mut().apply(state)?.ops),
         |state, changed| Ok(dataplane.borrow_mut().apply_changed(state, changed)?.ops),
-    )?;
-    dataplane.into_inner().remove_table()?;
-    Ok(programming)
+    );
+    let dataplane = dataplane.into_inner();
+    match programming {
+        Ok(programming) => Ok((dataplane, programming)),
+        Err(err) => {
+            if let Err(cleanup) = dataplane.remove_table() {
+                eprintln!("warning: could not remove nftables table {table}: {cleanup}");
+            }
+            Err(err)
+        }
+    }
 }
 
 /// `weir-bench lb-programming`: only the programming figures, both dataplanes, at `sizes`.

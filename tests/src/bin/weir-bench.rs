@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use weir_tests::bench::{apiserver, cni, lb, lb_agent, overlay, policy, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, policy only; --sizes: the rule counts of policy)\n       weir-bench lb-programming [--sizes N,N,...]   (service programming times only, both dataplanes; default 1000,10000)\n       weir-bench lb-agent [--sizes N]   (the real agent with N services, default 10000: RSS and endpoint change -> datapath latency, both dataplanes)\n       weir-bench service-creates [--sizes N]   (N Service creates in a row through the API server, default 3000, timed per 500)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, policy only; --sizes: the rule counts of policy, the service counts of lb)\n       weir-bench lb-programming [--sizes N,N,...]   (service programming times only, both dataplanes; default 1000,10000)\n       weir-bench lb-agent [--sizes N]   (the real agent with N services, default 10000: RSS and endpoint change -> datapath latency, both dataplanes)\n       weir-bench service-creates [--sizes N]   (N Service creates in a row through the API server, default 3000, timed per 500)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -33,14 +33,17 @@ fn main() -> Result<()> {
         bail!("--quick is only for the policy benchmark; {USAGE}");
     }
     if sizes.is_some()
-        && !["policy", "lb-programming", "lb-agent", "service-creates"].contains(&name.as_str())
+        && !["policy", "lb", "lb-programming", "lb-agent", "service-creates"]
+            .contains(&name.as_str())
     {
-        bail!("--sizes is only for policy, lb-programming, lb-agent and service-creates; {USAGE}");
+        bail!(
+            "--sizes is only for policy, lb, lb-programming, lb-agent and service-creates; {USAGE}"
+        );
     }
     let reports = match name.as_str() {
         "tc-rewrite" => vec![tc_rewrite::run(rounds)?],
         "cni" => vec![cni::run(rounds)?],
-        "lb" => vec![lb::run(rounds)?],
+        "lb" => lb::run(sizes.as_deref().unwrap_or(&lb::SIZES), rounds)?,
         "overlay" => overlay::run(rounds)?,
         "apiserver" => vec![apiserver::run(rounds)?],
         "policy" => {

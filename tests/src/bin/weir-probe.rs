@@ -8,15 +8,18 @@
 //! `weir-probe http HOST:PORT [--timeout-ms N]` sends `GET /` (HTTP/1.0) and prints the whole
 //! response as `reply`.
 //!
-//! `weir-probe tcp-session HOST:PORT` keeps one TCP connection open: every line on stdin
-//! sends a `ping` and prints the reply as JSON; EOF closes it.
+//! `weir-probe tcp-session|udp-session HOST:PORT` keeps one TCP connection (or one connected
+//! UDP socket) open: every line on stdin sends a `ping` and prints the reply as JSON (with the
+//! errno of a failure as `errno`); EOF closes it.
 //!
 //! `weir-probe tcp-rr HOST:PORT COUNT` makes COUNT request/responses on one TCP connection and
 //! prints their latency: `{"ok":true,"count":n,"p50_us":..,"p99_us":..}`.
 //!
 //! `weir-probe tcp-spread HOST:PORT COUNT` makes COUNT sequential TCP connections to echo
-//! servers (tests/src/echo.rs) and prints how many each backend answered:
-//! `{"ok":true,"backends":{"10.0.0.2:8080":n,...},"failures":k}`.
+//! servers (tests/src/echo.rs) and prints how many each backend answered and how long the
+//! connections took, from the first connect to the last close (`elapsed_us`: the process's
+//! start, namespace and cgroup entry excluded):
+//! `{"ok":true,"backends":{"10.0.0.2:8080":n,...},"failures":k,"elapsed_us":t}`.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
@@ -26,7 +29,7 @@ use std::{
 
 use serde_json::json;
 
-const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected|http HOST:PORT [--timeout-ms N] | tcp-spread HOST:PORT COUNT | tcp-rr HOST:PORT COUNT | tcp-session HOST:PORT";
+const USAGE: &str = "usage: weir-probe tcp|udp|udp-connected|http HOST:PORT [--timeout-ms N] | tcp-spread HOST:PORT COUNT | tcp-rr HOST:PORT COUNT | tcp-session|udp-session HOST:PORT";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,8 +41,8 @@ fn main() -> ExitCode {
         eprintln!("not an address:port: {target}; {USAGE}");
         return ExitCode::from(2);
     };
-    if mode == "tcp-session" {
-        return session(target);
+    if mode == "tcp-session" || mode == "udp-session" {
+        return session(target, mode == "udp-session");
     }
     if mode == "tcp-spread" || mode == "tcp-rr" {
         let Some(count) = args.get(2).and_then(|c| c.parse::<u32>().ok()).filter(|c| *c > 0) else {
@@ -154,25 +157,64 @@ fn request_response(target: SocketAddr, count: u32) -> ExitCode {
 
 /// One connection kept open: every line on stdin sends a `ping` and prints the reply (or the
 /// error) as JSON; EOF on stdin closes the connection.
-fn session(target: SocketAddr) -> ExitCode {
-    let stream = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
-        Ok(stream) => stream,
+/// The connection a session holds.
+enum Held {
+    Tcp(TcpStream),
+    Udp(UdpSocket),
+}
+
+impl Held {
+    fn open(target: SocketAddr, udp: bool) -> std::io::Result<Self> {
+        let timeout = Duration::from_secs(2);
+        if !udp {
+            let stream = TcpStream::connect_timeout(&target, timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            return Ok(Self::Tcp(stream));
+        }
+        let any: SocketAddr =
+            if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
+        let socket = UdpSocket::bind(any)?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.connect(target)?;
+        Ok(Self::Udp(socket))
+    }
+
+    fn exchange(&self) -> std::io::Result<String> {
+        match self {
+            Self::Tcp(stream) => exchange(stream),
+            Self::Udp(socket) => {
+                socket.send(b"ping\n")?;
+                let mut buf = [0u8; 512];
+                let n = socket.recv(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+            }
+        }
+    }
+}
+
+fn session(target: SocketAddr, udp: bool) -> ExitCode {
+    let held = match Held::open(target, udp) {
+        Ok(held) => held,
         Err(err) => {
             println!("{}", json!({"ok": false, "error": err.to_string()}));
             return ExitCode::from(1);
         }
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     println!("{}", json!({"ok": true, "connected": true}));
     let mut ok = true;
     for _ in std::io::stdin().lines().map_while(Result::ok) {
-        match exchange(&stream) {
+        match held.exchange() {
             Ok(reply) => println!("{}", json!({"ok": true, "reply": reply})),
             Err(err) => {
                 ok = false;
                 println!(
                     "{}",
-                    json!({"ok": false, "error": err.to_string(), "kind": format!("{:?}", err.kind())})
+                    json!({
+                        "ok": false,
+                        "error": err.to_string(),
+                        "kind": format!("{:?}", err.kind()),
+                        "errno": err.raw_os_error(),
+                    })
                 );
             }
         }
@@ -202,6 +244,7 @@ fn spread(target: SocketAddr, count: u32) -> ExitCode {
     let mut backends = std::collections::BTreeMap::<String, u32>::new();
     let mut failures = 0u32;
     let mut first_error = None;
+    let started = std::time::Instant::now();
     for _ in 0..count {
         match tcp(target, Duration::from_secs(2)) {
             Ok((reply, _, _)) => {
@@ -215,9 +258,16 @@ fn spread(target: SocketAddr, count: u32) -> ExitCode {
             }
         }
     }
+    let elapsed_us = started.elapsed().as_micros() as u64;
     println!(
         "{}",
-        json!({"ok": failures == 0, "backends": backends, "failures": failures, "first_error": first_error})
+        json!({
+            "ok": failures == 0,
+            "backends": backends,
+            "failures": failures,
+            "first_error": first_error,
+            "elapsed_us": elapsed_us,
+        })
     );
     if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
