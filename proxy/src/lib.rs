@@ -19,4 +19,5 @@ pub mod model;
 pub mod policy;
 pub mod programs;
 pub mod routing;
+pub mod sockdiag;
 pub mod system;

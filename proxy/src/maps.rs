@@ -1,6 +1,6 @@
 //! Typed access to the service load-balancing maps (`weir-common::lb`), for the agent's applier,
 //! `weir inspect`, and tests.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use aya::{
     Ebpf,
@@ -9,11 +9,15 @@ use aya::{
 use thiserror::Error;
 use weir_common::{
     conntrack::{CT4_MAP, CT6_MAP, CtKey4, CtKey6, CtValue4},
-    lb::{Backend, RevNat, ServiceKey, ServiceValue},
+    lb::{self, Backend, RevNat, RevNat6, ServiceKey, ServiceValue},
     metrics::{Counter, METRICS_MAP},
+    sock::{SOCK_REV4_MAP, SOCK_REV6_MAP, SockRevKey4, SockRevKey6},
 };
 
-use crate::family::{Family, V4, V6};
+use crate::{
+    apply::plan::StaleUdpBackend,
+    family::{Family, V4, V6},
+};
 
 #[derive(Debug, Error)]
 pub enum MapsError {
@@ -67,12 +71,15 @@ pub struct FamilyMaps<F: Family> {
     rev_nat: HashMap<MapData, u32, F::RevNat>,
 }
 
-/// The service maps of both families and the tc path's conntrack maps.
+/// The service maps of both families, the tc path's conntrack maps and the socket load
+/// balancer's reverse entries (socket cookie and backend -> frontend).
 pub struct ServiceMaps {
     pub v4: FamilyMaps<V4>,
     pub v6: FamilyMaps<V6>,
     conntrack: HashMap<MapData, CtKey4, CtValue4>,
     conntrack6: HashMap<MapData, CtKey6, CtValue4>,
+    sock_rev4: HashMap<MapData, SockRevKey4, RevNat>,
+    sock_rev6: HashMap<MapData, SockRevKey6, RevNat6>,
 }
 
 impl ServiceMaps {
@@ -83,6 +90,8 @@ impl ServiceMaps {
             v6: FamilyMaps::open_pinned(pin_dir)?,
             conntrack: open_pinned_hash(pin_dir, CT4_MAP)?,
             conntrack6: open_pinned_hash(pin_dir, CT6_MAP)?,
+            sock_rev4: open_pinned_hash(pin_dir, SOCK_REV4_MAP)?,
+            sock_rev6: open_pinned_hash(pin_dir, SOCK_REV6_MAP)?,
         })
     }
 
@@ -93,6 +102,8 @@ impl ServiceMaps {
             v6: FamilyMaps::take(ebpf)?,
             conntrack: take_hash(ebpf, CT4_MAP)?,
             conntrack6: take_hash(ebpf, CT6_MAP)?,
+            sock_rev4: take_hash(ebpf, SOCK_REV4_MAP)?,
+            sock_rev6: take_hash(ebpf, SOCK_REV6_MAP)?,
         })
     }
 
@@ -128,11 +139,34 @@ impl ServiceMaps {
     /// many entries were deleted.
     pub fn flush_udp_flows(
         &mut self,
-        v4: &[(u32, u32)],
-        v6: &[(u32, u32)],
+        v4: &[StaleUdpBackend],
+        v6: &[StaleUdpBackend],
     ) -> Result<usize, MapsError> {
         Ok(flush_udp(&mut self.conntrack, CT4_MAP, v4, |k| k.proto)?
             + flush_udp(&mut self.conntrack6, CT6_MAP, v6, |k| k.proto)?)
+    }
+
+    /// The frontend the socket load balancer translated socket `cookie`'s destination from,
+    /// when it gave that socket `backend`; `None` for a socket it never balanced there (or
+    /// whose entry the LRU map evicted).
+    pub fn balanced_from(&self, cookie: u64, backend: SocketAddr) -> Option<SocketAddr> {
+        let port = backend.port().to_be();
+        match backend.ip() {
+            IpAddr::V4(address) => {
+                let address = u32::from_ne_bytes(address.octets());
+                let key = SockRevKey4 { cookie, address, port, _pad: 0 };
+                let frontend = self.sock_rev4.get(&key, 0).ok()?;
+                let (address, port) = V4::rev_nat_parts(&frontend);
+                Some(SocketAddr::new(IpAddr::V4(address), port))
+            }
+            IpAddr::V6(address) => {
+                let address = lb::words(address.octets());
+                let key = SockRevKey6 { cookie, address, port, _pad: [0; 3] };
+                let frontend = self.sock_rev6.get(&key, 0).ok()?;
+                let (address, port): (Ipv6Addr, u16) = V6::rev_nat_parts(&frontend);
+                Some(SocketAddr::new(IpAddr::V6(address), port))
+            }
+        }
     }
 
     /// Number of entries in the six service maps (for tests and benchmarks).
@@ -241,13 +275,14 @@ impl<F: Family> FamilyMaps<F> {
 fn flush_udp<K: aya::Pod>(
     conntrack: &mut HashMap<MapData, K, CtValue4>,
     name: &'static str,
-    flows: &[(u32, u32)],
+    flows: &[StaleUdpBackend],
     proto_of: impl Fn(&K) -> u8,
 ) -> Result<usize, MapsError> {
     if flows.is_empty() {
         return Ok(0);
     }
-    let stale: std::collections::HashSet<(u32, u32)> = flows.iter().copied().collect();
+    let stale: std::collections::HashSet<(u32, u32)> =
+        flows.iter().map(|flow| (flow.rev_nat_index, flow.backend_id)).collect();
     let doomed: Vec<K> = conntrack
         .iter()
         .filter_map(Result::ok)

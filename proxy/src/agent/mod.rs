@@ -51,7 +51,7 @@ use self::{
 };
 use crate::{
     apply::{
-        ebpf::MapWriter,
+        ebpf::{MapWriter, UdpCleanup},
         nft::{NftDataplane, NftError},
         plan::ServicePlanner,
     },
@@ -139,7 +139,7 @@ struct EbpfPolicyParts {
 struct Synced {
     ops: usize,
     skipped: usize,
-    flushed: usize,
+    udp: UdpCleanup,
 }
 
 impl Backend {
@@ -147,12 +147,16 @@ impl Backend {
         match self {
             Backend::Ebpf(ebpf) => {
                 let plan = ebpf.planner.plan(desired);
-                let flushed = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
-                Ok(Synced { ops: plan.len(), skipped: 0, flushed })
+                let udp = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
+                Ok(Synced { ops: plan.len(), skipped: 0, udp })
             }
             Backend::Nftables(table) => {
                 let applied = table.apply(desired).map_err(|err| error_chain(&err))?;
-                Ok(Synced { ops: applied.ops, skipped: applied.skipped, flushed: 0 })
+                Ok(Synced {
+                    ops: applied.ops,
+                    skipped: applied.skipped,
+                    udp: UdpCleanup::default(),
+                })
             }
         }
     }
@@ -166,13 +170,17 @@ impl Backend {
         match self {
             Backend::Ebpf(ebpf) => {
                 let plan = ebpf.planner.plan_changed(desired, changed);
-                let flushed = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
-                Ok(Synced { ops: plan.len(), skipped: 0, flushed })
+                let udp = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
+                Ok(Synced { ops: plan.len(), skipped: 0, udp })
             }
             Backend::Nftables(table) => {
                 let applied =
                     table.apply_changed(desired, changed).map_err(|err| error_chain(&err))?;
-                Ok(Synced { ops: applied.ops, skipped: applied.skipped, flushed: 0 })
+                Ok(Synced {
+                    ops: applied.ops,
+                    skipped: applied.skipped,
+                    udp: UdpCleanup::default(),
+                })
             }
         }
     }
@@ -448,10 +456,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         };
         match result {
             Ok(synced) => {
-                if synced.flushed > 0 {
+                let UdpCleanup { flushed, sockets } = synced.udp;
+                if flushed > 0 || sockets > 0 {
                     log::info!(
-                        "sync: flushed {} conntrack entries of UDP flows to removed backends",
-                        synced.flushed
+                        "sync: UDP flows to removed backends: {flushed} conntrack entries \
+                         flushed, {sockets} connected sockets terminated"
                     );
                 }
                 let (frontends, backends) = backend.counts();

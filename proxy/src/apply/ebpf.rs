@@ -1,8 +1,22 @@
 //! Executes planned [`MapOp`]s on the service maps of a loaded object.
+use std::{collections::HashSet, net::SocketAddr};
+
 use aya::maps::MapError;
 
 use super::plan::{Family, MapOp, Planner, ServicePlan, ServicePlanner};
-use crate::maps::{FamilyMaps, MapsError, ServiceMaps};
+use crate::{
+    maps::{FamilyMaps, MapsError, ServiceMaps},
+    sockdiag,
+};
+
+/// What [`MapWriter::apply`] did for UDP flows whose backend left their service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpCleanup {
+    /// Conntrack entries of the per-packet path's flows, deleted.
+    pub flushed: usize,
+    /// Connected sockets the socket load balancer had given such a backend, terminated.
+    pub sockets: usize,
+}
 
 /// Writes plans into the maps.
 pub struct MapWriter {
@@ -22,11 +36,44 @@ impl MapWriter {
         execute(&mut self.maps.v6, &plan.v6.ops)
     }
 
-    /// Executes a whole plan: its ops, then the flush of conntrack entries of UDP flows whose
-    /// backend went away. Returns the number of conntrack entries flushed.
-    pub fn apply(&mut self, plan: &ServicePlan) -> Result<usize, MapsError> {
+    /// Executes a whole plan: its ops, then, for UDP flows whose backend went away, the flush
+    /// of their conntrack entries and the termination of the connected sockets the socket
+    /// load balancer gave that backend (so that they reconnect and are balanced again). A
+    /// socket that cannot be terminated is logged, not an error: the maps are right.
+    pub fn apply(&mut self, plan: &ServicePlan) -> Result<UdpCleanup, MapsError> {
         self.execute(plan)?;
-        self.maps.flush_udp_flows(&plan.v4.stale_udp_flows, &plan.v6.stale_udp_flows)
+        let flushed =
+            self.maps.flush_udp_flows(&plan.v4.stale_udp_flows, &plan.v6.stale_udp_flows)?;
+        Ok(UdpCleanup { flushed, sockets: self.terminate_stale_udp_sockets(plan) })
+    }
+
+    /// Terminates, in every namespace of the node, connected UDP sockets whose backend (their
+    /// peer) left the frontend the socket load balancer translated them from.
+    fn terminate_stale_udp_sockets(&self, plan: &ServicePlan) -> usize {
+        let stale: HashSet<(SocketAddr, SocketAddr)> = (plan.v4.stale_udp_flows.iter())
+            .chain(&plan.v6.stale_udp_flows)
+            .map(|flow| (flow.backend, flow.frontend))
+            .collect();
+        if stale.is_empty() {
+            return 0;
+        }
+        let backends: HashSet<SocketAddr> = stale.iter().map(|(backend, _)| *backend).collect();
+        let maps = &self.maps;
+        let (terminated, error) = sockdiag::terminate_udp_sockets(|socket| {
+            backends.contains(&socket.remote)
+                && maps
+                    .balanced_from(socket.cookie, socket.remote)
+                    .is_some_and(|frontend| stale.contains(&(socket.remote, frontend)))
+        });
+        if let Some(error) = error {
+            log::warn!(
+                "terminating connected UDP sockets of removed backends: {} of {} network \
+                 namespaces failed, the first: {error}",
+                terminated.failed_namespaces,
+                terminated.namespaces
+            );
+        }
+        terminated.sockets
     }
 
     pub fn maps(&self) -> &ServiceMaps {

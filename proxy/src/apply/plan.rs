@@ -1,6 +1,9 @@
 //! The pure diff from desired service state to map operations, per address family
 //! ([`Planner<F>`]) and for both ([`ServicePlanner`]).
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use weir_common::lb::{ServiceValue, service_flags};
 
@@ -50,9 +53,35 @@ pub struct Plan<F: Family = V4> {
     pub ops: Vec<MapOp<F>>,
     /// Frontends with more backends than a service can hold; only the first 65,535 are used.
     pub truncated: usize,
-    /// (rev-NAT index, backend ID) of UDP frontends whose backend went away: their conntrack
-    /// entries must be flushed after the ops ([`crate::maps::ServiceMaps::flush_udp_flows`]).
-    pub stale_udp_flows: Vec<(u32, u32)>,
+    /// UDP frontends' backends that went away: their flows' conntrack entries and the
+    /// connected sockets balanced to them must go after the ops ([`super::ebpf::MapWriter::apply`]).
+    pub stale_udp_flows: Vec<StaleUdpBackend>,
+}
+
+/// A backend a UDP frontend no longer has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StaleUdpBackend {
+    pub rev_nat_index: u32,
+    pub backend_id: u32,
+    pub frontend: SocketAddr,
+    pub backend: SocketAddr,
+}
+
+impl StaleUdpBackend {
+    fn new<F: Family>(
+        rev_nat_index: u32,
+        backend_id: u32,
+        frontend: &Frontend,
+        backend: &BackendKey<F>,
+    ) -> Self {
+        let ((address, port), _) = *backend;
+        Self {
+            rev_nat_index,
+            backend_id,
+            frontend: SocketAddr::new(frontend.address, frontend.port),
+            backend: SocketAddr::new(address.into(), port),
+        }
+    }
 }
 
 impl<F: Family> Default for Plan<F> {
@@ -259,7 +288,12 @@ impl<F: Family> Planner<F> {
             if frontend.protocol == Protocol::Udp {
                 for backend in &applied.backends {
                     if let Some((id, _)) = self.backend_ids.get(backend) {
-                        plan.stale_udp_flows.push((applied.rev_nat_index, *id));
+                        plan.stale_udp_flows.push(StaleUdpBackend::new::<F>(
+                            applied.rev_nat_index,
+                            *id,
+                            &frontend,
+                            backend,
+                        ));
                     }
                 }
             }
@@ -316,7 +350,12 @@ impl<F: Family> Planner<F> {
             if frontend.protocol == Protocol::Udp {
                 for gone in old_backends.iter().filter(|b| !backends.contains(b)) {
                     if let Some((id, _)) = self.backend_ids.get(gone) {
-                        plan.stale_udp_flows.push((rev_nat_index, *id));
+                        plan.stale_udp_flows.push(StaleUdpBackend::new::<F>(
+                            rev_nat_index,
+                            *id,
+                            &frontend,
+                            gone,
+                        ));
                     }
                 }
             }
@@ -747,9 +786,19 @@ mod tests {
         let mut planner = Planner::<V4>::new();
         planner.plan(&udp(&["10.0.0.1:53", "10.0.0.2:53"]));
         let plan = planner.plan(&udp(&["10.0.0.2:53"]));
-        assert_eq!(plan.stale_udp_flows, [(1, 1)], "backend 1 of service 1");
+        let pairs = |plan: &Plan<V4>| -> Vec<(u32, u32, String, String)> {
+            let text = |a: SocketAddr| a.to_string();
+            plan.stale_udp_flows
+                .iter()
+                .map(|s| (s.rev_nat_index, s.backend_id, text(s.frontend), text(s.backend)))
+                .collect()
+        };
+        let stale = |rev: u32, id: u32, backend: &str| {
+            vec![(rev, id, "10.96.0.53:53".to_string(), backend.to_string())]
+        };
+        assert_eq!(pairs(&plan), stale(1, 1, "10.0.0.1:53"), "backend 1 of service 1");
         let plan = planner.plan(&ServiceState::default());
-        assert_eq!(plan.stale_udp_flows, [(1, 2)], "a removed service flushes its flows too");
+        assert_eq!(pairs(&plan), stale(1, 2, "10.0.0.2:53"), "a removed service's flows go too");
         // TCP flows are not flushed (kube-proxy clears UDP only).
         let mut tcp = Planner::<V4>::new();
         tcp.plan(&state(&[("10.96.0.1", 80, &["10.0.0.1:80"])]));
