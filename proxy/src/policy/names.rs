@@ -13,7 +13,7 @@ use std::{
 use super::lower::Lowering;
 use std::collections::BTreeSet;
 use weir_policy::{
-    Compiled, Delta, Origin, PodRef, PolicyRef, compile::PodEntry, identity::IdentityKey,
+    Compiled, Delta, Direction, Origin, PodRef, PolicyRef, compile::PodEntry, identity::IdentityKey,
 };
 
 /// A datapath's numbering of rules and policies (what its rule and policy ids stand for).
@@ -37,6 +37,34 @@ pub struct PolicyNames {
     pub identities: BTreeMap<u32, IdentityKey>,
     /// Syncs applied so far (0: nothing published yet).
     pub generation: u64,
+    /// For a datapath whose verdicts carry no rule id (nftables): finds what admitted a packet
+    /// in the state it applied.
+    pub admissions: Option<Arc<dyn Admissions>>,
+}
+
+/// What admitted a packet into an isolated direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    Rule(Origin),
+    /// The pod's own node (ingress).
+    OwnNode,
+}
+
+/// A packet of an allowed flow, as a datapath without rule ids logged it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmittedPacket {
+    pub direction: Direction,
+    /// The local pod whose direction admitted it (ingress: the destination).
+    pub endpoint: IpAddr,
+    pub peer: IpAddr,
+    pub protocol: u8,
+    /// The destination port (`None`: the protocol has no ports).
+    pub port: Option<u16>,
+}
+
+/// Answers, from the state a datapath applied, which rule admitted a packet it logged.
+pub trait Admissions: std::fmt::Debug + Send + Sync {
+    fn admitted(&self, packet: &AdmittedPacket) -> Option<Admitted>;
 }
 
 impl PolicyNames {
@@ -49,6 +77,7 @@ impl PolicyNames {
             pod_ips: compiled.pod_ips.clone(),
             identities: compiled.identities.clone(),
             generation: 0,
+            admissions: None,
         }
     }
 }
@@ -61,6 +90,10 @@ pub trait FlowNames {
     fn rule(&self, id: u32) -> Option<Origin>;
     /// The policy a policy id (drops) stands for.
     fn policy(&self, id: u32) -> Option<PolicyRef>;
+    /// What admitted an allowed packet, for a datapath without rule ids ([`Admissions`]).
+    fn admitted(&self, _packet: &AdmittedPacket) -> Option<Admitted> {
+        None
+    }
 }
 
 impl FlowNames for PolicyNames {
@@ -73,6 +106,9 @@ impl FlowNames for PolicyNames {
     fn policy(&self, id: u32) -> Option<PolicyRef> {
         self.policies_by_id.get(&id).cloned()
     }
+    fn admitted(&self, packet: &AdmittedPacket) -> Option<Admitted> {
+        self.admissions.as_ref()?.admitted(packet)
+    }
 }
 
 impl FlowNames for SharedPolicyNames {
@@ -84,6 +120,10 @@ impl FlowNames for SharedPolicyNames {
     }
     fn policy(&self, id: u32) -> Option<PolicyRef> {
         self.with(|n| n.policy(id))
+    }
+    fn admitted(&self, packet: &AdmittedPacket) -> Option<Admitted> {
+        // Asked outside this lock: the datapath takes its own.
+        self.with(|n| n.admissions.clone())?.admitted(packet)
     }
 }
 
@@ -100,6 +140,12 @@ impl SharedPolicyNames {
     /// Reads the latest names in place (no copy).
     pub fn with<R>(&self, f: impl FnOnce(&PolicyNames) -> R) -> R {
         f(&self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// Sets where [`FlowNames::admitted`] asks (kept by later publishes).
+    pub fn set_admissions(&self, admissions: Arc<dyn Admissions>) {
+        self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()).admissions =
+            Some(admissions);
     }
 
     /// Publishes what a sync applied. `numbering` is the datapath's rule and policy ids

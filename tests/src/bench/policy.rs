@@ -25,7 +25,10 @@
 //! to be dropped on every policy side: the benchmark cannot measure a datapath that does not
 //! enforce. Then, rounds rotating the order of the sides: `conn_per_s_n<N>` (sequential TCP
 //! connect + one request/response + close, `weir-probe tcp-spread`) and `rr_per_s_n<N>` /
-//! `rr_p50_us_n<N>` (request/responses on one connection, `weir-probe tcp-rr`).
+//! `rr_p50_us_n<N>` (request/responses on one connection, `weir-probe tcp-rr`). Reports: each
+//! backend against the baseline (`policy-ebpf`, `policy-nftables`) and eBPF against nftables
+//! (`policy-ebpf-vs-nftables`, the same rounds); a table of connection rates per N with each
+//! backend's rate at N over its rate at the first N.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
@@ -47,7 +50,7 @@ use weir_proxy::{
     programs::{self, LoadOptions},
 };
 
-use super::{Figures, Report, Sides, compare, median};
+use super::{FigureReport, Figures, Report, Sides, compare, median};
 use crate::{
     bpffs::TestPinDir,
     echo::EchoServer,
@@ -57,14 +60,14 @@ use crate::{
     probe, routed,
 };
 
-const NAMESPACE: &str = "bench";
-const NODE: &str = "bench-node";
+pub const NAMESPACE: &str = "bench";
+pub const NODE: &str = "bench-node";
 const OTHER_NODE: &str = "other-node";
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 const OTHER_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 const POD_CIDR: &str = "10.244.0.0/24";
-const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 11);
 /// The port the allowed rule opens.
 pub const PORT: u16 = 8080;
 /// A port the server also listens on that no rule opens.
@@ -377,6 +380,21 @@ pub fn run(options: &Options) -> Result<Outcome> {
         summarise(&report, options);
         reports.push(report);
     }
+    // The two backends against each other: the same rounds, measured back to back.
+    if let Some(nft) = &nft {
+        let report = compare(
+            "policy-ebpf-vs-nftables",
+            Sides {
+                candidate_label: ebpf.backend.label,
+                baseline_label: nft.label,
+                unit: "per second, microseconds",
+            },
+            &rounds[ebpf.backend.label],
+            &rounds[nft.label],
+        )?;
+        print_rates(&reports, &report, options);
+        reports.push(report);
+    }
     let programming = programming_json(&programming);
     print_programming(&programming, options);
     Ok(Outcome { reports, programming })
@@ -517,6 +535,53 @@ fn summarise(report: &Report, options: &Options) {
             report.name,
             b.candidate_median / a.candidate_median,
             b.ratio_median / a.ratio_median,
+        );
+    }
+}
+
+/// Connections per second per N: each backend and the baseline (medians), eBPF / nftables
+/// (median of the per-round ratios) and each backend's rate at N over its rate at the first N
+/// (raw, and against the baseline of each phase).
+fn print_rates(against_none: &[Report], ebpf_vs_nft: &Report, options: &Options) {
+    let Some(&first) = options.sizes.first() else { return };
+    let backend = |label: &str| against_none.iter().find(|r| r.candidate == label);
+    let (Some(ebpf), Some(nft)) = (backend(&ebpf_vs_nft.candidate), backend(&ebpf_vs_nft.baseline))
+    else {
+        return;
+    };
+    println!(
+        "bench policy: new connections per second ({} rounds; ratios: median of per-round \
+         ratios; N/{first}: raw and against the baseline of each phase)",
+        ebpf_vs_nft.rounds
+    );
+    println!(
+        "{:>7} {:>10} {:>10} {:>10} {:>13} {:>17} {:>17}",
+        "rules", "eBPF", "nftables", "none", "eBPF/nftables", "eBPF N/first", "nftables N/first"
+    );
+    for &n in &options.sizes {
+        let name = figure("conn_per_s", n);
+        let (Some(e), Some(f), Some(versus)) =
+            (ebpf.figures.get(name), nft.figures.get(name), ebpf_vs_nft.figures.get(name))
+        else {
+            continue;
+        };
+        let of_first = |report: &Report, r: &FigureReport| {
+            report.figures.get(figure("conn_per_s", first)).map_or((f64::NAN, f64::NAN), |f0| {
+                (r.candidate_median / f0.candidate_median, r.ratio_median / f0.ratio_median)
+            })
+        };
+        let (e_raw, e_norm) = of_first(ebpf, e);
+        let (f_raw, f_norm) = of_first(nft, f);
+        println!(
+            "{n:>7} {:>10.0} {:>10.0} {:>10.0} {:>12.3}x {:>7.3}x / {:>6.3}x {:>7.3}x / {:>6.3}x",
+            e.candidate_median,
+            f.candidate_median,
+            e.baseline_median,
+            versus.ratio_median,
+            e_raw,
+            e_norm,
+            f_raw,
+            f_norm,
         );
     }
 }

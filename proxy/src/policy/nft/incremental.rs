@@ -10,12 +10,16 @@
 //! sort. Otherwise the direction's disjoint form is computed again. Slices naming a pod
 //! identity are lowered again when that identity's addresses change. The result equals
 //! [`Desired::new`] after every change (checked over random change sequences in the tests).
+//!
+//! The table's verdicts carry no rule ids, so the state also answers which rule admitted a
+//! packet the table logged ([`IncrementalDesired::admitted`], for `weir flows`): each slice
+//! keeps, per box, the numbers of the allow entry it comes from.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
 };
 
-use weir_policy::{Compiled, Delta, Direction, PeerMatch, PodRef, PolicyRef};
+use weir_policy::{Allow, Compiled, Delta, Direction, Origin, PeerMatch, PodRef, PolicyRef};
 
 use super::plan::{
     self, Box3, Desired, allow_boxes, disjoint, endpoint_verdict, host_boxes, line, overlap,
@@ -26,11 +30,39 @@ use crate::{
     policy::{
         PolicyNode,
         incremental::{self as refs, EndpointAddresses},
+        names::{Admissions, Admitted, AdmittedPacket},
     },
 };
 
 type SliceKey = (PodRef, Direction, PolicyRef);
 type SideKey = (PodRef, Direction);
+
+/// What one policy gives one endpoint direction.
+#[derive(Clone, Debug, Default)]
+struct Slice {
+    boxes: Vec<Box3>,
+    /// Per box, the [`Origin`] numbers (rule, peer, port) of the entry it comes from.
+    rules: Vec<(usize, Option<usize>, Option<usize>)>,
+    /// The identities whose addresses the boxes hold.
+    identities: BTreeSet<u32>,
+}
+
+impl Slice {
+    fn new(allow: &[Allow], addresses: &dyn Fn(u32) -> Vec<u128>) -> Self {
+        let mut slice = Self::default();
+        for entry in allow {
+            let boxes = allow_boxes(std::slice::from_ref(entry), addresses);
+            let origin = &entry.origin;
+            let numbers = (origin.rule, origin.peer, origin.port);
+            slice.rules.resize(slice.rules.len() + boxes.len(), numbers);
+            slice.boxes.extend(boxes);
+            if let PeerMatch::Identity(id) = entry.peer {
+                slice.identities.insert(id);
+            }
+        }
+        slice
+    }
+}
 
 /// One endpoint direction as lowered.
 #[derive(Clone, Debug, Default)]
@@ -46,8 +78,7 @@ struct SideState {
 pub struct IncrementalDesired {
     desired: Desired,
     node: PolicyNode,
-    /// Per slice, its boxes and the identities whose addresses they hold.
-    slices: BTreeMap<SliceKey, (Vec<Box3>, BTreeSet<u32>)>,
+    slices: BTreeMap<SliceKey, Slice>,
     sides: BTreeMap<SideKey, SideState>,
     /// Identity -> the slices naming it.
     slices_by_identity: BTreeMap<u32, BTreeSet<SliceKey>>,
@@ -238,11 +269,11 @@ impl IncrementalDesired {
         let mut went: BTreeMap<SideKey, Vec<Box3>> = BTreeMap::new();
         for key in &slices {
             let side_key = (key.0.clone(), key.1);
-            if let Some((boxes, _)) = self.slices.get(key).cloned() {
+            if let Some(slice) = self.slices.get(key) {
                 let side = self.sides.entry(side_key.clone()).or_default();
-                for b in boxes {
-                    if uncount(&mut side.raw, &b) {
-                        went.entry(side_key.clone()).or_default().push(b);
+                for b in &slice.boxes {
+                    if uncount(&mut side.raw, b) {
+                        went.entry(side_key.clone()).or_default().push(*b);
                     }
                 }
                 self.forget_slice(key);
@@ -254,27 +285,20 @@ impl IncrementalDesired {
                 continue;
             }
             let allow = &direction.allow[direction.slice_of(&key.2)];
-            let identities: BTreeSet<u32> = allow
-                .iter()
-                .filter_map(|a| match a.peer {
-                    PeerMatch::Identity(id) => Some(id),
-                    _ => None,
-                })
-                .collect();
             let addresses = |id: u32| -> Vec<u128> {
                 self.addresses.get(&id).map(|a| a.keys().copied().collect()).unwrap_or_default()
             };
-            let boxes = allow_boxes(allow, &addresses);
+            let slice = Slice::new(allow, &addresses);
             let side = self.sides.entry(side_key.clone()).or_default();
-            for b in &boxes {
+            for b in &slice.boxes {
                 if count(&mut side.raw, b) {
                     appeared.entry(side_key.clone()).or_default().push(*b);
                 }
             }
-            for id in &identities {
+            for id in &slice.identities {
                 self.slices_by_identity.entry(*id).or_default().insert(key.clone());
             }
-            self.slices.insert(key.clone(), (boxes, identities));
+            self.slices.insert(key.clone(), slice);
             sides.insert(side_key);
         }
 
@@ -389,9 +413,37 @@ impl IncrementalDesired {
         change
     }
 
+    /// What admitted `packet` in the state last updated to: the first rule, in policy order,
+    /// of the endpoint direction whose box holds it, or (ingress) the pod's own node, checked
+    /// first as on the eBPF datapath; `None` when nothing here admits it (the endpoint is not
+    /// isolated, or the state changed since the packet was logged).
+    pub fn admitted(&self, packet: &AdmittedPacket) -> Option<Admitted> {
+        let direction = packet.direction;
+        if direction == Direction::Ingress && self.node.host_addresses.contains(&packet.peer) {
+            return Some(Admitted::OwnNode);
+        }
+        let pod = self.endpoints.holder(&packet.endpoint)?;
+        let peer = line(packet.peer);
+        let protocol = u128::from(packet.protocol);
+        let holds = |b: &Box3| {
+            let within = |(lo, hi): (u128, u128), x: u128| lo <= x && x <= hi;
+            within(b[0], protocol)
+                && packet.port.is_none_or(|port| within(b[1], u128::from(port)))
+                && within(b[2], peer)
+        };
+        let start = (pod.clone(), direction, PolicyRef::new("", ""));
+        let mut slices =
+            self.slices.range(start..).take_while(|(k, _)| k.0 == *pod && k.1 == direction);
+        slices.find_map(|(key, slice)| {
+            let at = slice.boxes.iter().position(holds)?;
+            let (rule, peer, port) = slice.rules[at];
+            Some(Admitted::Rule(Origin { policy: key.2.clone(), direction, rule, peer, port }))
+        })
+    }
+
     /// Forgets a slice (its boxes are handled by the caller).
     fn forget_slice(&mut self, key: &SliceKey) {
-        let Some((_, identities)) = self.slices.remove(key) else { return };
+        let Some(Slice { identities, .. }) = self.slices.remove(key) else { return };
         for id in identities {
             if let Some(set) = self.slices_by_identity.get_mut(&id) {
                 set.remove(key);
@@ -434,6 +486,13 @@ impl IncrementalDesired {
                 }
             }
         }
+    }
+}
+
+/// The state of a table shared with the flow reader (`NftPolicy` updates it under the lock).
+impl Admissions for std::sync::RwLock<IncrementalDesired> {
+    fn admitted(&self, packet: &AdmittedPacket) -> Option<Admitted> {
+        self.read().unwrap_or_else(|poisoned| poisoned.into_inner()).admitted(packet)
     }
 }
 

@@ -12,14 +12,19 @@
 //!   next apply rewrites everything again;
 //! - [`PolicyDatapath::apply_delta`] computes that difference from what the delta touches
 //!   ([`incremental::IncrementalDesired`]), [`PolicyDatapath::apply`] from the whole state;
-//! - the table is removed only by [`NftPolicy::remove`].
+//! - the table is removed only by [`NftPolicy::remove`];
+//! - with [`NftPolicy::with_names`], the flow reader asks the applied state which rule admitted
+//!   a logged packet ([`IncrementalDesired::admitted`]).
 pub mod incremental;
 pub mod inspect;
 pub mod live;
 pub mod nflog;
 pub mod plan;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
 
 use self::{incremental::IncrementalDesired, plan::Desired};
 use crate::{
@@ -40,8 +45,8 @@ pub const DEFAULT_TABLE: &str = "weir_policy";
 pub struct NftPolicy {
     table: String,
     socket: Socket,
-    /// What the sets should hold.
-    state: IncrementalDesired,
+    /// What the sets should hold (shared with the flow reader, see [`Self::with_names`]).
+    state: Arc<RwLock<IncrementalDesired>>,
     /// The sets hold `state` (false when just opened, or after a refused batch).
     in_sync: bool,
     /// Where the pods of each applied state are published (flow records name them).
@@ -56,7 +61,7 @@ impl NftPolicy {
         let mut policy = Self {
             table: table.to_string(),
             socket,
-            state: IncrementalDesired::default(),
+            state: Arc::default(),
             in_sync: false,
             names: None,
         };
@@ -68,10 +73,20 @@ impl NftPolicy {
         &self.table
     }
 
-    /// Publishes the pods of every applied state to `names` (the agent's flow viewer).
+    /// Publishes the pods of every applied state to `names` (the agent's flow viewer), and
+    /// lets it ask the state which rule admitted a logged packet.
     pub fn with_names(mut self, names: SharedPolicyNames) -> Self {
+        names.set_admissions(self.state.clone());
         self.names = Some(names);
         self
+    }
+
+    fn state(&self) -> RwLockReadGuard<'_, IncrementalDesired> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn state_mut(&self) -> RwLockWriteGuard<'_, IncrementalDesired> {
+        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Deletes the whole table (an agent asked to clean up on exit).
@@ -111,7 +126,7 @@ impl NftPolicy {
 
     /// Set elements written by the last successful apply.
     pub fn elements(&self) -> usize {
-        if self.in_sync { self.state.desired().elements() } else { 0 }
+        if self.in_sync { self.state().desired().elements() } else { 0 }
     }
 
     /// Applies `compiled`; see [`PolicyDatapath::apply`].
@@ -120,12 +135,12 @@ impl NftPolicy {
         compiled: &Compiled,
         node: &PolicyNode,
     ) -> Result<PolicyApplied, NftError> {
-        let change = self.state.rebuild(compiled, node);
+        let change = self.state_mut().rebuild(compiled, node);
         let ops = if self.in_sync {
             change.ops()
         } else {
             let (chains, counters) = self.drop_objects()?;
-            plan::rewrite(self.state.desired(), &chains, &counters)
+            plan::rewrite(self.state().desired(), &chains, &counters)
         };
         self.commit(&ops)
     }
@@ -140,7 +155,7 @@ impl NftPolicy {
         if !self.in_sync {
             return self.apply_policy(compiled, node);
         }
-        let ops = self.state.update(compiled, delta, node).ops();
+        let ops = self.state_mut().update(compiled, delta, node).ops();
         self.commit(&ops)
     }
 
@@ -152,8 +167,8 @@ impl NftPolicy {
     }
 
     /// What the sets hold after the last successful apply.
-    pub fn desired(&self) -> Option<&Desired> {
-        self.in_sync.then(|| self.state.desired())
+    pub fn desired(&self) -> Option<Desired> {
+        self.in_sync.then(|| self.state().desired().clone())
     }
 
     /// The chains and counters of the table.

@@ -6,9 +6,12 @@
 //! its network namespace and turns each logged packet into a [`FlowRecord`].
 //!
 //! The kernel queues logged packets for the socket; when the reader falls behind the queue
-//! overflows and packets are lost to the log (counted, never to the traffic). nftables keeps no
-//! rule ids in its sets, so an allowed flow's record names no rule (`weir policy trace`
-//! does); a drop names the policy of its drop chain.
+//! overflows and packets are lost to the log (counted, never to the traffic). A drop names the
+//! policy of its drop chain. nftables keeps no rule ids in its sets, so an allowed flow's rule
+//! is found afterwards in the state the agent applied ([`FlowNames::admitted`], answered by
+//! the table's [`super::incremental::IncrementalDesired::admitted`]): the rule whose box
+//! holds the packet, or the pod's own node; a packet the state no longer admits (it changed
+//! since) names no rule.
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -26,7 +29,7 @@ use crate::policy::{
         FlowDirection, FlowHub, FlowPeer, FlowReason, FlowRecord, FlowVerdict, protocol_name,
         rfc3339_millis,
     },
-    names::FlowNames,
+    names::{Admitted, AdmittedPacket, FlowNames},
 };
 
 const NFNL_SUBSYS_ULOG: u16 = 4;
@@ -260,8 +263,27 @@ pub fn record(
     node: Option<&str>,
     unix_ns: u64,
 ) -> Option<FlowRecord> {
-    let (verdict, reason, direction, policy) = parse_prefix(&packet.prefix)?;
+    let (verdict, mut reason, direction, policy) = parse_prefix(&packet.prefix)?;
     let headers = parse_headers(&packet.payload)?;
+    let mut rule = None;
+    if verdict == FlowVerdict::Allowed {
+        let (endpoint, peer) = match direction {
+            Direction::Ingress => (headers.destination, headers.source),
+            Direction::Egress => (headers.source, headers.destination),
+        };
+        let admitted = names.admitted(&AdmittedPacket {
+            direction,
+            endpoint,
+            peer,
+            protocol: headers.protocol,
+            port: headers.ports.map(|p| p.1),
+        });
+        match admitted {
+            Some(Admitted::Rule(origin)) => rule = Some(origin.to_string()),
+            Some(Admitted::OwnNode) => reason = FlowReason::OwnNode,
+            None => {}
+        }
+    }
     let peer = |ip: IpAddr, port: Option<u16>| FlowPeer {
         ip,
         port,
@@ -279,7 +301,7 @@ pub fn record(
         },
         verdict,
         reason,
-        rule: None,
+        rule,
         policy,
         id: 0,
     })

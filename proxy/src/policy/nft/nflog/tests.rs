@@ -181,3 +181,57 @@ fn records_name_the_pods() {
     let unknown = LoggedPacket { prefix: "mystery".into(), ..packet };
     assert_eq!(record(&unknown, &names, None, 0), None);
 }
+
+/// Answers one packet the way a table's state would.
+#[derive(Debug)]
+struct OneRule(AdmittedPacket, Admitted);
+
+impl crate::policy::names::Admissions for OneRule {
+    fn admitted(&self, packet: &AdmittedPacket) -> Option<Admitted> {
+        (*packet == self.0).then(|| self.1.clone())
+    }
+}
+
+#[test]
+fn allowed_records_name_the_rule_the_state_finds() {
+    let origin = weir_policy::Origin {
+        policy: PolicyRef::new("x", "web-from-client"),
+        direction: Direction::Ingress,
+        rule: 0,
+        peer: Some(1),
+        port: Some(0),
+    };
+    let client = [10, 244, 0, 5];
+    let web = [10, 244, 0, 6];
+    // The flow reader asks with the endpoint of the direction (ingress: the destination).
+    let asked = AdmittedPacket {
+        direction: Direction::Ingress,
+        endpoint: IpAddr::from(web),
+        peer: IpAddr::from(client),
+        protocol: TCP,
+        port: Some(80),
+    };
+    let names = crate::policy::SharedPolicyNames::default();
+    names.set_admissions(Arc::new(OneRule(asked, Admitted::Rule(origin))));
+    names.publish(&weir_policy::Compiled::default(), None);
+    let allowed =
+        LoggedPacket { prefix: "allow-ingress".into(), payload: ipv4_tcp(client, web, 40000, 80) };
+    let named = record(&allowed, &names, None, 0).unwrap();
+    assert_eq!((named.verdict, named.reason), (FlowVerdict::Allowed, FlowReason::Rule));
+    let text = named.to_text();
+    assert!(
+        text.contains("ALLOWED by NetworkPolicy x/web-from-client ingress rule 0, peer 1, port 0"),
+        "{text}"
+    );
+    // The same flow seen on the client's egress is not what the state admitted.
+    let egress = LoggedPacket { prefix: "allow-egress".into(), ..allowed.clone() };
+    let text = record(&egress, &names, None, 0).unwrap().to_text();
+    assert!(text.contains("ALLOWED by a rule"), "{text}");
+
+    let node = [192, 168, 50, 1];
+    let from_node = AdmittedPacket { peer: IpAddr::from(node), ..asked };
+    names.set_admissions(Arc::new(OneRule(from_node, Admitted::OwnNode)));
+    let probe = LoggedPacket { payload: ipv4_tcp(node, web, 40001, 80), ..allowed };
+    let named = record(&probe, &names, None, 0).unwrap();
+    assert_eq!((named.reason, named.rule), (FlowReason::OwnNode, None));
+}
