@@ -6,7 +6,9 @@
 //! Objects are stored as JSON without `metadata.resourceVersion`; on the way out the store's
 //! mod revision becomes the resourceVersion. Writes check the resourceVersion a client sends
 //! against the stored one (409 Conflict when stale) and use the store's compare-and-swap, so
-//! concurrent writers cannot lose updates.
+//! concurrent writers cannot lose updates. Every write of an object that exists goes through
+//! [`read_modify_write`]: a swap lost to a concurrent writer reads again and retries, so 409
+//! answers only a stale version or a precondition the client asked for.
 use std::{collections::HashSet, sync::Arc};
 
 use base64::Engine;
@@ -18,6 +20,7 @@ use serde_json::{Value, json};
 use super::{
     ApiState, MAX_BODY,
     http::{Body, Query, json_response, with_warnings},
+    read_modify_write::{WriteError, read_modify_write},
     services,
     status::{ApiError, success},
     stored, table,
@@ -794,7 +797,9 @@ fn strip_rv(obj: &Value) -> Value {
     copy
 }
 
-/// Stores `new` over `current` (compare-and-swap on its revision). Returns 200 and the result.
+/// Stores `new` over `current` (compare-and-swap on its revision), or deletes the object when
+/// `new` removes its last finalizer while it is being deleted. One attempt of a
+/// [`read_modify_write`]: a lost swap is [`WriteError::Raced`].
 #[allow(clippy::too_many_arguments)]
 async fn store_update<S: Store>(
     state: &ApiState<S>,
@@ -805,16 +810,17 @@ async fn store_update<S: Store>(
     new: Value,
     part: Part,
     dry_run: bool,
-) -> Result<Value, ApiError> {
+) -> Result<Value, WriteError> {
     let old = decode(current)?;
     check_type(resource, &new)?;
     check_metadata_types(&new)?;
     if let Some(body_name) = meta::meta_str(&new, "name")
         && body_name != name
     {
-        return Err(ApiError::bad_request(format!(
+        let message = format!(
             "the name of the object ({body_name}) does not match the name on the URL ({name})"
-        )));
+        );
+        return Err(ApiError::bad_request(message).into());
     }
     let mut merged = merge_for_update(resource, part, &old, new);
     let _guard = admit(state, resource, name, &mut merged, Some(&old)).await?;
@@ -824,32 +830,41 @@ async fn store_update<S: Store>(
     if dry_run {
         return Ok(merged);
     }
+    // Deleted by this update: an object being deleted whose last finalizer this update removes
+    // (or that waited for finalizers alone, kube's `deletionGracePeriodSeconds: 0`). A Pod
+    // terminating gracefully or a Terminating namespace stays when its status or labels are
+    // written (kube-apiserver's ShouldDeleteDuringUpdate).
+    let has_finalizers = |obj: &Value| {
+        obj.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty())
+    };
     let finalized = meta::meta_str(&merged, "deletionTimestamp").is_some()
-        && merged
-            .pointer("/metadata/finalizers")
-            .and_then(Value::as_array)
-            .is_none_or(|f| f.is_empty());
+        && !has_finalizers(&merged)
+        && (has_finalizers(&old)
+            || old.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64)
+                == Some(0));
     let key = resource.key(ns, name);
     if finalized {
-        return match state.store.delete(&key, Some(current.mod_revision)).await {
-            Ok(kv) => {
-                forget(state, &kv);
-                cascade(state, resource, ns, &old, 0).await;
-                decode(&kv)
-            }
-            Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(resource, name)),
-            Err(StoreError::NotFound { .. }) => Err(ApiError::not_found(resource, name)),
-            Err(err) => Err(err.into()),
-        };
+        let kv = state.store.delete(&key, Some(current.mod_revision)).await?;
+        forget(state, &kv);
+        cascade(state, resource, ns, &old, 0).await;
+        return Ok(decode(&kv)?);
     }
-    match state.store.update(&key, encode(&merged), Some(current.mod_revision)).await {
-        Ok(kv) => {
-            remember(state, &kv);
-            decode(&kv)
-        }
-        Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(resource, name)),
-        Err(StoreError::NotFound { .. }) => Err(ApiError::not_found(resource, name)),
-        Err(err) => Err(err.into()),
+    let kv = state.store.update(&key, encode(&merged), Some(current.mod_revision)).await?;
+    remember(state, &kv);
+    Ok(decode(&kv)?)
+}
+
+/// 409 when the object a write carries names another version than the stored one (an
+/// update or patch conditional on `metadata.resourceVersion`).
+fn check_resource_version(
+    resource: &Resource,
+    name: &str,
+    obj: &Value,
+    current: &KeyValue,
+) -> Result<(), ApiError> {
+    match body_resource_version(obj) {
+        Some(rv) if rv != current.mod_revision => Err(ApiError::conflict(resource, name)),
+        _ => Ok(()),
     }
 }
 
@@ -874,7 +889,6 @@ async fn write_request<S: Store>(
     let mode = query.field_validation()?;
     let body = read_body(req).await?;
     let dry_run = query.dry_run();
-    let key = resource.key(ns, name);
     let api_version = resource.api_version();
     if !is_patch {
         require_json(content_type)?;
@@ -884,69 +898,80 @@ async fn write_request<S: Store>(
         let no_kept = HashSet::new();
         let warnings =
             check_fields(&api_version, resource.kind, &mut new, duplicates, &no_kept, mode)?;
-        let current =
-            state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
-        if let Some(rv) = body_resource_version(&new)
-            && rv != current.mod_revision
-        {
-            return Err(ApiError::conflict(resource, name));
-        }
-        let obj = store_update(state, resource, ns, name, &current, new, part, dry_run).await?;
+        // Without a resourceVersion the update is unconditional: retried on a lost race.
+        let new = &new;
+        let obj = read_modify_write(&state.store, resource, ns, name, |current| async move {
+            check_resource_version(resource, name, new, &current)?;
+            store_update(state, resource, ns, name, &current, new.clone(), part, dry_run).await
+        })
+        .await?;
         return Ok(with_warnings(json_response(200, &obj), &warnings));
     }
     let media = content_type.split(';').next().unwrap_or("").trim();
-    let patch_doc = parse_json(&body)?;
-    let duplicates = fields::duplicate_fields(&body);
-    // Concurrent writers may move the object between our read and our swap: retry a few times.
-    for _ in 0..5 {
-        let current =
-            state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
-        let mut obj = decode(&current)?;
-        // Unknown fields stored before validation existed are not this patch's doing.
-        let kept: HashSet<String> = fields::take_unknown_fields(
-            &api_version,
-            resource.kind,
-            &mut obj.clone(),
-            &HashSet::new(),
-        )
-        .into_iter()
-        .collect();
-        let result = match media {
-            "application/merge-patch+json" => {
-                patch::merge_patch(&mut obj, &patch_doc);
-                Ok(())
-            }
-            "application/json-patch+json" => patch::json_patch(&mut obj, &patch_doc),
-            "application/strategic-merge-patch+json" => {
-                patch::strategic_merge_patch(&mut obj, &patch_doc)
-            }
-            other => return Err(ApiError::unsupported_media_type(other)),
-        };
-        match result {
-            Ok(()) => {}
-            Err(err @ PatchError::Invalid(_)) => {
-                return Err(ApiError::bad_request(err.to_string()));
-            }
-            Err(err) => return Err(ApiError::new(422, "Invalid", err.to_string())),
-        }
-        let warnings =
-            check_fields(&api_version, resource.kind, &mut obj, duplicates.clone(), &kept, mode)?;
-        if let Some(rv) = body_resource_version(&obj)
-            && rv != current.mod_revision
-        {
-            return Err(ApiError::conflict(resource, name));
-        }
-        match store_update(state, resource, ns, name, &current, obj, part, dry_run).await {
-            Err(err) if err.reason == "Conflict" && body_resource_version(&patch_doc).is_none() => {
-                continue;
-            }
-            other => return other.map(|obj| with_warnings(json_response(200, &obj), &warnings)),
-        }
-    }
-    Err(ApiError::conflict(resource, name))
+    let patch_doc = &parse_json(&body)?;
+    let (duplicates, api_version) = (&fields::duplicate_fields(&body), api_version.as_str());
+    // Applied again to each fresh read when a concurrent writer won the swap; a patch that
+    // carries metadata.resourceVersion is conditional on it (409 once the object moved on).
+    let (obj, warnings) =
+        read_modify_write(&state.store, resource, ns, name, |current| async move {
+            let mut obj = decode(&current)?;
+            // Unknown fields stored before validation existed are not this patch's doing.
+            let kept: HashSet<String> = fields::take_unknown_fields(
+                api_version,
+                resource.kind,
+                &mut obj.clone(),
+                &HashSet::new(),
+            )
+            .into_iter()
+            .collect();
+            apply_patch(media, &mut obj, patch_doc)?;
+            let warnings = check_fields(
+                api_version,
+                resource.kind,
+                &mut obj,
+                duplicates.clone(),
+                &kept,
+                mode,
+            )?;
+            check_resource_version(resource, name, &obj, &current)?;
+            let obj = store_update(state, resource, ns, name, &current, obj, part, dry_run).await?;
+            Ok((obj, warnings))
+        })
+        .await?;
+    Ok(with_warnings(json_response(200, &obj), &warnings))
 }
 
-/// Deletes one object: immediately, or by marking it when finalizers remain.
+/// Applies a patch of the request's media type to `obj`: 415 for another media type, 400 for
+/// a malformed patch, 422 for a JSON patch operation that fails.
+fn apply_patch(media: &str, obj: &mut Value, patch_doc: &Value) -> Result<(), ApiError> {
+    let result = match media {
+        "application/merge-patch+json" => {
+            patch::merge_patch(obj, patch_doc);
+            Ok(())
+        }
+        "application/json-patch+json" => patch::json_patch(obj, patch_doc),
+        "application/strategic-merge-patch+json" => patch::strategic_merge_patch(obj, patch_doc),
+        other => return Err(ApiError::unsupported_media_type(other)),
+    };
+    result.map_err(|err| match err {
+        PatchError::Invalid(_) => ApiError::bad_request(err.to_string()),
+        PatchError::OperationFailed { .. } => ApiError::new(422, "Invalid", err.to_string()),
+    })
+}
+
+/// What a deletion did.
+enum Deletion {
+    /// The object stays (marked for a graceful or finalized deletion, or a dry run): the
+    /// code and the object.
+    Kept(u16, Value),
+    /// The object is gone: its last state.
+    Removed(Value),
+}
+
+/// Deletes one object: immediately, or by marking it when finalizers remain or a Pod
+/// terminates gracefully. Retried on a fresh read when a concurrent writer wins the swap
+/// (kube-apiserver's deletes never answer 409 for that); `preconditions` (uid,
+/// resourceVersion) are checked against each read (409).
 pub(crate) async fn delete<S: Store>(
     state: &ApiState<S>,
     resource: &Resource,
@@ -958,9 +983,32 @@ pub(crate) async fn delete<S: Store>(
     if resource.kind == "Namespace" && SYSTEM_NAMESPACES.contains(&name) {
         return Err(ApiError::forbidden(resource, name, "this namespace may not be deleted"));
     }
-    let key = resource.key(ns, name);
-    let current =
-        state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
+    let deletion = read_modify_write(&state.store, resource, ns, name, |current| async move {
+        delete_attempt(state, resource, name, options, dry_run, current).await
+    })
+    .await?;
+    match deletion {
+        Deletion::Kept(code, obj) => Ok((code, obj)),
+        Deletion::Removed(deleted) => {
+            let orphan = options.get("propagationPolicy").and_then(Value::as_str) == Some("Orphan")
+                || options.get("orphanDependents").and_then(Value::as_bool) == Some(true);
+            if !orphan {
+                cascade(state, resource, ns, &deleted, 0).await;
+            }
+            Ok((200, deleted))
+        }
+    }
+}
+
+/// One attempt of [`delete`] on the object as read.
+async fn delete_attempt<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    name: &str,
+    options: &Value,
+    dry_run: bool,
+    current: KeyValue,
+) -> Result<Deletion, WriteError> {
     let obj = decode(&current)?;
     if let Some(pre) = options.get("preconditions") {
         let uid_ok = pre
@@ -972,16 +1020,17 @@ pub(crate) async fn delete<S: Store>(
             .and_then(Value::as_str)
             .is_none_or(|rv| rv == current.mod_revision.to_string());
         if !uid_ok || !rv_ok {
-            return Err(ApiError::conflict(resource, name));
+            return Err(ApiError::conflict(resource, name).into());
         }
     }
     if dry_run {
-        return Ok((200, obj));
+        return Ok(Deletion::Kept(200, obj));
     }
     if resource.kind == "Pod"
         && let Some(grace) = pod_grace_period(state, &obj, options).await?
     {
-        return mark_terminating(state, resource, &current, obj, grace).await;
+        let (code, obj) = mark_terminating(state, &current, obj, grace).await?;
+        return Ok(Deletion::Kept(code, obj));
     }
     let finalizers = obj
         .pointer("/metadata/finalizers")
@@ -989,61 +1038,45 @@ pub(crate) async fn delete<S: Store>(
         .is_some_and(|f| !f.is_empty());
     if finalizers {
         if meta::meta_str(&obj, "deletionTimestamp").is_some() {
-            return Ok((202, obj));
+            return Ok(Deletion::Kept(202, obj));
         }
         let mut marked = strip_rv(&obj);
         let m = meta::metadata_mut(&mut marked);
         m.insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
         m.insert("deletionGracePeriodSeconds".into(), json!(0));
-        return match state.store.update(&key, encode(&marked), Some(current.mod_revision)).await {
-            Ok(kv) => Ok((202, decode(&kv)?)),
-            Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(resource, name)),
-            Err(err) => Err(err.into()),
-        };
+        let kv =
+            state.store.update(&current.key, encode(&marked), Some(current.mod_revision)).await?;
+        return Ok(Deletion::Kept(202, decode(&kv)?));
     }
     if resource.kind == "Namespace" {
         // Like kube-apiserver: the namespace turns Terminating now; the namespace finalizer
         // (finalize_namespaces) deletes its contents and then the namespace.
         if meta::meta_str(&obj, "deletionTimestamp").is_some() {
-            return Ok((200, obj));
+            return Ok(Deletion::Kept(200, obj));
         }
         let mut marked = strip_rv(&obj);
         meta::metadata_mut(&mut marked)
             .insert("deletionTimestamp".into(), json!(meta::now_rfc3339()));
         marked["status"] = json!({"phase": "Terminating"});
-        return match state.store.update(&key, encode(&marked), Some(current.mod_revision)).await {
-            Ok(kv) => Ok((200, decode(&kv)?)),
-            Err(StoreError::Conflict { .. }) => Err(ApiError::conflict(resource, name)),
-            Err(err) => Err(err.into()),
-        };
+        let kv =
+            state.store.update(&current.key, encode(&marked), Some(current.mod_revision)).await?;
+        return Ok(Deletion::Kept(200, decode(&kv)?));
     }
-    let deleted = match state.store.delete(&key, Some(current.mod_revision)).await {
-        Ok(kv) => {
-            forget(state, &kv);
-            decode(&kv)?
-        }
-        Err(StoreError::Conflict { .. }) => return Err(ApiError::conflict(resource, name)),
-        Err(StoreError::NotFound { .. }) => return Err(ApiError::not_found(resource, name)),
-        Err(err) => return Err(err.into()),
-    };
-    let orphan = options.get("propagationPolicy").and_then(Value::as_str) == Some("Orphan")
-        || options.get("orphanDependents").and_then(Value::as_bool) == Some(true);
-    if !orphan {
-        cascade(state, resource, ns, &deleted, 0).await;
-    }
-    Ok((200, deleted))
+    let kv = state.store.delete(&current.key, Some(current.mod_revision)).await?;
+    forget(state, &kv);
+    Ok(Deletion::Removed(decode(&kv)?))
 }
 
 /// Graceful Pod deletion: sets `deletionTimestamp` (now + grace) and
 /// `deletionGracePeriodSeconds` and keeps the Pod; the node runtime stops its containers and
 /// deletes it again with a grace period of 0. A later request may only shorten the period.
+/// One attempt of a [`read_modify_write`] on `current`.
 async fn mark_terminating<S: Store>(
     state: &ApiState<S>,
-    resource: &Resource,
     current: &KeyValue,
     obj: Value,
     grace: i64,
-) -> Result<(u16, Value), ApiError> {
+) -> Result<(u16, Value), WriteError> {
     let old_grace = obj.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64);
     if old_grace.is_some_and(|old| old <= grace) {
         return Ok((200, obj));
@@ -1052,13 +1085,8 @@ async fn mark_terminating<S: Store>(
     let m = meta::metadata_mut(&mut marked);
     m.insert("deletionTimestamp".into(), json!(meta::rfc3339(meta::now_secs() + grace)));
     m.insert("deletionGracePeriodSeconds".into(), json!(grace));
-    match state.store.update(&current.key, encode(&marked), Some(current.mod_revision)).await {
-        Ok(kv) => Ok((200, decode(&kv)?)),
-        Err(StoreError::Conflict { .. }) => {
-            Err(ApiError::conflict(resource, meta::meta_str(&obj, "name").unwrap_or("")))
-        }
-        Err(err) => Err(err.into()),
-    }
+    let kv = state.store.update(&current.key, encode(&marked), Some(current.mod_revision)).await?;
+    Ok((200, decode(&kv)?))
 }
 
 /// The grace period a Pod's deletion gets, or None when it is removed at once: Pods not bound
@@ -1106,9 +1134,17 @@ pub(crate) async fn finalize_namespaces<S: Store>(state: &ApiState<S>) -> Result
         }
         let name = meta::meta_str(&obj, "name").unwrap_or("").to_string();
         delete_namespace_contents(state, &name).await?;
-        match state.store.delete(&kv.key, Some(kv.mod_revision)).await {
-            Ok(_) | Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {}
-            Err(err) => return Err(err.into()),
+        let deleted =
+            read_modify_write(&state.store, namespaces, None, &name, |current| async move {
+                state.store.delete(&current.key, Some(current.mod_revision)).await?;
+                Ok(())
+            })
+            .await;
+        match deleted {
+            // Gone already, or still changing: the next round finishes it.
+            Ok(()) => {}
+            Err(err) if err.code == 404 || err.code == 409 => {}
+            Err(err) => return Err(err),
         }
     }
     Ok(())
@@ -1144,32 +1180,41 @@ async fn cascade<S: Store>(
     if depth > 8 {
         return;
     }
+    let owned_by_it = |obj: &Value| {
+        obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|refs| {
+            refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid))
+        })
+    };
     for resource in RESOURCES.iter().filter(|r| r.namespaced) {
         let Ok(page) = state.store.range(&resource.scope_prefix(Some(ns)), None, 0).await else {
             continue;
         };
         for kv in page.kvs {
             let Ok(obj) = decode(&kv) else { continue };
-            let owned =
-                obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(
-                    |refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid)),
-                );
-            if !owned {
+            let Some(name) = meta::meta_str(&obj, "name").filter(|_| owned_by_it(&obj)) else {
                 continue;
-            }
-            // Pods on a node terminate gracefully, as Kubernetes' garbage collector deletes.
-            if resource.kind == "Pod"
-                && let Ok(Some(grace)) = pod_grace_period(state, &obj, &json!({})).await
-            {
-                let _ = mark_terminating(state, resource, &kv, obj, grace).await;
-                continue;
-            }
-            if let Ok(deleted) = state.store.delete(&kv.key, Some(kv.mod_revision)).await
-                && let Ok(deleted) = {
+            };
+            let removed =
+                read_modify_write(&state.store, resource, Some(ns), name, |current| async move {
+                    let obj = decode(&current)?;
+                    if !owned_by_it(&obj) {
+                        return Ok(None);
+                    }
+                    // Pods on a node terminate gracefully, as Kubernetes' garbage collector
+                    // deletes.
+                    if resource.kind == "Pod"
+                        && let Some(grace) = pod_grace_period(state, &obj, &json!({})).await?
+                    {
+                        mark_terminating(state, &current, obj, grace).await?;
+                        return Ok(None);
+                    }
+                    let deleted =
+                        state.store.delete(&current.key, Some(current.mod_revision)).await?;
                     forget(state, &deleted);
-                    decode(&deleted)
-                }
-            {
+                    Ok(Some(decode(&deleted)?))
+                })
+                .await;
+            if let Ok(Some(deleted)) = removed {
                 Box::pin(cascade(state, resource, Some(ns), &deleted, depth + 1)).await;
             }
         }
@@ -1236,65 +1281,63 @@ async fn scale_request<S: Store>(
     content_type: &str,
 ) -> Result<Response<Body>, ApiError> {
     let method = req.method().clone();
-    let key = resource.key(ns, name);
-    let current =
-        state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
-    let obj = decode(&current)?;
     if method == Method::GET {
-        return Ok(json_response(200, &to_scale(&obj)));
+        return Ok(json_response(200, &to_scale(&get(state, resource, ns, name).await?)));
     }
     let mode = query.field_validation()?;
     let raw = read_body(req).await?;
-    let body = parse_json(&raw)?;
-    let mut scale = to_scale(&obj);
-    if method == Method::PUT {
-        if let Some(rv) = body_resource_version(&body)
-            && rv != current.mod_revision
-        {
-            return Err(ApiError::conflict(resource, name));
-        }
-        scale = body;
-    } else {
-        let media = content_type.split(';').next().unwrap_or("").trim();
-        let result = match media {
-            "application/merge-patch+json" => {
-                patch::merge_patch(&mut scale, &body);
-                Ok(())
-            }
-            "application/json-patch+json" => patch::json_patch(&mut scale, &body),
-            "application/strategic-merge-patch+json" => {
-                patch::strategic_merge_patch(&mut scale, &body)
-            }
-            other => return Err(ApiError::unsupported_media_type(other)),
-        };
-        result.map_err(|err| ApiError::new(422, "Invalid", err.to_string()))?;
-    }
-    let duplicates = fields::duplicate_fields(&raw);
-    let warnings =
-        check_fields("autoscaling/v1", "Scale", &mut scale, duplicates, &HashSet::new(), mode)?;
-    let replicas =
-        scale.pointer("/spec/replicas").and_then(Value::as_i64).filter(|r| *r >= 0).ok_or_else(
-            || {
-                ApiError::invalid(
-                    resource,
-                    name,
-                    &[validate::FieldError {
-                        reason: "FieldValueInvalid",
-                        field: "spec.replicas".into(),
-                        message: "Invalid value: must be greater than or equal to 0".into(),
-                    }],
-                )
-            },
-        )?;
-    let mut updated = obj.clone();
-    updated["spec"]["replicas"] = json!(replicas);
-    let stored =
-        store_update(state, resource, ns, name, &current, updated, Part::Main, query.dry_run())
-            .await?;
+    let body = &parse_json(&raw)?;
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    let duplicates = &fields::duplicate_fields(&raw);
+    let (put, dry_run) = (method == Method::PUT, query.dry_run());
+    let (stored, warnings) =
+        read_modify_write(&state.store, resource, ns, name, |current| async move {
+            let obj = decode(&current)?;
+            let mut scale = if put {
+                body.clone()
+            } else {
+                let mut scale = to_scale(&obj);
+                apply_patch(media, &mut scale, body)?;
+                scale
+            };
+            // A Scale (or a patch of it) that names a resourceVersion is conditional on it.
+            check_resource_version(resource, name, &scale, &current)?;
+            let warnings = check_fields(
+                "autoscaling/v1",
+                "Scale",
+                &mut scale,
+                duplicates.clone(),
+                &HashSet::new(),
+                mode,
+            )?;
+            let replicas = scale
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .filter(|r| *r >= 0)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        resource,
+                        name,
+                        &[validate::FieldError {
+                            reason: "FieldValueInvalid",
+                            field: "spec.replicas".into(),
+                            message: "Invalid value: must be greater than or equal to 0".into(),
+                        }],
+                    )
+                })?;
+            let mut updated = obj;
+            updated["spec"]["replicas"] = json!(replicas);
+            let stored =
+                store_update(state, resource, ns, name, &current, updated, Part::Main, dry_run)
+                    .await?;
+            Ok((stored, warnings))
+        })
+        .await?;
     Ok(with_warnings(json_response(200, &to_scale(&stored)), &warnings))
 }
 
-/// POST pods/NAME/binding: sets spec.nodeName once (409 when already bound).
+/// POST pods/NAME/binding: sets spec.nodeName once (409 when already bound, also when another
+/// binding won the race).
 async fn bind<S: Store>(
     state: &ApiState<S>,
     resource: &Resource,
@@ -1307,23 +1350,19 @@ async fn bind<S: Store>(
         .pointer("/target/name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| ApiError::bad_request("a Binding needs target.name (the node)"))?
-        .to_string();
-    let key = resource.key(ns, name);
-    let current =
-        state.store.get(&key).await?.ok_or_else(|| ApiError::not_found(resource, name))?;
-    let mut obj = decode(&current)?;
-    if obj.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
-        return Err(ApiError::new(
-            409,
-            "Conflict",
-            format!("pod {name} is already assigned to a node"),
-        ));
-    }
-    if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
-        spec.insert("nodeName".into(), json!(node));
-    }
-    store_update(state, resource, ns, name, &current, obj, Part::Main, dry_run).await?;
+        .ok_or_else(|| ApiError::bad_request("a Binding needs target.name (the node)"))?;
+    read_modify_write(&state.store, resource, ns, name, |current| async move {
+        let mut obj = decode(&current)?;
+        if obj.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
+            let message = format!("pod {name} is already assigned to a node");
+            return Err(ApiError::new(409, "Conflict", message).into());
+        }
+        if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+            spec.insert("nodeName".into(), json!(node));
+        }
+        store_update(state, resource, ns, name, &current, obj, Part::Main, dry_run).await
+    })
+    .await?;
     Ok(json_response(201, &success()))
 }
 

@@ -24,6 +24,7 @@ mod discovery;
 pub(crate) mod handlers;
 pub mod http;
 mod proxy;
+mod read_modify_write;
 mod services;
 pub mod status;
 mod stored;
