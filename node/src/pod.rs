@@ -5,6 +5,13 @@
 //! The task gets the latest Pod through a watch channel; the sender being dropped means the
 //! pod vanished from the API (deleted with grace 0): teardown without the API.
 //!
+//! Status writes are conditional on the newest version of the pod the task knows
+//! (`metadata.resourceVersion` in the patch), so a status decided before the task saw a
+//! deletion never lands after it: the API server removes a pod marked for deletion at its next
+//! write, which would turn a graceful deletion into a vanished pod (no SIGTERM). On a conflict
+//! the task reads the pod again; a deletion found there is handled as if the watch had brought
+//! it, and once a deletion is known the task writes no status at all.
+//!
 //! Init containers run as kubelet runs them: once the sandbox is ready, one at a time in
 //! order, each to successful completion, before any app container starts. A failed one is
 //! restarted with the crash-loop backoff unless `restartPolicy` is Never (then the pod fails).
@@ -46,6 +53,9 @@ const PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 
 /// How long a new pod's containers wait for the agent to write the pod's policy entry.
 const POLICY_WAIT: Duration = Duration::from_secs(5);
+
+/// Tries of one status write whose version the pod has moved past (see `Worker::report`).
+const STATUS_WRITE_ATTEMPTS: usize = 3;
 
 /// Whether the node's policy datapaths hold the entries of a pod with `ips` (see
 /// `Pod::wait_for_policy`).
@@ -122,6 +132,9 @@ struct Ctr {
     ever_started: bool,
     state: CState,
     last_terminated: Option<CState>,
+    /// The run before `last_terminated`: lastState again when the container ends for good
+    /// while it waits in crash-loop backoff (its last run becomes its state).
+    terminated_before: Option<CState>,
     pid: Option<u32>,
     started: Instant,
     backoff_until: Option<Instant>,
@@ -167,6 +180,12 @@ pub struct Worker {
     pod_shared: Arc<PodShared>,
     /// Every init container has completed (sidecars: started) once; stays true.
     initialized: bool,
+    /// The newest resourceVersion of the pod the task knows (from the watch, its own status
+    /// writes and re-reads): the version its next status write is conditional on.
+    resource_version: Option<String>,
+    /// The resourceVersion the watch delivered last (the watch may lag behind the task's own
+    /// writes: only a version it has not delivered before replaces `resource_version`).
+    watched_version: Option<String>,
 }
 
 /// Runs a pod until it is gone (see the module docs).
@@ -185,20 +204,23 @@ pub async fn run(shared: Arc<Shared>, client: Client, mut rx: watch::Receiver<Op
                 worker.teardown(Duration::ZERO).await;
                 return;
             }
-            Some(pod) if pod.metadata.deletion_timestamp.is_some() => {
-                worker.pod = pod;
-                let grace = rules::grace_period(
-                    worker.pod.metadata.deletion_grace_period_seconds,
-                    worker.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds),
-                );
-                worker.teardown(grace).await;
-                worker.delete_object().await;
-                return;
-            }
-            Some(pod) => worker.pod = pod,
+            Some(pod) => worker.observe(pod),
+        }
+        if worker.deleting() {
+            let grace = rules::grace_period(
+                worker.pod.metadata.deletion_grace_period_seconds,
+                worker.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds),
+            );
+            worker.teardown(grace).await;
+            worker.delete_object().await;
+            return;
         }
         worker.step().await;
         worker.report().await;
+        if worker.deleting() {
+            // A status write found the deletion before the watch brought it.
+            continue;
+        }
         let wake = worker.next_wake();
         tokio::select! {
             changed = rx.changed() => {
@@ -325,6 +347,7 @@ impl Worker {
                 ever_started: completed,
                 state,
                 last_terminated: None,
+                terminated_before: None,
                 pid: None,
                 started: Instant::now(),
                 backoff_until: None,
@@ -352,6 +375,7 @@ impl Worker {
         if sandbox.is_some() {
             log::info!("pod {namespace}/{name}: adopted its sandbox {netns_name}");
         }
+        let resource_version = pod.metadata.resource_version.clone();
         Self {
             shared,
             client,
@@ -373,7 +397,27 @@ impl Worker {
             transitions: HashMap::new(),
             pod_shared,
             initialized,
+            watched_version: resource_version.clone(),
+            resource_version,
         }
+    }
+
+    /// Takes the version of the pod the watch delivers. A deletion the task already knows of
+    /// (found by a status write) stays known while the watch has not caught up.
+    fn observe(&mut self, pod: Pod) {
+        if pod.metadata.resource_version != self.watched_version {
+            self.watched_version = pod.metadata.resource_version.clone();
+            self.resource_version = pod.metadata.resource_version.clone();
+        }
+        if self.deleting() && pod.metadata.deletion_timestamp.is_none() {
+            return;
+        }
+        self.pod = pod;
+    }
+
+    /// The pod is marked for deletion: stop it, write no more status.
+    fn deleting(&self) -> bool {
+        self.pod.metadata.deletion_timestamp.is_some()
     }
 
     fn pod_ip(&self) -> Option<&str> {
@@ -396,6 +440,9 @@ impl Worker {
                     // As kubelet does, the pod's address is reported once its sandbox exists,
                     // before its containers start; the node's agent learns it from there.
                     self.report().await;
+                    if self.deleting() {
+                        return;
+                    }
                     self.wait_for_policy(pins.as_deref()).await;
                 }
                 Err(err) => {
@@ -425,6 +472,9 @@ impl Worker {
             // Initialized, app containers not started yet: what kubectl shows as
             // PodInitializing.
             self.report().await;
+            if self.deleting() {
+                return;
+            }
         }
         self.stop_sidecars_when_finished();
         for idx in 0..self.ctrs.len() {
@@ -493,7 +543,8 @@ impl Worker {
     }
 
     /// Once the pod is done its sidecars are stopped (SIGTERM, then SIGKILL after the grace
-    /// period) and not restarted, as kubelet does.
+    /// period) and not restarted, as kubelet does. One waiting in crash-loop backoff will not
+    /// run again: its last run is its final state (terminated), as kubelet reports it.
     fn stop_sidecars_when_finished(&mut self) {
         if !self.finished() {
             return;
@@ -508,7 +559,12 @@ impl Worker {
                 continue;
             }
             ctr.stopping = true;
-            ctr.backoff_until = None;
+            if ctr.backoff_until.take().is_some()
+                && let Some(last) = ctr.last_terminated.take()
+            {
+                ctr.state = last;
+                ctr.last_terminated = ctr.terminated_before.take();
+            }
             let Some(pid) = ctr.pid else { continue };
             let name = ctr.spec.name.clone();
             self.event("Normal", "Killing", &format!("Stopping container {name}"), Some(&name));
@@ -698,7 +754,7 @@ impl Worker {
                 }
                 let wait = rules::restart_backoff(ctr.consecutive);
                 ctr.backoff_until = Some(Instant::now() + wait);
-                ctr.last_terminated = Some(ctr.state.clone());
+                ctr.terminated_before = ctr.last_terminated.replace(ctr.state.clone());
                 let name = ctr.spec.name.clone();
                 let message = format!(
                     "back-off {wait:?} restarting failed container={name} pod={}_{}({})",
@@ -1277,18 +1333,58 @@ impl Worker {
         status
     }
 
-    /// Writes the status when it changed.
+    /// Writes the status when it changed, conditional on the newest version of the pod the
+    /// task knows (see the module docs). A conflict reads the pod again: a deletion found
+    /// there becomes the task's pod (nothing is written), another version is written over
+    /// once more (bounded); a pod gone or replaced by a namesake is left to the watch.
     async fn report(&mut self) {
+        if self.deleting() {
+            return;
+        }
         let status = self.status();
         if self.last_status.as_ref() == Some(&status) {
             return;
         }
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let patch = json!({"status": status});
-        match api.patch_status(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => self.last_status = Some(status),
-            Err(err) => log::warn!("pod {}/{}: writing status: {err}", self.namespace, self.name),
+        let who = format!("{}/{}", self.namespace, self.name);
+        for _ in 0..STATUS_WRITE_ATTEMPTS {
+            let mut patch = json!({"status": status});
+            if let Some(version) = &self.resource_version {
+                patch["metadata"] = json!({"resourceVersion": version});
+            }
+            let params = PatchParams::default();
+            let written = api.patch_status(&self.name, &params, &Patch::Merge(&patch)).await;
+            let conflict = match written {
+                Ok(pod) => {
+                    self.resource_version = pod.metadata.resource_version;
+                    self.last_status = Some(status);
+                    return;
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => e,
+                Err(err) => {
+                    log::warn!("pod {who}: writing status: {err}");
+                    return;
+                }
+            };
+            let fresh = match api.get_opt(&self.name).await {
+                Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(self.uid.as_str()) => pod,
+                Ok(_) => return,
+                Err(err) => {
+                    log::warn!("pod {who}: reading it after a conflicting status write: {err}");
+                    return;
+                }
+            };
+            self.resource_version = fresh.metadata.resource_version.clone();
+            if fresh.metadata.deletion_timestamp.is_some() {
+                log::info!(
+                    "pod {who}: marked for deletion before its status was written ({})",
+                    conflict.message
+                );
+                self.pod = fresh;
+                return;
+            }
         }
+        log::warn!("pod {who}: writing status: the pod kept changing, trying again later");
     }
 
     /// Posts an event about the pod (or one of its containers); failures are logged only.
