@@ -8,6 +8,7 @@ use weir_proxy::{
         config::{AgentConfig, Dataplane},
         policy::{DenyUnknown, PolicyConfig},
     },
+    programs::MapSizes,
     routing::{self, RoutingConfig, model::IpCidr, model::Overlay},
 };
 
@@ -94,6 +95,19 @@ pub struct AgentArgs {
     /// Unix socket `weir flows` connects to (policy flow events of the eBPF datapath).
     #[arg(long, default_value = weir_proxy::policy::flows::DEFAULT_FLOWS_SOCKET)]
     flows_socket: PathBuf,
+    /// Entries of the eBPF service, backend and reverse-NAT maps (each family). A service port
+    /// takes one service entry plus one per endpoint: the default holds about 13,000 services
+    /// of 4 endpoints. Applies when the maps are created; pinned maps keep their size.
+    #[arg(long, default_value_t = MapSizes::default().services)]
+    bpf_lb_map_max: u32,
+    /// Entries of the per-packet path's conntrack map (each family; LRU: the oldest flows make
+    /// room when it is full).
+    #[arg(long, default_value_t = MapSizes::default().conntrack)]
+    bpf_ct_map_max: u32,
+    /// Entries of the socket load balancer's reverse map (socket and backend -> service; LRU),
+    /// which getpeername() and UDP replies read.
+    #[arg(long, default_value_t = MapSizes::default().socket_rev_nat)]
+    bpf_sock_rev_map_max: u32,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -158,6 +172,13 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             },
         },
         flows_socket: args.flows_socket,
+        map_sizes: MapSizes {
+            services: args.bpf_lb_map_max,
+            backends: args.bpf_lb_map_max,
+            rev_nat: args.bpf_lb_map_max,
+            conntrack: args.bpf_ct_map_max,
+            socket_rev_nat: args.bpf_sock_rev_map_max,
+        },
     };
     if let Err(err) = config.validate() {
         eprintln!("weir agent: {err}");

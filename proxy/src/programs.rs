@@ -14,6 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapData,
     programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
 };
 use thiserror::Error;
@@ -153,6 +154,47 @@ impl Default for MapSizes {
     }
 }
 
+impl MapSizes {
+    /// Each sized map and the capacity these sizes give it.
+    pub fn per_map(&self) -> [(&'static str, u32); 10] {
+        use weir_common::{conntrack, lb, sock};
+        [
+            (lb::SERVICE_MAP, self.services),
+            (lb::SERVICE6_MAP, self.services),
+            (lb::BACKEND_MAP, self.backends),
+            (lb::BACKEND6_MAP, self.backends),
+            (lb::REV_NAT_MAP, self.rev_nat),
+            (lb::REV_NAT6_MAP, self.rev_nat),
+            (conntrack::CT4_MAP, self.conntrack),
+            (conntrack::CT6_MAP, self.conntrack),
+            (sock::SOCK_REV4_MAP, self.socket_rev_nat),
+            (sock::SOCK_REV6_MAP, self.socket_rev_nat),
+        ]
+    }
+}
+
+/// A pinned map whose capacity is not the one asked for: an earlier agent created it with
+/// other sizes, and a load reuses it as it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapacityMismatch {
+    pub map: &'static str,
+    pub pinned: u32,
+    pub wanted: u32,
+}
+
+/// The maps pinned in `pin_dir` whose capacity differs from `sizes` (maps not pinned, or
+/// unreadable, are left out: a load creates them with `sizes`).
+pub fn capacity_mismatches(pin_dir: &Path, sizes: &MapSizes) -> Vec<CapacityMismatch> {
+    sizes
+        .per_map()
+        .into_iter()
+        .filter_map(|(map, wanted)| {
+            let pinned = MapData::from_pin(pin_dir.join(map)).ok()?.info().ok()?.max_entries();
+            (pinned != wanted).then_some(CapacityMismatch { map, pinned, wanted })
+        })
+        .collect()
+}
+
 /// A loaded eBPF object and, when asked for, its log forwarder.
 pub struct Loaded {
     pub ebpf: Ebpf,
@@ -172,19 +214,12 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoadError> {
     std::fs::create_dir_all(&options.pin_dir)
         .map_err(|source| LoadError::PinDir { path: options.pin_dir.clone(), source })?;
     let level: u8 = if options.forward_logs { u8::MAX } else { 0 };
-    let sizes = options.sizes;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&options.pin_dir)
-        .map_max_entries(weir_common::lb::SERVICE_MAP, sizes.services)
-        .map_max_entries(weir_common::lb::BACKEND_MAP, sizes.backends)
-        .map_max_entries(weir_common::lb::REV_NAT_MAP, sizes.rev_nat)
-        .map_max_entries(weir_common::conntrack::CT4_MAP, sizes.conntrack)
-        .map_max_entries(weir_common::conntrack::CT6_MAP, sizes.conntrack)
-        .map_max_entries(weir_common::sock::SOCK_REV4_MAP, sizes.socket_rev_nat)
-        .map_max_entries(weir_common::lb::SERVICE6_MAP, sizes.services)
-        .map_max_entries(weir_common::lb::BACKEND6_MAP, sizes.backends)
-        .map_max_entries(weir_common::lb::REV_NAT6_MAP, sizes.rev_nat)
-        .map_max_entries(weir_common::sock::SOCK_REV6_MAP, sizes.socket_rev_nat)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(&options.pin_dir);
+    for (map, entries) in options.sizes.per_map() {
+        loader.map_max_entries(map, entries);
+    }
+    let mut ebpf = loader
         .override_global(aya_log::LEVEL, &level, true)
         .load(OBJECT)
         .map_err(LoadError::Load)?;

@@ -7,7 +7,7 @@ use std::{
 
 use thiserror::Error;
 
-use crate::routing::RoutingConfig;
+use crate::{programs::MapSizes, routing::RoutingConfig};
 
 /// kube-proxy's default healthz port.
 pub const DEFAULT_HEALTH_LISTEN: &str = "0.0.0.0:10256";
@@ -72,7 +72,14 @@ pub struct AgentConfig {
     pub policy: super::policy::PolicyConfig,
     /// Unix socket `weir flows` subscribes on (eBPF dataplane).
     pub flows_socket: PathBuf,
+    /// Capacities of the eBPF service, conntrack and socket maps when the agent creates them
+    /// (maps already pinned keep theirs; the agent warns when they differ).
+    pub map_sizes: MapSizes,
 }
+
+/// The largest map capacity a flag accepts (16M entries; a service map of that size holds
+/// about 3M services of 4 endpoints).
+pub const MAX_MAP_ENTRIES: u32 = 1 << 24;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -103,6 +110,8 @@ pub enum ConfigError {
     BadOverlayUplink(String),
     #[error("--nft-table {0:?} is invalid: use 1 to 64 letters, digits, '-' or '_'")]
     BadNftTable(String),
+    #[error("--{flag} {value} is out of range: give 1024 to {MAX_MAP_ENTRIES} entries")]
+    BadMapSize { flag: &'static str, value: u32 },
 }
 
 impl AgentConfig {
@@ -147,6 +156,16 @@ impl AgentConfig {
         }
         if self.health_listen == self.metrics_listen && self.health_listen.port() != 0 {
             return Err(ConfigError::SameListenAddress(self.health_listen));
+        }
+        let sizes = &self.map_sizes;
+        for (flag, value) in [
+            ("bpf-lb-map-max", sizes.services),
+            ("bpf-ct-map-max", sizes.conntrack),
+            ("bpf-sock-rev-map-max", sizes.socket_rev_nat),
+        ] {
+            if !(1024..=MAX_MAP_ENTRIES).contains(&value) {
+                return Err(ConfigError::BadMapSize { flag, value });
+            }
         }
         Ok(())
     }
@@ -199,6 +218,7 @@ mod tests {
             nft_remove_on_exit: false,
             policy: Default::default(),
             flows_socket: crate::policy::flows::DEFAULT_FLOWS_SOCKET.into(),
+            map_sizes: MapSizes::default(),
         }
     }
 

@@ -226,9 +226,23 @@ fn start_ebpf(
     config: &AgentConfig,
     names: &SharedPolicyNames,
 ) -> Result<(Backend, EbpfPolicyParts), AgentError> {
-    let options =
-        LoadOptions { forward_logs: config.forward_ebpf_logs, ..LoadOptions::new(&config.pin_dir) };
+    let options = LoadOptions {
+        forward_logs: config.forward_ebpf_logs,
+        sizes: config.map_sizes,
+        ..LoadOptions::new(&config.pin_dir)
+    };
     let mut loaded = programs::load(&options)?;
+    for mismatch in programs::capacity_mismatches(&config.pin_dir, &config.map_sizes) {
+        log::warn!(
+            "map {} is pinned with {} entries, the flags ask for {}: the pinned map is kept (its \
+             entries keep serving). To resize it, stop the agent, delete {} and start the agent \
+             again; it rewrites the entries (flows of the per-packet path lose their conntrack)",
+            mismatch.map,
+            mismatch.pinned,
+            mismatch.wanted,
+            config.pin_dir.join(mismatch.map).display()
+        );
+    }
     let policy_maps = PolicyMaps::take(&mut loaded.ebpf)?;
     let datapath = EbpfPolicy::adopt(policy_maps, names.clone())?;
     let programs = PolicyPrograms::pin(&loaded.ebpf, &config.pin_dir)?;
