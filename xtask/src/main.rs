@@ -30,7 +30,7 @@ enum Task {
     },
     /// Run a benchmark: candidate against its baseline, interleaved, in one run.
     Bench {
-        /// Benchmark name (tc-rewrite).
+        /// Benchmark name: tc-rewrite, cni, lb, overlay, apiserver, policy.
         name: String,
         /// Rounds (each round measures candidate then baseline); at least 5.
         #[arg(long, default_value_t = 7)]

@@ -18,8 +18,8 @@
 //! place, planned per service ([`ServiceIndex`] + `plan_changed`) and by a full diff.
 //! `weir-bench lb-programming [--sizes N,...]` prints only those.
 //!
-//! Not measured here: the agent's event-to-datapath latency and RSS (`weir-bench lb-agent`,
-//! [`super::lb_agent`]).
+//! `weir-bench lb` then runs [`super::lb_agent`] at 10,000 services (the agent's RSS and
+//! event-to-datapath latency), unless `--sizes` limited the run.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use weir_tests::bench::{apiserver, cni, lb, lb_agent, overlay, policy, tc_rewrite};
 
-const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, policy only; --sizes: the rule counts of policy, the service counts of lb)\n       weir-bench lb-programming [--sizes N,N,...]   (service programming times only, both dataplanes; default 1000,10000)\n       weir-bench lb-agent [--sizes N]   (the real agent with N services, default 10000: RSS and endpoint change -> datapath latency, both dataplanes)\n       weir-bench service-creates [--sizes N]   (N Service creates in a row through the API server, default 3000, timed per 500)";
+const USAGE: &str = "usage: weir-bench NAME [--rounds N] [--out DIR] [--quick] [--sizes N,N..]   (NAME: tc-rewrite, cni, lb, overlay, apiserver, policy; --quick: few N and short runs, policy only; --sizes: the rule counts of policy, the service counts of lb, which then skips its agent phase)\n       weir-bench lb-programming [--sizes N,N,...]   (service programming times only, both dataplanes; default 1000,10000)\n       weir-bench lb-agent [--sizes N]   (the real agent with N services, default 10000: RSS and endpoint change -> datapath latency, both dataplanes)\n       weir-bench service-creates [--sizes N]   (N Service creates in a row through the API server, default 3000, timed per 500)";
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -43,7 +43,15 @@ fn main() -> Result<()> {
     let reports = match name.as_str() {
         "tc-rewrite" => vec![tc_rewrite::run(rounds)?],
         "cni" => vec![cni::run(rounds)?],
-        "lb" => lb::run(sizes.as_deref().unwrap_or(&lb::SIZES), rounds)?,
+        "lb" => {
+            let reports = lb::run(sizes.as_deref().unwrap_or(&lb::SIZES), rounds)?;
+            // The agent figures (RSS, event -> datapath at 10k services) belong to the
+            // same benchmark; a run limited with --sizes is a quick one and skips them.
+            if sizes.is_none() {
+                lb_agent::run(10_000)?;
+            }
+            reports
+        }
         "overlay" => overlay::run(rounds)?,
         "apiserver" => vec![apiserver::run(rounds)?],
         "policy" => {
