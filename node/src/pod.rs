@@ -201,7 +201,7 @@ pub async fn run(shared: Arc<Shared>, client: Client, mut rx: watch::Receiver<Op
                     worker.namespace,
                     worker.name
                 );
-                worker.teardown(Duration::ZERO).await;
+                worker.teardown(rules::MIN_GRACE).await;
                 return;
             }
             Some(pod) => worker.observe(pod),
@@ -228,7 +228,7 @@ pub async fn run(shared: Arc<Shared>, client: Client, mut rx: watch::Receiver<Op
                     // The manager dropped the sender: the pod vanished.
                     rx.mark_changed();
                     let _ = rx.borrow_and_update();
-                    worker.teardown(Duration::ZERO).await;
+                    worker.teardown(rules::MIN_GRACE).await;
                     return;
                 }
             }

@@ -295,9 +295,13 @@ pub fn sandbox_backoff(failures: u32) -> Duration {
 
 /// How long to wait after SIGTERM: the pod's grace period, capped at 30 s.
 pub fn grace_period(deletion_grace: Option<i64>, spec_grace: Option<i64>) -> Duration {
-    let secs = deletion_grace.or(spec_grace).unwrap_or(30).clamp(0, 30);
+    let secs = deletion_grace.or(spec_grace).unwrap_or(30).clamp(MIN_GRACE.as_secs() as i64, 30);
     Duration::from_secs(secs as u64)
 }
+
+/// The shortest time containers get between SIGTERM and SIGKILL, also for a pod forced out of
+/// the API (grace 0) or gone from it: kubelet's `minimumGracePeriodInSeconds`.
+pub const MIN_GRACE: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
@@ -444,6 +448,7 @@ mod tests {
         assert_eq!(sandbox_backoff(99), Duration::from_secs(30));
         assert_eq!(grace_period(Some(90), None), Duration::from_secs(30));
         assert_eq!(grace_period(None, Some(2)), Duration::from_secs(2));
-        assert_eq!(grace_period(Some(-1), None), Duration::ZERO);
+        assert_eq!(grace_period(Some(-1), None), MIN_GRACE);
+        assert_eq!(grace_period(Some(0), Some(60)), MIN_GRACE, "a forced deletion still TERMs");
     }
 }

@@ -175,7 +175,9 @@ impl FlowRecord {
         };
         let why = match (self.reason, &self.rule, &self.policy) {
             (FlowReason::Rule, Some(rule), _) => format!("by {rule}"),
-            // The nftables dataplane does not say which rule (its sets carry no rule ids).
+            // An nftables allow whose rule the agent could not find again in its applied state
+            // (the state changed between the packet and the log read, or two local pods share
+            // an address): its sets carry no rule ids.
             (FlowReason::Rule, None, _) if self.id == 0 => {
                 "by a rule (`weir policy trace` names it)".into()
             }
