@@ -6,7 +6,8 @@
 //! change ([`Cache::apply`]) returns the work it causes, as keys:
 //! - a Service change: that Service's endpoints;
 //! - a Pod change: the Services in its namespace whose selector matches its old or its new
-//!   labels, its owning ReplicaSet, and scheduling when it has no node;
+//!   labels, its owning ReplicaSet (and that one's Deployment when the Pod is terminating, in
+//!   the old or the new state), and scheduling when it has no node;
 //! - an EndpointSlice or Endpoints change: the Service it belongs to (so a stray edit is put
 //!   back);
 //! - a Node change: its pod CIDR, and scheduling of every unscheduled Pod;
@@ -412,6 +413,16 @@ impl Cache {
                     .and_then(|uid| self.owners.get(&(Kind::ReplicaSet, uid.to_string())))
                 {
                     work.push(Work::ReplicaSet(rs.clone()));
+                    // A terminating Pod (and its removal) can hold a Recreate rollout back,
+                    // and its ReplicaSet's status no longer counts it: the Deployment looks.
+                    if meta::meta_str(obj, "deletionTimestamp").is_some()
+                        && let Some(d) = self
+                            .get(Kind::ReplicaSet, rs)
+                            .and_then(|c| controller_uid(&c.obj))
+                            .and_then(|uid| self.owners.get(&(Kind::Deployment, uid.to_string())))
+                    {
+                        work.push(Work::Deployment(d.clone()));
+                    }
                 }
                 if self.unscheduled.contains(key) {
                     work.push(Work::Schedule(key.to_string()));
@@ -662,6 +673,13 @@ mod tests {
         let work = cache.apply(Kind::Pod, &key(Kind::Pod, "ns", "p"), Some(owned), 3);
         assert_eq!(work, [Work::ReplicaSet(rsk.clone())]);
         assert_eq!(cache.pods_owned_by("rs-uid").len(), 1);
+        let mut terminating = cache.get(Kind::Pod, &key(Kind::Pod, "ns", "p")).unwrap().obj.clone();
+        terminating["metadata"]["deletionTimestamp"] = json!("2000-01-01T00:00:00Z");
+        let work = cache.apply(Kind::Pod, &key(Kind::Pod, "ns", "p"), Some(terminating), 4);
+        assert_eq!(work, [Work::ReplicaSet(rsk.clone()), Work::Deployment(dk.clone())]);
+        let work = cache.apply(Kind::Pod, &key(Kind::Pod, "ns", "p"), None, 5);
+        assert_eq!(work, [Work::ReplicaSet(rsk.clone()), Work::Deployment(dk.clone())]);
+        assert!(cache.pods_owned_by("rs-uid").is_empty());
         assert_eq!(cache.replicasets_owned_by("d-uid").len(), 1);
         let slice = json!({"metadata": {"name": "web-ipv4", "namespace": "ns",
             "labels": {endpoints::SERVICE_NAME_LABEL: "web"}}});

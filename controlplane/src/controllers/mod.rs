@@ -400,7 +400,13 @@ impl<S: Store> Controllers<S> {
         let Some((deploy, uid, ns)) = self.live_owner(Kind::Deployment, key) else { return Ok(()) };
         let owned: Vec<Value> =
             self.cache.replicasets_owned_by(&uid).into_iter().cloned().collect();
-        let plan = workloads::plan_deployment(&deploy.obj, &owned);
+        let pods: Vec<Value> = owned
+            .iter()
+            .filter_map(|rs| meta::meta_str(rs, "uid"))
+            .flat_map(|rs_uid| self.cache.pods_owned_by(rs_uid))
+            .cloned()
+            .collect();
+        let plan = workloads::plan_deployment(&deploy.obj, &owned, &pods);
         if let Some(rs) = plan.create {
             self.create(Kind::ReplicaSet, &ns, rs).await?;
         }
@@ -432,7 +438,9 @@ impl<S: Store> Controllers<S> {
         let mut new = deploy.obj.clone();
         new["status"] = plan.status;
         let annotations = meta::metadata_mut(&mut new).entry("annotations").or_insert(json!({}));
-        if let Some(map) = annotations.as_object_mut() {
+        if let Some(map) = annotations.as_object_mut()
+            && !plan.revision.is_empty()
+        {
             map.insert(workloads::REVISION_ANNOTATION.into(), json!(plan.revision));
         }
         self.write(Kind::Deployment, key, &deploy, new).await
