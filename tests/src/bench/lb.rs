@@ -34,7 +34,7 @@ use weir_proxy::{
     programs::{self, LoadOptions, MapSizes},
 };
 
-use super::{FigureReport, Figures, Report, Sides, interleave};
+use super::{FigureReport, Figures, Report, Sides, figure, interleave};
 use crate::{
     bpffs::TestPinDir,
     cgroup::TestCgroup,
@@ -114,15 +114,9 @@ pub fn run(sizes: &[u32], rounds: u32) -> Result<Vec<Report>> {
     ])
 }
 
-/// `conn_per_s_n<N>`; a figure name lives as long as the report (sizes are few).
+/// `conn_per_s_n<N>`.
 fn figure_name(n: u32) -> &'static str {
-    match n {
-        1 => "conn_per_s_n1",
-        1_000 => "conn_per_s_n1000",
-        10_000 => "conn_per_s_n10000",
-        100_000 => "conn_per_s_n100000",
-        other => Box::leak(format!("conn_per_s_n{other}").into_boxed_str()),
-    }
+    figure("conn_per_s", n)
 }
 
 fn phase(net: &ServiceNet, nft_net: &ServiceNet, n: u32, rounds: u32) -> Result<(Report, Report)> {

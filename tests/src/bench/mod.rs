@@ -113,6 +113,12 @@ pub fn compare(
     })
 }
 
+/// The figure `<prefix>_n<n>` of a benchmark measured at several sizes. A handful of names per
+/// run: leaking them keeps [`Figures`] keyed by `&'static str`.
+pub fn figure(prefix: &str, n: u32) -> &'static str {
+    Box::leak(format!("{prefix}_n{n}").into_boxed_str())
+}
+
 /// The median (mean of the two middle values for an even count). NaN-free input expected.
 pub fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();

@@ -50,7 +50,7 @@ use weir_proxy::{
     programs::{self, LoadOptions},
 };
 
-use super::{FigureReport, Figures, Report, Sides, compare, median};
+use super::{FigureReport, Figures, Report, Sides, compare, figure, median};
 use crate::{
     bpffs::TestPinDir,
     echo::EchoServer,
@@ -491,11 +491,6 @@ fn check_enforced(backend: &Backend, n: u32) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn figure(prefix: &str, n: u32) -> &'static str {
-    // A handful of names per run: leaking them keeps `Figures` keyed by &'static str.
-    Box::leak(format!("{prefix}_n{n}").into_boxed_str())
 }
 
 fn measure(net: &PodNet, n: u32, options: &Options) -> Result<Figures> {

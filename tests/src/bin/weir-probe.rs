@@ -171,10 +171,7 @@ impl Held {
             stream.set_read_timeout(Some(timeout))?;
             return Ok(Self::Tcp(stream));
         }
-        let any: SocketAddr =
-            if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
-        let socket = UdpSocket::bind(any)?;
-        socket.set_read_timeout(Some(timeout))?;
+        let socket = udp_socket(target, timeout)?;
         socket.connect(target)?;
         Ok(Self::Udp(socket))
     }
@@ -222,10 +219,16 @@ fn session(target: SocketAddr, udp: bool) -> ExitCode {
     if ok { ExitCode::SUCCESS } else { ExitCode::from(1) }
 }
 
-fn udp(target: SocketAddr, timeout: Duration, connected: bool) -> Probe {
+/// A UDP socket of `target`'s family on an ephemeral port, reads bounded by `timeout`.
+fn udp_socket(target: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocket> {
     let any: SocketAddr = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
     let socket = UdpSocket::bind(any)?;
     socket.set_read_timeout(Some(timeout))?;
+    Ok(socket)
+}
+
+fn udp(target: SocketAddr, timeout: Duration, connected: bool) -> Probe {
+    let socket = udp_socket(target, timeout)?;
     let mut buf = [0u8; 512];
     let (n, from) = if connected {
         socket.connect(target)?;
