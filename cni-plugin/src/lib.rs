@@ -29,6 +29,7 @@ pub mod netlink;
 pub mod netns;
 pub mod nodestate;
 pub mod policy;
+pub mod unlink;
 pub mod version;
 pub mod wiring;
 
@@ -264,7 +265,7 @@ fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     let mut node = node_socket()?;
     // The host end takes the pod end, its routes and neighbours with it; when the netns is gone
     // the pair is gone already.
-    wiring::del(&mut node, &host_name)?;
+    wiring::del_unlisted(&mut node, &host_name)?;
     match &conf.ipam {
         Ipam::Builtin { data_dir, lock_timeout, .. } => {
             let dir = ipam::StoreDir::new(data_dir, &conf.name, *lock_timeout);

@@ -73,6 +73,8 @@ pub const NDA_LLADDR: u16 = 2;
 pub const NUD_PERMANENT: u16 = 0x80;
 
 pub const IFF_UP: u32 = 0x1;
+/// The multicast group of link announcements (`RTMGRP_LINK`), as a bind(2) group mask.
+pub const RTMGRP_LINK: u32 = 0x1;
 const DUMP_ATTEMPTS: usize = 5;
 
 /// What [`Socket::link`] reports about an interface.
@@ -442,6 +444,17 @@ impl Socket {
     pub fn link(&mut self, name: &str) -> io::Result<Option<Link>> {
         let mut msg = Msg::new(RTM_GETLINK, NLM_F_REQUEST);
         msg.raw(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, name);
+        self.get_link(msg)
+    }
+
+    /// Looks an interface up by index; `Ok(None)` when there is none.
+    pub fn link_by_index(&mut self, index: u32) -> io::Result<Option<Link>> {
+        let mut msg = Msg::new(RTM_GETLINK, NLM_F_REQUEST);
+        msg.raw(&ifinfomsg(index, 0, 0));
+        self.get_link(msg)
+    }
+
+    fn get_link(&mut self, msg: Msg) -> io::Result<Option<Link>> {
         let seq = self.send(msg)?;
         let mut buf = vec![0u8; 1 << 15];
         loop {
@@ -480,6 +493,80 @@ impl Socket {
             .filter(|(k, _)| *k == RTM_NEWLINK)
             .filter_map(|(_, p)| parse_link(p))
             .collect())
+    }
+
+    /// The bytes of a request deleting interface `index` (with ACK), numbered by this socket,
+    /// for a caller that sends it itself (see [`crate::unlink`]).
+    pub fn delete_link_request(&mut self, index: u32) -> Vec<u8> {
+        let mut msg = Msg::new(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK);
+        msg.raw(&ifinfomsg(index, 0, 0));
+        self.seq = self.seq.wrapping_add(1);
+        msg.finish(self.seq)
+    }
+
+    /// Opens a socket in the calling thread's namespace that receives the kernel's link
+    /// announcements (`RTNLGRP_LINK`: new, changed and deleted interfaces).
+    pub fn subscribe_links() -> io::Result<Self> {
+        let sock = Self::open()?;
+        // SAFETY: sockaddr_nl is plain integers; all-zero is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = RTMGRP_LINK;
+        // SAFETY: bind(2) with a valid address and its length.
+        let rc = unsafe {
+            libc::bind(
+                sock.fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sock)
+    }
+
+    /// Reads every queued announcement without blocking and tells whether one of them
+    /// satisfies `wanted(message type, interface index)`. `ENOBUFS` means announcements were
+    /// lost (the queue overflowed).
+    pub fn drain_announcements(&self, wanted: impl Fn(u16, u32) -> bool) -> io::Result<bool> {
+        let mut buf = vec![0u8; 1 << 15];
+        let mut found = false;
+        loop {
+            // SAFETY: `buf` is valid for writes of its length.
+            let rc = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                match err.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(found),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(err),
+                }
+            }
+            let mut data = &buf[..rc as usize];
+            while data.len() >= NLMSG_HDRLEN + 8 {
+                let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
+                if len < NLMSG_HDRLEN || len > data.len() {
+                    break;
+                }
+                let kind = u16::from_ne_bytes([data[4], data[5]]);
+                let index = i32::from_ne_bytes(data[20..24].try_into().unwrap()) as u32;
+                found |= wanted(kind, index);
+                data = &data[((len + 3) & !3).min(data.len())..];
+            }
+        }
+    }
+
+    /// The socket's descriptor, for poll(2) and for a forked child's own request.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
     /// Deletes an interface by name. `Ok(false)` when it did not exist.

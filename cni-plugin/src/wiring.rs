@@ -232,6 +232,13 @@ pub fn del(node: &mut Socket, host_name: &str) -> Result<bool, CniError> {
     node.delete_link(host_name).map_err(netlink_err(format!("deleting {host_name}")))
 }
 
+/// [`del`] for the DEL command: returns once the kernel has unlisted the pair and leaves the
+/// rest of the kernel's teardown to a short-lived child process (see [`crate::unlink`]).
+pub fn del_unlisted(node: &mut Socket, host_name: &str) -> Result<bool, CniError> {
+    crate::unlink::delete_unlisted(node, host_name)
+        .map_err(netlink_err(format!("deleting {host_name}")))
+}
+
 /// Verifies the wiring of an attachment against the addresses it should have.
 pub fn check(
     node: &mut Socket,

@@ -64,3 +64,53 @@ fn cni_add_twice_is_refused_and_the_first_attachment_stays_intact() {
         node.assert_clean("twice").unwrap();
     }
 }
+
+/// Processes whose environment names this container (the plugin and the child DEL leaves to
+/// finish the kernel's teardown).
+fn processes_of(container_id: &str) -> Vec<u32> {
+    let needle = format!("CNI_CONTAINERID={container_id}\0");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        })
+        .collect()
+}
+
+#[test]
+fn cni_del_returns_with_the_pair_gone_and_its_teardown_process_ends() {
+    require_root();
+    let node = Node::new().unwrap();
+    let config = node.config("1.1.0", "unlisted", &["10.129.0.0/24"]);
+    let pod = Netns::new("pod").unwrap();
+    let a = Attachment::new(names::unique("ctr"), &pod);
+    for round in 1..=3 {
+        node.weir("ADD", Some(&a), &config).unwrap().result().unwrap();
+        ping(&pod, "169.254.1.1").unwrap();
+        let del = node.weir("DEL", Some(&a), &config).unwrap();
+        assert!(del.ok(), "DEL #{round}: {} {}", del.stdout, del.stderr);
+        // Nothing of the pair is left when DEL returns: not the host end, its route or the
+        // address, and not the pod's end either. The next round's ADD reuses the names at once.
+        node.assert_clean("unlisted").unwrap();
+        assert!(
+            pod.ip(&["link", "show", "eth0"]).is_err(),
+            "round {round}: eth0 is left in the pod"
+        );
+    }
+    // The child that waits out the kernel's teardown ends on its own, soon (bounded wait).
+    let mut left = processes_of(&a.container_id);
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        left = processes_of(&a.container_id);
+    }
+    assert!(
+        left.is_empty(),
+        "processes of {} still running 5 s after DEL: {left:?}",
+        a.container_id
+    );
+}
