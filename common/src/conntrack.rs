@@ -7,6 +7,10 @@
 //! - reply (`CT_REPLY`): the tuple as the backend answers (backend -> client); it names the
 //!   reverse-NAT entry that turns the reply's source back into the VIP.
 //!
+//! - hairpin reply (`CT_HAIRPIN_REPLY`), SCTP only: the tuple as a pod answers an association
+//!   it opened to itself through its own service (backend -> frontend address, see the eBPF
+//!   `hairpin` module); it names the same reverse-NAT entry.
+//!
 //! The LRU evicts the oldest flows when full, so a full table never blocks new flows.
 
 use crate::impl_pod;
@@ -19,6 +23,7 @@ pub const DEFAULT_CT4_ENTRIES: u32 = 524_288;
 
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
+pub const CT_HAIRPIN_REPLY: u8 = 2;
 
 /// Key of the conntrack maps; `A` is the address as on the wire (`u32` for IPv4, `[u32; 4]`
 /// for IPv6).
@@ -34,7 +39,7 @@ pub struct CtKey<A> {
     /// Destination port, network byte order.
     pub dport: u16,
     pub proto: u8,
-    /// `CT_FORWARD` or `CT_REPLY`.
+    /// `CT_FORWARD`, `CT_REPLY` or `CT_HAIRPIN_REPLY`.
     pub direction: u8,
     pub _pad: [u8; 2],
 }

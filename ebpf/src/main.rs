@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod hairpin;
 mod lb;
 mod maps;
 mod metrics;
@@ -22,7 +23,10 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier},
     programs::{SockAddrContext, TcContext},
 };
-use weir_common::metrics::Counter;
+use weir_common::{
+    metrics::Counter,
+    policy::{DIR_EGRESS, DIR_INGRESS},
+};
 
 /// tc program for the direction towards services (a pod veth's ingress from the pod, a node
 /// uplink's ingress, or an egress in tests): a packet to a service frontend is translated to a
@@ -41,20 +45,59 @@ pub fn tc_lb4_rev(ctx: TcContext) -> i32 {
 
 /// NetworkPolicy, the pod's egress: attached to the tc ingress of the pod's host-side veth.
 /// SCTP to a service frontend is translated first (no socket hook sees SCTP), so the policy
-/// judges the backend the packet goes to.
+/// judges the backend the packet goes to; SCTP a pod sends to itself through its service, and
+/// its answers, go straight back into the pod (`hairpin`).
 #[classifier]
 pub fn tc_pol_egress(ctx: TcContext) -> i32 {
-    match verdict(lb::forward_sctp_from_pod(&ctx)) {
-        TC_ACT_OK => verdict(policy::try_check(&ctx, weir_common::policy::DIR_EGRESS)),
-        rejected_or_dropped => rejected_or_dropped,
+    let action = sctp_from_pod(&ctx);
+    if action != CHECK_EGRESS {
+        return action;
     }
+    policy_check(&ctx, DIR_EGRESS)
+}
+
+/// What [`sctp_from_pod`] returns when the packet goes on to the pod's egress policy check.
+const CHECK_EGRESS: i32 = i32::MIN;
+
+/// The service part of `tc_pol_egress`: an SCTP packet to a frontend is translated, a hairpin
+/// (the pod reaching itself) and its answers go straight back into the pod. Every other packet
+/// gets [`CHECK_EGRESS`]. In a frame of its own, as is [`policy_check`]: the program's own
+/// frame stays small, so each chain of calls fits the verifier's 512 bytes of stack.
+#[inline(never)]
+fn sctp_from_pod(ctx: &TcContext) -> i32 {
+    let answer = hairpin::reply(ctx);
+    if answer != hairpin::NOT_HAIRPIN {
+        return answer;
+    }
+    let asked = hairpin::Asked::of(ctx);
+    match verdict(lb::forward_sctp_from_pod(ctx)) {
+        TC_ACT_OK => {}
+        rejected_or_dropped => return rejected_or_dropped,
+    }
+    if !asked.is_hairpin(ctx) {
+        return CHECK_EGRESS;
+    }
+    // The pod reaches itself: its egress to the backend and the backend's ingress from it.
+    for direction in [DIR_EGRESS, DIR_INGRESS] {
+        let action = policy_check(ctx, direction);
+        if action != TC_ACT_OK {
+            return action;
+        }
+    }
+    verdict(asked.send_back(ctx))
+}
+
+/// [`policy::try_check`] as a tc action.
+#[inline(never)]
+fn policy_check(ctx: &TcContext, direction: u8) -> i32 {
+    verdict(policy::try_check(ctx, direction))
 }
 
 /// NetworkPolicy, the pod's ingress: attached to the tc egress of the pod's host-side veth.
 /// An allowed SCTP reply from a service's backend then gets the frontend as its source.
 #[classifier]
 pub fn tc_pol_ingress(ctx: TcContext) -> i32 {
-    let action = verdict(policy::try_check(&ctx, weir_common::policy::DIR_INGRESS));
+    let action = verdict(policy::try_check(&ctx, DIR_INGRESS));
     if action != TC_ACT_OK {
         return action;
     }
