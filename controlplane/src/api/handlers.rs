@@ -3,6 +3,12 @@
 //! validation (`fieldValidation`: unknown and duplicate fields of create, update and patch
 //! bodies are dropped with a warning, refused, or dropped silently).
 //!
+//! Field ownership: every create, update and patch records its field manager (`fieldManager`,
+//! else the user agent's first word, as kube-apiserver derives it) in `metadata.managedFields`
+//! as an `Update`; server-side apply (PATCH `application/apply-patch+yaml`) merges the applied
+//! configuration, creates the object when it is missing, and answers 409 for fields another
+//! manager owns unless `force=true` (see `resources::managed`).
+//!
 //! Objects are stored as JSON without `metadata.resourceVersion`; on the way out the store's
 //! mod revision becomes the resourceVersion. Writes check the resourceVersion a client sends
 //! against the stored one (409 Conflict when stale) and use the store's compare-and-swap, so
@@ -29,6 +35,7 @@ use crate::{
     resources::{
         self, RESOURCES, Resource, SYSTEM_NAMESPACES,
         fields::{self, FieldValidation},
+        managed::{self, Managers, Scope, Writer},
         meta,
         patch::{self, PatchError},
         selector::{FieldSelector, LabelSelector, supported_fields},
@@ -42,6 +49,86 @@ use crate::{
 enum Part {
     Main,
     Status,
+    /// `spec.replicas` through the scale subresource (stored as a write of the main resource).
+    Scale,
+}
+
+/// The media type of server-side apply patches.
+const APPLY_PATCH: &str = "application/apply-patch+yaml";
+
+/// How a write records field ownership in `metadata.managedFields`.
+pub(crate) enum Ownership {
+    /// An `Update` by this field manager (every write of a client but apply).
+    Update(String),
+    /// Server-side apply: the entries `managed::apply` computed.
+    Applied(Managers),
+    /// The server's own writes (controllers, bootstrap, bindings): the entries stay as they are.
+    Unchanged,
+}
+
+/// The field-ownership view of a write of `part` by `manager`.
+fn writer(resource: &Resource, part: Part, manager: &str) -> Writer {
+    let main = Scope::Object { status_subresource: resource.has_status };
+    let (subresource, scope) = match part {
+        Part::Main => ("", main),
+        Part::Status => ("status", Scope::Status),
+        Part::Scale => ("scale", main),
+    };
+    Writer {
+        manager: manager.to_string(),
+        api_version: resource.api_version(),
+        subresource: subresource.to_string(),
+        scope,
+    }
+}
+
+/// 422 for request options kube-apiserver refuses (`PatchOptions.meta.k8s.io "" is invalid:
+/// …`).
+fn invalid_options(options: &str, field: &str, reason: &'static str, message: &str) -> ApiError {
+    let mut err = ApiError::new(
+        422,
+        "Invalid",
+        format!("{options}.meta.k8s.io \"\" is invalid: {field}: {message}"),
+    );
+    err.details = Some(json!({"group": "meta.k8s.io", "kind": options,
+        "causes": [{"reason": reason, "message": message, "field": field}]}));
+    err
+}
+
+/// The field manager of a write: the `fieldManager` query parameter, else the user agent up to
+/// its first '/' (`kubectl`, `kube-rs`), as kube-apiserver derives it. `options` names the
+/// request's options kind for errors (CreateOptions, UpdateOptions, PatchOptions).
+fn field_manager(query: &Query, user_agent: &str, options: &str) -> Result<String, ApiError> {
+    let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()) else {
+        let prefix = user_agent.split('/').next().unwrap_or("");
+        return Ok(prefix.chars().filter(|c| !c.is_control()).take(128).collect());
+    };
+    if manager.len() > 128 {
+        let message = "Too long: may not be more than 128 bytes";
+        return Err(invalid_options(options, "fieldManager", "FieldValueTooLong", message));
+    }
+    if manager.chars().any(char::is_control) {
+        let message = format!("Invalid value: {manager:?}: must only contain printable characters");
+        return Err(invalid_options(options, "fieldManager", "FieldValueInvalid", &message));
+    }
+    Ok(manager.to_string())
+}
+
+/// The `force` query parameter of a PATCH: only apply patches may carry it (422 otherwise,
+/// as kube-apiserver answers); true, false or absent.
+fn force_flag(query: &Query, apply: bool) -> Result<bool, ApiError> {
+    let Some(value) = query.get("force") else { return Ok(false) };
+    if !apply {
+        let message = "Forbidden: may not be specified for non-apply patch";
+        return Err(invalid_options("PatchOptions", "force", "FieldValueForbidden", message));
+    }
+    match value {
+        "true" | "True" | "TRUE" | "t" | "T" | "1" => Ok(true),
+        "false" | "False" | "FALSE" | "f" | "F" | "0" => Ok(false),
+        other => Err(ApiError::bad_request(format!(
+            "force={other:?} is not a boolean; use force=true or force=false"
+        ))),
+    }
 }
 
 pub(crate) async fn resource_request<S: Store>(
@@ -77,6 +164,8 @@ pub(crate) async fn resource_request<S: Store>(
         ([], &Method::POST) => {
             require_namespace(resource, ns)?;
             let mode = query.field_validation()?;
+            let user_agent = header_value(&req, header::USER_AGENT);
+            let manager = field_manager(&query, &user_agent, "CreateOptions")?;
             let (mut body, duplicates) = read_json(req).await?;
             check_type(resource, &body)?;
             let warnings = check_fields(
@@ -87,7 +176,9 @@ pub(crate) async fn resource_request<S: Store>(
                 &HashSet::new(),
                 mode,
             )?;
-            let (code, obj) = create(&state, resource, ns, body, query.dry_run()).await?;
+            let ownership = Ownership::Update(manager);
+            let (code, obj) =
+                create(&state, resource, ns, body, query.dry_run(), &ownership).await?;
             Ok(with_warnings(json_response(code, &obj), &warnings))
         }
         ([], &Method::DELETE) => {
@@ -597,6 +688,7 @@ pub(crate) async fn create<S: Store>(
     ns: Option<&str>,
     mut obj: Value,
     dry_run: bool,
+    ownership: &Ownership,
 ) -> Result<(u16, Value), ApiError> {
     check_type(resource, &obj)?;
     check_metadata_types(&obj)?;
@@ -698,6 +790,16 @@ pub(crate) async fn create<S: Store>(
         }
     }
     let _guard = admit(state, resource, &name, &mut obj, None).await?;
+    match ownership {
+        Ownership::Update(manager) => {
+            let mut managers = Managers::default();
+            let writer = writer(resource, Part::Main, manager);
+            managed::record_update(&mut managers, &json!({}), &obj, &writer, &meta::now_rfc3339());
+            managers.store(&mut obj);
+        }
+        Ownership::Applied(managers) => managers.store(&mut obj),
+        Ownership::Unchanged => {}
+    }
     if dry_run {
         if state.store.get(&resource.key(ns, &name)).await?.is_some() {
             return Err(ApiError::already_exists(resource, &name));
@@ -725,7 +827,7 @@ pub(crate) async fn create_if_missing<S: Store>(
     if state.store.get(&resource.key(ns, &name)).await?.is_some() {
         return Ok(());
     }
-    match create(state, resource, ns, obj, false).await {
+    match create(state, resource, ns, obj, false, &Ownership::Unchanged).await {
         Ok(_) => Ok(()),
         Err(err) if err.code == 409 => Ok(()),
         Err(err) => Err(err),
@@ -810,6 +912,7 @@ async fn store_update<S: Store>(
     new: Value,
     part: Part,
     dry_run: bool,
+    ownership: &Ownership,
 ) -> Result<Value, WriteError> {
     let old = decode(current)?;
     check_type(resource, &new)?;
@@ -822,8 +925,10 @@ async fn store_update<S: Store>(
         );
         return Err(ApiError::bad_request(message).into());
     }
+    let incoming = Managers::incoming(&new);
     let mut merged = merge_for_update(resource, part, &old, new);
     let _guard = admit(state, resource, name, &mut merged, Some(&old)).await?;
+    record_fields(resource, part, ownership, incoming, &old, &mut merged);
     if strip_rv(&merged) == strip_rv(&old) {
         return Ok(old);
     }
@@ -852,6 +957,37 @@ async fn store_update<S: Store>(
     let kv = state.store.update(&key, encode(&merged), Some(current.mod_revision)).await?;
     remember(state, &kv);
     Ok(decode(&kv)?)
+}
+
+/// Sets the `managedFields` of `obj`, an update of `old` (see [`Ownership`]). A client's own
+/// entries in the body replace the stored ones, `[{}]` drops them all, and absent, null or
+/// `[]` keeps them, as kube-apiserver takes them; status and scale writes keep the stored ones.
+fn record_fields(
+    resource: &Resource,
+    part: Part,
+    ownership: &Ownership,
+    incoming: managed::Incoming,
+    old: &Value,
+    obj: &mut Value,
+) {
+    let managers = match ownership {
+        Ownership::Unchanged => Managers::of(old),
+        Ownership::Applied(managers) => managers.clone(),
+        Ownership::Update(manager) => {
+            let mut base = match (part, incoming) {
+                (Part::Main, managed::Incoming::Reset) => {
+                    Managers::default().store(obj);
+                    return;
+                }
+                (Part::Main, managed::Incoming::Replace(given)) => given,
+                _ => Managers::of(old),
+            };
+            let writer = writer(resource, part, manager);
+            managed::record_update(&mut base, old, obj, &writer, &meta::now_rfc3339());
+            base
+        }
+    };
+    managers.store(obj);
 }
 
 /// 409 when the object a write carries names another version than the stored one (an
@@ -887,6 +1023,30 @@ async fn write_request<S: Store>(
 ) -> Result<Response<Body>, ApiError> {
     let is_patch = req.method() == Method::PATCH;
     let mode = query.field_validation()?;
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    let user_agent = header_value(&req, header::USER_AGENT);
+    if is_patch && media == APPLY_PATCH {
+        let force = force_flag(query, true)?;
+        if query.get("fieldManager").is_none_or(str::is_empty) {
+            let message = "Required value: is required for apply patch";
+            return Err(invalid_options(
+                "PatchOptions",
+                "fieldManager",
+                "FieldValueRequired",
+                message,
+            ));
+        }
+        let manager = field_manager(query, &user_agent, "PatchOptions")?;
+        let body = read_body(req).await?;
+        let request =
+            ApplyRequest { part, manager: &manager, force, mode, dry_run: query.dry_run() };
+        return apply_request(state, resource, ns, name, &request, &body).await;
+    }
+    if is_patch {
+        force_flag(query, false)?;
+    }
+    let options = if is_patch { "PatchOptions" } else { "UpdateOptions" };
+    let ownership = &Ownership::Update(field_manager(query, &user_agent, options)?);
     let body = read_body(req).await?;
     let dry_run = query.dry_run();
     let api_version = resource.api_version();
@@ -902,12 +1062,12 @@ async fn write_request<S: Store>(
         let new = &new;
         let obj = read_modify_write(&state.store, resource, ns, name, |current| async move {
             check_resource_version(resource, name, new, &current)?;
-            store_update(state, resource, ns, name, &current, new.clone(), part, dry_run).await
+            let new = new.clone();
+            store_update(state, resource, ns, name, &current, new, part, dry_run, ownership).await
         })
         .await?;
         return Ok(with_warnings(json_response(200, &obj), &warnings));
     }
-    let media = content_type.split(';').next().unwrap_or("").trim();
     let patch_doc = &parse_json(&body)?;
     let (duplicates, api_version) = (&fields::duplicate_fields(&body), api_version.as_str());
     // Applied again to each fresh read when a concurrent writer won the swap; a patch that
@@ -934,11 +1094,138 @@ async fn write_request<S: Store>(
                 mode,
             )?;
             check_resource_version(resource, name, &obj, &current)?;
-            let obj = store_update(state, resource, ns, name, &current, obj, part, dry_run).await?;
+            let obj =
+                store_update(state, resource, ns, name, &current, obj, part, dry_run, ownership)
+                    .await?;
             Ok((obj, warnings))
         })
         .await?;
     Ok(with_warnings(json_response(200, &obj), &warnings))
+}
+
+/// What a server-side apply asks for besides the configuration.
+struct ApplyRequest<'a> {
+    part: Part,
+    manager: &'a str,
+    force: bool,
+    mode: FieldValidation,
+    dry_run: bool,
+}
+
+/// An applied configuration: YAML, or JSON (which YAML includes, and which clients mostly
+/// send); 400 with kube-apiserver's wording when it is neither, or not an object.
+fn parse_applied(body: &[u8]) -> Result<Value, ApiError> {
+    let value = match serde_json::from_slice::<Value>(body) {
+        Ok(value) => value,
+        Err(_) => serde_saphyr::from_slice::<Value>(body).map_err(|err| {
+            let text = err.to_string();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            ApiError::bad_request(format!("error decoding YAML: {first}"))
+        })?,
+    };
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "error decoding YAML: the applied configuration must be an object (a YAML mapping)",
+        ));
+    }
+    Ok(value)
+}
+
+/// Server-side apply (PATCH `application/apply-patch+yaml`) of `body` to the object `name`:
+/// created from the configuration when missing (201, main resource only), else merged into it
+/// (200); 409 FieldManagerConflict for fields other managers own unless forced.
+async fn apply_request<S: Store>(
+    state: &ApiState<S>,
+    resource: &Resource,
+    ns: Option<&str>,
+    name: &str,
+    request: &ApplyRequest<'_>,
+    body: &[u8],
+) -> Result<Response<Body>, ApiError> {
+    let mut config = parse_applied(body)?;
+    check_type(resource, &config)?;
+    check_metadata_types(&config)?;
+    if config.pointer("/metadata/managedFields").is_some_and(|m| !m.is_null()) {
+        return Err(ApiError::bad_request("metadata.managedFields must be nil"));
+    }
+    match meta::meta_str(&config, "name") {
+        Some(body_name) if body_name != name => {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({body_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        Some(_) => {}
+        None => {
+            meta::metadata_mut(&mut config).insert("name".into(), json!(name));
+        }
+    }
+    if let (Some(url_ns), Some(body_ns)) = (ns, meta::meta_str(&config, "namespace"))
+        && !body_ns.is_empty()
+        && body_ns != url_ns
+    {
+        return Err(ApiError::bad_request(format!(
+            "the namespace of the object ({body_ns}) does not match the namespace on the request ({url_ns})"
+        )));
+    }
+    let warnings = check_fields(
+        &resource.api_version(),
+        resource.kind,
+        &mut config,
+        fields::duplicate_fields(body),
+        &HashSet::new(),
+        request.mode,
+    )?;
+    let writer = &writer(resource, request.part, request.manager);
+    let (config, part, force, dry_run) = (&config, request.part, request.force, request.dry_run);
+    // A missing object is created from the configuration, through the create path; one that
+    // a concurrent create made first is applied to instead.
+    if part == Part::Main && state.store.get(&resource.key(ns, name)).await?.is_none() {
+        let now = meta::now_rfc3339();
+        let (obj, managers) =
+            managed::apply(None, config, &Managers::default(), writer, force, &now)
+                .map_err(|err| apply_error(resource, err))?;
+        let ownership = Ownership::Applied(managers);
+        match create(state, resource, ns, obj, dry_run, &ownership).await {
+            Err(err) if err.reason == "AlreadyExists" => {}
+            created => {
+                let (code, obj) = created?;
+                return Ok(with_warnings(json_response(code, &obj), &warnings));
+            }
+        }
+    }
+    let obj = read_modify_write(&state.store, resource, ns, name, |current| async move {
+        check_resource_version(resource, name, config, &current)?;
+        let live = decode(&current)?;
+        let now = meta::now_rfc3339();
+        let (merged, managers) =
+            managed::apply(Some(&live), config, &Managers::of(&live), writer, force, &now)
+                .map_err(|err| apply_error(resource, err))?;
+        let ownership = Ownership::Applied(managers);
+        store_update(state, resource, ns, name, &current, merged, part, dry_run, &ownership).await
+    })
+    .await?;
+    Ok(with_warnings(json_response(200, &obj), &warnings))
+}
+
+/// kube-apiserver's answers for a failed apply: 409 Conflict with one FieldManagerConflict
+/// cause per field, which kubectl prints with its advice on `--force-conflicts`.
+fn apply_error(resource: &Resource, err: managed::ApplyError) -> ApiError {
+    match &err {
+        managed::ApplyError::Conflicts(conflicts) => {
+            let causes: Vec<Value> = conflicts
+                .iter()
+                .map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with {}", c.manager), "field": c.path}))
+                .collect();
+            let mut api = ApiError::new(409, "Conflict", err.to_string());
+            api.details = Some(json!({"causes": causes}));
+            api
+        }
+        managed::ApplyError::Invalid(why) => ApiError::bad_request(format!(
+            "failed to create typed patch object ({}, Kind={}): {why}",
+            resource.api_version(),
+            resource.kind
+        )),
+    }
 }
 
 /// Applies a patch of the request's media type to `obj`: 415 for another media type, 400 for
@@ -1284,12 +1571,31 @@ async fn scale_request<S: Store>(
     if method == Method::GET {
         return Ok(json_response(200, &to_scale(&get(state, resource, ns, name).await?)));
     }
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if media == APPLY_PATCH {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "server-side apply is not supported on the scale subresource of {}; apply \
+                 spec.replicas on the {} itself, or use kubectl scale (a merge patch)",
+                resource.qualified(),
+                resource.kind
+            ),
+        ));
+    }
     let mode = query.field_validation()?;
+    let put = method == Method::PUT;
+    if !put {
+        force_flag(query, false)?;
+    }
+    let user_agent = header_value(&req, header::USER_AGENT);
+    let options = if put { "UpdateOptions" } else { "PatchOptions" };
+    let ownership = &Ownership::Update(field_manager(query, &user_agent, options)?);
     let raw = read_body(req).await?;
     let body = &parse_json(&raw)?;
-    let media = content_type.split(';').next().unwrap_or("").trim();
     let duplicates = &fields::duplicate_fields(&raw);
-    let (put, dry_run) = (method == Method::PUT, query.dry_run());
+    let dry_run = query.dry_run();
     let (stored, warnings) =
         read_modify_write(&state.store, resource, ns, name, |current| async move {
             let obj = decode(&current)?;
@@ -1327,9 +1633,18 @@ async fn scale_request<S: Store>(
                 })?;
             let mut updated = obj;
             updated["spec"]["replicas"] = json!(replicas);
-            let stored =
-                store_update(state, resource, ns, name, &current, updated, Part::Main, dry_run)
-                    .await?;
+            let stored = store_update(
+                state,
+                resource,
+                ns,
+                name,
+                &current,
+                updated,
+                Part::Scale,
+                dry_run,
+                ownership,
+            )
+            .await?;
             Ok((stored, warnings))
         })
         .await?;
@@ -1360,7 +1675,8 @@ async fn bind<S: Store>(
         if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
             spec.insert("nodeName".into(), json!(node));
         }
-        store_update(state, resource, ns, name, &current, obj, Part::Main, dry_run).await
+        let ownership = &Ownership::Unchanged;
+        store_update(state, resource, ns, name, &current, obj, Part::Main, dry_run, ownership).await
     })
     .await?;
     Ok(json_response(201, &success()))

@@ -231,7 +231,16 @@ impl<S: Store> Controllers<S> {
     /// Creates an object through the API's create path (defaulting, validation, uid).
     async fn create(&mut self, kind: Kind, ns: &str, obj: Value) -> Result<(), String> {
         let resource = kind.resource();
-        match handlers::create(&self.state, resource, Some(ns), obj, false).await {
+        match handlers::create(
+            &self.state,
+            resource,
+            Some(ns),
+            obj,
+            false,
+            &handlers::Ownership::Unchanged,
+        )
+        .await
+        {
             Ok((_, created)) => {
                 let name = meta::meta_str(&created, "name").unwrap_or("").to_string();
                 let revision = revision_of(&created);

@@ -3,6 +3,7 @@
 //! selectors, patches, unknown and duplicate fields, and per-kind validation and defaulting.
 //! Nothing here does I/O.
 pub mod fields;
+pub mod managed;
 pub mod meta;
 pub mod patch;
 pub mod protobuf;

@@ -178,6 +178,54 @@ pub const MERGE_KEYS: &[(&str, &str)] = &[
     ("ports", ""),
 ];
 
+/// Lists of scalars that Kubernetes treats as sets (`listType=set`): server-side apply merges
+/// them by value.
+pub const SET_LISTS: &[&str] = &["finalizers"];
+
+/// How server-side apply merges a list field and how managedFields name its items
+/// (structured-merge-diff's list types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListType {
+    /// Merged by these key fields (`k:{...}`): the lists of [`MERGE_KEYS`]; ports are keyed by
+    /// their port and protocol, as in Kubernetes' schema.
+    Map(&'static [&'static str]),
+    /// A set of scalars (`v:...`).
+    Set,
+    /// Replaced whole, owned as one field.
+    Atomic,
+}
+
+/// The list type of the list field `field` holding `items`. Whether every item carries its
+/// key is for the caller to check ([`list_item_key`]).
+pub fn list_type(field: &str, items: &[Value]) -> ListType {
+    if SET_LISTS.contains(&field) {
+        return ListType::Set;
+    }
+    match merge_key(field, items) {
+        Some("containerPort") => ListType::Map(&["containerPort", "protocol"]),
+        Some("port") => ListType::Map(&["port", "protocol"]),
+        Some(key) => ListType::Map(std::slice::from_ref(
+            &MERGE_KEYS.iter().find(|(_, k)| *k == key).expect("a merge key of the table").1,
+        )),
+        None => ListType::Atomic,
+    }
+}
+
+/// The key of a list item under `keys` (key name to value, sorted), with the defaults
+/// Kubernetes' schema gives key fields (`protocol: TCP`); None when the item lacks a key.
+pub fn list_item_key(keys: &[&str], item: &Value) -> Option<Map<String, Value>> {
+    let mut key = Map::new();
+    for name in keys {
+        let value = match (item.get(*name), *name) {
+            (Some(v), _) if !v.is_null() => v.clone(),
+            (_, "protocol") => Value::String("TCP".into()),
+            _ => return None,
+        };
+        key.insert((*name).to_string(), value);
+    }
+    Some(key)
+}
+
 fn merge_key(field: &str, items: &[Value]) -> Option<&'static str> {
     let key = MERGE_KEYS.iter().find(|(f, _)| *f == field)?.1;
     if field == "ports" {
