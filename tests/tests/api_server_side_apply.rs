@@ -85,6 +85,18 @@ fn kubectl_server_side_apply_creates_updates_prunes_and_reports_conflicts() {
         json!({"f:data": {"f:a": {}}})
     );
 
+    // `kubectl diff --server-side` (a dry-run apply) sees no difference for the applied file
+    // and exactly the change for another one.
+    let diff = kubectl.run(&["diff", "--server-side", "-f", &file]);
+    assert_eq!(diff.status.code(), Some(0), "{}", String::from_utf8_lossy(&diff.stdout));
+    let changed = manifest(&dir, "changed.yaml", &configmap_yaml(name, &[("a", "next")]));
+    let diff = kubectl.run(&["diff", "--server-side", "-f", &changed]);
+    let text = String::from_utf8_lossy(&diff.stdout);
+    assert_eq!(diff.status.code(), Some(1), "{text}{}", String::from_utf8_lossy(&diff.stderr));
+    assert!(text.contains("-  a: changed") && text.contains("+  a: next"), "{text}");
+    assert!(!text.contains("resourceVersion"), "{text}");
+    assert_eq!(get_json(&kubectl, &["configmap", name])["data"]["a"], "changed");
+
     // Another field manager changing kubectl's field: a conflict, nothing written.
     let theirs = manifest(&dir, "other.yaml", &configmap_yaml(name, &[("a", "theirs")]));
     let err = kubectl.fails(&["apply", "--server-side", "--field-manager", "other", "-f", &theirs]);

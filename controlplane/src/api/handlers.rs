@@ -933,6 +933,9 @@ async fn store_update<S: Store>(
         return Ok(old);
     }
     if dry_run {
+        // As stored it would keep its version until written (what `kubectl diff` compares).
+        meta::metadata_mut(&mut merged)
+            .insert("resourceVersion".into(), json!(current.mod_revision.to_string()));
         return Ok(merged);
     }
     // Deleted by this update: an object being deleted whose last finalizer this update removes
