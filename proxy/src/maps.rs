@@ -17,6 +17,7 @@ use weir_common::{
 use crate::{
     apply::plan::StaleUdpBackend,
     family::{Family, V4, V6},
+    programs::MapSizes,
 };
 
 #[derive(Debug, Error)]
@@ -41,6 +42,12 @@ pub enum MapsError {
         #[source]
         source: MapError,
     },
+    #[error("reading map `{name}` failed")]
+    Read {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
     #[error("deleting from map `{name}` failed")]
     Delete {
         name: &'static str,
@@ -49,6 +56,27 @@ pub enum MapsError {
     },
     #[error("service {address}:{port} has {count} backends; a service holds at most {max}")]
     TooManyBackends { address: Ipv4Addr, port: u16, count: usize, max: usize },
+}
+
+impl MapsError {
+    /// The map a write failed on because it had no room for another entry, if that is why it
+    /// failed: the kernel refuses a new key in a full hash map with E2BIG (ENOSPC and ENOMEM
+    /// are the same refusal from other map kinds and from a map that cannot grow).
+    pub fn full_map(&self) -> Option<&'static str> {
+        match self {
+            MapsError::Write {
+                name,
+                source: MapError::SyscallError(aya::sys::SyscallError { io_error, .. }),
+            } if matches!(
+                io_error.raw_os_error(),
+                Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+            ) =>
+            {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// An IPv4 service frontend with its backends, in host terms.
@@ -322,6 +350,64 @@ fn take_hash<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(map).map_err(|source| MapsError::Layout { name, source })
 }
 
+/// How full one map is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapOccupancy {
+    /// The map's pinned name.
+    pub map: &'static str,
+    /// `max_entries` of the map as loaded (a map pinned by an earlier agent keeps its own).
+    pub capacity: u32,
+    /// Entries present when counted.
+    pub entries: u32,
+}
+
+/// Counts the entries of each sized map of the service datapath pinned in `pin_dir` (those of
+/// [`MapSizes::per_map`], in that order), with the map's own capacity. A map that cannot be
+/// opened or read is its error; the others are still counted.
+///
+/// Cost: one system call per entry (the kernel's get-next-key walk), so a full 512k-entry
+/// conntrack map takes a fraction of a second: call it off any latency-sensitive path. The
+/// walk stops after `capacity` keys: when the datapath deletes or evicts the key the walk
+/// stands on, the kernel restarts it from the first key, so a map with heavy churn can be
+/// over-counted, never beyond its capacity.
+pub fn occupancy_pinned(pin_dir: &std::path::Path) -> Vec<Result<MapOccupancy, MapsError>> {
+    MapSizes::default()
+        .per_map()
+        .into_iter()
+        .map(|(name, _)| match name {
+            lb::SERVICE_MAP => count_pinned::<ServiceKey, ServiceValue>(pin_dir, name),
+            lb::SERVICE6_MAP => count_pinned::<lb::ServiceKey6, ServiceValue>(pin_dir, name),
+            lb::BACKEND_MAP => count_pinned::<u32, Backend>(pin_dir, name),
+            lb::BACKEND6_MAP => count_pinned::<u32, lb::Backend6>(pin_dir, name),
+            lb::REV_NAT_MAP => count_pinned::<u32, RevNat>(pin_dir, name),
+            lb::REV_NAT6_MAP => count_pinned::<u32, RevNat6>(pin_dir, name),
+            CT4_MAP => count_pinned::<CtKey4, CtValue4>(pin_dir, name),
+            CT6_MAP => count_pinned::<CtKey6, CtValue4>(pin_dir, name),
+            SOCK_REV4_MAP => count_pinned::<SockRevKey4, RevNat>(pin_dir, name),
+            SOCK_REV6_MAP => count_pinned::<SockRevKey6, RevNat6>(pin_dir, name),
+            _ => Err(MapsError::Missing { name }),
+        })
+        .collect()
+}
+
+/// [`occupancy_pinned`] of one map.
+fn count_pinned<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &std::path::Path,
+    name: &'static str,
+) -> Result<MapOccupancy, MapsError> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::OpenPinned { path, source })?;
+    let capacity = data.info().map_err(|source| MapsError::Read { name, source })?.max_entries();
+    let map: HashMap<MapData, K, V> = HashMap::try_from(aya::maps::Map::HashMap(data))
+        .map_err(|source| MapsError::Layout { name, source })?;
+    let mut entries = 0;
+    for key in map.keys().take(capacity as usize) {
+        key.map_err(|source| MapsError::Read { name, source })?;
+        entries += 1;
+    }
+    Ok(MapOccupancy { map: name, capacity, entries })
+}
+
 /// Sums the per-CPU datapath counters from the map pinned in `pin_dir` (what `weir agent`'s
 /// /metrics and `weir inspect` read, without loading anything).
 pub fn read_counters_pinned(pin_dir: &std::path::Path) -> Result<Vec<(Counter, u64)>, MapsError> {
@@ -353,4 +439,39 @@ fn sum_counters<T: std::borrow::Borrow<MapData>>(
             Ok((counter, per_cpu.iter().sum()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_error(errno: i32) -> MapsError {
+        let io_error = std::io::Error::from_raw_os_error(errno);
+        let source = aya::sys::SyscallError { call: "bpf_map_update_elem", io_error };
+        MapsError::Write { name: lb::SERVICE_MAP, source: source.into() }
+    }
+
+    #[test]
+    fn a_write_refused_for_want_of_room_names_the_full_map() {
+        for errno in [libc::E2BIG, libc::ENOSPC, libc::ENOMEM] {
+            assert_eq!(write_error(errno).full_map(), Some(lb::SERVICE_MAP), "errno {errno}");
+        }
+        assert_eq!(write_error(libc::EPERM).full_map(), None);
+        let delete = MapsError::Delete { name: lb::SERVICE_MAP, source: MapError::KeyNotFound };
+        assert_eq!(delete.full_map(), None);
+    }
+
+    #[test]
+    fn occupancy_counts_every_sized_map() {
+        // Without pins every map is an error, but each sized map is there, in order.
+        let dir = std::path::Path::new("/nonexistent/weir-occupancy");
+        let counted = occupancy_pinned(dir);
+        assert_eq!(counted.len(), MapSizes::default().per_map().len());
+        for (result, (name, _)) in counted.iter().zip(MapSizes::default().per_map()) {
+            match result {
+                Err(MapsError::OpenPinned { path, .. }) => assert_eq!(path, &dir.join(name)),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
 }

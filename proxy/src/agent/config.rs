@@ -37,6 +37,11 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 /// of 100k services costs tens of milliseconds).
 pub const FULL_RESYNC_PERIOD: Duration = Duration::from_secs(300);
 
+/// How often the agent counts the entries of its eBPF maps for /metrics
+/// (`weir_bpf_map_entries`). Counting walks every key (one system call each), so it runs in
+/// the background and a scrape shows the last count.
+pub const MAP_OCCUPANCY_PERIOD: Duration = Duration::from_secs(5);
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// kubeconfig file; `None` means in-cluster configuration (service account).
@@ -175,6 +180,22 @@ impl AgentConfig {
     }
 }
 
+/// The flag that sizes `map` (a pinned name of [`MapSizes::per_map`]), with its dashes.
+pub fn map_size_flag(map: &str) -> Option<&'static str> {
+    use weir_common::{conntrack, lb, sock};
+    match map {
+        lb::SERVICE_MAP
+        | lb::SERVICE6_MAP
+        | lb::BACKEND_MAP
+        | lb::BACKEND6_MAP
+        | lb::REV_NAT_MAP
+        | lb::REV_NAT6_MAP => Some("--bpf-lb-map-max"),
+        conntrack::CT4_MAP | conntrack::CT6_MAP => Some("--bpf-ct-map-max"),
+        sock::SOCK_REV4_MAP | sock::SOCK_REV6_MAP => Some("--bpf-sock-rev-map-max"),
+        _ => None,
+    }
+}
+
 fn is_interface_name(name: &str) -> bool {
     !(name.is_empty()
         || name.len() > 15
@@ -225,6 +246,18 @@ mod tests {
     #[test]
     fn the_defaults_are_valid() {
         assert_eq!(config().validate(), Ok(()));
+    }
+
+    #[test]
+    fn every_sized_map_has_the_flag_that_sizes_it() {
+        let sizes =
+            MapSizes { services: 1, backends: 1, rev_nat: 1, conntrack: 2, socket_rev_nat: 3 };
+        for (map, size) in sizes.per_map() {
+            let flag = ["--bpf-lb-map-max", "--bpf-ct-map-max", "--bpf-sock-rev-map-max"]
+                [size as usize - 1];
+            assert_eq!(map_size_flag(map), Some(flag), "{map}");
+        }
+        assert_eq!(map_size_flag("weir_pol_ep_v2"), None);
     }
 
     #[test]

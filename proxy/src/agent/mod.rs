@@ -55,7 +55,7 @@ use crate::{
         nft::{NftDataplane, NftError},
         plan::ServicePlanner,
     },
-    maps::{MapsError, ServiceMaps},
+    maps::{self, MapsError, ServiceMaps},
     model::{self, Change, Frontend, NodeContext, ServiceTracker},
     policy::{
         EbpfPolicy, PolicyDatapath, PolicyDatapathError, PolicyMaps, PolicyPrograms,
@@ -135,6 +135,23 @@ struct EbpfPolicyParts {
     programs: PolicyPrograms,
 }
 
+/// Why a sync failed.
+struct SyncFailure {
+    message: String,
+    /// The eBPF map that had no room for an entry, when that is why.
+    full_map: Option<&'static str>,
+}
+
+impl SyncFailure {
+    fn maps(err: MapsError) -> Self {
+        Self { full_map: err.full_map(), message: error_chain(&err) }
+    }
+
+    fn nftables(err: NftError) -> Self {
+        Self { message: error_chain(&err), full_map: None }
+    }
+}
+
 /// What one sync wrote.
 struct Synced {
     ops: usize,
@@ -143,15 +160,15 @@ struct Synced {
 }
 
 impl Backend {
-    fn sync(&mut self, desired: &model::ServiceState) -> Result<Synced, String> {
+    fn sync(&mut self, desired: &model::ServiceState) -> Result<Synced, SyncFailure> {
         match self {
             Backend::Ebpf(ebpf) => {
                 let plan = ebpf.planner.plan(desired);
-                let udp = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
+                let udp = ebpf.writer.apply(&plan).map_err(SyncFailure::maps)?;
                 Ok(Synced { ops: plan.len(), skipped: 0, udp })
             }
             Backend::Nftables(table) => {
-                let applied = table.apply(desired).map_err(|err| error_chain(&err))?;
+                let applied = table.apply(desired).map_err(SyncFailure::nftables)?;
                 Ok(Synced {
                     ops: applied.ops,
                     skipped: applied.skipped,
@@ -166,16 +183,16 @@ impl Backend {
         &mut self,
         desired: &model::ServiceState,
         changed: &[Frontend],
-    ) -> Result<Synced, String> {
+    ) -> Result<Synced, SyncFailure> {
         match self {
             Backend::Ebpf(ebpf) => {
                 let plan = ebpf.planner.plan_changed(desired, changed);
-                let udp = ebpf.writer.apply(&plan).map_err(|err| err.to_string())?;
+                let udp = ebpf.writer.apply(&plan).map_err(SyncFailure::maps)?;
                 Ok(Synced { ops: plan.len(), skipped: 0, udp })
             }
             Backend::Nftables(table) => {
                 let applied =
-                    table.apply_changed(desired, changed).map_err(|err| error_chain(&err))?;
+                    table.apply_changed(desired, changed).map_err(SyncFailure::nftables)?;
                 Ok(Synced {
                     ops: applied.ops,
                     skipped: applied.skipped,
@@ -207,6 +224,18 @@ impl Backend {
             Backend::Nftables(table) => (table.frontends(), table.backends()),
         }
     }
+}
+
+/// What to say when a sync failed because `map` (pinned in `pin_dir`) was full: which map,
+/// what still works, and which flag gives it room.
+fn map_full_advice(map: &str, pin_dir: &std::path::Path) -> String {
+    let flag = config::map_size_flag(map).unwrap_or("--bpf-*-map-max");
+    format!(
+        "eBPF map {map} is full: the entries that do not fit are not written (what is already \
+         programmed keeps working). Give it more room with {flag}; a pinned map keeps its size, \
+         so stop the agent, delete {} and start it with the larger {flag}",
+        pin_dir.join(map).display()
+    )
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -372,6 +401,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // Names of the policy datapath's numbers (pods, rule ids, policy ids) for flows and
     // metrics; the policy loop publishes a new table after each lowering.
     let _flows = start_flows(&config, &mut backend, &policy_names);
+    // How full the eBPF maps are, counted in the background for /metrics.
+    let _map_counts = (config.dataplane == Dataplane::Ebpf).then(|| {
+        let maps = config.map_sizes.per_map().map(|(map, _)| map);
+        status.track_bpf_maps(maps);
+        AbortOnDrop(vec![tokio::spawn(count_maps(config.pin_dir.clone(), status.clone()))])
+    });
     let counters = match config.dataplane {
         Dataplane::Ebpf => http::CounterSource::Pinned(config.pin_dir.clone()),
         Dataplane::Nftables if config.policy.enabled => {
@@ -511,7 +546,20 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 }
             }
             Err(err) => {
-                log::error!("sync failed: {err}; resyncing from the datapath in {RETRY_AFTER:?}");
+                match err.full_map {
+                    Some(map) => {
+                        status.map_full(map);
+                        log::error!(
+                            "sync failed: {}; resyncing from the datapath in {RETRY_AFTER:?}",
+                            map_full_advice(map, &config.pin_dir)
+                        );
+                        log::debug!("sync failed: {}", err.message);
+                    }
+                    None => log::error!(
+                        "sync failed: {}; resyncing from the datapath in {RETRY_AFTER:?}",
+                        err.message
+                    ),
+                }
                 status.failed();
                 backend.resync();
                 tracker = None;
@@ -591,6 +639,40 @@ fn start_flows(
             log::error!("flows: {}; `weir flows` is unavailable on this node", error_chain(&err));
             AbortOnDrop(Vec::new())
         }
+    }
+}
+
+/// Counts the entries of the sized eBPF maps pinned in `pin_dir` every
+/// [`config::MAP_OCCUPANCY_PERIOD`], on a blocking thread (the walk costs one system call per
+/// entry), and hands the counts to `status` for /metrics. A map that cannot be read is left
+/// out and logged once, until it can be read again.
+async fn count_maps(pin_dir: PathBuf, status: Arc<Status>) {
+    // The errors of the last count, so that one that persists is logged once.
+    let mut unreadable: Vec<String> = Vec::new();
+    loop {
+        let dir = pin_dir.clone();
+        let Ok(counted) = tokio::task::spawn_blocking(move || maps::occupancy_pinned(&dir)).await
+        else {
+            log::warn!("metrics: counting the eBPF maps' entries panicked; counting stops");
+            return;
+        };
+        let mut occupancy = Vec::with_capacity(counted.len());
+        let mut failed = Vec::new();
+        for result in counted {
+            match result {
+                Ok(map) => occupancy.push(map),
+                Err(err) => {
+                    let text = error_chain(&err);
+                    if !unreadable.contains(&text) {
+                        log::warn!("metrics: counting map entries: {text}");
+                    }
+                    failed.push(text);
+                }
+            }
+        }
+        unreadable = failed;
+        status.maps_counted(occupancy);
+        tokio::time::sleep(config::MAP_OCCUPANCY_PERIOD).await;
     }
 }
 
@@ -704,5 +786,22 @@ async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         let Ok(mut guard) = fd.readable_mut().await else { return };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_map_is_named_with_the_flag_that_sizes_it_and_how_to_resize() {
+        let advice = map_full_advice("weir_svc_v1", std::path::Path::new("/sys/fs/bpf/weir"));
+        assert!(advice.contains("eBPF map weir_svc_v1 is full"), "{advice}");
+        assert!(advice.contains("--bpf-lb-map-max"), "{advice}");
+        assert!(advice.contains("delete /sys/fs/bpf/weir/weir_svc_v1"), "{advice}");
+        let advice = map_full_advice("weir_ct6_v1", std::path::Path::new("/p"));
+        assert!(advice.contains("--bpf-ct-map-max"), "{advice}");
+        let advice = map_full_advice("weir_sock_rev4_v1", std::path::Path::new("/p"));
+        assert!(advice.contains("--bpf-sock-rev-map-max"), "{advice}");
     }
 }

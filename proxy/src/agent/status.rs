@@ -10,6 +10,9 @@ use std::{
 
 use weir_common::metrics::Counter;
 
+use super::config::MAP_OCCUPANCY_PERIOD;
+use crate::maps::MapOccupancy;
+
 /// Upper bounds (seconds) of the latency histograms.
 const BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -66,6 +69,55 @@ struct Inner {
     sync_seconds: Histogram,
     event_to_datapath: Histogram,
     policy: PolicyStatus,
+    bpf_maps: BpfMaps,
+}
+
+/// How full the eBPF dataplane's sized maps are; empty with the nftables dataplane.
+#[derive(Debug, Default)]
+struct BpfMaps {
+    /// The last count of each map that could be read.
+    occupancy: Vec<MapOccupancy>,
+    /// Per map, the syncs that failed because it had no room for an entry.
+    full: Vec<(&'static str, u64)>,
+}
+
+impl BpfMaps {
+    fn write(&self, out: &mut String) {
+        if !self.occupancy.is_empty() {
+            let entries_help = format!(
+                "Entries in each eBPF map, counted by walking the map in the background every {} \
+                 s (a scrape shows the last count).",
+                MAP_OCCUPANCY_PERIOD.as_secs()
+            );
+            let gauges = [
+                (
+                    "weir_bpf_map_capacity",
+                    "Entries each eBPF map can hold (its max_entries as loaded; a map pinned by \
+                     an earlier agent keeps its size).",
+                    false,
+                ),
+                ("weir_bpf_map_entries", entries_help.as_str(), true),
+            ];
+            for (name, help, entries) in gauges {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for map in &self.occupancy {
+                    let value = if entries { map.entries } else { map.capacity };
+                    let _ = writeln!(out, "{name}{{map=\"{}\"}} {value}", map.map);
+                }
+            }
+        }
+        if !self.full.is_empty() {
+            let name = "weir_bpf_map_full_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Syncs that failed because an eBPF map had no room for an entry \
+                 (the --bpf-*-map-max flags size the maps).\n# TYPE {name} counter"
+            );
+            for (map, count) in &self.full {
+                let _ = writeln!(out, "{name}{{map=\"{map}\"}} {count}");
+            }
+        }
+    }
 }
 
 /// The NetworkPolicy loop's counters.
@@ -139,6 +191,32 @@ impl Status {
 
     pub fn failed(&self) {
         self.inner().sync_errors += 1;
+    }
+
+    /// The eBPF maps this agent sizes: their full counters are exposed from 0.
+    pub fn track_bpf_maps(&self, maps: impl IntoIterator<Item = &'static str>) {
+        let mut inner = self.inner();
+        let full = &mut inner.bpf_maps.full;
+        for map in maps {
+            if !full.iter().any(|(name, _)| *name == map) {
+                full.push((map, 0));
+            }
+        }
+    }
+
+    /// A sync failed because `map` was full.
+    pub fn map_full(&self, map: &'static str) {
+        let mut inner = self.inner();
+        let full = &mut inner.bpf_maps.full;
+        match full.iter_mut().find(|(name, _)| *name == map) {
+            Some((_, count)) => *count += 1,
+            None => full.push((map, 1)),
+        }
+    }
+
+    /// The latest count of the eBPF maps (those that could be read).
+    pub fn maps_counted(&self, occupancy: Vec<MapOccupancy>) {
+        self.inner().bpf_maps.occupancy = occupancy;
     }
 
     /// The policy loop applied a sync.
@@ -273,6 +351,7 @@ impl Status {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
+        inner.bpf_maps.write(&mut out);
         let _ = writeln!(
             out,
             "# HELP weir_datapath_events_total Datapath events by reason (drops included)."
@@ -343,5 +422,44 @@ mod tests {
         assert!(text.contains("weir_policy_operations_total 5"));
         assert!(text.contains("weir_policy_last_sync_duration_seconds 0.003"));
         assert!(text.contains("weir_policy_endpoints 2"));
+        assert!(!text.contains("weir_bpf_map"), "no eBPF maps tracked (nftables): {text}");
+    }
+
+    #[test]
+    fn map_occupancy_and_full_counters_are_labelled_by_map() {
+        let status = Status::new(Duration::from_secs(1));
+        status.track_bpf_maps(["weir_svc_v1", "weir_ct4_v1"]);
+        let text = status.metrics(&[]);
+        assert!(text.contains("# TYPE weir_bpf_map_full_total counter\n"), "{text}");
+        assert!(text.contains("weir_bpf_map_full_total{map=\"weir_svc_v1\"} 0\n"), "{text}");
+        assert!(text.contains("weir_bpf_map_full_total{map=\"weir_ct4_v1\"} 0\n"), "{text}");
+        assert!(!text.contains("weir_bpf_map_entries"), "nothing counted yet: {text}");
+
+        status.map_full("weir_svc_v1");
+        status.map_full("weir_svc_v1");
+        status.maps_counted(vec![
+            MapOccupancy { map: "weir_svc_v1", capacity: 1024, entries: 7 },
+            MapOccupancy { map: "weir_ct4_v1", capacity: 2048, entries: 0 },
+        ]);
+        let text = status.metrics(&[]);
+        for line in [
+            "# TYPE weir_bpf_map_capacity gauge",
+            "weir_bpf_map_capacity{map=\"weir_svc_v1\"} 1024",
+            "weir_bpf_map_capacity{map=\"weir_ct4_v1\"} 2048",
+            "# TYPE weir_bpf_map_entries gauge",
+            "weir_bpf_map_entries{map=\"weir_svc_v1\"} 7",
+            "weir_bpf_map_entries{map=\"weir_ct4_v1\"} 0",
+            "weir_bpf_map_full_total{map=\"weir_svc_v1\"} 2",
+            "weir_bpf_map_full_total{map=\"weir_ct4_v1\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} in {text}");
+        }
+        let help = text.lines().find(|l| l.starts_with("# HELP weir_bpf_map_entries")).unwrap();
+        let period = format!("every {} s", MAP_OCCUPANCY_PERIOD.as_secs());
+        assert!(help.contains(&period), "{help}");
+        // Each metric's HELP and TYPE appear once, before its samples.
+        for name in ["weir_bpf_map_capacity", "weir_bpf_map_entries", "weir_bpf_map_full_total"] {
+            assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{name}");
+        }
     }
 }
