@@ -5,10 +5,18 @@
 //! Ready and every one of them answering through the ClusterIP (measured in the VXLAN lab,
 //! reported against the same in the native lab).
 //!
-//! Three reports: `overlay-native` (native routing vs the bare veth pair: the issue's goal),
-//! `overlay-native-routed` (native routing vs the same shape of path, pod -> node -> underlay
-//! bridge -> node -> pod, routed by the kernel with no weir at all: what weir itself costs) and
-//! `overlay-vxlan` (VXLAN vs native routing). Rounds rotate the order of the four paths.
+//! Five paths: `bare` (the veth pair), `native` and `vxlan` (the labs), and the labs' shape
+//! of path, pod -> node -> underlay bridge -> node -> pod, with no weir at all (`RoutedPath`):
+//! `routed` (the nodes route each other's pod range via the underlay, as the native lab) and
+//! `kernel-vxlan` (the nodes reach each other's pods through kernel VXLAN devices set up as
+//! weir's agent sets up its own, as the VXLAN lab). Rounds rotate the order of the five paths.
+//!
+//! Five reports: `overlay-native` (native routing vs the bare veth pair: the issue's goal),
+//! `overlay-native-routed` (native routing vs `routed`: what weir itself costs),
+//! `overlay-vxlan` (VXLAN vs native routing), `overlay-vxlan-routed` (VXLAN vs `kernel-vxlan`:
+//! what weir costs on VXLAN) and `overlay-kernel-vxlan` (`kernel-vxlan` vs `routed`: what the
+//! kernel's VXLAN itself costs against plain routing, the ceiling of the VXLAN lab against the
+//! native one).
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
@@ -28,6 +36,10 @@ use crate::{
     probe,
     process::{command_at, command_in},
     routed,
+};
+use weir_proxy::routing::{
+    model::VXLAN_OVERHEAD,
+    reconcile::{VXLAN_PORT, VXLAN_VNI},
 };
 
 const IPERF_PORT: &str = "5201";
@@ -54,16 +66,19 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
     let vxlan = lab_pair(&vxlan_lab)?;
     let native = lab_pair(&native_lab)?;
 
-    let routed = RoutedPath::new()?;
+    let routed = RoutedPath::new(Encap::None)?;
+    let kernel_vxlan = RoutedPath::new(Encap::Vxlan)?;
 
     let (mut bare_rounds, mut native_rounds, mut vxlan_rounds) = (vec![], vec![], vec![]);
-    let mut routed_rounds = vec![];
+    let (mut routed_rounds, mut kernel_vxlan_rounds) = (vec![], vec![]);
     for round in 0..rounds {
-        for which in 0..4 {
-            match (round + which) % 4 {
+        for which in 0..5 {
+            match (round + which) % 5 {
                 0 => bare_rounds.push(measure(&bare).context("bare veth")?),
                 1 => native_rounds.push(measure(&native).context("native routing")?),
                 2 => routed_rounds.push(measure(&routed.pair).context("kernel routing")?),
+                3 => kernel_vxlan_rounds
+                    .push(measure(&kernel_vxlan.pair).context("kernel vxlan routing")?),
                 _ => vxlan_rounds.push(measure(&vxlan).context("vxlan")?),
             }
         }
@@ -73,10 +88,16 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
         vxlan_rounds.last_mut().expect("measured").insert("deploy_ready_ms", vx);
         native_rounds.last_mut().expect("measured").insert("deploy_ready_ms", na);
     }
-    let mut native_only = native_rounds.clone();
-    for figures in &mut native_only {
-        figures.remove("deploy_ready_ms");
-    }
+    // The kernel-only paths have no deploy figure: the labs' are left out against them.
+    let without_deploy = |rounds: &[Figures]| -> Vec<Figures> {
+        let mut rounds = rounds.to_vec();
+        for figures in &mut rounds {
+            figures.remove("deploy_ready_ms");
+        }
+        rounds
+    };
+    let native_only = without_deploy(&native_rounds);
+    let vxlan_only = without_deploy(&vxlan_rounds);
     let unit = "Gbit/s, microseconds, milliseconds";
     Ok(vec![
         compare(
@@ -109,13 +130,51 @@ pub fn run(rounds: u32) -> Result<Vec<Report>> {
             &vxlan_rounds,
             &native_rounds,
         )?,
+        compare(
+            "overlay-vxlan-routed",
+            Sides {
+                candidate_label: "pod to pod across nodes, VXLAN",
+                baseline_label: "the lab's shape through kernel VXLAN devices alone, no weir",
+                unit,
+            },
+            &vxlan_only,
+            &kernel_vxlan_rounds,
+        )?,
+        compare(
+            "overlay-kernel-vxlan",
+            Sides {
+                candidate_label: "the lab's shape through kernel VXLAN devices alone, no weir",
+                baseline_label: "the lab's shape routed by the kernel alone, no weir",
+                unit,
+            },
+            &kernel_vxlan_rounds,
+            &routed_rounds,
+        )?,
     ])
 }
 
+/// How [`RoutedPath`]'s nodes carry pod traffic between them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encap {
+    /// Plain routes: each node routes the other's pod range via the other's underlay address.
+    None,
+    /// A kernel VXLAN device on each node, set up as weir's agent sets up `weir.vxlan`.
+    Vxlan,
+}
+
+/// The VXLAN device of a [`RoutedPath`] node (each node is its own uniquely named namespace).
+const VXLAN_DEVICE: &str = "vxlan0";
+
 /// The lab's path without weir: a client pod behind node A, a server pod behind node B, the
-/// nodes' eth0 on one bridge in an underlay namespace, each node routing the other's pod range
-/// via the other's underlay address (plain kernel forwarding, no program, no table). Between
-/// it and the native lab, only what weir adds to the path differs.
+/// nodes' eth0 on one bridge in an underlay namespace, plain kernel forwarding (no program,
+/// no table). With [`Encap::None`] each node routes the other's pod range via the other's
+/// underlay address (the native lab's shape); with [`Encap::Vxlan`] through a kernel VXLAN
+/// device made as weir's agent makes `weir.vxlan` (proxy/src/routing/reconcile.rs: its VNI and
+/// port, `local` the node's underlay address on `dev` eth0, learning off, MTU 50 below the
+/// uplink's; the other node's pod range routed on-link via that node's VTEP address, a
+/// permanent neighbour for it and a forwarding entry of its MAC to that node's underlay
+/// address) with the pod veths at that lowered MTU as weir-cni sets them (the VXLAN lab's
+/// shape). Between such a path and the matching lab, only what weir adds to the path differs.
 struct RoutedPath {
     pair: PodPair,
     // Nodes and underlay live as long as the pair (their links go with them).
@@ -123,36 +182,100 @@ struct RoutedPath {
 }
 
 impl RoutedPath {
-    fn new() -> Result<Self> {
+    fn new(encap: Encap) -> Result<Self> {
         let underlay = Netns::new("bench-ul")?;
         underlay.ip(&["link", "add", "br0", "type", "bridge"])?;
         underlay.ip(&["link", "set", "br0", "up"])?;
         let (client_ip, server_ip) = (Ipv4Addr::new(10, 98, 1, 10), Ipv4Addr::new(10, 98, 2, 10));
+        let uplink_mtu = 1500;
+        let pod_mtu = match encap {
+            Encap::None => uplink_mtu,
+            Encap::Vxlan => uplink_mtu - VXLAN_OVERHEAD,
+        }
+        .to_string();
         let mut namespaces = Vec::new();
         let mut pods = Vec::new();
         for (i, pod_ip) in [(1u8, client_ip), (2u8, server_ip)] {
             let node = routed::node(&format!("bench-n{i}"), Ipv4Addr::new(10, 97, 1, i))?;
             let eth0 = Veth::between(&node, &underlay)?;
-            node.ip(&["addr", "add", &format!("10.97.0.{i}/24"), "dev", &eth0.a])?;
+            let underlay_ip = format!("10.97.0.{i}");
+            node.ip(&["addr", "add", &format!("{underlay_ip}/24"), "dev", &eth0.a])?;
             underlay.ip(&["link", "set", &eth0.b, "master", "br0"])?;
-            let other = 3 - i;
-            node.ip(&[
-                "route",
-                "add",
-                &format!("10.98.{other}.0/24"),
-                "via",
-                &format!("10.97.0.{other}"),
-            ])?;
-            let (pod, _veth) =
+            let (pod, veth) =
                 routed::pod(&node, Ipv4Addr::new(10, 97, 1, i), &format!("bench-p{i}"), pod_ip)?;
+            // weir-cni gives both ends of a pod's veth the node's pod MTU.
+            pod.ip(&["link", "set", &veth.a, "mtu", &pod_mtu])?;
+            node.ip(&["link", "set", &veth.b, "mtu", &pod_mtu])?;
+            if encap == Encap::Vxlan {
+                let (mac, vni, port, uplink) = (vtep_mac(i), VXLAN_VNI, VXLAN_PORT, &eth0.a);
+                node.ip(&words(&format!(
+                    "link add {VXLAN_DEVICE} mtu {pod_mtu} address {mac} type vxlan id {vni} \
+                     local {underlay_ip} dev {uplink} dstport {port} nolearning"
+                )))?;
+                node.ip(&["link", "set", VXLAN_DEVICE, "up"])?;
+                // As the agent: the device holds its own pod range's network address.
+                node.ip(&["addr", "add", &format!("10.98.{i}.0/32"), "dev", VXLAN_DEVICE])?;
+            }
             pods.push(pod);
             namespaces.push(node);
+        }
+        for (i, node) in (1u8..).zip(&namespaces) {
+            let other = 3 - i;
+            let (remote_pods, remote_underlay) =
+                (format!("10.98.{other}.0/24"), format!("10.97.0.{other}"));
+            match encap {
+                Encap::None => {
+                    node.ip(&["route", "add", &remote_pods, "via", &remote_underlay])?;
+                }
+                Encap::Vxlan => {
+                    // The remote VTEP: its address is the remote pod range's network address.
+                    let (mac, vtep) = (vtep_mac(other), format!("10.98.{other}.0"));
+                    bridge(
+                        node,
+                        &format!(
+                            "fdb replace {mac} dev {VXLAN_DEVICE} dst {remote_underlay} \
+                             self permanent"
+                        ),
+                    )?;
+                    node.ip(&words(&format!(
+                        "neigh replace {vtep} lladdr {mac} dev {VXLAN_DEVICE} nud permanent"
+                    )))?;
+                    node.ip(&words(&format!(
+                        "route add {remote_pods} via {vtep} dev {VXLAN_DEVICE} onlink"
+                    )))?;
+                }
+            }
         }
         namespaces.push(underlay);
         let server = pods.pop().expect("two pods");
         let client = pods.pop().expect("two pods");
         Ok(Self { pair: PodPair { client, server, server_ip }, _namespaces: namespaces })
     }
+}
+
+/// Node `i`'s VTEP MAC (the agent leaves it to the kernel and publishes it; here it is known).
+fn vtep_mac(i: u8) -> String {
+    format!("02:00:00:00:00:{i:02x}")
+}
+
+/// `line` split at whitespace (no argument of the commands here holds a space).
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+/// Runs `bridge -n <ns> <line>`.
+fn bridge(ns: &Netns, line: &str) -> Result<()> {
+    let out = std::process::Command::new("bridge")
+        .args(["-n", ns.name()])
+        .args(words(line))
+        .output()
+        .context("running bridge (iproute2)")?;
+    ensure!(
+        out.status.success(),
+        "bridge {line} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }
 
 /// A server pod on the first node and a client pod on the second, found by their addresses.
