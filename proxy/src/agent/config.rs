@@ -42,6 +42,11 @@ pub const FULL_RESYNC_PERIOD: Duration = Duration::from_secs(300);
 /// the background and a scrape shows the last count.
 pub const MAP_OCCUPANCY_PERIOD: Duration = Duration::from_secs(5);
 
+/// After a count, the agent waits at least this many times as long as the count took (maps
+/// so full that walking them takes more than a fraction of the period are counted less often,
+/// so that counting never uses more than 1/20 of a CPU).
+pub const MAP_OCCUPANCY_PAUSE_FACTOR: u32 = 20;
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     /// kubeconfig file; `None` means in-cluster configuration (service account).

@@ -643,14 +643,18 @@ fn start_flows(
 }
 
 /// Counts the entries of the sized eBPF maps pinned in `pin_dir` every
-/// [`config::MAP_OCCUPANCY_PERIOD`], on a blocking thread (the walk costs one system call per
-/// entry), and hands the counts to `status` for /metrics. A map that cannot be read is left
-/// out and logged once, until it can be read again.
+/// [`config::MAP_OCCUPANCY_PERIOD`], on a blocking thread, and hands the counts to `status` for
+/// /metrics. The walk costs one system call per entry (about 1 s for full default conntrack
+/// and socket maps on a slow VM), so the pause after a count is at least
+/// [`config::MAP_OCCUPANCY_PAUSE_FACTOR`] times what it took: counting never takes more than
+/// that fraction of a CPU. A map that cannot be read is left out and logged once, until it
+/// can be read again.
 async fn count_maps(pin_dir: PathBuf, status: Arc<Status>) {
     // The errors of the last count, so that one that persists is logged once.
     let mut unreadable: Vec<String> = Vec::new();
     loop {
         let dir = pin_dir.clone();
+        let started = Instant::now();
         let Ok(counted) = tokio::task::spawn_blocking(move || maps::occupancy_pinned(&dir)).await
         else {
             log::warn!("metrics: counting the eBPF maps' entries panicked; counting stops");
@@ -672,7 +676,8 @@ async fn count_maps(pin_dir: PathBuf, status: Arc<Status>) {
         }
         unreadable = failed;
         status.maps_counted(occupancy);
-        tokio::time::sleep(config::MAP_OCCUPANCY_PERIOD).await;
+        let pause = started.elapsed() * config::MAP_OCCUPANCY_PAUSE_FACTOR;
+        tokio::time::sleep(pause.max(config::MAP_OCCUPANCY_PERIOD)).await;
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use weir_common::metrics::Counter;
 
-use super::config::MAP_OCCUPANCY_PERIOD;
+use super::config::{MAP_OCCUPANCY_PAUSE_FACTOR, MAP_OCCUPANCY_PERIOD};
 use crate::maps::MapOccupancy;
 
 /// Upper bounds (seconds) of the latency histograms.
@@ -86,8 +86,10 @@ impl BpfMaps {
         if !self.occupancy.is_empty() {
             let entries_help = format!(
                 "Entries in each eBPF map, counted by walking the map in the background every {} \
-                 s (a scrape shows the last count).",
-                MAP_OCCUPANCY_PERIOD.as_secs()
+                 s, less often when a count takes over 1/{} of that (a scrape shows the last \
+                 count).",
+                MAP_OCCUPANCY_PERIOD.as_secs(),
+                MAP_OCCUPANCY_PAUSE_FACTOR
             );
             let gauges = [
                 (
