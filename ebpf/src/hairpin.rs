@@ -26,6 +26,7 @@ use weir_common::{
 };
 
 use crate::{
+    lb::ct_key,
     maps::{CT4, CT6, REV_NAT, REV_NAT6},
     metrics::count,
     nat::{End, rewrite4, rewrite6},
@@ -131,19 +132,6 @@ impl Family for V6 {
     }
 }
 
-#[inline(always)]
-fn key<A: Copy>(flow: &Flow<A>, direction: u8) -> CtKey<A> {
-    CtKey {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport: flow.sport,
-        dport: flow.dport,
-        proto: flow.proto,
-        direction,
-        _pad: [0; 2],
-    }
-}
-
 /// The answer of a hairpinned association (a pod answering the frontend address it was
 /// shown), turned back into what the pod's own association expects and redirected into the
 /// pod; [`NOT_HAIRPIN`] for every other packet.
@@ -159,7 +147,7 @@ pub fn reply(ctx: &TcContext) -> i32 {
 #[inline(never)]
 fn reply_of<F: Family>(ctx: &TcContext) -> i32 {
     let Some(flow) = F::parse(ctx) else { return NOT_HAIRPIN };
-    let Some(entry) = F::tracked(&key(&flow, CT_HAIRPIN_REPLY)) else { return NOT_HAIRPIN };
+    let Some(entry) = F::tracked(&ct_key(&flow, CT_HAIRPIN_REPLY)) else { return NOT_HAIRPIN };
     let Some((frontend, port)) = F::frontend(entry.rev_nat_index) else {
         // The service is gone: the answer goes on as it is and the association fails.
         return NOT_HAIRPIN;

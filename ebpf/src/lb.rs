@@ -273,7 +273,7 @@ fn reject_if_needed(ctx: &TcContext, action: i32, reject: fn(&TcContext) -> i32)
 
 /// The conntrack key of `flow` in `direction`.
 #[inline(always)]
-fn ct_key<A: Copy>(flow: &Flow<A>, direction: u8) -> CtKey<A> {
+pub fn ct_key<A: Copy>(flow: &Flow<A>, direction: u8) -> CtKey<A> {
     CtKey {
         saddr: flow.saddr,
         daddr: flow.daddr,

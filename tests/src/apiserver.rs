@@ -95,6 +95,14 @@ impl ApiServer {
         ApiServer::start_with(data_dir, &[])
     }
 
+    /// [`ApiServer::start`] from async code (the start blocks while the server comes up).
+    pub async fn start_async(data_dir: &Path) -> ApiServer {
+        let path = data_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || ApiServer::start(&path))
+            .await
+            .expect("starting the API server")
+    }
+
     /// [`ApiServer::start`] with extra `weir apiserver` arguments.
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> ApiServer {
         ApiServer::start_in(None, data_dir, extra)

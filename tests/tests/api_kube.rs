@@ -29,12 +29,7 @@ fn configmap(name: &str, value: &str) -> ConfigMap {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_rs_lists_creates_patches_and_deletes() {
     let dir = TempDir::new("api-kube");
-    let server = tokio::task::spawn_blocking({
-        let path = dir.path().to_path_buf();
-        move || ApiServer::start(&path)
-    })
-    .await
-    .unwrap();
+    let server = ApiServer::start_async(dir.path()).await;
     let client = client(&server).await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let names: Vec<String> = namespaces

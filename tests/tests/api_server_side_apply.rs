@@ -214,6 +214,12 @@ fn a_scaled_deployment_keeps_its_replicas_when_reapplied_without_them() {
     assert_eq!(get_json(&kubectl, &["deployment", "ssa-web"])["spec"]["replicas"], 5);
 }
 
+fn applied_cm(name: &str, value: &str) -> Patch<Value> {
+    Patch::Apply(
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"k": value}}),
+    )
+}
+
 async fn client(server: &ApiServer) -> Client {
     let kubeconfig = Kubeconfig::read_from(&server.kubeconfig).expect("reading the kubeconfig");
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -222,21 +228,10 @@ async fn client(server: &ApiServer) -> Client {
     Client::try_from(config).expect("client")
 }
 
-fn applied_cm(name: &str, value: &str) -> Patch<Value> {
-    Patch::Apply(
-        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"k": value}}),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_rs_patch_apply_creates_updates_and_forces() {
     let dir = TempDir::new("api-ssa-kube");
-    let server = tokio::task::spawn_blocking({
-        let path = dir.path().to_path_buf();
-        move || ApiServer::start(&path)
-    })
-    .await
-    .unwrap();
+    let server = ApiServer::start_async(dir.path()).await;
     let cms: Api<ConfigMap> = Api::namespaced(client(&server).await, "default");
     let params = PatchParams::apply("weir-test");
 
