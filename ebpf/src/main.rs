@@ -49,9 +49,13 @@ pub fn tc_lb4_rev(ctx: TcContext) -> i32 {
 /// its answers, go straight back into the pod (`hairpin`).
 #[classifier]
 pub fn tc_pol_egress(ctx: TcContext) -> i32 {
-    let action = sctp_from_pod(&ctx);
-    if action != CHECK_EGRESS {
-        return action;
+    // Only SCTP has a service part here (the socket hooks translate TCP and UDP): every other
+    // packet pays one read of its protocol before the policy check.
+    if matches!(packet::ip_protocol(&ctx), Some((_, weir_common::proto::SCTP))) {
+        let action = sctp_from_pod(&ctx);
+        if action != CHECK_EGRESS {
+            return action;
+        }
     }
     policy_check(&ctx, DIR_EGRESS)
 }
@@ -59,9 +63,9 @@ pub fn tc_pol_egress(ctx: TcContext) -> i32 {
 /// What [`sctp_from_pod`] returns when the packet goes on to the pod's egress policy check.
 const CHECK_EGRESS: i32 = i32::MIN;
 
-/// The service part of `tc_pol_egress`: an SCTP packet to a frontend is translated, a hairpin
-/// (the pod reaching itself) and its answers go straight back into the pod. Every other packet
-/// gets [`CHECK_EGRESS`]. In a frame of its own, as is [`policy_check`]: the program's own
+/// The service part of `tc_pol_egress` for an SCTP packet: one to a frontend is translated, a
+/// hairpin (the pod reaching itself) and its answers go straight back into the pod. Any other
+/// SCTP packet gets [`CHECK_EGRESS`]. In a frame of its own, as is [`policy_check`]: the program's own
 /// frame stays small, so each chain of calls fits the verifier's 512 bytes of stack.
 #[inline(never)]
 fn sctp_from_pod(ctx: &TcContext) -> i32 {

@@ -103,6 +103,16 @@ impl ApiServer {
             .expect("starting the API server")
     }
 
+    /// A kube-rs client from the server's admin kubeconfig.
+    pub async fn kube_client(&self) -> kube::Client {
+        use kube::config::{KubeConfigOptions, Kubeconfig};
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("reading the kubeconfig");
+        let options = KubeConfigOptions::default();
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &options).await.expect("kubeconfig");
+        kube::Client::try_from(config).expect("client")
+    }
+
     /// [`ApiServer::start`] with extra `weir apiserver` arguments.
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> ApiServer {
         ApiServer::start_in(None, data_dir, extra)

@@ -6,21 +6,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use kube::{
-    Api, Client, Config,
+    Api,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::watcher,
 };
 use serde_json::json;
 use weir_tests::apiserver::{ApiServer, TempDir};
-
-async fn client(server: &ApiServer) -> Client {
-    let kubeconfig = Kubeconfig::read_from(&server.kubeconfig).expect("reading the kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("kubeconfig");
-    Client::try_from(config).expect("client")
-}
 
 fn configmap(name: &str, value: &str) -> ConfigMap {
     serde_json::from_value(json!({"metadata": {"name": name}, "data": {"v": value}})).unwrap()
@@ -30,7 +21,7 @@ fn configmap(name: &str, value: &str) -> ConfigMap {
 async fn kube_rs_lists_creates_patches_and_deletes() {
     let dir = TempDir::new("api-kube");
     let server = ApiServer::start_async(dir.path()).await;
-    let client = client(&server).await;
+    let client = server.kube_client().await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let names: Vec<String> = namespaces
         .list(&ListParams::default())
@@ -124,7 +115,7 @@ async fn a_kube_rs_watcher_survives_a_restart_and_relists_after_410() {
     .await
     .unwrap();
     let listen = server.addr.to_string();
-    let client = client(&server).await;
+    let client = server.kube_client().await;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     cms.create(&PostParams::default(), &configmap("w", "0")).await.unwrap();
     let mut stream = watcher(cms.clone(), watcher::Config::default()).boxed();

@@ -3,9 +3,8 @@
 //! (`Patch::Apply`), and by raw requests for what kube-apiserver refuses.
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
-    Api, Client, Config,
+    Api,
     api::{Patch, PatchParams},
-    config::{KubeConfigOptions, Kubeconfig},
 };
 use serde_json::{Value, json};
 use weir_tests::apiserver::{ApiServer, Kubectl, TempDir};
@@ -220,19 +219,11 @@ fn applied_cm(name: &str, value: &str) -> Patch<Value> {
     )
 }
 
-async fn client(server: &ApiServer) -> Client {
-    let kubeconfig = Kubeconfig::read_from(&server.kubeconfig).expect("reading the kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("kubeconfig");
-    Client::try_from(config).expect("client")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_rs_patch_apply_creates_updates_and_forces() {
     let dir = TempDir::new("api-ssa-kube");
     let server = ApiServer::start_async(dir.path()).await;
-    let cms: Api<ConfigMap> = Api::namespaced(client(&server).await, "default");
+    let cms: Api<ConfigMap> = Api::namespaced(server.kube_client().await, "default");
     let params = PatchParams::apply("weir-test");
 
     let created = cms.patch("kube-ssa", &params, &applied_cm("kube-ssa", "1")).await.unwrap();
