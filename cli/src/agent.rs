@@ -68,6 +68,10 @@ pub struct AgentArgs {
     /// Seconds between repairing resyncs of routes, neighbours and VXLAN entries.
     #[arg(long, default_value_t = routing::DEFAULT_RESYNC.as_secs())]
     routing_resync_seconds: u64,
+    /// eBPF host routing (eBPF dataplane): pod-to-pod traffic between nodes is forwarded by
+    /// weir's programs past the node's IP stack and netfilter; false leaves it to the kernel.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    bpf_host_routing: bool,
     /// Remove weir.vxlan, weir's routes (proto 87) and the masquerade table, then exit.
     #[arg(long)]
     cleanup: bool,
@@ -155,6 +159,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             uplink: args.overlay_uplink,
             node_state_file: args.node_state_file,
             resync: Duration::from_secs(args.routing_resync_seconds.max(1)),
+            ebpf_host_routing: args.bpf_host_routing,
         },
         dataplane: match args.dataplane {
             DataplaneArg::Ebpf => Dataplane::Ebpf,

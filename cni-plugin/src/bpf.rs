@@ -109,6 +109,16 @@ pub fn tcx_attach(ifindex: u32, prog: BorrowedFd<'_>, attach_type: u32) -> io::R
     bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
 }
 
+/// [`tcx_attach`], but before the programs already there (`BPF_F_BEFORE` with no relative
+/// program: the front of the chain).
+pub fn tcx_attach_first(ifindex: u32, prog: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
+    const BPF_F_BEFORE: u32 = 1 << 3;
+    let mut attr = Attr::default();
+    attr[0] = pair(ifindex, prog.as_raw_fd() as u32); // target_ifindex, attach_bpf_fd
+    attr[1] = pair(attach_type, BPF_F_BEFORE); // attach_type, attach_flags
+    bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
+}
+
 /// Detaches `prog` (attached without a link) from `ifindex`.
 pub fn tcx_detach(ifindex: u32, prog: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
     let mut attr = Attr::default();

@@ -30,12 +30,24 @@ pub struct Slot {
     pub name: &'static str,
     /// tcx attach type on the host veth.
     pub attach_type: u32,
+    /// Attach before the programs already there (else after them).
+    pub first: bool,
 }
 
 /// The pod's egress is the host veth's ingress, the pod's ingress its egress.
 pub const SLOTS: [Slot; 2] = [
-    Slot { pin: PROG_EGRESS_PIN, name: PROG_EGRESS_NAME, attach_type: BPF_TCX_INGRESS },
-    Slot { pin: PROG_INGRESS_PIN, name: PROG_INGRESS_NAME, attach_type: BPF_TCX_EGRESS },
+    Slot {
+        pin: PROG_EGRESS_PIN,
+        name: PROG_EGRESS_NAME,
+        attach_type: BPF_TCX_INGRESS,
+        first: false,
+    },
+    Slot {
+        pin: PROG_INGRESS_PIN,
+        name: PROG_INGRESS_NAME,
+        attach_type: BPF_TCX_EGRESS,
+        first: false,
+    },
 ];
 
 /// A loaded policy program, opened for attaching.
@@ -82,7 +94,12 @@ pub fn ensure(ifindex: u32, program: &Program) -> io::Result<Ensured> {
     let present = bpf::tcx_query(ifindex, attach_type)?;
     let mut done = Ensured::default();
     if !present.iter().any(|a| a.prog_id == program.id) {
-        match bpf::tcx_attach(ifindex, program.fd.as_fd(), attach_type) {
+        let attached = if program.slot.first {
+            bpf::tcx_attach_first(ifindex, program.fd.as_fd(), attach_type)
+        } else {
+            bpf::tcx_attach(ifindex, program.fd.as_fd(), attach_type)
+        };
+        match attached {
             Ok(()) => done.attached = true,
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e),

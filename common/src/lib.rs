@@ -15,6 +15,7 @@
 
 pub mod conntrack;
 pub mod endpoint;
+pub mod host_route;
 pub mod lb;
 pub mod metrics;
 pub mod policy;

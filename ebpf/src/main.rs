@@ -9,6 +9,7 @@
 #![no_main]
 
 mod hairpin;
+mod host_route;
 mod lb;
 mod maps;
 mod metrics;
@@ -36,6 +37,15 @@ pub fn tc_lb4_fwd(ctx: TcContext) -> i32 {
     verdict(lb::try_forward(&ctx))
 }
 
+/// tc ingress (first in the chain) of the device other nodes' pod traffic arrives on (the
+/// VXLAN device, or the uplink with native routing): a packet from another node's pod to a
+/// pod of this node goes straight into the pod (eBPF host routing); every other packet goes
+/// on to the next program, or the kernel's path.
+#[classifier]
+pub fn tc_host_in(ctx: TcContext) -> i32 {
+    host_route::to_local(&ctx)
+}
+
 /// tc program for the direction back to clients: a reply from a backend of a tracked flow gets
 /// the service frontend as its source again.
 #[classifier]
@@ -57,7 +67,12 @@ pub fn tc_pol_egress(ctx: TcContext) -> i32 {
             return action;
         }
     }
-    policy_check(&ctx, DIR_EGRESS)
+    let action = policy_check(&ctx, DIR_EGRESS);
+    if action != TC_ACT_OK {
+        return action;
+    }
+    // To another node's pod: straight out of the node (eBPF host routing).
+    host_route::to_remote(&ctx)
 }
 
 /// What [`sctp_from_pod`] returns when the packet goes on to the pod's egress policy check.
@@ -93,7 +108,7 @@ fn sctp_from_pod(ctx: &TcContext) -> i32 {
 
 /// [`policy::try_check`] as a tc action.
 #[inline(never)]
-fn policy_check(ctx: &TcContext, direction: u8) -> i32 {
+pub(crate) fn policy_check(ctx: &TcContext, direction: u8) -> i32 {
     verdict(policy::try_check(ctx, direction))
 }
 

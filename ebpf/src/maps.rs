@@ -7,6 +7,7 @@ use aya_ebpf::{
 };
 use weir_common::{
     conntrack::{CtKey4, CtKey6, CtValue4, DEFAULT_CT4_ENTRIES},
+    host_route::HOST_ROUTES_MAX,
     lb::{
         AffinityKey4, AffinityValue4, Backend, Backend6, DEFAULT_AFFINITY4_ENTRIES,
         DEFAULT_BACKEND_ENTRIES, DEFAULT_REV_NAT_ENTRIES, DEFAULT_SERVICE_ENTRIES, RevNat, RevNat6,
@@ -85,3 +86,6 @@ pub static POLICY_DROPS: PerCpuHashMap<PolicyDropKey, u64> =
 
 #[map(name = "weir_flows_v2")]
 pub static FLOWS: RingBuf = RingBuf::pinned(FLOWS_BYTES, 0);
+
+#[map(name = "weir_host_route_v1")]
+pub static HOST_ROUTES: LpmTrie<Addr, u32> = LpmTrie::pinned(HOST_ROUTES_MAX, 0);

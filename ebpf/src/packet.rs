@@ -149,7 +149,7 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 
 /// Reads a `T` at `offset`; pulls headers into the linear area once if they are not there.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     let ptr = match ptr_at::<T>(ctx, offset) {
         Some(ptr) => ptr,
         None => {

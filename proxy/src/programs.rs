@@ -34,9 +34,13 @@ pub const TC_POLICY_EGRESS: &str = "tc_pol_egress";
 /// tc program enforcing a pod's ingress policy (tc egress of its host-side veth).
 pub const TC_POLICY_INGRESS: &str = "tc_pol_ingress";
 
+/// tc program: another node's pod reaching a pod of this node goes straight into the pod
+/// (eBPF host routing; tc ingress of the VXLAN device, see `routing::host`).
+pub const TC_HOST_IN: &str = "tc_host_in";
+
 /// Every tc classifier in the object; [`load`] loads them all.
-pub const CLASSIFIERS: [&str; 5] =
-    [TC_LB4_FORWARD, TC_LB4_REVERSE, TC_NOOP, TC_POLICY_EGRESS, TC_POLICY_INGRESS];
+pub const CLASSIFIERS: [&str; 6] =
+    [TC_LB4_FORWARD, TC_LB4_REVERSE, TC_NOOP, TC_POLICY_EGRESS, TC_POLICY_INGRESS, TC_HOST_IN];
 
 /// cgroup programs of the socket-level load balancer (IPv4 and IPv6), attached together to a
 /// cgroup by [`attach_socket_lb`].

@@ -202,6 +202,34 @@ impl Cluster {
         self.nodes[i].agent = Some(agent);
     }
 
+    /// Packets node `i`'s own IP stack forwarded so far (IPv4 and IPv6 together).
+    pub fn forwarded(&self, i: usize) -> u64 {
+        let ns = self.nodes[i].cni.ns.name();
+        let read = |file: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", ns, "cat", file])
+                .output()
+                .expect("reading the node's IP counters");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        // /proc/net/snmp: a line of IPv4 field names, then one of values.
+        let snmp = read("/proc/net/snmp");
+        let mut ip_lines = snmp.lines().filter(|l| l.starts_with("Ip: "));
+        let (names, values) = (ip_lines.next().unwrap_or(""), ip_lines.next().unwrap_or(""));
+        let v4 = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "ForwDatagrams")
+            .and_then(|(_, value)| value.parse::<u64>().ok())
+            .expect("IPv4 ForwDatagrams in /proc/net/snmp");
+        let v6 = read("/proc/net/snmp6")
+            .lines()
+            .find_map(|l| l.strip_prefix("Ip6OutForwDatagrams"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        v4 + v6
+    }
+
     /// The pod MTU node `i`'s agent announced.
     pub fn announced_mtu(&self, i: usize) -> Option<u32> {
         self.nodes[i].agent.as_ref()?.lines.iter().find_map(|line| {
@@ -347,6 +375,18 @@ fn run_scenario(mut cluster: Cluster, check_overlay: impl Fn(&Cluster)) {
         assert!(cluster.weir_routes(0).contains(cidr), "{cidr} in {}", cluster.weir_routes(0));
     }
     check_overlay(&cluster);
+
+    // eBPF host routing: once both ends know each other (the exchanges above), pod-to-pod
+    // traffic between the nodes is forwarded by weir's programs, never by either node's stack.
+    let before = [cluster.forwarded(0), cluster.forwarded(1)];
+    for (&a, &b) in ips_a.iter().zip(&ips_b) {
+        for _ in 0..5 {
+            echo(cluster.pod(0), &target(b, 8080)).expect("pod A reaching pod B");
+            echo(cluster.pod(1), &target(a, 8080)).expect("pod B reaching pod A");
+        }
+    }
+    let after = [cluster.forwarded(0), cluster.forwarded(1)];
+    assert_eq!(after, before, "packets the nodes' stacks forwarded during 10 exchanges");
 
     // Masquerade: a pod reaching an underlay address is seen with its node's address.
     let node_a = cluster.node_addresses(0);

@@ -64,6 +64,7 @@ use crate::{
         nft::{nflog::NflogSocket, plan::FLOW_LOG_GROUP},
     },
     programs::{self, LoadOptions},
+    routing::host::HostRouting,
     system,
 };
 
@@ -254,7 +255,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 fn start_ebpf(
     config: &AgentConfig,
     names: &SharedPolicyNames,
-) -> Result<(Backend, EbpfPolicyParts), AgentError> {
+) -> Result<(Backend, EbpfPolicyParts, Option<HostRouting>), AgentError> {
     let options = LoadOptions {
         forward_logs: config.forward_ebpf_logs,
         sizes: config.map_sizes,
@@ -283,6 +284,13 @@ fn start_ebpf(
         programs.ids()
     );
     let policy = EbpfPolicyParts { datapath, programs };
+    let host_routing = match HostRouting::take(&mut loaded.ebpf) {
+        Ok(host) => Some(host),
+        Err(err) => {
+            log::error!("eBPF host routing is off: {err}");
+            None
+        }
+    };
     let writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf)?);
     let flows = loaded
         .ebpf
@@ -324,7 +332,8 @@ fn start_ebpf(
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_ebpf_logs(logger));
     }
-    Ok((Backend::Ebpf(Box::new(EbpfBackend { writer, flows, planner, _loaded: loaded })), policy))
+    let backend = Backend::Ebpf(Box::new(EbpfBackend { writer, flows, planner, _loaded: loaded }));
+    Ok((backend, policy, host_routing))
 }
 
 /// What the policy loop runs on.
@@ -378,10 +387,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 
     let policy_names = SharedPolicyNames::default();
     let mut ebpf_policy = None;
+    let mut host_routing = None;
     let mut backend = match config.dataplane {
         Dataplane::Ebpf => {
-            let (backend, policy) = start_ebpf(&config, &policy_names)?;
+            let (backend, policy, host) = start_ebpf(&config, &policy_names)?;
             ebpf_policy = Some(policy);
+            host_routing = host;
             backend
         }
         Dataplane::Nftables => {
@@ -460,6 +471,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             nodes_changed,
             config.node_name.clone(),
             config.node_addresses.clone(),
+            host_routing.take(),
         ));
         AbortOnDrop(vec![watcher, task])
     });

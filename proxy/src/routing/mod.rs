@@ -9,6 +9,7 @@
 //! the full Node list and reconcile, so a lost Delete event or a route removed by hand is
 //! repaired. On shutdown everything stays in place (pods keep working while the agent
 //! restarts); the next agent adopts it without changes.
+pub mod host;
 pub mod kernel;
 pub mod model;
 pub mod nat;
@@ -56,6 +57,9 @@ pub struct RoutingConfig {
     /// Where to write the node state file weir-cni reads (pod CIDRs, MTU); none by default.
     pub node_state_file: Option<PathBuf>,
     pub resync: Duration,
+    /// eBPF host routing (eBPF dataplane only): pod-to-pod traffic between nodes forwarded by
+    /// weir's programs past the node's IP stack ([`host`]).
+    pub ebpf_host_routing: bool,
 }
 
 impl Default for RoutingConfig {
@@ -68,6 +72,7 @@ impl Default for RoutingConfig {
             uplink: None,
             node_state_file: None,
             resync: DEFAULT_RESYNC,
+            ebpf_host_routing: false,
         }
     }
 }
@@ -96,6 +101,7 @@ pub async fn run(
     changed: Arc<Notify>,
     node_name: String,
     node_addresses: Vec<IpAddr>,
+    mut host_routing: Option<host::HostRouting>,
 ) {
     if nodes.wait_until_ready().await.is_err() {
         log::error!("routing: the Node watcher stopped before its first list");
@@ -149,6 +155,27 @@ pub async fn run(
                             outcome.pod_mtu,
                             pass.desired.routes.len()
                         );
+                    }
+                    if let Some(host) = host_routing.as_mut() {
+                        // Where other nodes' pod traffic arrives.
+                        let arrival = match config.overlay {
+                            Overlay::Vxlan => reconcile::VXLAN_DEVICE,
+                            _ => outcome.uplink.as_str(),
+                        };
+                        match host.sync(&pass.desired, arrival, config.ebpf_host_routing) {
+                            Ok(synced) if synced != host::Synced::default() => log::info!(
+                                "routing: eBPF host routing map: {} written, {} removed{}",
+                                synced.written,
+                                synced.removed,
+                                if synced.attached {
+                                    format!("; tc_host_in attached to {arrival}")
+                                } else {
+                                    String::new()
+                                }
+                            ),
+                            Ok(_) => {}
+                            Err(err) => log::error!("routing: eBPF host routing: {err}"),
+                        }
                     }
                     if let Some(mac) = outcome.vtep_mac {
                         publish_vtep(&client, &node_name, &snapshot, mac, &pass.desired).await;
@@ -327,7 +354,9 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
 pub fn cleanup(nat_table: &str) -> Result<String, String> {
     let mut sock = Socket::open().map_err(|e| format!("opening a netlink socket: {e}"))?;
     let removed = reconcile::remove_all(&mut sock).map_err(|e| e.to_string())?;
-    let mut text = format!("removed {removed} routes/devices");
+    let detached = host::detach_all(&mut sock)
+        .map_err(|e| format!("detaching the host routing program: {e}"))?;
+    let mut text = format!("removed {removed} routes/devices, {detached} host routing programs");
     for (v6, family) in [(false, "ip"), (true, "ip6")] {
         if nat::delete_table(nat_table, v6)
             .map_err(|e| format!("deleting nftables table {family} {nat_table}: {e}"))?

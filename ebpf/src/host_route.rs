@@ -1,0 +1,236 @@
+//! eBPF host routing: pod-to-pod traffic between nodes forwarded by the programs themselves,
+//! past the node's IP stack (its routing input, netfilter and one backlog queue per node),
+//! as Cilium's "eBPF host routing" does.
+//!
+//! - [`to_remote`] (end of `tc_pol_egress`, a pod's host veth ingress): a packet the pod's
+//!   egress policy allowed, for a pod of another node, goes straight out of the device the
+//!   node's route names (the uplink with native routing, `weir.vxlan` with the overlay), with
+//!   the Ethernet addresses and the hop count a router would give it.
+//! - [`to_local`] (`tc_host_in`, first on the ingress of the VXLAN device or, with native
+//!   routing, the uplink): a packet from another node's pod for a pod of this node is judged
+//!   by that pod's ingress policy here (the redirect skips the veth's own program) and handed
+//!   to the pod's side of its veth (`bpf_redirect_peer`). Every other packet goes on to the
+//!   next program of the chain (the uplink's load balancer) with `TC_ACT_UNSPEC`.
+//!
+//! Only pod-to-pod packets (source and destination both in `weir_host_route_v1`) take this
+//! path, in both directions, so the node's conntrack never sees half a flow: the masquerade
+//! table only ever acts on traffic with one end outside the pods. The kernel decides the next
+//! hop (`bpf_fib_lookup`); when it cannot answer at once (no neighbour entry yet, a packet
+//! too big for the device, TTL running out) the packet takes the kernel's path, which deals
+//! with it. SCTP to local pods stays on the kernel's path: the veth's ingress program gives
+//! replies of SCTP services their frontend as source.
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_UNSPEC, bpf_fib_lookup as FibLookup},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_peer},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use weir_common::{
+    host_route::{ROUTE_LOCAL_PODS, ROUTE_REMOTE_PODS},
+    policy::{Addr, DIR_INGRESS, v4_mapped},
+    proto,
+};
+
+use crate::{
+    maps::HOST_ROUTES,
+    packet::{ETH_HLEN, IP_CSUM_OFF, read},
+};
+
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// IPv4: TTL (then protocol) at this offset; IPv6: hop limit.
+const IP_TTL_OFF: usize = ETH_HLEN + 8;
+const IP6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
+
+/// The addresses and hop count of an IPv4 or IPv6 packet.
+struct Header {
+    v6: bool,
+    proto: u8,
+    ttl: u8,
+    /// IPv4: type of service; IPv6: the first 32 bits (version, class, flow label).
+    tos: u32,
+    src: Addr,
+    dst: Addr,
+}
+
+impl Header {
+    #[inline(always)]
+    fn read(ctx: &TcContext) -> Option<Self> {
+        match read::<u16>(ctx, 12)? {
+            ETH_P_IP_BE => {
+                let first: u8 = read(ctx, ETH_HLEN)?;
+                if first >> 4 != 4 {
+                    return None;
+                }
+                Some(Self {
+                    v6: false,
+                    proto: read(ctx, ETH_HLEN + 9)?,
+                    ttl: read(ctx, IP_TTL_OFF)?,
+                    tos: u32::from(read::<u8>(ctx, ETH_HLEN + 1)?),
+                    src: v4_mapped(read(ctx, ETH_HLEN + 12)?),
+                    dst: v4_mapped(read(ctx, ETH_HLEN + 16)?),
+                })
+            }
+            ETH_P_IPV6_BE => Some(Self {
+                v6: true,
+                proto: read(ctx, ETH_HLEN + 6)?,
+                ttl: read(ctx, IP6_HOP_LIMIT_OFF)?,
+                tos: read(ctx, ETH_HLEN)?,
+                src: read(ctx, ETH_HLEN + 8)?,
+                dst: read(ctx, ETH_HLEN + 24)?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What `weir_host_route_v1` says of an address (0: not a pod CIDR weir routes).
+#[inline(always)]
+fn route_kind(addr: &Addr) -> u32 {
+    HOST_ROUTES.get(Key::new(128, *addr)).copied().unwrap_or(0)
+}
+
+/// Where the kernel would send a packet next.
+struct NextHop {
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// The kernel's forwarding decision for `header` arriving on the program's device: `None`
+/// unless it is a plain forward to a known neighbour.
+#[inline(never)]
+fn next_hop(ctx: &TcContext, header: &Header) -> Option<NextHop> {
+    // SAFETY: plain data, all zeroes is a valid request.
+    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    params.ifindex = ingress;
+    params.l4_protocol = header.proto;
+    if header.v6 {
+        params.family = AF_INET6;
+        // The flow label (the class and label bits, network order), as the kernel's own lookup.
+        params.__bindgen_anon_2.flowinfo = header.tos & 0x0fff_ffffu32.to_be();
+        params.__bindgen_anon_3.ipv6_src = words(&header.src);
+        params.__bindgen_anon_4.ipv6_dst = words(&header.dst);
+    } else {
+        params.family = AF_INET;
+        params.__bindgen_anon_2.tos = header.tos as u8;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(last4(&header.src));
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(last4(&header.dst));
+    }
+    // tot_len 0: the kernel checks the skb itself against the device's MTU (GSO aware).
+    // SAFETY: `params` is a valid, writable bpf_fib_lookup of the size given.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            core::mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || params.ifindex == ingress {
+        return None;
+    }
+    Some(NextHop { ifindex: params.ifindex, smac: params.smac, dmac: params.dmac })
+}
+
+fn words(addr: &Addr) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        out[i] =
+            u32::from_ne_bytes([addr[4 * i], addr[4 * i + 1], addr[4 * i + 2], addr[4 * i + 3]]);
+        i += 1;
+    }
+    out
+}
+
+fn last4(addr: &Addr) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
+}
+
+/// Does what a router does to a packet it forwards to `hop`: one hop less to live, the next
+/// hop's Ethernet addresses. False when a write failed (the packet then takes the kernel's
+/// path unchanged in its addresses; its TTL may already be one less, which is harmless).
+#[inline(always)]
+fn route(ctx: &mut TcContext, header: &Header, hop: &NextHop) -> bool {
+    let ttl_written = if header.v6 {
+        ctx.store(IP6_HOP_LIMIT_OFF, &(header.ttl - 1), 0).is_ok()
+    } else {
+        // TTL and protocol form one 16-bit word of the header checksum.
+        let old = u16::from_be_bytes([header.ttl, header.proto]).to_be();
+        let new = u16::from_be_bytes([header.ttl - 1, header.proto]).to_be();
+        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2).is_ok()
+            && ctx.store(IP_TTL_OFF, &(header.ttl - 1), 0).is_ok()
+    };
+    ttl_written && ctx.store(0, &hop.dmac, 0).is_ok() && ctx.store(6, &hop.smac, 0).is_ok()
+}
+
+/// A packet a local pod sends (its egress policy allowed it) to another node's pod: sent out
+/// of the next hop's device directly. Any other packet: `TC_ACT_OK`, the kernel's path.
+#[inline(never)]
+pub fn to_remote(ctx: &TcContext) -> i32 {
+    let Some(header) = Header::read(ctx) else { return TC_ACT_OK as i32 };
+    if header.ttl <= 1
+        || route_kind(&header.dst) != ROUTE_REMOTE_PODS
+        || route_kind(&header.src) != ROUTE_LOCAL_PODS
+    {
+        return TC_ACT_OK as i32;
+    }
+    let Some(hop) = next_hop(ctx, &header) else { return TC_ACT_OK as i32 };
+    let mut ctx = TcContext::new(ctx.skb.skb);
+    if !route(&mut ctx, &header, &hop) {
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: a plain helper call; an ifindex that is gone makes it drop the packet.
+    unsafe { bpf_redirect(hop.ifindex, 0) as i32 }
+}
+
+/// A packet from another node's pod to a pod of this node, arriving on an uplink or the VXLAN
+/// device: judged by the pod's ingress policy, then handed to the pod's side of its veth.
+/// Any other packet (and SCTP): `TC_ACT_UNSPEC`, on to the next program (or the kernel's
+/// path).
+///
+/// Three steps in frames of their own: the policy check runs from this small frame, so its
+/// chain of calls stays within the verifier's 512 bytes of stack.
+#[inline(always)]
+pub fn to_local(ctx: &TcContext) -> i32 {
+    let Some(hop) = local_hop(ctx) else { return TC_ACT_UNSPEC };
+    // The redirect skips the veth's tc egress, where `tc_pol_ingress` would judge it.
+    let action = crate::policy_check(ctx, DIR_INGRESS);
+    if action != TC_ACT_OK as i32 {
+        return action;
+    }
+    into_pod(ctx, &hop)
+}
+
+/// The next hop of a packet [`to_local`] takes: a pod-to-pod packet (not SCTP) for this node's
+/// pods that the kernel would forward to a known neighbour.
+#[inline(never)]
+fn local_hop(ctx: &TcContext) -> Option<NextHop> {
+    let header = Header::read(ctx)?;
+    if header.ttl <= 1
+        || header.proto == proto::SCTP
+        || route_kind(&header.dst) != ROUTE_LOCAL_PODS
+        || route_kind(&header.src) != ROUTE_REMOTE_PODS
+    {
+        return None;
+    }
+    next_hop(ctx, &header)
+}
+
+/// Forwards the packet to `hop`, a pod's host veth, and hands it to the pod's side.
+#[inline(never)]
+fn into_pod(ctx: &TcContext, hop: &NextHop) -> i32 {
+    let Some(header) = Header::read(ctx) else { return TC_ACT_OK as i32 };
+    let mut ctx = TcContext::new(ctx.skb.skb);
+    if header.ttl <= 1 || !route(&mut ctx, &header, hop) {
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: a plain helper call; a device without a peer makes it drop the packet (the
+    // destination is a pod CIDR of this node, whose routes name pod veths).
+    unsafe { bpf_redirect_peer(hop.ifindex, 0) as i32 }
+}
