@@ -10,6 +10,10 @@
 //! - hairpin reply (`CT_HAIRPIN_REPLY`), SCTP only: the tuple as a pod answers an association
 //!   it opened to itself through its own service (backend -> frontend address, see the eBPF
 //!   `hairpin` module); it names the same reverse-NAT entry.
+//! - host reply (`CT_HOST_REPLY`), SCTP only: the reply entry of a flow the node's own process
+//!   sent (backend -> node address; the eBPF `host_sctp` module). Only the programs that hand
+//!   packets to the node itself look it up, so a pod's flow to the same backend is never
+//!   translated early.
 //!
 //! The LRU evicts the oldest flows when full, so a full table never blocks new flows.
 
@@ -24,6 +28,7 @@ pub const DEFAULT_CT4_ENTRIES: u32 = 524_288;
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
 pub const CT_HAIRPIN_REPLY: u8 = 2;
+pub const CT_HOST_REPLY: u8 = 3;
 
 /// Key of the conntrack maps; `A` is the address as on the wire (`u32` for IPv4, `[u32; 4]`
 /// for IPv6).
@@ -39,7 +44,7 @@ pub struct CtKey<A> {
     /// Destination port, network byte order.
     pub dport: u16,
     pub proto: u8,
-    /// `CT_FORWARD`, `CT_REPLY` or `CT_HAIRPIN_REPLY`.
+    /// `CT_FORWARD`, `CT_REPLY`, `CT_HAIRPIN_REPLY` or `CT_HOST_REPLY`.
     pub direction: u8,
     pub _pad: [u8; 2],
 }

@@ -8,7 +8,9 @@
 //!
 //! The uplink programs translate every protocol; at a pod's veth only SCTP is translated
 //! ([`forward_sctp_from_pod`], [`reverse_sctp_to_pod`]): the socket hooks translate TCP and
-//! UDP before a packet exists, and the kernel runs no such hook for SCTP.
+//! UDP before a packet exists, and the kernel runs no such hook for SCTP. The node's own SCTP
+//! is translated on the uplinks ([`forward_sctp_from_host`], [`reverse_sctp_to_host`], called
+//! by `host_sctp`), with reply entries of their own (`CT_HOST_REPLY`).
 use aya_ebpf::{
     bindings::TC_ACT_OK,
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
@@ -16,7 +18,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use weir_common::{
-    conntrack::{CT_FORWARD, CT_REPLY, CtKey, CtKey4, CtValue4},
+    conntrack::{CT_FORWARD, CT_HOST_REPLY, CT_REPLY, CtKey, CtKey4, CtValue4},
     lb::{
         AffinityKey4, AffinityValue4, Backend, Backend6, ServiceKey, ServiceKey6, ServiceValue,
         affinity_scope, service_flags,
@@ -35,8 +37,12 @@ use crate::{
 
 pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
     match carries_ipv6(ctx) {
-        Some(false) => Ok(reject_if_needed(ctx, forward_packet4(ctx)?, reject::port_unreachable4)),
-        Some(true) => Ok(reject_if_needed(ctx, forward_packet6(ctx)?, reject::port_unreachable6)),
+        Some(false) => {
+            Ok(reject_if_needed(ctx, forward_packet4::<CT_REPLY>(ctx)?, reject::port_unreachable4))
+        }
+        Some(true) => {
+            Ok(reject_if_needed(ctx, forward_packet6::<CT_REPLY>(ctx)?, reject::port_unreachable6))
+        }
         None => {
             count(Counter::PassedUnparsed);
             Ok(TC_ACT_OK)
@@ -46,8 +52,8 @@ pub fn try_forward(ctx: &TcContext) -> Result<i32, Counter> {
 
 pub fn try_reverse(ctx: &TcContext) -> Result<i32, Counter> {
     match carries_ipv6(ctx) {
-        Some(false) => reverse_packet4(ctx),
-        Some(true) => reverse_packet6(ctx),
+        Some(false) => reverse_packet4::<CT_REPLY>(ctx),
+        Some(true) => reverse_packet6::<CT_REPLY>(ctx),
         None => {
             count(Counter::PassedUnparsed);
             Ok(TC_ACT_OK)
@@ -65,9 +71,32 @@ pub fn forward_sctp_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
             Ok(reject_if_needed(ctx, sctp_from_pod4(ctx)?, reject::port_unreachable4))
         }
         Some((true, proto::SCTP)) => {
-            Ok(reject_if_needed(ctx, forward_packet6(ctx)?, reject::port_unreachable6))
+            Ok(reject_if_needed(ctx, forward_packet6::<CT_REPLY>(ctx)?, reject::port_unreachable6))
         }
         _ => Ok(TC_ACT_OK),
+    }
+}
+
+/// [`forward_sctp_from_pod`] for an SCTP packet a node's own process sends (`v6`: IPv6; the
+/// caller read the protocol): its replies are recorded as `CT_HOST_REPLY`, which only the
+/// programs that hand packets to the node itself translate back (`host_sctp`).
+#[inline(always)]
+pub fn forward_sctp_from_host(ctx: &TcContext, v6: bool) -> Result<i32, Counter> {
+    if v6 {
+        Ok(reject_if_needed(ctx, forward_packet6::<CT_HOST_REPLY>(ctx)?, reject::port_unreachable6))
+    } else {
+        Ok(reject_if_needed(ctx, sctp_from_host4(ctx)?, reject::port_unreachable4))
+    }
+}
+
+/// The reverse of [`forward_sctp_from_host`]: an SCTP reply to the node's own process gets
+/// the frontend as its source.
+#[inline(always)]
+pub fn reverse_sctp_to_host(ctx: &TcContext, v6: bool) -> Result<(), Counter> {
+    if v6 {
+        reverse_packet6::<CT_HOST_REPLY>(ctx).map(|_| ())
+    } else {
+        sctp_to_host4(ctx).map(|_| ())
     }
 }
 
@@ -76,46 +105,60 @@ pub fn forward_sctp_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
 pub fn reverse_sctp_to_pod(ctx: &TcContext) -> Result<(), Counter> {
     match ip_protocol(ctx) {
         Some((false, proto::SCTP)) => sctp_to_pod4(ctx).map(|_| ()),
-        Some((true, proto::SCTP)) => reverse_packet6(ctx).map(|_| ()),
+        Some((true, proto::SCTP)) => reverse_packet6::<CT_REPLY>(ctx).map(|_| ()),
         _ => Ok(()),
     }
 }
 
 // One function per family and direction. The IPv4 ones are inlined (the hot path: no call,
 // as before IPv6 existed); the IPv6 ones are not: their own stack frames keep every
-// program's chain of calls within the verifier's 512 bytes of stack.
+// program's chain of calls within the verifier's 512 bytes of stack. `REPLY` is the direction
+// a new flow's reply entry is recorded in (and the reverse ones look up): `CT_REPLY`, or
+// `CT_HOST_REPLY` for the node's own SCTP.
 
 #[inline(always)]
-fn forward_packet4(ctx: &TcContext) -> Result<i32, Counter> {
-    parse_ipv4_flow(ctx).map_or_else(passed_unparsed, |flow| forward4(ctx, &flow))
+fn forward_packet4<const REPLY: u8>(ctx: &TcContext) -> Result<i32, Counter> {
+    parse_ipv4_flow(ctx).map_or_else(passed_unparsed, |flow| forward4::<REPLY>(ctx, &flow))
 }
 
 #[inline(never)]
-fn forward_packet6(ctx: &TcContext) -> Result<i32, Counter> {
-    parse_ipv6_flow(ctx).map_or_else(passed_unparsed, |flow| forward6(ctx, &flow))
+fn forward_packet6<const REPLY: u8>(ctx: &TcContext) -> Result<i32, Counter> {
+    parse_ipv6_flow(ctx).map_or_else(passed_unparsed, |flow| forward6::<REPLY>(ctx, &flow))
 }
 
 #[inline(always)]
-fn reverse_packet4(ctx: &TcContext) -> Result<i32, Counter> {
-    parse_ipv4_flow(ctx).map_or_else(passed_unparsed, |flow| reverse4(ctx, &flow))
+fn reverse_packet4<const REPLY: u8>(ctx: &TcContext) -> Result<i32, Counter> {
+    parse_ipv4_flow(ctx).map_or_else(passed_unparsed, |flow| reverse4::<REPLY>(ctx, &flow))
 }
 
 #[inline(never)]
-fn reverse_packet6(ctx: &TcContext) -> Result<i32, Counter> {
-    parse_ipv6_flow(ctx).map_or_else(passed_unparsed, |flow| reverse6(ctx, &flow))
+fn reverse_packet6<const REPLY: u8>(ctx: &TcContext) -> Result<i32, Counter> {
+    parse_ipv6_flow(ctx).map_or_else(passed_unparsed, |flow| reverse6::<REPLY>(ctx, &flow))
 }
 
 /// [`forward_packet4`] in a frame of its own, for the policy program (whose own frame is
 /// large).
 #[inline(never)]
 fn sctp_from_pod4(ctx: &TcContext) -> Result<i32, Counter> {
-    forward_packet4(ctx)
+    forward_packet4::<CT_REPLY>(ctx)
 }
 
 /// [`reverse_packet4`] in a frame of its own, for the policy program.
 #[inline(never)]
 fn sctp_to_pod4(ctx: &TcContext) -> Result<i32, Counter> {
-    reverse_packet4(ctx)
+    reverse_packet4::<CT_REPLY>(ctx)
+}
+
+/// [`forward_packet4`] for the node's own SCTP, in a frame of its own.
+#[inline(never)]
+fn sctp_from_host4(ctx: &TcContext) -> Result<i32, Counter> {
+    forward_packet4::<CT_HOST_REPLY>(ctx)
+}
+
+/// [`reverse_packet4`] for replies to the node's own SCTP, in a frame of its own.
+#[inline(never)]
+fn sctp_to_host4(ctx: &TcContext) -> Result<i32, Counter> {
+    reverse_packet4::<CT_HOST_REPLY>(ctx)
 }
 
 /// A packet without a flow the load balancer can translate (a fragment, a protocol without
@@ -128,7 +171,7 @@ fn passed_unparsed() -> Result<i32, Counter> {
 
 /// [`try_forward`] for an IPv4 packet.
 #[inline(always)]
-fn forward4(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
+fn forward4<const REPLY: u8>(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
     let frontend = ServiceKey {
         address: flow.daddr,
         port: flow.dport,
@@ -155,7 +198,7 @@ fn forward4(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
                 affinity_scope::TC,
             )?;
             let entry = ct_entry(backend_id, service.rev_nat_index);
-            let reply_key = reply_key(flow, backend.address, backend.port);
+            let reply_key = reply_key(flow, backend.address, backend.port, REPLY);
             // The reply entry goes in first, so a tracked flow always has one. An insert can
             // only fail under memory pressure; the packet is still translated, and the next
             // packet of the flow, untracked, retries.
@@ -178,8 +221,8 @@ fn forward4(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
 
 /// [`try_reverse`] for an IPv4 packet.
 #[inline(always)]
-fn reverse4(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
-    let key = ct_key(flow, CT_REPLY);
+fn reverse4<const REPLY: u8>(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
+    let key = ct_key(flow, REPLY);
     // SAFETY: read-only lookups, values copied out.
     let Some(entry) = (unsafe { CT4.get(&key) }).copied() else {
         return Ok(TC_ACT_OK);
@@ -195,7 +238,7 @@ fn reverse4(ctx: &TcContext, flow: &Flow4) -> Result<i32, Counter> {
 
 /// [`try_forward`] for an IPv6 packet.
 #[inline(always)]
-fn forward6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
+fn forward6<const REPLY: u8>(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
     let frontend = ServiceKey6 {
         address: flow.daddr,
         port: flow.dport,
@@ -223,7 +266,7 @@ fn forward6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
             let (backend_id, backend) =
                 select_with_affinity::<V6>(&frontend, &service, client, affinity_scope::TC6)?;
             let entry = ct_entry(backend_id, service.rev_nat_index);
-            let reply_key = reply_key(flow, backend.address, backend.port);
+            let reply_key = reply_key(flow, backend.address, backend.port, REPLY);
             let _ = CT6.insert(&reply_key, &entry, 0);
             let _ = CT6.insert(&forward_key, &entry, 0);
             backend
@@ -236,9 +279,9 @@ fn forward6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
 
 /// [`try_reverse`] for an IPv6 packet.
 #[inline(always)]
-fn reverse6(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
+fn reverse6<const REPLY: u8>(ctx: &TcContext, flow: &Flow6) -> Result<i32, Counter> {
     // SAFETY: read-only lookups, values copied out.
-    let Some(entry) = (unsafe { CT6.get(&ct_key(flow, CT_REPLY)) }).copied() else {
+    let Some(entry) = (unsafe { CT6.get(&ct_key(flow, REPLY)) }).copied() else {
         return Ok(TC_ACT_OK);
     };
     let Some(frontend) = (unsafe { REV_NAT6.get(&entry.rev_nat_index) }).copied() else {
@@ -285,16 +328,16 @@ pub fn ct_key<A: Copy>(flow: &Flow<A>, direction: u8) -> CtKey<A> {
     }
 }
 
-/// The key of the replies of `flow` once it goes to backend `address:port`.
+/// The key of the replies of `flow` once it goes to backend `address:port`, in `direction`.
 #[inline(always)]
-fn reply_key<A: Copy>(flow: &Flow<A>, address: A, port: u16) -> CtKey<A> {
+fn reply_key<A: Copy>(flow: &Flow<A>, address: A, port: u16, direction: u8) -> CtKey<A> {
     CtKey {
         saddr: address,
         daddr: flow.saddr,
         sport: port,
         dport: flow.sport,
         proto: flow.proto,
-        direction: CT_REPLY,
+        direction,
         _pad: [0; 2],
     }
 }

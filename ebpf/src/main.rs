@@ -10,6 +10,7 @@
 
 mod hairpin;
 mod host_route;
+mod host_sctp;
 mod lb;
 mod maps;
 mod metrics;
@@ -88,6 +89,17 @@ fn sctp_from_pod(ctx: &TcContext) -> i32 {
     if answer != hairpin::NOT_HAIRPIN {
         return answer;
     }
+    if let Some((v6, _)) = packet::ip_protocol(ctx)
+        && host_sctp::is_reply(ctx, v6)
+    {
+        // The pod answers the node's own process: its egress policy judges the answer as sent
+        // (a reply of the association the node opened), then the node sees the frontend.
+        let action = policy_check(ctx, DIR_EGRESS);
+        if action != TC_ACT_OK {
+            return action;
+        }
+        return verdict(host_sctp::reverse(ctx, v6));
+    }
     let asked = hairpin::Asked::of(ctx);
     match verdict(lb::forward_sctp_from_pod(ctx)) {
         TC_ACT_OK => {}
@@ -121,6 +133,20 @@ pub fn tc_pol_ingress(ctx: TcContext) -> i32 {
         return action;
     }
     verdict(lb::reverse_sctp_to_pod(&ctx).map(|()| TC_ACT_OK))
+}
+
+/// tc egress of a node uplink: SCTP the node's own processes send to a service frontend goes
+/// to a backend (no socket hook sees SCTP); every other packet goes on to the next program.
+#[classifier]
+pub fn tc_host_sctp_out(ctx: TcContext) -> i32 {
+    host_sctp::out(&ctx)
+}
+
+/// tc ingress of a node uplink: a backend's answer to the node's own SCTP gets its frontend as
+/// source again; every other packet goes on to the next program.
+#[classifier]
+pub fn tc_host_sctp_in(ctx: TcContext) -> i32 {
+    host_sctp::into_node(&ctx)
 }
 
 /// Does nothing and passes the packet: the baseline that `cargo xtask bench tc-rewrite` measures

@@ -15,7 +15,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, links::FdLink,
+        tc::TcAttachOptions,
+    },
 };
 use thiserror::Error;
 
@@ -34,13 +37,28 @@ pub const TC_POLICY_EGRESS: &str = "tc_pol_egress";
 /// tc program enforcing a pod's ingress policy (tc egress of its host-side veth).
 pub const TC_POLICY_INGRESS: &str = "tc_pol_ingress";
 
+/// tc program: SCTP from the node's own processes to a frontend goes to a backend (tc egress
+/// of an uplink).
+pub const TC_HOST_SCTP_OUT: &str = "tc_host_sctp_out";
+/// tc program: backends' answers to the node's own SCTP come from the frontend again (tc
+/// ingress of an uplink).
+pub const TC_HOST_SCTP_IN: &str = "tc_host_sctp_in";
+
 /// tc program: another node's pod reaching a pod of this node goes straight into the pod
 /// (eBPF host routing; tc ingress of the VXLAN device, see `routing::host`).
 pub const TC_HOST_IN: &str = "tc_host_in";
 
 /// Every tc classifier in the object; [`load`] loads them all.
-pub const CLASSIFIERS: [&str; 6] =
-    [TC_LB4_FORWARD, TC_LB4_REVERSE, TC_NOOP, TC_POLICY_EGRESS, TC_POLICY_INGRESS, TC_HOST_IN];
+pub const CLASSIFIERS: [&str; 8] = [
+    TC_LB4_FORWARD,
+    TC_LB4_REVERSE,
+    TC_NOOP,
+    TC_POLICY_EGRESS,
+    TC_POLICY_INGRESS,
+    TC_HOST_SCTP_OUT,
+    TC_HOST_SCTP_IN,
+    TC_HOST_IN,
+];
 
 /// cgroup programs of the socket-level load balancer (IPv4 and IPv6), attached together to a
 /// cgroup by [`attach_socket_lb`].
@@ -351,6 +369,44 @@ pub fn attach_tc_lb(
         let program = classifier(ebpf, name)?;
         let link_id = program
             .attach(interface, direction)
+            .map_err(|source| LoadError::Attach { name, source })?;
+        if let Some(path) = pin {
+            let link =
+                program.take_link(link_id).map_err(|source| LoadError::Attach { name, source })?;
+            pin_link(name, link, path)?;
+        }
+        done.attached += 1;
+    }
+    Ok(done)
+}
+
+/// Attaches the translation of the node's own SCTP to a node uplink: `tc_host_sctp_out` on
+/// egress (SCTP a node process sends to a frontend goes to a backend; no socket hook sees
+/// SCTP) and `tc_host_sctp_in` on ingress (the answers of remote backends come from the
+/// frontend again). Both go first in their tcx chain: they pass every packet they do not
+/// translate on to the next program (the uplink's `tc_lb4_fwd` / `tc_lb4_rev` among them),
+/// while those end the chain with their verdict. Pinning and adoption as in [`attach_tc_lb`].
+pub fn attach_host_sctp(
+    ebpf: &mut Ebpf,
+    interface: &str,
+    links_dir: Option<&Path>,
+) -> Result<Attached, LoadError> {
+    let mut done = Attached::default();
+    for (name, direction) in
+        [(TC_HOST_SCTP_OUT, TcAttachType::Egress), (TC_HOST_SCTP_IN, TcAttachType::Ingress)]
+    {
+        let pin = links_dir.map(|dir| dir.join(format!("{name}@{interface}")));
+        if pin.as_ref().is_some_and(|pin| pin.exists()) {
+            done.adopted += 1;
+            continue;
+        }
+        let program = classifier(ebpf, name)?;
+        let link_id = program
+            .attach_with_options(
+                interface,
+                direction,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
             .map_err(|source| LoadError::Attach { name, source })?;
         if let Some(path) = pin {
             let link =

@@ -328,6 +328,12 @@ fn start_ebpf(
             attached.attached,
             attached.adopted
         );
+        let attached = programs::attach_host_sctp(&mut loaded.ebpf, uplink, Some(&links))?;
+        log::info!(
+            "node's own SCTP to services on {uplink}: {} attached, {} adopted",
+            attached.attached,
+            attached.adopted
+        );
     }
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_ebpf_logs(logger));
