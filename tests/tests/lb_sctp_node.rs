@@ -552,3 +552,47 @@ fn port_unreachable(ns: &Netns, target: SocketAddr) -> anyhow::Result<bool> {
     }
     Ok(false)
 }
+
+/// The uplink programs as the agent attaches them: pinned as bpf links in the pin directory's
+/// `links/`, so the node's SCTP keeps being translated while no agent runs (the object that
+/// attached them is gone), and a restarted agent adopts them instead of attaching them twice.
+#[test]
+fn lb_sctp_node_programs_outlive_the_agent_and_are_adopted() {
+    require_root();
+    let plan = v4();
+    let net = Net::new("sctpna", &plan);
+    let remote = sctp::Responder::start(&net.remote_pod, false).unwrap();
+    let pins = TestPinDir::new("sctpna").unwrap();
+    let links = pins.path().join("links");
+    std::fs::create_dir(&links).unwrap();
+    let agent = |program_services: bool| {
+        let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
+        if program_services {
+            let mut writer = MapWriter::new(ServiceMaps::take(&mut loaded.ebpf).unwrap());
+            writer.execute(&ServicePlanner::new().plan(&desired(&plan))).unwrap();
+        }
+        let (ebpf, uplink, links) = (&mut loaded.ebpf, net.uplink.clone(), links.clone());
+        let attached = net
+            .node
+            .run(move || {
+                programs::attach_tc_lb(ebpf, &uplink, Some(&links))?;
+                programs::attach_host_sctp(ebpf, &uplink, Some(&links))
+            })
+            .unwrap()
+            .unwrap();
+        (loaded, attached)
+    };
+
+    let (first, attached) = agent(true);
+    assert_eq!(attached, Attached { attached: 2, adopted: 0 });
+    for name in [programs::TC_HOST_SCTP_OUT, programs::TC_HOST_SCTP_IN] {
+        let pin = links.join(format!("{name}@{}", net.uplink));
+        assert!(pin.exists(), "{} is pinned", pin.display());
+    }
+    drop(first);
+    exchange("no agent", &net, plan.vip_remote, 46_000, &remote, plan.node);
+
+    let (_second, attached) = agent(false);
+    assert_eq!(attached, Attached { attached: 0, adopted: 2 });
+    exchange("restarted agent", &net, plan.vip_remote, 46_001, &remote, plan.node);
+}
