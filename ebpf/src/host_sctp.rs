@@ -17,7 +17,9 @@
 //!
 //! The answer is turned back where it reaches the node: on the local pod's host-side veth
 //! (`tc_pol_egress`, after the pod's egress policy judged it as it was sent: [`is_reply`],
-//! [`reverse`]) or on the uplink's tc ingress (`tc_host_sctp_in`). The reply entries have a
+//! [`reverse_from_pod`], which then hands it to the ingress of the device the node routes the
+//! frontend by, so that strict reverse-path filtering keeps it) or on the uplink's tc ingress
+//! (`tc_host_sctp_in`). The reply entries have a
 //! conntrack direction of their own (`CT_HOST_REPLY`), so a pod's association to the same
 //! backend is never reverse-translated on the backend's veth.
 //!
@@ -163,4 +165,52 @@ pub fn is_reply(ctx: &TcContext, v6: bool) -> bool {
 #[inline(never)]
 pub fn reverse(ctx: &TcContext, v6: bool) -> Result<i32, Counter> {
     reverse_sctp_to_host(ctx, v6).map(|()| TC_ACT_OK)
+}
+
+/// [`reverse`] for a local pod's answer (on its veth's tc ingress), which then enters the node
+/// through the device the node routes the frontend by, as an answer from the frontend would:
+/// strict reverse-path filtering (`rp_filter=1`) drops a packet from the frontend arriving on
+/// the pod's veth. When that device is not known (no route, its neighbour not resolved) the
+/// answer enters through the veth.
+#[inline(never)]
+pub fn reverse_from_pod(ctx: &TcContext, v6: bool) -> i32 {
+    let action = verdict(reverse(ctx, v6));
+    if action != TC_ACT_OK {
+        return action;
+    }
+    through_frontend_route(ctx, v6)
+}
+
+#[inline(never)]
+fn through_frontend_route(ctx: &TcContext, v6: bool) -> i32 {
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    fib.l4_protocol = proto::SCTP;
+    // The way back to the frontend (now the source) from the node (the destination).
+    if v6 {
+        let Some(flow) = parse_ipv6_flow(ctx) else { return TC_ACT_OK };
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = flow.daddr;
+        fib.__bindgen_anon_4.ipv6_dst = flow.saddr;
+    } else {
+        let Some(flow) = parse_ipv4_flow(ctx) else { return TC_ACT_OK };
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = flow.daddr;
+        fib.__bindgen_anon_4.ipv4_dst = flow.saddr;
+    }
+    // SAFETY: `fib` is a valid, correctly sized parameter block for the call.
+    let found = unsafe {
+        fib_lookup(ctx.skb.skb.cast(), &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return TC_ACT_OK;
+    }
+    // Addressed to that device (its own MAC, `smac` of the lookup), from its next hop.
+    if ctx.store(0, &fib.smac, 0).is_err() || ctx.store(6, &fib.dmac, 0).is_err() {
+        return TC_ACT_OK;
+    }
+    // SAFETY: bpf_redirect takes any ifindex and fails (TC_ACT_SHOT) for a bad one.
+    unsafe { bpf_redirect(fib.ifindex, u64::from(BPF_F_INGRESS)) as i32 }
 }

@@ -98,7 +98,7 @@ fn sctp_from_pod(ctx: &TcContext) -> i32 {
         if action != TC_ACT_OK {
             return action;
         }
-        return verdict(host_sctp::reverse(ctx, v6));
+        return host_sctp::reverse_from_pod(ctx, v6);
     }
     let asked = hairpin::Asked::of(ctx);
     match verdict(lb::forward_sctp_from_pod(ctx)) {
