@@ -20,8 +20,8 @@
 //! with it. SCTP to local pods stays on the kernel's path: the veth's ingress program gives
 //! replies of SCTP services their frontend as source.
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_UNSPEC, bpf_fib_lookup as FibLookup},
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_peer},
+    bindings::{TC_ACT_OK, TC_ACT_UNSPEC},
+    helpers::{bpf_redirect, bpf_redirect_peer},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -32,27 +32,25 @@ use weir_common::{
 };
 
 use crate::{
+    fib::{self, NextHop},
     maps::HOST_ROUTES,
     packet::{ETH_HLEN, IP_CSUM_OFF, read},
 };
 
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 /// IPv4: TTL (then protocol) at this offset; IPv6: hop limit.
 const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
 
-/// The addresses and hop count of an IPv4 or IPv6 packet.
+/// The addresses and hop count of an IPv4 or IPv6 packet. Addresses as the packet has them
+/// (network order), IPv4 in the first word: the form `bpf_fib_lookup` takes.
 struct Header {
     v6: bool,
     proto: u8,
     ttl: u8,
-    /// IPv4: type of service; IPv6: the first 32 bits (version, class, flow label).
-    tos: u32,
-    src: Addr,
-    dst: Addr,
+    src: [u32; 4],
+    dst: [u32; 4],
 }
 
 impl Header {
@@ -68,16 +66,14 @@ impl Header {
                     v6: false,
                     proto: read(ctx, ETH_HLEN + 9)?,
                     ttl: read(ctx, IP_TTL_OFF)?,
-                    tos: u32::from(read::<u8>(ctx, ETH_HLEN + 1)?),
-                    src: v4_mapped(read(ctx, ETH_HLEN + 12)?),
-                    dst: v4_mapped(read(ctx, ETH_HLEN + 16)?),
+                    src: [read(ctx, ETH_HLEN + 12)?, 0, 0, 0],
+                    dst: [read(ctx, ETH_HLEN + 16)?, 0, 0, 0],
                 })
             }
             ETH_P_IPV6_BE => Some(Self {
                 v6: true,
                 proto: read(ctx, ETH_HLEN + 6)?,
                 ttl: read(ctx, IP6_HOP_LIMIT_OFF)?,
-                tos: read(ctx, ETH_HLEN)?,
                 src: read(ctx, ETH_HLEN + 8)?,
                 dst: read(ctx, ETH_HLEN + 24)?,
             }),
@@ -86,70 +82,26 @@ impl Header {
     }
 }
 
-/// What `weir_host_route_v1` says of an address (0: not a pod CIDR weir routes).
+/// What `weir_host_route_v1` says of an address of `header`'s family (0: not a pod CIDR weir
+/// routes).
 #[inline(always)]
-fn route_kind(addr: &Addr) -> u32 {
-    HOST_ROUTES.get(Key::new(128, *addr)).copied().unwrap_or(0)
-}
-
-/// Where the kernel would send a packet next.
-struct NextHop {
-    ifindex: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
+fn route_kind(v6: bool, addr: &[u32; 4]) -> u32 {
+    let key: Addr = if v6 {
+        // SAFETY: four words and sixteen bytes are the same memory, in the packet's order.
+        unsafe { core::mem::transmute::<[u32; 4], Addr>(*addr) }
+    } else {
+        v4_mapped(addr[0].to_ne_bytes())
+    };
+    HOST_ROUTES.get(Key::new(128, key)).copied().unwrap_or(0)
 }
 
 /// The kernel's forwarding decision for `header` arriving on the program's device: `None`
-/// unless it is a plain forward to a known neighbour.
+/// unless it is a plain forward to a known neighbour, out of another device.
 #[inline(never)]
 fn next_hop(ctx: &TcContext, header: &Header) -> Option<NextHop> {
-    // SAFETY: plain data, all zeroes is a valid request.
-    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    let hop = fib::next_hop(ctx, header.v6, &header.src, &header.dst, header.proto, 0)?;
     // SAFETY: the context's skb pointer is valid for the program's run.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    params.ifindex = ingress;
-    params.l4_protocol = header.proto;
-    if header.v6 {
-        params.family = AF_INET6;
-        // The flow label (the class and label bits, network order), as the kernel's own lookup.
-        params.__bindgen_anon_2.flowinfo = header.tos & 0x0fff_ffffu32.to_be();
-        params.__bindgen_anon_3.ipv6_src = words(&header.src);
-        params.__bindgen_anon_4.ipv6_dst = words(&header.dst);
-    } else {
-        params.family = AF_INET;
-        params.__bindgen_anon_2.tos = header.tos as u8;
-        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(last4(&header.src));
-        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(last4(&header.dst));
-    }
-    // tot_len 0: the kernel checks the skb itself against the device's MTU (GSO aware).
-    // SAFETY: `params` is a valid, writable bpf_fib_lookup of the size given.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut params,
-            core::mem::size_of::<FibLookup>() as i32,
-            0,
-        )
-    };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || params.ifindex == ingress {
-        return None;
-    }
-    Some(NextHop { ifindex: params.ifindex, smac: params.smac, dmac: params.dmac })
-}
-
-fn words(addr: &Addr) -> [u32; 4] {
-    let mut out = [0u32; 4];
-    let mut i = 0;
-    while i < 4 {
-        out[i] =
-            u32::from_ne_bytes([addr[4 * i], addr[4 * i + 1], addr[4 * i + 2], addr[4 * i + 3]]);
-        i += 1;
-    }
-    out
-}
-
-fn last4(addr: &Addr) -> [u8; 4] {
-    [addr[12], addr[13], addr[14], addr[15]]
+    (hop.ifindex != unsafe { (*ctx.skb.skb).ifindex }).then_some(hop)
 }
 
 /// Does what a router does to a packet it forwards to `hop`: one hop less to live, the next
@@ -175,8 +127,8 @@ fn route(ctx: &mut TcContext, header: &Header, hop: &NextHop) -> bool {
 pub fn to_remote(ctx: &TcContext) -> i32 {
     let Some(header) = Header::read(ctx) else { return TC_ACT_OK as i32 };
     if header.ttl <= 1
-        || route_kind(&header.dst) != ROUTE_REMOTE_PODS
-        || route_kind(&header.src) != ROUTE_LOCAL_PODS
+        || route_kind(header.v6, &header.dst) != ROUTE_REMOTE_PODS
+        || route_kind(header.v6, &header.src) != ROUTE_LOCAL_PODS
     {
         return TC_ACT_OK as i32;
     }
@@ -214,8 +166,8 @@ fn local_hop(ctx: &TcContext) -> Option<NextHop> {
     let header = Header::read(ctx)?;
     if header.ttl <= 1
         || header.proto == proto::SCTP
-        || route_kind(&header.dst) != ROUTE_LOCAL_PODS
-        || route_kind(&header.src) != ROUTE_REMOTE_PODS
+        || route_kind(header.v6, &header.dst) != ROUTE_LOCAL_PODS
+        || route_kind(header.v6, &header.src) != ROUTE_REMOTE_PODS
     {
         return None;
     }

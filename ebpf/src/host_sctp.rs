@@ -28,24 +28,21 @@
 //! packets pay one read of their protocol.
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_OK,
-        TC_ACT_REDIRECT, TC_ACT_UNSPEC, bpf_fib_lookup,
+        BPF_F_INGRESS, BPF_FIB_LOOKUP_SKIP_NEIGH, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC,
     },
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use weir_common::{conntrack::CT_HOST_REPLY, metrics::Counter, proto};
 
 use crate::{
+    fib,
     lb::{ct_key, forward_sctp_from_host, reverse_sctp_to_host},
     maps::{CT4, CT6},
     metrics::count,
     packet::{IP_DST_OFF, IP6_DST_OFF, ip_protocol, parse_ipv4_flow, parse_ipv6_flow},
     verdict,
 };
-
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 
 /// `tc_host_sctp_out`: an SCTP packet to a frontend is translated and redirected towards its
 /// backend; every other packet goes on to the next program.
@@ -110,40 +107,27 @@ fn destination(ctx: &TcContext, v6: bool) -> Option<[u32; 4]> {
 /// translated.
 #[inline(never)]
 fn towards_backend(ctx: &TcContext, v6: bool) -> i32 {
-    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    // SAFETY: the context's skb pointer is valid for the program's run.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib.l4_protocol = proto::SCTP;
-    if v6 {
-        let Some(flow) = parse_ipv6_flow(ctx) else { return TC_ACT_OK };
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = flow.saddr;
-        fib.__bindgen_anon_4.ipv6_dst = flow.daddr;
-    } else {
-        let Some(flow) = parse_ipv4_flow(ctx) else { return TC_ACT_OK };
-        fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src = flow.saddr;
-        fib.__bindgen_anon_4.ipv4_dst = flow.daddr;
-    }
-    // SAFETY: `fib` is a valid, correctly sized parameter block for the call.
-    let found = unsafe {
-        fib_lookup(
-            ctx.skb.skb.cast(),
-            &mut fib,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
-    if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+    let Some((src, dst)) = addresses(ctx, v6) else { return TC_ACT_OK };
+    let Some(hop) = fib::next_hop(ctx, v6, &src, &dst, proto::SCTP, BPF_FIB_LOOKUP_SKIP_NEIGH)
+    else {
         return TC_ACT_OK;
-    }
+    };
     // No next hop given: the kernel looks the route up again for that device and sets it on
     // the packet. With a next hop, the packet would keep the frontend's route, and one queued
     // while its neighbour is resolved would leave by that route's neighbour instead.
     // SAFETY: a null parameter block with length 0 is the documented "look it up" form; the
     // helper fails (TC_ACT_SHOT) for a bad ifindex.
-    unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
+
+/// The source and destination of an SCTP packet as `fib::next_hop` takes them.
+#[inline(always)]
+fn addresses(ctx: &TcContext, v6: bool) -> Option<([u32; 4], [u32; 4])> {
+    if v6 {
+        parse_ipv6_flow(ctx).map(|flow| (flow.saddr, flow.daddr))
+    } else {
+        parse_ipv4_flow(ctx).map(|flow| ([flow.saddr, 0, 0, 0], [flow.daddr, 0, 0, 0]))
+    }
 }
 
 /// Whether an SCTP packet (`v6`: IPv6) is a backend's answer to the node's own process.
@@ -183,30 +167,11 @@ pub fn reverse_from_pod(ctx: &TcContext, v6: bool) -> i32 {
 
 #[inline(never)]
 fn through_frontend_route(ctx: &TcContext, v6: bool) -> i32 {
-    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    // SAFETY: the context's skb pointer is valid for the program's run.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib.l4_protocol = proto::SCTP;
     // The way back to the frontend (now the source) from the node (the destination).
-    if v6 {
-        let Some(flow) = parse_ipv6_flow(ctx) else { return TC_ACT_OK };
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = flow.daddr;
-        fib.__bindgen_anon_4.ipv6_dst = flow.saddr;
-    } else {
-        let Some(flow) = parse_ipv4_flow(ctx) else { return TC_ACT_OK };
-        fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src = flow.daddr;
-        fib.__bindgen_anon_4.ipv4_dst = flow.saddr;
-    }
-    // SAFETY: `fib` is a valid, correctly sized parameter block for the call.
-    let found = unsafe {
-        fib_lookup(ctx.skb.skb.cast(), &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
-    };
-    if found != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+    let Some((frontend, node)) = addresses(ctx, v6) else { return TC_ACT_OK };
+    let Some(fib) = fib::next_hop(ctx, v6, &node, &frontend, proto::SCTP, 0) else {
         return TC_ACT_OK;
-    }
+    };
     // Addressed to that device (its own MAC, `smac` of the lookup), from its next hop.
     if ctx.store(0, &fib.smac, 0).is_err() || ctx.store(6, &fib.dmac, 0).is_err() {
         return TC_ACT_OK;

@@ -8,6 +8,7 @@
 #![no_std]
 #![no_main]
 
+mod fib;
 mod hairpin;
 mod host_route;
 mod host_sctp;

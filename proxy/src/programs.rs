@@ -357,27 +357,9 @@ pub fn attach_tc_lb(
     interface: &str,
     links_dir: Option<&Path>,
 ) -> Result<Attached, LoadError> {
-    let mut done = Attached::default();
-    for (name, direction) in
-        [(TC_LB4_FORWARD, TcAttachType::Ingress), (TC_LB4_REVERSE, TcAttachType::Egress)]
-    {
-        let pin = links_dir.map(|dir| dir.join(format!("{name}@{interface}")));
-        if pin.as_ref().is_some_and(|pin| pin.exists()) {
-            done.adopted += 1;
-            continue;
-        }
-        let program = classifier(ebpf, name)?;
-        let link_id = program
-            .attach(interface, direction)
-            .map_err(|source| LoadError::Attach { name, source })?;
-        if let Some(path) = pin {
-            let link =
-                program.take_link(link_id).map_err(|source| LoadError::Attach { name, source })?;
-            pin_link(name, link, path)?;
-        }
-        done.attached += 1;
-    }
-    Ok(done)
+    let programs =
+        [(TC_LB4_FORWARD, TcAttachType::Ingress), (TC_LB4_REVERSE, TcAttachType::Egress)];
+    attach_tcx(ebpf, interface, links_dir, programs, false)
 }
 
 /// Attaches the translation of the node's own SCTP to a node uplink: `tc_host_sctp_out` on
@@ -391,22 +373,31 @@ pub fn attach_host_sctp(
     interface: &str,
     links_dir: Option<&Path>,
 ) -> Result<Attached, LoadError> {
+    let programs =
+        [(TC_HOST_SCTP_OUT, TcAttachType::Egress), (TC_HOST_SCTP_IN, TcAttachType::Ingress)];
+    attach_tcx(ebpf, interface, links_dir, programs, true)
+}
+
+/// Attaches tc `programs` to `interface` with tcx, `first` or last in each chain, pinning the
+/// links as `<links_dir>/<program>@<interface>` and adopting those already pinned.
+fn attach_tcx(
+    ebpf: &mut Ebpf,
+    interface: &str,
+    links_dir: Option<&Path>,
+    programs: [(&'static str, TcAttachType); 2],
+    first: bool,
+) -> Result<Attached, LoadError> {
     let mut done = Attached::default();
-    for (name, direction) in
-        [(TC_HOST_SCTP_OUT, TcAttachType::Egress), (TC_HOST_SCTP_IN, TcAttachType::Ingress)]
-    {
+    for (name, direction) in programs {
         let pin = links_dir.map(|dir| dir.join(format!("{name}@{interface}")));
         if pin.as_ref().is_some_and(|pin| pin.exists()) {
             done.adopted += 1;
             continue;
         }
         let program = classifier(ebpf, name)?;
+        let order = if first { LinkOrder::first() } else { LinkOrder::last() };
         let link_id = program
-            .attach_with_options(
-                interface,
-                direction,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
+            .attach_with_options(interface, direction, TcAttachOptions::TcxOrder(order))
             .map_err(|source| LoadError::Attach { name, source })?;
         if let Some(path) = pin {
             let link =

@@ -282,6 +282,19 @@ impl Net {
     /// The eBPF datapath as the agent sets it up on this node: the service maps, the uplink's
     /// programs (the per-packet load balancer and the node's own SCTP) and the policy
     /// programs on the local pod's veth.
+    /// The datapath of `dataplane` serving `plan`'s service on this node, kept alive by the
+    /// box.
+    fn datapath(&self, plan: &Plan, dataplane: Dataplane, role: &str) -> Box<dyn std::any::Any> {
+        match dataplane {
+            Dataplane::Ebpf => Box::new(self.ebpf(plan, role)),
+            Dataplane::Nftables => {
+                let mut datapath = TestDatapath::new(dataplane, &self.node, role).unwrap();
+                datapath.apply(&desired(plan)).unwrap();
+                Box::new(datapath)
+            }
+        }
+    }
+
     fn ebpf(&self, plan: &Plan, role: &str) -> (aya::Ebpf, TestPinDir) {
         let pins = TestPinDir::new(role).unwrap();
         let mut loaded = programs::load(&LoadOptions::new(pins.path())).unwrap();
@@ -332,29 +345,26 @@ fn exchange(
     assert_eq!(init.from, SocketAddr::new(source, sport), "{case}: from the node, no SNAT");
 }
 
+/// A unique-name role for a case: `base`, the dataplane's letter, `6` for IPv6.
+fn role(base: &str, dataplane: Dataplane, v6: bool) -> String {
+    let letter = match dataplane {
+        Dataplane::Ebpf => "e",
+        Dataplane::Nftables => "n",
+    };
+    format!("{base}{letter}{}", if v6 { "6" } else { "" })
+}
+
 #[test]
 fn lb_sctp_node_cluster_ip_from_the_node_reaches_local_and_remote_backends() {
     require_root();
     for plan in [v4(), v6()] {
         for_each_dataplane(|dataplane| {
             let v6 = plan.node.is_ipv6();
-            let role = match (dataplane, v6) {
-                (Dataplane::Ebpf, false) => "sctpne",
-                (Dataplane::Ebpf, true) => "sctpne6",
-                (Dataplane::Nftables, false) => "sctpnn",
-                (Dataplane::Nftables, true) => "sctpnn6",
-            };
+            let role = &role("sctpn", dataplane, v6);
             let net = Net::new(role, &plan);
             let local = sctp::Responder::start(&net.local_pod, v6).unwrap();
             let remote = sctp::Responder::start(&net.remote_pod, v6).unwrap();
-            let _datapath: Box<dyn std::any::Any> = match dataplane {
-                Dataplane::Ebpf => Box::new(net.ebpf(&plan, role)),
-                Dataplane::Nftables => {
-                    let mut datapath = TestDatapath::new(dataplane, &net.node, role).unwrap();
-                    datapath.apply(&desired(&plan)).unwrap();
-                    Box::new(datapath)
-                }
-            };
+            let _datapath = net.datapath(&plan, dataplane, role);
             for sport in [42_000, 42_001] {
                 let case = format!("{dataplane:?}, port {sport}");
                 exchange(
@@ -421,10 +431,7 @@ fn lb_sctp_node_cluster_ip_from_the_node_over_a_vxlan_overlay() {
     require_root();
     let plan = v4();
     for_each_dataplane(|dataplane| {
-        let role = match dataplane {
-            Dataplane::Ebpf => "sctpnxe",
-            Dataplane::Nftables => "sctpnxn",
-        };
+        let role = &role("sctpnx", dataplane, false);
         let net = Net::new(role, &plan);
         let device = net.vxlan(&plan);
         if dataplane == Dataplane::Nftables {
@@ -436,14 +443,7 @@ fn lb_sctp_node_cluster_ip_from_the_node_over_a_vxlan_overlay() {
             net.node.run(loose).unwrap().unwrap();
         }
         let remote = sctp::Responder::start(&net.remote_pod, false).unwrap();
-        let _datapath: Box<dyn std::any::Any> = match dataplane {
-            Dataplane::Ebpf => Box::new(net.ebpf(&plan, role)),
-            Dataplane::Nftables => {
-                let mut datapath = TestDatapath::new(dataplane, &net.node, role).unwrap();
-                datapath.apply(&desired(&plan)).unwrap();
-                Box::new(datapath)
-            }
-        };
+        let _datapath = net.datapath(&plan, dataplane, role);
         let case = format!("{dataplane:?}, over VXLAN");
         let sent = || {
             let stats = net.node.ip(&["-j", "-s", "link", "show", "dev", &device]).unwrap();
@@ -465,21 +465,9 @@ fn lb_sctp_node_to_a_frontend_without_endpoints_is_refused() {
     for plan in [v4(), v6()] {
         for_each_dataplane(|dataplane| {
             let v6 = plan.node.is_ipv6();
-            let role = match (dataplane, v6) {
-                (Dataplane::Ebpf, false) => "sctpnre",
-                (Dataplane::Ebpf, true) => "sctpnre6",
-                (Dataplane::Nftables, false) => "sctpnrn",
-                (Dataplane::Nftables, true) => "sctpnrn6",
-            };
+            let role = &role("sctpnr", dataplane, v6);
             let net = Net::new(role, &plan);
-            let _datapath: Box<dyn std::any::Any> = match dataplane {
-                Dataplane::Ebpf => Box::new(net.ebpf(&plan, role)),
-                Dataplane::Nftables => {
-                    let mut datapath = TestDatapath::new(dataplane, &net.node, role).unwrap();
-                    datapath.apply(&desired(&plan)).unwrap();
-                    Box::new(datapath)
-                }
-            };
+            let _datapath = net.datapath(&plan, dataplane, role);
             let outcome = port_unreachable(&net.node, SocketAddr::new(plan.vip_empty, 80));
             let case = format!("{dataplane:?}, {}", plan.vip_empty);
             match dataplane {
