@@ -105,19 +105,32 @@ pub fn ensure(ifindex: u32, program: &Program) -> io::Result<Ensured> {
             Err(e) => return Err(e),
         }
     }
-    for old in present.iter().filter(|a| a.link_id == 0 && a.prog_id != program.id) {
+    done.detached = detach_copies(ifindex, program.slot, &present, Some(program.id))?;
+    Ok(done)
+}
+
+/// Detaches from `slot`'s hook of `ifindex` every program named `slot.name` that was attached
+/// without a link, except `keep`. `present` is what the hook holds. Returns how many.
+pub fn detach_copies(
+    ifindex: u32,
+    slot: Slot,
+    present: &[bpf::Attached],
+    keep: Option<u32>,
+) -> io::Result<usize> {
+    let mut detached = 0;
+    for old in present.iter().filter(|a| a.link_id == 0 && Some(a.prog_id) != keep) {
         // A program unloaded meanwhile is gone from the hook already.
         let Ok(fd) = bpf::prog_by_id(old.prog_id) else { continue };
-        if bpf::prog_info(fd.as_fd())?.name != program.slot.name {
+        if bpf::prog_info(fd.as_fd())?.name != slot.name {
             continue;
         }
-        match bpf::tcx_detach(ifindex, fd.as_fd(), attach_type) {
-            Ok(()) => done.detached += 1,
+        match bpf::tcx_detach(ifindex, fd.as_fd(), slot.attach_type) {
+            Ok(()) => detached += 1,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(done)
+    Ok(detached)
 }
 
 /// The ids of the programs attached at `slot`'s hook of `ifindex` whose kernel name is

@@ -43,12 +43,19 @@ const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
 
+/// What forwarding a packet changes or depends on besides its addresses.
+#[derive(Clone, Copy)]
+struct Hops {
+    v6: bool,
+    proto: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    ttl: u8,
+}
+
 /// The addresses and hop count of an IPv4 or IPv6 packet. Addresses as the packet has them
 /// (network order), IPv4 in the first word: the form `bpf_fib_lookup` takes.
 struct Header {
-    v6: bool,
-    proto: u8,
-    ttl: u8,
+    hops: Hops,
     src: [u32; 4],
     dst: [u32; 4],
 }
@@ -63,17 +70,21 @@ impl Header {
                     return None;
                 }
                 Some(Self {
-                    v6: false,
-                    proto: read(ctx, ETH_HLEN + 9)?,
-                    ttl: read(ctx, IP_TTL_OFF)?,
+                    hops: Hops {
+                        v6: false,
+                        proto: read(ctx, ETH_HLEN + 9)?,
+                        ttl: read(ctx, IP_TTL_OFF)?,
+                    },
                     src: [read(ctx, ETH_HLEN + 12)?, 0, 0, 0],
                     dst: [read(ctx, ETH_HLEN + 16)?, 0, 0, 0],
                 })
             }
             ETH_P_IPV6_BE => Some(Self {
-                v6: true,
-                proto: read(ctx, ETH_HLEN + 6)?,
-                ttl: read(ctx, IP6_HOP_LIMIT_OFF)?,
+                hops: Hops {
+                    v6: true,
+                    proto: read(ctx, ETH_HLEN + 6)?,
+                    ttl: read(ctx, IP6_HOP_LIMIT_OFF)?,
+                },
                 src: read(ctx, ETH_HLEN + 8)?,
                 dst: read(ctx, ETH_HLEN + 24)?,
             }),
@@ -95,28 +106,41 @@ fn route_kind(v6: bool, addr: &[u32; 4]) -> u32 {
     HOST_ROUTES.get(Key::new(128, key)).copied().unwrap_or(0)
 }
 
-/// The kernel's forwarding decision for `header` arriving on the program's device: `None`
-/// unless it is a plain forward to a known neighbour, out of another device.
-#[inline(never)]
-fn next_hop(ctx: &TcContext, header: &Header) -> Option<NextHop> {
-    let hop = fib::next_hop(ctx, header.v6, &header.src, &header.dst, header.proto, 0)?;
+/// A packet host routing takes from pods of kind `from` to pods of kind `to` (both directions
+/// of a flow take it, never one alone), with the kernel's next hop for it: `None` for any
+/// other packet, or when the kernel cannot answer at once (no neighbour entry yet, a packet
+/// too big, no forwarding route, a TTL running out).
+#[inline(always)]
+fn pod_to_pod(ctx: &TcContext, from: u32, to: u32) -> Option<(NextHop, Hops)> {
+    let header = Header::read(ctx)?;
+    let hops = header.hops;
+    // SCTP to local pods stays on the veth path (see the module doc).
+    if hops.ttl <= 1
+        || (to == ROUTE_LOCAL_PODS && hops.proto == proto::SCTP)
+        || route_kind(hops.v6, &header.dst) != to
+        || route_kind(hops.v6, &header.src) != from
+    {
+        return None;
+    }
+    let hop = fib::next_hop(ctx, hops.v6, &header.src, &header.dst, hops.proto, 0)?;
     // SAFETY: the context's skb pointer is valid for the program's run.
-    (hop.ifindex != unsafe { (*ctx.skb.skb).ifindex }).then_some(hop)
+    (hop.ifindex != unsafe { (*ctx.skb.skb).ifindex }).then_some((hop, hops))
 }
 
 /// Does what a router does to a packet it forwards to `hop`: one hop less to live, the next
 /// hop's Ethernet addresses. False when a write failed (the packet then takes the kernel's
 /// path unchanged in its addresses; its TTL may already be one less, which is harmless).
 #[inline(always)]
-fn route(ctx: &mut TcContext, header: &Header, hop: &NextHop) -> bool {
-    let ttl_written = if header.v6 {
-        ctx.store(IP6_HOP_LIMIT_OFF, &(header.ttl - 1), 0).is_ok()
+fn route(ctx: &TcContext, hops: Hops, hop: &NextHop) -> bool {
+    let ttl = hops.ttl - 1;
+    let ttl_written = if hops.v6 {
+        ctx.store(IP6_HOP_LIMIT_OFF, &ttl, 0).is_ok()
     } else {
         // TTL and protocol form one 16-bit word of the header checksum.
-        let old = u16::from_be_bytes([header.ttl, header.proto]).to_be();
-        let new = u16::from_be_bytes([header.ttl - 1, header.proto]).to_be();
+        let old = u16::from_be_bytes([hops.ttl, hops.proto]).to_be();
+        let new = u16::from_be_bytes([ttl, hops.proto]).to_be();
         ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 2).is_ok()
-            && ctx.store(IP_TTL_OFF, &(header.ttl - 1), 0).is_ok()
+            && ctx.store(IP_TTL_OFF, &ttl, 0).is_ok()
     };
     ttl_written && ctx.store(0, &hop.dmac, 0).is_ok() && ctx.store(6, &hop.smac, 0).is_ok()
 }
@@ -125,20 +149,13 @@ fn route(ctx: &mut TcContext, header: &Header, hop: &NextHop) -> bool {
 /// of the next hop's device directly. Any other packet: `TC_ACT_OK`, the kernel's path.
 #[inline(never)]
 pub fn to_remote(ctx: &TcContext) -> i32 {
-    let Some(header) = Header::read(ctx) else { return TC_ACT_OK as i32 };
-    if header.ttl <= 1
-        || route_kind(header.v6, &header.dst) != ROUTE_REMOTE_PODS
-        || route_kind(header.v6, &header.src) != ROUTE_LOCAL_PODS
-    {
-        return TC_ACT_OK as i32;
+    match pod_to_pod(ctx, ROUTE_LOCAL_PODS, ROUTE_REMOTE_PODS) {
+        // SAFETY: a plain helper call; an ifindex that is gone makes it drop the packet.
+        Some((hop, hops)) if route(ctx, hops, &hop) => unsafe {
+            bpf_redirect(hop.ifindex, 0) as i32
+        },
+        _ => TC_ACT_OK as i32,
     }
-    let Some(hop) = next_hop(ctx, &header) else { return TC_ACT_OK as i32 };
-    let mut ctx = TcContext::new(ctx.skb.skb);
-    if !route(&mut ctx, &header, &hop) {
-        return TC_ACT_OK as i32;
-    }
-    // SAFETY: a plain helper call; an ifindex that is gone makes it drop the packet.
-    unsafe { bpf_redirect(hop.ifindex, 0) as i32 }
 }
 
 /// A packet from another node's pod to a pod of this node, arriving on an uplink or the VXLAN
@@ -150,36 +167,25 @@ pub fn to_remote(ctx: &TcContext) -> i32 {
 /// chain of calls stays within the verifier's 512 bytes of stack.
 #[inline(always)]
 pub fn to_local(ctx: &TcContext) -> i32 {
-    let Some(hop) = local_hop(ctx) else { return TC_ACT_UNSPEC };
+    let Some((hop, hops)) = local_hop(ctx) else { return TC_ACT_UNSPEC };
     // The redirect skips the veth's tc egress, where `tc_pol_ingress` would judge it.
     let action = crate::policy_check(ctx, DIR_INGRESS);
     if action != TC_ACT_OK as i32 {
         return action;
     }
-    into_pod(ctx, &hop)
+    into_pod(ctx, hops, &hop)
 }
 
-/// The next hop of a packet [`to_local`] takes: a pod-to-pod packet (not SCTP) for this node's
-/// pods that the kernel would forward to a known neighbour.
+/// [`pod_to_pod`] from another node's pods to this node's, in a frame of its own.
 #[inline(never)]
-fn local_hop(ctx: &TcContext) -> Option<NextHop> {
-    let header = Header::read(ctx)?;
-    if header.ttl <= 1
-        || header.proto == proto::SCTP
-        || route_kind(header.v6, &header.dst) != ROUTE_LOCAL_PODS
-        || route_kind(header.v6, &header.src) != ROUTE_REMOTE_PODS
-    {
-        return None;
-    }
-    next_hop(ctx, &header)
+fn local_hop(ctx: &TcContext) -> Option<(NextHop, Hops)> {
+    pod_to_pod(ctx, ROUTE_REMOTE_PODS, ROUTE_LOCAL_PODS)
 }
 
 /// Forwards the packet to `hop`, a pod's host veth, and hands it to the pod's side.
 #[inline(never)]
-fn into_pod(ctx: &TcContext, hop: &NextHop) -> i32 {
-    let Some(header) = Header::read(ctx) else { return TC_ACT_OK as i32 };
-    let mut ctx = TcContext::new(ctx.skb.skb);
-    if header.ttl <= 1 || !route(&mut ctx, &header, hop) {
+fn into_pod(ctx: &TcContext, hops: Hops, hop: &NextHop) -> i32 {
+    if !route(ctx, hops, hop) {
         return TC_ACT_OK as i32;
     }
     // SAFETY: a plain helper call; a device without a peer makes it drop the packet (the

@@ -63,8 +63,8 @@ pub fn tc_lb4_rev(ctx: TcContext) -> i32 {
 pub fn tc_pol_egress(ctx: TcContext) -> i32 {
     // Only SCTP has a service part here (the socket hooks translate TCP and UDP): every other
     // packet pays one read of its protocol before the policy check.
-    if matches!(packet::ip_protocol(&ctx), Some((_, weir_common::proto::SCTP))) {
-        let action = sctp_from_pod(&ctx);
+    if let Some((v6, weir_common::proto::SCTP)) = packet::ip_protocol(&ctx) {
+        let action = sctp_from_pod(&ctx, v6);
         if action != CHECK_EGRESS {
             return action;
         }
@@ -80,19 +80,17 @@ pub fn tc_pol_egress(ctx: TcContext) -> i32 {
 /// What [`sctp_from_pod`] returns when the packet goes on to the pod's egress policy check.
 const CHECK_EGRESS: i32 = i32::MIN;
 
-/// The service part of `tc_pol_egress` for an SCTP packet: one to a frontend is translated, a
+/// The service part of `tc_pol_egress` for an SCTP packet (`v6`: IPv6): one to a frontend is translated, a
 /// hairpin (the pod reaching itself) and its answers go straight back into the pod. Any other
 /// SCTP packet gets [`CHECK_EGRESS`]. In a frame of its own, as is [`policy_check`]: the program's own
 /// frame stays small, so each chain of calls fits the verifier's 512 bytes of stack.
 #[inline(never)]
-fn sctp_from_pod(ctx: &TcContext) -> i32 {
+fn sctp_from_pod(ctx: &TcContext, v6: bool) -> i32 {
     let answer = hairpin::reply(ctx);
     if answer != hairpin::NOT_HAIRPIN {
         return answer;
     }
-    if let Some((v6, _)) = packet::ip_protocol(ctx)
-        && host_sctp::is_reply(ctx, v6)
-    {
+    if host_sctp::is_reply(ctx, v6) {
         // The pod answers the node's own process: its egress policy judges the answer as sent
         // (a reply of the association the node opened), then the node sees the frontend.
         let action = policy_check(ctx, DIR_EGRESS);

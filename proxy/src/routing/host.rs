@@ -20,7 +20,7 @@ use aya::{
 use weir_cni_plugin::{
     bpf,
     netlink::Socket,
-    policy::{Program, Slot, ensure},
+    policy::{Program, Slot, detach_copies, ensure},
 };
 use weir_common::{
     host_route::{HOST_ROUTES_MAP, ROUTE_LOCAL_PODS, ROUTE_REMOTE_PODS, trie_prefix},
@@ -117,18 +117,8 @@ impl HostRouting {
 pub fn detach_all(sock: &mut Socket) -> io::Result<usize> {
     let mut detached = 0;
     for link in sock.links()? {
-        let Ok(present) = bpf::tcx_query(link.index, BPF_TCX_INGRESS) else { continue };
-        for program in present.iter().filter(|p| p.link_id == 0) {
-            let Ok(fd) = bpf::prog_by_id(program.prog_id) else { continue };
-            if bpf::prog_info(fd.as_fd())?.name != TC_HOST_IN {
-                continue;
-            }
-            match bpf::tcx_detach(link.index, fd.as_fd(), BPF_TCX_INGRESS) {
-                Ok(()) => detached += 1,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let Ok(present) = bpf::tcx_query(link.index, HOST_IN_SLOT.attach_type) else { continue };
+        detached += detach_copies(link.index, HOST_IN_SLOT, &present, None)?;
     }
     Ok(detached)
 }
